@@ -1,0 +1,2417 @@
+"""blero: an embedded, persistent job queue in one file, on the standard library alone.
+
+A program enqueues jobs and runs them in the same process, on worker threads,
+with every job kept in one SQLite file: a crash or a restart loses nothing.
+
+    import blero
+
+    with blero.new("db/") as bl:               # db/blero.db
+        bl.register_processor(fetch)           # one worker thread each
+        for url in urls:
+            bl.enqueue("fetch", url, key=url)  # committed when it returns
+        bl.join()                              # until every job has ended
+
+The API mirrors the Go library Goblero (New / Start / RegisterProcessor /
+EnqueueJob / Stop).  The file reads top to bottom in the order data flows:
+settings and errors, the job types, storage (every SQL statement lives
+there), the dispatcher and its workers, the public `Blero` class, the
+metrics server and dashboard, and the command line (`python -m blero`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import heapq
+import http.server
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import secrets
+import signal
+import sqlite3
+import stat
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+from typing import Any, Callable, Iterable, NamedTuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: liveness falls back to heartbeats and leases
+    fcntl = None
+
+__all__ = [
+    "Blero", "new", "Job", "JobInfo", "BleroError", "JobFailed", "JobCancelled",
+    "STATES",
+]
+__version__ = "1.0.0"
+
+log = logging.getLogger("blero")
+log.addHandler(logging.NullHandler())
+
+
+# ---------------------------------------------------------------------------
+# Settings and errors
+# ---------------------------------------------------------------------------
+
+STATES = ("pending", "inprogress", "complete", "failed", "cancelled")
+
+
+class BleroError(Exception):
+    """A queue that cannot do what was asked: a bad file, a storage failure,
+    or a call out of turn (enqueue before start, say)."""
+
+
+class JobFailed(BleroError):
+    """Raised by `Blero.wait` for a job that ended `failed`; `.error` is its error text."""
+
+    def __init__(self, job_id: int, error: str | None):
+        super().__init__(f"job {job_id} failed: {error}")
+        self.job_id = job_id
+        self.error = error
+
+
+class JobCancelled(BleroError):
+    """Raised by `Blero.wait` for a job that was cancelled."""
+
+    def __init__(self, job_id: int):
+        super().__init__(f"job {job_id} was cancelled")
+        self.job_id = job_id
+
+
+class _Settings:
+    """The keyword settings of `new`, checked once."""
+
+    __slots__ = ("sync", "retries", "backoff_base", "backoff_max", "lease",
+                 "keep_complete", "on_complete", "on_failed", "serializer")
+
+    def __init__(self, sync="normal", retries=3, backoff_base=1.0,
+                 backoff_max=300.0, lease=10.0, keep_complete=None,
+                 on_complete=None, on_failed=None, serializer=pickle):
+        if sync not in ("normal", "full"):
+            raise ValueError(f"sync must be 'normal' or 'full', not {sync!r}")
+        self.sync = sync
+        self.retries = _count("retries", retries)
+        self.backoff_base = _seconds("backoff_base", backoff_base)
+        self.backoff_max = _seconds("backoff_max", backoff_max)
+        self.lease = _seconds("lease", lease)
+        if self.lease == 0:
+            raise ValueError("lease must be more than 0 seconds")
+        self.keep_complete = (None if keep_complete is None
+                              else _seconds("keep_complete", keep_complete))
+        for name, fn in (("on_complete", on_complete), ("on_failed", on_failed)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
+        self.on_complete = on_complete
+        self.on_failed = on_failed
+        if not (callable(getattr(serializer, "dumps", None))
+                and callable(getattr(serializer, "loads", None))):
+            raise TypeError("serializer needs dumps() and loads(), like pickle or json")
+        self.serializer = serializer
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or more, not {value}")
+    return value
+
+
+def _seconds(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------
+
+_cancel_lock = threading.Lock()
+
+
+class Job:
+    """A job as its processor sees it.
+
+    `attempt` is 1 on the first try; `cancelled` is a `threading.Event` set
+    when the try times out, the job is cancelled, or `stop` runs out of time:
+    a long job should check it and return early.
+    """
+
+    __slots__ = ("id", "name", "data", "attempt", "max_attempts", "priority",
+                 "key", "enqueued_at", "timeout", "_event", "_cancelled")
+
+    def __init__(self, id, name, data, attempt, max_attempts, priority, key,
+                 enqueued_at, timeout=None):
+        self.id = id
+        self.name = name
+        self.data = data
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.priority = priority
+        self.key = key
+        self.enqueued_at = enqueued_at
+        self.timeout = timeout
+        self._event = None      # made on first use: most jobs never need one
+        self._cancelled = False
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when this try should stop: timeout, `cancel`, or `stop` running out."""
+        if self._event is None:
+            with _cancel_lock:
+                if self._event is None:
+                    self._event = threading.Event()
+                    if self._cancelled:
+                        self._event.set()
+        return self._event
+
+    def _cancel(self) -> None:
+        with _cancel_lock:
+            self._cancelled = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def __repr__(self):
+        return (f"Job(id={self.id}, name={self.name!r}, data={self.data!r}, "
+                f"attempt={self.attempt}/{self.max_attempts})")
+
+
+class JobInfo(NamedTuple):
+    """A job as stored: what `get_job` and `jobs` return.
+
+    Times are epoch seconds; `run_at` is when the job may next run, and
+    `started_at`/`finished_at` are None until then.  `error` is the text of
+    the last failure, with its traceback.
+    """
+
+    id: int
+    name: str
+    data: Any
+    state: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    key: str | None
+    result: Any
+    error: str | None
+    created_at: float
+    run_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+# ---------------------------------------------------------------------------
+# Storage: the queue file, and every SQL statement blero runs
+# ---------------------------------------------------------------------------
+#
+# One table holds every job.  Its `state` column splits "pending" in two so
+# that each question the dispatcher asks is one seek in a small partial index:
+# READY jobs by (priority, id) for "next job", DELAYED ones (waiting for a time,
+# or to retry) by run_at, RUNNING ones by the owner that claimed them.
+# Finished jobs sit in no index, so keeping millions of them slows nothing.
+
+_READY, _DELAYED, _RUNNING, _COMPLETE, _FAILED, _CANCELLED, _SWEPT = range(7)
+_STATE_NAME = ("pending", "pending", "inprogress", "complete", "failed", "cancelled")
+_STATE_CODES = {"pending": (_READY, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
+                "complete": (_COMPLETE, _COMPLETE), "failed": (_FAILED, _FAILED),
+                "cancelled": (_CANCELLED, _CANCELLED)}
+
+_APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
+_SCHEMA_VERSION = 1            # PRAGMA user_version this blero.py writes and reads
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
+
+_SCHEMA = """
+CREATE TABLE jobs (
+    id           INTEGER PRIMARY KEY,
+    state        INTEGER NOT NULL,
+    priority     INTEGER NOT NULL,
+    run_at       REAL NOT NULL,
+    name         TEXT NOT NULL,
+    data         BLOB,
+    max_attempts INTEGER NOT NULL,
+    timeout      REAL,
+    key          TEXT,
+    created_at   REAL NOT NULL,
+    attempt      INTEGER NOT NULL DEFAULT 0,
+    owner        INTEGER,
+    started_at   REAL,
+    finished_at  REAL,
+    result       BLOB,
+    error        TEXT
+);
+CREATE INDEX jobs_ready ON jobs (priority DESC, id) WHERE state = 0;
+CREATE INDEX jobs_delayed ON jobs (run_at) WHERE state = 1;
+CREATE INDEX jobs_running ON jobs (owner) WHERE state = 2;
+CREATE UNIQUE INDEX jobs_key ON jobs (key) WHERE key IS NOT NULL;
+CREATE TABLE owners (
+    id           INTEGER PRIMARY KEY,
+    pid          INTEGER NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
+CREATE TABLE schedules (
+    key          TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    data         BLOB,
+    interval     REAL NOT NULL,
+    next_due     REAL NOT NULL,
+    priority     INTEGER NOT NULL,
+    retries      INTEGER,
+    timeout      REAL,
+    job_id       INTEGER
+);
+"""
+
+# A new job: (state, priority, run_at, name, data, max_attempts, timeout, key, created_at).
+_INSERT = ("INSERT INTO jobs (state, priority, run_at, name, data, max_attempts,"
+           " timeout, key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_FIND_KEY = "SELECT id FROM jobs WHERE key = ?"
+_LAST_ID = "SELECT last_insert_rowid()"
+# What a worker needs of a claimed job, in Job's argument order.
+_JOB_COLUMNS = "id, name, data, attempt, max_attempts, priority, key, created_at, timeout"
+_NEXT_READY = ("SELECT id FROM jobs WHERE state = 0{names}"
+               " ORDER BY priority DESC, id LIMIT 1")
+_CLAIM_RETURNING = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1,"
+                    " started_at = ? WHERE id = ({next}) RETURNING " + _JOB_COLUMNS)
+_CLAIM = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1,"
+          " started_at = ? WHERE id = ?")
+_JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = ?"
+# Every end of a try, and every hand-back, is this one statement: it changes
+# the job only while the claim that ran it still holds, so a late or stale
+# result can never overwrite what happened since.
+_FINISH = ("UPDATE jobs SET state = ?, run_at = coalesce(?, run_at), finished_at = ?,"
+           " result = ?, error = ?, owner = NULL"
+           " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
+_RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = 2 AND owner = ?"
+_RUNNING_IDS = "SELECT id FROM jobs WHERE state = 2 AND owner = ?"
+_PROMOTE = "UPDATE jobs SET state = 0 WHERE state = 1 AND run_at <= ?"
+_NEXT_DELAYED = "SELECT min(run_at) FROM jobs WHERE state = 1"
+_STATE_OF = "SELECT state, owner FROM jobs WHERE id = ?"
+_CANCEL = ("UPDATE jobs SET state = 5, finished_at = ?, owner = NULL"
+           " WHERE id = ? AND state IN (0, 1, 2)")
+_RETRY = ("UPDATE jobs SET state = 0, run_at = ?, finished_at = NULL,"
+          " max_attempts = attempt + 1 + ? WHERE state = 4 AND (? IS NULL OR id = ?)")
+# Sweeping finds its rows with the read connection, then deletes them a chunk
+# per write transaction, so a big sweep never holds the write lock for long.
+_SWEEPABLE = ("SELECT id, state FROM jobs WHERE (state IN ({states}) AND finished_at <= ?)"
+              " OR state = 6")
+_MAX_ID = "SELECT max(id) FROM jobs"
+_SWEEP = ("DELETE FROM jobs WHERE id = ? AND id < ?"
+          " AND (state IN ({states}) AND finished_at <= ? OR state = 6)")
+# The newest job is kept as a bare tombstone (state 6) rather than deleted, so
+# that SQLite never hands its id out again: ids are never reused.
+_TOMBSTONE = ("UPDATE jobs SET state = 6, name = '', data = NULL, result = NULL,"
+              " error = NULL, key = NULL WHERE id = ? AND state IN ({states})"
+              " AND finished_at <= ?")
+_INFO_COLUMNS = ("id, name, data, state, attempt, max_attempts, priority, key, result,"
+                 " error, created_at, run_at, started_at, finished_at")
+_GET = "SELECT " + _INFO_COLUMNS + " FROM jobs WHERE id = ? AND state < 6"
+_LIST = ("SELECT " + _INFO_COLUMNS + " FROM jobs WHERE state BETWEEN ? AND ?"
+         " AND (?3 IS NULL OR name = ?3) ORDER BY id {order} LIMIT ?4")
+_COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
+_OUTSTANDING = ("SELECT EXISTS (SELECT 1 FROM jobs WHERE state = ? AND id NOT IN"
+                " (SELECT job_id FROM schedules WHERE job_id IS NOT NULL))")
+_ADD_OWNER = "INSERT OR REPLACE INTO owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
+_HEARTBEAT = "UPDATE owners SET heartbeat_at = ? WHERE id = ?"
+_DROP_OWNER = "DELETE FROM owners WHERE id = ?"
+_OWNERS = ("SELECT id, heartbeat_at FROM owners UNION"
+           " SELECT DISTINCT owner, NULL FROM jobs WHERE state = 2")
+_UPSERT_SCHEDULE = (
+    "INSERT INTO schedules (key, name, data, interval, next_due, priority, retries, timeout)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    " name = excluded.name, data = excluded.data, interval = excluded.interval,"
+    " next_due = min(next_due, next_due - interval + excluded.interval),"
+    " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout")
+_DROP_SCHEDULE = "DELETE FROM schedules WHERE key = ?"
+# Schedules whose next run is due and whose previous run is over.
+_DUE_SCHEDULES = (
+    "SELECT key, name, data, interval, next_due, priority, retries, timeout FROM schedules"
+    " WHERE next_due <= ? AND NOT EXISTS"
+    " (SELECT 1 FROM jobs WHERE jobs.id = schedules.job_id AND jobs.state < 3)")
+_SCHEDULED_RUN = "UPDATE schedules SET next_due = ?, job_id = ? WHERE key = ?"
+_NEXT_SCHEDULE = "SELECT min(next_due) FROM schedules"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if "disk is full" in text or "disk I/O" in text:
+        return f"{text} (is the disk full?)" if "full" in text else text
+    return text
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)   # SQLITE_BUSY, SQLITE_LOCKED
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+class _Op:
+    """One caller's part of a group transaction."""
+
+    __slots__ = ("fn", "args", "result", "error", "done")
+
+    def __init__(self, fn, args):
+        self.fn = fn
+        self.args = args
+        self.error = None
+        self.done = False
+
+
+class _Storage:
+    """The queue file: one SQLite database in WAL mode, and every SQL statement.
+
+    Writes are functions of the write connection passed to `_write`, which
+    commits them in groups: a caller that finds no transaction under way
+    becomes the leader, runs every write queued meanwhile in one transaction
+    and commits once for all (group commit, and no writer thread to wake).
+    If that transaction fails, each write is retried alone, so one bad write
+    never takes its neighbours down.  Reads use a second connection, which
+    WAL lets run beside the writer.
+    """
+
+    def __init__(self, path: str, sync: str = "normal"):
+        self.path = path
+        self._sync = sync
+        self._mutex = threading.Lock()
+        self._turn = threading.Condition(self._mutex)
+        self._queue: list[_Op] = []
+        self._leading = False
+        self._db = None
+        self._reader = None
+        self._read_lock = threading.Lock()
+        self._identity = None
+        self._data_version = None
+        self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
+        self._claim_sql: dict[int, tuple[str, str]] = {}
+
+    # -- opening and closing ------------------------------------------------
+
+    def open(self, create: bool) -> None:
+        """Open (or, with `create`, create) the file; raise BleroError naming
+        the path and the cause, with the file left as it was, if it is not
+        a blero queue this code can use."""
+        path = self.path
+        kind = self._check_header()
+        if kind == "missing" and not create:
+            raise BleroError(f"{path}: no queue file there")
+        made = False
+        if kind == "missing":
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                made = True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise BleroError(f"{path}: cannot create the queue file: "
+                                 f"{exc.strerror or exc}") from exc
+        try:
+            self._db = self._connect()
+            self._init()
+            self._reader = self._connect()
+        except BaseException as exc:
+            self.close()
+            if made:
+                os.remove(path)
+            if isinstance(exc, sqlite3.Error):
+                raise BleroError(f"{path}: cannot open the queue: {_describe(exc)}") from exc
+            raise
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def _check_header(self) -> str:
+        """Judge the file by its first 100 bytes, before SQLite touches it."""
+        path = self.path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            raise BleroError(f"{path}: {exc.strerror or exc}") from exc
+        if stat.S_ISDIR(st.st_mode):
+            raise BleroError(f"{path}: is a directory, not a queue file")
+        if st.st_size == 0:
+            return "new"
+        try:
+            with open(path, "rb") as f:
+                head = f.read(100)
+        except OSError as exc:
+            raise BleroError(f"{path}: cannot read the queue file: {exc.strerror or exc}") from exc
+        if len(head) < 100 or not head.startswith(_SQLITE_MAGIC):
+            raise BleroError(f"{path}: not an SQLite database (damaged, or another kind of file)")
+        app_id = int.from_bytes(head[68:72], "big")
+        version = int.from_bytes(head[60:64], "big")
+        if app_id == _APPLICATION_ID:
+            if version > _SCHEMA_VERSION:
+                raise BleroError(f"{path}: written by a newer blero (schema {version};"
+                                 f" this blero.py knows up to {_SCHEMA_VERSION})")
+            return "blero"
+        page_size = int.from_bytes(head[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        if app_id == 0 and page_size and st.st_size <= page_size:
+            return "new"   # an empty database: a schema needs a second page
+        raise BleroError(f"{path}: an SQLite database, but not a blero queue")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None,
+                             check_same_thread=False)
+        db.execute("PRAGMA cache_size = -8192")
+        return db
+
+    def _init(self) -> None:
+        db = self._db
+        app_id = db.execute("PRAGMA application_id").fetchall()[0][0]
+        version = db.execute("PRAGMA user_version").fetchall()[0][0]
+        tables = {r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if app_id == 0 and not tables:
+            self._create_schema()
+        elif app_id != _APPLICATION_ID:
+            raise BleroError(f"{self.path}: an SQLite database, but not a blero queue")
+        elif version > _SCHEMA_VERSION:
+            raise BleroError(f"{self.path}: written by a newer blero (schema {version};"
+                             f" this blero.py knows up to {_SCHEMA_VERSION})")
+        elif not {"jobs", "owners", "schedules"} <= tables:
+            raise BleroError(f"{self.path}: a blero queue with tables missing (damaged)")
+        else:
+            problems = [r[0] for r in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise BleroError(f"{self.path}: the queue file is damaged: {problems[0]}")
+            db.execute("BEGIN IMMEDIATE")   # fails here, not later, on a read-only file
+            db.execute("ROLLBACK")
+        db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
+        db.execute("PRAGMA journal_size_limit = 67108864")
+
+    def _create_schema(self) -> None:
+        db = self._db
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+        if mode.lower() != "wal":
+            raise BleroError(f"{self.path}: cannot use WAL mode here (got {mode})")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close both connections; the last one to close checkpoints the WAL."""
+        with self._mutex:
+            while self._leading:
+                self._turn.wait()
+            self._leading = True
+        try:
+            with self._read_lock:
+                for db in (self._reader, self._db):
+                    if db is not None:
+                        try:
+                            db.close()
+                        except sqlite3.Error:
+                            pass
+                self._reader = self._db = None
+        finally:
+            with self._mutex:
+                self._leading = False
+                self._turn.notify_all()
+
+    # -- the two ways in: group-committed writes, and reads -------------------
+
+    def _write(self, fn, *args):
+        """Run `fn(db, *args)` in a write transaction shared with whatever
+        other writes are waiting; return its result once committed."""
+        op = _Op(fn, args)
+        with self._mutex:
+            self._queue.append(op)
+            while self._leading and not op.done:
+                self._turn.wait()
+            if not op.done:
+                if self._db is None:
+                    self._queue.remove(op)
+                    raise BleroError(f"{self.path}: the queue is stopped")
+                self._leading = True
+                batch, self._queue = self._queue, []
+        if not op.done:
+            try:
+                self._commit(batch, op)
+            finally:
+                with self._mutex:
+                    self._leading = False
+                    self._turn.notify_all()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _commit(self, batch: list[_Op], own: _Op) -> None:
+        try:
+            self._transaction(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                own.error = self._error(exc)
+                own.done = True
+                return
+            for op in batch:     # find the write that failed; keep the others
+                try:
+                    self._transaction([op])
+                except Exception as exc:
+                    op.error = self._error(exc)
+                    op.done = True
+        except BaseException:
+            # Interrupted (Ctrl-C in the leading thread): the other callers'
+            # writes go back in line for the next leader.
+            with self._mutex:
+                self._queue[:0] = [op for op in batch if op is not own]
+            raise
+
+    def _transaction(self, ops: list[_Op]) -> None:
+        db = self._db
+        if db is None:
+            raise BleroError(f"{self.path}: the queue is stopped")
+        self._begin(db)
+        try:
+            results = [op.fn(db, *op.args) for op in ops]
+            self._check_identity()
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        for op, result in zip(ops, results):
+            op.result = result
+            op.done = True
+
+    def _begin(self, db) -> None:
+        deadline = None
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + _BUSY_LIMIT
+                if now >= deadline:
+                    raise BleroError(f"{self.path}: another connection has held the write "
+                                     f"lock for over {_BUSY_LIMIT:.0f} s") from exc
+
+    def _check_identity(self) -> None:
+        # SQLite keeps writing to a file that was deleted or replaced, and
+        # everything written there is lost: refuse instead.
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._identity
+        except OSError:
+            same = False
+        if not same:
+            raise BleroError(f"{self.path}: the queue file was removed or replaced "
+                             f"while the queue was running")
+
+    def _error(self, exc: Exception) -> Exception:
+        if isinstance(exc, BleroError):
+            return exc
+        if isinstance(exc, sqlite3.Error):
+            try:
+                self._check_identity()
+            except BleroError as moved:
+                return moved
+            error = BleroError(f"{self.path}: {_describe(exc)}")
+            error.__cause__ = exc
+            return error
+        return exc
+
+    def _read(self, fn, *args):
+        """Run `fn(reader, *args)` on the read connection."""
+        with self._read_lock:
+            db = self._reader
+            if db is None:
+                raise BleroError(f"{self.path}: the queue is stopped")
+            deadline = None
+            while True:
+                try:
+                    return fn(db, *args)
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc):
+                        raise self._error(exc) from exc
+                    deadline = deadline or time.monotonic() + _BUSY_LIMIT
+                    if time.monotonic() >= deadline:
+                        raise self._error(exc) from exc
+                except sqlite3.Error as exc:
+                    raise self._error(exc) from exc
+
+    # -- enqueueing ------------------------------------------------------------
+
+    def insert(self, rows: list[tuple]) -> list[int]:
+        """Store new jobs (rows in `_INSERT` order); return their ids.  A row
+        whose key is already stored stores nothing and gets that job's id."""
+        return self._write(self._insert, rows)
+
+    @staticmethod
+    def _insert(db, rows):
+        if len(rows) == 1 and rows[0][7] is None:
+            return [db.execute(_INSERT, rows[0]).lastrowid]
+        ids: list[int] = []
+        run: list[tuple] = []   # keyless rows go in by executemany
+
+        def flush():
+            if run:
+                db.executemany(_INSERT, run)
+                last = db.execute(_LAST_ID).fetchall()[0][0]
+                ids.extend(range(last - len(run) + 1, last + 1))
+                run.clear()
+
+        for row in rows:
+            if row[7] is None:
+                run.append(row)
+                continue
+            flush()
+            found = db.execute(_FIND_KEY, (row[7],)).fetchall()
+            ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
+        flush()
+        return ids
+
+    # -- claiming and finishing --------------------------------------------------
+
+    def finish_and_claim(self, finish: tuple | None, owner: int,
+                         names: frozenset | None, claim: bool):
+        """In one transaction, record a finished try (`_FINISH` parameters)
+        and claim the next ready job this worker accepts.  Returns (whether
+        the finish was recorded, the claimed job's `_JOB_COLUMNS` row or None)."""
+        return self._write(self._finish_and_claim, finish, owner, names, claim)
+
+    def _finish_and_claim(self, db, finish, owner, names, claim):
+        recorded = finish is not None and db.execute(_FINISH, finish).rowcount == 1
+        if not claim:
+            return recorded, None
+        n = len(names) if names else 0
+        sql = self._claim_sql.get(n)
+        if sql is None:
+            cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
+            select = _NEXT_READY.format(names=cond)
+            sql = self._claim_sql[n] = (select, _CLAIM_RETURNING.format(next=select))
+        params = tuple(names) if n else ()
+        now = time.time()
+        if self._returning:
+            rows = db.execute(sql[1], (owner, now) + params).fetchall()
+            return recorded, rows[0] if rows else None
+        found = db.execute(sql[0], params).fetchall()
+        if not found:
+            return recorded, None
+        db.execute(_CLAIM, (owner, now, found[0][0]))
+        return recorded, db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0]
+
+    def record(self, finish: tuple) -> bool:
+        """Record the end of one try; False if its claim no longer holds."""
+        return self._write(self._finish_and_claim, finish, 0, None, False)[0]
+
+    def release(self, owner: int, outcome: Callable[[tuple], tuple], drop_owner: bool):
+        """Hand back every job `owner` holds: `outcome(row)` gives each one's
+        `_FINISH` parameters.  Returns the rows whose outcome was recorded."""
+        return self._write(self._release, owner, outcome, drop_owner)
+
+    @staticmethod
+    def _release(db, owner, outcome, drop_owner):
+        rows = db.execute(_RUNNING_OF, (owner,)).fetchall()
+        done = [row for row in rows if db.execute(_FINISH, outcome(row)).rowcount == 1]
+        if drop_owner:
+            db.execute(_DROP_OWNER, (owner,))
+        return done
+
+    def running_ids(self, owner: int) -> set[int]:
+        """Ids of the jobs `owner` holds now."""
+        return self._read(lambda db: {r[0] for r in db.execute(_RUNNING_IDS, (owner,))})
+
+    def promote(self, now: float) -> tuple[int, float | None]:
+        """Make delayed jobs whose time has come ready; return how many, and
+        when the next one is due."""
+        return self._write(self._promote, now)
+
+    @staticmethod
+    def _promote(db, now):
+        count = db.execute(_PROMOTE, (now,)).rowcount
+        return count, db.execute(_NEXT_DELAYED).fetchall()[0][0]
+
+    def next_delayed(self) -> float | None:
+        """When the earliest delayed job is due, or None."""
+        return self._read(lambda db: db.execute(_NEXT_DELAYED).fetchall()[0][0])
+
+    # -- owners: who holds which jobs, alive or dead -------------------------------
+
+    def add_owner(self, owner: int, now: float) -> None:
+        """Register a starting queue as an owner of claims."""
+        self._write(lambda db: db.execute(_ADD_OWNER, (owner, os.getpid(), now, now)))
+
+    def heartbeat(self, owner: int, now: float) -> None:
+        """Tell other processes, that cannot see our lock, that we are alive."""
+        self._write(lambda db: db.execute(_HEARTBEAT, (now, owner)))
+
+    def owners(self) -> list[tuple[int, float | None]]:
+        """Every owner registered or holding jobs, with its last heartbeat."""
+        return self._read(lambda db: db.execute(_OWNERS).fetchall())
+
+    def changed_elsewhere(self) -> bool:
+        """True when another connection has committed since the last call."""
+        with self._mutex:
+            while self._leading:
+                self._turn.wait()
+            db = self._db
+            if db is None:
+                return False
+            try:
+                version = db.execute("PRAGMA data_version").fetchall()[0][0]
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
+
+    # -- operating on jobs ---------------------------------------------------------
+
+    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
+        """Cancel a pending or running job; return its (state, owner) before,
+        or None if it had already ended or does not exist."""
+        return self._write(self._cancel, job_id, now)
+
+    @staticmethod
+    def _cancel(db, job_id, now):
+        found = db.execute(_STATE_OF, (job_id,)).fetchall()
+        if not found or db.execute(_CANCEL, (now, job_id)).rowcount == 0:
+            return None
+        return found[0]
+
+    def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
+        """Give failed jobs a fresh set of tries; return how many."""
+        params = ([(now, retries, None, None)] if ids is None
+                  else [(now, retries, i, i) for i in ids])
+        return self._write(lambda db: db.executemany(_RETRY, params).rowcount)
+
+    def sweep(self, before: float, states: tuple[int, ...]) -> int:
+        """Delete jobs in `states` that finished at or before `before`;
+        return how many."""
+        in_states = ", ".join(str(s) for s in states)
+        found = self._read(lambda db: db.execute(
+            _SWEEPABLE.format(states=in_states), (before,)).fetchall())
+        sql = (_SWEEP.format(states=in_states), _TOMBSTONE.format(states=in_states))
+        gone = 0
+        for start in range(0, len(found), 2000):
+            gone += self._write(self._sweep, found[start:start + 2000], before, sql)
+        return gone
+
+    @staticmethod
+    def _sweep(db, found, before, sql):
+        newest = db.execute(_MAX_ID).fetchall()[0][0]
+        jobs = [(i, newest, before) for i, state in found if state != _SWEPT]
+        gone = db.executemany(sql[0], jobs).rowcount if jobs else 0
+        db.executemany(sql[0], [(i, newest, before) for i, state in found if state == _SWEPT])
+        if any(i == newest for i, _, _ in jobs):
+            gone += db.execute(sql[1], (newest, before)).rowcount
+        return gone
+
+    # -- schedules -----------------------------------------------------------------
+
+    def upsert_schedule(self, row: tuple) -> None:
+        """Create or update a schedule: (key, name, data, interval, first_due,
+        priority, retries, timeout)."""
+        self._write(lambda db: db.execute(_UPSERT_SCHEDULE, row))
+
+    def drop_schedule(self, key: str) -> bool:
+        """Remove a schedule; False if there was none."""
+        return self._write(lambda db: db.execute(_DROP_SCHEDULE, (key,)).rowcount == 1)
+
+    def run_schedules(self, now: float, make_row: Callable[[tuple, float], tuple]):
+        """Enqueue one run of each schedule that is due and has none
+        outstanding.  Returns (new ready job names, when to look next)."""
+        return self._write(self._run_schedules, now, make_row)
+
+    @staticmethod
+    def _run_schedules(db, now, make_row):
+        names = []
+        for sched in db.execute(_DUE_SCHEDULES, (now,)).fetchall():
+            key, interval, due = sched[0], sched[3], sched[4]
+            job_id = db.execute(_INSERT, make_row(sched, now)).lastrowid
+            after = due + interval
+            if after <= now:        # runs were missed: one now, and count from it
+                after = now + interval
+            db.execute(_SCHEDULED_RUN, (after, job_id, key))
+            names.append(sched[1])
+        return names, db.execute(_NEXT_SCHEDULE).fetchall()[0][0]
+
+    # -- inspecting ------------------------------------------------------------------
+
+    def get(self, job_id: int) -> tuple | None:
+        """A job's `_INFO_COLUMNS` row, or None."""
+        rows = self._read(lambda db: db.execute(_GET, (job_id,)).fetchall())
+        return rows[0] if rows else None
+
+    def list(self, state: str | None, name: str | None, limit: int | None,
+             newest_first: bool = False) -> list[tuple]:
+        """Jobs by id, as `_INFO_COLUMNS` rows."""
+        lo, hi = _STATE_CODES[state] if state else (_READY, _CANCELLED)
+        sql = _LIST.format(order="DESC" if newest_first else "ASC")
+        params = (lo, hi, name, -1 if limit is None else limit)
+        return self._read(lambda db: db.execute(sql, params).fetchall())
+
+    def counts(self) -> dict[str, int]:
+        """The number of jobs in each of the five states."""
+        counts = dict.fromkeys(STATES, 0)
+        for code, n in self._read(lambda db: db.execute(_COUNTS).fetchall()):
+            if code < _SWEPT:
+                counts[_STATE_NAME[code]] += n
+        return counts
+
+    def outstanding(self) -> bool:
+        """True while any job (schedule runs aside) is pending or running."""
+        return self._read(lambda db: any(
+            db.execute(_OUTSTANDING, (code,)).fetchall()[0][0]
+            for code in (_RUNNING, _READY, _DELAYED)))
+
+
+# ---------------------------------------------------------------------------
+# Owners: telling a live queue from a dead one
+# ---------------------------------------------------------------------------
+#
+# Every started queue is an "owner" with a random id, and claims jobs in its
+# name.  While it runs it holds an advisory lock on one byte of `<db>-lock`,
+# at the offset of its id; the OS drops the lock the moment the process dies,
+# however it dies.  So another process tells a dead owner from a live one at
+# once by trying that byte.  POSIX locks belong to the process, so owners in
+# this process are known from a set instead, and the lock file stays open
+# while any queue here uses it (closing it would drop every lock).  Without
+# fcntl (Windows), heartbeats stand in: an owner is dead after `lease`
+# seconds of silence.
+
+_lock_files: dict[str, list] = {}    # lock path -> [fd, owners using it]
+_local_owners: set[int] = set()
+_lock_files_lock = threading.Lock()
+
+
+def _new_owner_id() -> int:
+    return secrets.randbits(46) + (1 << 40)   # far above SQLite's own lock bytes
+
+
+def _hold_owner(db_path: str, owner: int) -> None:
+    """Mark `owner` alive for as long as this process runs or until released."""
+    with _lock_files_lock:
+        _local_owners.add(owner)
+        if fcntl is None:
+            return
+        lock_path = db_path + "-lock"
+        entry = _lock_files.get(lock_path)
+        if entry is None:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            entry = _lock_files[lock_path] = [fd, 0]
+        entry[1] += 1
+        fcntl.lockf(entry[0], fcntl.LOCK_EX | fcntl.LOCK_NB, 1, owner)
+
+
+def _release_owner(db_path: str, owner: int) -> None:
+    with _lock_files_lock:
+        _local_owners.discard(owner)
+        entry = _lock_files.get(db_path + "-lock")
+        if entry is None:
+            return
+        fcntl.lockf(entry[0], fcntl.LOCK_UN, 1, owner)
+        entry[1] -= 1
+        if entry[1] == 0:
+            os.close(entry[0])
+            del _lock_files[db_path + "-lock"]
+
+
+def _owner_alive(db_path: str, owner: int) -> bool | None:
+    """True or False where the lock tells; None where only a lease can."""
+    with _lock_files_lock:
+        if owner in _local_owners:
+            return True
+        entry = _lock_files.get(db_path + "-lock")
+        if entry is None:
+            return None
+        try:
+            fcntl.lockf(entry[0], fcntl.LOCK_SH | fcntl.LOCK_NB, 1, owner)
+        except OSError:
+            return True
+        fcntl.lockf(entry[0], fcntl.LOCK_UN, 1, owner)
+        return False
+
+
+# ---------------------------------------------------------------------------
+# The dispatcher and its workers
+# ---------------------------------------------------------------------------
+#
+# Each registered processor has one worker thread (Goblero's model).  A worker
+# asks storage for its next job itself, in the same transaction that records
+# the job it just finished: one commit per job, shared with whatever other
+# workers and producers commit at the same moment, and no thread hand-off on
+# the way.  An idle worker sleeps on its own Event until new work may be
+# there; a sequence number bumped on every arrival closes the race between
+# "found nothing" and "went to sleep".  One clock thread does everything that
+# happens on a timer.
+
+_POLL = 0.05           # seconds between looks for other processes' commits
+_STORAGE_RETRY = 0.5   # seconds a worker waits after a storage failure
+
+
+class _Processor:
+    """A registered processor: the callable, the job names it takes, and its worker."""
+
+    __slots__ = ("id", "fn", "names", "worker", "retired")
+
+    def __init__(self, id, fn, names):
+        self.id = id
+        self.fn = fn
+        self.names = names
+        self.worker = None
+        self.retired = False
+
+
+class _Outcome:
+    """The end of one try, waiting to be recorded."""
+
+    __slots__ = ("job", "state", "run_at", "finished_at", "result", "blob", "error",
+                 "exc", "seconds")
+
+    def __init__(self, job, state, run_at=None, finished_at=None, result=None,
+                 blob=None, error=None, exc=None, seconds=0.0):
+        self.job = job
+        self.state = state
+        self.run_at = run_at
+        self.finished_at = finished_at
+        self.result = result
+        self.blob = blob
+        self.error = error
+        self.exc = exc
+        self.seconds = seconds
+
+    def params(self, owner: int) -> tuple:
+        job = self.job
+        return (self.state, self.run_at, self.finished_at, self.blob, self.error,
+                job.id, owner, job.attempt)
+
+
+class _Counters:
+    """What `metrics_text` counts since the Blero was created."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.finished = dict.fromkeys(("complete", "failed", "retried", "cancelled"), 0)
+        self.enqueued = 0
+        self.seconds_sum = 0.0
+        self.seconds_count = 0
+        self.recent = collections.deque(maxlen=3600)   # (second, jobs finished)
+
+    def add(self, outcome: str, n: int = 1, seconds: float | None = None) -> None:
+        with self.lock:
+            self.finished[outcome] += n
+            if seconds is not None:
+                self.seconds_sum += seconds
+                self.seconds_count += 1
+            now = int(time.time())
+            if self.recent and self.recent[-1][0] == now:
+                self.recent[-1][1] += n
+            else:
+                self.recent.append([now, n])
+
+
+class _Worker:
+    """One thread running one processor's jobs, one at a time."""
+
+    def __init__(self, dispatcher: _Dispatcher, processor: _Processor):
+        self.dispatcher = dispatcher
+        self.processor = processor
+        self.wake = threading.Event()
+        self.lock = threading.Lock()   # guards job and abandoned
+        self.job: Job | None = None
+        self.abandoned = False          # timed out or stopped: a new worker took over
+        self.thread = threading.Thread(
+            target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
+
+    def accepts(self, name: str) -> bool:
+        names = self.processor.names
+        return names is None or name in names
+
+    def _run(self) -> None:
+        d = self.dispatcher
+        outcome = None
+        try:
+            while True:
+                claim = d.claiming(self)
+                seq = d.seq
+                try:
+                    job = d.finish_and_claim(self, outcome, claim)
+                except BleroError as exc:
+                    if d.stopping:
+                        return
+                    log.error("%s; retrying in %.1f s", exc, _STORAGE_RETRY)
+                    self.wake.wait(_STORAGE_RETRY)
+                    continue
+                outcome = None
+                if job is not None:
+                    outcome = d.execute(self, job)
+                    if outcome is None:
+                        return          # abandoned: the result is not ours to record
+                elif not claim:
+                    return
+                else:
+                    d.idle(self, seq)
+        finally:
+            d.exited(self)
+
+
+class _Dispatcher:
+    """Runs the jobs of one started Blero: its workers and its clock thread."""
+
+    def __init__(self, storage: _Storage, settings: _Settings, owner: int,
+                 counters: _Counters, changed: threading.Condition):
+        self.storage = storage
+        self.settings = settings
+        self.owner = owner
+        self.counters = counters
+        self.changed = changed     # notified whenever a job may have ended
+        self.seq = 0               # bumped whenever new work may be ready
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._tick = threading.Condition(self._lock)
+        self._idle: list[_Worker] = []
+        self._workers: set[_Worker] = set()
+        self._deadlines: list = []          # (monotonic deadline, n, worker, job)
+        self._deadline_n = 0
+        self._delayed_due = math.inf        # epoch time of the next delayed job
+        self._schedule_due = math.inf       # epoch time of the next schedule run
+        self._clock_stop = False
+        now = time.monotonic()
+        self._next = {"poll": now + _POLL, "reap": now + min(0.5, settings.lease / 4),
+                      "beat": now + settings.lease / 3,
+                      "sweep": now if settings.keep_complete is not None else math.inf}
+        self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
+                                       daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self, processors: Iterable[_Processor]) -> None:
+        self._delayed_due = self.storage.next_delayed() or math.inf
+        self._schedule_due = -math.inf      # look at schedules at once
+        self.storage.changed_elsewhere()
+        for p in processors:
+            self.spawn(p)
+        self._clock.start()
+
+    def spawn(self, processor: _Processor) -> None:
+        """Start a worker thread for `processor`."""
+        worker = _Worker(self, processor)
+        with self._lock:
+            if self.stopping:
+                return
+            processor.worker = worker
+            self._workers.add(worker)
+        worker.thread.start()
+
+    def retire(self, processor: _Processor) -> None:
+        """Let `processor`'s worker finish its job, then end."""
+        processor.retired = True
+        self.work_arrived(None)
+
+    def stop(self, timeout: float | None) -> list[Job]:
+        """Stop claiming, wait for running jobs up to `timeout`, and hand back
+        those still running.  Returns the jobs handed back."""
+        with self._lock:
+            self.stopping = True
+            workers = list(self._workers)
+            self._idle.clear()
+        for w in workers:
+            w.wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.current_thread()
+        for w in workers:
+            if w.thread is not me:
+                w.thread.join(None if deadline is None
+                              else max(0.0, deadline - time.monotonic()))
+        late = []
+        for w in workers:
+            with w.lock:
+                if w.thread.is_alive() and w.thread is not me:
+                    w.abandoned = True
+                    if w.job is not None:
+                        late.append(w.job)
+        for job in late:
+            job._cancel()
+        self.hand_back(self.owner, drop_owner=False)
+        with self._lock:
+            self._clock_stop = True
+            self._tick.notify()
+        if self._clock is not me and self._clock.is_alive():
+            self._clock.join()
+        return late
+
+    def exited(self, worker: _Worker) -> None:
+        with self._lock:
+            self._workers.discard(worker)
+            if worker in self._idle:
+                self._idle.remove(worker)
+
+    def busy(self) -> bool:
+        """True while a worker here is running a job."""
+        return any(w.job is not None for w in list(self._workers))
+
+    # -- waking workers -------------------------------------------------------------
+
+    def claiming(self, worker: _Worker) -> bool:
+        return not (self.stopping or worker.processor.retired or worker.abandoned)
+
+    def idle(self, worker: _Worker, seq: int) -> None:
+        """Sleep until new work may be there (unless some came since `seq`)."""
+        with self._lock:
+            if seq != self.seq or not self.claiming(worker):
+                return
+            worker.wake.clear()
+            self._idle.append(worker)
+        with self.changed:
+            self.changed.notify_all()   # join() looks again when workers run dry
+        worker.wake.wait()
+
+    def work_arrived(self, names: list[str] | None) -> None:
+        """Wake idle workers for new ready jobs: one per job that it accepts,
+        or all of them when `names` is None (work of unknown kind)."""
+        with self._lock:
+            self.seq += 1
+            if not self._idle:
+                return
+            if names is None:
+                woken, self._idle = self._idle, []
+            else:
+                woken = []
+                for name, n in collections.Counter(names).items():
+                    for w in [w for w in self._idle if w.accepts(name)][:n]:
+                        self._idle.remove(w)
+                        woken.append(w)
+                    if not self._idle:
+                        break
+        for w in woken:
+            w.wake.set()
+
+    def delayed_at(self, when: float) -> None:
+        """Note a delayed job due at epoch time `when`."""
+        if when < self._delayed_due:
+            with self._lock:
+                self._delayed_due = min(self._delayed_due, when)
+                self._tick.notify()
+
+    def schedules_changed(self) -> None:
+        with self._lock:
+            self._schedule_due = -math.inf
+            self._tick.notify()
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def enqueue(self, rows: list[tuple]) -> list[int]:
+        """Store new jobs and wake the workers that can take them."""
+        ids = self.storage.insert(rows)
+        ready = [r[3] for r in rows if r[0] == _READY]
+        if len(ready) < len(rows):
+            self.delayed_at(min(r[2] for r in rows if r[0] == _DELAYED))
+        if ready:
+            self.work_arrived(ready)
+        with self.counters.lock:
+            self.counters.enqueued += len(rows)
+        return ids
+
+    def finish_and_claim(self, worker: _Worker, outcome: _Outcome | None,
+                         claim: bool) -> Job | None:
+        """Record `outcome` and claim the worker's next job, in one commit."""
+        names = worker.processor.names
+        recorded, row = self.storage.finish_and_claim(
+            outcome and outcome.params(self.owner), self.owner, names, claim)
+        if outcome is not None:
+            self.settle(outcome, recorded)
+        if row is None:
+            return None
+        return Job(*row)
+
+    def execute(self, worker: _Worker, job: Job) -> _Outcome | None:
+        """Run one try of `job`; None if the worker was abandoned meanwhile."""
+        with worker.lock:
+            if worker.abandoned:
+                return None
+            worker.job = job
+        blob = job.data
+        try:
+            job.data = None if blob is None else self.settings.serializer.loads(blob)
+        except Exception as exc:
+            with worker.lock:
+                worker.job = None
+            return self.failure(job, exc, retry=False,
+                                text=f"cannot deserialize the job's data: {_exc_text(exc)}")
+        if job.timeout is not None:
+            self._add_deadline(worker, job)
+        started = time.perf_counter()
+        exc = result = None
+        try:
+            result = worker.processor.fn(job)
+        except BaseException as e:   # any failure is the job's, never the worker's
+            exc = e
+        seconds = time.perf_counter() - started
+        with worker.lock:
+            if worker.abandoned:
+                return None
+            worker.job = None
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            log.error("job %d: processor raised %s; handed back as interrupted",
+                      job.id, type(exc).__name__)
+            return self.interrupted(job)
+        if exc is not None:   # the traceback starts in the processor, not here
+            return self.failure(job, exc, seconds=seconds,
+                                text=_exc_text(exc, exc.__traceback__.tb_next))
+        try:
+            out = None if result is None else self.settings.serializer.dumps(result)
+        except Exception as e:
+            return self.failure(job, e, seconds=seconds,
+                                text=f"cannot serialize the job's result: {_exc_text(e)}")
+        return _Outcome(job, _COMPLETE, finished_at=time.time(), result=result,
+                        blob=out, seconds=seconds)
+
+    def failure(self, job: Job, exc: BaseException, retry: bool = True,
+                text: str | None = None, seconds: float = 0.0) -> _Outcome:
+        """The outcome of a failed try: retried after a backoff while tries remain."""
+        if text is None:
+            text = _exc_text(exc)
+        now = time.time()
+        if retry and job.attempt < job.max_attempts:
+            s = self.settings
+            wait = min(s.backoff_max, s.backoff_base * 2 ** (job.attempt - 1))
+            wait *= random.uniform(0.5, 1.0)
+            state = _DELAYED if wait > 0 else _READY
+            return _Outcome(job, state, run_at=now + wait, error=text, exc=exc,
+                            seconds=seconds)
+        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
+
+    def interrupted(self, job: Job) -> _Outcome:
+        """The outcome of a try cut short: ready again at once, if tries remain."""
+        now = time.time()
+        if job.attempt < job.max_attempts:
+            return _Outcome(job, _READY, run_at=now, error="interrupted")
+        return _Outcome(job, _FAILED, finished_at=now, error="interrupted",
+                        exc=BleroError("interrupted"))
+
+    def settle(self, outcome: _Outcome, recorded: bool) -> None:
+        """After an outcome was committed: log, count, call back, wake waiters."""
+        if not recorded:
+            return      # cancelled or handed back meanwhile: the result is dropped
+        job, state = outcome.job, outcome.state
+        s = self.settings
+        if state == _COMPLETE:
+            self.counters.add("complete", seconds=outcome.seconds)
+            _call_back(s.on_complete, job, outcome.result)
+        else:
+            final = state == _FAILED
+            self.counters.add("failed" if final else "retried",
+                              seconds=outcome.seconds if outcome.seconds else None)
+            first_line = (outcome.error or "").strip().splitlines()[-1:] or [""]
+            log.warning("job %d (%s) try %d/%d failed%s: %s", job.id, job.name,
+                        job.attempt, job.max_attempts,
+                        "" if final else ", will retry", first_line[0])
+            log.debug("job %d error:\n%s", job.id, outcome.error)
+            if final:
+                _call_back(s.on_failed, job, outcome.exc)
+            elif state == _DELAYED:
+                self.delayed_at(outcome.run_at)
+        with self.changed:
+            self.changed.notify_all()
+
+    def cancelled(self, job_id: int) -> None:
+        """A job was cancelled: stop its try if it runs here."""
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
+            job = w.job
+            if job is not None and job.id == job_id:
+                job._cancel()
+        with self.changed:
+            self.changed.notify_all()
+
+    # -- the clock ------------------------------------------------------------------------
+
+    def _add_deadline(self, worker: _Worker, job: Job) -> None:
+        with self._lock:
+            self._deadline_n += 1
+            heapq.heappush(self._deadlines, (time.monotonic() + job.timeout,
+                                             self._deadline_n, worker, job))
+            self._tick.notify()
+
+    def _clock_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._clock_stop:
+                    return
+                now, epoch = time.monotonic(), time.time()
+                wake = min(self._next.values())
+                if self._deadlines:
+                    wake = min(wake, self._deadlines[0][0])
+                wake = min(wake, now + (self._delayed_due - epoch),
+                           now + (self._schedule_due - epoch))
+                if wake > now:
+                    self._tick.wait(wake - now)
+                    if self._clock_stop:
+                        return
+            for duty in (self._expire, self._promote, self._run_schedules, self._poll,
+                         self._reap, self._beat, self._sweep):
+                try:
+                    duty()
+                except Exception:
+                    log.exception("%s failed; will try again", duty.__name__)
+
+    def _due(self, name: str, every: float) -> bool:
+        now = time.monotonic()
+        if now < self._next[name]:
+            return False
+        self._next[name] = now + every
+        return True
+
+    def _expire(self) -> None:
+        """End tries that ran past their timeout, and replace their workers."""
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._deadlines or self._deadlines[0][0] > now:
+                    return
+                _, _, worker, job = heapq.heappop(self._deadlines)
+            with worker.lock:
+                if worker.job is not job or worker.abandoned:
+                    continue
+                worker.abandoned = True
+            job._cancel()
+            if not worker.processor.retired:
+                self.spawn(worker.processor)
+            exc = TimeoutError(f"job {job.id} timed out after {job.timeout:g} s")
+            outcome = self.failure(job, exc, text=f"TimeoutError: {exc}",
+                                   seconds=job.timeout)
+            self.settle(outcome, self.storage.record(outcome.params(self.owner)))
+
+    def _promote(self) -> None:
+        if time.time() < self._delayed_due:
+            return
+        count, due = self.storage.promote(time.time())
+        with self._lock:
+            self._delayed_due = math.inf if due is None else due
+        if count:
+            self.work_arrived(None)
+
+    def _run_schedules(self) -> None:
+        if time.time() < self._schedule_due:
+            return
+        names, due = self.storage.run_schedules(time.time(), self._schedule_row)
+        with self._lock:
+            # A schedule still busy with its last run is looked at every poll.
+            self._schedule_due = math.inf if due is None else max(due, time.time() + _POLL)
+        if names:
+            self.work_arrived(names)
+
+    def _schedule_row(self, sched: tuple, now: float) -> tuple:
+        _, name, data, _, _, priority, retries, timeout = sched
+        retries = self.settings.retries if retries is None else retries
+        return (_READY, priority, now, name, data, 1 + retries, timeout, None, now)
+
+    def _poll(self) -> None:
+        """Notice other processes' commits: new work, cancels, ended jobs."""
+        if not self._due("poll", _POLL) or not self.storage.changed_elsewhere():
+            return
+        with self._lock:
+            self._delayed_due = -math.inf    # look again: they may have added some
+            self._schedule_due = min(self._schedule_due, time.time())
+            running = [w.job for w in self._workers if w.job is not None]
+        self.work_arrived(None)
+        if running:
+            mine = self.storage.running_ids(self.owner)
+            for job in running:
+                if job.id not in mine:
+                    job._cancel()       # cancelled (or taken back) elsewhere
+        with self.changed:
+            self.changed.notify_all()
+
+    def _reap(self) -> None:
+        """Take back the jobs of owners that died (or went silent past the lease)."""
+        if not self._due("reap", min(0.5, self.settings.lease / 4)):
+            return
+        self.reap()
+
+    def _beat(self) -> None:
+        if self._due("beat", self.settings.lease / 3):
+            self.storage.heartbeat(self.owner, time.time())
+
+    def _sweep(self) -> None:
+        keep = self.settings.keep_complete
+        if keep is not None and self._due("sweep", max(1.0, min(keep, 60.0))):
+            self.storage.sweep(time.time() - keep, (_COMPLETE,))
+
+    def reap(self) -> int:
+        """Hand back the jobs of every dead owner; returns how many jobs."""
+        total = 0
+        now = time.time()
+        for owner, heartbeat in self.storage.owners():
+            if owner == self.owner or owner is None:
+                continue
+            alive = _owner_alive(self.storage.path, owner)
+            if alive is None:      # no OS lock to ask: judge by the heartbeat
+                alive = heartbeat is not None and now - heartbeat <= self.settings.lease
+            if not alive:
+                total += self.hand_back(owner, drop_owner=True)
+        return total
+
+    def hand_back(self, owner: int, drop_owner: bool) -> int:
+        """Hand back `owner`'s jobs as interrupted; returns how many."""
+        rows = self.storage.release(
+            owner, lambda row: self.interrupted(Job(*row)).params(owner), drop_owner)
+        failed = [Job(*row) for row in rows if row[3] >= row[4]]
+        for job in failed:
+            self.counters.add("failed")
+            job.data = _loads_or_none(self.settings.serializer, job.data)
+            _call_back(self.settings.on_failed, job, BleroError("interrupted"))
+        if rows:
+            log.info("%d interrupted job(s) handed back, %d of them out of tries",
+                     len(rows), len(failed))
+            self.work_arrived(None)
+            with self.changed:
+                self.changed.notify_all()
+        return len(rows)
+
+
+def _exc_text(exc: BaseException, tb=None) -> str:
+    tb = exc.__traceback__ if tb is None else tb
+    return "".join(traceback.format_exception(type(exc), exc, tb)).strip()
+
+
+def _loads_or_none(serializer, blob):
+    if blob is None:
+        return None
+    try:
+        return serializer.loads(blob)
+    except Exception:
+        return None
+
+
+def _call_back(fn, job, value) -> None:
+    if fn is None:
+        return
+    try:
+        fn(job, value)
+    except Exception:
+        log.exception("callback %r raised for job %d; ignored",
+                      getattr(fn, "__name__", fn), job.id)
+
+
+# ---------------------------------------------------------------------------
+# The public Blero class
+# ---------------------------------------------------------------------------
+
+def _db_path(path) -> str:
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        path = os.fsdecode(path)
+    if os.path.isdir(path) or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+        return os.path.join(path, "blero.db")
+    return path
+
+
+def _epoch(when) -> float:
+    if isinstance(when, datetime.datetime):
+        return when.timestamp()   # a naive datetime is local time, as Python reads it
+    return _seconds("run_at", when)
+
+
+class Blero:
+    """An embedded, persistent job queue kept in one SQLite file.
+
+    `Blero(path, **settings)` (or `new`) touches nothing on disk; `start()`
+    opens the file, takes back interrupted jobs and starts the workers.
+    `path` is the database file, or a directory (an existing one, or any
+    path ending in a separator) holding `blero.db`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, sync: str = "normal",
+                 retries: int = 3, backoff_base: float = 1.0, backoff_max: float = 300.0,
+                 lease: float = 10.0, keep_complete: float | None = None,
+                 on_complete: Callable[[Job, Any], Any] | None = None,
+                 on_failed: Callable[[Job, BaseException], Any] | None = None,
+                 serializer: Any = pickle):
+        self._settings = _Settings(sync, retries, backoff_base, backoff_max, lease,
+                                   keep_complete, on_complete, on_failed, serializer)
+        self.path = _db_path(path)
+        self._lock = threading.Lock()        # guards the fields below
+        self._storage: _Storage | None = None
+        self._dispatcher: _Dispatcher | None = None
+        self._stopping = False
+        self._processors: dict[int, _Processor] = {}
+        self._next_processor = 1
+        self._servers: list[_MetricsServer] = []
+        self._counters = _Counters()
+        self._changed = threading.Condition()
+
+    def __repr__(self):
+        state = "running" if self._dispatcher else "stopped"
+        return f"<Blero {self.path!r} {state}, {len(self._processors)} processor(s)>"
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> Blero:
+        """Open or create the queue file, take back the jobs a dead run left
+        running, and start dispatching.  Raises BleroError if the file cannot
+        be used; the file is then left as it was."""
+        with self._lock:
+            if self._dispatcher is not None:
+                raise BleroError(f"{self.path}: already started")
+            storage = _Storage(self.path, self._settings.sync)
+            storage.open(create=True)
+            owner = _new_owner_id()
+            try:
+                _hold_owner(self.path, owner)
+                storage.add_owner(owner, time.time())
+                d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed)
+                recovered = d.reap()
+                d.start(self._processors.values())
+            except BaseException as exc:
+                _release_owner(self.path, owner)
+                storage.close()
+                if isinstance(exc, OSError):
+                    raise BleroError(f"{self.path}-lock: {exc.strerror or exc}") from exc
+                raise
+            self._storage, self._dispatcher = storage, d
+        log.info("started on %s with %d processor(s); %d interrupted job(s) taken back",
+                 self.path, len(self._processors), recovered)
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming jobs and wait for the running ones (for ever with
+        None).  Jobs still running when `timeout` runs out get `cancelled`
+        set and go back to pending (failed "interrupted" when out of tries);
+        their late results are ignored.  A second stop does nothing."""
+        with self._lock:
+            d, storage = self._dispatcher, self._storage
+            if d is None or self._stopping:
+                return
+            self._stopping = True
+            servers, self._servers = self._servers, []
+        try:
+            late = d.stop(timeout)
+            for server in servers:
+                server.close()
+        finally:
+            _release_owner(self.path, d.owner)
+            storage.close()
+            with self._lock:
+                self._storage = self._dispatcher = None
+                self._stopping = False
+            with self._changed:
+                self._changed.notify_all()
+        log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
+
+    def __enter__(self) -> Blero:
+        if self._dispatcher is None:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Ctrl-C means "get out now": running jobs are handed back, not awaited.
+        self.stop(timeout=0 if exc_type is KeyboardInterrupt else None)
+
+    def _running(self) -> _Dispatcher:
+        d = self._dispatcher
+        if d is None:
+            raise BleroError(f"{self.path}: the queue is not started (call start() first)")
+        return d
+
+    def _store(self):
+        """The running queue's storage, or the file opened for this one call."""
+        return _Borrowed(self)
+
+    # -- processors ------------------------------------------------------------------
+
+    def register_processor(self, processor: Callable[[Job], Any] | Any,
+                           names: str | Iterable[str] | None = None) -> int:
+        """Add a processor, with a worker thread of its own; return its id.
+
+        `processor` is a callable `f(job)` or an object with `.run(job)`; its
+        return value is the job's result, and an exception a failed try.
+        With `names` it takes only jobs of those names."""
+        run = getattr(processor, "run", None)
+        fn = run if callable(run) else processor
+        if not callable(fn):
+            raise TypeError("a processor is a callable f(job) or an object with .run(job)")
+        if names is not None:
+            names = frozenset([names] if isinstance(names, str) else names)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError("names must be one or more non-empty job names")
+        with self._lock:
+            p = _Processor(self._next_processor, fn, names)
+            self._next_processor += 1
+            self._processors[p.id] = p
+            d = self._dispatcher
+        if d is not None:
+            d.spawn(p)
+        return p.id
+
+    def unregister_processor(self, processor_id: int) -> None:
+        """Remove a processor at once; its worker finishes its current job, then ends."""
+        with self._lock:
+            p = self._processors.pop(processor_id, None)
+            d = self._dispatcher
+        if p is None:
+            raise KeyError(processor_id)
+        p.retired = True
+        if d is not None:
+            d.retire(p)
+
+    # -- enqueueing ------------------------------------------------------------------
+
+    def enqueue(self, name: str, data: Any = None, *, delay: float | None = None,
+                run_at: float | datetime.datetime | None = None, priority: int = 0,
+                retries: int | None = None, timeout: float | None = None,
+                key: str | None = None) -> int:
+        """Store a job and return its id, once it is committed.
+
+        `delay` (seconds) or `run_at` (epoch seconds or datetime): not before
+        then.  Higher `priority` runs first.  `retries`: tries after the first.
+        `timeout`: seconds a try may take.  `key`: while a job with this key is
+        stored, enqueueing it again returns that job's id and stores nothing."""
+        d = self._running()
+        row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time())
+        return d.enqueue([row])[0]
+
+    def enqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
+        """Store many jobs in one transaction, all or nothing; return their ids.
+        Each item is `(name, data)` or a dict of `enqueue`'s arguments."""
+        d = self._running()
+        now = time.time()
+        rows = []
+        for item in jobs:
+            if isinstance(item, dict):
+                item = dict(item)
+                try:
+                    name = item.pop("name")
+                except KeyError:
+                    raise TypeError("a job given as a dict needs a 'name'") from None
+                data = item.pop("data", None)
+                unknown = set(item) - {"delay", "run_at", "priority", "retries", "timeout", "key"}
+                if unknown:
+                    raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+                rows.append(self._row(name, data, item.get("delay"), item.get("run_at"),
+                                      item.get("priority", 0), item.get("retries"),
+                                      item.get("timeout"), item.get("key"), now))
+            else:
+                name, data = item
+                rows.append(self._row(name, data, None, None, 0, None, None, None, now))
+        return d.enqueue(rows) if rows else []
+
+    def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> tuple:
+        """Check one job's arguments and make its storage row."""
+        if not isinstance(name, str):
+            raise TypeError(f"a job name must be a str, not {type(name).__name__}")
+        if not name:
+            raise ValueError("a job name must not be empty")
+        when = now
+        if delay is not None:
+            if run_at is not None:
+                raise ValueError("give delay or run_at, not both")
+            when = now + _seconds("delay", delay)
+        elif run_at is not None:
+            when = _epoch(run_at)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        retries = self._settings.retries if retries is None else _count("retries", retries)
+        if timeout is not None and _seconds("timeout", timeout) == 0:
+            raise ValueError("timeout must be more than 0 seconds")
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        blob = None
+        if data is not None:
+            try:
+                blob = self._settings.serializer.dumps(data)
+            except Exception as exc:
+                raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
+        return (_DELAYED if when > now else _READY, priority, when, name, blob,
+                1 + retries, timeout, key, now)
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def wait(self, job_id: int, timeout: float | None = None) -> Any:
+        """Wait for a job to end and return its result.  Raises JobFailed,
+        JobCancelled, TimeoutError when `timeout` runs out, KeyError for an
+        unknown id."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._store() as storage, self._changed:
+            while True:
+                row = storage.get(job_id)
+                if row is None:
+                    raise KeyError(job_id)
+                info = self._info(row)
+                if info.state == "complete":
+                    return info.result
+                if info.state == "failed":
+                    raise JobFailed(job_id, info.error)
+                if info.state == "cancelled":
+                    raise JobCancelled(job_id)
+                if not self._pause(deadline):
+                    raise TimeoutError(f"job {job_id} still {info.state} after {timeout} s")
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no job is pending or running (delayed and retrying jobs
+        count; runs of recurring schedules do not).  False if `timeout` ran out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._store() as storage, self._changed:
+            while True:
+                d = self._dispatcher
+                busy = d is not None and d.busy()
+                if not busy and not storage.outstanding():
+                    return True
+                if not self._pause(deadline):
+                    return False
+
+    def _pause(self, deadline: float | None) -> bool:
+        """Wait for a change (or a poll's worth), holding `_changed`; False
+        once `deadline` has passed."""
+        wait = _POLL
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            wait = min(wait, left)
+        self._changed.wait(wait)
+        return True
+
+    # -- inspecting ------------------------------------------------------------------
+
+    def _info(self, row: tuple) -> JobInfo:
+        loads = self._settings.serializer
+        return JobInfo(row[0], row[1], _loads_or_none(loads, row[2]), _STATE_NAME[row[3]],
+                       *row[4:8], _loads_or_none(loads, row[8]), *row[9:])
+
+    def get_job(self, job_id: int) -> JobInfo | None:
+        """The stored job with this id, or None."""
+        with self._store() as storage:
+            row = storage.get(job_id)
+        return None if row is None else self._info(row)
+
+    def stats(self) -> dict[str, int]:
+        """The number of jobs in each of the five states."""
+        with self._store() as storage:
+            return storage.counts()
+
+    def jobs(self, state: str | None = None, name: str | None = None,
+             limit: int | None = 100) -> list[JobInfo]:
+        """Stored jobs by id, optionally of one state and one name."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        if limit is not None:
+            _count("limit", limit)
+        with self._store() as storage:
+            rows = storage.list(state, name, limit)
+        return [self._info(row) for row in rows]
+
+    # -- operating -------------------------------------------------------------------
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a pending or running job (a running one gets `cancelled`
+        set and its result is discarded).  False if it had ended or does not exist."""
+        with self._store() as storage:
+            before = storage.cancel(job_id, time.time())
+        if before is None:
+            return False
+        self._counters.add("cancelled")
+        d = self._dispatcher
+        if d is not None:
+            d.cancelled(job_id)
+        return True
+
+    def retry_failed(self, ids: Iterable[int] | None = None) -> int:
+        """Send failed jobs (all, or these ids) back to pending with a fresh
+        set of tries; return how many."""
+        if ids is not None:
+            ids = list(ids)
+            for i in ids:
+                _count("a job id", i)
+        with self._store() as storage:
+            n = storage.retry_failed(ids, self._settings.retries, time.time())
+        d = self._dispatcher
+        if n and d is not None:
+            d.work_arrived(None)
+        return n
+
+    def sweep(self, older_than: float = 0, states: Iterable[str] = ("complete",)) -> int:
+        """Delete jobs in `states` (of complete, failed, cancelled) that
+        finished more than `older_than` seconds ago; return how many."""
+        older_than = _seconds("older_than", older_than)
+        states = (states,) if isinstance(states, str) else tuple(states)
+        ended = ("complete", "failed", "cancelled")
+        if not states or any(s not in ended for s in states):
+            raise ValueError(f"states must be some of {', '.join(ended)}, not {states!r}")
+        codes = tuple(sorted({_STATE_CODES[s][0] for s in states}))
+        with self._store() as storage:
+            return storage.sweep(time.time() - older_than, codes)
+
+    # -- recurring jobs --------------------------------------------------------------
+
+    def every(self, interval: float, name: str, data: Any = None, *,
+              key: str | None = None, **options) -> str:
+        """Run a job every `interval` seconds, from now (or `delay`/`run_at`),
+        stored in the file; return the schedule's key (default: `name`).
+        Calling it again with the same key updates the schedule."""
+        if _seconds("interval", interval) == 0:
+            raise ValueError("interval must be more than 0 seconds")
+        unknown = set(options) - {"delay", "run_at", "priority", "retries", "timeout"}
+        if unknown:
+            raise TypeError(f"unknown option(s) for every(): {', '.join(sorted(unknown))}")
+        key = name if key is None else key
+        if not isinstance(key, str) or not key:
+            raise TypeError("a schedule key must be a non-empty str")
+        row = self._row(name, data, options.get("delay"), options.get("run_at"),
+                        options.get("priority", 0), options.get("retries"),
+                        options.get("timeout"), None, time.time())
+        retries = options.get("retries")
+        with self._store() as storage:
+            storage.upsert_schedule((key, name, row[4], float(interval), row[2], row[1],
+                                     retries, row[6]))
+        d = self._dispatcher
+        if d is not None:
+            d.schedules_changed()
+        return key
+
+    def unschedule(self, key: str) -> bool:
+        """Remove a recurring job; False if there was none.  A run already
+        enqueued stays, as an ordinary job."""
+        with self._store() as storage:
+            return storage.drop_schedule(key)
+
+    # -- metrics ---------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        """The queue's metrics in the Prometheus text format."""
+        counts = self.stats()
+        c = self._counters
+        with c.lock:
+            finished = dict(c.finished)
+            enqueued, seconds_sum, seconds_count = c.enqueued, c.seconds_sum, c.seconds_count
+        lines = ["# HELP blero_jobs Jobs in the queue file, by state.",
+                 "# TYPE blero_jobs gauge"]
+        lines += [f'blero_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
+        lines += ["# HELP blero_jobs_finished_total Tries ended by this queue, by outcome.",
+                  "# TYPE blero_jobs_finished_total counter"]
+        lines += [f'blero_jobs_finished_total{{outcome="{o}"}} {n}' for o, n in finished.items()]
+        lines += ["# HELP blero_jobs_enqueued_total Jobs enqueued through this queue.",
+                  "# TYPE blero_jobs_enqueued_total counter",
+                  f"blero_jobs_enqueued_total {enqueued}",
+                  "# HELP blero_job_seconds Time processors spent on each try.",
+                  "# TYPE blero_job_seconds summary",
+                  f"blero_job_seconds_sum {seconds_sum!r}",
+                  f"blero_job_seconds_count {seconds_count}",
+                  "# HELP blero_processors Registered processors.",
+                  "# TYPE blero_processors gauge",
+                  f"blero_processors {len(self._processors)}"]
+        return "\n".join(lines) + "\n"
+
+    def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> _MetricsServer:
+        """Serve `GET /metrics` and the live dashboard at `GET /` from a daemon
+        thread; return a handle with `.port` and `.close()`.  `stop()` closes it."""
+        server = _MetricsServer(self, host, port)
+        with self._lock:
+            if self._dispatcher is not None:
+                self._servers.append(server)
+        return server
+
+
+class _Borrowed:
+    """`with`-able: the running queue's storage, or the file opened just for
+    this call when the queue is stopped (never created: it must exist)."""
+
+    def __init__(self, blero: Blero):
+        self._blero = blero
+        self._opened = None
+
+    def __enter__(self) -> _Storage:
+        storage = self._blero._storage
+        if storage is None:
+            storage = self._opened = _Storage(self._blero.path, self._blero._settings.sync)
+            storage.open(create=False)
+        return storage
+
+    def __exit__(self, *exc) -> None:
+        if self._opened is not None:
+            self._opened.close()
+
+
+def new(path: str | os.PathLike, **settings) -> Blero:
+    """Make a queue on `path` (Goblero's New); nothing touches the disk until `start()`."""
+    return Blero(path, **settings)
+
+
+# ---------------------------------------------------------------------------
+# The metrics server and dashboard
+# ---------------------------------------------------------------------------
+#
+# Plain http.server on a daemon thread.  Every request must name this server
+# in its Host header (so a DNS-rebinding page cannot read it), and every POST
+# must also come from a page of this server by its Origin header (so no other
+# site can make a visitor's browser act on the queue).
+
+def _job_json(info: JobInfo) -> dict:
+    out = info._asdict()
+    for field in ("data", "result"):
+        text = repr(out[field])
+        out[field] = text if len(text) <= 300 else text[:297] + "..."
+    return out
+
+
+class _DashboardHandler(http.server.BaseHTTPRequestHandler):
+    blero: Blero
+    hosts: frozenset = frozenset()     # Host header values that name this server
+    server_version = "blero/" + __version__
+
+    def log_message(self, format, *args):
+        log.debug("http %s " + format, self.address_string(), *args)
+
+    def do_GET(self):
+        if not self._host_ok():
+            return
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        bl = self.blero
+        try:
+            if url.path == "/":
+                self._send(200, _DASHBOARD.encode(), "text/html; charset=utf-8")
+            elif url.path == "/metrics":
+                self._send(200, bl.metrics_text().encode(),
+                           "text/plain; version=0.0.4; charset=utf-8")
+            elif url.path == "/api/stats":
+                self._json(200, self._stats())
+            elif url.path == "/api/jobs":
+                limit = int(query.get("limit", 100))
+                jobs = bl.jobs(query.get("state") or None, query.get("name") or None, limit)
+                self._json(200, [_job_json(j) for j in jobs])
+            else:
+                self._json(404, {"error": f"no such page: {url.path}"})
+        except (ValueError, TypeError) as exc:
+            self._json(400, {"error": str(exc)})
+        except BleroError as exc:
+            self._json(500, {"error": str(exc)})
+
+    def do_POST(self):
+        if not self._host_ok():
+            return
+        origin = self.headers.get("Origin")
+        if origin is None or urllib.parse.urlsplit(origin).netloc not in self.hosts:
+            self._json(403, {"error": "refused: the request does not come from this dashboard"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            path = urllib.parse.urlsplit(self.path).path
+            if path == "/api/retry":
+                self._json(200, {"retried": self.blero.retry_failed(body.get("ids"))})
+            elif path == "/api/cancel":
+                self._json(200, {"cancelled": self.blero.cancel(int(body["id"]))})
+            else:
+                self._json(404, {"error": f"no such action: {path}"})
+        except (ValueError, TypeError, KeyError) as exc:
+            self._json(400, {"error": f"bad request: {exc}"})
+        except BleroError as exc:
+            self._json(500, {"error": str(exc)})
+
+    def _host_ok(self) -> bool:
+        if self.headers.get("Host", "").lower() in self.hosts:
+            return True
+        self._json(421, {"error": "refused: the Host header does not name this server"})
+        return False
+
+    def _stats(self) -> dict:
+        bl = self.blero
+        c = bl._counters
+        with c.lock:
+            finished = dict(c.finished)
+        with bl._store() as storage:
+            failures = [bl._info(r) for r in storage.list("failed", None, 20, newest_first=True)]
+        return {"path": bl.path, "running": bl._dispatcher is not None,
+                "processors": len(bl._processors), "time": time.time(),
+                "counts": bl.stats(), "finished": finished,
+                "inprogress": [_job_json(j) for j in bl.jobs("inprogress", limit=50)],
+                "pending": [_job_json(j) for j in bl.jobs("pending", limit=20)],
+                "failures": [_job_json(j) for j in failures]}
+
+    def _json(self, code: int, obj) -> None:
+        self._send(code, json.dumps(obj).encode(), "application/json")
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Content-Security-Policy",
+                         "default-src 'none'; script-src 'unsafe-inline'; "
+                         "style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _MetricsServer:
+    """What `serve_metrics` returns: the server's `.port`, `.url` and `.close()`."""
+
+    def __init__(self, blero: Blero, host: str, port: int):
+        family = http.server.ThreadingHTTPServer.address_family
+        server_class = type("_Server", (http.server.ThreadingHTTPServer,), {
+            "address_family": __import__("socket").AF_INET6 if ":" in host else family,
+            "daemon_threads": True})
+        try:
+            self._httpd = server_class((host, port), _DashboardHandler)
+        except OSError as exc:
+            raise BleroError(f"cannot serve metrics on {host}:{port}: "
+                             f"{exc.strerror or exc}") from exc
+        self.host = host
+        self.port = self._httpd.server_address[1]
+        named = f"[{host}]" if ":" in host else host
+        hosts = {named, "127.0.0.1", "localhost", "[::1]"}
+        self._httpd.RequestHandlerClass = type("_Handler", (_DashboardHandler,), {
+            "blero": blero,
+            "hosts": frozenset(f"{h}:{self.port}".lower() for h in hosts)})
+        self.url = f"http://{named}:{self.port}/"
+        self._closed = False
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        name="blero-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving (a second close does nothing)."""
+        if not self._closed:
+            self._closed = True
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+
+_DASHBOARD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>blero</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#222}
+header{background:#23303f;color:#fff;padding:10px 20px;display:flex;gap:16px;align-items:baseline}
+header h1{font-size:18px;margin:0} header span{opacity:.75}
+main{padding:16px 20px;display:grid;gap:16px}
+.cards{display:flex;gap:12px;flex-wrap:wrap}
+.card{background:#fff;border-radius:6px;padding:10px 16px;min-width:110px;box-shadow:0 1px 2px #0002}
+.card b{display:block;font-size:26px}
+section{background:#fff;border-radius:6px;padding:10px 16px;box-shadow:0 1px 2px #0002}
+h2{font-size:15px;margin:4px 0 8px} table{border-collapse:collapse;width:100%}
+td,th{text-align:left;padding:3px 8px;border-bottom:1px solid #eee;vertical-align:top}
+pre{margin:0;max-height:8em;overflow:auto;font-size:12px;white-space:pre-wrap}
+button{cursor:pointer} #msg{color:#a33} svg{width:100%;height:80px}
+</style></head><body>
+<header><h1>blero</h1><span id="path"></span><span id="state"></span><span id="msg"></span></header>
+<main>
+<div class="cards" id="counts"></div>
+<section><h2>Throughput (jobs ended per second, last 5 minutes): <span id="rate">-</span></h2>
+<svg id="chart" viewBox="0 0 300 80" preserveAspectRatio="none"><polyline id="line" fill="none"
+ stroke="#2b7bb9" stroke-width="1.5" points=""/></svg></section>
+<section><h2>Running</h2><table id="inprogress"></table></section>
+<section><h2>Pending (next 20)</h2><table id="pending"></table></section>
+<section><h2>Recent failures <button id="retry-all">Retry all failed</button></h2>
+<table id="failures"></table></section>
+</main>
+<script>
+"use strict";
+const history = [];
+function el(tag, text, attrs) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  for (const k in (attrs || {})) e.setAttribute(k, attrs[k]);
+  return e;
+}
+function post(path, body) {
+  return fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                      body: JSON.stringify(body)})
+    .then(r => r.json()).then(j => { if (j.error) show(j.error); refresh(); })
+    .catch(e => show(String(e)));
+}
+function show(text) { document.getElementById("msg").textContent = text; }
+function when(t) { return t ? new Date(t * 1000).toLocaleTimeString() : ""; }
+function table(id, jobs, columns, action) {
+  const t = document.getElementById(id);
+  t.replaceChildren();
+  const head = el("tr");
+  for (const c of columns) head.appendChild(el("th", c[0]));
+  if (action) head.appendChild(el("th", ""));
+  t.appendChild(head);
+  for (const j of jobs) {
+    const row = el("tr", undefined, {"data-id": j.id});
+    for (const c of columns) {
+      const td = el("td"); const v = c[1](j);
+      if (c[2]) td.appendChild(el("pre", v)); else td.textContent = v;
+      row.appendChild(td);
+    }
+    if (action) {
+      const b = el("button", action[0], {"class": action[0].toLowerCase()});
+      b.onclick = () => action[1](j); const td = el("td"); td.appendChild(b); row.appendChild(td);
+    }
+    t.appendChild(row);
+  }
+  if (!jobs.length) t.appendChild(el("tr")).appendChild(el("td", "none"));
+}
+function draw(s) {
+  const ended = s.counts.complete + s.counts.failed + s.counts.cancelled;
+  history.push([s.time, ended]);
+  while (history.length > 2 && history[0][0] < s.time - 300) history.shift();
+  const rates = [];
+  for (let i = 1; i < history.length; i++)
+    rates.push(Math.max(0, (history[i][1] - history[i-1][1]) / (history[i][0] - history[i-1][0] || 1)));
+  document.getElementById("rate").textContent = rates.length ? rates[rates.length-1].toFixed(1) : "-";
+  const top = Math.max(1, ...rates);
+  document.getElementById("line").setAttribute("points", rates.map(
+    (r, i) => (i * 300 / Math.max(1, rates.length - 1)).toFixed(1) + "," + (78 - r / top * 76).toFixed(1)).join(" "));
+}
+function render(s) {
+  document.getElementById("path").textContent = s.path;
+  document.getElementById("state").textContent =
+    (s.running ? "running, " : "stopped, ") + s.processors + " processor(s)";
+  const counts = document.getElementById("counts");
+  counts.replaceChildren();
+  for (const k in s.counts) {
+    const c = el("div", undefined, {"class": "card", "id": "count-" + k});
+    c.appendChild(el("b", String(s.counts[k]))); c.appendChild(el("span", k)); counts.appendChild(c);
+  }
+  const cancel = ["Cancel", j => post("/api/cancel", {id: j.id})];
+  const base = [["id", j => j.id], ["name", j => j.name], ["data", j => j.data]];
+  table("inprogress", s.inprogress, base.concat([["try", j => j.attempt + "/" + j.max_attempts],
+        ["started", j => when(j.started_at)]]), cancel);
+  table("pending", s.pending, base.concat([["priority", j => j.priority],
+        ["runs at", j => when(j.run_at)]]), cancel);
+  table("failures", s.failures, base.concat([["tries", j => j.attempt],
+        ["failed", j => when(j.finished_at)], ["error", j => j.error || "", true]]),
+        ["Retry", j => post("/api/retry", {ids: [j.id]})]);
+  draw(s);
+}
+function refresh() {
+  fetch("/api/stats").then(r => r.json()).then(s => { if (s.error) show(s.error); else { show(""); render(s); } })
+    .catch(e => show("cannot reach the queue: " + e));
+}
+document.getElementById("retry-all").onclick = () => post("/api/retry", {});
+refresh();
+setInterval(refresh, 2000);
+</script></body></html>
+"""
+
+
+# ---------------------------------------------------------------------------
+# The command line: python -m blero ...
+# ---------------------------------------------------------------------------
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception like Ctrl-C's KeyboardInterrupt."""
+
+
+class _DemoOutput:
+    """Whole lines to stdout; on a terminal, a progress line kept below them."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._tty = stream.isatty()
+        self._bar = ""
+        self.total = self.done = self._done_before = 0
+        self._started = time.monotonic()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            if self._tty and self._bar:
+                self._stream.write("\r\x1b[K" + text + "\n" + self._bar)
+            else:
+                self._stream.write(text + "\n")
+            self._stream.flush()
+
+    def begin(self, counts: dict) -> None:
+        self.total = sum(counts.values())
+        self.done = self._done_before = counts["complete"] + counts["failed"] + counts["cancelled"]
+        self._started = time.monotonic()
+        self.progress()
+
+    def finished(self, job=None, value=None) -> None:
+        with self._lock:
+            self.done += 1
+        self.progress()
+
+    def progress(self) -> None:
+        if not self._tty or not self.total:
+            return
+        with self._lock:
+            done, total = self.done, self.total
+            rate = (done - self._done_before) / max(1e-9, time.monotonic() - self._started)
+            eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
+            filled = int(30 * done / total)
+            self._bar = (f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} jobs"
+                         f"  {rate:.2f} jobs/s  ETA {eta}")
+            self._stream.write("\r\x1b[K" + self._bar)
+            self._stream.flush()
+
+    def end(self) -> None:
+        if self._tty and self._bar:
+            with self._lock:
+                self._stream.write("\n")
+                self._bar = ""
+
+
+def _demo(args) -> int:
+    out = _DemoOutput(sys.stdout)
+    out.line("Starting Blero ...")
+    bl = Blero(args.db, on_complete=out.finished, on_failed=out.finished)
+    bl.start()
+
+    def processor(k):
+        def process(job):
+            out.line(f"[Processor {k}] Processing job: {job.name} - data: {job.data}")
+            if job.cancelled.wait(args.sleep):
+                return      # stopped: the job goes back to pending for the next run
+            out.line(f"[Processor {k}] Done Processing job: {job.name}")
+        return process
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        for k in range(1, args.n + 1):
+            out.line(f"Registering Processor {k} ...")
+            bl.register_processor(processor(k))
+        if sum(bl.stats().values()) == 0:
+            out.line("Enqueuing jobs ...")
+            bl.enqueue_many([(f"Job #{i}", f"Job Data #{i}") for i in range(1, 51)])
+        out.begin(bl.stats())
+        bl.join()
+        out.end()
+        out.line("All jobs done.")
+        timeout = None
+    except (KeyboardInterrupt, _Terminated) as exc:
+        out.end()
+        name = "interrupt" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        out.line(f"Caught signal {name}. Exiting ...")
+        timeout = 0.0
+    out.line("Stopping Blero ...")
+    bl.stop(timeout)
+    return 0
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([_job_json(j) for j in jobs], indent=1))
+        return
+    for j in jobs:
+        error = (j.error or "").strip().splitlines()[-1:] or [""]
+        print(f"{j.id}\t{j.state}\t{j.name}\ttry {j.attempt}/{j.max_attempts}"
+              f"\tdata={_job_json(j)['data']}" + (f"\terror={error[0]}" if j.error else ""))
+
+
+def _serve(args) -> int:
+    bl = Blero(args.db)
+    bl.stats()      # a missing or foreign file fails here, and nothing is created
+    bl.start()
+    try:
+        server = bl.serve_metrics(port=args.port, host=args.host)
+        print(f"Serving the dashboard of {bl.path} at {server.url} (Ctrl-C to stop)", flush=True)
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        threading.Event().wait()
+    except (KeyboardInterrupt, _Terminated):
+        pass
+    finally:
+        bl.stop(timeout=0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: `python -m blero --help`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m blero", description="blero: an embedded, persistent job queue.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser("demo", help="the Goblero demo: 50 jobs, N processors")
+    demo.add_argument("-n", type=int, default=5, help="number of processors (default 5)")
+    demo.add_argument("--db", default="db/", help="queue file or directory (default db/)")
+    demo.add_argument("--sleep", type=float, default=2.0,
+                      help="seconds each job takes (default 2)")
+
+    def queue_command(name, help):
+        p = commands.add_parser(name, help=help)
+        p.add_argument("--db", required=True, help="the queue file (or its directory)")
+        return p
+
+    p = queue_command("stats", "count the jobs in each state")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p = queue_command("jobs", "list jobs by id")
+    p.add_argument("--state", choices=STATES)
+    p.add_argument("--name", help="only jobs of this name")
+    p.add_argument("--limit", type=int, default=100, help="at most N jobs (0: all)")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p = queue_command("retry", "send failed jobs back to pending")
+    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="(default: all failed)")
+    p = queue_command("cancel", "cancel pending or running jobs")
+    p.add_argument("ids", nargs="+", type=int, metavar="ID")
+    p = queue_command("sweep", "delete finished jobs")
+    p.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--state", action="append", choices=("complete", "failed", "cancelled"),
+                   help="state to sweep (repeatable; default complete)")
+    p = queue_command("serve", "serve the live dashboard and /metrics for a queue file")
+    p.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if args.command == "demo":
+            if args.n < 1 or args.sleep < 0:
+                parser.error("-n must be 1 or more, and --sleep 0 or more")
+            return _demo(args)
+        if args.command == "serve":
+            return _serve(args)
+        bl = Blero(args.db)
+        if args.command == "stats":
+            counts = bl.stats()
+            print(json.dumps(counts) if args.json
+                  else "\n".join(f"{s} {n}" for s, n in counts.items()))
+        elif args.command == "jobs":
+            if args.limit < 0:
+                parser.error("--limit must be 0 or more")
+            _print_jobs(bl.jobs(args.state, args.name, args.limit or None), args.json)
+        elif args.command == "retry":
+            print(f"{bl.retry_failed(args.ids or None)} job(s) sent back to pending")
+        elif args.command == "cancel":
+            missed = [i for i in args.ids if not bl.cancel(i)]
+            print(f"{len(args.ids) - len(missed)} job(s) cancelled")
+            if missed:
+                print(f"blero: not pending or running: {' '.join(map(str, missed))}",
+                      file=sys.stderr)
+                return 1
+        elif args.command == "sweep":
+            print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")
+    except BleroError as exc:
+        print(f"blero: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
