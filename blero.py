@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import heapq
 import http.server
@@ -322,8 +323,13 @@ _GET = "SELECT " + _INFO_COLUMNS + " FROM jobs WHERE id = ? AND state < 6"
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM jobs WHERE state BETWEEN ? AND ?"
          " AND (?3 IS NULL OR name = ?3) ORDER BY id {order} LIMIT ?4")
 _COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
-_OUTSTANDING = ("SELECT EXISTS (SELECT 1 FROM jobs WHERE state = ? AND id NOT IN"
-                " (SELECT job_id FROM schedules WHERE job_id IS NOT NULL))")
+# One statement, so one snapshot: a job moving from ready to running between
+# two separate looks would otherwise be seen in neither.
+_OUTSTANDING = (
+    "WITH runs AS (SELECT job_id FROM schedules WHERE job_id IS NOT NULL) SELECT"
+    " EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND id NOT IN runs)"
+    " OR EXISTS (SELECT 1 FROM jobs WHERE state = 1 AND id NOT IN runs)"
+    " OR EXISTS (SELECT 1 FROM jobs WHERE state = 2 AND id NOT IN runs)")
 _ADD_OWNER = "INSERT OR REPLACE INTO owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
 _HEARTBEAT = "UPDATE owners SET heartbeat_at = ? WHERE id = ?"
 _DROP_OWNER = "DELETE FROM owners WHERE id = ?"
@@ -420,14 +426,18 @@ class _Storage:
             except OSError as exc:
                 raise BleroError(f"{path}: cannot create the queue file: "
                                  f"{exc.strerror or exc}") from exc
+        # SQLite makes -wal/-shm files on connecting; on a file it then refuses
+        # (damaged, say) it cannot checkpoint them away, so we remove ours.
+        side_files = [path + s for s in ("-wal", "-shm") if not os.path.exists(path + s)]
         try:
             self._db = self._connect()
             self._init()
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
-            if made:
-                os.remove(path)
+            for name in side_files + ([path] if made else []):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(name)
             if isinstance(exc, sqlite3.Error):
                 raise BleroError(f"{path}: cannot open the queue: {_describe(exc)}") from exc
             raise
@@ -705,11 +715,7 @@ class _Storage:
         if not claim:
             return recorded, None
         n = len(names) if names else 0
-        sql = self._claim_sql.get(n)
-        if sql is None:
-            cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
-            select = _NEXT_READY.format(names=cond)
-            sql = self._claim_sql[n] = (select, _CLAIM_RETURNING.format(next=select))
+        sql = self._claim_statements(n)
         params = tuple(names) if n else ()
         now = time.time()
         if self._returning:
@@ -720,6 +726,15 @@ class _Storage:
             return recorded, None
         db.execute(_CLAIM, (owner, now, found[0][0]))
         return recorded, db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0]
+
+    def _claim_statements(self, n: int) -> tuple[str, str]:
+        """The SQL that finds, and that claims, the next job of n names (0: any)."""
+        sql = self._claim_sql.get(n)
+        if sql is None:
+            cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
+            select = _NEXT_READY.format(names=cond)
+            sql = self._claim_sql[n] = (select, _CLAIM_RETURNING.format(next=select))
+        return sql
 
     def record(self, finish: tuple) -> bool:
         """Record the end of one try; False if its claim no longer holds."""
@@ -882,9 +897,7 @@ class _Storage:
 
     def outstanding(self) -> bool:
         """True while any job (schedule runs aside) is pending or running."""
-        return self._read(lambda db: any(
-            db.execute(_OUTSTANDING, (code,)).fetchall()[0][0]
-            for code in (_RUNNING, _READY, _DELAYED)))
+        return bool(self._read(lambda db: db.execute(_OUTSTANDING).fetchall()[0][0]))
 
 
 # ---------------------------------------------------------------------------
@@ -1154,7 +1167,7 @@ class _Dispatcher:
                         late.append(w.job)
         for job in late:
             job._cancel()
-        self.hand_back(self.owner, drop_owner=False)
+        self.hand_back(self.owner, drop_owner=True)
         with self._lock:
             self._clock_stop = True
             self._tick.notify()
