@@ -1346,6 +1346,8 @@ class _Dispatcher:
                 _call_back(s.on_failed, job, outcome.exc)
             elif state == _DELAYED:
                 self.delayed_at(outcome.run_at)
+            else:
+                self.work_arrived([job.name])
         with self.changed:
             self.changed.notify_all()
 

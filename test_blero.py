@@ -384,3 +384,505 @@ class EnqueueTest(TempDirTest):
                     "EXPLAIN QUERY PLAN " + sql, params))
                 self.assertIn("jobs_ready", plan)
                 self.assertNotIn("TEMP B-TREE", plan, "the claim sorts instead of seeking")
+
+
+class ProcessingTest(TempDirTest):
+    """Jobs run in order, on time, with retries, timeouts and routing."""
+
+    def test_priority_then_id(self):
+        bl = self.queue()
+        order = []
+        for i, priority in enumerate([0, 5, 0, 9, 5, -1, 0]):
+            bl.enqueue("x", i, priority=priority)
+        bl.register_processor(lambda job: order.append((job.priority, job.id)))
+        self.assertTrue(bl.join(10))
+        self.assertEqual(order, sorted(order, key=lambda t: (-t[0], t[1])))
+        self.assertEqual(len(order), 7)
+
+    def test_delay_and_run_at_are_not_run_early(self):
+        bl = self.queue()
+        started = {}
+        bl.register_processor(lambda job: started.setdefault(job.id, time.time()))
+        t0 = time.time()
+        a = bl.enqueue("x", delay=0.3)
+        b = bl.enqueue("x", run_at=t0 + 0.2)
+        c = bl.enqueue("x", run_at=datetime.datetime.fromtimestamp(t0 + 0.25))  # naive: local
+        d = bl.enqueue("x")
+        self.assertEqual(bl.get_job(a).state, "pending")
+        self.assertTrue(bl.join(10))
+        self.assertGreaterEqual(started[a], t0 + 0.3)
+        self.assertGreaterEqual(started[b], t0 + 0.2)
+        self.assertGreaterEqual(started[c], t0 + 0.25)
+        self.assertLess(started[d], started[b])
+        self.assertAlmostEqual(bl.get_job(a).run_at, t0 + 0.3, delta=0.05)
+
+    def test_retries_count_attempts_then_fail_with_the_error(self):
+        failed = []
+        bl = self.queue(backoff_base=0.05, backoff_max=0.1,
+                        on_failed=lambda job, exc: failed.append((job.id, exc)))
+        rec = Recorder(fail_times=10)
+        bl.register_processor(rec)
+        job_id = bl.enqueue("flaky", 7, retries=2)
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(job_id, timeout=10)
+        self.assertIn("try 3 of job", cm.exception.error)
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("failed", 3, 3))
+        self.assertIn("RuntimeError: try 3", info.error)
+        self.assertIn("Traceback", info.error)
+        self.assertEqual([a for _, a, _ in rec.tries], [1, 2, 3])
+        # backoff: about base*2**(n-1), times a factor in [0.5, 1], capped at backoff_max
+        gaps = [b[2] - a[2] for a, b in zip(rec.tries, rec.tries[1:])]
+        self.assertGreaterEqual(gaps[0], 0.025 - 0.005)
+        self.assertGreaterEqual(gaps[1], 0.05 - 0.005)
+        wait_until(lambda: failed, message="on_failed")
+        self.assertEqual(len(failed), 1)
+        self.assertIsInstance(failed[0][1], RuntimeError)
+
+    def test_retry_succeeds_and_result_is_kept(self):
+        bl = self.queue(backoff_base=0)
+        bl.register_processor(Recorder(fail_times=1, result="ok"))
+        job_id = bl.enqueue("x", retries=1)
+        self.assertEqual(bl.wait(job_id, timeout=10), "ok")
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.attempt, info.result, info.error),
+                         ("complete", 2, "ok", None))
+        self.assertIsNotNone(info.started_at)
+        self.assertGreaterEqual(info.finished_at, info.started_at)
+
+    def test_timeout_fails_the_try_and_keeps_capacity(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        seen_cancel = []
+
+        def slow(job):
+            if job.name == "slow" and job.attempt == 1:
+                seen_cancel.append(job.cancelled.wait(10))
+                release.wait(10)        # ignores cancellation: still running later
+                return "late"
+            return job.name
+
+        bl = self.queue(backoff_base=0)
+        bl.register_processor(slow)
+        slow_id = bl.enqueue("slow", timeout=0.2, retries=1)
+        self.assertEqual(bl.wait(slow_id, timeout=10), "slow")  # the retry, while try 1 hangs
+        self.assertEqual(seen_cancel, [True])
+        info = bl.get_job(slow_id)
+        self.assertEqual(info.attempt, 2)
+        self.assertIsNone(info.error)
+        # One processor, one worker blocked: a replacement keeps capacity.
+        self.assertEqual(bl.wait(bl.enqueue("fast"), timeout=10), "fast")
+        release.set()
+        wait_until(lambda: not any(t.name == "blero-processor-1" and t.is_alive()
+                                   and t is not bl._processors[1].worker.thread
+                                   for t in threading.enumerate()), message="old worker ends")
+        self.assertEqual(bl.get_job(slow_id).result, "slow", "a late result overwrote")
+
+    def test_timeout_out_of_tries_fails(self):
+        bl = self.queue()
+        block = threading.Event()
+        self.addCleanup(block.set)
+        bl.register_processor(lambda job: block.wait(10))
+        job_id = bl.enqueue("x", timeout=0.1, retries=0)
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(job_id, timeout=10)
+        self.assertIn("timed out", str(cm.exception))
+
+    def test_names_route_jobs_and_unaccepted_jobs_never_block(self):
+        bl = self.queue()
+        emails, images = [], []
+        bl.register_processor(lambda job: emails.append(job.id), names="email")
+        bl.register_processor(lambda job: images.append(job.id), names=["image", "thumb"])
+        orphan = bl.enqueue("video", priority=100)   # nobody takes it: it waits
+        e = [bl.enqueue("email") for _ in range(3)]
+        i = [bl.enqueue("image"), bl.enqueue("thumb")]
+        for job_id in e + i:
+            bl.wait(job_id, timeout=10)
+        self.assertEqual(emails, e)
+        self.assertEqual(images, i)
+        self.assertEqual(bl.get_job(orphan).state, "pending")
+        self.assertFalse(bl.join(0.1))
+        anyone = []
+        bl.register_processor(lambda job: anyone.append(job.name))
+        bl.wait(orphan, timeout=10)
+        self.assertEqual(anyone, ["video"])
+
+    def test_processor_object_with_run_and_unregister_while_running(self):
+        class Counter:
+            def __init__(self):
+                self.jobs = []
+
+            def run(self, job):
+                self.jobs.append(job.id)
+
+        bl = self.queue()
+        counter = Counter()
+        pid = bl.register_processor(counter)
+        bl.wait(bl.enqueue("x"), timeout=10)
+        self.assertEqual(counter.jobs, [1])
+        block, started = threading.Event(), threading.Event()
+        self.addCleanup(block.set)
+
+        def blocking(job):
+            started.set()
+            block.wait(10)
+            return "finished"
+
+        bl.unregister_processor(pid)
+        with self.assertRaises(KeyError):
+            bl.unregister_processor(pid)
+        second = bl.register_processor(blocking)
+        job_id = bl.enqueue("x")
+        self.assertTrue(started.wait(10))
+        t0 = time.monotonic()
+        bl.unregister_processor(second)        # returns at once ...
+        self.assertLess(time.monotonic() - t0, 1)
+        after = bl.enqueue("x")
+        block.set()
+        self.assertEqual(bl.wait(job_id, timeout=10), "finished")   # ... the job finishes
+        self.assertEqual(bl.get_job(after).state, "pending")        # ... and nothing more runs
+        self.assertEqual(counter.jobs, [1])
+
+    def test_any_exception_is_a_failed_try_and_workers_go_on(self):
+        class Odd(BaseException):
+            pass
+
+        def bad(job):
+            if job.data == "base":
+                raise Odd("not an Exception")
+            if job.data == "exit-like":
+                raise GeneratorExit()
+            return "ok"
+
+        bl = self.queue(retries=0, on_complete=lambda job, r: 1 / 0)
+        bl.register_processor(bad)
+        a, b, c = (bl.enqueue("x", d) for d in ("base", "exit-like", "fine"))
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(a, timeout=10)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(b, timeout=10)
+        with self.assertLogs("blero", "ERROR"):    # the raising callback is logged ...
+            self.assertEqual(bl.wait(bl.enqueue("x", "again"), timeout=10), "ok")
+        self.assertEqual(bl.wait(c, timeout=10), "ok")   # ... and ignored
+        self.assertIn("Odd: not an Exception", bl.get_job(a).error)
+
+    def test_data_that_no_longer_unpickles_fails_that_job_only(self):
+        bl = self.queue()
+        gone = GoneLater(3)
+        bad = bl.enqueue("x", gone)
+        good = bl.enqueue("x", 5)
+        bl.stop()
+        globals()["_rebuild_gone"] = _refuse_rebuild   # unpickling now raises
+        self.addCleanup(globals().__setitem__, "_rebuild_gone", _rebuild_gone)
+        bl.start()
+        bl.register_processor(lambda job: job.data)
+        self.assertEqual(bl.wait(good, timeout=10), 5)
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(bad, timeout=10)
+        self.assertIn("deserialize", str(cm.exception))
+        info = bl.get_job(bad)
+        self.assertEqual((info.state, info.data, info.attempt), ("failed", None, 1))
+
+    def test_json_serializer(self):
+        bl = self.queue(serializer=json)
+        bl.register_processor(lambda job: {"sum": sum(job.data["n"])})
+        job_id = bl.enqueue("x", {"n": [1, 2, 3]})
+        self.assertEqual(bl.wait(job_id, timeout=10), {"sum": 6})
+        with self.assertRaises(TypeError):
+            bl.enqueue("x", {1, 2})
+        self.assertEqual(bl.get_job(job_id).data, {"n": [1, 2, 3]})
+
+    def test_returning_fallback_for_older_sqlite(self):
+        bl = self.queue()
+        bl._storage._returning = False
+        order = []
+        bl.register_processor(lambda job: order.append(job.id) or job.attempt)
+        ids = [bl.enqueue("x", priority=p) for p in (0, 1, 0)]
+        self.assertTrue(bl.join(10))
+        self.assertEqual(order, [ids[1], ids[0], ids[2]])
+        self.assertEqual(bl.get_job(ids[0]).result, 1)
+
+
+class GoneLater:
+    """Pickles fine today; unpickling fails once `_rebuild_gone` is replaced."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __reduce__(self):
+        return (_rebuild_gone, (self.n,))
+
+
+def _rebuild_gone(n):
+    return GoneLater(n)
+
+
+def _refuse_rebuild(n):
+    raise ImportError("the class GoneLater was removed")
+
+
+class OperatingTest(TempDirTest):
+    """cancel, retry_failed, sweep, wait, join, stats, jobs, and stop's hand-back."""
+
+    def test_cancel_pending_running_and_ended(self):
+        bl = self.queue()
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        saw_cancel = []
+
+        def proc(job):
+            if job.name == "long":
+                started.set()
+                saw_cancel.append(job.cancelled.wait(10))
+                release.wait(10)
+            return "done"
+
+        bl.register_processor(proc)
+        running = bl.enqueue("long")
+        self.assertTrue(started.wait(10))
+        pending = bl.enqueue("short")
+        self.assertTrue(bl.cancel(pending))
+        self.assertTrue(bl.cancel(running))
+        wait_until(lambda: saw_cancel, message="job.cancelled set")
+        self.assertEqual(saw_cancel, [True])
+        release.set()
+        self.assertFalse(bl.cancel(running))       # already ended
+        self.assertFalse(bl.cancel(12345))         # never existed
+        for job_id in (pending, running):
+            with self.assertRaises(blero.JobCancelled):
+                bl.wait(job_id, timeout=5)
+        self.assertTrue(bl.join(10))
+        info = bl.get_job(running)
+        self.assertEqual((info.state, info.result), ("cancelled", None))
+        self.assertEqual(bl.stats()["cancelled"], 2)
+
+    def test_retry_failed_gives_fresh_tries(self):
+        bl = self.queue(retries=1, backoff_base=0)
+        rec = Recorder(fail_times=2)
+        bl.register_processor(rec)
+        a, b = bl.enqueue("x"), bl.enqueue("x")
+        for job_id in (a, b):
+            with self.assertRaises(blero.JobFailed):
+                bl.wait(job_id, timeout=10)
+        self.assertEqual(bl.retry_failed([a]), 1)
+        self.assertEqual(bl.wait(a, timeout=10), None)
+        info = bl.get_job(a)
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("complete", 3, 4))
+        self.assertEqual(bl.get_job(b).state, "failed")
+        self.assertEqual(bl.retry_failed(), 1)
+        bl.wait(b, timeout=10)
+        self.assertEqual(bl.retry_failed(), 0)
+
+    def test_wait_errors(self):
+        bl = self.queue()
+        with self.assertRaises(KeyError):
+            bl.wait(99, timeout=1)
+        job_id = bl.enqueue("nobody-runs-this")
+        t0 = time.monotonic()
+        with self.assertRaises(TimeoutError):
+            bl.wait(job_id, timeout=0.2)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.2)
+        self.assertFalse(bl.join(timeout=0.1))
+
+    def test_stats_and_jobs(self):
+        bl = self.queue(retries=0)
+        bl.register_processor(lambda job: 1 / job.data, names="div")
+        ok, bad = bl.enqueue("div", 1), bl.enqueue("div", 0)
+        waiting = bl.enqueue("other", delay=60)
+        bl.wait(ok, timeout=10)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(bad, timeout=10)
+        self.assertEqual(bl.stats(), {"pending": 1, "inprogress": 0, "complete": 1,
+                                      "failed": 1, "cancelled": 0})
+        self.assertEqual([j.id for j in bl.jobs()], [ok, bad, waiting])
+        self.assertEqual([j.id for j in bl.jobs("failed")], [bad])
+        self.assertEqual([j.id for j in bl.jobs(name="div", limit=1)], [ok])
+        self.assertEqual([j.id for j in bl.jobs(state="pending", name="other")], [waiting])
+        self.assertEqual(len(bl.jobs(limit=None)), 3)
+        with self.assertRaises(ValueError):
+            bl.jobs("done")
+        self.assertIn("ZeroDivisionError", bl.jobs("failed")[0].error)
+
+    def test_inspecting_a_stopped_queue(self):
+        bl = self.queue()
+        job_id = bl.enqueue("x", 1)
+        bl.stop()
+        self.assertEqual(bl.stats()["pending"], 1)
+        self.assertEqual(bl.get_job(job_id).data, 1)
+        self.assertTrue(bl.cancel(job_id))
+        with self.assertRaises(blero.BleroError):
+            blero.new(os.path.join(self.dir, "missing.db")).stats()
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "missing.db")))
+
+    def test_sweep(self):
+        bl = self.queue(retries=0)
+        bl.register_processor(lambda job: 1 / job.data)
+        ids = [bl.enqueue("x", d) for d in (1, 0, 1)]
+        self.assertTrue(bl.join(10))
+        self.assertEqual(bl.sweep(older_than=3600), 0)
+        self.assertEqual(bl.sweep(), 2)
+        self.assertEqual(bl.stats()["failed"], 1)
+        self.assertEqual(bl.sweep(states=["failed", "cancelled"]), 1)
+        self.assertEqual([bl.get_job(i) for i in ids], [None] * 3)
+        with self.assertRaises(ValueError):
+            bl.sweep(states=["pending"])
+
+    def test_keep_complete_sweeps_by_itself(self):
+        bl = self.queue(keep_complete=0)
+        bl.register_processor(lambda job: None)
+        for _ in range(3):
+            bl.enqueue("x")
+        wait_until(lambda: bl.stats()["complete"] == 0 and bl.stats()["pending"] == 0,
+                   timeout=10, message="keep_complete sweep")
+        self.assertEqual(bl.enqueue("x"), 4)
+
+    def test_stop_timeout_hands_back_running_jobs(self):
+        interrupted = []
+        bl = self.queue(on_failed=lambda job, exc: interrupted.append((job.id, str(exc))))
+        started, returned = threading.Event(), threading.Event()
+
+        def stubborn(job):
+            started.set()
+            job.cancelled.wait(10)
+            returned.set()
+            return "late"
+
+        bl.register_processor(stubborn)
+        job_id = bl.enqueue("x", retries=1)
+        last = bl.enqueue("y", retries=0)
+        self.assertTrue(started.wait(10))
+        t0 = time.monotonic()
+        bl.stop(timeout=0.1)
+        self.assertLess(time.monotonic() - t0, 5)
+        self.assertTrue(returned.wait(10), "job.cancelled was not set")
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.attempt, info.result), ("pending", 1, None))
+        # Started again, it runs the handed-back job first; out of tries, the
+        # next cut-short try ends failed "interrupted".
+        started.clear()
+        bl.start()
+        self.assertTrue(started.wait(10))
+        self.assertEqual(bl.get_job(job_id).attempt, 2)
+        bl.stop(timeout=0)
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.error), ("failed", "interrupted"))
+        self.assertEqual(interrupted, [(job_id, "interrupted")])
+        self.assertEqual(bl.get_job(last).state, "pending")
+
+    def test_stop_waits_for_running_jobs(self):
+        bl = self.queue()
+        started = threading.Event()
+
+        def slowish(job):
+            started.set()
+            time.sleep(0.2)     # the job's own work, not test synchronisation
+            return "whole"
+
+        bl.register_processor(slowish)
+        job_id = bl.enqueue("x")
+        self.assertTrue(started.wait(10))
+        bl.stop()
+        self.assertEqual(bl.get_job(job_id).result, "whole")
+
+
+CRASH_CHILD = """
+import os, sys, time, blero
+path, log, n, procs, sleep = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+def note(*words):
+    os.write(fd, (" ".join(map(str, words)) + " .\\n").encode())
+def process(job):
+    note("start", job.id, job.attempt)
+    time.sleep(sleep)
+    note("end", job.id, job.attempt)
+    return job.data
+bl = blero.new(path).start()
+for _ in range(procs):
+    bl.register_processor(process)
+for i in range(n):
+    job_id = bl.enqueue("url", i, key=f"url-{i}")
+    note("enqueued", job_id)
+bl.join()
+note("alldone")
+bl.stop()
+"""
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class CrashTest(TempDirTest):
+    """kill -9 at any moment, run again: nothing lost, finished jobs never rerun."""
+
+    def run_until_killed(self, path, log, n, procs, sleep, kill_when):
+        child = start_child(CRASH_CHILD, path, log, n, procs, sleep)
+        self.addCleanup(child.kill)
+        try:
+            wait_until(lambda: kill_when(read_lines(log)) or child.poll() is not None,
+                       timeout=30, message="the kill point")
+        finally:
+            child.kill()
+            child.wait()
+        return read_lines(log)
+
+    def test_kill_9_mid_run_then_carry_on(self):
+        path, log = os.path.join(self.dir, "q.db"), os.path.join(self.dir, "log")
+        lines = self.run_until_killed(
+            path, log, 200, 5, 0.002,
+            lambda ls: sum(1 for l in ls if l[0] == "end") >= 30)
+        enqueued = [int(l[1]) for l in lines if l[0] == "enqueued"]
+        ended = {int(l[1]) for l in lines if l[0] == "end"}
+        started = {int(l[1]) for l in lines if l[0] == "start"}
+        self.assertGreaterEqual(len(ended), 30)
+        bl = blero.new(path)
+        # Every enqueue that returned survived the kill.
+        self.assertEqual({j.id for j in bl.jobs(limit=None)} >= set(enqueued), True)
+        complete = {j.id for j in bl.jobs("complete", limit=None)}
+        self.assertLessEqual(complete, ended, "a job is complete that never ended")
+        interrupted = started - ended
+        self.assertLessEqual(len(interrupted), 5, "more than one job per processor was running")
+        # Run again: it carries on; complete jobs never run again; the
+        # interrupted ones run again as attempt 2; keys store nothing new.
+        os.remove(log)
+        child = run_child(CRASH_CHILD, path, log, 200, 5, 0.0, timeout=60)
+        self.assertEqual(child.returncode, 0, child.stderr)
+        again = read_lines(log)
+        rerun = {int(l[1]) for l in again if l[0] == "start"}
+        self.assertFalse(rerun & complete, "a complete job ran again")
+        for l in again:
+            if l[0] == "start" and int(l[1]) in interrupted:
+                self.assertEqual(int(l[2]), 2)
+        self.assertEqual(bl.stats(), {"pending": 0, "inprogress": 0, "complete": 200,
+                                      "failed": 0, "cancelled": 0})
+        self.assertEqual([int(l[1]) for l in again if l[0] == "enqueued"], list(range(1, 201)))
+
+    def test_kill_9_at_random_points(self):
+        seed = random.randrange(1 << 30)
+        rng = random.Random(seed)
+        path, log = os.path.join(self.dir, "q.db"), os.path.join(self.dir, "log")
+        returned, runs = set(), []
+        for round_ in range(6):
+            at = rng.randrange(1, 120)
+            lines = self.run_until_killed(path, log, 150, 3, 0.001,
+                                          lambda ls: len(ls) >= at)
+            returned |= {int(l[1]) for l in lines if l[0] == "enqueued"}
+            runs.append(lines)
+            os.remove(log)
+        child = run_child(CRASH_CHILD, path, log, 150, 3, 0.0, timeout=60)
+        self.assertEqual(child.returncode, 0, child.stderr)
+        bl = blero.new(path)
+        info = {j.id: j for j in bl.jobs(limit=None)}
+        self.assertTrue(returned <= set(info), f"seed {seed}: an enqueued job was lost")
+        self.assertEqual({j.state for j in info.values()}, {"complete"}, f"seed {seed}")
+        # Attempts count the tries that started (a try starts when it is
+        # claimed, just before its processor is called), and a kill makes at
+        # most one job per processor run again.
+        starts = {}
+        for lines in runs + [read_lines(log)]:
+            for l in lines:
+                if l[0] == "start":
+                    starts.setdefault(int(l[1]), []).append(int(l[2]))
+        extra = 0
+        for job_id, attempts in starts.items():
+            self.assertEqual(attempts, sorted(set(attempts)), f"seed {seed}")
+            self.assertEqual(info[job_id].attempt, attempts[-1], f"seed {seed}")
+            extra += attempts[-1] - 1
+        self.assertLessEqual(extra, 3 * len(runs), f"seed {seed}: too many re-runs")

@@ -1,0 +1,572 @@
+"""bench_blero.py: blero's speed as a ratio to raw sqlite3 doing the same work.
+
+    python3 bench_blero.py [--quick] [--json FILE] [--svg FILE]
+
+Every figure is blero's jobs per second divided by the jobs per second of the
+same work done, in the same run, with Python's sqlite3 used directly on the
+same schema (`blero._SCHEMA`, so the two can never drift) and the same pragmas
+(WAL, synchronous NORMAL or FULL, the same cache size), with the data pickled
+the same way.  The raw side is the physical limit: what the file format costs
+when nothing else runs.  Its transactions are written out plainly, with
+`isolation_level=None` and explicit statements:
+
+- one insert per commit: `BEGIN IMMEDIATE; INSERT; COMMIT`;
+- one transaction of inserts: `BEGIN IMMEDIATE; executemany(INSERT); COMMIT`;
+- claim-one+ack-one, per job: `BEGIN IMMEDIATE`, select the next ready job by
+  the `jobs_ready` index, mark it running, `COMMIT`; run it; then
+  `BEGIN IMMEDIATE`, mark it complete, `COMMIT` -- so each finished job is
+  recorded before the next starts, as blero promises;
+- several threads: one connection each, waiting on SQLite's busy timeout.
+
+Each workload runs in a fresh temporary directory, blero and raw alternately,
+three times (once with --quick, on smaller sizes); jobs/s are the medians, and
+the ratio is the median of the per-repetition ratios.  Peak memory is
+measured in child processes, since a process's peak RSS never goes down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, NamedTuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import blero  # noqa: E402  (the blero.py next to this file)
+
+BLERO, RAW = "blero", "raw"
+
+# Sizes (jobs) of the full run and of --quick.
+FULL = dict(reps=3, enqueue=20_000, many=100_000, batch=1_000, drain=20_000,
+            synced=5_000, shallow=1_000, deep=200_000, finished=200_000, dequeue=2_000,
+            rss_jobs=1_000_000)
+QUICK = dict(reps=1, enqueue=5_000, many=50_000, batch=1_000, drain=5_000,
+             synced=1_000, shallow=1_000, deep=50_000, finished=50_000, dequeue=2_000,
+             rss_jobs=200_000)
+PRODUCERS = 4    # threads in W5
+PROCESSORS = 4   # processors (raw: threads) in W4
+FILL_BATCH = 10_000
+
+
+# ---------------------------------------------------------------------------
+# The two sides: a blero queue, and a raw sqlite3 connection
+# ---------------------------------------------------------------------------
+
+# Raw SQL on blero's schema: state 0 is ready, 2 running, 3 complete.
+INSERT = ("INSERT INTO jobs (state, priority, run_at, name, data, max_attempts, created_at)"
+          " VALUES (0, 0, ?, ?, ?, 4, ?)")
+NEXT_READY = ("SELECT id, name, data FROM jobs WHERE state = 0"
+              " ORDER BY priority DESC, id LIMIT 1")
+CLAIM = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1, started_at = ?"
+         " WHERE id = ?")
+ACK = "UPDATE jobs SET state = 3, finished_at = ?, owner = NULL WHERE id = ?"
+
+
+def payload(i: int) -> dict:
+    """The data of job i: a small dict, as a real job would carry."""
+    return {"url": f"https://example.com/items/{i}", "n": i}
+
+
+def payloads(n: int, start: int = 0) -> list:
+    return [payload(i) for i in range(start, start + n)]
+
+
+def queue(path: str, sync: str) -> blero.Blero:
+    """A started blero queue on `path`."""
+    return blero.Blero(path, sync=sync).start()
+
+
+def connect(path: str, sync: str) -> sqlite3.Connection:
+    """A raw connection with blero's pragmas; creates the schema on a new file."""
+    db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute(f"PRAGMA synchronous = {sync.upper()}")
+    db.execute("PRAGMA cache_size = -8192")
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchall():
+        db.executescript(blero._SCHEMA)
+    return db
+
+
+def raw_row(data) -> tuple:
+    now = time.time()
+    return (now, "job", pickle.dumps(data), now)
+
+
+def noop(job) -> None:
+    """The processor of every workload: no work, so only the queue is timed."""
+
+
+def raw_worker(db: sqlite3.Connection, limit: float = float("inf"), owner: int = 1) -> int:
+    """Claim-one+ack-one until the queue is empty or `limit` jobs are done."""
+    done = 0
+    while done < limit:
+        db.execute("BEGIN IMMEDIATE")
+        row = db.execute(NEXT_READY).fetchone()
+        if row is None:
+            db.execute("COMMIT")
+            break
+        db.execute(CLAIM, (owner, time.time(), row[0]))
+        db.execute("COMMIT")
+        noop(pickle.loads(row[2]))
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(ACK, (time.time(), row[0]))
+        db.execute("COMMIT")
+        done += 1
+    return done
+
+
+def fill(side: str, path: str, n: int, sync: str = "normal") -> None:
+    """Add n pending jobs, FILL_BATCH per transaction (blero: enqueue_many)."""
+    batches = (payloads(min(FILL_BATCH, n - i), i) for i in range(0, n, FILL_BATCH))
+    if side == BLERO:
+        with queue(path, sync) as bl:
+            for batch in batches:
+                bl.enqueue_many(("job", p) for p in batch)
+        return
+    db = connect(path, sync)
+    for batch in batches:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(INSERT, [raw_row(p) for p in batch])
+        db.execute("COMMIT")
+    db.close()
+
+
+def mark_complete(path: str) -> None:
+    """Turn every pending job into a finished one.  Running 200k jobs through
+    the queue would take minutes; this writes the same rows at once."""
+    db = sqlite3.connect(path, isolation_level=None)
+    now = time.time()
+    db.execute("UPDATE jobs SET state = 3, attempt = 1, started_at = ?, finished_at = ?"
+               " WHERE state = 0", (now, now))
+    db.close()
+
+
+def in_threads(count: int, target: Callable[[int], None]) -> None:
+    """Run target(0..count-1) in `count` threads at once; wait for them all."""
+    threads = [threading.Thread(target=target, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# ---------------------------------------------------------------------------
+# The workloads: each runs one side once in a fresh directory, returns seconds
+# ---------------------------------------------------------------------------
+
+def enqueue_one(side: str, path: str, sync: str, n: int) -> float:
+    """W1: n jobs enqueued one at a time from one thread, each durable on return."""
+    data = payloads(n)
+    if side == BLERO:
+        with queue(path, sync) as bl:
+            start = time.perf_counter()
+            for p in data:
+                bl.enqueue("job", p)
+            return time.perf_counter() - start
+    db = connect(path, sync)
+    start = time.perf_counter()
+    for p in data:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(INSERT, raw_row(p))
+        db.execute("COMMIT")
+    return time.perf_counter() - start
+
+
+def enqueue_batches(side: str, path: str, sync: str, n: int, batch: int) -> float:
+    """W2: n jobs enqueued `batch` per call (raw: per transaction)."""
+    batches = [payloads(batch, i) for i in range(0, n, batch)]
+    if side == BLERO:
+        with queue(path, sync) as bl:
+            start = time.perf_counter()
+            for b in batches:
+                bl.enqueue_many([("job", p) for p in b])
+            return time.perf_counter() - start
+    db = connect(path, sync)
+    start = time.perf_counter()
+    for b in batches:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(INSERT, [raw_row(p) for p in b])
+        db.execute("COMMIT")
+    return time.perf_counter() - start
+
+
+def drain(side: str, path: str, sync: str, n: int, workers: int) -> float:
+    """W3/W4: n pre-filled jobs run to the end by `workers` no-op processors
+    (blero: from register_processor to join(); raw: threads of claim+ack)."""
+    fill(side, path, n, sync)
+    if side == BLERO:
+        with queue(path, sync) as bl:
+            start = time.perf_counter()
+            for _ in range(workers):
+                bl.register_processor(noop)
+            bl.join()
+            return time.perf_counter() - start
+    dbs = [connect(path, sync) for _ in range(workers)]
+    start = time.perf_counter()
+    in_threads(workers, lambda k: raw_worker(dbs[k], owner=k + 1))
+    return time.perf_counter() - start
+
+
+def enqueue_threads(side: str, path: str, sync: str, n: int) -> float:
+    """W5: n jobs enqueued one at a time by PRODUCERS threads at once."""
+    share = n // PRODUCERS
+    data = [payloads(share, k * share) for k in range(PRODUCERS)]
+    if side == BLERO:
+        with queue(path, sync) as bl:
+            def produce(k):
+                for p in data[k]:
+                    bl.enqueue("job", p)
+            start = time.perf_counter()
+            in_threads(PRODUCERS, produce)
+            return time.perf_counter() - start
+    dbs = [connect(path, sync) for _ in range(PRODUCERS)]
+
+    def produce(k):
+        db = dbs[k]
+        for p in data[k]:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(INSERT, raw_row(p))
+            db.execute("COMMIT")
+    start = time.perf_counter()
+    in_threads(PRODUCERS, produce)
+    return time.perf_counter() - start
+
+
+def dequeue_at_depth(side: str, path: str, sync: str, n: int, depth: int,
+                     finished: int) -> float:
+    """W6: n jobs taken one by one by one processor from `depth` pending jobs
+    (plus n), behind `finished` finished jobs kept in the file."""
+    if finished:
+        fill(side, path, finished, sync)
+        mark_complete(path)
+    fill(side, path, depth + n, sync)
+    if side == RAW:
+        db = connect(path, sync)
+        start = time.perf_counter()
+        raw_worker(db, limit=n)
+        return time.perf_counter() - start
+    done = threading.Event()
+    count = 0
+
+    def count_to_n(job):
+        nonlocal count
+        count += 1
+        if count == n:
+            done.set()
+    bl = queue(path, sync)
+    try:
+        start = time.perf_counter()
+        bl.register_processor(count_to_n)
+        done.wait()
+        return time.perf_counter() - start
+    finally:
+        bl.stop(timeout=10)
+
+
+class Workload(NamedTuple):
+    id: str
+    label: str
+    run: Callable[..., float]
+    params: dict            # the run's keyword arguments; `n` is the jobs timed
+    sync: str = "normal"
+    target: float | None = None     # blero ÷ raw must be at least this
+
+
+def workloads(size: dict) -> list[Workload]:
+    """The table of workloads at these sizes."""
+    shallow, deep, fin, n = size["shallow"], size["deep"], size["finished"], size["dequeue"]
+    return [
+        Workload("W1", "enqueue, 1 thread, each durable", enqueue_one,
+                 dict(n=size["enqueue"]), target=0.75),
+        Workload("W1 full", "enqueue, 1 thread, sync=full", enqueue_one,
+                 dict(n=size["synced"]), sync="full"),
+        Workload("W2", f"enqueue_many, batches of {size['batch']:,}", enqueue_batches,
+                 dict(n=size["many"], batch=size["batch"]), target=0.50),
+        Workload("W3", "drain, 1 processor", drain,
+                 dict(n=size["drain"], workers=1), target=0.90),
+        Workload("W4", f"end to end, {PROCESSORS} processors", drain,
+                 dict(n=size["drain"], workers=PROCESSORS), target=1.0),
+        Workload("W5", f"enqueue, {PRODUCERS} threads", enqueue_threads,
+                 dict(n=size["enqueue"]), target=0.80),
+        Workload("W5 full", f"enqueue, {PRODUCERS} threads, sync=full", enqueue_threads,
+                 dict(n=size["synced"]), sync="full", target=2.0),
+        Workload("W6 shallow", f"dequeue, {short(shallow)} pending", dequeue_at_depth,
+                 dict(n=n, depth=shallow, finished=0)),
+        Workload("W6 deep", f"dequeue, {short(deep)} pending", dequeue_at_depth,
+                 dict(n=n, depth=deep, finished=0)),
+        Workload("W6 shallow+fin", f"dequeue, {short(shallow)} pending + {short(fin)} done",
+                 dequeue_at_depth, dict(n=n, depth=shallow, finished=fin)),
+        Workload("W6 deep+fin", f"dequeue, {short(deep)} pending + {short(fin)} done",
+                 dequeue_at_depth, dict(n=n, depth=deep, finished=fin)),
+    ]
+
+
+# (deep, shallow) pairs of W6 rows whose blero and raw slowdowns are compared.
+DEPTH_CHECKS = [("W6 deep", "W6 shallow", "without finished jobs"),
+                ("W6 deep+fin", "W6 shallow+fin", "with finished jobs kept")]
+DEPTH_TOLERANCE = 0.1
+
+
+def short(n: int) -> str:
+    """1000 -> 1k, 1000000 -> 1M."""
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+# ---------------------------------------------------------------------------
+# Running, and the results
+# ---------------------------------------------------------------------------
+
+class Progress:
+    """One line on stderr, rewritten in place on a terminal."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def show(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.started:5.0f} s] {text}"
+        sys.stderr.write(f"\r\x1b[K{line}" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def run_once(w: Workload, side: str) -> float:
+    """One run of one side in a fresh directory; its jobs per second."""
+    tmp = tempfile.mkdtemp(prefix=f"bench-{side}-")
+    try:
+        seconds = w.run(side, os.path.join(tmp, "jobs.db"), w.sync, **w.params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return w.params["n"] / seconds
+
+
+def measure(w: Workload, reps: int, progress: Progress, step: str) -> dict:
+    """Both sides `reps` times, alternating which goes first."""
+    rates = {BLERO: [], RAW: []}
+    for rep in range(reps):
+        for side in ((BLERO, RAW) if rep % 2 == 0 else (RAW, BLERO)):
+            progress.show(f"{step} {w.id}: {w.label} -- {side}, run {rep + 1}/{reps}")
+            rates[side].append(run_once(w, side))
+    ratio = statistics.median(b / r for b, r in zip(rates[BLERO], rates[RAW]))
+    return {"id": w.id, "label": w.label, "sync": w.sync, "jobs": w.params["n"],
+            "blero_jobs_per_s": statistics.median(rates[BLERO]),
+            "raw_jobs_per_s": statistics.median(rates[RAW]),
+            "ratio": ratio, "target": w.target,
+            "met": None if w.target is None else ratio >= w.target,
+            "runs": rates}
+
+
+def depth_checks(results: list[dict]) -> list[dict]:
+    """W6: how much deeper queues slow blero, beside how much they slow raw sqlite3."""
+    by_id = {r["id"]: r for r in results}
+    checks = []
+    for deep, shallow, label in DEPTH_CHECKS:
+        d, s = by_id[deep], by_id[shallow]
+        mine = d["blero_jobs_per_s"] / s["blero_jobs_per_s"]
+        raw = d["raw_jobs_per_s"] / s["raw_jobs_per_s"]
+        checks.append({"id": f"{deep} / {shallow}", "label": f"depth cost, {label}",
+                       "blero_ratio": mine, "raw_ratio": raw, "difference": mine - raw,
+                       "met": abs(mine - raw) <= DEPTH_TOLERANCE})
+    return checks
+
+
+def peak_rss(pending: int, finished: int = 0, drain_n: int = 0) -> int:
+    """Peak RSS (bytes) of a fresh process that opens a queue with these
+    many pending and finished jobs, then runs `drain_n` of them.  On Linux a
+    process's ru_maxrss starts from its parent's at the fork: call this while
+    the parent is still small."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-probe",
+                          str(pending), str(finished), str(drain_n)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split()[-1])
+
+
+def rss_probe(pending: int, finished: int, drain_n: int) -> None:
+    """The child side of `peak_rss`: set up like W6, print ru_maxrss in bytes."""
+    tmp = tempfile.mkdtemp(prefix="bench-rss-")
+    try:
+        if pending or finished:
+            dequeue_at_depth(BLERO, os.path.join(tmp, "jobs.db"), "normal",
+                             n=drain_n, depth=pending - drain_n, finished=finished)
+        else:
+            queue(os.path.join(tmp, "jobs.db"), "normal").stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    scale = 1 if sys.platform == "darwin" else 1024   # Linux reports KiB
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def memory(size: dict, progress: Progress) -> dict:
+    """Peak RSS of an empty queue, of W6's setup, and of a big pending queue."""
+    mb = 1 << 20
+    progress.show("memory: peak RSS of an empty queue")
+    empty = peak_rss(0)
+    cases = [("w6_setup", f"{short(size['deep'])} pending + {short(size['finished'])} done",
+              size["deep"], size["finished"]),
+             ("big_queue", f"{short(size['rss_jobs'])} pending", size["rss_jobs"], 0)]
+    out = {"empty_mb": empty / mb}
+    for key, label, pending, finished in cases:
+        progress.show(f"memory: peak RSS with {label}")
+        peak = peak_rss(pending, finished, size["dequeue"])
+        out[key] = {"label": label, "peak_mb": peak / mb, "added_mb": (peak - empty) / mb,
+                    "met": peak - empty <= 50 * mb}
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu or "unknown",
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "blero": blero.__version__}
+
+
+# ---------------------------------------------------------------------------
+# Output: the table, JSON, and an SVG bar chart
+# ---------------------------------------------------------------------------
+
+def verdict(met: bool | None) -> str:
+    return "" if met is None else ("ok" if met else "MISSED")
+
+
+def table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"blero {m['blero']} on {m['platform']}, {m['cpu']}, {m['cpus']} CPUs, "
+             f"Python {m['python']}, SQLite {m['sqlite']}",
+             f"{report['mode']} run, {report['reps']} run(s) per figure (medians), "
+             f"{report['seconds']:.0f} s; ratio = blero / raw sqlite3", ""]
+    head = f"{'':15} {'workload':39} {'jobs/s':>9} {'raw jobs/s':>11} {'ratio':>6}  target"
+    lines += [head, "-" * len(head)]
+    for r in report["results"]:
+        target = "" if r["target"] is None else f">= {r['target']:.2f}"
+        lines.append(f"{r['id']:15} {r['label']:39} {r['blero_jobs_per_s']:9,.0f} "
+                     f"{r['raw_jobs_per_s']:11,.0f} {r['ratio']:6.2f}  {target:8} "
+                     f"{verdict(r['met'])}".rstrip())
+    if report["depth"]:
+        lines += ["", "W6 depth cost: jobs/s deep ÷ jobs/s shallow "
+                  f"(blero's within {DEPTH_TOLERANCE} of raw's)"]
+    for c in report["depth"]:
+        lines.append(f"  {c['label']:35} blero {c['blero_ratio']:.2f}  raw {c['raw_ratio']:.2f}"
+                     f"  difference {c['difference']:+.2f}  {verdict(c['met'])}")
+    mem = report["memory"]
+    if mem is None:
+        return "\n".join(lines)
+    lines += ["", f"Peak RSS (fresh process): empty queue {mem['empty_mb']:.0f} MB"]
+    for key in ("w6_setup", "big_queue"):
+        c = mem[key]
+        lines.append(f"  {c['label']:35} {c['peak_mb']:.0f} MB (+{c['added_mb']:.0f} MB, "
+                     f"limit +50 MB)  {verdict(c['met'])}")
+    return "\n".join(lines)
+
+
+def svg(report: dict) -> str:
+    """A horizontal bar per figure: blero ÷ raw, with its target marked
+    (W6 depth checks: blero's depth ratio, with raw's ± tolerance shaded)."""
+    bars = [(f"{r['id']}: {r['label']}", r["ratio"], r["target"], None, r["met"])
+            for r in report["results"]]
+    bars += [(f"W6 {c['label']}", c["blero_ratio"], None, c["raw_ratio"], c["met"])
+             for c in report["depth"]]
+    left, width, row, top = 330, 420, 24, 40
+    scale = width / max(2.5, max(b[1] for b in bars) * 1.1)
+    height = top + row * len(bars) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" '
+           f'height="{height}" font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="10" y="20" font-size="14" font-weight="bold">blero ÷ raw sqlite3 '
+           f'({_escape(report["mode"])} run, {_escape(report["machine"]["platform"])})</text>']
+    for tick in range(0, int(width / scale) + 1):
+        x = left + tick * scale
+        out.append(f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" '
+                   f'y2="{top + row * len(bars)}" stroke="{"#888" if tick == 1 else "#ddd"}"/>')
+        out.append(f'<text x="{x:.1f}" y="{top + row * len(bars) + 16}" '
+                   f'text-anchor="middle">{tick}×</text>')
+    for i, (label, value, target, band, met) in enumerate(bars):
+        y = top + i * row
+        color = "#4a8" if met else ("#d55" if met is False else "#89a")
+        out.append(f'<text x="{left - 8}" y="{y + 16}" text-anchor="end">{_escape(label)}</text>')
+        if band is not None:
+            lo = max(0.0, band - DEPTH_TOLERANCE)
+            out.append(f'<rect x="{left + lo * scale:.1f}" y="{y + 2}" '
+                       f'width="{2 * DEPTH_TOLERANCE * scale:.1f}" height="{row - 4}" '
+                       f'fill="#fd8" opacity="0.7"/>')
+        out.append(f'<rect x="{left}" y="{y + 5}" width="{value * scale:.1f}" '
+                   f'height="{row - 10}" fill="{color}"/>')
+        out.append(f'<text x="{left + value * scale + 4:.1f}" y="{y + 16}">{value:.2f}</text>')
+        if target is not None:
+            x = left + target * scale
+            out.append(f'<line x1="{x:.1f}" y1="{y + 1}" x2="{x:.1f}" y2="{y + row - 1}" '
+                       f'stroke="black" stroke-width="2" stroke-dasharray="3,2"/>')
+    out.append(f'<text x="10" y="{height - 6}" fill="#555">dashed: target; shaded: raw '
+               f'sqlite3\'s depth ratio ± {DEPTH_TOLERANCE}; green met, red missed</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="blero ÷ raw sqlite3, workload by workload.")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run each (< 30 s)")
+    parser.add_argument("--json", metavar="FILE", help="also save the results as JSON")
+    parser.add_argument("--svg", metavar="FILE", help="also draw the ratios as an SVG bar chart")
+    parser.add_argument("--only", metavar="ID", action="append",
+                        help="run only workloads whose id starts with ID (repeatable)")
+    parser.add_argument("--rss-probe", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_probe:
+        rss_probe(*args.rss_probe)
+        return 0
+
+    size = QUICK if args.quick else FULL
+    chosen = [w for w in workloads(size)
+              if not args.only or any(w.id.startswith(o) for o in args.only)]
+    progress = Progress()
+    # Memory first: a child's peak RSS includes its parent's at the fork.
+    mem = None if args.only else memory(size, progress)
+    results = [measure(w, size["reps"], progress, f"[{i}/{len(chosen)}]")
+               for i, w in enumerate(chosen, 1)]
+    ids = {r["id"] for r in results}
+    whole = all(d in ids and s in ids for d, s, _ in DEPTH_CHECKS)
+    report = {"machine": machine(), "mode": "quick" if args.quick else "full",
+              "reps": size["reps"], "sizes": size, "results": results,
+              "depth": depth_checks(results) if whole else [],
+              "memory": mem}
+    report["seconds"] = time.monotonic() - progress.started
+    progress.done()
+    print(table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.svg:
+        with open(args.svg, "w") as f:
+            f.write(svg(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
