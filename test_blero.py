@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -886,3 +887,83 @@ class CrashTest(TempDirTest):
             self.assertEqual(info[job_id].attempt, attempts[-1], f"seed {seed}")
             extra += attempts[-1] - 1
         self.assertLessEqual(extra, 3 * len(runs), f"seed {seed}: too many re-runs")
+
+
+class DemoTest(TempDirTest):
+    """python -m blero demo: the Goblero demo, its Ctrl-C and its second run."""
+
+    def demo(self, *args, **kwargs):
+        return [sys.executable, "-m", "blero", "demo", "--db", self.dir + os.sep, *args]
+
+    def test_demo_runs_all_jobs_and_exits_0(self):
+        out = subprocess.run(self.demo("-n", "3", "--sleep", "0.01"), cwd=HERE, env=child_env(),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        lines = out.stdout.splitlines()
+        self.assertEqual(lines[:5], ["Starting Blero ...", "Registering Processor 1 ...",
+                                     "Registering Processor 2 ...", "Registering Processor 3 ...",
+                                     "Enqueuing jobs ..."])
+        done = [l for l in lines if "Done Processing job" in l]
+        self.assertEqual(len(done), 50)
+        for line in lines[5:]:    # each line printed whole, never interleaved
+            self.assertRegex(line, r"^(\[Processor [123]\] (Processing job: Job #\d+ - data: "
+                                   r"Job Data #\d+|Done Processing job: Job #\d+)|All jobs done\."
+                                   r"|Stopping Blero \.\.\.)$")
+        self.assertNotIn("\x1b", out.stdout, "progress bar on a non-terminal")
+        self.assertEqual(out.stderr, "")
+
+    @unittest.skipUnless(POSIX, "SIGINT")
+    def test_ctrl_c_stops_cleanly_and_the_second_run_carries_on(self):
+        log = os.path.join(self.dir, "out.txt")
+        with open(log, "w") as f:
+            child = subprocess.Popen(self.demo("-n", "2", "--sleep", "5"), cwd=HERE,
+                                     env=child_env(), stdout=f, stderr=subprocess.STDOUT)
+        self.addCleanup(child.kill)
+
+        def text():
+            with open(log) as f:
+                return f.read()
+
+        wait_until(lambda: text().count("Processing job") >= 2, timeout=20,
+                   message="two jobs running")
+        child.send_signal(signal.SIGINT)
+        self.assertEqual(child.wait(20), 0)
+        self.assertIn("Caught signal interrupt. Exiting ...\nStopping Blero ...\n", text())
+        self.assertNotIn("Done Processing", text())
+        started = re.compile(r"\] Processing job: Job #(\d+) ")
+        self.assertEqual(sorted(started.findall(text())), ["1", "2"])
+        # The second run enqueues nothing and starts with the interrupted jobs.
+        out = subprocess.run(self.demo("-n", "2", "--sleep", "0"), cwd=HERE, env=child_env(),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertNotIn("Enqueuing jobs", out.stdout)
+        self.assertEqual(sorted(started.findall(out.stdout)[:2]), ["1", "2"], out.stdout)
+        bl = blero.new(self.dir)
+        self.assertEqual(bl.stats()["complete"], 50)
+        self.assertEqual({bl.get_job(1).attempt, bl.get_job(2).attempt}, {2})
+
+
+class LibraryHygieneTest(TempDirTest):
+    """The library prints nothing and logs on the "blero" logger."""
+
+    def test_prints_nothing_and_logs_failed_tries(self):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                self.assertLogs("blero", "DEBUG") as logs:
+            bl = self.queue(retries=1, backoff_base=0)
+            bl.register_processor(lambda job: 1 / 0)
+            job_id = bl.enqueue("x")
+            with self.assertRaises(blero.JobFailed):
+                bl.wait(job_id, timeout=10)
+            bl.stop()
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", ""))
+        warnings = [r for r in logs.records if r.levelno == logging.WARNING]
+        self.assertEqual(len(warnings), 2)
+        self.assertIn(f"job {job_id}", warnings[0].getMessage())
+        self.assertIn("ZeroDivisionError", warnings[0].getMessage())
+        self.assertTrue(any(r.levelno == logging.DEBUG and "Traceback" in r.getMessage()
+                            for r in logs.records))
+        self.assertTrue(any(r.levelno == logging.INFO and "started" in r.getMessage()
+                            for r in logs.records))
+        handlers = logging.getLogger("blero").handlers
+        self.assertTrue(any(isinstance(h, logging.NullHandler) for h in handlers))
