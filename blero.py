@@ -333,8 +333,9 @@ _OUTSTANDING = (
 _ADD_OWNER = "INSERT OR REPLACE INTO owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
 _HEARTBEAT = "UPDATE owners SET heartbeat_at = ? WHERE id = ?"
 _DROP_OWNER = "DELETE FROM owners WHERE id = ?"
-_OWNERS = ("SELECT id, heartbeat_at FROM owners UNION"
-           " SELECT DISTINCT owner, NULL FROM jobs WHERE state = 2")
+_OWNERS = ("SELECT id, heartbeat_at FROM owners UNION ALL"
+           " SELECT DISTINCT owner, NULL FROM jobs"
+           " WHERE state = 2 AND owner NOT IN (SELECT id FROM owners)")
 _UPSERT_SCHEDULE = (
     "INSERT INTO schedules (key, name, data, interval, next_due, priority, retries, timeout)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
@@ -857,6 +858,8 @@ class _Storage:
     def run_schedules(self, now: float, make_row: Callable[[tuple, float], tuple]):
         """Enqueue one run of each schedule that is due and has none
         outstanding.  Returns (new ready job names, when to look next)."""
+        if not self._read(lambda db: db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
+            return [], self._read(lambda db: db.execute(_NEXT_SCHEDULE).fetchall()[0][0])
         return self._write(self._run_schedules, now, make_row)
 
     @staticmethod
@@ -1412,6 +1415,8 @@ class _Dispatcher:
                 if worker.job is not job or worker.abandoned:
                     continue
                 worker.abandoned = True
+            with self._lock:
+                self._workers.discard(worker)   # stop() need not wait for it
             job._cancel()
             if not worker.processor.retired:
                 self.spawn(worker.processor)
@@ -1448,8 +1453,9 @@ class _Dispatcher:
         """Notice other processes' commits: new work, cancels, ended jobs."""
         if not self._due("poll", _POLL) or not self.storage.changed_elsewhere():
             return
+        due = self.storage.next_delayed()    # they may have added some
         with self._lock:
-            self._delayed_due = -math.inf    # look again: they may have added some
+            self._delayed_due = math.inf if due is None else due
             self._schedule_due = min(self._schedule_due, time.time())
             running = [w.job for w in self._workers if w.job is not None]
         self.work_arrived(None)
