@@ -27,6 +27,7 @@ measured in child processes, since a process's peak RSS never goes down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -87,15 +88,25 @@ def queue(path: str, sync: str) -> blero.Blero:
     return blero.Blero(path, sync=sync).start()
 
 
-def connect(path: str, sync: str) -> sqlite3.Connection:
-    """A raw connection with blero's pragmas; creates the schema on a new file."""
-    db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute(f"PRAGMA synchronous = {sync.upper()}")
-    db.execute("PRAGMA cache_size = -8192")
-    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchall():
-        db.executescript(blero._SCHEMA)
-    return db
+@contextlib.contextmanager
+def connections(path: str, sync: str, count: int = 1):
+    """`count` raw connections with blero's pragmas (the schema is created on
+    a new file); a busy one waits on SQLite's busy timeout."""
+    dbs = []
+    try:
+        for _ in range(count):
+            db = sqlite3.connect(path, timeout=60, isolation_level=None,
+                                 check_same_thread=False)
+            dbs.append(db)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {sync.upper()}")
+            db.execute("PRAGMA cache_size = -8192")
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchall():
+                db.executescript(blero._SCHEMA)
+        yield dbs
+    finally:
+        for db in dbs:
+            db.close()
 
 
 def raw_row(data) -> tuple:
@@ -134,12 +145,11 @@ def fill(side: str, path: str, n: int, sync: str = "normal") -> None:
             for batch in batches:
                 bl.enqueue_many(("job", p) for p in batch)
         return
-    db = connect(path, sync)
-    for batch in batches:
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(INSERT, [raw_row(p) for p in batch])
-        db.execute("COMMIT")
-    db.close()
+    with connections(path, sync) as (db,):
+        for batch in batches:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(INSERT, [raw_row(p) for p in batch])
+            db.execute("COMMIT")
 
 
 def mark_complete(path: str) -> None:
@@ -174,13 +184,13 @@ def enqueue_one(side: str, path: str, sync: str, n: int) -> float:
             for p in data:
                 bl.enqueue("job", p)
             return time.perf_counter() - start
-    db = connect(path, sync)
-    start = time.perf_counter()
-    for p in data:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute(INSERT, raw_row(p))
-        db.execute("COMMIT")
-    return time.perf_counter() - start
+    with connections(path, sync) as (db,):
+        start = time.perf_counter()
+        for p in data:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(INSERT, raw_row(p))
+            db.execute("COMMIT")
+        return time.perf_counter() - start
 
 
 def enqueue_batches(side: str, path: str, sync: str, n: int, batch: int) -> float:
@@ -192,13 +202,13 @@ def enqueue_batches(side: str, path: str, sync: str, n: int, batch: int) -> floa
             for b in batches:
                 bl.enqueue_many([("job", p) for p in b])
             return time.perf_counter() - start
-    db = connect(path, sync)
-    start = time.perf_counter()
-    for b in batches:
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(INSERT, [raw_row(p) for p in b])
-        db.execute("COMMIT")
-    return time.perf_counter() - start
+    with connections(path, sync) as (db,):
+        start = time.perf_counter()
+        for b in batches:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(INSERT, [raw_row(p) for p in b])
+            db.execute("COMMIT")
+        return time.perf_counter() - start
 
 
 def drain(side: str, path: str, sync: str, n: int, workers: int) -> float:
@@ -212,10 +222,10 @@ def drain(side: str, path: str, sync: str, n: int, workers: int) -> float:
                 bl.register_processor(noop)
             bl.join()
             return time.perf_counter() - start
-    dbs = [connect(path, sync) for _ in range(workers)]
-    start = time.perf_counter()
-    in_threads(workers, lambda k: raw_worker(dbs[k], owner=k + 1))
-    return time.perf_counter() - start
+    with connections(path, sync, workers) as dbs:
+        start = time.perf_counter()
+        in_threads(workers, lambda k: raw_worker(dbs[k], owner=k + 1))
+        return time.perf_counter() - start
 
 
 def enqueue_threads(side: str, path: str, sync: str, n: int) -> float:
@@ -230,17 +240,16 @@ def enqueue_threads(side: str, path: str, sync: str, n: int) -> float:
             start = time.perf_counter()
             in_threads(PRODUCERS, produce)
             return time.perf_counter() - start
-    dbs = [connect(path, sync) for _ in range(PRODUCERS)]
-
-    def produce(k):
-        db = dbs[k]
-        for p in data[k]:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(INSERT, raw_row(p))
-            db.execute("COMMIT")
-    start = time.perf_counter()
-    in_threads(PRODUCERS, produce)
-    return time.perf_counter() - start
+    with connections(path, sync, PRODUCERS) as dbs:
+        def produce(k):
+            db = dbs[k]
+            for p in data[k]:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(INSERT, raw_row(p))
+                db.execute("COMMIT")
+        start = time.perf_counter()
+        in_threads(PRODUCERS, produce)
+        return time.perf_counter() - start
 
 
 def dequeue_at_depth(side: str, path: str, sync: str, n: int, depth: int,
@@ -252,10 +261,10 @@ def dequeue_at_depth(side: str, path: str, sync: str, n: int, depth: int,
         mark_complete(path)
     fill(side, path, depth + n, sync)
     if side == RAW:
-        db = connect(path, sync)
-        start = time.perf_counter()
-        raw_worker(db, limit=n)
-        return time.perf_counter() - start
+        with connections(path, sync) as (db,):
+            start = time.perf_counter()
+            raw_worker(db, limit=n)
+            return time.perf_counter() - start
     done = threading.Event()
     count = 0
 
@@ -458,11 +467,12 @@ def table(report: dict) -> str:
              f"Python {m['python']}, SQLite {m['sqlite']}",
              f"{report['mode']} run, {report['reps']} run(s) per figure (medians), "
              f"{report['seconds']:.0f} s; ratio = blero / raw sqlite3", ""]
-    head = f"{'':15} {'workload':39} {'jobs/s':>9} {'raw jobs/s':>11} {'ratio':>6}  target"
+    head = (f"{'':15} {'workload':39} {'jobs':>7} {'jobs/s':>9} {'raw jobs/s':>11}"
+            f" {'ratio':>6}  target")
     lines += [head, "-" * len(head)]
     for r in report["results"]:
         target = "" if r["target"] is None else f">= {r['target']:.2f}"
-        lines.append(f"{r['id']:15} {r['label']:39} {r['blero_jobs_per_s']:9,.0f} "
+        lines.append(f"{r['id']:15} {r['label']:39} {r['jobs']:7,} {r['blero_jobs_per_s']:9,.0f} "
                      f"{r['raw_jobs_per_s']:11,.0f} {r['ratio']:6.2f}  {target:8} "
                      f"{verdict(r['met'])}".rstrip())
     if report["depth"]:

@@ -403,6 +403,8 @@ class _Storage:
         self._read_lock = threading.Lock()
         self._identity = None
         self._data_version = None
+        self._look_wanted = False     # a leader should read data_version when done
+        self._changed = False         # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._claim_sql: dict[int, tuple[str, str]] = {}
 
@@ -565,12 +567,19 @@ class _Storage:
             try:
                 self._commit(batch, op)
             finally:
-                with self._mutex:
-                    self._leading = False
-                    self._turn.notify_all()
+                self._hand_over()
         if op.error is not None:
             raise op.error
         return op.result
+
+    def _hand_over(self) -> None:
+        """End this leader's turn: look at data_version if asked, wake the waiters."""
+        if self._look_wanted:
+            self._look_wanted = False
+            self._look()
+        with self._mutex:
+            self._leading = False
+            self._turn.notify_all()
 
     def _commit(self, batch: list[_Op], own: _Op) -> None:
         try:
@@ -787,20 +796,38 @@ class _Storage:
         return self._read(lambda db: db.execute(_OWNERS).fetchall())
 
     def changed_elsewhere(self) -> bool:
-        """True when another connection has committed since the last call."""
+        """True when another connection has committed since the last call.
+
+        Never waits for a write under way (waking a waiter on every commit
+        would cost each writer a thread hand-off): that write's leader looks
+        when it is done, and the answer comes with the next call."""
         with self._mutex:
-            while self._leading:
-                self._turn.wait()
-            db = self._db
-            if db is None:
-                return False
+            busy = self._leading
+            if busy:
+                self._look_wanted = True
+            else:
+                self._leading = True
+        if not busy:
             try:
-                version = db.execute("PRAGMA data_version").fetchall()[0][0]
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
-        changed = self._data_version is not None and version != self._data_version
-        self._data_version = version
+                self._look()
+            finally:
+                self._hand_over()
+        changed, self._changed = self._changed, False
         return changed
+
+    def _look(self) -> None:
+        # data_version changes only for other connections' commits, and is
+        # read on the write connection, under the leader's turn.
+        db = self._db
+        if db is None:
+            return
+        try:
+            version = db.execute("PRAGMA data_version").fetchall()[0][0]
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        if self._data_version is not None and version != self._data_version:
+            self._changed = True
+        self._data_version = version
 
     # -- operating on jobs ---------------------------------------------------------
 
