@@ -34,6 +34,7 @@ import pickle
 import random
 import secrets
 import signal
+import socket
 import sqlite3
 import stat
 import sys
@@ -1560,7 +1561,7 @@ def _call_back(fn, job, value) -> None:
         return
     try:
         fn(job, value)
-    except Exception:
+    except BaseException:     # whatever a callback raises, the worker goes on
         log.exception("callback %r raised for job %d; ignored",
                       getattr(fn, "__name__", fn), job.id)
 
@@ -1925,12 +1926,14 @@ class Blero:
         unknown = set(options) - {"delay", "run_at", "priority", "retries", "timeout"}
         if unknown:
             raise TypeError(f"unknown option(s) for every(): {', '.join(sorted(unknown))}")
-        key = name if key is None else key
-        if not isinstance(key, str) or not key:
-            raise TypeError("a schedule key must be a non-empty str")
         row = self._row(name, data, options.get("delay"), options.get("run_at"),
                         options.get("priority", 0), options.get("retries"),
                         options.get("timeout"), None, time.time())
+        key = name if key is None else key
+        if not isinstance(key, str):
+            raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
+        if not key:
+            raise ValueError("a schedule key must not be empty")
         retries = options.get("retries")
         with self._store() as storage:
             storage.upsert_schedule((key, name, row[4], float(interval), row[2], row[1],
@@ -2012,16 +2015,17 @@ def new(path: str | os.PathLike, **settings) -> Blero:
 # The metrics server and dashboard
 # ---------------------------------------------------------------------------
 #
-# Plain http.server on a daemon thread.  Every request must name this server
-# in its Host header (so a DNS-rebinding page cannot read it), and every POST
-# must also come from a page of this server by its Origin header (so no other
-# site can make a visitor's browser act on the queue).
+# Plain http.server on a daemon thread.  Every request but GET /metrics must
+# name this server in its Host header (so a DNS-rebinding page cannot read
+# it), and every POST must also come from a page of this server by its Origin
+# header (so no other site can make a visitor's browser act on the queue).
 
-def _job_json(info: JobInfo) -> dict:
+def _job_json(info: JobInfo, shorten: bool = False) -> dict:
+    """A JobInfo as JSON, with data and result as their repr (cut short for the page)."""
     out = info._asdict()
     for field in ("data", "result"):
         text = repr(out[field])
-        out[field] = text if len(text) <= 300 else text[:297] + "..."
+        out[field] = text[:297] + "..." if shorten and len(text) > 300 else text
     return out
 
 
@@ -2034,9 +2038,11 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         log.debug("http %s " + format, self.address_string(), *args)
 
     def do_GET(self):
-        if not self._host_ok():
-            return
         url = urllib.parse.urlsplit(self.path)
+        # /metrics holds only counts, and Prometheus scrapes by whatever name
+        # it knows the host by; everything else must name this server.
+        if url.path != "/metrics" and not self._host_ok():
+            return
         query = dict(urllib.parse.parse_qsl(url.query))
         bl = self.blero
         try:
@@ -2050,7 +2056,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             elif url.path == "/api/jobs":
                 limit = int(query.get("limit", 100))
                 jobs = bl.jobs(query.get("state") or None, query.get("name") or None, limit)
-                self._json(200, [_job_json(j) for j in jobs])
+                self._json(200, [_job_json(j, shorten=True) for j in jobs])
             else:
                 self._json(404, {"error": f"no such page: {url.path}"})
         except (ValueError, TypeError) as exc:
@@ -2098,9 +2104,9 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         return {"path": bl.path, "running": bl._dispatcher is not None,
                 "processors": len(bl._processors), "time": time.time(),
                 "counts": bl.stats(), "finished": finished,
-                "inprogress": [_job_json(j) for j in bl.jobs("inprogress", limit=50)],
-                "pending": [_job_json(j) for j in bl.jobs("pending", limit=20)],
-                "failures": [_job_json(j) for j in failures]}
+                "inprogress": [_job_json(j, True) for j in bl.jobs("inprogress", limit=50)],
+                "pending": [_job_json(j, True) for j in bl.jobs("pending", limit=20)],
+                "failures": [_job_json(j, True) for j in failures]}
 
     def _json(self, code: int, obj) -> None:
         self._send(code, json.dumps(obj).encode(), "application/json")
@@ -2124,8 +2130,11 @@ class _MetricsServer:
     def __init__(self, blero: Blero, host: str, port: int):
         family = http.server.ThreadingHTTPServer.address_family
         server_class = type("_Server", (http.server.ThreadingHTTPServer,), {
-            "address_family": __import__("socket").AF_INET6 if ":" in host else family,
-            "daemon_threads": True})
+            "address_family": socket.AF_INET6 if ":" in host else family,
+            "daemon_threads": True,
+            # a client that hangs up early is its own business: never print
+            "handle_error": lambda self, request, address: log.debug(
+                "http request from %s failed", address, exc_info=True)})
         try:
             self._httpd = server_class((host, port), _DashboardHandler)
         except OSError as exc:
@@ -2140,7 +2149,7 @@ class _MetricsServer:
             "hosts": frozenset(f"{h}:{self.port}".lower() for h in hosts)})
         self.url = f"http://{named}:{self.port}/"
         self._closed = False
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
                                         name="blero-metrics", daemon=True)
         self._thread.start()
 
@@ -2336,6 +2345,9 @@ def _demo(args) -> int:
             out.line(f"[Processor {k}] Done Processing job: {job.name}")
         return process
 
+    # Like Goblero's signal.Notify: Ctrl-C and SIGTERM stop the demo cleanly,
+    # even when it was started with SIGINT ignored (as a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         for k in range(1, args.n + 1):

@@ -8,13 +8,15 @@ with a bare sleep: every wait is for a condition, with a deadline.
 import contextlib
 import datetime
 import hashlib
-import io
+import http.client
+import http.server
 import json
 import logging
 import os
-import pickle
+import queue
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +26,7 @@ import textwrap
 import threading
 import time
 import unittest
+from typing import NamedTuple
 
 import blero
 
@@ -943,27 +946,1214 @@ class DemoTest(TempDirTest):
         self.assertEqual({bl.get_job(1).attempt, bl.get_job(2).attempt}, {2})
 
 
-class LibraryHygieneTest(TempDirTest):
-    """The library prints nothing and logs on the "blero" logger."""
+# ---------------------------------------------------------------------------
+# Helpers of the operations tests
+# ---------------------------------------------------------------------------
 
-    def test_prints_nothing_and_logs_failed_tries(self):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                self.assertLogs("blero", "DEBUG") as logs:
-            bl = self.queue(retries=1, backoff_base=0)
-            bl.register_processor(lambda job: 1 / 0)
-            job_id = bl.enqueue("x")
-            with self.assertRaises(blero.JobFailed):
-                bl.wait(job_id, timeout=10)
+def wait_equal(test, get, expected, timeout=10.0, message="value"):
+    """Wait until `get()` equals `expected`; on timeout fail showing the difference."""
+    try:
+        wait_until(lambda: get() == expected, timeout=timeout, message=message)
+    except AssertionError:
+        pass
+    test.assertEqual(get(), expected, f"{message} never became {expected!r}")
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def http_request(port, method, path, body=None, headers=None):
+    """One request to 127.0.0.1:port: (status, content type, body bytes).
+
+    Sends `Host: 127.0.0.1:port` unless `headers` says otherwise; a header
+    given as None is left out altogether.  `body` is JSON-encoded unless bytes."""
+    headers = {"Host": f"127.0.0.1:{port}", **(headers or {})}
+    data = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            if value is not None:
+                conn.putheader(name, value)
+        if method == "POST" or data:
+            if data and "Content-Type" not in headers:
+                conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders(data or None)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        conn.close()
+
+
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_SAMPLE_LINE = re.compile(rf"({_METRIC_NAME})(?:\{{(.*)\}})? (\S+)(?: -?\d+)?")
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"(,|$)')
+
+
+def parse_prometheus(test, text):
+    """Check the Prometheus text format line by line; return (samples, types).
+
+    samples: {(metric name, frozenset of label pairs): float}; types: {family: type}.
+    Every line must be `# HELP name text`, `# TYPE name type` or a sample of a
+    family whose TYPE came before it."""
+    test.assertTrue(text.endswith("\n"), "the exposition must end with a newline")
+    samples, types = {}, {}
+    for line in text[:-1].split("\n"):
+        comment = re.fullmatch(rf"# (HELP|TYPE) ({_METRIC_NAME}) (.+)", line)
+        if comment:
+            kind, name, rest = comment.groups()
+            if kind == "TYPE":
+                test.assertIn(rest, ("counter", "gauge", "summary", "histogram", "untyped"), line)
+                test.assertNotIn(name, types, f"a second TYPE line: {line!r}")
+                types[name] = rest
+            continue
+        sample = _SAMPLE_LINE.fullmatch(line)
+        test.assertIsNotNone(sample, f"neither a comment nor a sample: {line!r}")
+        name, label_text, value = sample.groups()
+        labels, pos = {}, 0
+        while label_text and pos < len(label_text):
+            pair = _LABEL_PAIR.match(label_text, pos)
+            test.assertIsNotNone(pair, f"bad labels in {line!r}")
+            labels[pair.group(1)] = pair.group(2)
+            pos = pair.end()
+        family = name
+        stem, _, suffix = name.rpartition("_")
+        if name not in types and suffix in ("sum", "count", "bucket") \
+                and types.get(stem) in ("summary", "histogram"):
+            family = stem
+        test.assertIn(family, types, f"a sample before its TYPE line: {line!r}")
+        key = (name, frozenset(labels.items()))
+        test.assertNotIn(key, samples, f"a repeated sample: {line!r}")
+        samples[key] = float(value)     # float() takes +Inf, -Inf and NaN too
+    return samples, types
+
+
+def metric_by_label(samples, name, label):
+    """{label value: sample value} of one metric family."""
+    return {dict(labels)[label]: value for (n, labels), value in samples.items() if n == name}
+
+
+class LineReader:
+    """Collects a child's stdout lines on a thread, so tests can wait for one with a deadline."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def expect(self, pattern, count=1, timeout=30.0):
+        """Wait for `count` lines (in all) that search-match `pattern`; return their matches."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for m in map(re.compile(pattern).search, self.lines) if m]
+            if len(found) >= count:
+                return found
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"timed out after {timeout} s waiting for {pattern!r};"
+                                     f" got {self.lines!r}") from None
+            if line is None:
+                raise AssertionError(f"output ended before {pattern!r}; got {self.lines!r}")
+            self.lines.append(line)
+
+    def rest(self, timeout=30.0):
+        """Every line, once the stream has ended."""
+        self._thread.join(timeout)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return self.lines
+            if line is not None:
+                self.lines.append(line)
+
+
+def stop_child(proc):
+    """Cleanup for a child process this test started: kill it if it still runs."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def run_cli(*args, timeout=60):
+    """`python -m blero ARGS`: the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "blero", *map(str, args)], cwd=HERE,
+                          env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_clis(*commands, timeout=60):
+    """Several `python -m blero` runs at once (they are independent): their
+    (returncode, stdout, stderr), in order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "blero", *map(str, args)], cwd=HERE,
+                              env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            stop_child(proc)
+        results.append((proc.returncode, out, err))
+    return results
+
+
+# A child that runs one job per processor, each for ever, until it is killed:
+# argv is the queue file and the `retries` of each job, comma-separated.
+_RUN_UNTIL_KILLED = """
+    import os, sys, threading, blero
+    bl = blero.new(sys.argv[1])
+    retries = [int(r) for r in sys.argv[2].split(",")]
+    def run(job):
+        os.write(1, f"running {job.id}\\n".encode())     # one write: lines never mix
+        threading.Event().wait()
+    for _ in retries:
+        bl.register_processor(run)
+    bl.start()
+    for r in retries:
+        bl.enqueue("doomed", f"data {r}", retries=r)
+    threading.Event().wait()
+"""
+
+
+def kill_with_running_jobs(test, path, retries):
+    """Kill -9 a process while it runs one job per entry of `retries`
+    (ids 1, 2, ...; job i has retries[i-1]); return their ids."""
+    proc = start_child(_RUN_UNTIL_KILLED, path, ",".join(map(str, retries)),
+                       stdout=subprocess.PIPE, text=True)
+    test.addCleanup(stop_child, proc)
+    LineReader(proc.stdout).expect(r"^running \d+$", count=len(retries))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    return list(range(1, len(retries) + 1))
+
+
+# ---------------------------------------------------------------------------
+# Recurring jobs: every / unschedule
+# ---------------------------------------------------------------------------
+
+class Run(NamedTuple):
+    id: int
+    name: str
+    data: object
+    priority: int
+    attempt: int
+    others_pending: list    # ids of other pending jobs of the same name, seen during this run
+
+
+class EveryTest(TempDirTest):
+    """every() and unschedule(): stored in the file, restart-safe, one run at a
+    time, missed runs collapse into one and the cadence restarts from it."""
+
+    def recorder(self, bl, hold=None):
+        """A processor recording each run; with `hold`, the first run blocks on it."""
+        runs = []
+
+        def run(job):
+            others = [j.id for j in bl.jobs(state="pending", name=job.name, limit=None)]
+            runs.append(Run(job.id, job.name, job.data, job.priority, job.attempt, others))
+            if hold is not None and len(runs) == 1:
+                hold.wait(30)
+            return job.data
+
+        return runs, run
+
+    def assert_one_run_at_a_time(self, runs):
+        self.assertEqual([r.others_pending for r in runs if r.others_pending], [],
+                         "another run of a schedule was pending while one ran")
+
+    def test_runs_at_once_then_every_interval(self):
+        bl = self.queue()
+        runs, run = self.recorder(bl)
+        bl.register_processor(run)
+        t0 = time.time()
+        self.assertEqual(bl.every(0.1, "tick", {"n": 1}), "tick")    # key defaults to name
+        wait_until(lambda: len(runs) >= 4, timeout=20, message="four runs")
+        infos = [bl.get_job(r.id) for r in runs[:4]]
+        self.assertLess(infos[0].created_at - t0, 5.0, "the first run is due at once")
+        for k, info in enumerate(infos):
+            # Run k is due k intervals after the first: never earlier, never a burst.
+            self.assertGreaterEqual(info.created_at, t0 + k * 0.1 - 1e-6, f"run {k}")
+            self.assertEqual((info.name, info.data, info.state), ("tick", {"n": 1}, "complete"))
+        self.assertEqual(len({r.id for r in runs}), len(runs), "each run is its own job")
+        self.assert_one_run_at_a_time(runs)
+
+    def test_one_run_outstanding_and_missed_runs_collapse(self):
+        bl = self.queue()
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        slow, slow_run = self.recorder(bl, hold=hold)
+        beats, beat_run = self.recorder(bl)
+        bl.register_processor(slow_run, names="slow")
+        bl.register_processor(beat_run, names="beat")
+        bl.every(0.2, "slow")
+        wait_until(lambda: slow, message="the first slow run")
+        bl.every(0.1, "beat")
+        # Six beats are half a second at least: two or more slow runs came due
+        # while the first one was still running.
+        wait_until(lambda: len(beats) >= 6, timeout=20, message="six beats")
+        self.assertEqual([j.state for j in bl.jobs(name="slow")], ["inprogress"],
+                         "at most one run of a schedule is pending or running")
+        released = time.time()
+        hold.set()
+        wait_until(lambda: len(slow) >= 3, timeout=20, message="three slow runs")
+        second, third = [bl.get_job(r.id) for r in slow[1:3]]
+        self.assertGreaterEqual(second.created_at, released)
+        self.assertLess(second.created_at - released, 5.0, "the missed runs run at once")
+        self.assertGreaterEqual(third.created_at - second.created_at, 0.2 - 1e-6,
+                                "missed runs collapse into one, and the cadence restarts from it")
+        self.assert_one_run_at_a_time(slow + beats)
+
+    def test_schedules_are_stored_and_run_after_a_restart(self):
+        path = os.path.join(self.dir, "q.db")
+        child = run_child("""
+            import sys, blero
+            bl = blero.new(sys.argv[1])
+            bl.start()
+            print(bl.every(0.1, "tick", {"from": "child"}, key="ticker", priority=3))
             bl.stop()
-        self.assertEqual((out.getvalue(), err.getvalue()), ("", ""))
-        warnings = [r for r in logs.records if r.levelno == logging.WARNING]
-        self.assertEqual(len(warnings), 2)
-        self.assertIn(f"job {job_id}", warnings[0].getMessage())
-        self.assertIn("ZeroDivisionError", warnings[0].getMessage())
-        self.assertTrue(any(r.levelno == logging.DEBUG and "Traceback" in r.getMessage()
-                            for r in logs.records))
-        self.assertTrue(any(r.levelno == logging.INFO and "started" in r.getMessage()
-                            for r in logs.records))
+        """, path)
+        self.assertEqual((child.returncode, child.stderr), (0, ""))
+        self.assertEqual(child.stdout.strip(), "ticker")
+        bl = self.queue()           # a new process's view: every() is never called here
+        runs, run = self.recorder(bl)
+        bl.register_processor(run)
+        wait_until(lambda: len(runs) >= 3, timeout=20, message="three runs after a restart")
+        for r in runs[:3]:
+            self.assertEqual((r.name, r.data, r.priority), ("tick", {"from": "child"}, 3))
+        self.assert_one_run_at_a_time(runs)
+
+    def test_missed_runs_during_downtime_collapse_into_one(self):
+        bl = self.queue()
+        runs, run = self.recorder(bl)
+        bl.register_processor(run)
+        bl.every(0.1, "tick")
+        wait_until(lambda: len(runs) >= 2, timeout=20, message="two runs")
+        bl.stop()
+        stopped = time.time()
+        # The downtime is a span of time (six intervals) that must pass on the clock.
+        wait_until(lambda: time.time() >= stopped + 0.6, message="six intervals of downtime")
+        restarted = time.time()
+        bl = self.queue()
+        runs, run = self.recorder(bl)
+        bl.register_processor(run)
+
+        def new_runs():
+            return [j for j in bl.jobs(name="tick", limit=None) if j.created_at >= restarted]
+
+        wait_until(lambda: len(new_runs()) >= 3, timeout=20, message="three runs after the restart")
+        first, second, third = new_runs()[:3]
+        self.assertLess(first.created_at - restarted, 5.0, "the missed runs run at once")
+        self.assertGreaterEqual(second.created_at - first.created_at, 0.1 - 1e-6,
+                                "six missed runs are one run, not a burst")
+        self.assertGreaterEqual(third.created_at - first.created_at, 0.2 - 1e-6,
+                                "the cadence restarts from the collapsed run")
+        self.assert_one_run_at_a_time(runs)
+
+    def test_every_again_with_the_same_key_updates_it(self):
+        bl = self.queue()
+        runs, run = self.recorder(bl)
+        bl.register_processor(run)
+        self.assertEqual(bl.every(3600, "tick", 1, key="k"), "k")
+        wait_until(lambda: runs, message="the first run")
+        self.assertEqual(bl.every(0.1, "tock", 2, key="k", priority=7), "k")
+        # Without the update the next run would be an hour away.
+        wait_until(lambda: len(runs) >= 3, timeout=20, message="runs at the new interval")
+        self.assertEqual((runs[0].name, runs[0].data), ("tick", 1))
+        for r in runs[1:3]:
+            self.assertEqual((r.name, r.data, r.priority), ("tock", 2, 7))
+        self.assertEqual(len(bl.jobs(name="tick", limit=None)), 1, "one schedule, updated")
+        self.assert_one_run_at_a_time(runs)
+
+    def test_unschedule_stops_the_runs(self):
+        bl = self.queue()
+        runs, run = self.recorder(bl)
+        bl.register_processor(run)
+        bl.every(0.1, "tick", key="t")
+        bl.every(0.1, "beat")
+        wait_until(lambda: len([r for r in runs if r.name == "tick"]) >= 2, timeout=20,
+                   message="two ticks")
+        self.assertTrue(bl.unschedule("t"))
+        unscheduled = time.time()
+        self.assertFalse(bl.unschedule("t"))
+        self.assertFalse(bl.unschedule("never-scheduled"))
+        beats = len([r for r in runs if r.name == "beat"])
+        wait_until(lambda: len([r for r in runs if r.name == "beat"]) >= beats + 5, timeout=20,
+                   message="five more beats (half a second)")
+        ticks = bl.jobs(name="tick", limit=None)
+        self.assertEqual([j.id for j in ticks if j.created_at > unscheduled], [],
+                         "no run after unschedule")
+        # A run enqueued before unschedule stays an ordinary job, and ends.
+        wait_until(lambda: all(j.state == "complete" for j in bl.jobs(name="tick", limit=None)),
+                   message="every tick run complete")
+
+    def test_every_and_unschedule_on_a_stopped_queue(self):
+        bl = self.queue()
+        bl.stop()
+        self.assertEqual(bl.every(0.1, "tick", key="a"), "a")
+        self.assertEqual(bl.every(0.1, "tock", key="b"), "b")
+        self.assertTrue(bl.unschedule("b"))
+        runs, run = self.recorder(bl)
+        bl.register_processor(run)
+        bl.start()
+        wait_until(lambda: len(runs) >= 2, timeout=20, message="runs of the stored schedule")
+        self.assertEqual({r.name for r in runs}, {"tick"})
+
+    def test_join_ignores_schedules_and_runs_are_ordinary_jobs(self):
+        bl = self.queue(backoff_base=0)
+        runs, run = self.recorder(bl)
+        bl.register_processor(run, names="other")
+        bl.every(0.1, "orphan")          # no processor takes these: the run waits
+        bl.enqueue("other", 1)
+        self.assertTrue(bl.join(timeout=10), "join does not wait for recurring runs")
+        wait_until(lambda: bl.jobs(name="orphan"), message="the first orphan run")
+        orphan = bl.jobs(name="orphan")
+        self.assertEqual([j.state for j in orphan], ["pending"])
+        self.assertTrue(bl.cancel(orphan[0].id), "a run is an ordinary job")
+
+    def test_run_options_and_a_failed_run_does_not_end_the_schedule(self):
+        bl = self.queue(retries=5, backoff_base=0)
+        tries = []
+
+        def fail(job):
+            tries.append(job.id)
+            raise ValueError("scheduled run fails")
+
+        bl.register_processor(fail)
+        bl.every(0.1, "tick", retries=0, priority=4)
+        wait_until(lambda: len(bl.jobs(name="tick", state="failed")) >= 2, timeout=20,
+                   message="two failed runs")
+        for info in bl.jobs(name="tick", state="failed"):
+            self.assertEqual((info.attempt, info.max_attempts, info.priority), (1, 1, 4))
+        self.assertEqual(len(tries), len(set(tries)), "retries=0: one try per run")
+
+    def test_bad_arguments(self):
+        bl = self.queue()
+        for interval in (0, -1, float("inf")):
+            with self.assertRaises(ValueError):
+                bl.every(interval, "tick")
+        with self.assertRaises(TypeError):
+            bl.every(1, "tick", bogus=1)
+        with self.assertRaises(TypeError):
+            bl.every(1, 5)
+        with self.assertRaises(ValueError):
+            bl.every(1, "")
+        self.assertEqual(bl.stats()["pending"], 0, "a refused every() stores nothing")
+
+
+# ---------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------
+
+class CallbacksTest(TempDirTest):
+    """on_complete(job, result) and on_failed(job, exc): once per job, at its end."""
+
+    def test_on_complete_gets_the_job_and_its_result(self):
+        calls = []
+        bl = self.queue(on_complete=lambda job, result: calls.append(
+            (job.id, job.name, job.data, job.attempt, result)))
+        bl.register_processor(lambda job: {"echo": job.data})
+        ids = [bl.enqueue("j", i) for i in range(3)]
+        for i, job_id in enumerate(ids):
+            self.assertEqual(bl.wait(job_id, timeout=10), {"echo": i})
+        wait_until(lambda: len(calls) == 3, message="three on_complete calls")
+        self.assertEqual(sorted(calls), [(ids[i], "j", i, 1, {"echo": i}) for i in range(3)])
+
+    def test_on_failed_once_when_the_job_ends_failed(self):
+        class Boom(Exception):
+            pass
+
+        failed, completed = [], []
+        bl = self.queue(retries=2, backoff_base=0,
+                        on_failed=lambda job, exc: failed.append((job.id, job.attempt, exc)),
+                        on_complete=lambda job, result: completed.append((job.id, result)))
+
+        def process(job):
+            if job.data == "always" or job.attempt == 1:
+                raise Boom(f"boom {job.id}.{job.attempt}")
+            return "ok"
+
+        always = bl.enqueue("j", "always")
+        once = bl.enqueue("j", "once")
+        bl.register_processor(process)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(always, timeout=10)
+        self.assertEqual(bl.wait(once, timeout=10), "ok")
+        wait_until(lambda: failed and completed, message="the callbacks")
+        self.assertEqual(completed, [(once, "ok")])
+        self.assertEqual(len(failed), 1, f"on_failed is not called per retried try: {failed}")
+        job_id, attempt, exc = failed[0]
+        self.assertEqual((job_id, attempt), (always, 3))
+        self.assertIsInstance(exc, Boom)
+        self.assertEqual(str(exc), f"boom {always}.3")
+
+    def test_on_failed_after_a_timeout(self):
+        failed = []
+        bl = self.queue(retries=0, on_failed=lambda job, exc: failed.append((job.id, exc)))
+        bl.register_processor(lambda job: job.cancelled.wait(30))
+        job_id = bl.enqueue("slow", timeout=0.2)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(job_id, timeout=10)
+        wait_until(lambda: failed, message="on_failed")
+        self.assertEqual(failed[0][0], job_id)
+        self.assertIsInstance(failed[0][1], TimeoutError)
+
+    def test_on_failed_when_stop_runs_out_of_time(self):
+        failed = []
+        bl = self.queue(retries=0, on_failed=lambda job, exc: failed.append((job.id, job.data, exc)))
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def process(job):
+            started.set()
+            release.wait(30)
+
+        bl.register_processor(process)
+        job_id = bl.enqueue("long", "payload")
+        self.assertTrue(started.wait(10))
+        bl.stop(timeout=0.1)
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(failed[0][:2], (job_id, "payload"))
+        self.assertIsInstance(failed[0][2], blero.BleroError)
+        self.assertEqual(str(failed[0][2]), "interrupted")
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.error), ("failed", "interrupted"))
+
+    @unittest.skipUnless(POSIX, "kill -9 needs POSIX")
+    def test_on_failed_when_crash_recovery_fails_a_job(self):
+        path = os.path.join(self.dir, "q.db")
+        out_of_tries, retried = kill_with_running_jobs(self, path, [0, 1])
+        failed, completed = [], []
+        bl = self.queue(on_failed=lambda job, exc: failed.append((job.id, job.data, exc)),
+                        on_complete=lambda job, result: completed.append((job.id, job.attempt)))
+        bl.register_processor(lambda job: "again")
+        self.assertEqual(bl.wait(retried, timeout=10), "again")
+        wait_until(lambda: failed and completed, message="the callbacks")
+        self.assertEqual(len(failed), 1, failed)
+        self.assertEqual(failed[0][:2], (out_of_tries, "data 0"))
+        self.assertIsInstance(failed[0][2], blero.BleroError)
+        self.assertEqual(str(failed[0][2]), "interrupted")
+        self.assertEqual(completed, [(retried, 2)])
+        info = bl.get_job(out_of_tries)
+        self.assertEqual((info.state, info.error), ("failed", "interrupted"))
+
+    def test_raising_callbacks_are_logged_and_ignored(self):
+        def callback(job, value):
+            raise RuntimeError(f"callback boom {job.id}")
+
+        bl = self.queue(retries=0, on_complete=callback, on_failed=callback)
+        bl.register_processor(lambda job: 1 / 0 if job.data == "bad" else job.data)   # one worker
+        with self.assertLogs("blero", logging.ERROR) as logs:
+            ids = [bl.enqueue("j", d) for d in ("a", "bad", "b", "bad", "c")]
+            for job_id, data in zip(ids, ("a", "bad", "b", "bad", "c")):
+                if data == "bad":
+                    with self.assertRaises(blero.JobFailed):
+                        bl.wait(job_id, timeout=10)
+                else:
+                    self.assertEqual(bl.wait(job_id, timeout=10), data)
+
+            def logged():
+                return sorted(str(r.exc_info[1]) for r in logs.records
+                              if r.exc_info and isinstance(r.exc_info[1], RuntimeError))
+
+            wait_until(lambda: len(logged()) == 5, message="five logged callback errors")
+        self.assertEqual(logged(), sorted(f"callback boom {i}" for i in ids))
+        self.assertEqual(bl.wait(bl.enqueue("j", "after"), timeout=10), "after",
+                         "the worker goes on")
+        self.assertEqual(bl.stats(), {"pending": 0, "inprogress": 0, "complete": 4,
+                                      "failed": 2, "cancelled": 0})
+
+    def test_callback_raising_a_base_exception_does_not_kill_the_worker(self):
+        class Escape(BaseException):
+            pass
+
+        calls, escaped = [], []
+        self.addCleanup(setattr, threading, "excepthook", threading.excepthook)
+        threading.excepthook = escaped.append
+
+        def callback(job, result):
+            calls.append(job.id)
+            if len(calls) == 1:
+                raise Escape("out of the callback")
+
+        bl = self.queue(on_complete=callback)
+        bl.register_processor(lambda job: job.data)       # one worker
+        ids = bl.enqueue_many([("j", i) for i in range(3)])
+        for i, job_id in enumerate(ids):
+            self.assertEqual(bl.wait(job_id, timeout=5), i)
+        self.assertEqual([a.exc_type for a in escaped], [], "a worker thread died")
+
+
+# ---------------------------------------------------------------------------
+# Logging, and printing nothing
+# ---------------------------------------------------------------------------
+
+class LoggingTest(TempDirTest):
+    """The "blero" logger: INFO for start, stop and recovery; WARNING per failed
+    try; tracebacks at DEBUG; and nothing ever printed."""
+
+    def test_logger_has_a_null_handler(self):
         handlers = logging.getLogger("blero").handlers
-        self.assertTrue(any(isinstance(h, logging.NullHandler) for h in handlers))
+        self.assertTrue(any(isinstance(h, logging.NullHandler) for h in handlers), handlers)
+
+    def test_start_and_stop_log_at_info(self):
+        bl = self.queue(start=False)
+        with self.assertLogs("blero", logging.INFO) as started:
+            bl.start()
+        with self.assertLogs("blero", logging.INFO) as stopped:
+            bl.stop()
+        for logs in (started, stopped):
+            self.assertIn(logging.INFO, [r.levelno for r in logs.records])
+            self.assertEqual([r for r in logs.records if r.levelno > logging.INFO], [])
+
+    @unittest.skipUnless(POSIX, "kill -9 needs POSIX")
+    def test_recovery_counts_at_info(self):
+        path = os.path.join(self.dir, "q.db")
+        kill_with_running_jobs(self, path, [0, 1, 1])
+        bl = self.queue(start=False)
+        with self.assertLogs("blero", logging.INFO) as logs:
+            bl.start()
+        messages = [r.getMessage().replace(path, "PATH") for r in logs.records
+                    if r.levelno == logging.INFO]
+        self.assertTrue(any(re.search(r"\b3\b", m) for m in messages),
+                        f"no INFO record counts the 3 recovered jobs: {messages}")
+
+    def test_failed_tries_warn_with_id_and_error_and_tracebacks_are_debug(self):
+        bl = self.queue(retries=1, backoff_base=0)
+
+        def process(job):
+            if job.name == "bad":
+                raise ValueError(f"kaboom-{job.data}")
+
+        bl.register_processor(process)
+        bl.enqueue_many([("ok", i) for i in range(10)])    # ids 1-10: 11 and 12 stand out
+        self.assertTrue(bl.join(10))
+        with self.assertLogs("blero", logging.DEBUG) as logs:
+            a, b = bl.enqueue("bad", "A"), bl.enqueue("bad", "B")
+            for job_id in (a, b):
+                with self.assertRaises(blero.JobFailed):
+                    bl.wait(job_id, timeout=10)
+            wait_until(lambda: len([r for r in logs.records if r.levelno == logging.WARNING]) >= 4,
+                       message="four warnings")
+        self.assertEqual((a, b), (11, 12))
+        warnings = [r for r in logs.records if r.levelno == logging.WARNING]
+        for job_id, tag in ((a, "A"), (b, "B")):
+            mine = [r.getMessage() for r in warnings if f"kaboom-{tag}" in r.getMessage()]
+            self.assertEqual(len(mine), 2, f"one WARNING per failed try of job {job_id}: {mine}")
+            for message in mine:
+                self.assertRegex(message, rf"\b{job_id}\b")
+                self.assertNotIn("Traceback", message, "tracebacks belong at DEBUG")
+        self.assertEqual([r.exc_info for r in warnings if r.exc_info], [])
+        self.assertEqual([r.getMessage() for r in logs.records if r.levelno > logging.WARNING], [])
+        debug = [r.getMessage() for r in logs.records if r.levelno == logging.DEBUG]
+        for tag in "AB":
+            self.assertTrue(any("Traceback (most recent call last)" in m and f"kaboom-{tag}" in m
+                                for m in debug), f"no DEBUG traceback for kaboom-{tag}")
+
+    def test_a_whole_run_prints_nothing(self):
+        child = run_child("""
+            import http.client, sys, threading, time
+            import blero
+
+            def wait_for(condition):
+                deadline = time.monotonic() + 20
+                while not condition():
+                    assert time.monotonic() < deadline, "timed out"
+                    time.sleep(0.01)
+
+            def callback(job, value):
+                raise RuntimeError("a callback raises")
+
+            bl = blero.new(sys.argv[1], retries=1, backoff_base=0,
+                           on_complete=callback, on_failed=callback)
+            hold = threading.Event()
+
+            def process(job):
+                if job.name == "hold":
+                    hold.wait(30)
+                elif job.data == "bad":
+                    raise ValueError("bad data")
+                return job.data
+
+            bl.register_processor(process)
+            bl.register_processor(process)
+            bl.start()
+            ids = [bl.enqueue("work", d) for d in ("a", "bad", "b")]
+            assert bl.join(20)
+            bl.every(0.05, "tick")
+            wait_for(lambda: len(bl.jobs(name="tick", state="complete")) >= 2)
+            bl.unschedule("tick")
+            server = bl.serve_metrics()
+            own = f"127.0.0.1:{server.port}"
+
+            def request(method, path, headers):
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                conn.request(method, path, body=b"{}" if method == "POST" else None,
+                             headers=headers)
+                status = conn.getresponse().status
+                conn.close()
+                return status
+
+            for path in ("/", "/metrics", "/api/stats", "/api/jobs", "/api/nothing"):
+                request("GET", path, {})
+            assert request("GET", "/api/stats", {"Host": "evil.example"}) >= 400
+            assert request("POST", "/api/retry", {}) >= 400
+            assert request("POST", "/api/retry", {"Origin": "http://" + own}) == 200
+            assert bl.cancel(bl.enqueue("later", delay=60))
+            bl.enqueue("hold")
+            wait_for(lambda: bl.stats()["inprogress"] == 1)
+            bl.stop(timeout=0.1)
+            hold.set()
+            bl.sweep()
+            blero.new(sys.argv[1]).stats()
+        """, os.path.join(self.dir, "q.db"))
+        self.assertEqual(child.returncode, 0, child.stderr)
+        self.assertEqual((child.stdout, child.stderr), ("", ""))
+
+    def test_the_server_prints_nothing_when_clients_go_away(self):
+        child = run_child("""
+            import http.client, socket, struct, sys
+            import blero
+
+            bl = blero.new(sys.argv[1])
+            bl.start()
+            server = bl.serve_metrics()
+            for i in range(5):      # send a request, then reset the connection
+                s = socket.create_connection(("127.0.0.1", server.port))
+                s.sendall(b"GET /api/jobs HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\n\\r\\n" % server.port)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("GET", "/metrics")
+            assert conn.getresponse().status == 200
+            bl.stop()
+        """, os.path.join(self.dir, "q.db"))
+        self.assertEqual(child.returncode, 0, child.stderr)
+        self.assertEqual((child.stdout, child.stderr[:2000]), ("", ""))
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+class MetricsTest(TempDirTest):
+    """metrics_text() in the Prometheus text format, and serve_metrics()."""
+
+    def test_a_fresh_queue_reports_every_state(self):
+        bl = self.queue()
+        samples, types = parse_prometheus(self, bl.metrics_text())
+        self.assertEqual(types["blero_jobs"], "gauge")
+        self.assertEqual(types["blero_jobs_finished_total"], "counter")
+        self.assertEqual(metric_by_label(samples, "blero_jobs", "state"),
+                         dict.fromkeys(blero.STATES, 0.0))
+        self.assertEqual(metric_by_label(samples, "blero_jobs_finished_total", "outcome"),
+                         dict.fromkeys(("complete", "failed", "retried", "cancelled"), 0.0))
+
+    def test_counts_after_a_known_workload(self):
+        bl = self.queue(retries=1, backoff_base=0)
+        held = threading.Event()
+
+        def hold(job):
+            held.set()
+            job.cancelled.wait(30)
+
+        def work(job):
+            if job.data == "always" or (job.data == "once" and job.attempt == 1):
+                raise ValueError(job.data)
+            return job.data
+
+        bl.register_processor(hold, names="hold")
+        bl.register_processor(work, names="work")
+        ok = [bl.enqueue("work", i) for i in range(3)]
+        always, once = bl.enqueue("work", "always"), bl.enqueue("work", "once")
+        later = bl.enqueue("work", "later", delay=3600)
+        bl.enqueue("work", "kept", delay=3600)
+        running = bl.enqueue("hold")
+        self.assertTrue(held.wait(10))
+        self.assertTrue(bl.cancel(later), "a cancelled pending job")
+        self.assertTrue(bl.cancel(running), "a cancelled running job")
+        for job_id in ok + [once]:
+            bl.wait(job_id, timeout=10)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(always, timeout=10)
+
+        def metrics():
+            samples, _ = parse_prometheus(self, bl.metrics_text())
+            return (metric_by_label(samples, "blero_jobs", "state"),
+                    metric_by_label(samples, "blero_jobs_finished_total", "outcome"))
+
+        wait_equal(self, metrics, (
+            {"pending": 1, "inprogress": 0, "complete": 4, "failed": 1, "cancelled": 2},
+            {"complete": 4, "failed": 1, "retried": 2, "cancelled": 2}), message="the metrics")
+        # Counters are this Blero's; gauges are the file's.
+        other = blero.new(bl.path)
+        samples, _ = parse_prometheus(self, other.metrics_text())
+        self.assertEqual(metric_by_label(samples, "blero_jobs", "state")["complete"], 4)
+        self.assertEqual(set(metric_by_label(samples, "blero_jobs_finished_total",
+                                             "outcome").values()), {0})
+
+    def test_serve_metrics_then_close(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: None)
+        bl.wait(bl.enqueue("j"), timeout=10)
+        server = bl.serve_metrics(port=0)
+        self.addCleanup(server.close)
+        self.assertIsInstance(server.port, int)
+        self.assertGreater(server.port, 0)
+        status, ctype, body = http_request(server.port, "GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(ctype.startswith("text/plain"), ctype)
+        samples, _ = parse_prometheus(self, body.decode())
+        self.assertEqual(metric_by_label(samples, "blero_jobs", "state"),
+                         {s: float(n) for s, n in bl.stats().items()})
+        self.assertEqual(metric_by_label(samples, "blero_jobs_finished_total", "outcome")
+                         ["complete"], 1)
+        server.close()
+        with self.assertRaises(OSError):
+            http_request(server.port, "GET", "/metrics")
+        server.close()      # a second close does nothing
+
+    def test_stop_closes_the_server(self):
+        bl = self.queue()
+        server = bl.serve_metrics()
+        self.assertEqual(http_request(server.port, "GET", "/metrics")[0], 200)
+        bl.stop()
+        with self.assertRaises(OSError):
+            http_request(server.port, "GET", "/metrics")
+
+    def test_metrics_can_be_scraped_by_a_host_name_when_serving_all_addresses(self):
+        # A Prometheus on another machine names this one in its Host header.
+        bl = self.queue()
+        server = bl.serve_metrics(host="0.0.0.0")
+        self.addCleanup(server.close)
+        status, _, body = http_request(server.port, "GET", "/metrics",
+                                       headers={"Host": f"queue-host.example:{server.port}"})
+        self.assertEqual(status, 200, body)
+
+
+# ---------------------------------------------------------------------------
+# The dashboard, over plain HTTP
+# ---------------------------------------------------------------------------
+
+class DashboardTest(TempDirTest):
+    """GET / and /api/ on the metrics server; POST actions only from the same origin."""
+
+    MARK = "secret-data-3141"
+
+    def dashboard(self):
+        """A queue with one complete, one failed and two pending jobs, served:
+        (queue, port, failed id, pending ids, Event that makes the failed job succeed)."""
+        fixed = threading.Event()
+
+        def process(job):
+            if job.data == "bad" and not fixed.is_set():
+                raise ValueError(f"dashboard boom {self.MARK}")
+            return job.data
+
+        bl = self.queue(retries=0)
+        bl.register_processor(process)
+        bl.wait(bl.enqueue("ok", {"mark": self.MARK}), timeout=10)
+        failed = bl.enqueue("ok", "bad")
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(failed, timeout=10)
+        pending = [bl.enqueue("later", i, delay=3600) for i in range(2)]
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        return bl, server.port, failed, pending, fixed
+
+    def get_json(self, port, path):
+        status, ctype, body = http_request(port, "GET", path)
+        self.assertEqual(status, 200, body)
+        self.assertTrue(ctype.startswith("application/json"), ctype)
+        return json.loads(body)
+
+    def test_the_page_is_one_self_contained_html_page(self):
+        bl, port, *_ = self.dashboard()
+        status, ctype, body = http_request(port, "GET", "/")
+        self.assertEqual(status, 200)
+        self.assertTrue(ctype.startswith("text/html"), ctype)
+        page = body.decode()
+        self.assertRegex(page, r"(?is)^\s*<!doctype html>.*<script>.*/api/.*</script>")
+        self.assertEqual(re.findall(r"(?i)<(?:link|iframe|object|embed)\b", page), [])
+        self.assertEqual(re.findall(r"(?i)<script\b[^>]*\bsrc\s*=", page), [])
+        self.assertEqual(re.findall(r"(?i)(?:src|href|action)\s*=\s*[\"']?\s*(?:https?:)?//", page), [])
+        self.assertEqual(re.findall(r"(?i)(?:url\(|@import)\s*[\"']?\s*(?:https?:)?//", page), [])
+        self.assertEqual(re.findall(r"(?i)fetch\(\s*[\"'](?:https?:)?//", page), [])
+
+    def test_json_api(self):
+        bl, port, failed, pending, _ = self.dashboard()
+        stats = self.get_json(port, "/api/stats")
+        self.assertEqual(stats["counts"], bl.stats())
+        jobs = self.get_json(port, "/api/jobs")
+        self.assertEqual([j["id"] for j in jobs], [j.id for j in bl.jobs()])
+        for job in jobs:
+            self.assertLessEqual(set(blero.JobInfo._fields), set(job))
+        self.assertEqual(jobs[0]["data"], repr({"mark": self.MARK}))
+        only_failed = self.get_json(port, "/api/jobs?state=failed")
+        self.assertEqual([(j["id"], j["state"]) for j in only_failed], [(failed, "failed")])
+        self.assertIn("dashboard boom", only_failed[0]["error"])
+        self.assertEqual(len(self.get_json(port, "/api/jobs?limit=1")), 1)
+        self.assertEqual(http_request(port, "GET", "/api/jobs?state=bogus")[0], 400)
+        self.assertEqual(http_request(port, "GET", "/api/nothing-here")[0], 404)
+
+    def test_actions_from_this_dashboard_work(self):
+        bl, port, failed, pending, fixed = self.dashboard()
+        own = {"Origin": f"http://127.0.0.1:{port}"}
+        fixed.set()
+        status, _, body = http_request(port, "POST", "/api/retry", {"ids": [failed]}, own)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(bl.wait(failed, timeout=10), "bad")
+        status, _, body = http_request(port, "POST", "/api/cancel", {"id": pending[0]}, own)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(bl.get_job(pending[0]).state, "cancelled")
+        by_name = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}
+        status, _, body = http_request(port, "POST", "/api/cancel", {"id": pending[1]}, by_name)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(bl.get_job(pending[1]).state, "cancelled")
+        self.assertEqual(http_request(port, "POST", "/api/cancel", {"id": "x"}, own)[0], 400)
+
+    def test_actions_from_elsewhere_are_refused(self):
+        bl, port, failed, pending, fixed = self.dashboard()
+        fixed.set()
+        own = f"http://127.0.0.1:{port}"
+        other_port = port + 1 if port < 65535 else port - 1
+        cases = {
+            "no Origin": {},
+            "another site": {"Origin": "http://evil.example"},
+            "an opaque origin": {"Origin": "null"},
+            "another local port": {"Origin": f"http://127.0.0.1:{other_port}"},
+            "another host, same port": {"Origin": f"http://evil.example:{port}"},
+            "a look-alike host": {"Origin": f"{own}.evil.example"},
+            "user info": {"Origin": f"http://127.0.0.1:{port}@evil.example"},
+            "DNS rebinding": {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},
+            "a foreign Host": {"Host": f"evil.example:{port}", "Origin": own},
+            "no Host": {"Host": None, "Origin": own},
+        }
+
+        def queue_state():
+            return bl.stats(), bl.get_job(failed), bl.get_job(pending[0]), bl.metrics_text()
+
+        for case, headers in cases.items():
+            for path, body in (("/api/retry", {}), ("/api/retry", {"ids": [failed]}),
+                               ("/api/cancel", {"id": pending[0]})):
+                with self.subTest(case=case, path=path, body=body):
+                    before = queue_state()
+                    status, _, reply = http_request(port, "POST", path, body, headers)
+                    self.assertTrue(400 <= status < 500, (status, reply))
+                    self.assertEqual(queue_state(), before, "the queue changed")
+
+    def test_reads_naming_another_host_are_refused(self):
+        bl, port, *_ = self.dashboard()
+        for path in ("/", "/api/stats", "/api/jobs"):
+            for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port}.evil.example",
+                         None):
+                with self.subTest(path=path, host=host):
+                    status, _, body = http_request(port, "GET", path, headers={"Host": host})
+                    self.assertTrue(400 <= status < 500, status)
+                    self.assertNotIn(self.MARK.encode(), body)
+
+
+# ---------------------------------------------------------------------------
+# The dashboard, in a real headless browser
+# ---------------------------------------------------------------------------
+
+def find_chromium():
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@unittest.skipUnless(POSIX and find_chromium(), "Chromium is not installed")
+class DashboardBrowserTest(TempDirTest):
+    """The page as Chromium renders it, and what a browser lets other pages do."""
+
+    def dump_dom(self, url, *flags):
+        """The DOM of `url` after its scripts ran (5 s of virtual time)."""
+        profile = os.path.join(self.dir, f"chromium-{len(os.listdir(self.dir))}")
+        proc = subprocess.Popen(
+            [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+             *flags, "--dump-dom", url],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+        self.assertEqual(proc.returncode, 0)
+        return out
+
+    def served(self):
+        """A queue with two complete, one failed and one pending job, served."""
+        bl = self.queue(retries=0)
+        bl.register_processor(lambda job: 1 / 0 if job.data == "bad" else job.data)
+        for data in ("one", "two"):
+            bl.wait(bl.enqueue("ok", data), timeout=10)
+        failed = bl.enqueue("boom", "bad")
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(failed, timeout=10)
+        bl.enqueue("later", "pending-data-2718", delay=3600)
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        return bl, server.port, failed
+
+    def test_the_page_shows_the_counts_and_failures(self):
+        bl, port, failed = self.served()
+        status, _, raw = http_request(port, "GET", "/")
+        self.assertNotIn(b'id="count-complete"', raw, "the counts are filled in by the script")
+        stats = json.loads(http_request(port, "GET", "/api/stats")[2])
+        dom = self.dump_dom(f"http://127.0.0.1:{port}/")
+        shown = {state: int(n) for state, n in re.findall(r'id="count-(\w+)"><b>(\d+)</b>', dom)}
+        self.assertEqual(shown, stats["counts"])
+        self.assertEqual(shown, {"pending": 1, "inprogress": 0, "complete": 2, "failed": 1,
+                                 "cancelled": 0})
+        failures = re.search(r'(?s)<table id="failures">(.*?)</table>', dom)
+        self.assertIsNotNone(failures, dom[:2000])
+        self.assertIn(f'data-id="{failed}"', failures.group(1))
+        self.assertIn("ZeroDivisionError", failures.group(1))
+        self.assertIn("pending-data-2718", dom)
+
+    def test_other_sites_cannot_act_on_the_queue(self):
+        bl, port, failed = self.served()
+        pending = bl.jobs(state="pending")[0].id
+        target = f"http://127.0.0.1:{port}"
+        page = f"""<!doctype html><html><body><script>
+            const send = (path, body) => fetch("{target}" + path, {{method: "POST",
+                mode: "no-cors", headers: {{"Content-Type": "text/plain"}}, body: body}});
+            Promise.all([send("/api/retry", "{{}}"), send("/api/cancel", '{{"id": {pending}}}')])
+              .then(() => document.body.setAttribute("data-sent", "yes"),
+                    e => document.body.setAttribute("data-sent", "error " + e));
+            </script></body></html>""".encode()
+
+        class Evil(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+
+        evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+        threading.Thread(target=evil.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        self.addCleanup(evil.server_close)
+        self.addCleanup(evil.shutdown)
+        before = (bl.stats(), bl.get_job(failed), bl.get_job(pending))
+        with self.assertLogs("blero", logging.DEBUG) as logs:
+            dom = self.dump_dom(f"http://127.0.0.1:{evil.server_address[1]}/")
+        self.assertIn('data-sent="yes"', dom, "the attacking page ran")
+        posts = [r.getMessage() for r in logs.records if "POST /api/" in r.getMessage()]
+        self.assertEqual(len(posts), 2, f"both requests reached the dashboard: {posts}")
+        self.assertEqual((bl.stats(), bl.get_job(failed), bl.get_job(pending)), before)
+
+    def test_dns_rebinding_gets_nothing(self):
+        bl, port, failed = self.served()
+        dom = self.dump_dom(f"http://evil.example:{port}/",
+                            "--host-resolver-rules=MAP evil.example 127.0.0.1")
+        self.assertNotIn('id="counts"', dom)
+        self.assertNotIn("pending-data-2718", dom)
+        self.assertIn("refused", dom, "the server answered, and refused")
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+class CommandLineTest(TempDirTest):
+    """python -m blero stats|jobs|retry|cancel|sweep|serve: exit 0, 1 on error, 2 on bad usage."""
+
+    COMMANDS = ("demo", "stats", "jobs", "retry", "cancel", "sweep", "serve")
+
+    def make_queue(self):
+        """A stopped queue file: 2 complete, 2 failed, 1 pending, 1 cancelled.
+        Returns (path, ids by label)."""
+        path = os.path.join(self.dir, "q.db")
+        bl = self.queue(retries=0)
+
+        def process(job):
+            if job.name == "bad":
+                raise ValueError(f"cli boom {job.data}")
+            return 42 if job.data == {"url": "a"} else None
+
+        bl.register_processor(process)
+        ids = {"a": bl.enqueue("fetch", {"url": "a"}), "b": bl.enqueue("fetch", "b"),
+               "bad1": bl.enqueue("bad", 1), "bad2": bl.enqueue("bad", 2),
+               "later": bl.enqueue("later", delay=3600), "gone": bl.enqueue("gone", delay=3600)}
+        self.assertTrue(bl.cancel(ids["gone"]))
+        for label in ("a", "b", "bad1", "bad2"):
+            with contextlib.suppress(blero.JobFailed):
+                bl.wait(ids[label], timeout=10)
+        bl.stop()
+        return path, ids
+
+    def stats(self, path):
+        return blero.new(path).stats()
+
+    def test_help_lists_the_commands(self):
+        result = run_cli("--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for command in self.COMMANDS:
+            self.assertRegex(result.stdout, rf"\b{command}\b")
+
+    def test_stats_and_jobs(self):
+        path, ids = self.make_queue()
+        expected = {"pending": 1, "inprogress": 0, "complete": 2, "failed": 2, "cancelled": 1}
+        results = run_clis(("stats", "--db", path), ("stats", "--db", path, "--json"),
+                           ("jobs", "--db", path), ("jobs", "--db", path, "--json"),
+                           ("jobs", "--db", path, "--json", "--state", "failed"),
+                           ("jobs", "--db", path, "--json", "--limit", "2"))
+        for code, out, err in results:
+            self.assertEqual((code, err), (0, ""))
+        (_, stats, _), (_, stats_json, _), (_, jobs, _), (_, all_json, _), \
+            (_, failed_json, _), (_, two_json, _) = results
+        lines = [line.split() for line in stats.splitlines()]
+        self.assertEqual({s: int(n) for s, n in lines}, expected)
+        self.assertEqual(len(lines), 5)
+        self.assertEqual(json.loads(stats_json), expected)
+        listed = [line for line in jobs.splitlines() if line.strip()]
+        self.assertEqual([int(re.match(r"\d+", line).group()) for line in listed],
+                         sorted(ids.values()))
+        everything = json.loads(all_json)
+        self.assertIsInstance(everything, list)
+        self.assertEqual([j["id"] for j in everything], sorted(ids.values()))
+        for job in everything:
+            self.assertEqual(set(job), set(blero.JobInfo._fields))
+        first = everything[0]
+        self.assertEqual((first["name"], first["state"], first["data"], first["result"]),
+                         ("fetch", "complete", repr({"url": "a"}), "42"))
+        self.assertEqual((everything[1]["data"], everything[1]["result"]), ("'b'", "None"))
+        failed = json.loads(failed_json)
+        self.assertEqual([j["id"] for j in failed], [ids["bad1"], ids["bad2"]])
+        self.assertIn("cli boom 1", failed[0]["error"])
+        self.assertEqual(len(json.loads(two_json)), 2)
+
+    def test_jobs_json_shows_whole_reprs(self):
+        path = os.path.join(self.dir, "q.db")
+        bl = self.queue()
+        data = {"blob": "x" * 1000}
+        bl.enqueue("big", data, delay=3600)
+        bl.stop()
+        result = run_cli("jobs", "--db", path, "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)[0]["data"], repr(data))
+
+    def test_retry_cancel_and_sweep(self):
+        path, ids = self.make_queue()
+        result = run_cli("cancel", "--db", path, ids["later"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(blero.new(path).get_job(ids["later"]).state, "cancelled")
+        result = run_cli("cancel", "--db", path, ids["a"])       # already ended
+        self.assertEqual(result.returncode, 1)
+        self.assertTrue(result.stderr.strip())
+        result = run_cli("retry", "--db", path, ids["bad1"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.stats(path)["failed"], 1)
+        self.assertEqual(blero.new(path).get_job(ids["bad1"]).state, "pending")
+        result = run_cli("retry", "--db", path)                   # all failed
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.stats(path), {"pending": 2, "inprogress": 0, "complete": 2,
+                                            "failed": 0, "cancelled": 2})
+        result = run_cli("sweep", "--db", path, "--older-than", 3600)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.stats(path)["complete"], 2)
+        result = run_cli("sweep", "--db", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.stats(path), {"pending": 2, "inprogress": 0, "complete": 0,
+                                            "failed": 0, "cancelled": 2})
+
+    def test_commands_on_a_live_queue(self):
+        bl = self.queue(retries=0)
+        fixed = threading.Event()
+        bl.register_processor(lambda job: job.data if fixed.is_set() else 1 / 0)
+        job_id = bl.enqueue("j", "data")
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(job_id, timeout=10)
+        fixed.set()
+        result = run_cli("retry", "--db", bl.path, job_id)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(bl.wait(job_id, timeout=10), "data", "the running queue takes it up")
+        result = run_cli("stats", "--db", bl.path, "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout), bl.stats())
+
+    def test_errors_exit_1_and_create_nothing(self):
+        missing = os.path.join(self.dir, "nowhere", "q.db")
+        empty_dir = os.path.join(self.dir, "empty") + os.sep
+        os.mkdir(empty_dir)
+        text = os.path.join(self.dir, "notes.txt")
+        with open(text, "w") as f:
+            f.write("not a queue\n" * 20)
+        foreign = os.path.join(self.dir, "other.db")
+        with contextlib.closing(sqlite3.connect(foreign)) as db:
+            db.execute("CREATE TABLE t (x)")
+            db.execute("INSERT INTO t VALUES (1)")
+            db.commit()
+        before = {name: read_bytes(os.path.join(self.dir, name))
+                  for name in ("notes.txt", "other.db")}
+        commands = [("stats", "--db", missing), ("cancel", "--db", missing, "1"),
+                    ("sweep", "--db", missing), ("serve", "--db", missing),
+                    ("stats", "--db", empty_dir), ("jobs", "--db", text, "--json"),
+                    ("retry", "--db", foreign), ("serve", "--db", foreign)]
+        for args, (code, out, err) in zip(commands, run_clis(*commands)):
+            with self.subTest(args=args):
+                self.assertEqual(code, 1, (out, err))
+                self.assertTrue(err.strip(), "a message on stderr")
+                self.assertNotIn("Traceback", err)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["empty", "notes.txt", "other.db"])
+        self.assertEqual(os.listdir(empty_dir), [])
+        for name, content in before.items():
+            self.assertEqual(read_bytes(os.path.join(self.dir, name)), content, f"{name} changed")
+
+    def test_bad_usage_exits_2(self):
+        path = os.path.join(self.dir, "q.db")
+        commands = [(), ("bogus",), ("stats",), ("cancel", "--db", path),
+                    ("cancel", "--db", path, "one"), ("jobs", "--db", path, "--state", "bogus"),
+                    ("jobs", "--db", path, "--limit", "-1"), ("demo", "-n", "0", "--db", path)]
+        for args, (code, out, err) in zip(commands, run_clis(*commands)):
+            with self.subTest(args=args):
+                self.assertEqual(code, 2, (out, err))
+                self.assertTrue(err.strip(), "usage on stderr")
+        self.assertEqual(os.listdir(self.dir), [], "bad usage creates nothing")
+
+    def test_serve_shows_the_dashboard_of_a_file(self):
+        path, ids = self.make_queue()
+        expected = self.stats(path)
+        proc = subprocess.Popen([sys.executable, "-m", "blero", "serve", "--db", path,
+                                 "--port", "0"], cwd=HERE, env=child_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_child, proc)
+        url = LineReader(proc.stdout).expect(r"http://[^\s/]+:(\d+)/?")[0]
+        port = int(url.group(1))
+        self.assertGreater(port, 0)
+        status, ctype, body = http_request(port, "GET", "/api/stats")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["counts"], expected)
+        self.assertEqual(http_request(port, "GET", "/")[0], 200)
+        proc.terminate()
+        proc.wait(20)
+        self.assertNotIn("Traceback", proc.stderr.read())
+        self.assertEqual(self.stats(path), expected, "serving changed nothing")
+
+
+if __name__ == "__main__":
+    unittest.main()
