@@ -915,6 +915,30 @@ class DemoTest(TempDirTest):
         self.assertNotIn("\x1b", out.stdout, "progress bar on a non-terminal")
         self.assertEqual(out.stderr, "")
 
+    @unittest.skipUnless(POSIX, "a pseudo-terminal")
+    def test_progress_line_on_a_terminal(self):
+        import pty
+        leader, follower = pty.openpty()
+        child = subprocess.Popen(self.demo("-n", "5", "--sleep", "0"), cwd=HERE, env=child_env(),
+                                 stdout=follower, stderr=follower)
+        os.close(follower)
+        self.addCleanup(child.kill)
+        output = b""
+        while True:     # until the child closes the terminal
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(leader)
+        self.assertEqual(child.wait(30), 0)
+        text = output.decode()
+        self.assertIn("50/50 jobs", text)
+        self.assertRegex(text, r"\[#+\.*\] \d+/50 jobs +[\d.]+ jobs/s +ETA")
+        self.assertEqual(text.count("Done Processing job"), 50)
+
     @unittest.skipUnless(POSIX, "SIGINT")
     def test_ctrl_c_stops_cleanly_and_the_second_run_carries_on(self):
         log = os.path.join(self.dir, "out.txt")
