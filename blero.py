@@ -46,8 +46,9 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 try:
     import fcntl
+    import resource
 except ImportError:  # Windows: liveness falls back to heartbeats and leases
-    fcntl = None
+    fcntl = resource = None
 
 __all__ = [
     "Blero", "new", "Job", "JobInfo", "BleroError", "JobFailed", "JobCancelled",
@@ -353,19 +354,121 @@ _SCHEDULED_RUN = "UPDATE schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM schedules"
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if "disk is full" in text or "disk I/O" in text:
-        return f"{text} (is the disk full?)" if "full" in text else text
-    return text
-
-
 def _is_busy(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return code & 0xFF in (5, 6)   # SQLITE_BUSY, SQLITE_LOCKED
     text = str(exc)
     return "locked" in text or "busy" in text
+
+
+# -- The lock file: who may set the file up, and who is alive -----------------
+#
+# `<db>-lock` carries advisory (fcntl) locks.  Byte 0 is held while a process
+# checks, creates or sets up the queue file, so processes starting together
+# never race to create it.  Every started queue is an "owner" with a random
+# id and claims jobs in its name; while it runs it holds the byte at the
+# offset of its id.  The OS drops that lock the moment the process dies,
+# however it dies, so another process tells a dead owner from a live one at
+# once by trying that byte.  POSIX locks belong to the process, and closing
+# any descriptor of the file drops them all: so each lock file is opened once
+# per process (keyed by its real path) and closed when no queue here uses it,
+# and owners in this process are known from a set.  Without fcntl (Windows),
+# heartbeats stand in: an owner is dead after `lease` seconds of silence.
+
+_lock_files: dict[str, list] = {}    # lock file's real path -> [fd, users]
+_local_owners: set[int] = set()
+_lock_files_lock = threading.Lock()
+_opening_lock = threading.Lock()     # byte 0 does not keep out this process's threads
+
+
+def _lock_path(db_path: str) -> str:
+    return os.path.realpath(db_path) + "-lock"
+
+
+def _lock_fd(db_path: str) -> int:
+    """Open (or share) the lock file; the caller holds `_lock_files_lock`."""
+    key = _lock_path(db_path)
+    entry = _lock_files.get(key)
+    if entry is None:
+        entry = _lock_files[key] = [os.open(key, os.O_RDWR | os.O_CREAT, 0o600), 0]
+    entry[1] += 1
+    return entry[0]
+
+
+def _unlock_fd(db_path: str) -> None:
+    """Stop using the lock file; the caller holds `_lock_files_lock`."""
+    key = _lock_path(db_path)
+    entry = _lock_files[key]
+    entry[1] -= 1
+    if entry[1] == 0:
+        os.close(entry[0])
+        del _lock_files[key]
+
+
+@contextlib.contextmanager
+def _opening(db_path: str):
+    """Hold byte 0 of the lock file: one process at a time sets a file up."""
+    with _opening_lock:
+        if fcntl is None:
+            yield
+            return
+        with _lock_files_lock:
+            try:
+                fd = _lock_fd(db_path)
+            except OSError as exc:
+                raise BleroError(f"{_lock_path(db_path)}: cannot create the lock file: "
+                                 f"{exc.strerror or exc}") from exc
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
+            try:
+                yield
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+        finally:
+            with _lock_files_lock:
+                _unlock_fd(db_path)
+
+
+def _new_owner_id() -> int:
+    return secrets.randbits(46) + (1 << 40)   # far above SQLite's own lock bytes
+
+
+def _hold_owner(db_path: str, owner: int) -> None:
+    """Mark `owner` alive for as long as this process runs or until released."""
+    with _lock_files_lock:
+        if fcntl is not None:
+            fd = _lock_fd(db_path)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, owner)
+            except BaseException:
+                _unlock_fd(db_path)
+                raise
+        _local_owners.add(owner)
+
+
+def _release_owner(db_path: str, owner: int) -> None:
+    with _lock_files_lock:
+        if owner in _local_owners and fcntl is not None:
+            fcntl.lockf(_lock_files[_lock_path(db_path)][0], fcntl.LOCK_UN, 1, owner)
+            _unlock_fd(db_path)
+        _local_owners.discard(owner)
+
+
+def _owner_alive(db_path: str, owner: int) -> bool | None:
+    """True or False where the lock tells; None where only a lease can."""
+    with _lock_files_lock:
+        if owner in _local_owners:
+            return True
+        entry = _lock_files.get(_lock_path(db_path))
+        if entry is None:
+            return None
+        try:
+            fcntl.lockf(entry[0], fcntl.LOCK_SH | fcntl.LOCK_NB, 1, owner)
+        except OSError:
+            return True
+        fcntl.lockf(entry[0], fcntl.LOCK_UN, 1, owner)
+        return False
 
 
 class _Op:
@@ -416,13 +519,41 @@ class _Storage:
         the path and the cause, with the file left as it was, if it is not
         a blero queue this code can use."""
         path = self.path
+        folder = os.path.dirname(path) or "."
         kind = self._check_header()
+        if kind == "missing":
+            if not create:
+                raise BleroError(f"{path}: no queue file there")
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise BleroError(f"{path}: cannot create its directory: "
+                                 f"{exc.strerror or exc}") from exc
+        elif not os.access(path, os.W_OK):
+            raise BleroError(f"{path}: read-only: no permission to write the queue file")
+        if not os.access(folder, os.W_OK) and not all(
+                os.path.exists(path + s) for s in ("-wal", "-shm")):
+            raise BleroError(f"{path}: its directory is read-only, and SQLite needs to "
+                             f"create {os.path.basename(path)}-wal and -shm there")
+        lock = _lock_path(path)
+        made_lock = not os.path.exists(lock)
+        with _opening(path):
+            try:
+                self._open(create)
+            except BaseException:
+                if made_lock:
+                    with contextlib.suppress(OSError):
+                        os.remove(lock)
+                raise
+
+    def _open(self, create: bool) -> None:
+        path = self.path
+        kind = self._check_header()   # again: another process may have made it meanwhile
         if kind == "missing" and not create:
             raise BleroError(f"{path}: no queue file there")
         made = False
         if kind == "missing":
             try:
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 made = True
             except FileExistsError:
@@ -443,7 +574,7 @@ class _Storage:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(name)
             if isinstance(exc, sqlite3.Error):
-                raise BleroError(f"{path}: cannot open the queue: {_describe(exc)}") from exc
+                raise BleroError(f"{path}: cannot open the queue: {exc}") from exc
             raise
         st = os.stat(path)
         self._identity = (st.st_dev, st.st_ino)
@@ -506,7 +637,7 @@ class _Storage:
             problems = [r[0] for r in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise BleroError(f"{self.path}: the queue file is damaged: {problems[0]}")
-            db.execute("BEGIN IMMEDIATE")   # fails here, not later, on a read-only file
+            self._begin(db)     # fails here, not later, on a file we cannot write
             db.execute("ROLLBACK")
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
@@ -516,7 +647,7 @@ class _Storage:
         mode = db.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
         if mode.lower() != "wal":
             raise BleroError(f"{self.path}: cannot use WAL mode here (got {mode})")
-        db.execute("BEGIN IMMEDIATE")
+        self._begin(db)
         try:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -536,6 +667,8 @@ class _Storage:
             self._leading = True
         try:
             with self._read_lock:
+                if self._db is not None and self._identity is not None:
+                    self._checkpoint_if_moved()
                 for db in (self._reader, self._db):
                     if db is not None:
                         try:
@@ -547,6 +680,16 @@ class _Storage:
             with self._mutex:
                 self._leading = False
                 self._turn.notify_all()
+
+    def _checkpoint_if_moved(self) -> None:
+        # SQLite skips its closing checkpoint for a file that was removed or
+        # replaced, leaving our -wal beside whatever file has the name now,
+        # which would replay it on the next open: empty it into our old file.
+        try:
+            self._check_identity()
+        except BleroError:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- the two ways in: group-committed writes, and reads -------------------
 
@@ -657,10 +800,26 @@ class _Storage:
                 self._check_identity()
             except BleroError as moved:
                 return moved
-            error = BleroError(f"{self.path}: {_describe(exc)}")
+            error = BleroError(f"{self.path}: {exc}{self._space_hint(exc)}")
             error.__cause__ = exc
             return error
         return exc
+
+    def _space_hint(self, exc: Exception) -> str:
+        """Why a write failed, where SQLite only says "disk I/O error"."""
+        text = str(exc)
+        if "disk I/O error" not in text and "full" not in text:
+            return ""
+        if resource is not None:
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY:
+                return f" (this process may not write files over {limit} bytes: RLIMIT_FSIZE)"
+        try:
+            st = os.statvfs(os.path.dirname(self.path) or ".")
+        except (OSError, AttributeError):
+            return ""
+        free = st.f_bavail * st.f_frsize
+        return f" (the disk is full: {free} bytes free)" if free < (1 << 24) else ""
 
     def _read(self, fn, *args):
         """Run `fn(reader, *args)` on the read connection."""
@@ -932,73 +1091,6 @@ class _Storage:
 
 
 # ---------------------------------------------------------------------------
-# Owners: telling a live queue from a dead one
-# ---------------------------------------------------------------------------
-#
-# Every started queue is an "owner" with a random id, and claims jobs in its
-# name.  While it runs it holds an advisory lock on one byte of `<db>-lock`,
-# at the offset of its id; the OS drops the lock the moment the process dies,
-# however it dies.  So another process tells a dead owner from a live one at
-# once by trying that byte.  POSIX locks belong to the process, so owners in
-# this process are known from a set instead, and the lock file stays open
-# while any queue here uses it (closing it would drop every lock).  Without
-# fcntl (Windows), heartbeats stand in: an owner is dead after `lease`
-# seconds of silence.
-
-_lock_files: dict[str, list] = {}    # lock path -> [fd, owners using it]
-_local_owners: set[int] = set()
-_lock_files_lock = threading.Lock()
-
-
-def _new_owner_id() -> int:
-    return secrets.randbits(46) + (1 << 40)   # far above SQLite's own lock bytes
-
-
-def _hold_owner(db_path: str, owner: int) -> None:
-    """Mark `owner` alive for as long as this process runs or until released."""
-    with _lock_files_lock:
-        _local_owners.add(owner)
-        if fcntl is None:
-            return
-        lock_path = db_path + "-lock"
-        entry = _lock_files.get(lock_path)
-        if entry is None:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            entry = _lock_files[lock_path] = [fd, 0]
-        entry[1] += 1
-        fcntl.lockf(entry[0], fcntl.LOCK_EX | fcntl.LOCK_NB, 1, owner)
-
-
-def _release_owner(db_path: str, owner: int) -> None:
-    with _lock_files_lock:
-        _local_owners.discard(owner)
-        entry = _lock_files.get(db_path + "-lock")
-        if entry is None:
-            return
-        fcntl.lockf(entry[0], fcntl.LOCK_UN, 1, owner)
-        entry[1] -= 1
-        if entry[1] == 0:
-            os.close(entry[0])
-            del _lock_files[db_path + "-lock"]
-
-
-def _owner_alive(db_path: str, owner: int) -> bool | None:
-    """True or False where the lock tells; None where only a lease can."""
-    with _lock_files_lock:
-        if owner in _local_owners:
-            return True
-        entry = _lock_files.get(db_path + "-lock")
-        if entry is None:
-            return None
-        try:
-            fcntl.lockf(entry[0], fcntl.LOCK_SH | fcntl.LOCK_NB, 1, owner)
-        except OSError:
-            return True
-        fcntl.lockf(entry[0], fcntl.LOCK_UN, 1, owner)
-        return False
-
-
-# ---------------------------------------------------------------------------
 # The dispatcher and its workers
 # ---------------------------------------------------------------------------
 #
@@ -1198,12 +1290,14 @@ class _Dispatcher:
                         late.append(w.job)
         for job in late:
             job._cancel()
-        self.hand_back(self.owner, drop_owner=True)
-        with self._lock:
-            self._clock_stop = True
-            self._tick.notify()
-        if self._clock is not me and self._clock.is_alive():
-            self._clock.join()
+        try:
+            self.hand_back(self.owner, drop_owner=True)
+        finally:
+            with self._lock:
+                self._clock_stop = True
+                self._tick.notify()
+            if self._clock is not me and self._clock.is_alive():
+                self._clock.join()
         return late
 
     def exited(self, worker: _Worker) -> None:
