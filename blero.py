@@ -474,13 +474,14 @@ def _owner_alive(db_path: str, owner: int) -> bool | None:
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "result", "error", "done")
+    __slots__ = ("fn", "args", "result", "error", "done", "lock")
 
     def __init__(self, fn, args):
         self.fn = fn
         self.args = args
-        self.error = None
+        self.result = self.error = None
         self.done = False
+        self.lock = None    # held while the caller waits; released to wake it
 
 
 class _Storage:
@@ -489,26 +490,29 @@ class _Storage:
     Writes are functions of the write connection passed to `_write`, which
     commits them in groups: a caller that finds no transaction under way
     becomes the leader, runs every write queued meanwhile in one transaction
-    and commits once for all (group commit, and no writer thread to wake).
-    If that transaction fails, each write is retried alone, so one bad write
-    never takes its neighbours down.  Reads use a second connection, which
-    WAL lets run beside the writer.
+    (and those that arrive before it commits) and commits once for all: group
+    commit, with no writer thread to wake.  A waiting caller sleeps on a lock
+    of its own, released either when its write is committed or to hand it the
+    next turn, so each commit wakes only the callers it concerns.  If the
+    transaction fails, each write is retried alone, so one bad write never
+    takes its neighbours down.  Reads use a second connection, which WAL lets
+    run beside the writer.
     """
 
     def __init__(self, path: str, sync: str = "normal"):
         self.path = path
         self._sync = sync
-        self._mutex = threading.Lock()
-        self._turn = threading.Condition(self._mutex)
+        self._mutex = threading.Lock()    # guards the four fields below
         self._queue: list[_Op] = []
-        self._leading = False
+        self._leading = False             # some thread has the turn
+        self._closer: _Op | None = None   # close() waits for the turn: refuse writes
+        self._look_wanted = False         # the leader should read data_version when done
         self._db = None
         self._reader = None
         self._read_lock = threading.Lock()
         self._identity = None
         self._data_version = None
-        self._look_wanted = False     # a leader should read data_version when done
-        self._changed = False         # another connection committed since last asked
+        self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._claim_sql: dict[int, tuple[str, str]] = {}
 
@@ -660,26 +664,32 @@ class _Storage:
             raise
 
     def close(self) -> None:
-        """Close both connections; the last one to close checkpoints the WAL."""
+        """Close both connections once the writes under way are done; the
+        last connection to close checkpoints the WAL."""
+        op = _Op(None, ())
         with self._mutex:
-            while self._leading:
-                self._turn.wait()
-            self._leading = True
+            if self._closer is not None:
+                return
+            self._closer = op              # from now on, new writes are refused
+            if self._leading:
+                op.lock = threading.Lock()
+                op.lock.acquire()
+            else:
+                self._leading = True
+        if op.lock is not None:
+            op.lock.acquire()              # the turn, once the queue has drained
         try:
             with self._read_lock:
                 if self._db is not None and self._identity is not None:
                     self._checkpoint_if_moved()
                 for db in (self._reader, self._db):
                     if db is not None:
-                        try:
+                        with contextlib.suppress(sqlite3.Error):
                             db.close()
-                        except sqlite3.Error:
-                            pass
                 self._reader = self._db = None
         finally:
             with self._mutex:
                 self._leading = False
-                self._turn.notify_all()
 
     def _checkpoint_if_moved(self) -> None:
         # SQLite skips its closing checkpoint for a file that was removed or
@@ -698,18 +708,19 @@ class _Storage:
         other writes are waiting; return its result once committed."""
         op = _Op(fn, args)
         with self._mutex:
+            if self._closer is not None:
+                raise BleroError(f"{self.path}: the queue is stopped")
             self._queue.append(op)
-            while self._leading and not op.done:
-                self._turn.wait()
-            if not op.done:
-                if self._db is None:
-                    self._queue.remove(op)
-                    raise BleroError(f"{self.path}: the queue is stopped")
+            if self._leading:
+                op.lock = threading.Lock()
+                op.lock.acquire()
+            else:
                 self._leading = True
-                batch, self._queue = self._queue, []
+        if op.lock is not None:
+            op.lock.acquire()     # our write is done, or it is our turn to lead
         if not op.done:
             try:
-                self._commit(batch, op)
+                self._commit(op)
             finally:
                 self._hand_over()
         if op.error is not None:
@@ -717,22 +728,26 @@ class _Storage:
         return op.result
 
     def _hand_over(self) -> None:
-        """End this leader's turn: look at data_version if asked, wake the waiters."""
+        """End this turn: read data_version if asked, then pass the turn to the
+        first caller waiting (waking that one alone), or to close()."""
         if self._look_wanted:
             self._look_wanted = False
             self._look()
         with self._mutex:
-            self._leading = False
-            self._turn.notify_all()
+            if self._queue:
+                self._queue[0].lock.release()
+            elif self._closer is not None and self._closer.lock is not None:
+                self._closer.lock.release()
+            else:
+                self._leading = False
 
-    def _commit(self, batch: list[_Op], own: _Op) -> None:
+    def _commit(self, own: _Op) -> None:
+        """Lead one transaction for every write queued, then wake their callers."""
+        with self._mutex:
+            batch, self._queue = self._queue, []
         try:
-            self._transaction(batch)
-        except Exception as exc:
-            if len(batch) == 1:
-                own.error = self._error(exc)
-                own.done = True
-                return
+            self._transaction(batch, absorb=True)
+        except Exception:
             for op in batch:     # find the write that failed; keep the others
                 try:
                     self._transaction([op])
@@ -741,18 +756,29 @@ class _Storage:
                     op.done = True
         except BaseException:
             # Interrupted (Ctrl-C in the leading thread): the other callers'
-            # writes go back in line for the next leader.
+            # writes go back in line, and the next turn is theirs.
             with self._mutex:
                 self._queue[:0] = [op for op in batch if op is not own]
             raise
+        for op in batch:
+            if op is not own:
+                op.lock.release()
 
-    def _transaction(self, ops: list[_Op]) -> None:
+    def _transaction(self, ops: list[_Op], absorb: bool = False) -> None:
         db = self._db
         if db is None:
             raise BleroError(f"{self.path}: the queue is stopped")
         self._begin(db)
         try:
             results = [op.fn(db, *op.args) for op in ops]
+            if absorb and self._queue:
+                # Writes that came while this one ran share its commit (and,
+                # with sync="full", its fsync).  `ops` grows in place, so the
+                # caller's retries and wake-ups cover them.
+                with self._mutex:
+                    late, self._queue = self._queue, []
+                ops.extend(late)
+                results.extend(op.fn(db, *op.args) for op in late)
             self._check_identity()
             db.execute("COMMIT")
         except BaseException:
@@ -962,7 +988,7 @@ class _Storage:
         would cost each writer a thread hand-off): that write's leader looks
         when it is done, and the answer comes with the next call."""
         with self._mutex:
-            busy = self._leading
+            busy = self._leading or self._closer is not None
             if busy:
                 self._look_wanted = True
             else:
@@ -1107,6 +1133,26 @@ _POLL = 0.05           # seconds between looks for other processes' commits
 _STORAGE_RETRY = 0.5   # seconds a worker waits after a storage failure
 
 
+class _Changes(threading.Condition):
+    """What `wait` and `join` sleep on until jobs may have ended.
+
+    One finished job concerns only `wait` callers (`watchers` counts them), so
+    the workers' hot path notifies nobody when none is waiting; `join` is
+    woken when workers run out of work, and polls besides."""
+
+    def __init__(self):
+        super().__init__()
+        self.watchers = 0
+
+    def job_ended(self) -> None:
+        if self.watchers:
+            self.wake()
+
+    def wake(self) -> None:
+        with self:
+            self.notify_all()
+
+
 class _Processor:
     """A registered processor: the callable, the job names it takes, and its worker."""
 
@@ -1217,12 +1263,12 @@ class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
-                 counters: _Counters, changed: threading.Condition):
+                 counters: _Counters, changed: _Changes):
         self.storage = storage
         self.settings = settings
         self.owner = owner
         self.counters = counters
-        self.changed = changed     # notified whenever a job may have ended
+        self.changed = changed     # told whenever a job may have ended
         self.seq = 0               # bumped whenever new work may be ready
         self.stopping = False
         self._lock = threading.Lock()
@@ -1322,8 +1368,7 @@ class _Dispatcher:
                 return
             worker.wake.clear()
             self._idle.append(worker)
-        with self.changed:
-            self.changed.notify_all()   # join() looks again when workers run dry
+        self.changed.wake()     # join() looks again when workers run dry
         worker.wake.wait()
 
     def work_arrived(self, names: list[str] | None) -> None:
@@ -1473,8 +1518,7 @@ class _Dispatcher:
                 self.delayed_at(outcome.run_at)
             else:
                 self.work_arrived([job.name])
-        with self.changed:
-            self.changed.notify_all()
+        self.changed.job_ended()
 
     def cancelled(self, job_id: int) -> None:
         """A job was cancelled: stop its try if it runs here."""
@@ -1484,8 +1528,7 @@ class _Dispatcher:
             job = w.job
             if job is not None and job.id == job_id:
                 job._cancel()
-        with self.changed:
-            self.changed.notify_all()
+        self.changed.wake()
 
     # -- the clock ------------------------------------------------------------------------
 
@@ -1586,8 +1629,7 @@ class _Dispatcher:
             for job in running:
                 if job.id not in mine:
                     job._cancel()       # cancelled (or taken back) elsewhere
-        with self.changed:
-            self.changed.notify_all()
+        self.changed.wake()
 
     def _reap(self) -> None:
         """Take back the jobs of owners that died (or went silent past the lease)."""
@@ -1631,8 +1673,7 @@ class _Dispatcher:
             log.info("%d interrupted job(s) handed back, %d of them out of tries",
                      len(rows), len(failed))
             self.work_arrived(None)
-            with self.changed:
-                self.changed.notify_all()
+            self.changed.wake()
         return len(rows)
 
 
@@ -1705,7 +1746,7 @@ class Blero:
         self._next_processor = 1
         self._servers: list[_MetricsServer] = []
         self._counters = _Counters()
-        self._changed = threading.Condition()
+        self._changed = _Changes()
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
@@ -1761,8 +1802,7 @@ class Blero:
             with self._lock:
                 self._storage = self._dispatcher = None
                 self._stopping = False
-            with self._changed:
-                self._changed.notify_all()
+            self._changed.wake()
         log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
 
     def __enter__(self) -> Blero:
@@ -1899,19 +1939,26 @@ class Blero:
         unknown id."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._store() as storage, self._changed:
-            while True:
-                row = storage.get(job_id)
-                if row is None:
-                    raise KeyError(job_id)
-                info = self._info(row)
-                if info.state == "complete":
-                    return info.result
-                if info.state == "failed":
-                    raise JobFailed(job_id, info.error)
-                if info.state == "cancelled":
-                    raise JobCancelled(job_id)
-                if not self._pause(deadline):
-                    raise TimeoutError(f"job {job_id} still {info.state} after {timeout} s")
+            self._changed.watchers += 1
+            try:
+                return self._wait(storage, job_id, deadline, timeout)
+            finally:
+                self._changed.watchers -= 1
+
+    def _wait(self, storage, job_id, deadline, timeout):
+        while True:
+            row = storage.get(job_id)
+            if row is None:
+                raise KeyError(job_id)
+            info = self._info(row)
+            if info.state == "complete":
+                return info.result
+            if info.state == "failed":
+                raise JobFailed(job_id, info.error)
+            if info.state == "cancelled":
+                raise JobCancelled(job_id)
+            if not self._pause(deadline):
+                raise TimeoutError(f"job {job_id} still {info.state} after {timeout} s")
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is pending or running (delayed and retrying jobs
