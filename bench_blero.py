@@ -1,6 +1,6 @@
 """bench_blero.py: blero's speed as a ratio to raw sqlite3 doing the same work.
 
-    python3 bench_blero.py [--quick] [--json FILE] [--svg FILE]
+    python3 bench_blero.py [--quick] [--json FILE] [--svg FILE] [--only ID ...]
 
 Every figure is blero's jobs per second divided by the jobs per second of the
 same work done, in the same run, with Python's sqlite3 used directly on the
@@ -20,8 +20,13 @@ when nothing else runs.  Its transactions are written out plainly, with
 
 Each workload runs in a fresh temporary directory, blero and raw alternately,
 three times (once with --quick, on smaller sizes); jobs/s are the medians, and
-the ratio is the median of the per-repetition ratios.  Peak memory is
-measured in child processes, since a process's peak RSS never goes down.
+the ratio is the median of the per-repetition ratios (their range is shown
+too: on a shared machine it tells how far to trust a figure).  W6 asks how
+the per-job cost grows with depth, on each side: it drains a shallow and a
+deep queue in alternating slices and keeps each one's fastest slice, so that a
+noisy neighbour does not pass for depth.  Peak memory is measured in child
+processes, since a process's peak RSS never goes down.  Progress goes to
+stderr, the table to stdout.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ BLERO, RAW = "blero", "raw"
 
 # Sizes (jobs) of the full run and of --quick.
 FULL = dict(reps=3, enqueue=20_000, many=100_000, batch=1_000, drain=20_000,
-            synced=5_000, shallow=1_000, deep=200_000, finished=200_000, dequeue=2_000,
+            synced=5_000, shallow=1_000, deep=200_000, finished=200_000, dequeue=5_000,
             rss_jobs=1_000_000)
 QUICK = dict(reps=1, enqueue=5_000, many=50_000, batch=1_000, drain=5_000,
              synced=1_000, shallow=1_000, deep=50_000, finished=50_000, dequeue=2_000,
@@ -58,6 +63,7 @@ QUICK = dict(reps=1, enqueue=5_000, many=50_000, batch=1_000, drain=5_000,
 PRODUCERS = 4    # threads in W5
 PROCESSORS = 4   # processors (raw: threads) in W4
 FILL_BATCH = 10_000
+WINDOWS = 10     # W6 times its jobs in this many slices
 
 
 # ---------------------------------------------------------------------------
@@ -252,41 +258,66 @@ def enqueue_threads(side: str, path: str, sync: str, n: int) -> float:
         return time.perf_counter() - start
 
 
-def dequeue_at_depth(side: str, path: str, sync: str, n: int, depth: int,
-                     finished: int) -> float:
-    """W6: n jobs taken one by one by one processor from `depth` pending jobs
-    (plus n), behind `finished` finished jobs kept in the file."""
-    if finished:
-        fill(side, path, finished, sync)
-        mark_complete(path)
-    fill(side, path, depth + n, sync)
-    if side == RAW:
-        with connections(path, sync) as (db,):
-            start = time.perf_counter()
-            raw_worker(db, limit=n)
-            return time.perf_counter() - start
-    done = threading.Event()
-    count = 0
+def dequeue_at_depth(side: str, path: str, sync: str, n: int, depths: tuple,
+                     finished: int) -> dict:
+    """W6: n jobs taken one by one by one processor from each of queues
+    `depths` pending jobs deep (plus n), each behind `finished` finished jobs.
 
-    def count_to_n(job):
-        nonlocal count
-        count += 1
-        if count == n:
-            done.set()
-    bl = queue(path, sync)
-    try:
-        start = time.perf_counter()
-        bl.register_processor(count_to_n)
+    The cost compared here differs little from depth to depth, and a busy
+    machine easily drowns it: so the queues are drained in turns, a slice of
+    n / WINDOWS jobs at a time, and each one's time is its fastest slice's
+    times WINDOWS."""
+    paths = {short(d): f"{path}.{d}" for d in depths}
+    for depth, p in zip(depths, paths.values()):
+        if finished:
+            fill(side, p, finished, sync)
+            mark_complete(p)
+        fill(side, p, depth + n, sync)
+    size = n // WINDOWS
+    best = dict.fromkeys(paths, float("inf"))
+    with contextlib.ExitStack() as stack:
+        slicer = raw_slicer if side == RAW else blero_slicer
+        take = {part: slicer(stack, p, sync, size) for part, p in paths.items()}
+        for _ in range(WINDOWS):
+            for part in paths:
+                start = time.perf_counter()
+                take[part]()
+                best[part] = min(best[part], time.perf_counter() - start)
+    return {part: seconds * WINDOWS for part, seconds in best.items()}
+
+
+def raw_slicer(stack: contextlib.ExitStack, path: str, sync: str, size: int):
+    """A function that takes `size` jobs from the file with raw sqlite3."""
+    (db,) = stack.enter_context(connections(path, sync))
+    return lambda: raw_worker(db, limit=size)
+
+
+def blero_slicer(stack: contextlib.ExitStack, path: str, sync: str, size: int):
+    """A function that takes `size` jobs from the file with a blero processor
+    (registered for the slice; jobs it claims past `size` are not timed)."""
+    bl = stack.enter_context(queue(path, sync))
+
+    def take():
+        done = threading.Event()
+        count = 0
+
+        def count_jobs(job):
+            nonlocal count
+            count += 1
+            if count == size:
+                done.set()
+        processor = bl.register_processor(count_jobs)
         done.wait()
-        return time.perf_counter() - start
-    finally:
-        bl.stop(timeout=10)
+        bl.unregister_processor(processor)
+    return take
 
 
 class Workload(NamedTuple):
+    """A row of the table (or, for a run that returns {part: seconds}, one
+    row per part, with `{part}` in the label)."""
     id: str
     label: str
-    run: Callable[..., float]
+    run: Callable[..., float | dict]
     params: dict            # the run's keyword arguments; `n` is the jobs timed
     sync: str = "normal"
     target: float | None = None     # blero ÷ raw must be at least this
@@ -310,20 +341,15 @@ def workloads(size: dict) -> list[Workload]:
                  dict(n=size["enqueue"]), target=0.80),
         Workload("W5 full", f"enqueue, {PRODUCERS} threads, sync=full", enqueue_threads,
                  dict(n=size["synced"]), sync="full", target=2.0),
-        Workload("W6 shallow", f"dequeue, {short(shallow)} pending", dequeue_at_depth,
-                 dict(n=n, depth=shallow, finished=0)),
-        Workload("W6 deep", f"dequeue, {short(deep)} pending", dequeue_at_depth,
-                 dict(n=n, depth=deep, finished=0)),
-        Workload("W6 shallow+fin", f"dequeue, {short(shallow)} pending + {short(fin)} done",
-                 dequeue_at_depth, dict(n=n, depth=shallow, finished=fin)),
-        Workload("W6 deep+fin", f"dequeue, {short(deep)} pending + {short(fin)} done",
-                 dequeue_at_depth, dict(n=n, depth=deep, finished=fin)),
+        Workload("W6", "dequeue, {part} pending", dequeue_at_depth,
+                 dict(n=n, depths=(shallow, deep), finished=0)),
+        Workload("W6+fin", f"dequeue, {{part}} pending + {short(fin)} done",
+                 dequeue_at_depth, dict(n=n, depths=(shallow, deep), finished=fin)),
     ]
 
 
-# (deep, shallow) pairs of W6 rows whose blero and raw slowdowns are compared.
-DEPTH_CHECKS = [("W6 deep", "W6 shallow", "without finished jobs"),
-                ("W6 deep+fin", "W6 shallow+fin", "with finished jobs kept")]
+# The W6 workloads whose deep and shallow queues are compared.
+DEPTH_CHECKS = [("W6", "without finished jobs"), ("W6+fin", "with finished jobs kept")]
 DEPTH_TOLERANCE = 0.1
 
 
@@ -357,41 +383,54 @@ class Progress:
             sys.stderr.flush()
 
 
-def run_once(w: Workload, side: str) -> float:
-    """One run of one side in a fresh directory; its jobs per second."""
+def run_once(w: Workload, side: str) -> dict:
+    """One run of one side in a fresh directory: {part: jobs per second}."""
     tmp = tempfile.mkdtemp(prefix=f"bench-{side}-")
     try:
         seconds = w.run(side, os.path.join(tmp, "jobs.db"), w.sync, **w.params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return w.params["n"] / seconds
+    parts = seconds if isinstance(seconds, dict) else {"": seconds}
+    return {part: w.params["n"] / s for part, s in parts.items()}
 
 
-def measure(w: Workload, reps: int, progress: Progress, step: str) -> dict:
-    """Both sides `reps` times, alternating which goes first."""
-    rates = {BLERO: [], RAW: []}
+def measure(w: Workload, reps: int, progress: Progress, step: str) -> list[dict]:
+    """Both sides `reps` times, alternating which goes first: its table rows."""
+    runs = {BLERO: [], RAW: []}
     for rep in range(reps):
         for side in ((BLERO, RAW) if rep % 2 == 0 else (RAW, BLERO)):
-            progress.show(f"{step} {w.id}: {w.label} -- {side}, run {rep + 1}/{reps}")
-            rates[side].append(run_once(w, side))
-    ratio = statistics.median(b / r for b, r in zip(rates[BLERO], rates[RAW]))
-    return {"id": w.id, "label": w.label, "sync": w.sync, "jobs": w.params["n"],
-            "blero_jobs_per_s": statistics.median(rates[BLERO]),
-            "raw_jobs_per_s": statistics.median(rates[RAW]),
-            "ratio": ratio, "target": w.target,
-            "met": None if w.target is None else ratio >= w.target,
-            "runs": rates}
+            progress.show(f"{step} {w.id}: {w.label.format(part='*')} -- {side}, "
+                          f"run {rep + 1}/{reps}")
+            runs[side].append(run_once(w, side))
+    rows = []
+    for part in runs[BLERO][0]:
+        rates = {side: [r[part] for r in runs[side]] for side in runs}
+        ratios = [b / r for b, r in zip(rates[BLERO], rates[RAW])]
+        ratio = statistics.median(ratios)
+        rows.append({"id": f"{w.id} {part}".strip(), "label": w.label.format(part=part),
+                     "sync": w.sync, "jobs": w.params["n"],
+                     "blero_jobs_per_s": statistics.median(rates[BLERO]),
+                     "raw_jobs_per_s": statistics.median(rates[RAW]),
+                     "ratio": ratio, "ratio_range": [min(ratios), max(ratios)],
+                     "target": w.target,
+                     "met": None if w.target is None else ratio >= w.target,
+                     "runs": rates})
+    return rows
 
 
-def depth_checks(results: list[dict]) -> list[dict]:
-    """W6: how much deeper queues slow blero, beside how much they slow raw sqlite3."""
+def depth_checks(results: list[dict], size: dict) -> list[dict]:
+    """W6: how much a deep queue slows blero, beside how much it slows raw
+    sqlite3 (deep ÷ shallow jobs/s, paired run by run, medians)."""
     by_id = {r["id"]: r for r in results}
     checks = []
-    for deep, shallow, label in DEPTH_CHECKS:
-        d, s = by_id[deep], by_id[shallow]
-        mine = d["blero_jobs_per_s"] / s["blero_jobs_per_s"]
-        raw = d["raw_jobs_per_s"] / s["raw_jobs_per_s"]
-        checks.append({"id": f"{deep} / {shallow}", "label": f"depth cost, {label}",
+    for wid, label in DEPTH_CHECKS:
+        deep, shallow = (by_id.get(f"{wid} {short(size[k])}") for k in ("deep", "shallow"))
+        if deep is None or shallow is None:
+            continue
+        mine, raw = (statistics.median(d / s for d, s in zip(deep["runs"][side],
+                                                               shallow["runs"][side]))
+                     for side in (BLERO, RAW))
+        checks.append({"id": wid, "label": f"depth cost, {label}",
                        "blero_ratio": mine, "raw_ratio": raw, "difference": mine - raw,
                        "met": abs(mine - raw) <= DEPTH_TOLERANCE})
     return checks
@@ -414,7 +453,7 @@ def rss_probe(pending: int, finished: int, drain_n: int) -> None:
     try:
         if pending or finished:
             dequeue_at_depth(BLERO, os.path.join(tmp, "jobs.db"), "normal",
-                             n=drain_n, depth=pending - drain_n, finished=finished)
+                             n=drain_n, depths=(pending - drain_n,), finished=finished)
         else:
             queue(os.path.join(tmp, "jobs.db"), "normal").stop()
     finally:
@@ -467,14 +506,16 @@ def table(report: dict) -> str:
              f"Python {m['python']}, SQLite {m['sqlite']}",
              f"{report['mode']} run, {report['reps']} run(s) per figure (medians), "
              f"{report['seconds']:.0f} s; ratio = blero / raw sqlite3", ""]
-    head = (f"{'':15} {'workload':39} {'jobs':>7} {'jobs/s':>9} {'raw jobs/s':>11}"
-            f" {'ratio':>6}  target")
-    lines += [head, "-" * len(head)]
+    head = (f"{'':12} {'workload':39} {'jobs':>7} {'jobs/s':>9} {'raw jobs/s':>10}"
+            f" {'ratio':>5} {'(runs)':11}  target")
+    lines += [head, "-" * (len(head) + 8)]
     for r in report["results"]:
         target = "" if r["target"] is None else f">= {r['target']:.2f}"
-        lines.append(f"{r['id']:15} {r['label']:39} {r['jobs']:7,} {r['blero_jobs_per_s']:9,.0f} "
-                     f"{r['raw_jobs_per_s']:11,.0f} {r['ratio']:6.2f}  {target:8} "
-                     f"{verdict(r['met'])}".rstrip())
+        low, high = r["ratio_range"]
+        spread = f"({low:.2f}-{high:.2f})" if report["reps"] > 1 else ""
+        lines.append(f"{r['id']:12} {r['label']:39} {r['jobs']:7,} {r['blero_jobs_per_s']:9,.0f}"
+                     f" {r['raw_jobs_per_s']:10,.0f} {r['ratio']:5.2f} {spread:11}"
+                     f"  {target:8} {verdict(r['met'])}".rstrip())
     if report["depth"]:
         lines += ["", "W6 depth cost: jobs/s deep ÷ jobs/s shallow "
                   f"(blero's within {DEPTH_TOLERANCE} of raw's)"]
@@ -500,7 +541,7 @@ def svg(report: dict) -> str:
     bars += [(f"W6 {c['label']}", c["blero_ratio"], None, c["raw_ratio"], c["met"])
              for c in report["depth"]]
     left, width, row, top = 330, 420, 24, 40
-    scale = width / max(2.5, max(b[1] for b in bars) * 1.1)
+    scale = width / max(2.5, max(b[1] for b in bars) * 1.15)
     height = top + row * len(bars) + 40
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" '
            f'height="{height}" font-family="sans-serif" font-size="12">',
@@ -517,18 +558,20 @@ def svg(report: dict) -> str:
         y = top + i * row
         color = "#4a8" if met else ("#d55" if met is False else "#89a")
         out.append(f'<text x="{left - 8}" y="{y + 16}" text-anchor="end">{_escape(label)}</text>')
-        if band is not None:
-            lo = max(0.0, band - DEPTH_TOLERANCE)
-            out.append(f'<rect x="{left + lo * scale:.1f}" y="{y + 2}" '
-                       f'width="{2 * DEPTH_TOLERANCE * scale:.1f}" height="{row - 4}" '
-                       f'fill="#fd8" opacity="0.7"/>')
         out.append(f'<rect x="{left}" y="{y + 5}" width="{value * scale:.1f}" '
                    f'height="{row - 10}" fill="{color}"/>')
-        out.append(f'<text x="{left + value * scale + 4:.1f}" y="{y + 16}">{value:.2f}</text>')
+        end = value
+        if band is not None:
+            end = max(end, band + DEPTH_TOLERANCE)
+            out.append(f'<rect x="{left + (band - DEPTH_TOLERANCE) * scale:.1f}" y="{y + 2}" '
+                       f'width="{2 * DEPTH_TOLERANCE * scale:.1f}" height="{row - 4}" '
+                       f'fill="#fc5" opacity="0.5"/>')
         if target is not None:
+            end = max(end, target)
             x = left + target * scale
             out.append(f'<line x1="{x:.1f}" y1="{y + 1}" x2="{x:.1f}" y2="{y + row - 1}" '
                        f'stroke="black" stroke-width="2" stroke-dasharray="3,2"/>')
+        out.append(f'<text x="{left + end * scale + 5:.1f}" y="{y + 16}">{value:.2f}</text>')
     out.append(f'<text x="10" y="{height - 6}" fill="#555">dashed: target; shaded: raw '
                f'sqlite3\'s depth ratio ± {DEPTH_TOLERANCE}; green met, red missed</text>')
     out.append("</svg>")
@@ -558,13 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
     # Memory first: a child's peak RSS includes its parent's at the fork.
     mem = None if args.only else memory(size, progress)
-    results = [measure(w, size["reps"], progress, f"[{i}/{len(chosen)}]")
-               for i, w in enumerate(chosen, 1)]
-    ids = {r["id"] for r in results}
-    whole = all(d in ids and s in ids for d, s, _ in DEPTH_CHECKS)
+    results = [row for i, w in enumerate(chosen, 1)
+               for row in measure(w, size["reps"], progress, f"[{i}/{len(chosen)}]")]
     report = {"machine": machine(), "mode": "quick" if args.quick else "full",
               "reps": size["reps"], "sizes": size, "results": results,
-              "depth": depth_checks(results) if whole else [],
+              "depth": depth_checks(results, size),
               "memory": mem}
     report["seconds"] = time.monotonic() - progress.started
     progress.done()
