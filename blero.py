@@ -594,6 +594,8 @@ class _Storage:
             raise BleroError(f"{path}: {exc.strerror or exc}") from exc
         if stat.S_ISDIR(st.st_mode):
             raise BleroError(f"{path}: is a directory, not a queue file")
+        if not stat.S_ISREG(st.st_mode):
+            raise BleroError(f"{path}: not a regular file, so not a queue file")
         if st.st_size == 0:
             return "new"
         try:
@@ -690,6 +692,11 @@ class _Storage:
         finally:
             with self._mutex:
                 self._leading = False
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has begun: nothing more can be written."""
+        return self._closer is not None
 
     def _checkpoint_if_moved(self) -> None:
         # SQLite skips its closing checkpoint for a file that was removed or
@@ -1199,19 +1206,13 @@ class _Counters:
         self.enqueued = 0
         self.seconds_sum = 0.0
         self.seconds_count = 0
-        self.recent = collections.deque(maxlen=3600)   # (second, jobs finished)
 
-    def add(self, outcome: str, n: int = 1, seconds: float | None = None) -> None:
+    def add(self, outcome: str, seconds: float | None = None) -> None:
         with self.lock:
-            self.finished[outcome] += n
+            self.finished[outcome] += 1
             if seconds is not None:
                 self.seconds_sum += seconds
                 self.seconds_count += 1
-            now = int(time.time())
-            if self.recent and self.recent[-1][0] == now:
-                self.recent[-1][1] += n
-            else:
-                self.recent.append([now, n])
 
 
 class _Worker:
@@ -1223,6 +1224,7 @@ class _Worker:
         self.wake = threading.Event()
         self.lock = threading.Lock()   # guards job and abandoned
         self.job: Job | None = None
+        self.settling = False           # its last try's outcome is not yet recorded
         self.abandoned = False          # timed out or stopped: a new worker took over
         self.thread = threading.Thread(
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
@@ -1230,6 +1232,15 @@ class _Worker:
     def accepts(self, name: str) -> bool:
         names = self.processor.names
         return names is None or name in names
+
+    def finished_try(self) -> bool:
+        """The processor returned: busy settling now; False if abandoned."""
+        with self.lock:
+            if self.abandoned:
+                return False
+            self.settling = True    # first: join() must never see neither
+            self.job = None
+            return True
 
     def _run(self) -> None:
         d = self.dispatcher
@@ -1240,10 +1251,12 @@ class _Worker:
                 seq = d.seq
                 try:
                     job = d.finish_and_claim(self, outcome, claim)
-                except BleroError as exc:
+                    self.settling = False
+                except Exception as exc:    # storage trouble: keep the outcome, try again
                     if d.stopping:
                         return
-                    log.error("%s; retrying in %.1f s", exc, _STORAGE_RETRY)
+                    log.error("%s; retrying in %.1f s", exc, _STORAGE_RETRY,
+                              exc_info=not isinstance(exc, BleroError))
                     self.wake.wait(_STORAGE_RETRY)
                     continue
                 outcome = None
@@ -1354,7 +1367,7 @@ class _Dispatcher:
 
     def busy(self) -> bool:
         """True while a worker here is running a job."""
-        return any(w.job is not None for w in list(self._workers))
+        return any(w.job is not None or w.settling for w in list(self._workers))
 
     # -- waking workers -------------------------------------------------------------
 
@@ -1435,12 +1448,11 @@ class _Dispatcher:
             if worker.abandoned:
                 return None
             worker.job = job
-        blob = job.data
+        blob, job.data = job.data, None
         try:
             job.data = None if blob is None else self.settings.serializer.loads(blob)
         except Exception as exc:
-            with worker.lock:
-                worker.job = None
+            worker.finished_try()
             return self.failure(job, exc, retry=False,
                                 text=f"cannot deserialize the job's data: {_exc_text(exc)}")
         if job.timeout is not None:
@@ -1452,10 +1464,8 @@ class _Dispatcher:
         except BaseException as e:   # any failure is the job's, never the worker's
             exc = e
         seconds = time.perf_counter() - started
-        with worker.lock:
-            if worker.abandoned:
-                return None
-            worker.job = None
+        if not worker.finished_try():
+            return None
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             log.error("job %d: processor raised %s; handed back as interrupted",
                       job.id, type(exc).__name__)
@@ -1937,53 +1947,69 @@ class Blero:
         """Wait for a job to end and return its result.  Raises JobFailed,
         JobCancelled, TimeoutError when `timeout` runs out, KeyError for an
         unknown id."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._store() as storage, self._changed:
-            self._changed.watchers += 1
-            try:
-                return self._wait(storage, job_id, deadline, timeout)
-            finally:
-                self._changed.watchers -= 1
+        seen = []
 
-    def _wait(self, storage, job_id, deadline, timeout):
-        while True:
+        def ended(storage):
             row = storage.get(job_id)
             if row is None:
                 raise KeyError(job_id)
-            info = self._info(row)
-            if info.state == "complete":
-                return info.result
-            if info.state == "failed":
-                raise JobFailed(job_id, info.error)
-            if info.state == "cancelled":
-                raise JobCancelled(job_id)
-            if not self._pause(deadline):
-                raise TimeoutError(f"job {job_id} still {info.state} after {timeout} s")
+            seen[:] = [self._info(row)]
+            return seen[0] if seen[0].state in ("complete", "failed", "cancelled") else None
+
+        info = self._until(ended, timeout, watcher=True)
+        if info is None:
+            raise TimeoutError(f"job {job_id} still {seen[0].state} after {timeout} s")
+        if info.state == "failed":
+            raise JobFailed(job_id, info.error)
+        if info.state == "cancelled":
+            raise JobCancelled(job_id)
+        return info.result
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is pending or running (delayed and retrying jobs
         count; runs of recurring schedules do not).  False if `timeout` ran out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._store() as storage, self._changed:
-            while True:
-                d = self._dispatcher
-                busy = d is not None and d.busy()
-                if not busy and not storage.outstanding():
-                    return True
-                if not self._pause(deadline):
-                    return False
+        def done(storage):
+            d = self._dispatcher
+            busy = d is not None and d.busy()
+            return True if not busy and not storage.outstanding() else None
 
-    def _pause(self, deadline: float | None) -> bool:
-        """Wait for a change (or a poll's worth), holding `_changed`; False
-        once `deadline` has passed."""
-        wait = _POLL
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            wait = min(wait, left)
-        self._changed.wait(wait)
-        return True
+        return bool(self._until(done, timeout))
+
+    def _until(self, look: Callable[[_Storage], Any], timeout: float | None,
+               watcher: bool = False) -> Any:
+        """Call `look(storage)` until it returns something but None, waking
+        on changes (and polling, for other processes); None once `timeout`
+        has passed.  A queue that stops meanwhile is looked at in its file."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        changes, opened = self._changed, None
+        with changes:
+            changes.watchers += watcher
+            try:
+                while True:
+                    storage = self._storage
+                    if storage is None:
+                        if opened is None:
+                            opened = _Storage(self.path, self._settings.sync)
+                            opened.open(create=False)
+                        storage = opened
+                    try:
+                        found = look(storage)
+                    except BleroError:
+                        if storage is opened or not storage.closed:
+                            raise
+                        continue        # stopped meanwhile: look at the file instead
+                    if found is not None:
+                        return found
+                    wait = _POLL
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            return None
+                    changes.wait(wait)
+            finally:
+                changes.watchers -= watcher
+                if opened is not None:
+                    opened.close()
 
     # -- inspecting ------------------------------------------------------------------
 
@@ -2171,8 +2197,8 @@ def _job_json(info: JobInfo, shorten: bool = False) -> dict:
 
 
 class _DashboardHandler(http.server.BaseHTTPRequestHandler):
-    blero: Blero
-    hosts: frozenset = frozenset()     # Host header values that name this server
+    """One request to the metrics server (`self.server` is a `_HTTPServer`)."""
+
     server_version = "blero/" + __version__
 
     def log_message(self, format, *args):
@@ -2185,7 +2211,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         if url.path != "/metrics" and not self._host_ok():
             return
         query = dict(urllib.parse.parse_qsl(url.query))
-        bl = self.blero
+        bl = self.server.blero
         try:
             if url.path == "/":
                 self._send(200, _DASHBOARD.encode(), "text/html; charset=utf-8")
@@ -2209,7 +2235,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         if not self._host_ok():
             return
         origin = self.headers.get("Origin")
-        if origin is None or urllib.parse.urlsplit(origin).netloc not in self.hosts:
+        if origin is None or urllib.parse.urlsplit(origin).netloc not in self.server.hosts:
             self._json(403, {"error": "refused: the request does not come from this dashboard"})
             return
         try:
@@ -2219,9 +2245,9 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                 raise ValueError("the body must be a JSON object")
             path = urllib.parse.urlsplit(self.path).path
             if path == "/api/retry":
-                self._json(200, {"retried": self.blero.retry_failed(body.get("ids"))})
+                self._json(200, {"retried": self.server.blero.retry_failed(body.get("ids"))})
             elif path == "/api/cancel":
-                self._json(200, {"cancelled": self.blero.cancel(int(body["id"]))})
+                self._json(200, {"cancelled": self.server.blero.cancel(int(body["id"]))})
             else:
                 self._json(404, {"error": f"no such action: {path}"})
         except (ValueError, TypeError, KeyError) as exc:
@@ -2230,13 +2256,13 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             self._json(500, {"error": str(exc)})
 
     def _host_ok(self) -> bool:
-        if self.headers.get("Host", "").lower() in self.hosts:
+        if self.headers.get("Host", "").lower() in self.server.hosts:
             return True
         self._json(421, {"error": "refused: the Host header does not name this server"})
         return False
 
     def _stats(self) -> dict:
-        bl = self.blero
+        bl = self.server.blero
         c = bl._counters
         with c.lock:
             finished = dict(c.finished)
@@ -2265,30 +2291,39 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    """The server, with what its handlers need: the queue, and its own names."""
+
+    daemon_threads = True
+
+    def __init__(self, blero: Blero, host: str, port: int):
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _DashboardHandler)
+        self.blero = blero
+        named = f"[{host}]" if ":" in host else host
+        self.url = f"http://{named}:{self.server_address[1]}/"
+        # Host header values that name this server
+        self.hosts = frozenset(f"{h}:{self.server_address[1]}".lower()
+                               for h in (named, "127.0.0.1", "localhost", "[::1]"))
+
+    def handle_error(self, request, client_address):
+        # a client that hangs up early is its own business: never print
+        log.debug("http request from %s failed", client_address, exc_info=True)
+
+
 class _MetricsServer:
     """What `serve_metrics` returns: the server's `.port`, `.url` and `.close()`."""
 
     def __init__(self, blero: Blero, host: str, port: int):
-        family = http.server.ThreadingHTTPServer.address_family
-        server_class = type("_Server", (http.server.ThreadingHTTPServer,), {
-            "address_family": socket.AF_INET6 if ":" in host else family,
-            "daemon_threads": True,
-            # a client that hangs up early is its own business: never print
-            "handle_error": lambda self, request, address: log.debug(
-                "http request from %s failed", address, exc_info=True)})
         try:
-            self._httpd = server_class((host, port), _DashboardHandler)
+            self._httpd = _HTTPServer(blero, host, port)
         except OSError as exc:
             raise BleroError(f"cannot serve metrics on {host}:{port}: "
                              f"{exc.strerror or exc}") from exc
         self.host = host
         self.port = self._httpd.server_address[1]
-        named = f"[{host}]" if ":" in host else host
-        hosts = {named, "127.0.0.1", "localhost", "[::1]"}
-        self._httpd.RequestHandlerClass = type("_Handler", (_DashboardHandler,), {
-            "blero": blero,
-            "hosts": frozenset(f"{h}:{self.port}".lower() for h in hosts)})
-        self.url = f"http://{named}:{self.port}/"
+        self.url = self._httpd.url
         self._closed = False
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
                                         name="blero-metrics", daemon=True)

@@ -148,6 +148,14 @@ class OpeningTest(TempDirTest):
         with self.assertRaises(TypeError):
             blero.new(self.dir, serializer=object())
 
+    @unittest.skipUnless(os.path.exists("/dev/null"), "a device file")
+    def test_device_file_is_refused_and_nothing_made(self):
+        before = set(os.listdir("/dev"))
+        with self.assertRaises(blero.BleroError) as cm:
+            blero.new("/dev/null").start()
+        self.assertIn("not a regular file", str(cm.exception))
+        self.assertEqual(set(os.listdir("/dev")) - before, set())
+
     def test_empty_file_and_empty_database_are_new(self):
         for name in ("empty", "emptydb"):
             path = os.path.join(self.dir, name)
@@ -615,6 +623,44 @@ class OperatingTest(TempDirTest):
         with self.assertRaises(ValueError):
             bl.jobs("done")
         self.assertIn("ZeroDivisionError", bl.jobs("failed")[0].error)
+
+    def test_join_returns_after_the_last_callback(self):
+        for _ in range(20):
+            results = []
+
+            def slow_callback(job, result):
+                time.sleep(0.001)    # a callback's own work, not synchronisation
+                results.append(result)
+
+            bl = self.queue(name=f"q{len(os.listdir(self.dir))}.db", on_complete=slow_callback)
+            bl.register_processor(lambda job: job.data)
+            bl.register_processor(lambda job: job.data)
+            bl.enqueue_many([("x", i) for i in range(20)])
+            self.assertTrue(bl.join(10))
+            self.assertEqual(sorted(results), list(range(20)))
+            bl.stop()
+
+    def test_wait_and_join_in_another_thread_survive_stop(self):
+        bl = self.queue()
+        job_id = bl.enqueue("later", delay=60)
+        outcomes, waiting = [], threading.Barrier(3)
+
+        def waiter(call):
+            waiting.wait()
+            try:
+                outcomes.append(call())
+            except BaseException as exc:
+                outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=waiter, args=(lambda: bl.wait(job_id, timeout=1),)),
+                   threading.Thread(target=waiter, args=(lambda: bl.join(timeout=1),))]
+        for t in threads:
+            t.start()
+        waiting.wait()
+        bl.stop()
+        for t in threads:
+            t.join(10)
+        self.assertEqual(sorted(map(str, outcomes)), ["False", "TimeoutError"])
 
     def test_inspecting_a_stopped_queue(self):
         bl = self.queue()
