@@ -24,9 +24,13 @@ the ratio is the median of the per-repetition ratios (their range is shown
 too: on a shared machine it tells how far to trust a figure).  W6 asks how
 the per-job cost grows with depth, on each side: it drains a shallow and a
 deep queue in alternating slices and keeps each one's fastest slice, so that a
-noisy neighbour does not pass for depth.  Peak memory is measured in child
-processes, since a process's peak RSS never goes down.  Progress goes to
-stderr, the table to stdout.
+noisy neighbour does not pass for depth.  W7 drains one file from 1, 2 and
+3 processes at once (raw: as many processes of claim+ack threads), timed
+from a go given to all of them, once set up, to the last job's ack.  W8 has
+no raw side: it SIGKILLs a process holding running jobs and times how long
+they wait before another live process starts them.  Peak memory is measured
+in child processes, since a process's peak RSS never goes down.  Progress
+goes to stderr, the table to stdout.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ import json
 import os
 import pickle
 import platform
+import random
 import resource
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -56,12 +62,15 @@ BLERO, RAW = "blero", "raw"
 # Sizes (jobs) of the full run and of --quick.
 FULL = dict(reps=3, enqueue=20_000, many=100_000, batch=1_000, drain=20_000,
             synced=5_000, shallow=1_000, deep=200_000, finished=200_000, dequeue=5_000,
-            rss_jobs=1_000_000)
+            rss_jobs=1_000_000, takeovers=5)
 QUICK = dict(reps=1, enqueue=5_000, many=50_000, batch=1_000, drain=5_000,
              synced=1_000, shallow=1_000, deep=50_000, finished=50_000, dequeue=2_000,
-             rss_jobs=200_000)
+             rss_jobs=200_000, takeovers=2)
 PRODUCERS = 4    # threads in W5
 PROCESSORS = 4   # processors (raw: threads) in W4
+PER_PROCESS = 2  # processors (raw: threads) in each process of W7, and jobs held in W8
+LEASE = blero.Blero.__init__.__kwdefaults__["lease"]   # W8's live process keeps the default
+CHILD_TIMEOUT = 120   # seconds a child may keep the parent waiting before it is killed
 FILL_BATCH = 10_000
 WINDOWS = 10     # W6 times its jobs in this many slices
 
@@ -312,6 +321,166 @@ def blero_slicer(stack: contextlib.ExitStack, path: str, sync: str, size: int):
     return take
 
 
+# ---------------------------------------------------------------------------
+# Several processes on one file (W7, W8).  The children are this file run
+# with `--child ROLE ARGS`; parent and child talk in lines of words on pipes.
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def spawned(*roles: tuple):
+    """A child per role, `--child *role`; on the way out each is told to end
+    (its stdin closed), and killed if that fails or the block raised."""
+    children = []
+    try:
+        for role in roles:
+            children.append(subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--child", *map(str, role)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        yield children
+    except BaseException:
+        for c in children:
+            c.kill()
+        raise
+    finally:
+        for c in children:
+            with contextlib.suppress(OSError):
+                c.stdin.close()
+            try:
+                c.wait(CHILD_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait()
+            c.stdout.close()
+
+
+def tell(child: subprocess.Popen, *words) -> None:
+    child.stdin.write(" ".join(map(str, words)) + "\n")
+    child.stdin.flush()
+
+
+def expect(child: subprocess.Popen, word: str) -> list[str]:
+    """The child's next line, which must begin with `word`: its other words."""
+    watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)
+    watchdog.start()
+    try:
+        line = child.stdout.readline().split()
+    finally:
+        watchdog.cancel()
+    if line[:1] != [word]:
+        raise RuntimeError(f"child {child.args[3:]} said {line or 'nothing'}, not {word!r}")
+    return line[1:]
+
+
+def say(*words) -> None:
+    """The child's side of `expect` (from any of its threads)."""
+    print(*words, flush=True)
+
+
+def drain_processes(side: str, path: str, sync: str, n: int, procs: int) -> float:
+    """W7: n pre-filled jobs run to the end by `procs` processes at once, each
+    with PER_PROCESS no-op processors (raw: threads of claim+ack), timed from
+    the go given to all (once set up) to the last job's ack in any of them."""
+    fill(side, path, n, sync)
+    with spawned(*[("drain", side, path, sync)] * procs) as children:
+        for c in children:
+            expect(c, "ready")
+        start = time.monotonic_ns()
+        for c in children:
+            tell(c, "go")
+        done = [[int(w) for w in expect(c, "done")] for c in children]
+    if sum(count for count, _ in done) != n:
+        raise RuntimeError(f"W7: {n} jobs, but the processes ran {[c for c, _ in done]}")
+    return (max(end for _, end in done) - start) / 1e9
+
+
+def drain_child(side: str, path: str, sync: str) -> None:
+    """W7's child: after "go", drain the file; say how many jobs it ran and
+    when it last acked one (raw: found the queue empty just after)."""
+    ends = []       # time.monotonic_ns() per job acked (raw: per thread ended)
+    if side == BLERO:
+        with blero.Blero(path, sync=sync, on_complete=lambda job, result:
+                         ends.append(time.monotonic_ns())) as bl:
+            say("ready")
+            sys.stdin.readline()
+            for _ in range(PER_PROCESS):
+                bl.register_processor(noop)
+            bl.join()
+        count = len(ends)    # after stop: join may return before the last on_complete
+    else:
+        with connections(path, sync, PER_PROCESS) as dbs:
+            say("ready")
+            sys.stdin.readline()
+            counts = []
+
+            def work(k):
+                counts.append(raw_worker(dbs[k], owner=os.getpid() * PER_PROCESS + k))
+                ends.append(time.monotonic_ns())
+            in_threads(PER_PROCESS, work)
+            count = sum(counts)
+    say("done", count, max(ends, default=0))
+
+
+def takeover(reps: int, progress: Progress, step: str) -> dict:
+    """W8: a process runs PER_PROCESS jobs that never end and is SIGKILLed;
+    another live process (one processor, the default lease) shares the file.
+    The wait of each job is from the kill to that process starting it.  The
+    kill comes at a random moment up to a second after the live process
+    started, so as to fall anywhere in the rhythm of its checks."""
+    waits = []
+    for rep in range(reps):
+        progress.show(f"{step} W8: takeover after SIGKILL, run {rep + 1}/{reps}")
+        tmp = tempfile.mkdtemp(prefix="bench-takeover-")
+        path = os.path.join(tmp, "jobs.db")
+        try:
+            fill(BLERO, path, PER_PROCESS)
+            with spawned(("hold", path), ("take", path)) as (holder, taker):
+                expect(holder, "holding")
+                expect(taker, "ready")
+                tell(taker, "go")       # start only now, or it would take the jobs first
+                expect(taker, "started")
+                time.sleep(random.uniform(0, 1))
+                killed = time.monotonic_ns()
+                os.kill(holder.pid, signal.SIGKILL)
+                for _ in range(PER_PROCESS):
+                    waits.append((int(expect(taker, "took")[1]) - killed) / 1e6)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"lease_s": LEASE, "runs": reps, "jobs_per_run": PER_PROCESS, "waits_ms": waits,
+            "longest_ms": max(waits), "median_ms": statistics.median(waits)}
+
+
+def hold_child(path: str) -> None:
+    """W8's process to kill: PER_PROCESS processors, each on a job that runs
+    until cancelled; says "holding" once all have started."""
+    started = threading.Semaphore(0)
+
+    def hold(job):
+        started.release()
+        job.cancelled.wait()
+    with blero.Blero(path) as bl:
+        for _ in range(PER_PROCESS):
+            bl.register_processor(hold)
+        for _ in range(PER_PROCESS):
+            started.acquire()
+        say("holding")
+        sys.stdin.readline()        # killed first, normally
+        bl.stop(timeout=0)
+
+
+def take_child(path: str) -> None:
+    """W8's live process: after "go", one processor that says when (monotonic
+    ns, system-wide on Linux) it starts each job."""
+    say("ready")
+    sys.stdin.readline()
+    with blero.Blero(path) as bl:
+        bl.register_processor(lambda job: say("took", job.id, time.monotonic_ns()))
+        say("started")
+        sys.stdin.readline()
+
+
+CHILDREN = {"drain": drain_child, "hold": hold_child, "take": take_child}
+
+
 class Workload(NamedTuple):
     """A row of the table (or, for a run that returns {part: seconds}, one
     row per part, with `{part}` in the label)."""
@@ -345,6 +514,11 @@ def workloads(size: dict) -> list[Workload]:
                  dict(n=n, depths=(shallow, deep), finished=0)),
         Workload("W6+fin", f"dequeue, {{part}} pending + {short(fin)} done",
                  dequeue_at_depth, dict(n=n, depths=(shallow, deep), finished=fin)),
+    ] + [
+        Workload(f"W7 {k} proc{'s' if k > 1 else ''}",
+                 f"drain, {k} process{'es' if k > 1 else ''} × {PER_PROCESS} processors",
+                 drain_processes, dict(n=size["drain"], procs=k))
+        for k in (1, 2, 3)
     ]
 
 
@@ -522,6 +696,10 @@ def table(report: dict) -> str:
     for c in report["depth"]:
         lines.append(f"  {c['label']:35} blero {c['blero_ratio']:.2f}  raw {c['raw_ratio']:.2f}"
                      f"  difference {c['difference']:+.2f}  {verdict(c['met'])}")
+    t = report["takeover"]
+    if t:
+        lines += ["", f"W8 takeover: a process SIGKILLed while running {t['jobs_per_run']} jobs; "
+                  f"another live one starts them", f"  {takeover_text(t)}"]
     mem = report["memory"]
     if mem is None:
         return "\n".join(lines)
@@ -533,6 +711,13 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def takeover_text(t: dict) -> str:
+    """W8's figures in a line."""
+    return (f"wait from the kill: longest {t['longest_ms']:,.0f} ms, median "
+            f"{t['median_ms']:,.0f} ms (lease {t['lease_s']:g} s; "
+            f"{t['runs']} runs × {t['jobs_per_run']} jobs)")
+
+
 def svg(report: dict) -> str:
     """A horizontal bar per figure: blero ÷ raw, with its target marked
     (W6 depth checks: blero's depth ratio, with raw's ± tolerance shaded)."""
@@ -541,8 +726,12 @@ def svg(report: dict) -> str:
     bars += [(f"W6 {c['label']}", c["blero_ratio"], None, c["raw_ratio"], c["met"])
              for c in report["depth"]]
     left, width, row, top = 330, 420, 24, 40
-    scale = width / max(2.5, max(b[1] for b in bars) * 1.15)
-    height = top + row * len(bars) + 40
+    scale = width / max(2.5, max((b[1] for b in bars), default=0) * 1.15)
+    notes = ["dashed: target; shaded: raw sqlite3's depth ratio ± "
+             f"{DEPTH_TOLERANCE}; green met, red missed"]
+    if report["takeover"]:
+        notes.append(f"W8 takeover after SIGKILL, {takeover_text(report['takeover'])}")
+    height = top + row * len(bars) + 24 + 16 * len(notes)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" '
            f'height="{height}" font-family="sans-serif" font-size="12">',
            '<rect width="100%" height="100%" fill="white"/>',
@@ -572,8 +761,8 @@ def svg(report: dict) -> str:
             out.append(f'<line x1="{x:.1f}" y1="{y + 1}" x2="{x:.1f}" y2="{y + row - 1}" '
                        f'stroke="black" stroke-width="2" stroke-dasharray="3,2"/>')
         out.append(f'<text x="{left + end * scale + 5:.1f}" y="{y + 16}">{value:.2f}</text>')
-    out.append(f'<text x="10" y="{height - 6}" fill="#555">dashed: target; shaded: raw '
-               f'sqlite3\'s depth ratio ± {DEPTH_TOLERANCE}; green met, red missed</text>')
+    for i, note in enumerate(reversed(notes)):
+        out.append(f'<text x="10" y="{height - 6 - 16 * i}" fill="#555">{_escape(note)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -590,22 +779,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="ID", action="append",
                         help="run only workloads whose id starts with ID (repeatable)")
     parser.add_argument("--rss-probe", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_probe:
         rss_probe(*args.rss_probe)
         return 0
+    if args.child:
+        CHILDREN[args.child[0]](*args.child[1:])
+        return 0
 
     size = QUICK if args.quick else FULL
-    chosen = [w for w in workloads(size)
-              if not args.only or any(w.id.startswith(o) for o in args.only)]
+    picked = lambda wid: not args.only or any(wid.startswith(o) for o in args.only)  # noqa: E731
+    chosen = [w for w in workloads(size) if picked(w.id)]
+    steps = len(chosen) + picked("W8")
     progress = Progress()
     # Memory first: a child's peak RSS includes its parent's at the fork.
     mem = None if args.only else memory(size, progress)
     results = [row for i, w in enumerate(chosen, 1)
-               for row in measure(w, size["reps"], progress, f"[{i}/{len(chosen)}]")]
+               for row in measure(w, size["reps"], progress, f"[{i}/{steps}]")]
     report = {"machine": machine(), "mode": "quick" if args.quick else "full",
               "reps": size["reps"], "sizes": size, "results": results,
               "depth": depth_checks(results, size),
+              "takeover": (takeover(size["takeovers"], progress, f"[{steps}/{steps}]")
+                           if picked("W8") else None),
               "memory": mem}
     report["seconds"] = time.monotonic() - progress.started
     progress.done()

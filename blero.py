@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import heapq
 import http.server
+import ipaddress
 import json
 import logging
 import math
@@ -104,9 +105,7 @@ class _Settings:
         self.retries = _count("retries", retries)
         self.backoff_base = _seconds("backoff_base", backoff_base)
         self.backoff_max = _seconds("backoff_max", backoff_max)
-        self.lease = _seconds("lease", lease)
-        if self.lease == 0:
-            raise ValueError("lease must be more than 0 seconds")
+        self.lease = _seconds("lease", lease, positive=True)
         self.keep_complete = (None if keep_complete is None
                               else _seconds("keep_complete", keep_complete))
         for name, fn in (("on_complete", on_complete), ("on_failed", on_failed)):
@@ -128,11 +127,15 @@ def _count(name: str, value) -> int:
     return value
 
 
-def _seconds(name: str, value) -> float:
+def _seconds(name: str, value, positive: bool = False) -> float:
+    """A duration in seconds (a number or a timedelta), checked."""
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value}")
+    if not (value > 0 if positive else value >= 0) or math.isinf(value):
+        least = "more than 0" if positive else "0 or more"
+        raise ValueError(f"{name} must be a finite number of seconds, {least}, not {value}")
     return float(value)
 
 
@@ -222,8 +225,9 @@ class JobInfo(NamedTuple):
 # One table holds every job.  Its `state` column splits "pending" in two so
 # that each question the dispatcher asks is one seek in a small partial index:
 # READY jobs by (priority, id) for "next job", DELAYED ones (waiting for a time,
-# or to retry) by run_at, RUNNING ones by the owner that claimed them.
-# Finished jobs sit in no index, so keeping millions of them slows nothing.
+# or to retry) by run_at, RUNNING ones by the owner that claimed them.  The
+# finished ones are only in an index by finish time, for sweeping and for the
+# dashboard's throughput, so keeping millions of them slows no claim.
 
 _READY, _DELAYED, _RUNNING, _COMPLETE, _FAILED, _CANCELLED, _SWEPT = range(7)
 _STATE_NAME = ("pending", "pending", "inprogress", "complete", "failed", "cancelled")
@@ -258,6 +262,7 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_ready ON jobs (priority DESC, id) WHERE state = 0;
 CREATE INDEX jobs_delayed ON jobs (run_at) WHERE state = 1;
 CREATE INDEX jobs_running ON jobs (owner) WHERE state = 2;
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE state >= 3;
 CREATE UNIQUE INDEX jobs_key ON jobs (key) WHERE key IS NOT NULL;
 CREATE TABLE owners (
     id           INTEGER PRIMARY KEY,
@@ -309,8 +314,8 @@ _RETRY = ("UPDATE jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = attempt + 1 + ? WHERE state = 4 AND (? IS NULL OR id = ?)")
 # Sweeping finds its rows with the read connection, then deletes them a chunk
 # per write transaction, so a big sweep never holds the write lock for long.
-_SWEEPABLE = ("SELECT id, state FROM jobs WHERE (state IN ({states}) AND finished_at <= ?)"
-              " OR state = 6")
+_SWEEPABLE = ("SELECT id, state FROM jobs WHERE state >= 3 AND finished_at <= ?"
+              " AND state IN ({states}, 6)")
 _MAX_ID = "SELECT max(id) FROM jobs"
 _SWEEP = ("DELETE FROM jobs WHERE id = ? AND id < ?"
           " AND (state IN ({states}) AND finished_at <= ? OR state = 6)")
@@ -325,6 +330,8 @@ _GET = "SELECT " + _INFO_COLUMNS + " FROM jobs WHERE id = ? AND state < 6"
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM jobs WHERE state BETWEEN ? AND ?"
          " AND (?3 IS NULL OR name = ?3) ORDER BY id {order} LIMIT ?4")
 _COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
+_FINISHED_SINCE = ("SELECT CAST(finished_at / ?1 AS INTEGER) * ?1, count(*) FROM jobs"
+                   " WHERE state >= 3 AND finished_at >= ?2 AND state < 6 GROUP BY 1")
 # One statement, so one snapshot: a job moving from ready to running between
 # two separate looks would otherwise be seen in neither.
 _OUTSTANDING = (
@@ -1118,6 +1125,10 @@ class _Storage:
                 counts[_STATE_NAME[code]] += n
         return counts
 
+    def finished_since(self, since: float, step: float) -> list[tuple[float, int]]:
+        """How many jobs ended in each `step` seconds since `since`."""
+        return self._read(lambda db: db.execute(_FINISHED_SINCE, (step, since)).fetchall())
+
     def outstanding(self) -> bool:
         """True while any job (schedule runs aside) is pending or running."""
         return bool(self._read(lambda db: db.execute(_OUTSTANDING).fetchall()[0][0]))
@@ -1706,9 +1717,11 @@ def _call_back(fn, job, value) -> None:
         return
     try:
         fn(job, value)
-    except BaseException:     # whatever a callback raises, the worker goes on
-        log.exception("callback %r raised for job %d; ignored",
-                      getattr(fn, "__name__", fn), job.id)
+    except BaseException as exc:     # whatever a callback raises, the worker goes on
+        name = getattr(fn, "__name__", repr(fn))
+        log.error("callback %s raised for job %d, ignored: %s: %s", name, job.id,
+                  type(exc).__name__, exc)
+        log.debug("callback %s for job %d:\n%s", name, job.id, _exc_text(exc))
 
 
 # ---------------------------------------------------------------------------
@@ -1719,6 +1732,8 @@ def _db_path(path) -> str:
     path = os.fspath(path)
     if not isinstance(path, str):
         path = os.fsdecode(path)
+    if not path:
+        raise ValueError("the queue's path must not be empty")
     if os.path.isdir(path) or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         return os.path.join(path, "blero.db")
     return path
@@ -1787,8 +1802,7 @@ class Blero:
                     raise BleroError(f"{self.path}-lock: {exc.strerror or exc}") from exc
                 raise
             self._storage, self._dispatcher = storage, d
-        log.info("started on %s with %d processor(s); %d interrupted job(s) taken back",
-                 self.path, len(self._processors), recovered)
+        log.info("started on %s; %d interrupted job(s) taken back", self.path, recovered)
         return self
 
     def stop(self, timeout: float | None = None) -> None:
@@ -1907,9 +1921,10 @@ class Blero:
                 rows.append(self._row(name, data, item.get("delay"), item.get("run_at"),
                                       item.get("priority", 0), item.get("retries"),
                                       item.get("timeout"), item.get("key"), now))
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                rows.append(self._row(item[0], item[1], None, None, 0, None, None, None, now))
             else:
-                name, data = item
-                rows.append(self._row(name, data, None, None, 0, None, None, None, now))
+                raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
         return d.enqueue(rows) if rows else []
 
     def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> tuple:
@@ -1928,8 +1943,8 @@ class Blero:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         retries = self._settings.retries if retries is None else _count("retries", retries)
-        if timeout is not None and _seconds("timeout", timeout) == 0:
-            raise ValueError("timeout must be more than 0 seconds")
+        if timeout is not None:
+            timeout = _seconds("timeout", timeout, positive=True)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         blob = None
@@ -2088,8 +2103,7 @@ class Blero:
         """Run a job every `interval` seconds, from now (or `delay`/`run_at`),
         stored in the file; return the schedule's key (default: `name`).
         Calling it again with the same key updates the schedule."""
-        if _seconds("interval", interval) == 0:
-            raise ValueError("interval must be more than 0 seconds")
+        interval = _seconds("interval", interval, positive=True)
         unknown = set(options) - {"delay", "run_at", "priority", "retries", "timeout"}
         if unknown:
             raise TypeError(f"unknown option(s) for every(): {', '.join(sorted(unknown))}")
@@ -2146,6 +2160,8 @@ class Blero:
     def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> _MetricsServer:
         """Serve `GET /metrics` and the live dashboard at `GET /` from a daemon
         thread; return a handle with `.port` and `.close()`.  `stop()` closes it."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
         server = _MetricsServer(self, host, port)
         with self._lock:
             if self._dispatcher is not None:
@@ -2183,9 +2199,10 @@ def new(path: str | os.PathLike, **settings) -> Blero:
 # ---------------------------------------------------------------------------
 #
 # Plain http.server on a daemon thread.  Every request but GET /metrics must
-# name this server in its Host header (so a DNS-rebinding page cannot read
-# it), and every POST must also come from a page of this server by its Origin
-# header (so no other site can make a visitor's browser act on the queue).
+# name this server in its Host header, by an IP address or by one of the
+# machine's own names (so a DNS-rebinding page, which comes with a domain of
+# its own, cannot read it), and every POST must also come from a page of this
+# very origin (so no other site can make a visitor's browser act on the queue).
 
 def _job_json(info: JobInfo, shorten: bool = False) -> dict:
     """A JobInfo as JSON, with data and result as their repr (cut short for the page)."""
@@ -2234,8 +2251,8 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         if not self._host_ok():
             return
-        origin = self.headers.get("Origin")
-        if origin is None or urllib.parse.urlsplit(origin).netloc not in self.server.hosts:
+        origin = self.headers.get("Origin") or ""
+        if urllib.parse.urlsplit(origin).netloc.lower() != self.headers["Host"].lower():
             self._json(403, {"error": "refused: the request does not come from this dashboard"})
             return
         try:
@@ -2256,7 +2273,16 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             self._json(500, {"error": str(exc)})
 
     def _host_ok(self) -> bool:
-        if self.headers.get("Host", "").lower() in self.server.hosts:
+        """The Host header names this server: by an IP address, or by one of
+        its own names (a DNS-rebinding page comes with a name of its own)."""
+        url = urllib.parse.urlsplit("//" + self.headers.get("Host", ""))
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        name = (url.hostname or "").lower()
+        if port == self.server.server_address[1] and (
+                name in self.server.names or _is_ip(name)):
             return True
         self._json(421, {"error": "refused: the Host header does not name this server"})
         return False
@@ -2266,10 +2292,18 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         c = bl._counters
         with c.lock:
             finished = dict(c.finished)
+        now = time.time()
+        step, span = 10, 300
+        start = (now - span) // step * step
         with bl._store() as storage:
             failures = [bl._info(r) for r in storage.list("failed", None, 20, newest_first=True)]
+            ended = dict(storage.finished_since(start, step))
         return {"path": bl.path, "running": bl._dispatcher is not None,
-                "processors": len(bl._processors), "time": time.time(),
+                "processors": len(bl._processors), "time": now,
+                # jobs ended in each 10 s of the last 5 minutes, oldest first
+                "throughput": {"step": step, "start": start,
+                               "ended": [ended.get(start + i * step, 0)
+                                         for i in range(span // step + 1)]},
                 "counts": bl.stats(), "finished": finished,
                 "inprogress": [_job_json(j, True) for j in bl.jobs("inprogress", limit=50)],
                 "pending": [_job_json(j, True) for j in bl.jobs("pending", limit=20)],
@@ -2291,6 +2325,14 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 class _HTTPServer(http.server.ThreadingHTTPServer):
     """The server, with what its handlers need: the queue, and its own names."""
 
@@ -2303,9 +2345,9 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self.blero = blero
         named = f"[{host}]" if ":" in host else host
         self.url = f"http://{named}:{self.server_address[1]}/"
-        # Host header values that name this server
-        self.hosts = frozenset(f"{h}:{self.server_address[1]}".lower()
-                               for h in (named, "127.0.0.1", "localhost", "[::1]"))
+        # the names a Host header may give this server by (besides IP addresses)
+        self.names = frozenset(n.lower() for n in (
+            host, "localhost", socket.gethostname(), socket.getfqdn()))
 
     def handle_error(self, request, client_address):
         # a client that hangs up early is its own business: never print
@@ -2358,7 +2400,7 @@ button{cursor:pointer} #msg{color:#a33} svg{width:100%;height:80px}
 <header><h1>blero</h1><span id="path"></span><span id="state"></span><span id="msg"></span></header>
 <main>
 <div class="cards" id="counts"></div>
-<section><h2>Throughput (jobs ended per second, last 5 minutes): <span id="rate">-</span></h2>
+<section><h2>Jobs ended per second, last 5 minutes: <span id="rate">-</span> over the last minute</h2>
 <svg id="chart" viewBox="0 0 300 80" preserveAspectRatio="none"><polyline id="line" fill="none"
  stroke="#2b7bb9" stroke-width="1.5" points=""/></svg></section>
 <section><h2>Running</h2><table id="inprogress"></table></section>
@@ -2368,7 +2410,6 @@ button{cursor:pointer} #msg{color:#a33} svg{width:100%;height:80px}
 </main>
 <script>
 "use strict";
-const history = [];
 function el(tag, text, attrs) {
   const e = document.createElement(tag);
   if (text !== undefined) e.textContent = text;
@@ -2405,17 +2446,15 @@ function table(id, jobs, columns, action) {
   }
   if (!jobs.length) t.appendChild(el("tr")).appendChild(el("td", "none"));
 }
-function draw(s) {
-  const ended = s.counts.complete + s.counts.failed + s.counts.cancelled;
-  history.push([s.time, ended]);
-  while (history.length > 2 && history[0][0] < s.time - 300) history.shift();
-  const rates = [];
-  for (let i = 1; i < history.length; i++)
-    rates.push(Math.max(0, (history[i][1] - history[i-1][1]) / (history[i][0] - history[i-1][0] || 1)));
-  document.getElementById("rate").textContent = rates.length ? rates[rates.length-1].toFixed(1) : "-";
+function draw(t) {
+  // t.ended: jobs ended in each t.step seconds; the last step is still going on
+  const rates = t.ended.map(n => n / t.step);
+  const full = t.ended.slice(-7, -1);
+  document.getElementById("rate").textContent =
+    (full.reduce((a, b) => a + b, 0) / (full.length * t.step)).toFixed(1);
   const top = Math.max(1, ...rates);
   document.getElementById("line").setAttribute("points", rates.map(
-    (r, i) => (i * 300 / Math.max(1, rates.length - 1)).toFixed(1) + "," + (78 - r / top * 76).toFixed(1)).join(" "));
+    (r, i) => (i * 300 / (rates.length - 1)).toFixed(1) + "," + (78 - r / top * 76).toFixed(1)).join(" "));
 }
 function render(s) {
   document.getElementById("path").textContent = s.path;
@@ -2436,7 +2475,7 @@ function render(s) {
   table("failures", s.failures, base.concat([["tries", j => j.attempt],
         ["failed", j => when(j.finished_at)], ["error", j => j.error || "", true]]),
         ["Retry", j => post("/api/retry", {ids: [j.id]})]);
-  draw(s);
+  draw(s.throughput);
 }
 function refresh() {
   fetch("/api/stats").then(r => r.json()).then(s => { if (s.error) show(s.error); else { show(""); render(s); } })
@@ -2470,11 +2509,18 @@ class _DemoOutput:
 
     def line(self, text: str) -> None:
         with self._lock:
-            if self._tty and self._bar:
-                self._stream.write("\r\x1b[K" + text + "\n" + self._bar)
-            else:
-                self._stream.write(text + "\n")
+            self._write(("\r\x1b[K" + text + "\n" + self._bar) if self._tty and self._bar
+                        else text + "\n")
+
+    def _write(self, text: str) -> None:
+        """Write and flush; the lock is held.  A reader gone away (| head) is
+        no reason for the demo's jobs to fail: the rest goes unprinted."""
+        try:
+            self._stream.write(text)
             self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            self._tty = False
+            self._stream = open(os.devnull, "w")
 
     def begin(self, counts: dict) -> None:
         self.total = sum(counts.values())
@@ -2497,13 +2543,12 @@ class _DemoOutput:
             filled = int(30 * done / total)
             self._bar = (f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} jobs"
                          f"  {rate:.2f} jobs/s  ETA {eta}")
-            self._stream.write("\r\x1b[K" + self._bar)
-            self._stream.flush()
+            self._write("\r\x1b[K" + self._bar)
 
     def end(self) -> None:
         if self._tty and self._bar:
             with self._lock:
-                self._stream.write("\n")
+                self._write("\n")
                 self._bar = ""
 
 
@@ -2557,8 +2602,25 @@ def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
         return
     for j in jobs:
         error = (j.error or "").strip().splitlines()[-1:] or [""]
+        data = _job_json(j, shorten=True)["data"]
         print(f"{j.id}\t{j.state}\t{j.name}\ttry {j.attempt}/{j.max_attempts}"
-              f"\tdata={_job_json(j)['data']}" + (f"\terror={error[0]}" if j.error else ""))
+              f"\tdata={data}" + (f"\terror={error[0]}" if j.error else ""))
+
+
+def _cli_seconds(text: str) -> float:
+    """argparse type: seconds, 0 or more."""
+    try:
+        return _seconds("seconds", float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more") \
+            from None
+
+
+def _cli_port(text: str) -> int:
+    """argparse type: a TCP port, 0 for any free one."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return int(text)
 
 
 def _serve(args) -> int:
@@ -2585,7 +2647,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="the Goblero demo: 50 jobs, N processors")
     demo.add_argument("-n", type=int, default=5, help="number of processors (default 5)")
     demo.add_argument("--db", default="db/", help="queue file or directory (default db/)")
-    demo.add_argument("--sleep", type=float, default=2.0,
+    demo.add_argument("--sleep", type=_cli_seconds, default=2.0,
                       help="seconds each job takes (default 2)")
 
     def queue_command(name, help):
@@ -2596,7 +2658,7 @@ def main(argv: list[str] | None = None) -> int:
     p = queue_command("stats", "count the jobs in each state")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p = queue_command("jobs", "list jobs by id")
-    p.add_argument("--state", choices=STATES)
+    p.add_argument("--state", choices=STATES, help="only jobs in this state")
     p.add_argument("--name", help="only jobs of this name")
     p.add_argument("--limit", type=int, default=100, help="at most N jobs (0: all)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
@@ -2605,11 +2667,12 @@ def main(argv: list[str] | None = None) -> int:
     p = queue_command("cancel", "cancel pending or running jobs")
     p.add_argument("ids", nargs="+", type=int, metavar="ID")
     p = queue_command("sweep", "delete finished jobs")
-    p.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--older-than", type=_cli_seconds, default=0.0, metavar="SECONDS",
+                   help="only jobs that finished at least this long ago (default 0)")
     p.add_argument("--state", action="append", choices=("complete", "failed", "cancelled"),
                    help="state to sweep (repeatable; default complete)")
     p = queue_command("serve", "serve the live dashboard and /metrics for a queue file")
-    p.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    p.add_argument("--port", type=_cli_port, default=0, help="port (default: any free one)")
     p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
 
     args = parser.parse_args(argv)
@@ -2618,8 +2681,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "demo":
-            if args.n < 1 or args.sleep < 0:
-                parser.error("-n must be 1 or more, and --sleep 0 or more")
+            if args.n < 1:
+                parser.error("-n must be 1 or more")
             return _demo(args)
         if args.command == "serve":
             return _serve(args)
@@ -2633,7 +2696,14 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--limit must be 0 or more")
             _print_jobs(bl.jobs(args.state, args.name, args.limit or None), args.json)
         elif args.command == "retry":
-            print(f"{bl.retry_failed(args.ids or None)} job(s) sent back to pending")
+            missed = [i for i in args.ids if bl.retry_failed([i]) == 0]
+            if not args.ids:
+                print(f"{bl.retry_failed()} job(s) sent back to pending")
+            else:
+                print(f"{len(args.ids) - len(missed)} job(s) sent back to pending")
+            if missed:
+                print(f"blero: not failed: {' '.join(map(str, missed))}", file=sys.stderr)
+                return 1
         elif args.command == "cancel":
             missed = [i for i in args.ids if not bl.cancel(i)]
             print(f"{len(args.ids) - len(missed)} job(s) cancelled")
@@ -2645,6 +2715,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")
     except BleroError as exc:
         print(f"blero: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (| head): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 

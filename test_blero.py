@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -1411,8 +1412,8 @@ class CallbacksTest(TempDirTest):
                     self.assertEqual(bl.wait(job_id, timeout=10), data)
 
             def logged():
-                return sorted(str(r.exc_info[1]) for r in logs.records
-                              if r.exc_info and isinstance(r.exc_info[1], RuntimeError))
+                return sorted(re.search(r"RuntimeError: (callback boom \d+)", r.getMessage())[1]
+                              for r in logs.records if "RuntimeError" in r.getMessage())
 
             wait_until(lambda: len(logged()) == 5, message="five logged callback errors")
         self.assertEqual(logged(), sorted(f"callback boom {i}" for i in ids))
@@ -1724,6 +1725,19 @@ class DashboardTest(TempDirTest):
         self.assertEqual(status, 200, body)
         self.assertTrue(ctype.startswith("application/json"), ctype)
         return json.loads(body)
+
+    def test_names_and_addresses_of_this_machine_are_accepted(self):
+        bl, port, failed, *_ = self.dashboard()
+        for host in (f"10.1.2.3:{port}", f"[::1]:{port}", f"{socket.gethostname()}:{port}"):
+            status, _, body = http_request(port, "GET", "/api/stats", headers={"Host": host})
+            self.assertEqual(status, 200, (host, body))
+        host = f"192.0.2.7:{port}"      # the page as loaded by IP: its own origin acts
+        status, _, body = http_request(port, "POST", "/api/retry", {"ids": [failed]},
+                                       headers={"Host": host, "Origin": f"http://{host}"})
+        self.assertEqual((status, json.loads(body)), (200, {"retried": 1}))
+        for host in (f"evil.example:{port}", f"10.1.2.3:{port + 1}", "10.1.2.3"):
+            status, _, _ = http_request(port, "GET", "/api/stats", headers={"Host": host})
+            self.assertEqual(status, 421, host)
 
     def test_the_page_is_one_self_contained_html_page(self):
         bl, port, *_ = self.dashboard()
