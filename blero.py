@@ -2404,9 +2404,9 @@ button{cursor:pointer} #msg{color:#a33} svg{width:100%;height:80px}
 <svg id="chart" viewBox="0 0 300 80" preserveAspectRatio="none"><polyline id="line" fill="none"
  stroke="#2b7bb9" stroke-width="1.5" points=""/></svg></section>
 <section><h2>Running</h2><table id="inprogress"></table></section>
-<section><h2>Pending (next 20)</h2><table id="pending"></table></section>
 <section><h2>Recent failures <button id="retry-all">Retry all failed</button></h2>
 <table id="failures"></table></section>
+<section><h2>Pending (the first 20 by id)</h2><table id="pending"></table></section>
 </main>
 <script>
 "use strict";
