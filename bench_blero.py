@@ -405,7 +405,7 @@ def drain_child(side: str, path: str, sync: str) -> None:
             for _ in range(PER_PROCESS):
                 bl.register_processor(noop)
             bl.join()
-        count = len(ends)    # after stop: join may return before the last on_complete
+        count = len(ends)
     else:
         with connections(path, sync, PER_PROCESS) as dbs:
             say("ready")
