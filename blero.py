@@ -680,11 +680,7 @@ class _Storage:
             if self._closer is not None:
                 return
             self._closer = op              # from now on, new writes are refused
-            if self._leading:
-                op.lock = threading.Lock()
-                op.lock.acquire()
-            else:
-                self._leading = True
+            self._line_up(op)
         if op.lock is not None:
             op.lock.acquire()              # the turn, once the queue has drained
         try:
@@ -725,11 +721,7 @@ class _Storage:
             if self._closer is not None:
                 raise BleroError(f"{self.path}: the queue is stopped")
             self._queue.append(op)
-            if self._leading:
-                op.lock = threading.Lock()
-                op.lock.acquire()
-            else:
-                self._leading = True
+            self._line_up(op)
         if op.lock is not None:
             op.lock.acquire()     # our write is done, or it is our turn to lead
         if not op.done:
@@ -740,6 +732,15 @@ class _Storage:
         if op.error is not None:
             raise op.error
         return op.result
+
+    def _line_up(self, op: _Op) -> None:
+        """Under the mutex: take the turn if it is free, else give `op` a
+        held lock, for its caller to sleep on until a leader releases it."""
+        if self._leading:
+            op.lock = threading.Lock()
+            op.lock.acquire()
+        else:
+            self._leading = True
 
     def _hand_over(self) -> None:
         """End this turn: read data_version if asked, then pass the turn to the
@@ -1184,23 +1185,18 @@ class _Processor:
         self.retired = False
 
 
-class _Outcome:
+class _Outcome(NamedTuple):
     """The end of one try, waiting to be recorded."""
 
-    __slots__ = ("job", "state", "run_at", "finished_at", "result", "blob", "error",
-                 "exc", "seconds")
-
-    def __init__(self, job, state, run_at=None, finished_at=None, result=None,
-                 blob=None, error=None, exc=None, seconds=0.0):
-        self.job = job
-        self.state = state
-        self.run_at = run_at
-        self.finished_at = finished_at
-        self.result = result
-        self.blob = blob
-        self.error = error
-        self.exc = exc
-        self.seconds = seconds
+    job: Job
+    state: int
+    run_at: float | None = None
+    finished_at: float | None = None
+    result: Any = None
+    blob: Any = None            # the result, serialized
+    error: str | None = None
+    exc: BaseException | None = None
+    seconds: float = 0.0
 
     def params(self, owner: int) -> tuple:
         job = self.job

@@ -814,6 +814,72 @@ class CrashTest(TempDirTest):
                                       "failed": 0, "cancelled": 0})
         self.assertEqual([int(l[1]) for l in again if l[0] == "enqueued"], list(range(1, 201)))
 
+LEASE_CHILD = """
+import os, sys, time, blero
+blero.fcntl = None    # as on Windows: no advisory locks; heartbeats and the lease only
+path, log, lease, role = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+def note(*words):
+    os.write(fd, (" ".join(map(str, words)) + " .\\n").encode())
+def process(job):
+    note("start", job.id, role, time.monotonic())
+    job.cancelled.wait(job.data)
+    note("end", job.id, role)
+bl = blero.new(path, lease=lease).start()
+bl.register_processor(process)
+note("ready", role)
+sys.stdin.read()      # until the test is done with it
+"""
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class LeaseFallbackTest(TempDirTest):
+    """Where the OS cannot tell a dead owner (no fcntl), heartbeats and the lease do."""
+
+    def child(self, role, lease):
+        proc = start_child(LEASE_CHILD, self.path, self.log, lease, role, stdin=subprocess.PIPE)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        wait_until(lambda: ["ready", role, "."] in read_lines(self.log), message=f"{role} ready")
+        return proc
+
+    def started(self, job_id, role):
+        return [float(l[3]) for l in read_lines(self.log) if l[:3] == ["start", str(job_id), role]]
+
+    def test_a_live_owner_keeps_its_job_and_a_dead_ones_is_taken_after_the_lease(self):
+        lease = 0.5
+        self.path, self.log = os.path.join(self.dir, "q.db"), os.path.join(self.dir, "log")
+        # This process must not tell liveness by locks either: a lockless
+        # owner holds no lock byte, so it would look dead to one that asks.
+        self.addCleanup(setattr, blero, "fcntl", blero.fcntl)
+        blero.fcntl = None
+        bl = blero.new(self.path).start()
+        self.addCleanup(bl.stop)
+        # Alive: a job that runs for three leases stays with its owner.
+        holder = self.child("holder", lease)
+        working = bl.enqueue("work", 3 * lease)
+        wait_until(lambda: self.started(working, "holder"), message="the holder starts")
+        taker = self.child("taker", lease)
+        bl.wait(working, timeout=10)
+        self.assertEqual(self.started(working, "taker"), [], "a live owner lost its job")
+        for proc in (holder, taker):
+            proc.kill()
+            proc.wait()
+        # Dead: a job that never ends is taken over, once the lease has run out.
+        holder = self.child("holder2", lease)
+        stuck = bl.enqueue("work", 60)
+        wait_until(lambda: self.started(stuck, "holder2"), message="the second holder starts")
+        self.child("taker2", lease)
+        killed = time.monotonic()
+        holder.kill()
+        taken = wait_until(lambda: self.started(stuck, "taker2"), timeout=10,
+                           message="the taker takes the dead holder's job")[0]
+        self.assertGreaterEqual(taken - killed, lease / 2, "taken before the lease ran out")
+        self.assertLess(taken - killed, lease + 3)
+        self.assertEqual(bl.get_job(stuck).attempt, 2)
+
+
 class DemoTest(TempDirTest):
     """python -m blero demo: the Goblero demo, its Ctrl-C and its second run."""
 
@@ -3104,13 +3170,17 @@ class HardeningTest(ProcessTest):
             "one-byte": b"\x00",
             "zeros": b"\x00" * 8192,
         }
+        self.assert_files_refused(cases, ("not an sqlite", "damaged", "not a database"))
+
+    def assert_files_refused(self, cases, words):
+        """Each of `cases` ({name: file content}) is refused with one of `words`."""
         for name, content in cases.items():
             with self.subTest(name):
                 path = os.path.join(self.dir, name, "q.db")
                 os.mkdir(os.path.dirname(path))
                 with open(path, "wb") as f:
                     f.write(content)
-                self.assert_refused(path, ("not an sqlite", "damaged", "not a database"))
+                self.assert_refused(path, words)
 
     def test_damaged_queue_is_refused(self):
         source = self.make_queue(os.path.join(self.dir, "src", "q.db"), jobs=300, size=1000)
@@ -3137,14 +3207,8 @@ class HardeningTest(ProcessTest):
             "truncated-mid-page": good[:page + page // 2],
             "truncated-header": good[:50],
         }
-        for name, content in cases.items():
-            with self.subTest(name):
-                path = os.path.join(self.dir, name, "q.db")
-                os.mkdir(os.path.dirname(path))
-                with open(path, "wb") as f:
-                    f.write(content)
-                self.assert_refused(path, ("damaged", "malformed", "not an sqlite",
-                                           "not a database", "not a blero"))
+        self.assert_files_refused(cases, ("damaged", "malformed", "not an sqlite",
+                                          "not a database", "not a blero"))
 
     def test_new_files_have_mode_0600(self):
         body = """
