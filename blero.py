@@ -328,10 +328,10 @@ _INFO_COLUMNS = ("id, name, data, state, attempt, max_attempts, priority, key, r
                  " error, created_at, run_at, started_at, finished_at")
 _GET = "SELECT " + _INFO_COLUMNS + " FROM jobs WHERE id = ? AND state < 6"
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM jobs WHERE state BETWEEN ? AND ?"
-         " AND (?3 IS NULL OR name = ?3) ORDER BY id {order} LIMIT ?4")
+         " AND (? IS NULL OR name = ?) ORDER BY id {order} LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
-_FINISHED_SINCE = ("SELECT CAST(finished_at / ?1 AS INTEGER) * ?1, count(*) FROM jobs"
-                   " WHERE state >= 3 AND finished_at >= ?2 AND state < 6 GROUP BY 1")
+_FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, count(*) FROM jobs"
+                   " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1")
 # One statement, so one snapshot: a job moving from ready to running between
 # two separate looks would otherwise be seen in neither.
 _OUTSTANDING = (
@@ -1115,7 +1115,7 @@ class _Storage:
         """Jobs by id, as `_INFO_COLUMNS` rows."""
         lo, hi = _STATE_CODES[state] if state else (_READY, _CANCELLED)
         sql = _LIST.format(order="DESC" if newest_first else "ASC")
-        params = (lo, hi, name, -1 if limit is None else limit)
+        params = (lo, hi, name, name, -1 if limit is None else limit)
         return self._read(lambda db: db.execute(sql, params).fetchall())
 
     def counts(self) -> dict[str, int]:
@@ -1128,7 +1128,7 @@ class _Storage:
 
     def finished_since(self, since: float, step: float) -> list[tuple[float, int]]:
         """How many jobs ended in each `step` seconds since `since`."""
-        return self._read(lambda db: db.execute(_FINISHED_SINCE, (step, since)).fetchall())
+        return self._read(lambda db: db.execute(_FINISHED_SINCE, (step, step, since)).fetchall())
 
     def outstanding(self) -> bool:
         """True while any job (schedule runs aside) is pending or running."""
