@@ -1173,16 +1173,15 @@ class _Changes(threading.Condition):
 
 
 class _Processor:
-    """A registered processor: the callable, the job names it takes, and its worker."""
+    """A registered processor: the callable, and the job names it takes."""
 
-    __slots__ = ("id", "fn", "names", "worker", "retired")
+    __slots__ = ("id", "fn", "names", "retired")
 
     def __init__(self, id, fn, names):
         self.id = id
         self.fn = fn
         self.names = names
-        self.worker = None
-        self.retired = False
+        self.retired = False    # unregistered: its worker ends after its job
 
 
 class _Outcome(NamedTuple):
@@ -1323,7 +1322,6 @@ class _Dispatcher:
         with self._lock:
             if self.stopping:
                 return
-            processor.worker = worker
             self._workers.add(worker)
         worker.thread.start()
 
@@ -1877,7 +1875,6 @@ class Blero:
             d = self._dispatcher
         if p is None:
             raise KeyError(processor_id)
-        p.retired = True
         if d is not None:
             d.retire(p)
 
