@@ -1193,7 +1193,10 @@ class EveryTest(TempDirTest):
         bl.register_processor(run)
         t0 = time.time()
         self.assertEqual(bl.every(0.1, "tick", {"n": 1}), "tick")    # key defaults to name
-        wait_until(lambda: len(runs) >= 4, timeout=20, message="four runs")
+        # a run is recorded when it starts: wait for the first four to end
+        wait_until(lambda: len(runs) >= 4 and all(
+            bl.get_job(r.id).state == "complete" for r in runs[:4]), timeout=20,
+            message="four runs, ended")
         infos = [bl.get_job(r.id) for r in runs[:4]]
         self.assertLess(infos[0].created_at - t0, 5.0, "the first run is due at once")
         for k, info in enumerate(infos):
