@@ -1608,21 +1608,38 @@ class _Dispatcher:
     def _promote(self) -> None:
         if time.time() < self._delayed_due:
             return
-        count, due = self.storage.promote(time.time())
-        with self._lock:
-            self._delayed_due = math.inf if due is None else due
+        count = self._look("_delayed_due", self.storage.promote)
         if count:
             self.work_arrived(None)
 
     def _run_schedules(self) -> None:
         if time.time() < self._schedule_due:
             return
-        names, due = self.storage.run_schedules(time.time(), self._schedule_row)
-        with self._lock:
+
+        def look(now):
+            names, due = self.storage.run_schedules(now, self._schedule_row)
             # A schedule still busy with its last run is looked at every poll.
-            self._schedule_due = math.inf if due is None else max(due, time.time() + _POLL)
+            return names, None if due is None else max(due, now + _POLL)
+
+        names = self._look("_schedule_due", look)
         if names:
             self.work_arrived(names)
+
+    def _look(self, due_attr: str, look: Callable[[float], tuple[Any, float | None]]):
+        """Run `look(now)`, which returns (result, next due epoch time or None);
+        keep that time in `due_attr` and return the result."""
+        # Cleared first, so a due time noted while `look` runs (by
+        # delayed_at or schedules_changed, after their commit) is kept.
+        with self._lock:
+            setattr(self, due_attr, math.inf)
+        due = time.time() + 1.0         # if `look` fails: again soon, not in a spin
+        try:
+            result, due = look(time.time())
+        finally:
+            with self._lock:
+                if due is not None:
+                    setattr(self, due_attr, min(getattr(self, due_attr), due))
+        return result
 
     def _schedule_row(self, sched: tuple, now: float) -> tuple:
         _, name, data, _, _, priority, retries, timeout = sched
@@ -1635,7 +1652,8 @@ class _Dispatcher:
             return
         due = self.storage.next_delayed()    # they may have added some
         with self._lock:
-            self._delayed_due = math.inf if due is None else due
+            if due is not None:     # only ever sooner: a time noted meanwhile stays
+                self._delayed_due = min(self._delayed_due, due)
             self._schedule_due = min(self._schedule_due, time.time())
             running = [w.job for w in self._workers if w.job is not None]
         self.work_arrived(None)

@@ -1206,6 +1206,18 @@ class EveryTest(TempDirTest):
         self.assertEqual(len({r.id for r in runs}), len(runs), "each run is its own job")
         self.assert_one_run_at_a_time(runs)
 
+    def test_a_schedule_made_right_after_start_runs(self):
+        # Regression: a schedule committed while the clock was looking at the
+        # schedules was forgotten until a restart (1 start in 25 to 100 here).
+        for i in range(200):
+            bl = self.queue(f"q{i}.db", start=False)
+            ran = threading.Event()
+            bl.register_processor(lambda job: ran.set())
+            bl.start()
+            bl.every(3600, "hourly")
+            self.assertTrue(ran.wait(10), f"queue {i}: the first run is due at once")
+            bl.stop()
+
     def test_one_run_outstanding_and_missed_runs_collapse(self):
         bl = self.queue()
         hold = threading.Event()
