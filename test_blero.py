@@ -388,6 +388,8 @@ class ProcessingTest(TempDirTest):
         bl.register_processor(slow)
         slow_id = bl.enqueue("slow", timeout=0.2, retries=1)
         self.assertEqual(bl.wait(slow_id, timeout=10), "slow")  # the retry, while try 1 hangs
+        # The timed-out try's thread may not have run since its cancel was set.
+        wait_until(lambda: seen_cancel, message="the timed-out try to see job.cancelled")
         self.assertEqual(seen_cancel, [True])
         info = bl.get_job(slow_id)
         self.assertEqual(info.attempt, 2)
