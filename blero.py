@@ -292,10 +292,13 @@ _LAST_ID = "SELECT last_insert_rowid()"
 _JOB_COLUMNS = "id, name, data, attempt, max_attempts, priority, key, created_at, timeout"
 _NEXT_READY = ("SELECT id FROM jobs WHERE state = 0{names}"
                " ORDER BY priority DESC, id LIMIT 1")
+# A claim is made only while its owner is registered: a claim still under
+# way when its queue stopped (and dropped its owner) then claims nothing.
 _CLAIM_RETURNING = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1,"
-                    " started_at = ? WHERE id = ({next}) RETURNING " + _JOB_COLUMNS)
+                    " started_at = ? WHERE id = ({next})"
+                    " AND EXISTS (SELECT 1 FROM owners WHERE id = ?) RETURNING " + _JOB_COLUMNS)
 _CLAIM = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1,"
-          " started_at = ? WHERE id = ?")
+          " started_at = ? WHERE id = ? AND EXISTS (SELECT 1 FROM owners WHERE id = ?)")
 _JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = ?"
 # Every end of a try, and every hand-back, is this one statement: it changes
 # the job only while the claim that ran it still holds, so a late or stale
@@ -304,6 +307,10 @@ _FINISH = ("UPDATE jobs SET state = ?, run_at = coalesce(?, run_at), finished_at
            " result = ?, error = ?, owner = NULL"
            " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = 2 AND owner = ?"
+# Undo a claim whose try never began: ready again, its attempt not counted.
+_UNCLAIM = ("UPDATE jobs SET state = 0, owner = NULL, attempt = attempt - 1,"
+            " started_at = CASE attempt WHEN 1 THEN NULL ELSE started_at END"
+            " WHERE id = ? AND state = 2 AND owner = ?")
 _RUNNING_IDS = "SELECT id FROM jobs WHERE state = 2 AND owner = ?"
 _PROMOTE = "UPDATE jobs SET state = 0 WHERE state = 1 AND run_at <= ?"
 _NEXT_DELAYED = "SELECT min(run_at) FROM jobs WHERE state = 1"
@@ -339,8 +346,10 @@ _OUTSTANDING = (
     " EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND id NOT IN runs)"
     " OR EXISTS (SELECT 1 FROM jobs WHERE state = 1 AND id NOT IN runs)"
     " OR EXISTS (SELECT 1 FROM jobs WHERE state = 2 AND id NOT IN runs)")
-_ADD_OWNER = "INSERT OR REPLACE INTO owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
-_HEARTBEAT = "UPDATE owners SET heartbeat_at = ? WHERE id = ?"
+# Registers an owner, or renews it.  An owner judged dead by the lease while
+# alive (its process was suspended, say) so registers again, and can claim again.
+_HEARTBEAT = ("INSERT INTO owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
+              " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
 _DROP_OWNER = "DELETE FROM owners WHERE id = ?"
 _OWNERS = ("SELECT id, heartbeat_at FROM owners UNION ALL"
            " SELECT DISTINCT owner, NULL FROM jobs"
@@ -930,12 +939,11 @@ class _Storage:
         params = tuple(names) if n else ()
         now = time.time()
         if self._returning:
-            rows = db.execute(sql[1], (owner, now) + params).fetchall()
+            rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
             return recorded, rows[0] if rows else None
         found = db.execute(sql[0], params).fetchall()
-        if not found:
+        if not found or not db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
             return recorded, None
-        db.execute(_CLAIM, (owner, now, found[0][0]))
         return recorded, db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0]
 
     def _claim_statements(self, n: int) -> tuple[str, str]:
@@ -951,18 +959,25 @@ class _Storage:
         """Record the end of one try; False if its claim no longer holds."""
         return self._write(self._finish_and_claim, finish, 0, None, False)[0]
 
-    def release(self, owner: int, outcome: Callable[[tuple], tuple], drop_owner: bool):
+    def release(self, owner: int, outcome: Callable[[tuple], tuple], drop_owner: bool,
+                started: set[int] | None = None) -> tuple[list[tuple], int]:
         """Hand back every job `owner` holds: `outcome(row)` gives each one's
-        `_FINISH` parameters.  Returns the rows whose outcome was recorded."""
-        return self._write(self._release, owner, outcome, drop_owner)
+        `_FINISH` parameters.  With `started`, the claims of jobs not in it
+        are undone instead: their try never began.  Returns the rows whose
+        outcome was recorded, and how many claims were undone."""
+        return self._write(self._release, owner, outcome, drop_owner, started)
 
     @staticmethod
-    def _release(db, owner, outcome, drop_owner):
-        rows = db.execute(_RUNNING_OF, (owner,)).fetchall()
-        done = [row for row in rows if db.execute(_FINISH, outcome(row)).rowcount == 1]
+    def _release(db, owner, outcome, drop_owner, started):
+        done, undone = [], 0
+        for row in db.execute(_RUNNING_OF, (owner,)).fetchall():
+            if started is not None and row[0] not in started:
+                undone += db.execute(_UNCLAIM, (row[0], owner)).rowcount
+            elif db.execute(_FINISH, outcome(row)).rowcount == 1:
+                done.append(row)
         if drop_owner:
             db.execute(_DROP_OWNER, (owner,))
-        return done
+        return done, undone
 
     def running_ids(self, owner: int) -> set[int]:
         """Ids of the jobs `owner` holds now."""
@@ -984,13 +999,10 @@ class _Storage:
 
     # -- owners: who holds which jobs, alive or dead -------------------------------
 
-    def add_owner(self, owner: int, now: float) -> None:
-        """Register a starting queue as an owner of claims."""
-        self._write(lambda db: db.execute(_ADD_OWNER, (owner, os.getpid(), now, now)))
-
     def heartbeat(self, owner: int, now: float) -> None:
-        """Tell other processes, that cannot see our lock, that we are alive."""
-        self._write(lambda db: db.execute(_HEARTBEAT, (now, owner)))
+        """Register `owner` as alive, or renew it: tell other processes, which
+        may not see our lock, that we are alive; our claims need it too."""
+        self._write(lambda db: db.execute(_HEARTBEAT, (owner, os.getpid(), now, now)))
 
     def owners(self) -> list[tuple[int, float | None]]:
         """Every owner registered or holding jobs, with its last heartbeat."""
@@ -1230,7 +1242,7 @@ class _Worker:
         self.wake = threading.Event()
         self.lock = threading.Lock()   # guards job and abandoned
         self.job: Job | None = None
-        self.settling = False           # its last try's outcome is not yet recorded
+        self.settling: Job | None = None   # its last try, while not yet recorded
         self.abandoned = False          # timed out or stopped: a new worker took over
         self.thread = threading.Thread(
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
@@ -1244,7 +1256,7 @@ class _Worker:
         with self.lock:
             if self.abandoned:
                 return False
-            self.settling = True    # first: join() must never see neither
+            self.settling = self.job    # first: join() must never see neither
             self.job = None
             return True
 
@@ -1257,7 +1269,7 @@ class _Worker:
                 seq = d.seq
                 try:
                     job = d.finish_and_claim(self, outcome, claim)
-                    self.settling = False
+                    self.settling = None
                 except Exception as exc:    # storage trouble: keep the outcome, try again
                     if d.stopping:
                         return
@@ -1345,23 +1357,24 @@ class _Dispatcher:
             if w.thread is not me:
                 w.thread.join(None if deadline is None
                               else max(0.0, deadline - time.monotonic()))
-        late = []
+        late, started = [], set()
         for w in workers:
             with w.lock:
                 if w.thread.is_alive() and w.thread is not me:
-                    w.abandoned = True
+                    w.abandoned = True      # from now on it starts no try
                     if w.job is not None:
                         late.append(w.job)
+                    started.update(j.id for j in (w.job, w.settling) if j is not None)
         for job in late:
             job._cancel()
-        try:
-            self.hand_back(self.owner, drop_owner=True)
-        finally:
-            with self._lock:
-                self._clock_stop = True
-                self._tick.notify()
-            if self._clock is not me and self._clock.is_alive():
-                self._clock.join()
+        with self._lock:
+            self._clock_stop = True
+            self._tick.notify()
+        if self._clock is not me and self._clock.is_alive():
+            self._clock.join()
+        # A job claimed by a worker stopped before its try began was never
+        # tried: its claim is undone, and its attempt does not count.
+        self.hand_back(self.owner, drop_owner=True, started=started)
         return late
 
     def exited(self, worker: _Worker) -> None:
@@ -1372,7 +1385,7 @@ class _Dispatcher:
 
     def busy(self) -> bool:
         """True while a worker here is running a job."""
-        return any(w.job is not None or w.settling for w in list(self._workers))
+        return any(w.job is not None or w.settling is not None for w in list(self._workers))
 
     # -- waking workers -------------------------------------------------------------
 
@@ -1693,10 +1706,11 @@ class _Dispatcher:
                 total += self.hand_back(owner, drop_owner=True)
         return total
 
-    def hand_back(self, owner: int, drop_owner: bool) -> int:
-        """Hand back `owner`'s jobs as interrupted; returns how many."""
-        rows = self.storage.release(
-            owner, lambda row: self.interrupted(Job(*row)).params(owner), drop_owner)
+    def hand_back(self, owner: int, drop_owner: bool, started: set[int] | None = None) -> int:
+        """Hand back `owner`'s jobs as interrupted (those in `started`, when
+        given; the others' claims are undone); returns how many."""
+        rows, undone = self.storage.release(
+            owner, lambda row: self.interrupted(Job(*row)).params(owner), drop_owner, started)
         failed = [Job(*row) for row in rows if row[3] >= row[4]]
         for job in failed:
             self.counters.add("failed")
@@ -1705,9 +1719,10 @@ class _Dispatcher:
         if rows:
             log.info("%d interrupted job(s) handed back, %d of them out of tries",
                      len(rows), len(failed))
+        if rows or undone:
             self.work_arrived(None)
             self.changed.wake()
-        return len(rows)
+        return len(rows) + undone
 
 
 def _exc_text(exc: BaseException, tb=None) -> str:
@@ -1803,7 +1818,7 @@ class Blero:
             owner = _new_owner_id()
             try:
                 _hold_owner(self.path, owner)
-                storage.add_owner(owner, time.time())
+                storage.heartbeat(owner, time.time())
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed)
                 recovered = d.reap()
                 d.start(self._processors.values())

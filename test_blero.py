@@ -301,7 +301,7 @@ class EnqueueTest(TempDirTest):
         for n in (0, 1, 2):
             names = tuple(["a", "b"][:n])
             select, claim = storage._claim_statements(n)
-            for sql, params in ((select, names), (claim, (1, 2.0) + names)):
+            for sql, params in ((select, names), (claim, (1, 2.0) + names + (1,))):
                 plan = " ".join(str(r) for r in storage._db.execute(
                     "EXPLAIN QUERY PLAN " + sql, params))
                 self.assertIn("jobs_ready", plan)
@@ -730,6 +730,29 @@ class OperatingTest(TempDirTest):
         self.assertEqual((info.state, info.error), ("failed", "interrupted"))
         self.assertEqual(interrupted, [(job_id, "interrupted")])
         self.assertEqual(bl.get_job(last).state, "pending")
+
+    def test_stop_counts_only_tries_that_began(self):
+        # stop(0) while workers race through jobs: some have claimed a job
+        # and not yet called the processor.  Those are not tries.
+        for n in range(8):
+            called = set()
+            bl = self.queue(f"q{n}.db", start=False, retries=0)
+            for _ in range(4):
+                bl.register_processor(lambda job: called.add(job.id))
+            bl.start()
+            bl.enqueue_many([("x", i) for i in range(3000)])
+            wait_until(lambda: len(called) >= 300, message="300 jobs run")
+            bl.stop(timeout=0)
+            # A worker stopped inside a try ends it in its own time.
+            wait_until(lambda: not any(t.name.startswith("blero-processor")
+                                       for t in threading.enumerate()),
+                       message="the stopped workers to end")
+            infos = bl.jobs(limit=None)
+            self.assertEqual(sorted({j.id for j in infos if j.attempt} - called), [],
+                             f"round {n}: counted as tried, never run")
+            self.assertEqual([j.id for j in infos if j.attempt == 0 and j.started_at], [])
+            self.assertEqual([j.id for j in infos if j.state == "failed"
+                              and j.id not in called], [])
 
     def test_stop_waits_for_running_jobs(self):
         bl = self.queue()
