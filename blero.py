@@ -600,7 +600,7 @@ class _Storage:
         self._identity = (st.st_dev, st.st_ino)
 
     def _check_header(self) -> str:
-        """Judge the file by its first 100 bytes, before SQLite touches it."""
+        """Judge the file by its first bytes, before SQLite touches it."""
         path = self.path
         try:
             st = os.stat(path)
@@ -616,7 +616,7 @@ class _Storage:
             return "new"
         try:
             with open(path, "rb") as f:
-                head = f.read(100)
+                head = f.read(108)    # the file header, then page 1's b-tree header
         except OSError as exc:
             raise BleroError(f"{path}: cannot read the queue file: {exc.strerror or exc}") from exc
         if len(head) < 100 or not head.startswith(_SQLITE_MAGIC):
@@ -628,10 +628,10 @@ class _Storage:
                 raise BleroError(f"{path}: written by a newer blero (schema {version};"
                                  f" this blero.py knows up to {_SCHEMA_VERSION})")
             return "blero"
-        page_size = int.from_bytes(head[16:18], "big")
-        page_size = 65536 if page_size == 1 else page_size
-        if app_id == 0 and page_size and st.st_size <= page_size:
-            return "new"   # an empty database: a schema needs a second page
+        # Page 1 holds the schema table: a leaf (13) with no cells is an empty
+        # database, however many free pages follow it.
+        if app_id == 0 and head[100:101] == b"\x0d" and head[103:105] == b"\0\0":
+            return "new"
         raise BleroError(f"{path}: an SQLite database, but not a blero queue")
 
     def _connect(self) -> sqlite3.Connection:

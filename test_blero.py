@@ -158,11 +158,21 @@ class OpeningTest(TempDirTest):
         self.assertEqual(set(os.listdir("/dev")) - before, set())
 
     def test_empty_file_and_empty_database_are_new(self):
-        for name in ("empty", "emptydb"):
+        for name in ("empty", "emptydb", "emptied", "emptied-wal"):
             path = os.path.join(self.dir, name)
             open(path, "wb").close()
+            db = sqlite3.connect(path, isolation_level=None)
+            if name == "emptied-wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            if name.startswith("emptied"):  # no tables left, free pages kept
+                db.execute("CREATE TABLE t (x)")
+                db.execute("INSERT INTO t VALUES (zeroblob(20000))")
+                db.execute("DROP TABLE t")
             if name == "emptydb":
-                sqlite3.connect(path).execute("VACUUM").connection.close()
+                db.execute("VACUUM")
+            db.close()
+            if name.startswith("emptied"):
+                self.assertGreater(os.path.getsize(path), 4096 * 3)
             bl = blero.new(path).start()
             self.assertEqual(bl.enqueue("x"), 1)
             bl.stop()
