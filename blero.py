@@ -608,6 +608,8 @@ class _Storage:
             return "missing"
         except OSError as exc:
             raise BleroError(f"{path}: {exc.strerror or exc}") from exc
+        except ValueError as exc:   # a NUL in the path: shown escaped
+            raise BleroError(f"{path!r}: not a usable path: {exc}") from exc
         if stat.S_ISDIR(st.st_mode):
             raise BleroError(f"{path}: is a directory, not a queue file")
         if not stat.S_ISREG(st.st_mode):
@@ -1836,13 +1838,19 @@ class Blero:
         """Stop claiming jobs and wait for the running ones (for ever with
         None).  Jobs still running when `timeout` runs out get `cancelled`
         set and go back to pending (failed "interrupted" when out of tries);
-        their late results are ignored.  A second stop does nothing."""
+        their late results are ignored.  Closes the metrics servers made
+        so far, even on a stopped queue.  A second stop does nothing."""
         with self._lock:
             d, storage = self._dispatcher, self._storage
-            if d is None or self._stopping:
-                return
-            self._stopping = True
             servers, self._servers = self._servers, []
+            if d is None or self._stopping:
+                d = None
+            else:
+                self._stopping = True
+        if d is None:
+            for server in servers:
+                server.close()
+            return
         try:
             late = d.stop(timeout)
             for server in servers:
@@ -2190,8 +2198,7 @@ class Blero:
             raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
         server = _MetricsServer(self, host, port)
         with self._lock:
-            if self._dispatcher is not None:
-                self._servers.append(server)
+            self._servers.append(server)
         return server
 
 

@@ -157,6 +157,13 @@ class OpeningTest(TempDirTest):
         self.assertIn("not a regular file", str(cm.exception))
         self.assertEqual(set(os.listdir("/dev")) - before, set())
 
+    def test_a_nul_in_the_path_is_a_bleroerror(self):
+        bl = blero.new(os.path.join(self.dir, "a\0b.db"))
+        with self.assertRaises(blero.BleroError) as cm:
+            bl.start()
+        self.assertIn("a\\x00b.db", str(cm.exception))
+        self.assertEqual(os.listdir(self.dir), [])
+
     def test_empty_file_and_empty_database_are_new(self):
         for name in ("empty", "emptydb", "emptied", "emptied-wal"):
             path = os.path.join(self.dir, name)
@@ -1795,6 +1802,16 @@ class MetricsTest(TempDirTest):
         bl.stop()
         with self.assertRaises(OSError):
             http_request(server.port, "GET", "/metrics")
+        # One made while the queue was stopped too, by the next stop.
+        for start_first in (False, True):
+            server = bl.serve_metrics()
+            self.addCleanup(server.close)
+            self.assertEqual(http_request(server.port, "GET", "/metrics")[0], 200)
+            if start_first:
+                bl.start()
+            bl.stop()
+            with self.assertRaises(OSError):
+                http_request(server.port, "GET", "/metrics")
 
     def test_metrics_can_be_scraped_by_a_host_name_when_serving_all_addresses(self):
         # A Prometheus on another machine names this one in its Host header.
