@@ -363,7 +363,8 @@ _UPSERT_SCHEDULE = (
 _DROP_SCHEDULE = "DELETE FROM schedules WHERE key = ?"
 # Schedules whose next run is due and whose previous run is over.
 _DUE_SCHEDULES = (
-    "SELECT key, name, data, interval, next_due, priority, retries, timeout FROM schedules"
+    "SELECT key, name, data, interval, next_due, priority, retries, timeout, job_id,"
+    " (SELECT started_at FROM jobs WHERE jobs.id = schedules.job_id) FROM schedules"
     " WHERE next_due <= ? AND NOT EXISTS"
     " (SELECT 1 FROM jobs WHERE jobs.id = schedules.job_id AND jobs.state < 3)")
 _SCHEDULED_RUN = "UPDATE schedules SET next_due = ?, job_id = ? WHERE key = ?"
@@ -1108,7 +1109,15 @@ class _Storage:
     def _run_schedules(db, now, make_row):
         names = []
         for sched in db.execute(_DUE_SCHEDULES, (now,)).fetchall():
-            key, interval, due = sched[0], sched[3], sched[4]
+            key, interval, due, last_id, last_start = (sched[0], sched[3], sched[4],
+                                                       sched[8], sched[9])
+            if last_start is not None and last_start >= due:
+                # The last run began late (left pending over downtime, say):
+                # it was the run at once, and the cadence restarts from it.
+                due = last_start + interval
+                if due > now:
+                    db.execute(_SCHEDULED_RUN, (due, last_id, key))
+                    continue
             job_id = db.execute(_INSERT, make_row(sched, now)).lastrowid
             after = due + interval
             if after <= now:        # runs were missed: one now, and count from it
@@ -1657,7 +1666,7 @@ class _Dispatcher:
         return result
 
     def _schedule_row(self, sched: tuple, now: float) -> tuple:
-        _, name, data, _, _, priority, retries, timeout = sched
+        _, name, data, _, _, priority, retries, timeout = sched[:8]
         retries = self.settings.retries if retries is None else retries
         return (_READY, priority, now, name, data, 1 + retries, timeout, None, now)
 

@@ -1332,6 +1332,24 @@ class EveryTest(TempDirTest):
                                 "the cadence restarts from the collapsed run")
         self.assert_one_run_at_a_time(runs)
 
+    def test_a_run_left_pending_over_downtime_is_the_run_at_once(self):
+        bl = self.queue()           # no processor: the first run stays pending
+        bl.every(0.5, "tick")
+        wait_until(lambda: bl.jobs(name="tick"), message="the first run enqueued")
+        bl.stop()
+        stopped = time.time()
+        wait_until(lambda: time.time() >= stopped + 1.5, message="three intervals of downtime")
+        bl = self.queue(start=False)
+        runs, run = self.recorder(bl)
+        bl.register_processor(run)
+        bl.start()
+        wait_until(lambda: len(runs) >= 2, timeout=20, message="two runs after the restart")
+        first, second = [bl.get_job(r.id) for r in runs[:2]]
+        self.assertLess(first.created_at, stopped, "the run left pending runs first")
+        self.assertGreaterEqual(second.created_at - first.started_at, 0.5 - 1e-6,
+                                "it was the run at once: the next waits an interval")
+        self.assert_one_run_at_a_time(runs)
+
     def test_every_again_with_the_same_key_updates_it(self):
         bl = self.queue()
         runs, run = self.recorder(bl)
