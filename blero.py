@@ -2565,10 +2565,14 @@ class _DemoOutput:
             self._stream = open(os.devnull, "w")
 
     def begin(self, counts: dict) -> None:
+        """Count from `counts`, taken before any processor could end a job."""
         self.total = sum(counts.values())
         self.done = self._done_before = counts["complete"] + counts["failed"] + counts["cancelled"]
         self._started = time.monotonic()
-        self.progress()
+
+    def added(self, n: int) -> None:
+        with self._lock:
+            self.total += n
 
     def finished(self, job=None, value=None) -> None:
         with self._lock:
@@ -2613,13 +2617,16 @@ def _demo(args) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        counts = bl.stats()
+        out.begin(counts)
         for k in range(1, args.n + 1):
             out.line(f"Registering Processor {k} ...")
             bl.register_processor(processor(k))
-        if sum(bl.stats().values()) == 0:
+        if sum(counts.values()) == 0:
             out.line("Enqueuing jobs ...")
             bl.enqueue_many([(f"Job #{i}", f"Job Data #{i}") for i in range(1, 51)])
-        out.begin(bl.stats())
+            out.added(50)
+        out.progress()
         bl.join()
         out.end()
         out.line("All jobs done.")
