@@ -491,7 +491,7 @@ def _owner_alive(db_path: str, owner: int) -> bool | None:
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "result", "error", "done", "lock")
+    __slots__ = ("fn", "args", "result", "error", "done", "lock", "turn")
 
     def __init__(self, fn, args):
         self.fn = fn
@@ -499,6 +499,7 @@ class _Op:
         self.result = self.error = None
         self.done = False
         self.lock = None    # held while the caller waits; released to wake it
+        self.turn = False   # its caller leads: commits, then passes the turn on
 
 
 class _Storage:
@@ -734,13 +735,15 @@ class _Storage:
                 raise BleroError(f"{self.path}: the queue is stopped")
             self._queue.append(op)
             self._line_up(op)
-        if op.lock is not None:
-            op.lock.acquire()     # our write is done, or it is our turn to lead
-        if not op.done:
-            try:
+        try:
+            if op.lock is not None:
+                op.lock.acquire()     # our write is done, or it is our turn to lead
+            if not op.done:
                 self._commit(op)
-            finally:
-                self._hand_over()
+        finally:
+            # Also when Ctrl-C came anywhere in between: the turn is never lost.
+            if op.turn or not op.done:
+                self._end_turn(op)
         if op.error is not None:
             raise op.error
         return op.result
@@ -752,21 +755,39 @@ class _Storage:
             op.lock = threading.Lock()
             op.lock.acquire()
         else:
-            self._leading = True
+            self._leading = op.turn = True
+
+    def _end_turn(self, op: _Op) -> None:
+        """Pass the turn on if `op` holds it; and if its caller was
+        interrupted while it waited, take it out of line.  (A write that a
+        leader has taken is committed all the same.)"""
+        with self._mutex:
+            if op in self._queue:
+                self._queue.remove(op)
+            if not op.turn:
+                return
+            op.turn = False
+        self._hand_over()
 
     def _hand_over(self) -> None:
         """End this turn: read data_version if asked, then pass the turn to the
         first caller waiting (waking that one alone), or to close()."""
-        if self._look_wanted:
-            self._look_wanted = False
-            self._look()
-        with self._mutex:
-            if self._queue:
-                self._queue[0].lock.release()
-            elif self._closer is not None and self._closer.lock is not None:
-                self._closer.lock.release()
-            else:
-                self._leading = False
+        try:
+            if self._look_wanted:
+                self._look_wanted = False
+                self._look()
+        except BaseException:
+            self._changed = True    # unknown, so assume other processes wrote
+            raise
+        finally:
+            with self._mutex:
+                if self._queue:
+                    self._queue[0].turn = True
+                    self._queue[0].lock.release()
+                elif self._closer is not None and self._closer.lock is not None:
+                    self._closer.lock.release()
+                else:
+                    self._leading = False
 
     def _commit(self, own: _Op) -> None:
         """Lead one transaction for every write queued, then wake their callers."""
@@ -783,9 +804,13 @@ class _Storage:
                     op.done = True
         except BaseException:
             # Interrupted (Ctrl-C in the leading thread): the other callers'
-            # writes go back in line, and the next turn is theirs.
+            # writes not yet done go back in line, and the next turn is theirs.
             with self._mutex:
-                self._queue[:0] = [op for op in batch if op is not own]
+                self._queue[:0] = [op for op in batch if op is not own and not op.done
+                                   and op not in self._queue]
+            for op in batch:
+                if op is not own and op.done:
+                    op.lock.release()
             raise
         for op in batch:
             if op is not own:
@@ -795,28 +820,37 @@ class _Storage:
         db = self._db
         if db is None:
             raise BleroError(f"{self.path}: the queue is stopped")
-        self._begin(db)
+        if db.in_transaction:       # left open by a Ctrl-C at the wrong moment
+            db.execute("ROLLBACK")
+        committing, interrupted = False, None
         try:
+            self._begin(db)
             results = [op.fn(db, *op.args) for op in ops]
             if absorb and self._queue:
                 # Writes that came while this one ran share its commit (and,
                 # with sync="full", its fsync).  `ops` grows in place, so the
                 # caller's retries and wake-ups cover them.
                 with self._mutex:
-                    late, self._queue = self._queue, []
-                ops.extend(late)
-                results.extend(op.fn(db, *op.args) for op in late)
+                    n = len(ops)
+                    ops.extend(self._queue)
+                    del self._queue[:]
+                results.extend(op.fn(db, *op.args) for op in ops[n:])
             self._check_identity()
+            committing = True
             db.execute("COMMIT")
-        except BaseException:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
+        except BaseException as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            if not committing or isinstance(exc, sqlite3.Error):
+                raise
+            interrupted = exc       # just after the COMMIT: the writes are done
         for op, result in zip(ops, results):
             op.result = result
             op.done = True
+        if interrupted is not None:
+            raise interrupted
 
     def _begin(self, db) -> None:
         deadline = None

@@ -748,6 +748,35 @@ class OperatingTest(TempDirTest):
         self.assertEqual(interrupted, [(job_id, "interrupted")])
         self.assertEqual(bl.get_job(last).state, "pending")
 
+    @unittest.skipUnless(POSIX, "SIGINT")
+    def test_ctrl_c_during_an_enqueue_never_hangs_the_queue(self):
+        # A real SIGINT lands wherever it lands: often while the enqueue waits
+        # for its turn to commit.  The queue must still write and stop.
+        child = run_child("""
+            import os, random, signal, sys, threading, blero
+            random.seed(int(sys.argv[2]))
+            for n in range(40):
+                bl = blero.new(os.path.join(sys.argv[1], f"q{n}.db"), retries=0).start()
+                for _ in range(3):
+                    bl.register_processor(lambda job: None)
+                threading.Timer(random.uniform(0.005, 0.05), os.kill,
+                                (os.getpid(), signal.SIGINT)).start()
+                try:
+                    while True:
+                        bl.enqueue("x")
+                except KeyboardInterrupt:
+                    pass
+                t = threading.Thread(target=lambda: (bl.enqueue("after"), bl.stop(timeout=0)),
+                                     daemon=True)
+                t.start()
+                t.join(10)
+                if t.is_alive():
+                    print("hung in trial", n, flush=True)
+                    os._exit(1)
+            print("ok")
+        """, self.dir, random.randrange(1 << 30), timeout=90)
+        self.assertEqual((child.returncode, child.stdout.strip(), child.stderr), (0, "ok", ""))
+
     def test_stop_counts_only_tries_that_began(self):
         # stop(0) while workers race through jobs: some have claimed a job
         # and not yet called the processor.  Those are not tries.
