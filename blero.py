@@ -1004,6 +1004,10 @@ class _Storage:
         outcome was recorded, and how many claims were undone."""
         return self._write(self._release, owner, outcome, drop_owner, started)
 
+    def unclaim(self, job_id: int, owner: int) -> None:
+        """Undo `owner`'s claim of a job whose try never began."""
+        self._write(lambda db: db.execute(_UNCLAIM, (job_id, owner)))
+
     @staticmethod
     def _release(db, owner, outcome, drop_owner, started):
         done, undone = [], 0
@@ -1281,14 +1285,17 @@ class _Counters:
 class _Worker:
     """One thread running one processor's jobs, one at a time."""
 
-    def __init__(self, dispatcher: _Dispatcher, processor: _Processor):
+    def __init__(self, dispatcher: _Dispatcher, processor: _Processor,
+                 outcome: _Outcome | None = None):
         self.dispatcher = dispatcher
         self.processor = processor
         self.wake = threading.Event()
         self.lock = threading.Lock()   # guards job and abandoned
         self.job: Job | None = None
-        self.settling: Job | None = None   # its last try, while not yet recorded
-        self.abandoned = False          # timed out or stopped: a new worker took over
+        self.outcome = outcome          # to record first: a timed-out worker's try
+        self.settling: Job | None = outcome and outcome.job   # a try not yet recorded
+        self.settled = 0                # tries recorded, callbacks run (for join)
+        self.abandoned = False          # timed out, stopped or retired: starts no try
         self.thread = threading.Thread(
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
@@ -1307,14 +1314,16 @@ class _Worker:
 
     def _run(self) -> None:
         d = self.dispatcher
-        outcome = None
+        outcome, self.outcome = self.outcome, None
         try:
             while True:
                 claim = d.claiming(self)
                 seq = d.seq
                 try:
                     job = d.finish_and_claim(self, outcome, claim)
-                    self.settling = None
+                    if self.settling is not None:
+                        self.settled += 1   # first: join() must never see neither
+                        self.settling = None
                 except Exception as exc:    # storage trouble: keep the outcome, try again
                     if d.stopping:
                         return
@@ -1366,21 +1375,23 @@ class _Dispatcher:
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self, processors: Iterable[_Processor]) -> None:
+        self.storage.changed_elsewhere()    # the baseline first: nothing slips between
         self._delayed_due = self.storage.next_delayed() or math.inf
         self._schedule_due = -math.inf      # look at schedules at once
-        self.storage.changed_elsewhere()
         for p in processors:
             self.spawn(p)
         self._clock.start()
 
-    def spawn(self, processor: _Processor) -> None:
-        """Start a worker thread for `processor`."""
-        worker = _Worker(self, processor)
+    def spawn(self, processor: _Processor, outcome: _Outcome | None = None) -> bool:
+        """Start a worker thread for `processor`, which first records
+        `outcome` if given.  False if stopping."""
+        worker = _Worker(self, processor, outcome)
         with self._lock:
             if self.stopping:
-                return
+                return False
             self._workers.add(worker)
-        worker.thread.start()
+            worker.thread.start()   # under the lock: stop() joins only started threads
+        return True
 
     def retire(self, processor: _Processor) -> None:
         """Let `processor`'s worker finish its job, then end."""
@@ -1405,11 +1416,12 @@ class _Dispatcher:
         late, started = [], set()
         for w in workers:
             with w.lock:
-                if w.thread.is_alive() and w.thread is not me:
-                    w.abandoned = True      # from now on it starts no try
-                    if w.job is not None:
-                        late.append(w.job)
+                if w.thread.is_alive():
                     started.update(j.id for j in (w.job, w.settling) if j is not None)
+                    if w.thread is not me:  # (stop() called by a processor: its job ends)
+                        w.abandoned = True      # from now on it starts no try
+                        if w.job is not None:
+                            late.append(w.job)
         for job in late:
             job._cancel()
         with self._lock:
@@ -1428,9 +1440,13 @@ class _Dispatcher:
             if worker in self._idle:
                 self._idle.remove(worker)
 
-    def busy(self) -> bool:
-        """True while a worker here is running a job."""
-        return any(w.job is not None or w.settling is not None for w in list(self._workers))
+    def activity(self) -> tuple[bool, int]:
+        """Whether a worker here is running a try or recording one, and how
+        many tries the workers have recorded: equal answers before and after
+        a look at the file mean no job ended here in between."""
+        workers = list(self._workers)
+        return (any(w.job is not None or w.settling is not None for w in workers),
+                sum(w.settled for w in workers))
 
     # -- waking workers -------------------------------------------------------------
 
@@ -1459,7 +1475,11 @@ class _Dispatcher:
             else:
                 woken = []
                 for name, n in collections.Counter(names).items():
-                    for w in [w for w in self._idle if w.accepts(name)][:n]:
+                    # Workers limited to some names first: the others can
+                    # take whatever comes next.
+                    able = sorted((w for w in self._idle if w.accepts(name)),
+                                  key=lambda w: w.processor.names is None)
+                    for w in able[:n]:
                         self._idle.remove(w)
                         woken.append(w)
                     if not self._idle:
@@ -1508,9 +1528,19 @@ class _Dispatcher:
     def execute(self, worker: _Worker, job: Job) -> _Outcome | None:
         """Run one try of `job`; None if the worker was abandoned meanwhile."""
         with worker.lock:
-            if worker.abandoned:
-                return None
-            worker.job = job
+            retired = worker.processor.retired and not worker.abandoned
+            if worker.abandoned or retired:
+                worker.abandoned = True
+            else:
+                worker.job = job
+        if worker.abandoned:
+            if retired:     # unregistered while claiming: not its job to start
+                try:
+                    self.storage.unclaim(job.id, self.owner)
+                except Exception as exc:    # stop() hands it back then
+                    log.error("job %d: %s", job.id, exc)
+                self.work_arrived([job.name])
+            return None
         blob, job.data = job.data, None
         try:
             job.data = None if blob is None else self.settings.serializer.loads(blob)
@@ -1656,12 +1686,13 @@ class _Dispatcher:
             with self._lock:
                 self._workers.discard(worker)   # stop() need not wait for it
             job._cancel()
-            if not worker.processor.retired:
-                self.spawn(worker.processor)
             exc = TimeoutError(f"job {job.id} timed out after {job.timeout:g} s")
             outcome = self.failure(job, exc, text=f"TimeoutError: {exc}",
                                    seconds=job.timeout)
-            self.settle(outcome, self.storage.record(outcome.params(self.owner)))
+            # A new worker records it (and runs the callbacks, off this
+            # thread), then goes on with the processor's jobs unless retired.
+            if not self.spawn(worker.processor, outcome):
+                self.settle(outcome, self.storage.record(outcome.params(self.owner)))
 
     def _promote(self) -> None:
         if time.time() < self._delayed_due:
@@ -2062,8 +2093,12 @@ class Blero:
         count; runs of recurring schedules do not).  False if `timeout` ran out."""
         def done(storage):
             d = self._dispatcher
-            busy = d is not None and d.busy()
-            return True if not busy and not storage.outstanding() else None
+            before = d.activity() if d is not None else (False, 0)
+            if before[0] or storage.outstanding():
+                return None
+            # A job may have been claimed, run and recorded since `before`,
+            # its on_complete still enqueueing more: then look again.
+            return True if d is None or d.activity() == before else None
 
         return bool(self._until(done, timeout))
 

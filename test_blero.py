@@ -484,6 +484,25 @@ class ProcessingTest(TempDirTest):
         self.assertEqual(bl.get_job(after).state, "pending")        # ... and nothing more runs
         self.assertEqual(counter.jobs, [1])
 
+    def test_no_try_starts_after_unregister_returns(self):
+        # Regression: a claim under way when unregister_processor() returned
+        # still started its try.  Now it goes back to pending, untried.
+        for n in range(40):
+            bl = self.queue(f"q{n}.db")
+            starts = []
+            pid = bl.register_processor(lambda job: starts.append((time.monotonic(), job.id)))
+            bl.enqueue_many([("x", None)] * 2000)
+            wait_until(lambda: len(starts) >= 20 + n, message="some jobs run")
+            bl.unregister_processor(pid)
+            returned = time.monotonic()
+            wait_until(lambda: not any(t.name == f"blero-processor-{pid}"
+                                       for t in threading.enumerate()),
+                       message="the unregistered worker to end")
+            self.assertEqual([j for t, j in starts if t > returned], [])
+            tried = {j.id for j in bl.jobs(limit=None) if j.attempt}
+            self.assertEqual(tried, {j for _, j in starts}, "a claim not undone")
+            bl.stop()
+
     def test_any_exception_is_a_failed_try_and_workers_go_on(self):
         class Odd(BaseException):
             pass
@@ -660,6 +679,35 @@ class OperatingTest(TempDirTest):
             self.assertEqual(sorted(results), list(range(20)))
             bl.stop()
 
+    def test_join_waits_for_what_on_complete_enqueues(self):
+        # Regression: join() looked at the workers, then the file; a job could
+        # be claimed, run and recorded between the two looks, its on_complete
+        # still about to enqueue a follow-up.
+        follow_ups = {}
+
+        def on_complete(job, result):
+            if job.name == "first":
+                time.sleep(0.01)    # the callback's own work, not synchronisation
+                follow_ups[job.id] = bl.enqueue("second")
+
+        bl = self.queue(on_complete=on_complete)
+        bl.register_processor(lambda job: None)
+        stop_reading = threading.Event()
+        self.addCleanup(stop_reading.set)
+
+        def reader():       # a dashboard, say: slows the looks at the file
+            while not stop_reading.is_set():
+                bl.jobs(limit=2000)
+
+        bl.enqueue_many([("old", None)] * 2000)
+        self.assertTrue(bl.join(timeout=30))
+        threading.Thread(target=reader, daemon=True).start()
+        for _ in range(60):
+            first = bl.enqueue("first")
+            self.assertTrue(bl.join(timeout=10))
+            self.assertIn(first, follow_ups, "join() returned before on_complete enqueued")
+            self.assertEqual(bl.get_job(follow_ups[first]).state, "complete")
+
     def test_wait_and_join_in_another_thread_survive_stop(self):
         bl = self.queue()
         job_id = bl.enqueue("later", delay=60)
@@ -776,6 +824,33 @@ class OperatingTest(TempDirTest):
             print("ok")
         """, self.dir, random.randrange(1 << 30), timeout=90)
         self.assertEqual((child.returncode, child.stdout.strip(), child.stderr), (0, "ok", ""))
+
+    def test_stop_while_processors_come_and_go(self):
+        # Regression: stop() joined a worker whose thread was not started yet,
+        # raised, and left jobs inprogress and the clock running.
+        for n in range(30):
+            bl = self.queue(f"q{n}.db")
+            bl.register_processor(lambda job: None)
+            bl.enqueue_many([("x", None)] * 50)
+            churning, done = threading.Event(), threading.Event()
+
+            def churn():
+                while not done.is_set():
+                    with contextlib.suppress(blero.BleroError):
+                        bl.unregister_processor(bl.register_processor(lambda job: None))
+                    churning.set()
+
+            t = threading.Thread(target=churn)
+            t.start()
+            churning.wait(10)
+            try:
+                bl.stop(timeout=0)
+            finally:
+                done.set()
+                t.join()
+            self.assertEqual(bl.stats()["inprogress"], 0)
+        wait_until(lambda: not any(t.name == "blero-clock" for t in threading.enumerate()),
+                   message="every clock thread to end")
 
     def test_stop_counts_only_tries_that_began(self):
         # stop(0) while workers race through jobs: some have claimed a job
@@ -1526,6 +1601,22 @@ class CallbacksTest(TempDirTest):
         wait_until(lambda: failed, message="on_failed")
         self.assertEqual(failed[0][0], job_id)
         self.assertIsInstance(failed[0][1], TimeoutError)
+
+    def test_a_slow_on_failed_after_a_timeout_holds_up_nothing_else(self):
+        # Regression: it ran on the clock thread, so delayed jobs waited for it.
+        release, in_callback = threading.Event(), threading.Event()
+
+        def on_failed(job, exc):
+            in_callback.set()
+            release.wait(30)
+
+        bl = self.queue(retries=0, on_failed=on_failed)
+        self.addCleanup(release.set)    # before the queue's stop: cleanups run last first
+        bl.register_processor(lambda job: job.cancelled.wait(30), names="slow")
+        bl.register_processor(lambda job: "ran", names="later")
+        bl.enqueue("slow", timeout=0.1)
+        self.assertTrue(in_callback.wait(10))
+        self.assertEqual(bl.wait(bl.enqueue("later", delay=0.1), timeout=10), "ran")
 
     def test_on_failed_when_stop_runs_out_of_time(self):
         failed = []
