@@ -1318,7 +1318,7 @@ class _Worker:
         try:
             while True:
                 claim = d.claiming(self)
-                seq = d.seq
+                seq, cancels = d.seq, d.cancels
                 try:
                     job = d.finish_and_claim(self, outcome, claim)
                     if self.settling is not None:
@@ -1333,7 +1333,7 @@ class _Worker:
                     continue
                 outcome = None
                 if job is not None:
-                    outcome = d.execute(self, job)
+                    outcome = d.execute(self, job, cancels)
                     if outcome is None:
                         return          # abandoned: the result is not ours to record
                 elif not claim:
@@ -1355,6 +1355,7 @@ class _Dispatcher:
         self.counters = counters
         self.changed = changed     # told whenever a job may have ended
         self.seq = 0               # bumped whenever new work may be ready
+        self.cancels = 0           # bumped (locked) before looking for tries to cancel
         self.stopping = False
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
@@ -1525,8 +1526,9 @@ class _Dispatcher:
             return None
         return Job(*row)
 
-    def execute(self, worker: _Worker, job: Job) -> _Outcome | None:
-        """Run one try of `job`; None if the worker was abandoned meanwhile."""
+    def execute(self, worker: _Worker, job: Job, cancels: int) -> _Outcome | None:
+        """Run one try of `job`, claimed when `self.cancels` was `cancels`;
+        None if the worker was abandoned meanwhile."""
         with worker.lock:
             retired = worker.processor.retired and not worker.abandoned
             if worker.abandoned or retired:
@@ -1541,6 +1543,12 @@ class _Dispatcher:
                     log.error("job %d: %s", job.id, exc)
                 self.work_arrived([job.name])
             return None
+        if self.cancels != cancels:
+            # A cancel since the claim may have looked for this try before
+            # worker.job was set: ask the file.
+            with contextlib.suppress(Exception):
+                if job.id not in self.storage.running_ids(self.owner):
+                    job._cancel()
         blob, job.data = job.data, None
         try:
             job.data = None if blob is None else self.settings.serializer.loads(blob)
@@ -1626,6 +1634,7 @@ class _Dispatcher:
     def cancelled(self, job_id: int) -> None:
         """A job was cancelled: stop its try if it runs here."""
         with self._lock:
+            self.cancels += 1
             workers = list(self._workers)
         for w in workers:
             job = w.job
@@ -1744,6 +1753,7 @@ class _Dispatcher:
             if due is not None:     # only ever sooner: a time noted meanwhile stays
                 self._delayed_due = min(self._delayed_due, due)
             self._schedule_due = min(self._schedule_due, time.time())
+            self.cancels += 1       # a cancel from elsewhere, maybe
             running = [w.job for w in self._workers if w.job is not None]
         self.work_arrived(None)
         if running:

@@ -584,6 +584,31 @@ def _refuse_rebuild(n):
 class OperatingTest(TempDirTest):
     """cancel, retry_failed, sweep, wait, join, stats, jobs, and stop's hand-back."""
 
+    def test_cancel_reaches_a_job_claimed_while_a_callback_runs(self):
+        # A worker records job a and claims job b in one commit, then runs a's
+        # on_complete: b is inprogress, its try not begun.  A cancel then must
+        # still reach b's try.
+        in_callback, release = threading.Event(), threading.Event()
+
+        def on_complete(job, result):
+            if job.name == "a":
+                in_callback.set()
+                release.wait(10)
+
+        bl = self.queue(on_complete=on_complete)
+        self.addCleanup(release.set)
+        a, b = bl.enqueue("a"), bl.enqueue("b")
+        seen = []
+        bl.register_processor(lambda job: seen.append(job.cancelled.wait(10))
+                              if job.name == "b" else None)
+        self.assertTrue(in_callback.wait(10))
+        self.assertEqual(bl.get_job(b).state, "inprogress")
+        self.assertTrue(bl.cancel(b))
+        release.set()
+        wait_until(lambda: seen, message="b's try")
+        self.assertEqual(seen, [True], "b's try never saw job.cancelled")
+        self.assertEqual(bl.get_job(b).state, "cancelled")
+
     def test_cancel_pending_running_and_ended(self):
         bl = self.queue()
         started, release = threading.Event(), threading.Event()
