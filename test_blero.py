@@ -828,6 +828,8 @@ class OperatingTest(TempDirTest):
         child = run_child("""
             import os, random, signal, sys, threading, blero
             random.seed(int(sys.argv[2]))
+            # Started in the background by a shell, a process ignores SIGINT.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             for n in range(40):
                 bl = blero.new(os.path.join(sys.argv[1], f"q{n}.db"), retries=0).start()
                 for _ in range(3):
