@@ -485,23 +485,33 @@ class ProcessingTest(TempDirTest):
         self.assertEqual(counter.jobs, [1])
 
     def test_no_try_starts_after_unregister_returns(self):
-        # Regression: a claim under way when unregister_processor() returned
-        # still started its try.  Now it goes back to pending, untried.
-        for n in range(40):
-            bl = self.queue(f"q{n}.db")
-            starts = []
-            pid = bl.register_processor(lambda job: starts.append((time.monotonic(), job.id)))
-            bl.enqueue_many([("x", None)] * 2000)
-            wait_until(lambda: len(starts) >= 20 + n, message="some jobs run")
-            bl.unregister_processor(pid)
-            returned = time.monotonic()
-            wait_until(lambda: not any(t.name == f"blero-processor-{pid}"
-                                       for t in threading.enumerate()),
-                       message="the unregistered worker to end")
-            self.assertEqual([j for t, j in starts if t > returned], [])
-            tried = {j.id for j in bl.jobs(limit=None) if j.attempt}
-            self.assertEqual(tried, {j for _, j in starts}, "a claim not undone")
-            bl.stop()
+        # A worker records job a and claims job b in one commit, then runs a's
+        # on_complete.  Unregistered then, it has no current job: b goes back
+        # to pending, untried, for the processors that remain.
+        in_callback, release = threading.Event(), threading.Event()
+
+        def on_complete(job, result):
+            if job.name == "a":
+                in_callback.set()
+                release.wait(10)
+
+        bl = self.queue(on_complete=on_complete)
+        self.addCleanup(release.set)
+        a, b = bl.enqueue("a"), bl.enqueue("b")
+        ran = []
+        pid = bl.register_processor(lambda job: ran.append(job.id))
+        self.assertTrue(in_callback.wait(10))
+        self.assertEqual(bl.get_job(b).state, "inprogress")
+        bl.unregister_processor(pid)
+        release.set()
+        wait_until(lambda: not any(t.name == f"blero-processor-{pid}"
+                                   for t in threading.enumerate()),
+                   message="the unregistered worker to end")
+        self.assertEqual(ran, [a])
+        info = bl.get_job(b)
+        self.assertEqual((info.state, info.attempt, info.started_at), ("pending", 0, None))
+        bl.register_processor(lambda job: "later")
+        self.assertEqual(bl.wait(b, timeout=10), "later")
 
     def test_any_exception_is_a_failed_try_and_workers_go_on(self):
         class Odd(BaseException):
