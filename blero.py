@@ -491,15 +491,17 @@ def _owner_alive(db_path: str, owner: int) -> bool | None:
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "result", "error", "done", "lock", "turn")
+    __slots__ = ("fn", "args", "result", "error", "done", "lock", "turn", "woken")
 
     def __init__(self, fn, args):
         self.fn = fn
         self.args = args
         self.result = self.error = None
         self.done = False
-        self.lock = None    # held while the caller waits; released to wake it
+        self.lock = threading.Lock()    # held while the caller waits;
+        self.lock.acquire()             # released to wake it
         self.turn = False   # its caller leads: commits, then passes the turn on
+        self.woken = False
 
 
 class _Storage:
@@ -694,7 +696,7 @@ class _Storage:
                 return
             self._closer = op              # from now on, new writes are refused
             self._line_up(op)
-        if op.lock is not None:
+        if not op.turn:
             op.lock.acquire()              # the turn, once the queue has drained
         try:
             with self._read_lock:
@@ -730,31 +732,37 @@ class _Storage:
         """Run `fn(db, *args)` in a write transaction shared with whatever
         other writes are waiting; return its result once committed."""
         op = _Op(fn, args)
-        with self._mutex:
-            if self._closer is not None:
-                raise BleroError(f"{self.path}: the queue is stopped")
-            self._queue.append(op)
-            self._line_up(op)
+        # A Ctrl-C may land anywhere in the main thread: every step from here
+        # on leaves `op` in a state the `finally` can put right (its queue
+        # place, its turn), so no other caller is ever left waiting.
         try:
-            if op.lock is not None:
+            with self._mutex:
+                if self._closer is not None:
+                    raise BleroError(f"{self.path}: the queue is stopped")
+                self._queue.append(op)
+                self._line_up(op)
+            if not op.turn:
                 op.lock.acquire()     # our write is done, or it is our turn to lead
             if not op.done:
                 self._commit(op)
         finally:
-            # Also when Ctrl-C came anywhere in between: the turn is never lost.
-            if op.turn or not op.done:
-                self._end_turn(op)
+            late = None
+            while op.turn or not op.done:
+                try:
+                    self._end_turn(op)
+                    break
+                except KeyboardInterrupt as exc:    # even here: finish first
+                    late = exc
+            if late is not None:
+                raise late
         if op.error is not None:
             raise op.error
         return op.result
 
     def _line_up(self, op: _Op) -> None:
-        """Under the mutex: take the turn if it is free, else give `op` a
-        held lock, for its caller to sleep on until a leader releases it."""
-        if self._leading:
-            op.lock = threading.Lock()
-            op.lock.acquire()
-        else:
+        """Under the mutex: take the turn if it is free; else `op`'s caller
+        sleeps on its held lock until a leader releases it."""
+        if not self._leading:
             self._leading = op.turn = True
 
     def _end_turn(self, op: _Op) -> None:
@@ -766,12 +774,12 @@ class _Storage:
                 self._queue.remove(op)
             if not op.turn:
                 return
-            op.turn = False
-        self._hand_over()
+        self._hand_over(op)
 
-    def _hand_over(self) -> None:
-        """End this turn: read data_version if asked, then pass the turn to the
-        first caller waiting (waking that one alone), or to close()."""
+    def _hand_over(self, op: _Op | None = None) -> None:
+        """End this turn (`op`'s, if given): read data_version if asked, then
+        pass the turn to the first caller waiting (waking that one alone),
+        or to close()."""
         try:
             if self._look_wanted:
                 self._look_wanted = False
@@ -781,6 +789,8 @@ class _Storage:
             raise
         finally:
             with self._mutex:
+                if op is not None:
+                    op.turn = False
                 if self._queue:
                     self._queue[0].turn = True
                     self._queue[0].lock.release()
@@ -791,30 +801,38 @@ class _Storage:
 
     def _commit(self, own: _Op) -> None:
         """Lead one transaction for every write queued, then wake their callers."""
-        with self._mutex:
-            batch, self._queue = self._queue, []
+        batch = []
         try:
-            self._transaction(batch, absorb=True)
-        except Exception:
-            for op in batch:     # find the write that failed; keep the others
-                try:
-                    self._transaction([op])
-                except Exception as exc:
-                    op.error = self._error(exc)
-                    op.done = True
+            with self._mutex:
+                batch, self._queue = self._queue, []
+            try:
+                self._transaction(batch, absorb=True)
+            except Exception:
+                for op in batch:     # find the write that failed; keep the others
+                    if not op.done:
+                        try:
+                            self._transaction([op])
+                        except Exception as exc:
+                            op.error = self._error(exc)
+                            op.done = True
+            self._wake(batch, own)
         except BaseException:
             # Interrupted (Ctrl-C in the leading thread): the other callers'
             # writes not yet done go back in line, and the next turn is theirs.
             with self._mutex:
                 self._queue[:0] = [op for op in batch if op is not own and not op.done
                                    and op not in self._queue]
-            for op in batch:
-                if op is not own and op.done:
-                    op.lock.release()
+            self._wake(batch, own)
             raise
+
+    @staticmethod
+    def _wake(batch: list[_Op], own: _Op) -> None:
+        """Wake the callers whose writes are done; again after an interrupt."""
         for op in batch:
-            if op is not own:
-                op.lock.release()
+            if op.done and not op.woken and op is not own:
+                with contextlib.suppress(RuntimeError):     # the interrupted pass did
+                    op.lock.release()
+                op.woken = True
 
     def _transaction(self, ops: list[_Op], absorb: bool = False) -> None:
         db = self._db
@@ -822,7 +840,7 @@ class _Storage:
             raise BleroError(f"{self.path}: the queue is stopped")
         if db.in_transaction:       # left open by a Ctrl-C at the wrong moment
             db.execute("ROLLBACK")
-        committing, interrupted = False, None
+        committing = False
         try:
             self._begin(db)
             results = [op.fn(db, *op.args) for op in ops]
@@ -838,19 +856,21 @@ class _Storage:
             self._check_identity()
             committing = True
             db.execute("COMMIT")
+            self._done(ops, results)
         except BaseException as exc:
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
                 raise
-            if not committing or isinstance(exc, sqlite3.Error):
-                raise
-            interrupted = exc       # just after the COMMIT: the writes are done
+            if committing and not isinstance(exc, sqlite3.Error):
+                self._done(ops, results)    # interrupted after the COMMIT: all done
+            raise
+
+    @staticmethod
+    def _done(ops: list[_Op], results: list) -> None:
         for op, result in zip(ops, results):
             op.result = result
             op.done = True
-        if interrupted is not None:
-            raise interrupted
 
     def _begin(self, db) -> None:
         deadline = None
