@@ -1017,10 +1017,10 @@ class _Storage:
         return self._write(self._finish_and_claim, finish, 0, None, False)[0]
 
     def release(self, owner: int, outcome: Callable[[tuple], tuple], drop_owner: bool,
-                started: set[int] | None = None) -> tuple[list[tuple], int]:
+                started: set[tuple[int, int]] | None = None) -> tuple[list[tuple], int]:
         """Hand back every job `owner` holds: `outcome(row)` gives each one's
-        `_FINISH` parameters.  With `started`, the claims of jobs not in it
-        are undone instead: their try never began.  Returns the rows whose
+        `_FINISH` parameters.  With `started`, (id, attempt) pairs, the claims
+        of tries not in it are undone instead: those tries never began.  Returns the rows whose
         outcome was recorded, and how many claims were undone."""
         return self._write(self._release, owner, outcome, drop_owner, started)
 
@@ -1032,7 +1032,7 @@ class _Storage:
     def _release(db, owner, outcome, drop_owner, started):
         done, undone = [], 0
         for row in db.execute(_RUNNING_OF, (owner,)).fetchall():
-            if started is not None and row[0] not in started:
+            if started is not None and (row[0], row[3]) not in started:
                 undone += db.execute(_UNCLAIM, (row[0], owner)).rowcount
             elif db.execute(_FINISH, outcome(row)).rowcount == 1:
                 done.append(row)
@@ -1438,7 +1438,8 @@ class _Dispatcher:
         for w in workers:
             with w.lock:
                 if w.thread.is_alive():
-                    started.update(j.id for j in (w.job, w.settling) if j is not None)
+                    started.update((j.id, j.attempt) for j in (w.job, w.settling)
+                                   if j is not None)
                     if w.thread is not me:  # (stop() called by a processor: its job ends)
                         w.abandoned = True      # from now on it starts no try
                         if w.job is not None:
@@ -1812,7 +1813,8 @@ class _Dispatcher:
                 total += self.hand_back(owner, drop_owner=True)
         return total
 
-    def hand_back(self, owner: int, drop_owner: bool, started: set[int] | None = None) -> int:
+    def hand_back(self, owner: int, drop_owner: bool,
+                  started: set[tuple[int, int]] | None = None) -> int:
         """Hand back `owner`'s jobs as interrupted (those in `started`, when
         given; the others' claims are undone); returns how many."""
         rows, undone = self.storage.release(

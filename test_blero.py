@@ -862,6 +862,28 @@ class OperatingTest(TempDirTest):
         """, self.dir, random.randrange(1 << 30), timeout=90)
         self.assertEqual((child.returncode, child.stdout.strip(), child.stderr), (0, "ok", ""))
 
+    def test_stop_counts_a_retry_claimed_with_its_failure_only_if_it_began(self):
+        # A worker records a failed try (ready again at once) and claims the
+        # same job again in one commit: that claim is a new try, not yet begun.
+        for n in range(10):
+            starts = []
+
+            def fail(job):
+                starts.append(job.attempt)
+                raise ValueError("again")
+
+            bl = self.queue(f"q{n}.db", start=False, retries=100000, backoff_base=0)
+            bl.register_processor(fail)
+            bl.start()
+            job_id = bl.enqueue("x")
+            wait_until(lambda: len(starts) >= 20, message="twenty tries")
+            bl.stop(timeout=0)
+            wait_until(lambda: not any(t.name.startswith("blero-processor")
+                                       for t in threading.enumerate()),
+                       message="the stopped worker to end")
+            info = bl.get_job(job_id)
+            self.assertEqual((info.state, info.attempt), ("pending", len(starts)))
+
     def test_stop_while_processors_come_and_go(self):
         # Regression: stop() joined a worker whose thread was not started yet,
         # raised, and left jobs inprogress and the clock running.
