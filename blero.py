@@ -363,10 +363,10 @@ _UPSERT_SCHEDULE = (
 _DROP_SCHEDULE = "DELETE FROM schedules WHERE key = ?"
 # Schedules whose next run is due and whose previous run is over.
 _DUE_SCHEDULES = (
-    "SELECT key, name, data, interval, next_due, priority, retries, timeout, job_id,"
-    " (SELECT started_at FROM jobs WHERE jobs.id = schedules.job_id) FROM schedules"
-    " WHERE next_due <= ? AND NOT EXISTS"
-    " (SELECT 1 FROM jobs WHERE jobs.id = schedules.job_id AND jobs.state < 3)")
+    "SELECT s.key, s.name, s.data, s.interval, s.next_due, s.priority, s.retries,"
+    " s.timeout, s.job_id, j.created_at, j.started_at"
+    " FROM schedules s LEFT JOIN jobs j ON j.id = s.job_id"
+    " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM schedules"
 
@@ -1156,22 +1156,24 @@ class _Storage:
         """Remove a schedule; False if there was none."""
         return self._write(lambda db: db.execute(_DROP_SCHEDULE, (key,)).rowcount == 1)
 
-    def run_schedules(self, now: float, make_row: Callable[[tuple, float], tuple]):
+    def run_schedules(self, now: float, make_row: Callable[[tuple, float], tuple],
+                      since: float):
         """Enqueue one run of each schedule that is due and has none
-        outstanding.  Returns (new ready job names, when to look next)."""
+        outstanding (this queue started at `since`).  Returns (new ready job
+        names, when to look next)."""
         if not self._read(lambda db: db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
             return [], self._read(lambda db: db.execute(_NEXT_SCHEDULE).fetchall()[0][0])
-        return self._write(self._run_schedules, now, make_row)
+        return self._write(self._run_schedules, now, make_row, since)
 
     @staticmethod
-    def _run_schedules(db, now, make_row):
+    def _run_schedules(db, now, make_row, since):
         names = []
         for sched in db.execute(_DUE_SCHEDULES, (now,)).fetchall():
-            key, interval, due, last_id, last_start = (sched[0], sched[3], sched[4],
-                                                       sched[8], sched[9])
-            if last_start is not None and last_start >= due:
-                # The last run began late (left pending over downtime, say):
-                # it was the run at once, and the cadence restarts from it.
+            key, interval, due = sched[0], sched[3], sched[4]
+            last_id, last_made, last_start = sched[8], sched[9], sched[10]
+            if last_start is not None and last_made < since and last_start >= due:
+                # The last run was left pending over downtime, and ran after
+                # it: it was the run at once, and the cadence restarts from it.
                 due = last_start + interval
                 if due > now:
                     db.execute(_SCHEDULED_RUN, (due, last_id, key))
@@ -1376,6 +1378,7 @@ class _Dispatcher:
         self.changed = changed     # told whenever a job may have ended
         self.seq = 0               # bumped whenever new work may be ready
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
+        self.started_at = time.time()
         self.stopping = False
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
@@ -1736,7 +1739,7 @@ class _Dispatcher:
             return
 
         def look(now):
-            names, due = self.storage.run_schedules(now, self._schedule_row)
+            names, due = self.storage.run_schedules(now, self._schedule_row, self.started_at)
             # A schedule still busy with its last run is looked at every poll.
             return names, None if due is None else max(due, now + _POLL)
 

@@ -1513,6 +1513,32 @@ class EveryTest(TempDirTest):
                                 "it was the run at once: the next waits an interval")
         self.assert_one_run_at_a_time(runs)
 
+    def test_a_run_started_late_by_busy_workers_keeps_the_cadence(self):
+        # Only a run left over downtime restarts the cadence from its start; a
+        # run late because the workers were busy is followed by the missed one.
+        release = threading.Event()
+        bl = self.queue(start=False)
+        self.addCleanup(release.set)
+        busy = threading.Event()
+
+        def process(job):
+            if job.name == "busy":
+                busy.set()
+                release.wait(30)
+
+        bl.register_processor(process)
+        bl.start()
+        bl.enqueue("busy")
+        self.assertTrue(busy.wait(10))
+        t0 = time.time()
+        bl.every(0.6, "tick")
+        wait_until(lambda: time.time() >= t0 + 1.3, message="two intervals, the worker busy")
+        release.set()
+        wait_until(lambda: len(bl.jobs(name="tick")) >= 2, timeout=20, message="two runs")
+        first, second = bl.jobs(name="tick")[:2]
+        self.assertLess(second.created_at - first.started_at, 0.5,
+                        "the missed run comes at once, not an interval after the late one")
+
     def test_every_again_with_the_same_key_updates_it(self):
         bl = self.queue()
         runs, run = self.recorder(bl)
