@@ -310,7 +310,7 @@ _RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = 2 AND owner =
 # Undo a claim whose try never began: ready again, its attempt not counted.
 _UNCLAIM = ("UPDATE jobs SET state = 0, owner = NULL, attempt = attempt - 1,"
             " started_at = CASE attempt WHEN 1 THEN NULL ELSE started_at END"
-            " WHERE id = ? AND state = 2 AND owner = ?")
+            " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_IDS = "SELECT id FROM jobs WHERE state = 2 AND owner = ?"
 _PROMOTE = "UPDATE jobs SET state = 0 WHERE state = 1 AND run_at <= ?"
 _NEXT_DELAYED = "SELECT min(run_at) FROM jobs WHERE state = 1"
@@ -1024,16 +1024,16 @@ class _Storage:
         outcome was recorded, and how many claims were undone."""
         return self._write(self._release, owner, outcome, drop_owner, started)
 
-    def unclaim(self, job_id: int, owner: int) -> None:
-        """Undo `owner`'s claim of a job whose try never began."""
-        self._write(lambda db: db.execute(_UNCLAIM, (job_id, owner)))
+    def unclaim(self, job_id: int, owner: int, attempt: int) -> None:
+        """Undo `owner`'s claim of a job whose try `attempt` never began."""
+        self._write(lambda db: db.execute(_UNCLAIM, (job_id, owner, attempt)))
 
     @staticmethod
     def _release(db, owner, outcome, drop_owner, started):
         done, undone = [], 0
         for row in db.execute(_RUNNING_OF, (owner,)).fetchall():
             if started is not None and (row[0], row[3]) not in started:
-                undone += db.execute(_UNCLAIM, (row[0], owner)).rowcount
+                undone += db.execute(_UNCLAIM, (row[0], owner, row[3])).rowcount
             elif db.execute(_FINISH, outcome(row)).rowcount == 1:
                 done.append(row)
         if drop_owner:
@@ -1562,7 +1562,7 @@ class _Dispatcher:
         if worker.abandoned:
             if retired:     # unregistered while claiming: not its job to start
                 try:
-                    self.storage.unclaim(job.id, self.owner)
+                    self.storage.unclaim(job.id, self.owner, job.attempt)
                 except Exception as exc:    # stop() hands it back then
                     log.error("job %d: %s", job.id, exc)
                 self.work_arrived([job.name])
