@@ -97,6 +97,26 @@ class TempDirTest(unittest.TestCase):
         self.addCleanup(bl.stop, 5)
         return bl
 
+    def claimed_in_a_callback(self, processor):
+        """A queue whose one worker (running `processor`) recorded job a and,
+        in the same commit, claimed job b, and is now in a's on_complete until
+        `release` is set: b is inprogress, its try not begun.
+        Returns (queue, processor id, a, b, release)."""
+        in_callback, release = threading.Event(), threading.Event()
+
+        def on_complete(job, result):
+            if job.name == "a":
+                in_callback.set()
+                release.wait(10)
+
+        bl = self.queue(on_complete=on_complete)
+        self.addCleanup(release.set)
+        a, b = bl.enqueue("a"), bl.enqueue("b")
+        pid = bl.register_processor(processor)
+        self.assertTrue(in_callback.wait(10))
+        self.assertEqual(bl.get_job(b).state, "inprogress")
+        return bl, pid, a, b, release
+
 
 class Recorder:
     """A processor that records each try, and can be told to fail or block."""
@@ -485,23 +505,10 @@ class ProcessingTest(TempDirTest):
         self.assertEqual(counter.jobs, [1])
 
     def test_no_try_starts_after_unregister_returns(self):
-        # A worker records job a and claims job b in one commit, then runs a's
-        # on_complete.  Unregistered then, it has no current job: b goes back
-        # to pending, untried, for the processors that remain.
-        in_callback, release = threading.Event(), threading.Event()
-
-        def on_complete(job, result):
-            if job.name == "a":
-                in_callback.set()
-                release.wait(10)
-
-        bl = self.queue(on_complete=on_complete)
-        self.addCleanup(release.set)
-        a, b = bl.enqueue("a"), bl.enqueue("b")
+        # Unregistered between a's record and b's try, the worker has no
+        # current job: b goes back to pending, untried, for the others.
         ran = []
-        pid = bl.register_processor(lambda job: ran.append(job.id))
-        self.assertTrue(in_callback.wait(10))
-        self.assertEqual(bl.get_job(b).state, "inprogress")
+        bl, pid, a, b, release = self.claimed_in_a_callback(lambda job: ran.append(job.id))
         bl.unregister_processor(pid)
         release.set()
         wait_until(lambda: not any(t.name == f"blero-processor-{pid}"
@@ -595,24 +602,10 @@ class OperatingTest(TempDirTest):
     """cancel, retry_failed, sweep, wait, join, stats, jobs, and stop's hand-back."""
 
     def test_cancel_reaches_a_job_claimed_while_a_callback_runs(self):
-        # A worker records job a and claims job b in one commit, then runs a's
-        # on_complete: b is inprogress, its try not begun.  A cancel then must
-        # still reach b's try.
-        in_callback, release = threading.Event(), threading.Event()
-
-        def on_complete(job, result):
-            if job.name == "a":
-                in_callback.set()
-                release.wait(10)
-
-        bl = self.queue(on_complete=on_complete)
-        self.addCleanup(release.set)
-        a, b = bl.enqueue("a"), bl.enqueue("b")
+        # Cancelled between a's record and b's try, b's try must see it.
         seen = []
-        bl.register_processor(lambda job: seen.append(job.cancelled.wait(10))
-                              if job.name == "b" else None)
-        self.assertTrue(in_callback.wait(10))
-        self.assertEqual(bl.get_job(b).state, "inprogress")
+        bl, _, a, b, release = self.claimed_in_a_callback(
+            lambda job: seen.append(job.cancelled.wait(10)) if job.name == "b" else None)
         self.assertTrue(bl.cancel(b))
         release.set()
         wait_until(lambda: seen, message="b's try")
