@@ -498,8 +498,7 @@ class _Op:
         self.args = args
         self.result = self.error = None
         self.done = False
-        self.lock = threading.Lock()    # held while the caller waits;
-        self.lock.acquire()             # released to wake it
+        self.lock = None    # held while the caller waits; released to wake it
         self.turn = False   # its caller leads: commits, then passes the turn on
         self.woken = False
 
@@ -739,8 +738,8 @@ class _Storage:
             with self._mutex:
                 if self._closer is not None:
                     raise BleroError(f"{self.path}: the queue is stopped")
-                self._queue.append(op)
                 self._line_up(op)
+                self._queue.append(op)
             if not op.turn:
                 op.lock.acquire()     # our write is done, or it is our turn to lead
             if not op.done:
@@ -760,20 +759,25 @@ class _Storage:
         return op.result
 
     def _line_up(self, op: _Op) -> None:
-        """Under the mutex: take the turn if it is free; else `op`'s caller
-        sleeps on its held lock until a leader releases it."""
-        if not self._leading:
+        """Under the mutex, before `op` joins the line: take the turn if it is
+        free, else give `op` a held lock, for its caller to sleep on until a
+        leader releases it."""
+        if self._leading:
+            op.lock = threading.Lock()
+            op.lock.acquire()
+        else:
             self._leading = op.turn = True
 
     def _end_turn(self, op: _Op) -> None:
         """Pass the turn on if `op` holds it; and if its caller was
         interrupted while it waited, take it out of line.  (A write that a
         leader has taken is committed all the same.)"""
-        with self._mutex:
-            if op in self._queue:
-                self._queue.remove(op)
-            if not op.turn:
-                return
+        if not op.turn:
+            with self._mutex:
+                if op in self._queue:
+                    self._queue.remove(op)
+                if not op.turn:
+                    return
         self._hand_over(op)
 
     def _hand_over(self, op: _Op | None = None) -> None:
@@ -791,6 +795,8 @@ class _Storage:
             with self._mutex:
                 if op is not None:
                     op.turn = False
+                    if op in self._queue:   # given the turn as a Ctrl-C came
+                        self._queue.remove(op)
                 if self._queue:
                     self._queue[0].turn = True
                     self._queue[0].lock.release()
@@ -830,8 +836,10 @@ class _Storage:
         """Wake the callers whose writes are done; again after an interrupt."""
         for op in batch:
             if op.done and not op.woken and op is not own:
-                with contextlib.suppress(RuntimeError):     # the interrupted pass did
+                try:
                     op.lock.release()
+                except RuntimeError:    # released by the pass a Ctrl-C cut short
+                    pass
                 op.woken = True
 
     def _transaction(self, ops: list[_Op], absorb: bool = False) -> None:
