@@ -1738,7 +1738,7 @@ class _Dispatcher:
     def _promote(self) -> None:
         if time.time() < self._delayed_due:
             return
-        count = self._look("_delayed_due", self.storage.promote)
+        count = self._look_and_rearm("_delayed_due", self.storage.promote)
         if count:
             self.work_arrived(None)
 
@@ -1751,11 +1751,11 @@ class _Dispatcher:
             # A schedule still busy with its last run is looked at every poll.
             return names, None if due is None else max(due, now + _POLL)
 
-        names = self._look("_schedule_due", look)
+        names = self._look_and_rearm("_schedule_due", look)
         if names:
             self.work_arrived(names)
 
-    def _look(self, due_attr: str, look: Callable[[float], tuple[Any, float | None]]):
+    def _look_and_rearm(self, due_attr: str, look: Callable[[float], tuple[Any, float | None]]):
         """Run `look(now)`, which returns (result, next due epoch time or None);
         keep that time in `due_attr` and return the result."""
         # Cleared first, so a due time noted while `look` runs (by
