@@ -49,6 +49,12 @@ def wait_until(condition, timeout=10.0, interval=0.005, message="condition"):
         time.sleep(interval)
 
 
+def wait_for_threads_to_end(name, message):
+    """Wait until no thread named `name` (or `name`-something) runs."""
+    wait_until(lambda: not any(t.name == name or t.name.startswith(name + "-")
+                               for t in threading.enumerate()), message=message)
+
+
 def file_digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -511,9 +517,7 @@ class ProcessingTest(TempDirTest):
         bl, pid, a, b, release = self.claimed_in_a_callback(lambda job: ran.append(job.id))
         bl.unregister_processor(pid)
         release.set()
-        wait_until(lambda: not any(t.name == f"blero-processor-{pid}"
-                                   for t in threading.enumerate()),
-                   message="the unregistered worker to end")
+        wait_for_threads_to_end(f"blero-processor-{pid}", "the unregistered worker to end")
         self.assertEqual(ran, [a])
         info = bl.get_job(b)
         self.assertEqual((info.state, info.attempt, info.started_at), ("pending", 0, None))
@@ -871,9 +875,7 @@ class OperatingTest(TempDirTest):
             job_id = bl.enqueue("x")
             wait_until(lambda: len(starts) >= 20, message="twenty tries")
             bl.stop(timeout=0)
-            wait_until(lambda: not any(t.name.startswith("blero-processor")
-                                       for t in threading.enumerate()),
-                       message="the stopped worker to end")
+            wait_for_threads_to_end("blero-processor", "the stopped worker to end")
             info = bl.get_job(job_id)
             self.assertEqual((info.state, info.attempt), ("pending", len(starts)))
 
@@ -901,8 +903,7 @@ class OperatingTest(TempDirTest):
                 done.set()
                 t.join()
             self.assertEqual(bl.stats()["inprogress"], 0)
-        wait_until(lambda: not any(t.name == "blero-clock" for t in threading.enumerate()),
-                   message="every clock thread to end")
+        wait_for_threads_to_end("blero-clock", "every clock thread to end")
 
     def test_stop_counts_only_tries_that_began(self):
         # stop(0) while workers race through jobs: some have claimed a job
@@ -917,9 +918,7 @@ class OperatingTest(TempDirTest):
             wait_until(lambda: len(called) >= 300, message="300 jobs run")
             bl.stop(timeout=0)
             # A worker stopped inside a try ends it in its own time.
-            wait_until(lambda: not any(t.name.startswith("blero-processor")
-                                       for t in threading.enumerate()),
-                       message="the stopped workers to end")
+            wait_for_threads_to_end("blero-processor", "the stopped workers to end")
             infos = bl.jobs(limit=None)
             self.assertEqual(sorted({j.id for j in infos if j.attempt} - called), [],
                              f"round {n}: counted as tried, never run")
