@@ -1263,6 +1263,36 @@ class _Changes(threading.Condition):
             self.notify_all()
 
 
+class _Throttle:
+    """Logs each distinct failure at most once a second, however many threads
+    meet it: on a full disk every worker fails twice a second, for hours."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: dict[str, list] = {}    # cause -> [when last logged, times since]
+
+    def error(self, exc: Exception, message: str, *args) -> None:
+        """Log `message % args` at ERROR (with the traceback if `exc` is not a
+        BleroError), unless the same cause was logged less than a second ago."""
+        # The cause, not the message: a message may carry a changing detail
+        # (the bytes still free, say).
+        cause = exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error) else exc
+        key = f"{type(cause).__name__}: {cause}"
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < 1.0:
+                seen[1] += 1
+                return
+            if seen is None and len(self._seen) >= 64:   # many causes: forget old ones
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 1.0}
+            again = seen[1] if seen is not None else 0
+            self._seen[key] = [now, 0]
+        if again:
+            message += f" (and {again} more time(s) since it was last logged)"
+        log.error(message, *args, exc_info=not isinstance(exc, BleroError))
+
+
 class _Processor:
     """A registered processor: the callable, and the job names it takes."""
 
@@ -1355,10 +1385,12 @@ class _Worker:
                         self.settled += 1   # first: join() must never see neither
                         self.settling = None
                 except Exception as exc:    # storage trouble: keep the outcome, try again
+                    # Cleared first: work that arrived earlier left it set,
+                    # and a set Event makes the wait below return at once.
+                    self.wake.clear()
                     if d.stopping:
                         return
-                    log.error("%s; retrying in %.1f s", exc, _STORAGE_RETRY,
-                              exc_info=not isinstance(exc, BleroError))
+                    d.throttle.error(exc, "%s; retrying in %.1f s", exc, _STORAGE_RETRY)
                     self.wake.wait(_STORAGE_RETRY)
                     continue
                 outcome = None
@@ -1384,6 +1416,7 @@ class _Dispatcher:
         self.owner = owner
         self.counters = counters
         self.changed = changed     # told whenever a job may have ended
+        self.throttle = _Throttle()  # logs storage failures, each at most once a second
         self.seq = 0               # bumped whenever new work may be ready
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
         self.started_at = time.time()
@@ -1702,8 +1735,9 @@ class _Dispatcher:
                          self._reap, self._beat, self._sweep):
                 try:
                     duty()
-                except Exception:
-                    log.exception("%s failed; will try again", duty.__name__)
+                except Exception as exc:
+                    self.throttle.error(exc, "%s failed: %s; will try again",
+                                        duty.__name__.lstrip("_"), exc)
 
     def _due(self, name: str, every: float) -> bool:
         now = time.monotonic()

@@ -3614,5 +3614,93 @@ class SerializerAcrossProcessesTest(ProcessTest):
         self.assertEqual(ran, {nothing}, "the processor saw undecodable data")
 
 
+
+# ---------------------------------------------------------------------------
+# Under real operating conditions: a full disk, a poison job, many finished jobs
+# ---------------------------------------------------------------------------
+
+class Captured(logging.Handler):
+    """The records the "blero" logger emits while it is attached."""
+
+    def __init__(self, test, level=logging.DEBUG):
+        super().__init__(level)
+        self.records = []
+        logger = logging.getLogger("blero")
+        logger.addHandler(self)
+        test.addCleanup(logger.removeHandler, self)
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+class FullDiskTest(TempDirTest):
+    """A queue on a small file system that fills up (a 2 MB tmpfs)."""
+
+    def setUp(self):
+        super().setUp()
+        self.mount = os.path.join(self.dir, "small")
+        os.mkdir(self.mount)
+        if not ROOT:
+            self.skipTest("mounting a 2 MB tmpfs (a disk that fills up) needs root")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", self.mount],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            self.skipTest(f"cannot mount a 2 MB tmpfs here: {done.stderr.strip()}")
+        # Cleanups run last first: every queue made later is stopped before this.
+        self.addCleanup(subprocess.run, ["umount", self.mount], capture_output=True)
+
+    def fill(self):
+        """Fill the file system up; return the filler file's path."""
+        filler = os.path.join(self.mount, "filler")
+        with open(filler, "wb", buffering=0) as f:
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        return filler
+
+    def test_workers_wait_quietly_on_a_full_disk_and_carry_on_once_space_is_freed(self):
+        captured = Captured(self, logging.ERROR)
+        bl = blero.new(os.path.join(self.mount, "q.db"))
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+
+        def big_result(job):    # needs new pages in the file
+            gate.wait(10)
+            return bytes([job.data]) * 50_000
+
+        for _ in range(2):
+            bl.register_processor(big_result)
+        bl.start()
+        self.addCleanup(bl.stop, 5)
+        wait_until(lambda: len(bl._dispatcher._idle) == 2, message="the workers idle")
+        ids = bl.enqueue_many([("big", i) for i in range(20)])   # wakes them
+        wait_until(lambda: bl.stats()["inprogress"] == 2, message="two jobs running")
+        filler = self.fill()
+        gate.set()
+        wait_until(lambda: captured.records, message="the first storage failure logged")
+
+        # A few seconds of a full disk: ~2 retries a second per worker, at
+        # most a line a second for all of them, and next to no CPU.
+        del captured.records[:]
+        before, t0 = os.times(), time.monotonic()
+        wait_until(lambda: time.monotonic() - t0 >= 3.0, timeout=10, interval=0.1,
+                   message="three seconds")
+        after, seconds = os.times(), time.monotonic() - t0
+        cpu = (after.user + after.system) - (before.user + before.system)
+        lines = [r.getMessage() for r in captured.records]
+        self.assertTrue(lines and all("full" in line for line in lines), lines)
+        self.assertLessEqual(len(lines), seconds + 2, f"flooded the log: {lines[:5]}")
+        retries = len(lines) + sum(int(n) for n in re.findall(r"and (\d+) more", " ".join(lines)))
+        self.assertLess(retries / seconds, 2 * 2 * 2.5, f"retried too often: {lines}")
+        self.assertLess(cpu / seconds, 0.25, f"{cpu:.2f} s of CPU in {seconds:.1f} s")
+        self.assertEqual(bl.stats()["complete"], 0)
+
+        os.remove(filler)
+        wait_until(lambda: bl.stats()["complete"] == len(ids), timeout=10,
+                   message="the queued work to complete once space was freed")
+        self.assertEqual([bl.get_job(i).result for i in ids],
+                         [bytes([i]) * 50_000 for i in range(20)])
+
+
 if __name__ == "__main__":
     unittest.main()
