@@ -1621,8 +1621,7 @@ class _Dispatcher:
             worker.finished_try()
             return self.failure(job, exc, retry=False,
                                 text=f"cannot deserialize the job's data: {_exc_text(exc)}")
-        if job.timeout is not None:
-            self._add_deadline(worker, job)
+        deadline = None if job.timeout is None else self._add_deadline(worker, job)
         started = time.perf_counter()
         exc = result = None
         try:
@@ -1630,6 +1629,8 @@ class _Dispatcher:
         except BaseException as e:   # any failure is the job's, never the worker's
             exc = e
         seconds = time.perf_counter() - started
+        if deadline is not None:
+            self._drop_deadline(deadline)
         if not worker.finished_try():
             return None
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -1709,12 +1710,21 @@ class _Dispatcher:
 
     # -- the clock ------------------------------------------------------------------------
 
-    def _add_deadline(self, worker: _Worker, job: Job) -> None:
+    def _add_deadline(self, worker: _Worker, job: Job) -> tuple:
         with self._lock:
             self._deadline_n += 1
-            heapq.heappush(self._deadlines, (time.monotonic() + job.timeout,
-                                             self._deadline_n, worker, job))
+            entry = (time.monotonic() + job.timeout, self._deadline_n, worker, job)
+            heapq.heappush(self._deadlines, entry)
             self._tick.notify()
+        return entry
+
+    def _drop_deadline(self, entry: tuple) -> None:
+        """A try ended before its deadline: forget it, and the job with it.
+        (The heap holds at most one entry per worker, so this is cheap.)"""
+        with self._lock:
+            if entry in self._deadlines:    # else _expire took it
+                self._deadlines.remove(entry)
+                heapq.heapify(self._deadlines)
 
     def _clock_loop(self) -> None:
         while True:

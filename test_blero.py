@@ -7,6 +7,7 @@ with a bare sleep: every wait is for a condition, with a deadline.
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import http.client
 import http.server
@@ -29,6 +30,7 @@ import textwrap
 import threading
 import time
 import unittest
+import weakref
 from typing import NamedTuple
 
 import blero
@@ -3700,6 +3702,35 @@ class FullDiskTest(TempDirTest):
                    message="the queued work to complete once space was freed")
         self.assertEqual([bl.get_job(i).result for i in ids],
                          [bytes([i]) * 50_000 for i in range(20)])
+
+
+
+class Payload:
+    """Job data that can be watched with a weak reference."""
+
+    def __init__(self, n):
+        self.n = n
+
+
+class MemoryAndLatencyTest(TempDirTest):
+    """A long-lived queue keeps no finished job in memory, and never makes
+    a due job wait on housekeeping."""
+
+    def test_a_long_timeout_keeps_no_finished_job_in_memory(self):
+        bl = self.queue()
+        refs = []
+        bl.register_processor(lambda job: refs.append(weakref.ref(job.data)))
+        bl.enqueue_many([{"name": "short", "data": Payload(i), "timeout": 3600}
+                         for i in range(200)])
+        self.assertTrue(bl.join(10))
+        self.assertEqual(len(refs), 200)
+
+        def kept():
+            gc.collect()
+            return [r().n for r in refs if r() is not None]
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not kept(), timeout=2)
+        self.assertEqual(kept(), [], "finished jobs' data still held")
 
 
 if __name__ == "__main__":
