@@ -334,6 +334,7 @@ _TOMBSTONE = ("UPDATE jobs SET state = 6, name = '', data = NULL, result = NULL,
 _INFO_COLUMNS = ("id, name, data, state, attempt, max_attempts, priority, key, result,"
                  " error, created_at, run_at, started_at, finished_at")
 _GET = "SELECT " + _INFO_COLUMNS + " FROM jobs WHERE id = ? AND state < 6"
+_OUTCOME = "SELECT state, result, error FROM jobs WHERE id = ? AND state < 6"
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM jobs WHERE state BETWEEN ? AND ?"
          " AND (? IS NULL OR name = ?) ORDER BY id {order} LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
@@ -1199,6 +1200,12 @@ class _Storage:
     def get(self, job_id: int) -> tuple | None:
         """A job's `_INFO_COLUMNS` row, or None."""
         rows = self._read(lambda db: db.execute(_GET, (job_id,)).fetchall())
+        return rows[0] if rows else None
+
+    def outcome(self, job_id: int) -> tuple | None:
+        """A job's (state, result, error), or None: what `wait` looks at
+        until the job ends, without reading its data."""
+        rows = self._read(lambda db: db.execute(_OUTCOME, (job_id,)).fetchall())
         return rows[0] if rows else None
 
     def list(self, state: str | None, name: str | None, limit: int | None,
@@ -2160,20 +2167,22 @@ class Blero:
         seen = []
 
         def ended(storage):
-            row = storage.get(job_id)
+            # Only the state, result and error: the data may be big.
+            row = storage.outcome(job_id)
             if row is None:
                 raise KeyError(job_id)
-            seen[:] = [self._info(row)]
-            return seen[0] if seen[0].state in ("complete", "failed", "cancelled") else None
+            seen[:] = [row[0]]
+            return row if row[0] >= _COMPLETE else None
 
-        info = self._until(ended, timeout, watcher=True)
-        if info is None:
-            raise TimeoutError(f"job {job_id} still {seen[0].state} after {timeout} s")
-        if info.state == "failed":
-            raise JobFailed(job_id, info.error)
-        if info.state == "cancelled":
+        row = self._until(ended, timeout, watcher=True)
+        if row is None:
+            raise TimeoutError(f"job {job_id} still {_STATE_NAME[seen[0]]} after {timeout} s")
+        state, result, error = row
+        if state == _FAILED:
+            raise JobFailed(job_id, error)
+        if state == _CANCELLED:
             raise JobCancelled(job_id)
-        return info.result
+        return _loads_or_none(self._settings.serializer, result)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is pending or running (delayed and retrying jobs

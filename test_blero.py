@@ -5,6 +5,7 @@ multi-process safety with real processes sharing one file.  Nothing waits
 with a bare sleep: every wait is for a condition, with a deadline.
 """
 
+import collections
 import contextlib
 import datetime
 import gc
@@ -3712,6 +3713,24 @@ class Payload:
         self.n = n
 
 
+UNPICKLED = collections.Counter()
+
+
+class CountsLoads:
+    """Job data that counts how often it is unpickled."""
+
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __reduce__(self):
+        return (_count_load, (self.tag,))
+
+
+def _count_load(tag):
+    UNPICKLED[tag] += 1
+    return CountsLoads(tag)
+
+
 class MemoryAndLatencyTest(TempDirTest):
     """A long-lived queue keeps no finished job in memory, and never makes
     a due job wait on housekeeping."""
@@ -3731,6 +3750,27 @@ class MemoryAndLatencyTest(TempDirTest):
         with contextlib.suppress(AssertionError):
             wait_until(lambda: not kept(), timeout=2)
         self.assertEqual(kept(), [], "finished jobs' data still held")
+
+
+    def test_waiting_on_a_job_never_reads_its_data(self):
+        bl = self.queue()
+        running, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def run(job):
+            running.set()
+            release.wait(10)
+            return "done"
+        bl.register_processor(run)
+        tag = f"wait-{id(self)}"
+        job_id = bl.enqueue("big", CountsLoads(tag))
+        self.assertTrue(running.wait(10))
+        self.assertEqual(UNPICKLED[tag], 1)     # the processor's copy
+        with self.assertRaises(TimeoutError):
+            bl.wait(job_id, timeout=0.5)        # some ten looks at the job
+        release.set()
+        self.assertEqual(bl.wait(job_id, 10), "done")
+        self.assertEqual(UNPICKLED[tag], 1, "wait() unpickled the job's data")
 
 
 if __name__ == "__main__":
