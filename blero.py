@@ -319,10 +319,14 @@ _CANCEL = ("UPDATE jobs SET state = 5, finished_at = ?, owner = NULL"
            " WHERE id = ? AND state IN (0, 1, 2)")
 _RETRY = ("UPDATE jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = attempt + 1 + ? WHERE state = 4 AND (? IS NULL OR id = ?)")
-# Sweeping finds its rows with the read connection, then deletes them a chunk
-# per write transaction, so a big sweep never holds the write lock for long.
-_SWEEPABLE = ("SELECT id, state FROM jobs WHERE state >= 3 AND finished_at <= ?"
-              " AND state IN ({states}, 6)")
+# Sweeping goes a slice at a time, in finish order: it finds a few hundred
+# rows with the read connection, then deletes them in one write transaction,
+# so a big sweep never holds either connection for more than a few ms.
+_SWEEPABLE = ("SELECT id, state, finished_at FROM jobs WHERE state >= 3 AND finished_at <= ?"
+              " AND finished_at >= ? AND (finished_at > ? OR id > ?)"
+              " AND state IN ({states}, 6) ORDER BY finished_at, id LIMIT ?")
+_SWEEP_SLICE = 500                      # rows a slice deletes
+_SWEEP_START = (-math.inf, 0)           # where a sweep starts: (finished_at, id) seen last
 _MAX_ID = "SELECT max(id) FROM jobs"
 _SWEEP = ("DELETE FROM jobs WHERE id = ? AND id < ?"
           " AND (state IN ({states}) AND finished_at <= ? OR state = 6)")
@@ -1135,21 +1139,33 @@ class _Storage:
     def sweep(self, before: float, states: tuple[int, ...]) -> int:
         """Delete jobs in `states` that finished at or before `before`;
         return how many."""
-        in_states = ", ".join(str(s) for s in states)
-        found = self._read(lambda db: db.execute(
-            _SWEEPABLE.format(states=in_states), (before,)).fetchall())
-        sql = (_SWEEP.format(states=in_states), _TOMBSTONE.format(states=in_states))
-        gone = 0
-        for start in range(0, len(found), 2000):
-            gone += self._write(self._sweep, found[start:start + 2000], before, sql)
+        gone, after = 0, _SWEEP_START
+        while after is not None:
+            n, after = self.sweep_slice(before, states, after)
+            gone += n
         return gone
+
+    def sweep_slice(self, before: float, states: tuple[int, ...],
+                    after: tuple[float, int]) -> tuple[int, tuple[float, int] | None]:
+        """One slice of a sweep, from `after` (`_SWEEP_START` at first): return
+        how many jobs it deleted, and where the next slice starts (None: done)."""
+        in_states = ", ".join(str(s) for s in states)
+        params = (before, after[0], after[0], after[1], _SWEEP_SLICE)
+        found = self._read(lambda db: db.execute(
+            _SWEEPABLE.format(states=in_states), params).fetchall())
+        if not found:
+            return 0, None
+        sql = (_SWEEP.format(states=in_states), _TOMBSTONE.format(states=in_states))
+        gone = self._write(self._sweep, found, before, sql)
+        last_id, _, last_finished = found[-1]
+        return gone, (None if len(found) < _SWEEP_SLICE else (last_finished, last_id))
 
     @staticmethod
     def _sweep(db, found, before, sql):
         newest = db.execute(_MAX_ID).fetchall()[0][0]
-        jobs = [(i, newest, before) for i, state in found if state != _SWEPT]
+        jobs = [(i, newest, before) for i, state, _ in found if state != _SWEPT]
         gone = db.executemany(sql[0], jobs).rowcount if jobs else 0
-        db.executemany(sql[0], [(i, newest, before) for i, state in found if state == _SWEPT])
+        db.executemany(sql[0], [(i, newest, before) for i, state, _ in found if state == _SWEPT])
         if any(i == newest for i, _, _ in jobs):
             gone += db.execute(sql[1], (newest, before)).rowcount
         return gone
@@ -1437,6 +1453,7 @@ class _Dispatcher:
         self._delayed_due = math.inf        # epoch time of the next delayed job
         self._schedule_due = math.inf       # epoch time of the next schedule run
         self._clock_stop = False
+        self._sweeping = None               # (before, after) of a sweep under way
         now = time.monotonic()
         self._next = {"poll": now + _POLL, "reap": now + min(0.5, settings.lease / 4),
                       "beat": now + settings.lease / 3,
@@ -1744,7 +1761,7 @@ class _Dispatcher:
                     wake = min(wake, self._deadlines[0][0])
                 wake = min(wake, now + (self._delayed_due - epoch),
                            now + (self._schedule_due - epoch))
-                if wake > now:
+                if wake > now and self._sweeping is None:
                     self._tick.wait(wake - now)
                     if self._clock_stop:
                         return
@@ -1857,9 +1874,20 @@ class _Dispatcher:
             self.storage.heartbeat(self.owner, time.time())
 
     def _sweep(self) -> None:
+        """Delete the jobs complete for over `keep_complete`: one slice per
+        turn of the clock, so a due job or a timeout never waits for a big
+        sweep for more than a slice."""
         keep = self.settings.keep_complete
-        if keep is not None and self._due("sweep", max(1.0, min(keep, 60.0))):
-            self.storage.sweep(time.time() - keep, (_COMPLETE,))
+        if keep is None:
+            return
+        if self._sweeping is None:
+            if not self._due("sweep", max(1.0, min(keep, 60.0))):
+                return
+            self._sweeping = (time.time() - keep, _SWEEP_START)
+        (before, after), self._sweeping = self._sweeping, None   # failed: at the next due time
+        _, after = self.storage.sweep_slice(before, (_COMPLETE,), after)
+        if after is not None:
+            self._sweeping = (before, after)
 
     def reap(self) -> int:
         """Hand back the jobs of every dead owner; returns how many jobs."""

@@ -3773,5 +3773,32 @@ class MemoryAndLatencyTest(TempDirTest):
         self.assertEqual(UNPICKLED[tag], 1, "wait() unpickled the job's data")
 
 
+    def test_a_big_sweep_never_makes_a_due_job_late(self):
+        # 250,000 jobs that completed long ago, made fast: enqueued, then
+        # marked complete in the file directly.
+        path = os.path.join(self.dir, "q.db")
+        bl = blero.new(path).start()
+        for _ in range(25):
+            bl.enqueue_many([("old", None)] * 10_000)
+        bl.stop()
+        db = sqlite3.connect(path)
+        table = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                           " AND name IN ('jobs', 'blero_jobs')").fetchall()[0][0]
+        db.execute(f"UPDATE {table} SET state = 3, attempt = 1,"
+                   " started_at = created_at - 60, finished_at = created_at - 60")
+        db.commit()
+        db.close()
+
+        ran = {}
+        bl = self.queue(keep_complete=30)       # sweeps them all, at once
+        bl.register_processor(lambda job: ran.setdefault(job.id, time.time()))
+        due = bl.enqueue("due", delay=0.1)
+        bl.wait(due, 30)
+        late = ran[due] - bl.get_job(due).run_at
+        self.assertLess(late, 0.25, f"the delayed job ran {late:.3f} s late")
+        wait_until(lambda: bl.stats()["complete"] == 1, timeout=30, interval=0.2,
+                   message="the sweep to finish")
+
+
 if __name__ == "__main__":
     unittest.main()
