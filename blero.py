@@ -222,16 +222,21 @@ class JobInfo(NamedTuple):
 # Storage: the queue file, and every SQL statement blero runs
 # ---------------------------------------------------------------------------
 #
-# One table holds every job.  Its `state` column splits "pending" in two so
+# One table holds every job.  Its `state` column splits "pending" in three so
 # that each question the dispatcher asks is one seek in a small partial index:
 # READY jobs by (priority, id) for "next job", DELAYED ones (waiting for a time,
-# or to retry) by run_at, RUNNING ones by the owner that claimed them.  The
-# finished ones are only in an index by finish time, for sweeping and for the
-# dashboard's throughput, so keeping millions of them slows no claim.
+# or to retry) by run_at, SUSPECT ones (handed back because their process
+# died, so perhaps what killed it: run alone, see _CrashGuard) by (priority,
+# id), RUNNING ones by the owner that claimed them.  The finished ones are
+# only in an index by finish time, for sweeping and for the dashboard's
+# throughput, so keeping millions of them slows no claim.
 
 _READY, _DELAYED, _RUNNING, _COMPLETE, _FAILED, _CANCELLED, _SWEPT = range(7)
-_STATE_NAME = ("pending", "pending", "inprogress", "complete", "failed", "cancelled")
-_STATE_CODES = {"pending": (_READY, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
+_SUSPECT = -1       # below READY, so that "state >= 3" still means finished
+_STATE_NAME = {_SUSPECT: "pending", _READY: "pending", _DELAYED: "pending",
+               _RUNNING: "inprogress", _COMPLETE: "complete", _FAILED: "failed",
+               _CANCELLED: "cancelled"}
+_STATE_CODES = {"pending": (_SUSPECT, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
                 "complete": (_COMPLETE, _COMPLETE), "failed": (_FAILED, _FAILED),
                 "cancelled": (_CANCELLED, _CANCELLED)}
 
@@ -239,6 +244,10 @@ _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
 _SCHEMA_VERSION = 1            # PRAGMA user_version this blero.py writes and reads
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
+
+# Newer than schema version 1: opening a file of that version adds it.
+_SUSPECT_INDEX = ("CREATE INDEX IF NOT EXISTS jobs_suspect ON jobs (priority DESC, id)"
+                  " WHERE state = -1")
 
 _SCHEMA = """
 CREATE TABLE jobs (
@@ -264,6 +273,7 @@ CREATE INDEX jobs_delayed ON jobs (run_at) WHERE state = 1;
 CREATE INDEX jobs_running ON jobs (owner) WHERE state = 2;
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE state >= 3;
 CREATE UNIQUE INDEX jobs_key ON jobs (key) WHERE key IS NOT NULL;
+""" + _SUSPECT_INDEX + """;
 CREATE TABLE owners (
     id           INTEGER PRIMARY KEY,
     pid          INTEGER NOT NULL,
@@ -290,7 +300,7 @@ _FIND_KEY = "SELECT id FROM jobs WHERE key = ?"
 _LAST_ID = "SELECT last_insert_rowid()"
 # What a worker needs of a claimed job, in Job's argument order.
 _JOB_COLUMNS = "id, name, data, attempt, max_attempts, priority, key, created_at, timeout"
-_NEXT_READY = ("SELECT id FROM jobs WHERE state = 0{names}"
+_NEXT_READY = ("SELECT id FROM jobs WHERE state = {state}{names}"   # READY or SUSPECT
                " ORDER BY priority DESC, id LIMIT 1")
 # A claim is made only while its owner is registered: a claim still under
 # way when its queue stopped (and dropped its owner) then claims nothing.
@@ -307,16 +317,18 @@ _FINISH = ("UPDATE jobs SET state = ?, run_at = coalesce(?, run_at), finished_at
            " result = ?, error = ?, owner = NULL"
            " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = 2 AND owner = ?"
-# Undo a claim whose try never began: ready again, its attempt not counted.
-_UNCLAIM = ("UPDATE jobs SET state = 0, owner = NULL, attempt = attempt - 1,"
+# Undo a claim whose try never began: ready (or suspect) again, its attempt
+# not counted.
+_UNCLAIM = ("UPDATE jobs SET state = ?, owner = NULL, attempt = attempt - 1,"
             " started_at = CASE attempt WHEN 1 THEN NULL ELSE started_at END"
             " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_IDS = "SELECT id FROM jobs WHERE state = 2 AND owner = ?"
 _PROMOTE = "UPDATE jobs SET state = 0 WHERE state = 1 AND run_at <= ?"
 _NEXT_DELAYED = "SELECT min(run_at) FROM jobs WHERE state = 1"
+_SUSPECT_NAMES = "SELECT DISTINCT name FROM jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM jobs WHERE id = ?"
 _CANCEL = ("UPDATE jobs SET state = 5, finished_at = ?, owner = NULL"
-           " WHERE id = ? AND state IN (0, 1, 2)")
+           " WHERE id = ? AND state IN (-1, 0, 1, 2)")
 _RETRY = ("UPDATE jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = attempt + 1 + ? WHERE state = 4 AND (? IS NULL OR id = ?)")
 # Sweeping goes a slice at a time, in finish order: it finds a few hundred
@@ -349,6 +361,7 @@ _FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, count(*) FROM j
 _OUTSTANDING = (
     "WITH runs AS (SELECT job_id FROM schedules WHERE job_id IS NOT NULL) SELECT"
     " EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND id NOT IN runs)"
+    " OR EXISTS (SELECT 1 FROM jobs WHERE state = -1 AND id NOT IN runs)"
     " OR EXISTS (SELECT 1 FROM jobs WHERE state = 1 AND id NOT IN runs)"
     " OR EXISTS (SELECT 1 FROM jobs WHERE state = 2 AND id NOT IN runs)")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
@@ -538,7 +551,7 @@ class _Storage:
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
-        self._claim_sql: dict[int, tuple[str, str]] = {}
+        self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
 
     # -- opening and closing ------------------------------------------------
 
@@ -670,7 +683,12 @@ class _Storage:
             if problems != ["ok"]:
                 raise BleroError(f"{self.path}: the queue file is damaged: {problems[0]}")
             self._begin(db)     # fails here, not later, on a file we cannot write
-            db.execute("ROLLBACK")
+            try:
+                db.execute(_SUSPECT_INDEX)   # a file of schema version 1 lacks it
+                db.execute("COMMIT")         # (and when it has it, writes nothing)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
 
@@ -994,59 +1012,74 @@ class _Storage:
     # -- claiming and finishing --------------------------------------------------
 
     def finish_and_claim(self, finish: tuple | None, owner: int,
-                         names: frozenset | None, claim: bool):
+                         names: frozenset | None, claim: bool, suspect: bool = False):
         """In one transaction, record a finished try (`_FINISH` parameters)
-        and claim the next ready job this worker accepts.  Returns (whether
-        the finish was recorded, the claimed job's `_JOB_COLUMNS` row or None)."""
-        return self._write(self._finish_and_claim, finish, owner, names, claim)
+        and claim the next ready job (or, with `suspect`, the next suspect)
+        this worker accepts.  Returns (whether the finish was recorded, the
+        claimed job's `_JOB_COLUMNS` row or None, and when a suspect was
+        sought and none found, the names of the suspects left)."""
+        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
 
-    def _finish_and_claim(self, db, finish, owner, names, claim):
+    def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False):
         recorded = finish is not None and db.execute(_FINISH, finish).rowcount == 1
         if not claim:
-            return recorded, None
+            return recorded, None, None
         n = len(names) if names else 0
-        sql = self._claim_statements(n)
+        sql = self._claim_statements(n, suspect)
         params = tuple(names) if n else ()
         now = time.time()
         if self._returning:
             rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
-            return recorded, rows[0] if rows else None
-        found = db.execute(sql[0], params).fetchall()
-        if not found or not db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
-            return recorded, None
-        return recorded, db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0]
+            row = rows[0] if rows else None
+        else:
+            found = db.execute(sql[0], params).fetchall()
+            row = None
+            if found and db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
+                row = db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0]
+        left = None
+        if suspect and row is None:
+            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
+        return recorded, row, left
 
-    def _claim_statements(self, n: int) -> tuple[str, str]:
-        """The SQL that finds, and that claims, the next job of n names (0: any)."""
-        sql = self._claim_sql.get(n)
+    def _claim_statements(self, n: int, suspect: bool = False) -> tuple[str, str]:
+        """The SQL that finds, and that claims, the next job (or suspect) of
+        n names (0: any)."""
+        sql = self._claim_sql.get((n, suspect))
         if sql is None:
             cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
-            select = _NEXT_READY.format(names=cond)
-            sql = self._claim_sql[n] = (select, _CLAIM_RETURNING.format(next=select))
+            select = _NEXT_READY.format(state=_SUSPECT if suspect else _READY, names=cond)
+            sql = self._claim_sql[n, suspect] = (select, _CLAIM_RETURNING.format(next=select))
         return sql
 
     def record(self, finish: tuple) -> bool:
         """Record the end of one try; False if its claim no longer holds."""
         return self._write(self._finish_and_claim, finish, 0, None, False)[0]
 
+    def suspect_names(self) -> frozenset:
+        """The names of the suspect jobs (see _CrashGuard)."""
+        return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
+
     def release(self, owner: int, outcome: Callable[[tuple], tuple], drop_owner: bool,
-                started: set[tuple[int, int]] | None = None) -> tuple[list[tuple], int]:
+                started: set[tuple[int, int]] | None = None,
+                unclaimed: int = _READY) -> tuple[list[tuple], int]:
         """Hand back every job `owner` holds: `outcome(row)` gives each one's
         `_FINISH` parameters.  With `started`, (id, attempt) pairs, the claims
-        of tries not in it are undone instead: those tries never began.  Returns the rows whose
-        outcome was recorded, and how many claims were undone."""
-        return self._write(self._release, owner, outcome, drop_owner, started)
+        of tries not in it are undone instead (back to state `unclaimed`):
+        those tries never began.  Returns the rows whose outcome was
+        recorded, and how many claims were undone."""
+        return self._write(self._release, owner, outcome, drop_owner, started, unclaimed)
 
-    def unclaim(self, job_id: int, owner: int, attempt: int) -> None:
-        """Undo `owner`'s claim of a job whose try `attempt` never began."""
-        self._write(lambda db: db.execute(_UNCLAIM, (job_id, owner, attempt)))
+    def unclaim(self, job_id: int, owner: int, attempt: int, state: int = _READY) -> None:
+        """Undo `owner`'s claim of a job whose try `attempt` never began: it
+        goes back to `state`."""
+        self._write(lambda db: db.execute(_UNCLAIM, (state, job_id, owner, attempt)))
 
     @staticmethod
-    def _release(db, owner, outcome, drop_owner, started):
+    def _release(db, owner, outcome, drop_owner, started, unclaimed):
         done, undone = [], 0
         for row in db.execute(_RUNNING_OF, (owner,)).fetchall():
             if started is not None and (row[0], row[3]) not in started:
-                undone += db.execute(_UNCLAIM, (row[0], owner, row[3])).rowcount
+                undone += db.execute(_UNCLAIM, (unclaimed, row[0], owner, row[3])).rowcount
             elif db.execute(_FINISH, outcome(row)).rowcount == 1:
                 done.append(row)
         if drop_owner:
@@ -1227,7 +1260,7 @@ class _Storage:
     def list(self, state: str | None, name: str | None, limit: int | None,
              newest_first: bool = False) -> list[tuple]:
         """Jobs by id, as `_INFO_COLUMNS` rows."""
-        lo, hi = _STATE_CODES[state] if state else (_READY, _CANCELLED)
+        lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
         sql = _LIST.format(order="DESC" if newest_first else "ASC")
         params = (lo, hi, name, name, -1 if limit is None else limit)
         return self._read(lambda db: db.execute(sql, params).fetchall())
@@ -1365,6 +1398,137 @@ class _Counters:
                 self.seconds_count += 1
 
 
+class _CrashGuard:
+    """Runs the jobs that may have crashed their process one at a time, alone.
+
+    A job handed back because its process died is a suspect (`_SUSPECT`): it
+    may be what killed the process (a segfault, `os._exit`, the OOM killer),
+    or it may merely have been running beside that.  While any running
+    queue of this process has suspects that its workers accept, no worker
+    of any queue here claims an ordinary job.  Once every try under way has
+    been recorded, one worker takes the turn and claims suspects one after
+    another (each in the commit that records the one before), with nothing
+    else running: if the process dies again, that suspect alone loses a
+    try.  A suspect whose try ends is an ordinary job from then on.  The
+    turn (and the wait of the rest) ends when its worker finds no suspect
+    it accepts; suspects that only other workers accept are then theirs.
+    Suspects that no worker here accepts hold nothing up.  (Each process
+    on the file runs the suspects it takes alone the same way.)
+
+    `active` is read without the lock on every claim, so a claim costs
+    nothing extra while there are no suspects.  A worker that finds it
+    false sets its `holding`, then reads it again before it claims; the turn
+    is given only after `active` was set and every other worker's `holding`
+    was read false: so a worker that missed `active` is seen holding, and
+    the turn waits for its try.  (A worker that was seen holding only
+    between those two reads wakes the others when it lets go.)
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.active = False                  # some queue here has suspects to run
+        self.runner: _Worker | None = None   # the worker whose turn it is
+        self._queues: dict[_Dispatcher, frozenset] = {}   # running -> suspects' names
+
+    def join(self, d: _Dispatcher) -> None:
+        with self.lock:
+            self._queues[d] = frozenset()
+
+    def leave(self, d: _Dispatcher) -> None:
+        with self.lock:
+            self._queues.pop(d, None)
+            if self.runner is not None and self.runner.dispatcher is d:
+                self.runner = None
+            wake = self._update()
+        if wake:
+            self.wake_all()
+
+    def noted(self, d: _Dispatcher, names: frozenset) -> None:
+        """`d`'s file has suspects of these names now."""
+        with self.lock:
+            if self._queues.get(d, names) == names:
+                return          # stopped, or nothing new
+            self._queues[d] = names
+            wake = self._update()
+        if wake:
+            self.wake_all()
+
+    def workers_changed(self, d: _Dispatcher) -> None:
+        """A worker of `d` came, was retired or went: who accepts what changed."""
+        if not self._queues.get(d) and self.runner is None:
+            return
+        with self.lock:
+            wake = self._update()
+        if wake:
+            self.wake_all()
+
+    def turn(self, worker: _Worker, recording: bool) -> bool | None:
+        """Whether `worker`, about to claim, takes a suspect (True), nothing
+        (False), or, with no suspects left here, an ordinary job (None).
+        `recording`: it has a try to record first."""
+        with self.lock:
+            wake = False
+            if self.runner is not None and not self._alive(self.runner):
+                wake = self._update()   # its worker timed out or went: the turn is free
+            if not self.active:
+                turn = None
+                worker.holding = True   # it claims an ordinary job: seen by any turn after
+            elif self.runner is worker:
+                turn = True     # its turn goes on until it finds no suspect
+            elif (self.runner is None
+                    and any(worker.accepts(n) for n in self._queues.get(worker.dispatcher, ()))
+                    and not any(w.holding for q in self._queues for w in list(q._workers)
+                                if w is not worker)):
+                self.runner = worker
+                worker.holding = turn = True
+            else:
+                turn = False
+                wake |= worker.holding and not recording   # another may have waited on it
+                worker.holding = recording
+        if wake:
+            self.wake_all()
+        return turn
+
+    def released(self, worker: _Worker, names: frozenset) -> None:
+        """The turn's worker found no suspect it accepts; `names` are the
+        suspects left in its file."""
+        with self.lock:
+            if self.runner is worker:
+                self.runner = None
+            d = worker.dispatcher
+            if d in self._queues:
+                self._queues[d] = names
+            wake = self._update()
+        if wake:
+            self.wake_all()
+
+    def wake_all(self) -> None:
+        """Wake the idle workers of every queue: the turn may be free, or
+        ordinary jobs may be claimed again."""
+        for d in list(self._queues):
+            d.work_arrived(None)
+
+    def _alive(self, worker: _Worker) -> bool:
+        d = worker.dispatcher
+        return d in self._queues and worker in d._workers
+
+    def _update(self) -> bool:
+        """Under the lock: recompute `active`; True if workers should look again."""
+        was = self.active
+        if self.runner is not None and not self._alive(self.runner):
+            self.runner = None
+        # A suspect running is no longer in the file as one: its turn keeps
+        # the rest waiting until it ends.
+        self.active = self.runner is not None or any(
+            w.accepts(n) for d, names in self._queues.items() if names
+            for w in list(d._workers) if not (w.processor.retired or w.abandoned)
+            for n in names)
+        return self.active or was
+
+
+_guard = _CrashGuard()
+
+
 class _Worker:
     """One thread running one processor's jobs, one at a time."""
 
@@ -1379,6 +1543,8 @@ class _Worker:
         self.settling: Job | None = outcome and outcome.job   # a try not yet recorded
         self.settled = 0                # tries recorded, callbacks run (for join)
         self.abandoned = False          # timed out, stopped or retired: starts no try
+        self.holding = False            # may hold a claim, or a try not yet recorded
+        self.suspect = False            # its last claim was of a suspect
         self.thread = threading.Thread(
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
@@ -1467,9 +1633,15 @@ class _Dispatcher:
         self.storage.changed_elsewhere()    # the baseline first: nothing slips between
         self._delayed_due = self.storage.next_delayed() or math.inf
         self._schedule_due = -math.inf      # look at schedules at once
-        for p in processors:
-            self.spawn(p)
-        self._clock.start()
+        _guard.join(self)
+        try:
+            self._look_for_suspects()
+            for p in processors:
+                self.spawn(p)
+            self._clock.start()
+        except BaseException:
+            _guard.leave(self)
+            raise
 
     def spawn(self, processor: _Processor, outcome: _Outcome | None = None) -> bool:
         """Start a worker thread for `processor`, which first records
@@ -1480,11 +1652,13 @@ class _Dispatcher:
                 return False
             self._workers.add(worker)
             worker.thread.start()   # under the lock: stop() joins only started threads
+        _guard.workers_changed(self)
         return True
 
     def retire(self, processor: _Processor) -> None:
         """Let `processor`'s worker finish its job, then end."""
         processor.retired = True
+        _guard.workers_changed(self)
         self.work_arrived(None)
 
     def stop(self, timeout: float | None) -> list[Job]:
@@ -1520,8 +1694,15 @@ class _Dispatcher:
         if self._clock is not me and self._clock.is_alive():
             self._clock.join()
         # A job claimed by a worker stopped before its try began was never
-        # tried: its claim is undone, and its attempt does not count.
-        self.hand_back(self.owner, drop_owner=True, started=started)
+        # tried: its claim is undone, and its attempt does not count.  (While
+        # one of ours has the suspects' turn, its claim is the only one.)
+        runner = _guard.runner
+        try:
+            self.hand_back(self.owner, drop_owner=True, started=started,
+                           unclaimed=_SUSPECT if runner is not None and runner.dispatcher is self
+                           else _READY)
+        finally:
+            _guard.leave(self)
         return late
 
     def exited(self, worker: _Worker) -> None:
@@ -1529,6 +1710,7 @@ class _Dispatcher:
             self._workers.discard(worker)
             if worker in self._idle:
                 self._idle.remove(worker)
+        _guard.workers_changed(self)
 
     def activity(self) -> tuple[bool, int]:
         """Whether a worker here is running a try or recording one, and how
@@ -1605,10 +1787,28 @@ class _Dispatcher:
 
     def finish_and_claim(self, worker: _Worker, outcome: _Outcome | None,
                          claim: bool) -> Job | None:
-        """Record `outcome` and claim the worker's next job, in one commit."""
-        names = worker.processor.names
-        recorded, row = self.storage.finish_and_claim(
-            outcome and outcome.params(self.owner), self.owner, names, claim)
+        """Record `outcome` and claim the worker's next job, in one commit:
+        while suspects wait (see _CrashGuard), a suspect on its turn, else none."""
+        suspect = False
+        if claim:
+            if not _guard.active:
+                worker.holding = True   # then `active` is read again: see _CrashGuard
+            if _guard.active:
+                turn = _guard.turn(worker, outcome is not None)
+                if turn is not None:
+                    claim = suspect = turn
+        if outcome is None and not claim:
+            return None
+        recorded, row, left = self.storage.finish_and_claim(
+            outcome and outcome.params(self.owner), self.owner, worker.processor.names,
+            claim, suspect)
+        worker.suspect = suspect
+        if row is None:
+            worker.holding = False
+            if suspect:
+                _guard.released(worker, left)
+            elif _guard.active:
+                _guard.wake_all()       # this try was what the turn waited for, maybe
         if outcome is not None:
             self.settle(outcome, recorded)
         if row is None:
@@ -1627,7 +1827,8 @@ class _Dispatcher:
         if worker.abandoned:
             if retired:     # unregistered while claiming: not its job to start
                 try:
-                    self.storage.unclaim(job.id, self.owner, job.attempt)
+                    self.storage.unclaim(job.id, self.owner, job.attempt,
+                                         _SUSPECT if worker.suspect else _READY)
                 except Exception as exc:    # stop() hands it back then
                     log.error("job %d: %s", job.id, exc)
                 self.work_arrived([job.name])
@@ -1687,11 +1888,13 @@ class _Dispatcher:
                             seconds=seconds)
         return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
 
-    def interrupted(self, job: Job) -> _Outcome:
-        """The outcome of a try cut short: ready again at once, if tries remain."""
+    def interrupted(self, job: Job, crashed: bool = False) -> _Outcome:
+        """The outcome of a try cut short: ready again at once, if tries
+        remain; a suspect if its process died (`crashed`)."""
         now = time.time()
         if job.attempt < job.max_attempts:
-            return _Outcome(job, _READY, run_at=now, error="interrupted")
+            return _Outcome(job, _SUSPECT if crashed else _READY, run_at=now,
+                            error="interrupted")
         return _Outcome(job, _FAILED, finished_at=now, error="interrupted",
                         exc=BleroError("interrupted"))
 
@@ -1849,6 +2052,7 @@ class _Dispatcher:
         if not self._due("poll", _POLL) or not self.storage.changed_elsewhere():
             return
         due = self.storage.next_delayed()    # they may have added some
+        self._look_for_suspects()            # or handed back a dead one's jobs
         with self._lock:
             if due is not None:     # only ever sooner: a time noted meanwhile stays
                 self._delayed_due = min(self._delayed_due, due)
@@ -1900,15 +2104,21 @@ class _Dispatcher:
             if alive is None:      # no OS lock to ask: judge by the heartbeat
                 alive = heartbeat is not None and now - heartbeat <= self.settings.lease
             if not alive:
-                total += self.hand_back(owner, drop_owner=True)
+                total += self.hand_back(owner, drop_owner=True, crashed=True)
         return total
 
+    def _look_for_suspects(self) -> None:
+        _guard.noted(self, self.storage.suspect_names())
+
     def hand_back(self, owner: int, drop_owner: bool,
-                  started: set[tuple[int, int]] | None = None) -> int:
-        """Hand back `owner`'s jobs as interrupted (those in `started`, when
-        given; the others' claims are undone); returns how many."""
+                  started: set[tuple[int, int]] | None = None, unclaimed: int = _READY,
+                  crashed: bool = False) -> int:
+        """Hand back `owner`'s jobs as interrupted, as suspects if its process
+        died (those in `started`, when given; the others' claims are undone,
+        back to state `unclaimed`); returns how many."""
         rows, undone = self.storage.release(
-            owner, lambda row: self.interrupted(Job(*row)).params(owner), drop_owner, started)
+            owner, lambda row: self.interrupted(Job(*row), crashed).params(owner),
+            drop_owner, started, unclaimed)
         failed = [Job(*row) for row in rows if row[3] >= row[4]]
         for job in failed:
             self.counters.add("failed")
@@ -1917,6 +2127,8 @@ class _Dispatcher:
         if rows:
             log.info("%d interrupted job(s) handed back, %d of them out of tries",
                      len(rows), len(failed))
+            if crashed and len(failed) < len(rows):
+                self._look_for_suspects()
         if rows or undone:
             self.work_arrived(None)
             self.changed.wake()

@@ -14,6 +14,7 @@ import http.client
 import http.server
 import json
 import logging
+import math
 import os
 import pickle
 import queue
@@ -3795,6 +3796,125 @@ class MemoryAndLatencyTest(TempDirTest):
         self.assertLess(late, 0.25, f"the delayed job ran {late:.3f} s late")
         wait_until(lambda: bl.stats()["complete"] < 250_000, timeout=30, interval=0.1,
                    message="the sweep to get going")
+
+
+
+# argv: db, log, life (a tag), the poison job's id, processors, seconds an
+# ordinary job takes.  The poison job kills its process (as a segfault or
+# the OOM killer would) once a neighbour has run beside it here, or after
+# 0.5 s alone.
+POISON_CHILD = """
+db, log_path, life = sys.argv[1:4]
+poison, processors, work = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+log = open_log(log_path)
+neighbour_runs = threading.Event()
+
+def run(job):
+    log("S", job.id, life, job.attempt, time.monotonic_ns())
+    if job.id == poison:
+        neighbour_runs.wait(0.5)
+        os._exit(3)
+    neighbour_runs.set()
+    time.sleep(work)
+    log("E", job.id, life, job.attempt, time.monotonic_ns())
+
+bl = blero.new(db, retries=2)
+for _ in range(processors):
+    bl.register_processor(run)
+bl.start()
+if not bl.join(60):
+    sys.exit("join timed out")
+bl.stop()
+"""
+
+
+class PoisonJobTest(ProcessTest):
+    """A job that kills its process uses up its own tries, and no one else's."""
+
+    def restart_until_done(self, poison, processors, work, names=("",), lives=10):
+        """Run POISON_CHILD in a process per name, each started again each
+        time it dies, until all have exited 0; return their exit codes."""
+        codes = {name: [] for name in names}
+        running = {}
+        while True:
+            for name, done in codes.items():
+                if name not in running and (not done or done[-1] != 0):
+                    self.assertLess(len(done), lives, f"{name} still crashing: {codes}")
+                    running[name] = self.spawn(POISON_CHILD, self.path, self.log,
+                                               f"{name}{len(done)}", poison, processors, work)
+            if not running:
+                return codes
+            ended = wait_until(lambda: [n for n, p in running.items() if p.poll() is not None],
+                               timeout=60, message=f"a child to end ({codes})")
+            for name in ended:
+                p = running.pop(name)
+                self.assertIn(p.returncode, (0, 3), self.output(p))
+                codes[name].append(p.returncode)
+
+    def assert_poison_failed_alone(self, ids, poison):
+        """The poison job used exactly its own tries; its neighbours all
+        completed, each losing at most the one try of the first crash."""
+        bl = self.queue()
+        info = bl.get_job(poison)
+        self.assertEqual((info.state, info.error, info.attempt), ("failed", "interrupted", 3))
+        others = [bl.get_job(i) for i in ids if i != poison]
+        self.assertEqual([(o.id, o.state) for o in others if o.state != "complete"], [],
+                         "a neighbour of the poison job did not complete")
+        self.assertLessEqual(max(o.attempt for o in others), 2,
+                             "a neighbour lost more than the one try of the first crash")
+
+    def test_a_job_that_kills_its_process_fails_alone(self):
+        bl = blero.new(self.path, retries=2).start()
+        ids = bl.enqueue_many([("j", None)] * 8)
+        bl.stop()
+        poison = ids[1]
+        codes = self.restart_until_done(poison, processors=3, work=0.3)
+        self.assertEqual(codes, {"": [3, 3, 3, 0]}, "one crash per try of the poison job")
+        self.assert_poison_failed_alone(ids, poison)
+        # After each crash, the jobs it cut short ran one at a time, alone.
+        runs = [(r["tag"], job_id, r["attempt"], r["start"], r["end"] or math.inf)
+                for job_id, job_runs in runs_in(self.log).items() for r in job_runs]
+        for life, job_id, attempt, start, end in runs:
+            if attempt > 1:
+                beside = [(j, a) for t, j, a, s, e in runs
+                          if t == life and j != job_id and s < end and e > start]
+                self.assertEqual(beside, [], f"life {life}: job {job_id} try {attempt} "
+                                             f"re-ran beside others")
+
+    def test_processes_sharing_the_file_each_run_suspects_alone(self):
+        # Two processes, each restarted when it dies: whichever takes the
+        # poison job back runs it alone, so its own jobs are safe too.
+        bl = blero.new(self.path, retries=2).start()
+        ids = bl.enqueue_many([("j", None)] * 30)
+        bl.stop()
+        poison = ids[3]
+        codes = self.restart_until_done(poison, processors=2, work=0.1, names=("x", "y"))
+        self.assertEqual(sum(c.count(3) for c in codes.values()), 3, codes)
+        self.assert_poison_failed_alone(ids, poison)
+
+    def test_suspects_wait_as_pending_and_never_stall_other_work(self):
+        ids = kill_with_running_jobs(self, self.path, [3, 3])
+        bl = self.queue()
+        bl.register_processor(lambda job: "ok", names="other")
+        self.assertEqual([bl.get_job(i).state for i in ids], ["pending", "pending"])
+        self.assertEqual(bl.stats()["pending"], 2)
+        self.assertEqual([j.id for j in bl.jobs("pending")], ids)
+        # No worker here takes them: the rest goes on.
+        self.assertEqual(bl.wait(bl.enqueue("other"), 10), "ok")
+        self.assertFalse(bl.join(0.1), "join() did not wait for the suspects")
+
+        runs = []
+
+        def doomed(job):
+            runs.append(("S", job.id))
+            time.sleep(0.05)            # (work, so that an overlap would show)
+            runs.append(("E", job.id))
+        for _ in range(2):
+            bl.register_processor(doomed, names="doomed")
+        self.assertTrue(bl.join(10))
+        self.assertEqual(runs, [("S", ids[0]), ("E", ids[0]), ("S", ids[1]), ("E", ids[1])],
+                         "the suspects did not run one at a time")
+        self.assertEqual([bl.get_job(i).attempt for i in ids], [2, 2])
 
 
 if __name__ == "__main__":
