@@ -3152,12 +3152,16 @@ else:
 
 
 class KillTortureTest(ProcessTest):
-    KILLS = 26
+    """Kill -9 at random points, again and again.  BLERO_TEST_KILLS=200 asks
+    for a nightly-sized run; BLERO_TEST_SEED=n repeats a run."""
+
+    KILLS = int(os.environ.get("BLERO_TEST_KILLS") or 30)
 
     def test_kill_9_at_random_points_loses_nothing(self):
         seed = int(os.environ.get("BLERO_TEST_SEED") or random.randrange(2 ** 32))
-        note = f"(seed {seed}: rerun with BLERO_TEST_SEED={seed})"
-        print(f"\nkill -9 torture seed {seed}", file=sys.stderr)
+        note = (f"(seed {seed}, {self.KILLS} kills: rerun with BLERO_TEST_SEED={seed}"
+                f" BLERO_TEST_KILLS={self.KILLS})")
+        print(f"\nkill -9 torture {note}", file=sys.stderr)
         rng = random.Random(seed)
         kills = {}
         for life in range(self.KILLS):
