@@ -323,7 +323,11 @@ _UNCLAIM = ("UPDATE jobs SET state = ?, owner = NULL, attempt = attempt - 1,"
             " started_at = CASE attempt WHEN 1 THEN NULL ELSE started_at END"
             " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_IDS = "SELECT id FROM jobs WHERE state = 2 AND owner = ?"
-_PROMOTE = "UPDATE jobs SET state = 0 WHERE state = 1 AND run_at <= ?"
+# A slice at a time, earliest first: the clock promotes the next slice at
+# once (the earliest left is due), but a timeout due meanwhile never waits
+# for 200,000 jobs made due at the same moment.
+_PROMOTE = ("UPDATE jobs SET state = 0 WHERE id IN (SELECT id FROM jobs"
+            " WHERE state = 1 AND run_at <= ? ORDER BY run_at LIMIT 1000)")
 _NEXT_DELAYED = "SELECT min(run_at) FROM jobs WHERE state = 1"
 _SUSPECT_NAMES = "SELECT DISTINCT name FROM jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM jobs WHERE id = ?"
@@ -1091,8 +1095,8 @@ class _Storage:
         return self._read(lambda db: {r[0] for r in db.execute(_RUNNING_IDS, (owner,))})
 
     def promote(self, now: float) -> tuple[int, float | None]:
-        """Make delayed jobs whose time has come ready; return how many, and
-        when the next one is due."""
+        """Make delayed jobs whose time has come ready, up to a slice of them;
+        return how many, and when the next one is due (now, if more are)."""
         return self._write(self._promote, now)
 
     @staticmethod

@@ -3803,6 +3803,37 @@ class MemoryAndLatencyTest(TempDirTest):
 
 
 
+    def test_many_jobs_due_at_once_never_make_a_timeout_late(self):
+        # 300,000 delayed jobs all due in a second, written straight into
+        # the file; a try with a timeout expires while they come due.
+        path = os.path.join(self.dir, "q.db")
+        blero.new(path).start().stop()
+        db = sqlite3.connect(path)
+        table = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                           " AND name IN ('jobs', 'blero_jobs')").fetchall()[0][0]
+        db.execute(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 300000)"
+                   f" INSERT INTO {table} (state, priority, run_at, name, max_attempts, created_at)"
+                   f" SELECT 1, 0, ?1, 'later', 4, ?2 FROM n", (time.time() + 1.0, time.time()))
+        db.commit()
+        db.close()
+
+        times = []
+
+        def slow(job):
+            times.append(time.monotonic())
+            job.cancelled.wait(10)
+            times.append(time.monotonic())
+        bl = self.queue()
+        bl.register_processor(slow, names="slow")
+        due = bl.get_job(1).run_at
+        timeout = due + 0.2 - time.time()       # 0.2 s after they all came due
+        self.assertGreater(timeout, 0.1, "the test took too long to set up")
+        bl.enqueue("slow", timeout=timeout, retries=0)
+        wait_until(lambda: len(times) == 2, timeout=10, message="the timeout")
+        late = times[1] - times[0] - timeout
+        self.assertLess(late, 0.2, f"the timeout fired {late:.3f} s late")
+
+
 # argv: db, log, life (a tag), the poison job's id, processors, seconds an
 # ordinary job takes.  The poison job kills its process (as a segfault or
 # the OOM killer would) once a neighbour has run beside it here, or after
