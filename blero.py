@@ -1457,14 +1457,13 @@ class _CrashGuard:
         if wake:
             self.wake_all()
 
-    def workers_changed(self, d: _Dispatcher) -> None:
-        """A worker of `d` came, was retired or went: who accepts what changed."""
+    def workers_changed(self, d: _Dispatcher) -> bool:
+        """A worker of `d` came, was retired or went: who accepts what
+        changed.  True if the caller should `wake_all()` (it may hold `d`'s lock)."""
         if not self._queues.get(d) and self.runner is None:
-            return
+            return False
         with self.lock:
-            wake = self._update()
-        if wake:
-            self.wake_all()
+            return self._update()
 
     def turn(self, worker: _Worker, recording: bool) -> bool | None:
         """Whether `worker`, about to claim, takes a suspect (True), nothing
@@ -1655,14 +1654,17 @@ class _Dispatcher:
             if self.stopping:
                 return False
             self._workers.add(worker)
+            wake = _guard.workers_changed(self)   # first: it must see suspects it takes
             worker.thread.start()   # under the lock: stop() joins only started threads
-        _guard.workers_changed(self)
+        if wake:
+            _guard.wake_all()
         return True
 
     def retire(self, processor: _Processor) -> None:
         """Let `processor`'s worker finish its job, then end."""
         processor.retired = True
-        _guard.workers_changed(self)
+        if _guard.workers_changed(self):
+            _guard.wake_all()
         self.work_arrived(None)
 
     def stop(self, timeout: float | None) -> list[Job]:
@@ -1714,7 +1716,8 @@ class _Dispatcher:
             self._workers.discard(worker)
             if worker in self._idle:
                 self._idle.remove(worker)
-        _guard.workers_changed(self)
+        if _guard.workers_changed(self):
+            _guard.wake_all()
 
     def activity(self) -> tuple[bool, int]:
         """Whether a worker here is running a try or recording one, and how

@@ -3906,7 +3906,8 @@ class PoisonJobTest(ProcessTest):
         codes = self.restart_until_done(poison, processors=3, work=0.3)
         self.assertEqual(codes, {"": [3, 3, 3, 0]}, "one crash per try of the poison job")
         self.assert_poison_failed_alone(ids, poison)
-        # After each crash, the jobs it cut short ran one at a time, alone.
+        # After each crash, the jobs it cut short ran one at a time, alone,
+        # before the rest.
         runs = [(r["tag"], job_id, r["attempt"], r["start"], r["end"] or math.inf)
                 for job_id, job_runs in runs_in(self.log).items() for r in job_runs]
         for life, job_id, attempt, start, end in runs:
@@ -3915,6 +3916,8 @@ class PoisonJobTest(ProcessTest):
                           if t == life and j != job_id and s < end and e > start]
                 self.assertEqual(beside, [], f"life {life}: job {job_id} try {attempt} "
                                              f"re-ran beside others")
+                before = [j for t, j, a, s, e in runs if t == life and a == 1 and s < start]
+                self.assertEqual(before, [], f"life {life}: jobs ran before re-run {job_id}")
 
     def test_processes_sharing_the_file_each_run_suspects_alone(self):
         # Two processes, each restarted when it dies: whichever takes the
