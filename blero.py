@@ -399,13 +399,15 @@ _lock_files_lock = threading.Lock()
 _opening_lock = threading.Lock()     # byte 0 does not keep out this process's threads
 
 
-def _lock_path(db_path: str) -> str:
-    return os.path.realpath(db_path) + "-lock"
+def _lock_path(real: str) -> str:
+    """The lock file of the queue file at real path `real` (resolved once, by
+    `_Storage`: a link re-pointed later must not change which file this is)."""
+    return real + "-lock"
 
 
-def _lock_fd(db_path: str) -> int:
+def _lock_fd(real: str) -> int:
     """Open (or share) the lock file; the caller holds `_lock_files_lock`."""
-    key = _lock_path(db_path)
+    key = _lock_path(real)
     entry = _lock_files.get(key)
     if entry is None:
         entry = _lock_files[key] = [os.open(key, os.O_RDWR | os.O_CREAT, 0o600), 0]
@@ -413,9 +415,9 @@ def _lock_fd(db_path: str) -> int:
     return entry[0]
 
 
-def _unlock_fd(db_path: str) -> None:
+def _unlock_fd(real: str) -> None:
     """Stop using the lock file; the caller holds `_lock_files_lock`."""
-    key = _lock_path(db_path)
+    key = _lock_path(real)
     entry = _lock_files[key]
     entry[1] -= 1
     if entry[1] == 0:
@@ -424,7 +426,7 @@ def _unlock_fd(db_path: str) -> None:
 
 
 @contextlib.contextmanager
-def _opening(db_path: str):
+def _opening(real: str):
     """Hold byte 0 of the lock file: one process at a time sets a file up."""
     with _opening_lock:
         if fcntl is None:
@@ -432,9 +434,9 @@ def _opening(db_path: str):
             return
         with _lock_files_lock:
             try:
-                fd = _lock_fd(db_path)
+                fd = _lock_fd(real)
             except OSError as exc:
-                raise BleroError(f"{_lock_path(db_path)}: cannot create the lock file: "
+                raise BleroError(f"{_lock_path(real)}: cannot create the lock file: "
                                  f"{exc.strerror or exc}") from exc
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
@@ -444,40 +446,40 @@ def _opening(db_path: str):
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
         finally:
             with _lock_files_lock:
-                _unlock_fd(db_path)
+                _unlock_fd(real)
 
 
 def _new_owner_id() -> int:
     return secrets.randbits(46) + (1 << 40)   # far above SQLite's own lock bytes
 
 
-def _hold_owner(db_path: str, owner: int) -> None:
+def _hold_owner(real: str, owner: int) -> None:
     """Mark `owner` alive for as long as this process runs or until released."""
     with _lock_files_lock:
         if fcntl is not None:
-            fd = _lock_fd(db_path)
+            fd = _lock_fd(real)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, owner)
             except BaseException:
-                _unlock_fd(db_path)
+                _unlock_fd(real)
                 raise
         _local_owners.add(owner)
 
 
-def _release_owner(db_path: str, owner: int) -> None:
+def _release_owner(real: str, owner: int) -> None:
     with _lock_files_lock:
         if owner in _local_owners and fcntl is not None:
-            fcntl.lockf(_lock_files[_lock_path(db_path)][0], fcntl.LOCK_UN, 1, owner)
-            _unlock_fd(db_path)
+            fcntl.lockf(_lock_files[_lock_path(real)][0], fcntl.LOCK_UN, 1, owner)
+            _unlock_fd(real)
         _local_owners.discard(owner)
 
 
-def _owner_alive(db_path: str, owner: int) -> bool | None:
+def _owner_alive(real: str, owner: int) -> bool | None:
     """True or False where the lock tells; None where only a lease can."""
     with _lock_files_lock:
         if owner in _local_owners:
             return True
-        entry = _lock_files.get(_lock_path(db_path))
+        entry = _lock_files.get(_lock_path(real))
         if entry is None:
             return None
         try:
@@ -519,7 +521,14 @@ class _Storage:
     """
 
     def __init__(self, path: str, sync: str = "normal"):
-        self.path = path
+        self.path = path    # as given: what messages name
+        # Every file operation uses the real path resolved here, once: a
+        # link on the way (a deploy's `current`) re-pointed while this runs
+        # must not make it look at, lock or write another file.
+        try:
+            self.real = os.path.realpath(path)
+        except ValueError:  # a NUL in the path: open() names it
+            self.real = path
         self._sync = sync
         self._mutex = threading.Lock()    # guards the four fields below
         self._queue: list[_Op] = []
@@ -541,8 +550,8 @@ class _Storage:
         """Open (or, with `create`, create) the file; raise BleroError naming
         the path and the cause, with the file left as it was, if it is not
         a blero queue this code can use."""
-        path = self.path
-        folder = os.path.dirname(path) or "."
+        path, real = self.path, self.real
+        folder = os.path.dirname(real) or "."
         kind = self._check_header()
         if kind == "missing":
             if not create:
@@ -552,15 +561,15 @@ class _Storage:
             except OSError as exc:
                 raise BleroError(f"{path}: cannot create its directory: "
                                  f"{exc.strerror or exc}") from exc
-        elif not os.access(path, os.W_OK):
+        elif not os.access(real, os.W_OK):
             raise BleroError(f"{path}: read-only: no permission to write the queue file")
         if not os.access(folder, os.W_OK) and not all(
-                os.path.exists(path + s) for s in ("-wal", "-shm")):
+                os.path.exists(real + s) for s in ("-wal", "-shm")):
             raise BleroError(f"{path}: its directory is read-only, and SQLite needs to "
                              f"create {os.path.basename(path)}-wal and -shm there")
-        lock = _lock_path(path)
+        lock = _lock_path(real)
         made_lock = not os.path.exists(lock)
-        with _opening(path):
+        with _opening(real):
             try:
                 self._open(create)
             except BaseException:
@@ -570,14 +579,14 @@ class _Storage:
                 raise
 
     def _open(self, create: bool) -> None:
-        path = self.path
+        path, real = self.path, self.real
         kind = self._check_header()   # again: another process may have made it meanwhile
         if kind == "missing" and not create:
             raise BleroError(f"{path}: no queue file there")
         made = False
         if kind == "missing":
             try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.close(os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 made = True
             except FileExistsError:
                 pass
@@ -586,27 +595,27 @@ class _Storage:
                                  f"{exc.strerror or exc}") from exc
         # SQLite makes -wal/-shm files on connecting; on a file it then refuses
         # (damaged, say) it cannot checkpoint them away, so we remove ours.
-        side_files = [path + s for s in ("-wal", "-shm") if not os.path.exists(path + s)]
+        side_files = [real + s for s in ("-wal", "-shm") if not os.path.exists(real + s)]
         try:
             self._db = self._connect()
             self._init()
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
-            for name in side_files + ([path] if made else []):
+            for name in side_files + ([real] if made else []):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(name)
             if isinstance(exc, sqlite3.Error):
                 raise BleroError(f"{path}: cannot open the queue: {exc}") from exc
             raise
-        st = os.stat(path)
+        st = os.stat(real)
         self._identity = (st.st_dev, st.st_ino)
 
     def _check_header(self) -> str:
         """Judge the file by its first bytes, before SQLite touches it."""
         path = self.path
         try:
-            st = os.stat(path)
+            st = os.stat(self.real)
         except FileNotFoundError:
             return "missing"
         except OSError as exc:
@@ -620,7 +629,7 @@ class _Storage:
         if st.st_size == 0:
             return "new"
         try:
-            with open(path, "rb") as f:
+            with open(self.real, "rb") as f:
                 head = f.read(108)    # the file header, then page 1's b-tree header
         except OSError as exc:
             raise BleroError(f"{path}: cannot read the queue file: {exc.strerror or exc}") from exc
@@ -640,7 +649,7 @@ class _Storage:
         raise BleroError(f"{path}: an SQLite database, but not a blero queue")
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None,
+        db = sqlite3.connect(self.real, timeout=1.0, isolation_level=None,
                              check_same_thread=False)
         db.execute("PRAGMA cache_size = -8192")
         return db
@@ -899,7 +908,7 @@ class _Storage:
         # SQLite keeps writing to a file that was deleted or replaced, and
         # everything written there is lost: refuse instead.
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.real)
             same = (st.st_dev, st.st_ino) == self._identity
         except OSError:
             same = False
@@ -930,7 +939,7 @@ class _Storage:
             if limit != resource.RLIM_INFINITY:
                 return f" (this process may not write files over {limit} bytes: RLIMIT_FSIZE)"
         try:
-            st = os.statvfs(os.path.dirname(self.path) or ".")
+            st = os.statvfs(os.path.dirname(self.real) or ".")
         except (OSError, AttributeError):
             return ""
         free = st.f_bavail * st.f_frsize
@@ -1817,7 +1826,7 @@ class _Dispatcher:
         for owner, heartbeat in self.storage.owners():
             if owner == self.owner or owner is None:
                 continue
-            alive = _owner_alive(self.storage.path, owner)
+            alive = _owner_alive(self.storage.real, owner)
             if alive is None:      # no OS lock to ask: judge by the heartbeat
                 alive = heartbeat is not None and now - heartbeat <= self.settings.lease
             if not alive:
@@ -1936,13 +1945,13 @@ class Blero:
             storage.open(create=True)
             owner = _new_owner_id()
             try:
-                _hold_owner(self.path, owner)
+                _hold_owner(storage.real, owner)
                 storage.heartbeat(owner, time.time())
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
-                _release_owner(self.path, owner)
+                _release_owner(storage.real, owner)
                 storage.close()
                 if isinstance(exc, OSError):
                     raise BleroError(f"{self.path}-lock: {exc.strerror or exc}") from exc
@@ -1973,7 +1982,7 @@ class Blero:
             for server in servers:
                 server.close()
         finally:
-            _release_owner(self.path, d.owner)
+            _release_owner(storage.real, d.owner)
             storage.close()
             with self._lock:
                 self._storage = self._dispatcher = None

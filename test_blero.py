@@ -3614,5 +3614,44 @@ class SerializerAcrossProcessesTest(ProcessTest):
         self.assertEqual(ran, {nothing}, "the processor saw undecodable data")
 
 
+# ---------------------------------------------------------------------------
+# Lifecycle under real operating conditions (issue 8): a deploy flipping a
+# link, deliberate stops, a processor stopping its queue, Ctrl-C inside
+# stop(), inspecting while another thread starts and stops.
+# ---------------------------------------------------------------------------
+
+class LifecycleTest(ProcessTest):
+    """Stops and starts as programs really do them."""
+
+    @unittest.skipUnless(POSIX, "symlinks")
+    def test_a_deploy_flipping_the_current_link_never_wedges_the_queue(self):
+        releases = [os.path.join(self.dir, name) for name in ("release-1", "release-2")]
+        for folder in releases:
+            os.mkdir(folder)
+        current = os.path.join(self.dir, "current")
+        os.symlink(releases[0], current)
+        bl = blero.new(os.path.join(current, "q.db"))
+        bl.register_processor(lambda job: job.data * 2)
+        bl.start()
+        self.addCleanup(bl.stop, 5)
+        self.assertEqual(bl.wait(bl.enqueue("x", 1), 10), 2)
+        # The deploy: a new link renamed over `current`, while the queue runs.
+        os.symlink(releases[1], current + ".new")
+        os.replace(current + ".new", current)
+        # The run goes on with the file it opened, and stops cleanly.
+        self.assertEqual(bl.wait(bl.enqueue("x", 2), 10), 4)
+        self.assertEqual(bl.stats()["complete"], 2)
+        bl.stop()
+        self.assertEqual(sorted(os.listdir(releases[0])), ["q.db", "q.db-lock"])
+        self.assertEqual(os.listdir(releases[1]), [])
+        self.assertEqual(blero.new(os.path.join(releases[0], "q.db")).stats()["complete"], 2)
+        # Started again, it opens the file the link names now.
+        bl.start()
+        self.assertEqual(bl.wait(bl.enqueue("x", 3), 10), 6)
+        self.assertEqual(bl.stats()["complete"], 1)
+        bl.stop()
+        self.assertEqual(blero.new(os.path.join(releases[0], "q.db")).stats()["complete"], 2)
+
+
 if __name__ == "__main__":
     unittest.main()
