@@ -302,9 +302,10 @@ _CLAIM = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1,"
 _JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = ?"
 # Every end of a try, and every hand-back, is this one statement: it changes
 # the job only while the claim that ran it still holds, so a late or stale
-# result can never overwrite what happened since.
+# result can never overwrite what happened since.  A try given back (cut
+# short by a deliberate stop) adds one to max_attempts: it used up no try.
 _FINISH = ("UPDATE jobs SET state = ?, run_at = coalesce(?, run_at), finished_at = ?,"
-           " result = ?, error = ?, owner = NULL"
+           " result = ?, error = ?, max_attempts = max_attempts + ?, owner = NULL"
            " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = 2 AND owner = ?"
 # Undo a claim whose try never began: ready again, its attempt not counted.
@@ -1296,11 +1297,12 @@ class _Outcome(NamedTuple):
     error: str | None = None
     exc: BaseException | None = None
     seconds: float = 0.0
+    given_back: bool = False    # cut short by a deliberate stop: uses up no try
 
     def params(self, owner: int) -> tuple:
         job = self.job
         return (self.state, self.run_at, self.finished_at, self.blob, self.error,
-                job.id, owner, job.attempt)
+                int(self.given_back), job.id, owner, job.attempt)
 
 
 class _Counters:
@@ -1473,7 +1475,7 @@ class _Dispatcher:
             self._clock.join()
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.
-        self.hand_back(self.owner, drop_owner=True, started=started)
+        self.hand_back(self.owner, drop_owner=True, started=started, given_back=True)
         return late
 
     def exited(self, worker: _Worker) -> None:
@@ -1638,9 +1640,14 @@ class _Dispatcher:
                             seconds=seconds)
         return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
 
-    def interrupted(self, job: Job) -> _Outcome:
-        """The outcome of a try cut short: ready again at once, if tries remain."""
+    def interrupted(self, job: Job, given_back: bool = False) -> _Outcome:
+        """The outcome of a try cut short: ready again at once, if tries
+        remain.  One cut short by a deliberate stop is given back: it counts
+        in `attempt` but uses up no try, so it is always ready again."""
         now = time.time()
+        if given_back:
+            return _Outcome(job, _READY, run_at=now, error="handed back at stop",
+                            given_back=True)
         if job.attempt < job.max_attempts:
             return _Outcome(job, _READY, run_at=now, error="interrupted")
         return _Outcome(job, _FAILED, finished_at=now, error="interrupted",
@@ -1834,12 +1841,14 @@ class _Dispatcher:
         return total
 
     def hand_back(self, owner: int, drop_owner: bool,
-                  started: set[tuple[int, int]] | None = None) -> int:
+                  started: set[tuple[int, int]] | None = None, given_back: bool = False) -> int:
         """Hand back `owner`'s jobs as interrupted (those in `started`, when
-        given; the others' claims are undone); returns how many."""
+        given; the others' claims are undone), their tries given back if
+        `given_back`; returns how many."""
         rows, undone = self.storage.release(
-            owner, lambda row: self.interrupted(Job(*row)).params(owner), drop_owner, started)
-        failed = [Job(*row) for row in rows if row[3] >= row[4]]
+            owner, lambda row: self.interrupted(Job(*row), given_back).params(owner),
+            drop_owner, started)
+        failed = [Job(*row) for row in rows if not given_back and row[3] >= row[4]]
         for job in failed:
             self.counters.add("failed")
             job.data = _loads_or_none(self.settings.serializer, job.data)
@@ -1963,8 +1972,8 @@ class Blero:
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming jobs and wait for the running ones (for ever with
         None).  Jobs still running when `timeout` runs out get `cancelled`
-        set and go back to pending (failed "interrupted" when out of tries);
-        their late results are ignored.  Closes the metrics servers made
+        set and go back to pending, their tries given back (a deliberate
+        stop uses up no try); their late results are ignored.  Closes the metrics servers made
         so far, even on a stopped queue.  A second stop does nothing."""
         with self._lock:
             d, storage = self._dispatcher, self._storage

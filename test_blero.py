@@ -815,17 +815,18 @@ class OperatingTest(TempDirTest):
         self.assertLess(time.monotonic() - t0, 5)
         self.assertTrue(returned.wait(10), "job.cancelled was not set")
         info = bl.get_job(job_id)
-        self.assertEqual((info.state, info.attempt, info.result), ("pending", 1, None))
-        # Started again, it runs the handed-back job first; out of tries, the
-        # next cut-short try ends failed "interrupted".
+        self.assertEqual((info.state, info.attempt, info.max_attempts, info.result),
+                         ("pending", 1, 3, None))
+        # Started again, it runs the handed-back job first; a try cut short by
+        # a stop is given back each time, so the job never ends failed for it.
         started.clear()
         bl.start()
         self.assertTrue(started.wait(10))
         self.assertEqual(bl.get_job(job_id).attempt, 2)
         bl.stop(timeout=0)
         info = bl.get_job(job_id)
-        self.assertEqual((info.state, info.error), ("failed", "interrupted"))
-        self.assertEqual(interrupted, [(job_id, "interrupted")])
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("pending", 2, 4))
+        self.assertEqual(interrupted, [])
         self.assertEqual(bl.get_job(last).state, "pending")
 
     @unittest.skipUnless(POSIX, "SIGINT")
@@ -1695,7 +1696,8 @@ class CallbacksTest(TempDirTest):
         self.assertTrue(in_callback.wait(10))
         self.assertEqual(bl.wait(bl.enqueue("later", delay=0.1), timeout=10), "ran")
 
-    def test_on_failed_when_stop_runs_out_of_time(self):
+    def test_no_on_failed_when_stop_runs_out_of_time(self):
+        # The try is given back (SPEC v2): the job goes back to pending.
         failed = []
         bl = self.queue(retries=0, on_failed=lambda job, exc: failed.append((job.id, job.data, exc)))
         started, release = threading.Event(), threading.Event()
@@ -1709,12 +1711,9 @@ class CallbacksTest(TempDirTest):
         job_id = bl.enqueue("long", "payload")
         self.assertTrue(started.wait(10))
         bl.stop(timeout=0.1)
-        self.assertEqual(len(failed), 1)
-        self.assertEqual(failed[0][:2], (job_id, "payload"))
-        self.assertIsInstance(failed[0][2], blero.BleroError)
-        self.assertEqual(str(failed[0][2]), "interrupted")
+        self.assertEqual(failed, [])
         info = bl.get_job(job_id)
-        self.assertEqual((info.state, info.error), ("failed", "interrupted"))
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("pending", 1, 2))
 
     @unittest.skipUnless(POSIX, "kill -9 needs POSIX")
     def test_on_failed_when_crash_recovery_fails_a_job(self):
@@ -3620,6 +3619,24 @@ class SerializerAcrossProcessesTest(ProcessTest):
 # stop(), inspecting while another thread starts and stops.
 # ---------------------------------------------------------------------------
 
+# A child that runs one job (no retries) until Ctrl-C cuts its try short in
+# a `with` block; argv[1] is the queue file.
+_STOPPED_CHILD = """
+    import os, sys, signal, threading, blero
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def run(job):
+        os.write(1, b"running\\n")
+        job.cancelled.wait(60)
+    try:
+        with blero.new(sys.argv[1], retries=0) as bl:
+            bl.register_processor(run)
+            bl.enqueue("x")
+            bl.join()
+    except KeyboardInterrupt:
+        pass
+"""
+
+
 class LifecycleTest(ProcessTest):
     """Stops and starts as programs really do them."""
 
@@ -3651,6 +3668,46 @@ class LifecycleTest(ProcessTest):
         self.assertEqual(bl.stats()["complete"], 1)
         bl.stop()
         self.assertEqual(blero.new(os.path.join(releases[0], "q.db")).stats()["complete"], 2)
+
+    def assert_given_back_then_run_at_once(self):
+        """Job 1 (no retries) is pending with its cut-short try given back;
+        the next start runs it at once, to the end."""
+        info = blero.new(self.path).get_job(1)
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("pending", 1, 2))
+        done = []
+        bl = self.queue(start=False, on_failed=lambda job, exc: done.append(("failed", exc)))
+        bl.register_processor(lambda job: done.append(job.attempt) or "ran")
+        bl.start()
+        self.assertEqual(bl.wait(1, 10), "ran")
+        self.assertEqual(done, [2])
+        bl.stop()
+
+    def test_stop_running_out_of_time_fails_no_job(self):
+        failed = []
+        bl = self.queue(retries=0, on_failed=lambda job, exc: failed.append(job.id))
+        started = threading.Event()
+
+        def stubborn(job):
+            started.set()
+            job.cancelled.wait(30)
+
+        bl.register_processor(stubborn)
+        bl.enqueue("x")
+        self.assertTrue(started.wait(10))
+        bl.stop(timeout=0.1)
+        self.assertEqual(failed, [])
+        self.assertEqual(bl.jobs(state="failed"), [])
+        self.assert_given_back_then_run_at_once()
+
+    @unittest.skipUnless(POSIX, "SIGINT")
+    def test_ctrl_c_fails_no_job(self):
+        proc = start_child(_STOPPED_CHILD, self.path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, proc)
+        LineReader(proc.stdout).expect("running")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(20), 0, proc.stderr.read())
+        self.assert_given_back_then_run_at_once()
 
 
 if __name__ == "__main__":
