@@ -1401,6 +1401,12 @@ class _Dispatcher:
         self.stopping = False
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
+        self._gone = threading.Condition(self._lock)   # notified as workers leave
+        self._stop_by = math.inf        # monotonic time the running tries are cut short
+        self._keep: _Worker | None = None   # the worker that asked for the stop
+        self.stopped = threading.Event()    # set by Blero once the whole stop is done
+        self.stop_awaited = False           # a stop() call waits for it
+        self.stop_error: Exception | None = None   # what went wrong in it, for that call
         self._idle: list[_Worker] = []
         self._workers: set[_Worker] = set()
         self._deadlines: list = []          # (monotonic deadline, n, worker, job)
@@ -1441,37 +1447,73 @@ class _Dispatcher:
         processor.retired = True
         self.work_arrived(None)
 
-    def stop(self, timeout: float | None) -> list[Job]:
-        """Stop claiming, wait for running jobs up to `timeout`, and hand back
-        those still running.  Returns the jobs handed back."""
+    def begin_stop(self, timeout: float | None, keep: _Worker | None) -> None:
+        """Claim nothing more, and cut the running tries short once `timeout`
+        has passed; `keep`, the worker whose processor asked for this stop, is
+        waited for however long its try takes (unless hurried)."""
         with self._lock:
             self.stopping = True
+            self._keep = keep
+            if timeout is not None:
+                self._stop_by = time.monotonic() + timeout
             workers = list(self._workers)
             self._idle.clear()
         for w in workers:
             w.wake.set()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        me = threading.current_thread()
-        for w in workers:
-            if w.thread is not me:
-                w.thread.join(None if deadline is None
-                              else max(0.0, deadline - time.monotonic()))
-        late, started = [], set()
-        for w in workers:
-            with w.lock:
-                if w.thread.is_alive():
-                    started.update((j.id, j.attempt) for j in (w.job, w.settling)
-                                   if j is not None)
-                    if w.thread is not me:  # (stop() called by a processor: its job ends)
+
+    def hurry(self, timeout: float | None) -> None:
+        """A later stop (or a Ctrl-C during one): with a time limit, every
+        running try, the one that asked for the stop too, gets at most
+        `timeout` seconds more."""
+        if timeout is None:
+            return
+        with self._lock:
+            self._keep = None
+            self._stop_by = min(self._stop_by, time.monotonic() + timeout)
+            self._gone.notify_all()
+
+    def runs_on(self, thread: threading.Thread) -> _Worker | bool:
+        """The worker running on `thread`; True for the clock thread; else False."""
+        with self._lock:
+            for w in self._workers:
+                if w.thread is thread:
+                    return w
+        return thread is self._clock
+
+    def stop(self) -> list[Job]:
+        """After `begin_stop`: wait for the running tries until they are cut
+        short, hand those back, their tries given back (a deliberate stop
+        uses up no try), and stop the clock.  Returns the jobs handed back."""
+        late, started, cut = [], set(), set()
+        with self._lock:
+            workers = list(self._workers)
+            while True:
+                now, waits = time.monotonic(), []
+                for w in self._workers - cut:
+                    by = math.inf if w is self._keep else self._stop_by
+                    if by > now:
+                        waits.append(by - now)
+                        continue
+                    cut.add(w)
+                    with w.lock:
                         w.abandoned = True      # from now on it starts no try
+                        started.update((j.id, j.attempt) for j in (w.job, w.settling)
+                                       if j is not None)
                         if w.job is not None:
                             late.append(w.job)
+                if not waits:
+                    break
+                wait = min(waits)
+                self._gone.wait(None if wait == math.inf else wait)
         for job in late:
             job._cancel()
+        for w in workers:
+            if w not in cut and not w.abandoned:
+                w.thread.join()     # ended, or about to: nothing of it lingers
         with self._lock:
             self._clock_stop = True
             self._tick.notify()
-        if self._clock is not me and self._clock.is_alive():
+        if self._clock.is_alive():
             self._clock.join()
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.
@@ -1483,6 +1525,7 @@ class _Dispatcher:
             self._workers.discard(worker)
             if worker in self._idle:
                 self._idle.remove(worker)
+            self._gone.notify_all()
 
     def activity(self) -> tuple[bool, int]:
         """Whether a worker here is running a try or recording one, and how
@@ -1574,7 +1617,10 @@ class _Dispatcher:
         None if the worker was abandoned meanwhile."""
         with worker.lock:
             retired = worker.processor.retired and not worker.abandoned
-            if worker.abandoned or retired:
+            # Stopping: a job claimed before (in the commit that recorded
+            # the last, whose callback may have called stop()) is not
+            # begun; the stop undoes its claim.
+            if worker.abandoned or retired or self.stopping:
                 worker.abandoned = True
             else:
                 worker.job = job
@@ -1742,6 +1788,7 @@ class _Dispatcher:
                 worker.abandoned = True
             with self._lock:
                 self._workers.discard(worker)   # stop() need not wait for it
+                self._gone.notify_all()
             job._cancel()
             exc = TimeoutError(f"job {job.id} timed out after {job.timeout:g} s")
             outcome = self.failure(job, exc, text=f"TimeoutError: {exc}",
@@ -1930,7 +1977,7 @@ class Blero:
         self._lock = threading.Lock()        # guards the fields below
         self._storage: _Storage | None = None
         self._dispatcher: _Dispatcher | None = None
-        self._stopping = False
+        self._stop: _Stop | None = None      # the stop under way
         self._processors: dict[int, _Processor] = {}
         self._next_processor = 1
         self._servers: list[_MetricsServer] = []
@@ -1948,6 +1995,8 @@ class Blero:
         running, and start dispatching.  Raises BleroError if the file cannot
         be used; the file is then left as it was."""
         with self._lock:
+            if self._stop is not None:
+                raise BleroError(f"{self.path}: still stopping (stop() waits until it is done)")
             if self._dispatcher is not None:
                 raise BleroError(f"{self.path}: already started")
             storage = _Storage(self.path, self._settings.sync)
@@ -1973,31 +2022,88 @@ class Blero:
         """Stop claiming jobs and wait for the running ones (for ever with
         None).  Jobs still running when `timeout` runs out get `cancelled`
         set and go back to pending, their tries given back (a deliberate
-        stop uses up no try); their late results are ignored.  Closes the metrics servers made
-        so far, even on a stopped queue.  A second stop does nothing."""
-        with self._lock:
-            d, storage = self._dispatcher, self._storage
-            servers, self._servers = self._servers, []
-            if d is None or self._stopping:
-                d = None
-            else:
-                self._stopping = True
+        stop uses up no try); their late results are ignored.  Then
+        everything is written and closed, the metrics servers too.  A Ctrl-C
+        meanwhile hands the running jobs back at once, and is raised once
+        all that is done.
+
+        Called from inside a processor's try (or a callback), stop() cannot
+        wait for that try: it returns at once, nothing more is claimed, and
+        the queue stops once that try has ended and been recorded.  A stop
+        while another is under way waits for it (shortening its timeout to
+        its own); a second stop of a stopped queue does nothing."""
+        me = threading.current_thread()
+        interrupted = None
+        while True:     # a Ctrl-C in here is put off until the queue is stopped
+            try:
+                d, own = self._stopping(timeout, me)
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
         if d is None:
-            for server in servers:
-                server.close()
-            return
-        try:
-            late = d.stop(timeout)
-            for server in servers:
-                server.close()
-        finally:
-            _release_owner(storage.real, d.owner)
-            storage.close()
             with self._lock:
-                self._storage = self._dispatcher = None
-                self._stopping = False
-            self._changed.wake()
-        log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
+                servers, self._servers = self._servers, []
+            for server in servers:
+                server.close()
+        elif own:
+            return      # a thread of the queue: the stop it began waits for it
+        else:
+            d.stop_awaited = True
+            while True:
+                try:
+                    if interrupted is not None:
+                        d.hurry(0)      # Ctrl-C means "get out now"
+                    d.stopped.wait()
+                    break
+                except KeyboardInterrupt as exc:
+                    interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+        if d is not None and d.stop_error is not None:
+            raise d.stop_error
+
+    def _stopping(self, timeout: float | None,
+                  me: threading.Thread) -> tuple[_Dispatcher | None, _Worker | bool]:
+        """Begin the stop, or join the one under way (no longer than `timeout`
+        says); run again after a Ctrl-C cut it short, it does what is left.
+        Returns the running dispatcher (None if stopped) and `runs_on(me)`."""
+        with self._lock:
+            d, stop = self._dispatcher, self._stop
+            if d is None:
+                return None, False
+            own = d.runs_on(me)
+            if stop is None:
+                d.begin_stop(timeout, own if isinstance(own, _Worker) else None)
+            else:
+                d.hurry(timeout)
+            if stop is None or not stop.claimed:    # (or a Ctrl-C cut its start short)
+                stop = self._stop = _Stop(self, d, self._storage)
+                stop.thread.start()
+        return d, own
+
+    def _finish_stop(self, d: _Dispatcher, storage: _Storage) -> None:
+        """The stop itself, on a thread of its own, so that no Ctrl-C cuts
+        it short: every step runs, whatever fails before it."""
+        with self._lock:
+            servers, self._servers = self._servers, []
+        late, errors = [], []
+        for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
+                     lambda: _release_owner(storage.real, d.owner),
+                     storage.close):
+            try:
+                step()
+            except Exception as exc:
+                errors.append(exc)
+        with self._lock:
+            self._storage = self._dispatcher = self._stop = None
+        if errors:
+            d.stop_error = errors[0]
+            if not d.stop_awaited:  # begun by a processor: no caller to raise it to
+                log.error("stopping the queue failed: %s", errors[0])
+        else:
+            log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
+        d.stopped.set()
+        self._changed.wake()
 
     def __enter__(self) -> Blero:
         if self._dispatcher is None:
@@ -2359,6 +2465,25 @@ class _Borrowed:
     def __exit__(self, *exc) -> None:
         if self._opened is not None:
             self._opened.close()
+
+
+class _Stop:
+    """The thread that does a stop (not a daemon: a program that ends
+    meanwhile lets it end).  Started under the Blero's lock, it goes on only
+    if it is still the Blero's `_stop`: a Ctrl-C that cut its start short
+    leaves it unclaimed, and the stop() run again makes another."""
+
+    def __init__(self, blero: Blero, d: _Dispatcher, storage: _Storage):
+        self.claimed = False
+        self.thread = threading.Thread(target=self._run, args=(blero, d, storage),
+                                       name="blero-stop")
+
+    def _run(self, blero: Blero, d: _Dispatcher, storage: _Storage) -> None:
+        with blero._lock:
+            if blero._stop is not self:
+                return
+            self.claimed = True
+        blero._finish_stop(d, storage)
 
 
 def new(path: str | os.PathLike, **settings) -> Blero:

@@ -28,6 +28,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 import unittest
 from typing import NamedTuple
 
@@ -3619,6 +3620,14 @@ class SerializerAcrossProcessesTest(ProcessTest):
 # stop(), inspecting while another thread starts and stops.
 # ---------------------------------------------------------------------------
 
+def blocked_in_stop(frame):
+    """Whether a thread whose innermost frame is `frame` waits inside
+    Blero.stop (its innermost call is one of threading's waits)."""
+    stack = traceback.extract_stack(frame) if frame is not None else []
+    return (any(f.name == "stop" and f.filename == blero.__file__ for f in stack)
+            and stack[-1].filename == threading.__file__)
+
+
 # A child that runs one job (no retries) until Ctrl-C cuts its try short in
 # a `with` block; argv[1] is the queue file.
 _STOPPED_CHILD = """
@@ -3708,6 +3717,126 @@ class LifecycleTest(ProcessTest):
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(20), 0, proc.stderr.read())
         self.assert_given_back_then_run_at_once()
+
+    def test_a_processor_that_stops_the_queue_has_its_result_recorded(self):
+        # "That was the last job": a processor stops the program's queue from
+        # inside its own try, and returns its result.
+        bl = self.queue()
+        asked, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        runs = []
+
+        def last(job):
+            runs.append(job.id)
+            bl.stop()
+            bl.stop()       # a second call from the same try does not deadlock
+            asked.set()
+            release.wait(10)
+            return "done"
+
+        bl.register_processor(last)
+        job_id = bl.enqueue("x")
+        self.assertTrue(asked.wait(10), "stop() inside the try never returned")
+        # Meanwhile the main program stops it too (the end of its `with`):
+        # that stop returns only once the queue is really stopped.
+        seen = []
+
+        def main_program():
+            bl.stop()
+            seen.append(bl.get_job(job_id))
+
+        stopper = threading.Thread(target=main_program)
+        stopper.start()
+        wait_until(lambda: blocked_in_stop(sys._current_frames().get(stopper.ident)),
+                   message="the second stop() to wait")
+        self.assertEqual(seen, [])
+        release.set()
+        stopper.join(10)
+        self.assertFalse(stopper.is_alive(), "the second stop() never returned")
+        self.assertEqual((seen[0].state, seen[0].result, seen[0].attempt),
+                         ("complete", "done", 1))
+        with self.assertRaises(blero.BleroError):
+            bl.enqueue("y")     # stopped, for real
+        bl.start()
+        self.assertTrue(bl.join(10))
+        self.assertEqual(runs, [job_id], "the job ran again")
+
+    def test_stop_from_on_complete_starts_no_job_after_it(self):
+        # "Enough results": on_complete stops the queue.  The worker claimed
+        # the next job in the commit that recorded this one; it must not start.
+        runs, asked = [], threading.Event()
+
+        def on_complete(job, result):
+            if job.id == 1:
+                bl.stop()
+                asked.set()
+
+        bl = self.queue(on_complete=on_complete)
+        bl.enqueue_many([("x", None), ("x", None)])
+        bl.register_processor(lambda job: runs.append(job.id))
+        self.assertTrue(asked.wait(10))
+        bl.stop()
+        self.assertEqual(runs, [1])
+        self.assertEqual([(j.state, j.attempt) for j in bl.jobs()],
+                         [("complete", 1), ("pending", 0)])
+
+    @unittest.skipUnless(POSIX, "SIGINT")
+    def test_ctrl_c_during_stop_leaves_nothing_of_the_queue_running(self):
+        child = start_child("""
+            import json, logging, os, signal, sys, threading, time, traceback, blero
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            records = []
+            handler = logging.Handler()
+            handler.emit = lambda record: records.append(record.getMessage())
+            logging.getLogger("blero").addHandler(handler)
+            logging.getLogger("blero").setLevel(logging.DEBUG)
+            bl = blero.new(sys.argv[1], retries=0).start()
+            started = threading.Event()
+            def run(job):
+                started.set()
+                job.cancelled.wait(60)
+            bl.register_processor(run)
+            job_id = bl.enqueue("x")
+            started.wait(10)
+            main = threading.main_thread()
+            def tell_when_main_waits_in_stop():
+                while True:
+                    stack = traceback.extract_stack(sys._current_frames()[main.ident])
+                    if (any(f.name == "stop" and f.filename == blero.__file__ for f in stack)
+                            and stack[-1].filename == threading.__file__):
+                        os.write(1, b"in stop\\n")
+                        return
+                    time.sleep(0.01)
+            threading.Thread(target=tell_when_main_waits_in_stop, daemon=True).start()
+            try:
+                bl.stop()       # waits for the running job, for ever...
+                print("stop returned")
+            except KeyboardInterrupt:
+                pass            # ...until Ctrl-C
+            after = len(records)
+            deadline = time.monotonic() + 10
+            def left():
+                return sorted(t.name for t in threading.enumerate() if t.name.startswith("blero"))
+            while left() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            threads = left()
+            threading.Event().wait(1.0)     # a surviving clock would log twice in this time
+            logged = records[after:]
+            info = bl.get_job(job_id)
+            bl.start()          # not wedged
+            bl.stop(0)
+            print(json.dumps({"threads": threads, "logged": logged, "state": info.state,
+                              "tries": [info.attempt, info.max_attempts]}), flush=True)
+        """, self.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        out = LineReader(child.stdout)
+        out.expect("in stop")
+        child.send_signal(signal.SIGINT)
+        self.assertEqual(child.wait(30), 0, child.stderr.read())
+        report = json.loads(out.rest()[-1])
+        self.assertEqual(report["threads"], [], "threads of the queue outlived stop()")
+        self.assertEqual(report["logged"], [], "logging went on after stop()")
+        self.assertEqual((report["state"], report["tries"]), ("pending", [1, 2]))
 
 
 if __name__ == "__main__":
