@@ -720,11 +720,6 @@ class _Storage:
             with self._mutex:
                 self._leading = False
 
-    @property
-    def closed(self) -> bool:
-        """True once close() has begun: nothing more can be written."""
-        return self._closer is not None
-
     def _checkpoint_if_moved(self) -> None:
         # SQLite skips its closing checkpoint for a file that was removed or
         # replaced, leaving our -wal beside whatever file has the name now,
@@ -1978,6 +1973,8 @@ class Blero:
         self._storage: _Storage | None = None
         self._dispatcher: _Dispatcher | None = None
         self._stop: _Stop | None = None      # the stop under way
+        self._borrowed = threading.Condition()   # guards _borrows
+        self._borrows = 0                    # calls using the running storage now
         self._processors: dict[int, _Processor] = {}
         self._next_processor = 1
         self._servers: list[_MetricsServer] = []
@@ -2088,7 +2085,7 @@ class Blero:
             servers, self._servers = self._servers, []
         late, errors = [], []
         for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
-                     lambda: _release_owner(storage.real, d.owner),
+                     self._no_borrowers, lambda: _release_owner(storage.real, d.owner),
                      storage.close):
             try:
                 step()
@@ -2123,6 +2120,28 @@ class Blero:
     def _store(self):
         """The running queue's storage, or the file opened for this one call."""
         return _Borrowed(self)
+
+    def _borrow(self) -> _Storage | None:
+        """The running queue's storage, kept open until `_unborrow()`; None
+        when the queue is stopped or stopping (then a call opens the file)."""
+        with self._borrowed:
+            storage = self._storage
+            if storage is None or self._stop is not None:
+                return None
+            self._borrows += 1
+            return storage
+
+    def _unborrow(self) -> None:
+        with self._borrowed:
+            self._borrows -= 1
+            self._borrowed.notify_all()
+
+    def _no_borrowers(self) -> None:
+        """Wait until no call uses the running storage (a stop has begun, so
+        none can start to)."""
+        with self._borrowed:
+            while self._borrows:
+                self._borrowed.wait()
 
     # -- processors ------------------------------------------------------------------
 
@@ -2280,18 +2299,18 @@ class Blero:
             changes.watchers += watcher
             try:
                 while True:
-                    storage = self._storage
-                    if storage is None:
-                        if opened is None:
-                            opened = _Storage(self.path, self._settings.sync)
-                            opened.open(create=False)
-                        storage = opened
+                    storage = self._borrow()
                     try:
-                        found = look(storage)
-                    except BleroError:
-                        if storage is opened or not storage.closed:
-                            raise
-                        continue        # stopped meanwhile: look at the file instead
+                        if storage is None:
+                            if opened is None:
+                                opened = _Storage(self.path, self._settings.sync)
+                                opened.open(create=False)
+                            found = look(opened)
+                        else:
+                            found = look(storage)
+                    finally:
+                        if storage is not None:
+                            self._unborrow()
                     if found is not None:
                         return found
                     wait = _POLL
@@ -2448,21 +2467,24 @@ class Blero:
 
 
 class _Borrowed:
-    """`with`-able: the running queue's storage, or the file opened just for
-    this call when the queue is stopped (never created: it must exist)."""
+    """`with`-able: the running queue's storage, which a stop leaves open
+    until this call is done, or the file opened just for this call when the
+    queue is stopped or stopping (never created: it must exist)."""
 
     def __init__(self, blero: Blero):
         self._blero = blero
-        self._opened = None
+        self._opened = self._borrowed = None
 
     def __enter__(self) -> _Storage:
-        storage = self._blero._storage
+        storage = self._borrowed = self._blero._borrow()
         if storage is None:
             storage = self._opened = _Storage(self._blero.path, self._blero._settings.sync)
             storage.open(create=False)
         return storage
 
     def __exit__(self, *exc) -> None:
+        if self._borrowed is not None:
+            self._blero._unborrow()
         if self._opened is not None:
             self._opened.close()
 

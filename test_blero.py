@@ -3838,6 +3838,44 @@ class LifecycleTest(ProcessTest):
         self.assertEqual(report["logged"], [], "logging went on after stop()")
         self.assertEqual((report["state"], report["tries"]), ("pending", [1, 2]))
 
+    def test_inspecting_and_operating_while_another_thread_starts_and_stops(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: None)
+        first = bl.enqueue("x")
+        bl.wait(first, 10)
+        bl.stop()
+        errors, calls, done = [], [0], threading.Event()
+        operations = (lambda: bl.get_job(first), bl.stats, bl.jobs, lambda: bl.wait(first, 5),
+                      lambda: bl.join(5), lambda: bl.cancel(10 ** 6), bl.retry_failed,
+                      lambda: bl.sweep(3600), lambda: bl.every(3600, "tick"),
+                      lambda: bl.unschedule("none"))
+
+        def start_and_stop():
+            while not done.is_set():
+                bl.start()
+                bl.stop()
+
+        def inspect():
+            while not done.is_set():
+                for operation in operations:
+                    try:
+                        operation()
+                    except Exception as exc:
+                        errors.append(repr(exc))
+                    calls[0] += 1
+
+        threads = [threading.Thread(target=start_and_stop)]
+        threads += [threading.Thread(target=inspect) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: calls[0] >= 1500 or errors, timeout=60, message="1500 calls")
+        finally:
+            done.set()
+            for t in threads:
+                t.join(30)
+        self.assertEqual(errors[:3], [])
+
 
 if __name__ == "__main__":
     unittest.main()
