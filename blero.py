@@ -21,6 +21,7 @@ metrics server and dashboard, and the command line (`python -m blero`).
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import contextlib
 import datetime
@@ -1973,6 +1974,7 @@ class Blero:
         self._storage: _Storage | None = None
         self._dispatcher: _Dispatcher | None = None
         self._stop: _Stop | None = None      # the stop under way
+        self._signals: _SignalStop | None = None
         self._borrowed = threading.Condition()   # guards _borrows
         self._borrows = 0                    # calls using the running storage now
         self._processors: dict[int, _Processor] = {}
@@ -2020,9 +2022,9 @@ class Blero:
         None).  Jobs still running when `timeout` runs out get `cancelled`
         set and go back to pending, their tries given back (a deliberate
         stop uses up no try); their late results are ignored.  Then
-        everything is written and closed, the metrics servers too.  A Ctrl-C
-        meanwhile hands the running jobs back at once, and is raised once
-        all that is done.
+        everything is written and closed, the metrics servers too, and the
+        handlers `stop_on_signals` replaced come back.  A Ctrl-C meanwhile
+        hands the running jobs back at once, and is raised once all that is done.
 
         Called from inside a processor's try (or a callback), stop() cannot
         wait for that try: it returns at once, nothing more is claimed, and
@@ -2042,6 +2044,7 @@ class Blero:
                 servers, self._servers = self._servers, []
             for server in servers:
                 server.close()
+            self._restore_signals()
         elif own:
             return      # a thread of the queue: the stop it began waits for it
         else:
@@ -2054,6 +2057,7 @@ class Blero:
                     break
                 except KeyboardInterrupt as exc:
                     interrupted = interrupted or exc
+            self._restore_signals()
         if interrupted is not None:
             raise interrupted
         if d is not None and d.stop_error is not None:
@@ -2093,6 +2097,8 @@ class Blero:
                 errors.append(exc)
         with self._lock:
             self._storage = self._dispatcher = self._stop = None
+            if self._signals is not None and self._signals.run is d:
+                self._signals.run_over()
         if errors:
             d.stop_error = errors[0]
             if not d.stop_awaited:  # begun by a processor: no caller to raise it to
@@ -2101,6 +2107,45 @@ class Blero:
             log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
         d.stopped.set()
         self._changed.wake()
+
+    def stop_on_signals(self, *signals: int) -> None:
+        """Stop the queue on one of these signals (default SIGINT and
+        SIGTERM) as on Ctrl-C: the running tries are handed back at once,
+        not counted, and KeyboardInterrupt (with the signal as its argument)
+        is raised in the main thread, so the program ends the usual way.
+        Call it from the main thread, after start(); stop() puts the
+        previous handlers back."""
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("stop_on_signals() must be called from the main thread: "
+                             "Python runs signal handlers there")
+        d = self._running()
+        chosen = []
+        for sig in signals or (signal.SIGINT, signal.SIGTERM):
+            if isinstance(sig, bool) or not isinstance(sig, int):
+                raise TypeError(f"a signal is a signal number such as signal.SIGTERM, not {sig!r}")
+            if sig not in signal.valid_signals():
+                raise ValueError(f"{sig} is not a signal number on this system")
+            chosen.append(_signal(sig))
+        if self._signals is not None and self._signals.run is not d:
+            self._restore_signals()     # left from a run stopped off the main thread
+        with self._lock:
+            if self._signals is None:
+                self._signals = _SignalStop(self, d)
+            signals = self._signals
+        try:
+            signals.install(chosen)
+        finally:
+            if not signals.previous:
+                self._restore_signals()
+
+    def _restore_signals(self) -> None:
+        """Put back the handlers stop_on_signals replaced (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        with self._lock:
+            signals, self._signals = self._signals, None
+        if signals is not None:
+            signals.restore()
 
     def __enter__(self) -> Blero:
         if self._dispatcher is None:
@@ -2508,6 +2553,90 @@ class _Stop:
         blero._finish_stop(d, storage)
 
 
+def _signal(number: int):
+    """The signal.Signals member of that number (real-time signals have none)."""
+    try:
+        return signal.Signals(number)
+    except ValueError:
+        return number
+
+
+class _SignalStop:
+    """What stop_on_signals() set up for one run: the handlers it replaced,
+    and a thread that stops the queue when one of the signals comes.
+
+    A signal handler runs in the main thread between two steps of whatever
+    it was doing, maybe holding one of the queue's locks: so it takes none,
+    and only writes a byte to a pipe, which the thread reads."""
+
+    def __init__(self, blero: Blero, run: _Dispatcher):
+        self.blero, self.run = blero, run
+        self.previous: dict[int, Any] = {}
+        self.fired = False
+        self._read, self._write = os.pipe()
+        self._thread = threading.Thread(target=self._watch, name="blero-signals", daemon=True)
+        self._thread.start()
+        # The thread is a daemon (a program that never gets the signal must
+        # not wait for it at exit); one that got it waits for its stop.
+        atexit.register(self._at_exit)
+
+    def install(self, signals: list[int]) -> None:
+        added = []
+        try:
+            for sig in signals:
+                if sig not in self.previous:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                    added.append(sig)
+        except (OSError, ValueError) as exc:
+            self.put_back(added)
+            raise ValueError(f"cannot handle {getattr(sig, 'name', sig)}: {exc}") from None
+
+    def _handle(self, signum, frame) -> None:
+        if self.blero._dispatcher is not self.run:
+            # That run was stopped off the main thread (by a processor, say),
+            # which cannot put handlers back: act as if never set.
+            self.put_back()
+            signal.raise_signal(signum)
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._write, b"!")     # first: whatever comes next, the stop is begun
+        self.fired = True
+        self.put_back()
+        raise KeyboardInterrupt(_signal(signum))
+
+    def _watch(self) -> None:
+        if os.read(self._read, 1) == b"!" and self.blero._dispatcher is self.run:
+            try:
+                self.blero.stop(timeout=0)
+            except Exception as exc:
+                log.error("stopping the queue on a signal failed: %s", exc)
+
+    def run_over(self) -> None:
+        """The run stopped (under the Blero's lock): the thread may end."""
+        with contextlib.suppress(OSError):
+            os.write(self._write, b".")
+
+    def put_back(self, signals: Iterable[int] | None = None) -> None:
+        """The previous handlers of `signals` (default: all) back (main thread)."""
+        for sig in list(self.previous if signals is None else signals):
+            handler = self.previous.pop(sig)    # None: not set from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def restore(self) -> None:
+        """The previous handlers back, the thread ended, the pipe closed (main thread)."""
+        self.put_back()
+        if not self.fired:
+            atexit.unregister(self._at_exit)
+        self.run_over()
+        self._thread.join()
+        os.close(self._read)
+        os.close(self._write)
+
+    def _at_exit(self) -> None:
+        if self.fired:
+            self._thread.join()
+
+
 def new(path: str | os.PathLike, **settings) -> Blero:
     """Make a queue on `path` (Goblero's New); nothing touches the disk until `start()`."""
     return Blero(path, **settings)
@@ -2811,10 +2940,6 @@ setInterval(refresh, 2000);
 # The command line: python -m blero ...
 # ---------------------------------------------------------------------------
 
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception like Ctrl-C's KeyboardInterrupt."""
-
-
 class _DemoOutput:
     """Whole lines to stdout; on a terminal, a progress line kept below them."""
 
@@ -2880,6 +3005,9 @@ def _demo(args) -> int:
     out.line("Starting Blero ...")
     bl = Blero(args.db, on_complete=out.finished, on_failed=out.finished)
     bl.start()
+    # Like Goblero's signal.Notify: Ctrl-C and SIGTERM stop the demo cleanly,
+    # even when it was started with SIGINT ignored (as a background job).
+    bl.stop_on_signals()
 
     def processor(k):
         def process(job):
@@ -2889,10 +3017,6 @@ def _demo(args) -> int:
             out.line(f"[Processor {k}] Done Processing job: {job.name}")
         return process
 
-    # Like Goblero's signal.Notify: Ctrl-C and SIGTERM stop the demo cleanly,
-    # even when it was started with SIGINT ignored (as a background job).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         counts = bl.stats()
         out.begin(counts)
@@ -2908,18 +3032,14 @@ def _demo(args) -> int:
         out.end()
         out.line("All jobs done.")
         timeout = None
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except KeyboardInterrupt as exc:
         out.end()
-        name = "interrupt" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        name = "terminated" if exc.args == (signal.SIGTERM,) else "interrupt"
         out.line(f"Caught signal {name}. Exiting ...")
         timeout = 0.0
     out.line("Stopping Blero ...")
     bl.stop(timeout)
     return 0
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
 
 
 def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
@@ -2953,12 +3073,12 @@ def _serve(args) -> int:
     bl = Blero(args.db)
     bl.stats()      # a missing or foreign file fails here, and nothing is created
     bl.start()
+    bl.stop_on_signals()
     try:
         server = bl.serve_metrics(port=args.port, host=args.host)
         print(f"Serving the dashboard of {bl.path} at {server.url} (Ctrl-C to stop)", flush=True)
-        signal.signal(signal.SIGTERM, _raise_terminated)
         threading.Event().wait()
-    except (KeyboardInterrupt, _Terminated):
+    except KeyboardInterrupt:
         pass
     finally:
         bl.stop(timeout=0)

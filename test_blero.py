@@ -3614,6 +3614,7 @@ class SerializerAcrossProcessesTest(ProcessTest):
         self.assertEqual(ran, {nothing}, "the processor saw undecodable data")
 
 
+
 # ---------------------------------------------------------------------------
 # Lifecycle under real operating conditions (issue 8): a deploy flipping a
 # link, deliberate stops, a processor stopping its queue, Ctrl-C inside
@@ -3628,21 +3629,28 @@ def blocked_in_stop(frame):
             and stack[-1].filename == threading.__file__)
 
 
-# A child that runs one job (no retries) until Ctrl-C cuts its try short in
-# a `with` block; argv[1] is the queue file.
+# A child that runs one job (no retries) until its try is cut short, with the
+# stop it is given as argv[2]; argv[1] is the queue file.
 _STOPPED_CHILD = """
     import os, sys, signal, threading, blero
     signal.signal(signal.SIGINT, signal.default_int_handler)
     def run(job):
         os.write(1, b"running\\n")
         job.cancelled.wait(60)
-    try:
-        with blero.new(sys.argv[1], retries=0) as bl:
-            bl.register_processor(run)
-            bl.enqueue("x")
-            bl.join()
-    except KeyboardInterrupt:
-        pass
+    if sys.argv[2] == "ctrl-c":             # a `with` block left by KeyboardInterrupt
+        try:
+            with blero.new(sys.argv[1], retries=0) as bl:
+                bl.register_processor(run)
+                bl.enqueue("x")
+                bl.join()
+        except KeyboardInterrupt:
+            pass
+    else:                                   # SIGTERM: no `with`, no `finally`
+        bl = blero.new(sys.argv[1], retries=0).start()
+        bl.stop_on_signals()
+        bl.register_processor(run)
+        bl.enqueue("x")
+        bl.join()
 """
 
 
@@ -3710,13 +3718,79 @@ class LifecycleTest(ProcessTest):
 
     @unittest.skipUnless(POSIX, "SIGINT")
     def test_ctrl_c_fails_no_job(self):
-        proc = start_child(_STOPPED_CHILD, self.path, stdout=subprocess.PIPE,
+        proc = start_child(_STOPPED_CHILD, self.path, "ctrl-c", stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
         self.addCleanup(stop_child, proc)
         LineReader(proc.stdout).expect("running")
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(20), 0, proc.stderr.read())
         self.assert_given_back_then_run_at_once()
+
+    @unittest.skipUnless(POSIX, "SIGTERM")
+    def test_sigterm_with_stop_on_signals_stops_as_cleanly_as_ctrl_c(self):
+        # A service under systemd or in a container: SIGTERM, and the program
+        # ends by the KeyboardInterrupt, with no stop() of its own.
+        proc = start_child(_STOPPED_CHILD, self.path, "sigterm", stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, proc)
+        LineReader(proc.stdout).expect("running")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        self.assertIn("KeyboardInterrupt", proc.stderr.read())
+        self.assertFalse(os.path.exists(self.path + "-wal"), "the queue was not stopped")
+        self.assert_given_back_then_run_at_once()
+
+    @unittest.skipUnless(POSIX, "SIGTERM")
+    def test_sigterm_stops_the_demo_cleanly_and_gives_its_tries_back(self):
+        log = os.path.join(self.dir, "out.txt")
+        with open(log, "w") as f:
+            child = subprocess.Popen([sys.executable, "-m", "blero", "demo", "--db", self.path,
+                                      "-n", "2", "--sleep", "5"], cwd=HERE, env=child_env(),
+                                     stdout=f, stderr=subprocess.STDOUT)
+        self.addCleanup(child.kill)
+
+        def text():
+            with open(log) as f:
+                return f.read()
+
+        wait_until(lambda: text().count("Processing job") >= 2, timeout=20,
+                   message="two jobs running")
+        child.send_signal(signal.SIGTERM)
+        self.assertEqual(child.wait(20), 0, text())
+        self.assertIn("Caught signal terminated. Exiting ...\nStopping Blero ...\n", text())
+        self.assertNotIn("Done Processing", text())
+        bl = blero.new(self.path)
+        self.assertEqual([(j.id, j.attempt, j.max_attempts) for j in bl.jobs() if j.attempt],
+                         [(1, 1, 5), (2, 1, 5)])
+        self.assertEqual(bl.stats()["inprogress"], 0)
+
+    def test_stop_on_signals_checks_its_caller_and_puts_the_handlers_back(self):
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig, handler in before.items():
+            self.addCleanup(signal.signal, sig, handler)
+        bl = self.queue(start=False)
+        with self.assertRaisesRegex(blero.BleroError, "not started"):
+            bl.stop_on_signals()
+        bl.start()
+        off_main = []
+        t = threading.Thread(target=lambda: off_main.append(
+            self.assertRaisesRegex(ValueError, "main thread", bl.stop_on_signals)))
+        t.start()
+        t.join(10)
+        self.assertEqual(len(off_main), 1)
+        with self.assertRaisesRegex(TypeError, "signal number"):
+            bl.stop_on_signals("SIGTERM")
+        with self.assertRaisesRegex(ValueError, "not a signal"):
+            bl.stop_on_signals(100000)
+        if hasattr(signal, "SIGKILL"):
+            with self.assertRaisesRegex(ValueError, "SIGKILL"):
+                bl.stop_on_signals(signal.SIGKILL)
+        self.assertEqual({sig: signal.getsignal(sig) for sig in before}, before)
+        bl.stop_on_signals()
+        self.assertTrue(all(signal.getsignal(sig) != h for sig, h in before.items()))
+        bl.stop()
+        self.assertEqual({sig: signal.getsignal(sig) for sig in before}, before)
+        wait_for_threads_to_end("blero-signals", "the signal watcher to end")
 
     def test_a_processor_that_stops_the_queue_has_its_result_recorded(self):
         # "That was the last job": a processor stops the program's queue from
