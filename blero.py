@@ -1499,8 +1499,8 @@ class _Dispatcher:
                             late.append(w.job)
                 if not waits:
                     break
-                wait = min(waits)
-                self._gone.wait(None if wait == math.inf else wait)
+                wait = min(waits)   # (a wait past TIMEOUT_MAX raises)
+                self._gone.wait(None if wait == math.inf else min(wait, threading.TIMEOUT_MAX))
         for job in late:
             job._cancel()
         for w in workers:
