@@ -102,12 +102,11 @@ class _Settings:
         if sync not in ("normal", "full"):
             raise ValueError(f"sync must be 'normal' or 'full', not {sync!r}")
         self.sync = sync
-        self.retries = _count("retries", retries)
+        self.retries = _retries("retries", retries)
         self.backoff_base = _seconds("backoff_base", backoff_base)
         self.backoff_max = _seconds("backoff_max", backoff_max)
-        self.lease = _seconds("lease", lease, positive=True)
-        self.keep_complete = (None if keep_complete is None
-                              else _seconds("keep_complete", keep_complete))
+        self.lease = _seconds("lease", lease, least=_MIN_LEASE)
+        self.keep_complete = _seconds("keep_complete", keep_complete, optional=True)
         for name, fn in (("on_complete", on_complete), ("on_failed", on_failed)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
@@ -119,24 +118,66 @@ class _Settings:
         self.serializer = serializer
 
 
-def _count(name: str, value) -> int:
+# Every number the API takes goes through one of these, at the call: a value
+# that would hang a wait (NaN), spin a timer, or escape later as a raw
+# OverflowError from sqlite3 is refused there, naming the argument.
+
+_INT_MIN, _INT_MAX = -2 ** 63, 2 ** 63 - 1   # what an SQLite INTEGER holds
+# The shortest lease: owners heartbeat every lease/3 and look for dead ones
+# every lease/4 (at most 0.5 s), so 0.1 s is already a commit every 33 ms;
+# and a lease shorter than a heartbeat's commit takes would judge live
+# owners dead (where no OS lock tells).
+_MIN_LEASE = 0.1
+
+
+def _shown(value) -> str:
+    """A bad value for a message: an int too long to print whole, by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 20:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _integer(name: str, value, least: int = 0, most: int = _INT_MAX) -> int:
+    """An int from `least` to `most` (by default 0 to SQLite's largest)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be 0 or more, not {value}")
+    if value < least:
+        raise ValueError(f"{name} must be {least} or more, not {_shown(value)}")
+    if value > most:
+        raise ValueError(f"{name} must be at most {most}, not {_shown(value)}")
     return value
 
 
-def _seconds(name: str, value, positive: bool = False) -> float:
-    """A duration in seconds (a number or a timedelta), checked."""
+def _retries(name: str, value) -> int:
+    # max_attempts, 1 + retries, is stored as an SQLite INTEGER too.
+    return _integer(name, value, most=_INT_MAX - 1)
+
+
+def _job_id(name: str, value) -> int:
+    return _integer(name, value, least=1)
+
+
+def _seconds(name: str, value, positive: bool = False, least: float = 0.0,
+             optional: bool = False) -> float | None:
+    """A duration in seconds (a number or a timedelta), finite and at least
+    `least` (more than 0 with `positive`); None passes with `optional`."""
+    if value is None and optional:
+        return None
     if isinstance(value, datetime.timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not (value > 0 if positive else value >= 0) or math.isinf(value):
-        least = "more than 0" if positive else "0 or more"
-        raise ValueError(f"{name} must be a finite number of seconds, {least}, not {value}")
-    return float(value)
+        raise TypeError(f"{name} must be a number of seconds{' or None' if optional else ''},"
+                        f" not {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:     # an int past any float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < least or (positive and seconds <= 0):
+        bound = ("more than 0" if positive else "0 or more" if least == 0
+                 else f"{least:g} or more")
+        raise ValueError(f"{name} must be a finite number of seconds, {bound}"
+                         f"{' (or None)' if optional else ''}, not {_shown(value)}")
+    return seconds
 
 
 # ---------------------------------------------------------------------------
@@ -317,8 +358,10 @@ _NEXT_DELAYED = "SELECT min(run_at) FROM jobs WHERE state = 1"
 _STATE_OF = "SELECT state, owner FROM jobs WHERE id = ?"
 _CANCEL = ("UPDATE jobs SET state = 5, finished_at = ?, owner = NULL"
            " WHERE id = ? AND state IN (0, 1, 2)")
+# (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE jobs SET state = 0, run_at = ?, finished_at = NULL,"
-          " max_attempts = attempt + 1 + ? WHERE state = 4 AND (? IS NULL OR id = ?)")
+          " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
+          " WHERE state = 4 AND (? IS NULL OR id = ?)")
 # Sweeping finds its rows with the read connection, then deletes them a chunk
 # per write transaction, so a big sweep never holds the write lock for long.
 _SWEEPABLE = ("SELECT id, state FROM jobs WHERE state >= 3 AND finished_at <= ?"
@@ -1886,9 +1929,17 @@ def _db_path(path) -> str:
 
 
 def _epoch(when) -> float:
-    if isinstance(when, datetime.datetime):
-        return when.timestamp()   # a naive datetime is local time, as Python reads it
-    return _seconds("run_at", when)
+    """`run_at` as epoch seconds: a number, or a datetime (a naive one is local time)."""
+    if not isinstance(when, datetime.datetime):
+        return _seconds("run_at", when)
+    try:
+        seconds = when.timestamp()
+    except (OverflowError, OSError, ValueError) as exc:   # far out of range
+        raise ValueError(f"run_at must be a time this system can convert, "
+                         f"not {when!r}: {exc}") from None
+    if seconds < 0:
+        raise ValueError(f"run_at must be in 1970 or later, not {when!r}")
+    return seconds
 
 
 class Blero:
@@ -1957,6 +2008,7 @@ class Blero:
         set and go back to pending (failed "interrupted" when out of tries);
         their late results are ignored.  Closes the metrics servers made
         so far, even on a stopped queue.  A second stop does nothing."""
+        timeout = _seconds("timeout", timeout, optional=True)
         with self._lock:
             d, storage = self._dispatcher, self._storage
             servers, self._servers = self._servers, []
@@ -2028,6 +2080,7 @@ class Blero:
 
     def unregister_processor(self, processor_id: int) -> None:
         """Remove a processor at once; its worker finishes its current job, then ends."""
+        _integer("processor_id", processor_id, least=1)
         with self._lock:
             p = self._processors.pop(processor_id, None)
             d = self._dispatcher
@@ -2091,9 +2144,8 @@ class Blero:
             when = now + _seconds("delay", delay)
         elif run_at is not None:
             when = _epoch(run_at)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        retries = self._settings.retries if retries is None else _count("retries", retries)
+        _integer("priority", priority, least=_INT_MIN)
+        retries = self._settings.retries if retries is None else _retries("retries", retries)
         if timeout is not None:
             timeout = _seconds("timeout", timeout, positive=True)
         if key is not None and not isinstance(key, str):
@@ -2113,6 +2165,8 @@ class Blero:
         """Wait for a job to end and return its result.  Raises JobFailed,
         JobCancelled, TimeoutError when `timeout` runs out, KeyError for an
         unknown id."""
+        _job_id("job_id", job_id)
+        timeout = _seconds("timeout", timeout, optional=True)
         seen = []
 
         def ended(storage):
@@ -2134,6 +2188,8 @@ class Blero:
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is pending or running (delayed and retrying jobs
         count; runs of recurring schedules do not).  False if `timeout` ran out."""
+        timeout = _seconds("timeout", timeout, optional=True)
+
         def done(storage):
             d = self._dispatcher
             before = d.activity() if d is not None else (False, 0)
@@ -2190,6 +2246,7 @@ class Blero:
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
+        _job_id("job_id", job_id)
         with self._store() as storage:
             row = storage.get(job_id)
         return None if row is None else self._info(row)
@@ -2204,8 +2261,10 @@ class Blero:
         """Stored jobs by id, optionally of one state and one name."""
         if state is not None and state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         if limit is not None:
-            _count("limit", limit)
+            _integer("limit", limit)
         with self._store() as storage:
             rows = storage.list(state, name, limit)
         return [self._info(row) for row in rows]
@@ -2215,6 +2274,7 @@ class Blero:
     def cancel(self, job_id: int) -> bool:
         """Cancel a pending or running job (a running one gets `cancelled`
         set and its result is discarded).  False if it had ended or does not exist."""
+        _job_id("job_id", job_id)
         with self._store() as storage:
             before = storage.cancel(job_id, time.time())
         if before is None:
@@ -2229,9 +2289,11 @@ class Blero:
         """Send failed jobs (all, or these ids) back to pending with a fresh
         set of tries; return how many."""
         if ids is not None:
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                raise TypeError(f"ids must be a collection of job ids, not {type(ids).__name__}")
             ids = list(ids)
             for i in ids:
-                _count("a job id", i)
+                _job_id("each of ids", i)
         with self._store() as storage:
             n = storage.retry_failed(ids, self._settings.retries, time.time())
         d = self._dispatcher
@@ -2282,6 +2344,8 @@ class Blero:
     def unschedule(self, key: str) -> bool:
         """Remove a recurring job; False if there was none.  A run already
         enqueued stays, as an ordinary job."""
+        if not isinstance(key, str):
+            raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         with self._store() as storage:
             return storage.drop_schedule(key)
 
@@ -2315,8 +2379,9 @@ class Blero:
     def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> _MetricsServer:
         """Serve `GET /metrics` and the live dashboard at `GET /` from a daemon
         thread; return a handle with `.port` and `.close()`.  `stop()` closes it."""
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
+        _integer("port", port, most=65535)
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str, not {type(host).__name__}")
         server = _MetricsServer(self, host, port)
         with self._lock:
             self._servers.append(server)
@@ -2418,7 +2483,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             if path == "/api/retry":
                 self._json(200, {"retried": self.server.blero.retry_failed(body.get("ids"))})
             elif path == "/api/cancel":
-                self._json(200, {"cancelled": self.server.blero.cancel(int(body["id"]))})
+                self._json(200, {"cancelled": self.server.blero.cancel(body["id"])})
             else:
                 self._json(404, {"error": f"no such action: {path}"})
         except (ValueError, TypeError, KeyError) as exc:

@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import http.client
 import http.server
+import inspect
 import json
 import logging
 import os
@@ -3612,6 +3613,174 @@ class SerializerAcrossProcessesTest(ProcessTest):
         self.assertEqual(report[done][:3], ["complete", None, None])
         ran = {int(f[1]) for f in self.lines("S")}
         self.assertEqual(ran, {nothing}, "the processor saw undecodable data")
+
+
+# ---------------------------------------------------------------------------
+# Bad values, and the smaller findings of issue 8 (#11, #13)
+# ---------------------------------------------------------------------------
+
+def call_within(test, fn, timeout=10.0):
+    """Call `fn` on a thread; return what it raised (None if nothing).  A
+    call that hangs fails the test after `timeout` seconds, not the suite."""
+    box = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except BaseException as exc:
+            box.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        test.fail(f"still running after {timeout} s: it hangs")
+    return box[0]
+
+
+BIG = 2 ** 63            # one past SQLite's largest INTEGER
+NAN, INF = float("nan"), float("inf")
+LONG_AGO = datetime.datetime(1, 1, 1)                    # naive: no epoch time for it
+BEFORE_1970 = datetime.datetime(1900, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def bad_seconds(positive=False):
+    """Durations no call may take: (value, exception)."""
+    values = [(NAN, ValueError), (INF, ValueError), (-INF, ValueError), (-1, ValueError),
+              (10 ** 400, ValueError), ("1", TypeError), (True, TypeError)]
+    return values + ([(0, ValueError)] if positive else [])
+
+
+def bad_ids():
+    return [(BIG, ValueError), (0, ValueError), (-1, ValueError), (True, TypeError),
+            (1.0, TypeError), ("1", TypeError)]
+
+
+class BadValuesTest(TempDirTest):
+    """A user who passes a bad number anywhere gets a ValueError or TypeError
+    naming the argument, at the call: no hang, no spin, no raw OverflowError,
+    and nothing stored."""
+
+    def cases(self, bl):
+        """(what is called, the call, the exception, the name its message gives)."""
+        cases = []
+
+        def add(label, name, values, call):
+            for value, exc in values:
+                shown = f"{value!r}" if len(repr(value)) < 30 else f"{repr(value)[:20]}..."
+                cases.append((f"{label}={shown}", lambda v=value: call(v), exc, name))
+
+        settings = {"retries": [(-1, ValueError), (BIG - 1, ValueError), (1.5, TypeError),
+                                (True, TypeError)],
+                    "backoff_base": bad_seconds(), "backoff_max": bad_seconds(),
+                    "lease": bad_seconds(positive=True) + [(1e-300, ValueError),
+                                                           (0.09, ValueError)],
+                    "keep_complete": bad_seconds()}
+        for setting, values in settings.items():
+            add(f"new({setting})", setting, values,
+                lambda v, s=setting: blero.new(os.path.join(self.dir, "x.db"), **{s: v}))
+        job_options = {
+            "delay": bad_seconds(),
+            "run_at": bad_seconds() + [(LONG_AGO, ValueError), (BEFORE_1970, ValueError),
+                                       (datetime.date(2030, 1, 1), TypeError)],
+            "priority": [(BIG, ValueError), (-BIG - 1, ValueError), (1.5, TypeError),
+                         (True, TypeError), ("high", TypeError)],
+            "retries": [(-1, ValueError), (BIG - 1, ValueError), (1.0, TypeError)],
+            "timeout": bad_seconds(positive=True)}
+        for option, values in job_options.items():
+            add(f"enqueue({option})", option, values,
+                lambda v, o=option: bl.enqueue("x", **{o: v}))
+            add(f"enqueue_many({option})", option, values,
+                lambda v, o=option: bl.enqueue_many([("ok", 1), {"name": "x", o: v}]))
+            add(f"every({option})", option, values,
+                lambda v, o=option: bl.every(60, "x", key="refused", **{o: v}))
+        add("every(interval)", "interval", bad_seconds(positive=True),
+            lambda v: bl.every(v, "x", key="refused"))
+        add("get_job", "job_id", bad_ids(), bl.get_job)
+        add("wait", "job_id", bad_ids(), lambda v: bl.wait(v, timeout=0))
+        add("cancel", "job_id", bad_ids(), bl.cancel)
+        add("retry_failed", "ids", [([v], e) for v, e in bad_ids()] + [
+            (5, TypeError), ("12", TypeError)], bl.retry_failed)
+        for label, call in (("wait", lambda v: bl.wait(self.pending, timeout=v)),
+                            ("join", lambda v: bl.join(timeout=v)),
+                            ("stop", lambda v: bl.stop(timeout=v))):
+            add(f"{label}(timeout)", "timeout", bad_seconds(), call)
+        add("jobs(limit)", "limit", [(BIG, ValueError), (-1, ValueError), (1.5, TypeError),
+                                     (True, TypeError)], lambda v: bl.jobs(limit=v))
+        add("jobs(name)", "name", [(BIG, TypeError)], lambda v: bl.jobs(name=v))
+        add("sweep(older_than)", "older_than", bad_seconds(), bl.sweep)
+        add("unschedule", "key", [(BIG, TypeError)], bl.unschedule)
+        add("unregister_processor", "processor_id",
+            [(True, TypeError), (1.0, TypeError), (0, ValueError)], bl.unregister_processor)
+        add("serve_metrics(port)", "port", [(-1, ValueError), (65536, ValueError),
+                                            (True, TypeError), ("80", TypeError)],
+            lambda v: bl.serve_metrics(port=v))
+        add("serve_metrics(host)", "host", [(5, TypeError)],
+            lambda v: bl.serve_metrics(host=v))
+        return cases
+
+    def test_every_call_refuses_bad_numbers_naming_them(self):
+        bl = self.queue()
+        self.pending = bl.enqueue("waits", delay=3600)
+        cases = self.cases(bl)
+        for label, call, expected, name in cases:
+            with self.subTest(label):
+                stored = bl.stats()
+                exc = call_within(self, call)
+                self.assertIsInstance(exc, expected, f"{label}: {exc!r}")
+                self.assertIn(name, str(exc), f"{label}: the message names {name}")
+                self.assertEqual(bl.stats(), stored, f"{label} stored something")
+                self.assertFalse(bl.unschedule("refused"), f"{label} stored a schedule")
+        # Every public method, setting and job option is in the table.
+        called = {label.split("(")[0].split("=")[0] for label, _, _, _ in cases}
+        public = {name for name in dir(blero.Blero) if not name.startswith("_")}
+        takes_no_number = {"start", "stats", "metrics_text", "register_processor"}
+        self.assertEqual(public - takes_no_number - called, set(), "methods left out")
+        checked = {label.split("(")[1].split(")")[0] for label, _, _, _ in cases
+                   if label.startswith(("new(", "enqueue("))}
+        for fn, not_numbers in ((blero.Blero.__init__, {"self", "path", "sync", "on_complete",
+                                                        "on_failed", "serializer"}),
+                                (blero.Blero.enqueue, {"self", "name", "data", "key"})):
+            params = set(inspect.signature(fn).parameters)
+            self.assertEqual(params - not_numbers - checked, set(), f"{fn.__name__} left out")
+        # Refused, the queue was left as it was: still running, as before.
+        bl.register_processor(lambda job: job.data * 2)
+        self.assertEqual(bl.wait(bl.enqueue("x", 21), timeout=10), 42)
+
+    def test_the_lowest_lease_is_a_tenth_of_a_second(self):
+        with self.queue(lease=0.1, start=False) as bl:
+            bl.register_processor(lambda job: "done")
+            self.assertEqual(bl.wait(bl.enqueue("x"), timeout=10), "done")
+
+    def test_the_largest_values_sqlite_holds_are_taken(self):
+        bl = self.queue()
+        top = bl.enqueue("top", priority=BIG - 1, retries=BIG - 2)
+        bottom = bl.enqueue("bottom", priority=-BIG)
+        info = bl.get_job(top)
+        self.assertEqual((info.priority, info.max_attempts), (BIG - 1, BIG - 1))
+        self.assertEqual(bl.get_job(bottom).priority, -BIG)
+        self.assertIsNone(bl.get_job(BIG - 1))
+        self.assertFalse(bl.cancel(BIG - 1))
+        self.assertEqual(len(bl.jobs(limit=BIG - 1)), 2)
+        when = datetime.datetime(9999, 12, 31)
+        self.assertEqual(bl.get_job(bl.enqueue("far", run_at=when)).run_at, when.timestamp())
+
+    def test_the_dashboard_refuses_bad_ids_and_limits(self):
+        bl = self.queue()
+        job_id = bl.enqueue("x", delay=3600)
+        server = bl.serve_metrics()
+        own = {"Origin": f"http://127.0.0.1:{server.port}"}
+        for bad in (True, 1.9, BIG, -1):
+            with self.subTest(id=bad):
+                status, _, body = http_request(server.port, "POST", "/api/cancel",
+                                               {"id": bad}, own)
+                self.assertEqual(status, 400, body)
+                self.assertIn(b"job_id", body)
+        self.assertEqual(bl.get_job(job_id).state, "pending")
+        status, _, body = http_request(server.port, "GET", f"/api/jobs?limit={BIG}")
+        self.assertEqual(status, 400, body)
+        self.assertIn(b"limit", body)
 
 
 if __name__ == "__main__":
