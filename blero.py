@@ -1485,9 +1485,9 @@ class _Dispatcher:
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
         for w in workers:
-            if w.thread is not me:
-                w.thread.join(None if deadline is None
-                              else max(0.0, deadline - time.monotonic()))
+            if w.thread is not me:   # (a join longer than TIMEOUT_MAX raises)
+                w.thread.join(None if deadline is None else min(
+                    threading.TIMEOUT_MAX, max(0.0, deadline - time.monotonic())))
         late, started = [], set()
         for w in workers:
             with w.lock:
@@ -1665,7 +1665,8 @@ class _Dispatcher:
         now = time.time()
         if retry and job.attempt < job.max_attempts:
             s = self.settings
-            wait = min(s.backoff_max, s.backoff_base * 2 ** (job.attempt - 1))
+            # A float power: past try 1024 an int one no longer converts.
+            wait = min(s.backoff_max, s.backoff_base * 2.0 ** min(job.attempt - 1, 1023))
             wait *= random.uniform(0.5, 1.0)
             state = _DELAYED if wait > 0 else _READY
             return _Outcome(job, state, run_at=now + wait, error=text, exc=exc,

@@ -3766,6 +3766,26 @@ class BadValuesTest(TempDirTest):
         when = datetime.datetime(9999, 12, 31)
         self.assertEqual(bl.get_job(bl.enqueue("far", run_at=when)).run_at, when.timestamp())
 
+    def test_a_job_tried_over_a_thousand_times_still_ends(self):
+        # Past try 1024 the backoff's 2**n no longer converted to a float:
+        # the worker died and the job stayed inprogress for ever.
+        bl = self.queue(retries=1100, backoff_base=0)
+        bl.register_processor(lambda job: 1 / 0 if job.name == "doomed" else "ok")
+        doomed = bl.enqueue("doomed")
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(doomed, timeout=60)
+        self.assertEqual(bl.get_job(doomed).attempt, 1101)
+        self.assertEqual(bl.wait(bl.enqueue("next"), timeout=10), "ok", "the worker goes on")
+
+    def test_stop_with_a_timeout_longer_than_the_os_can_wait(self):
+        # threading's joins refuse more than threading.TIMEOUT_MAX seconds.
+        bl = self.queue()
+        bl.register_processor(lambda job: None)
+        bl.wait(bl.enqueue("x"), timeout=10)
+        self.assertIsNone(call_within(self, lambda: bl.stop(timeout=1e10)))
+        wait_for_threads_to_end("blero-clock", "the clock thread to end")
+        self.assertEqual(bl.stats()["complete"], 1)
+
     def test_the_dashboard_refuses_bad_ids_and_limits(self):
         bl = self.queue()
         job_id = bl.enqueue("x", delay=3600)
