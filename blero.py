@@ -2785,7 +2785,7 @@ def _demo(args) -> int:
     def processor(k):
         def process(job):
             out.line(f"[Processor {k}] Processing job: {job.name} - data: {job.data}")
-            if job.cancelled.wait(args.sleep):
+            if job.cancelled.wait(min(args.sleep, threading.TIMEOUT_MAX)):
                 return      # stopped: the job goes back to pending for the next run
             out.line(f"[Processor {k}] Done Processing job: {job.name}")
         return process
@@ -2834,20 +2834,26 @@ def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
               f"\tdata={data}" + (f"\terror={error[0]}" if j.error else ""))
 
 
-def _cli_seconds(text: str) -> float:
-    """argparse type: seconds, 0 or more."""
-    try:
-        return _seconds("seconds", float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more") \
-            from None
+def _cli_type(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
+    """An argparse type: `parse(text)`, through the API's own checks; a
+    value they refuse is a usage error (exit 2) saying what was expected."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+    return convert
 
 
-def _cli_port(text: str) -> int:
-    """argparse type: a TCP port, 0 for any free one."""
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
-    return int(text)
+_cli_seconds = _cli_type(lambda text: _seconds("seconds", float(text)),
+                         "a number of seconds, 0 or more")
+_cli_port = _cli_type(lambda text: _integer("port", int(text), most=65535),
+                      "a port (0 to 65535)")
+_cli_job_id = _cli_type(lambda text: _job_id("ID", int(text)), "a job id (1 or more)")
+_cli_limit = _cli_type(lambda text: None if text == "all" else _integer("--limit", int(text)),
+                       "a number of jobs (0 or more) or all")
+_cli_processors = _cli_type(lambda text: _integer("-n", int(text), least=1),
+                            "a number of processors (1 or more)")
 
 
 def _serve(args) -> int:
@@ -2872,7 +2878,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m blero", description="blero: an embedded, persistent job queue.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser("demo", help="the Goblero demo: 50 jobs, N processors")
-    demo.add_argument("-n", type=int, default=5, help="number of processors (default 5)")
+    demo.add_argument("-n", type=_cli_processors, default=5,
+                      help="number of processors (default 5)")
     demo.add_argument("--db", default="db/", help="queue file or directory (default db/)")
     demo.add_argument("--sleep", type=_cli_seconds, default=2.0,
                       help="seconds each job takes (default 2)")
@@ -2887,12 +2894,14 @@ def main(argv: list[str] | None = None) -> int:
     p = queue_command("jobs", "list jobs by id")
     p.add_argument("--state", choices=STATES, help="only jobs in this state")
     p.add_argument("--name", help="only jobs of this name")
-    p.add_argument("--limit", type=int, default=100, help="at most N jobs (0: all)")
+    p.add_argument("--limit", type=_cli_limit, default=100,
+                   help="at most N jobs (default 100; all: every one)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p = queue_command("retry", "send failed jobs back to pending")
-    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="(default: all failed)")
+    p.add_argument("ids", nargs="*", type=_cli_job_id, metavar="ID",
+                   help="(default: all failed)")
     p = queue_command("cancel", "cancel pending or running jobs")
-    p.add_argument("ids", nargs="+", type=int, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_cli_job_id, metavar="ID")
     p = queue_command("sweep", "delete finished jobs")
     p.add_argument("--older-than", type=_cli_seconds, default=0.0, metavar="SECONDS",
                    help="only jobs that finished at least this long ago (default 0)")
@@ -2908,8 +2917,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "demo":
-            if args.n < 1:
-                parser.error("-n must be 1 or more")
             return _demo(args)
         if args.command == "serve":
             return _serve(args)
@@ -2919,9 +2926,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(counts) if args.json
                   else "\n".join(f"{s} {n}" for s, n in counts.items()))
         elif args.command == "jobs":
-            if args.limit < 0:
-                parser.error("--limit must be 0 or more")
-            _print_jobs(bl.jobs(args.state, args.name, args.limit or None), args.json)
+            _print_jobs(bl.jobs(args.state, args.name, args.limit), args.json)
         elif args.command == "retry":
             missed = [i for i in args.ids if bl.retry_failed([i]) == 0]
             if not args.ids:

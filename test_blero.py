@@ -3786,6 +3786,41 @@ class BadValuesTest(TempDirTest):
         wait_for_threads_to_end("blero-clock", "the clock thread to end")
         self.assertEqual(bl.stats()["complete"], 1)
 
+    def test_command_line_numbers_are_checked_and_limit_0_means_none(self):
+        path = os.path.join(self.dir, "q.db")
+        bl = self.queue()
+        for i in range(3):
+            bl.enqueue("x", i, delay=3600)
+        bl.stop()
+        bad = [(("cancel", "--db", path, "-5"), "ID"),
+               (("cancel", "--db", path, BIG), "ID"),
+               (("retry", "--db", path, "0"), "ID"),
+               (("jobs", "--db", path, "--limit", BIG), "--limit"),
+               (("jobs", "--db", path, "--limit", "-1"), "--limit"),
+               (("jobs", "--db", path, "--limit", "1.5"), "--limit"),
+               (("sweep", "--db", path, "--older-than", "nan"), "--older-than"),
+               (("sweep", "--db", path, "--older-than", "inf"), "--older-than"),
+               (("serve", "--db", path, "--port", "70000"), "--port"),
+               (("demo", "--db", path, "-n", "0"), "-n"),
+               (("demo", "--db", path, "--sleep", "nan"), "--sleep")]
+        good = [("jobs", "--db", path, "--limit", "0", "--json"),
+                ("jobs", "--db", path, "--limit", "all", "--json"),
+                ("jobs", "--db", path, "--limit", "2", "--json")]
+        results = run_clis(*[args for args, _ in bad], *good)
+        for (args, name), (code, out, err) in zip(bad, results):
+            with self.subTest(args=args):
+                self.assertEqual(code, 2, (out, err))
+                self.assertIn(f"argument {name}", err)
+                self.assertNotIn("Traceback", err)
+        for args, (code, out, err), count in zip(good, results[len(bad):], (0, 3, 2)):
+            with self.subTest(args=args):
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(len(json.loads(out)), count)
+        self.assertEqual(self.stats_of(path)["pending"], 3, "nothing changed")
+
+    def stats_of(self, path):
+        return blero.new(path).stats()
+
     def test_the_dashboard_refuses_bad_ids_and_limits(self):
         bl = self.queue()
         job_id = bl.enqueue("x", delay=3600)
