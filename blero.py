@@ -1000,16 +1000,18 @@ class _Storage:
 
     # -- enqueueing ------------------------------------------------------------
 
-    def insert(self, rows: list[tuple]) -> list[int]:
-        """Store new jobs (rows in `_INSERT` order); return their ids.  A row
-        whose key is already stored stores nothing and gets that job's id."""
+    def insert(self, rows: list[tuple]) -> tuple[list[int], list[bool]]:
+        """Store new jobs (rows in `_INSERT` order); return their ids, and
+        for each row whether it was stored: a row whose key is already
+        stored stores nothing and gets that job's id."""
         return self._write(self._insert, rows)
 
     @staticmethod
     def _insert(db, rows):
         if len(rows) == 1 and rows[0][7] is None:
-            return [db.execute(_INSERT, rows[0]).lastrowid]
+            return [db.execute(_INSERT, rows[0]).lastrowid], [True]
         ids: list[int] = []
+        stored: list[bool] = []
         run: list[tuple] = []   # keyless rows go in by executemany
 
         def flush():
@@ -1017,6 +1019,7 @@ class _Storage:
                 db.executemany(_INSERT, run)
                 last = db.execute(_LAST_ID).fetchall()[0][0]
                 ids.extend(range(last - len(run) + 1, last + 1))
+                stored.extend([True] * len(run))
                 run.clear()
 
         for row in rows:
@@ -1026,8 +1029,9 @@ class _Storage:
             flush()
             found = db.execute(_FIND_KEY, (row[7],)).fetchall()
             ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
+            stored.append(not found)
         flush()
-        return ids
+        return ids, stored
 
     # -- claiming and finishing --------------------------------------------------
 
@@ -1354,6 +1358,11 @@ class _Counters:
                 self.seconds_sum += seconds
                 self.seconds_count += 1
 
+    def stored(self, n: int) -> None:
+        """`n` new jobs were stored (enqueued, or a schedule's runs)."""
+        with self.lock:
+            self.enqueued += n
+
 
 class _Worker:
     """One thread running one processor's jobs, one at a time."""
@@ -1579,14 +1588,14 @@ class _Dispatcher:
 
     def enqueue(self, rows: list[tuple]) -> list[int]:
         """Store new jobs and wake the workers that can take them."""
-        ids = self.storage.insert(rows)
+        ids, stored = self.storage.insert(rows)
+        rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r[3] for r in rows if r[0] == _READY]
         if len(ready) < len(rows):
             self.delayed_at(min(r[2] for r in rows if r[0] == _DELAYED))
         if ready:
             self.work_arrived(ready)
-        with self.counters.lock:
-            self.counters.enqueued += len(rows)
+        self.counters.stored(len(rows))
         return ids
 
     def finish_and_claim(self, worker: _Worker, outcome: _Outcome | None,
@@ -1797,6 +1806,7 @@ class _Dispatcher:
 
         names = self._look_and_rearm("_schedule_due", look)
         if names:
+            self.counters.stored(len(names))
             self.work_arrived(names)
 
     def _look_and_rearm(self, due_attr: str, look: Callable[[float], tuple[Any, float | None]]):
@@ -2365,7 +2375,8 @@ class Blero:
         lines += ["# HELP blero_jobs_finished_total Tries ended by this queue, by outcome.",
                   "# TYPE blero_jobs_finished_total counter"]
         lines += [f'blero_jobs_finished_total{{outcome="{o}"}} {n}' for o, n in finished.items()]
-        lines += ["# HELP blero_jobs_enqueued_total Jobs enqueued through this queue.",
+        lines += ["# HELP blero_jobs_enqueued_total Jobs this queue stored (not those a key"
+                  " answered), schedule runs included.",
                   "# TYPE blero_jobs_enqueued_total counter",
                   f"blero_jobs_enqueued_total {enqueued}",
                   "# HELP blero_job_seconds Time processors spent on each try.",

@@ -3838,5 +3838,29 @@ class BadValuesTest(TempDirTest):
         self.assertIn(b"limit", body)
 
 
+class EnqueuedMetricTest(TempDirTest):
+    """A user graphing blero_jobs_enqueued_total sees the jobs stored, not
+    the enqueue calls a key answered with an existing job."""
+
+    def enqueued(self, bl):
+        samples, _ = parse_prometheus(self, bl.metrics_text())
+        return samples[("blero_jobs_enqueued_total", frozenset())]
+
+    def test_key_hits_are_not_counted_and_schedule_runs_are(self):
+        bl = self.queue()
+        first = bl.enqueue("post", "a", key="k1")
+        self.assertEqual(bl.enqueue("post", "again", key="k1"), first)
+        ids = bl.enqueue_many([("plain", 1), {"name": "post", "key": "k1"},
+                               {"name": "post", "key": "k2", "delay": 3600},
+                               {"name": "post", "key": "k2"}])
+        self.assertEqual(ids[1], first)
+        self.assertEqual(ids[2], ids[3])
+        self.assertEqual(sum(bl.stats().values()), 3)
+        self.assertEqual(self.enqueued(bl), 3)
+        bl.every(3600, "tick")      # its first run is stored at once, by the clock
+        wait_until(lambda: sum(bl.stats().values()) == 4, message="the schedule's first run")
+        self.assertEqual(self.enqueued(bl), 4)
+
+
 if __name__ == "__main__":
     unittest.main()
