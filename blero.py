@@ -1658,10 +1658,12 @@ class _Dispatcher:
         if exc is not None:   # the traceback starts in the processor, not here
             return self.failure(job, exc, seconds=seconds,
                                 text=_exc_text(exc, exc.__traceback__.tb_next))
+        # The try ran, side effects and all: a result that cannot be stored
+        # ends the job at once, as running it again would not help.
         try:
-            out = None if result is None else self.settings.serializer.dumps(result)
+            out = None if result is None else _dumps(self.settings.serializer, result)
         except Exception as e:
-            return self.failure(job, e, seconds=seconds,
+            return self.failure(job, e, retry=False, seconds=seconds,
                                 text=f"cannot serialize the job's result: {_exc_text(e)}")
         return _Outcome(job, _COMPLETE, finished_at=time.time(), result=result,
                         blob=out, seconds=seconds)
@@ -1901,6 +1903,16 @@ class _Dispatcher:
 def _exc_text(exc: BaseException, tb=None) -> str:
     tb = exc.__traceback__ if tb is None else tb
     return "".join(traceback.format_exception(type(exc), exc, tb)).strip()
+
+
+def _dumps(serializer, value):
+    """`serializer.dumps(value)`, checked to be something SQLite stores: a
+    value it cannot would fail every commit of the job, not just one."""
+    blob = serializer.dumps(value)
+    if not isinstance(blob, (bytes, bytearray, memoryview, str)):
+        raise TypeError(f"the serializer's dumps() gave {type(blob).__name__}, "
+                        f"not bytes or str")
+    return blob
 
 
 def _loads_or_none(serializer, blob):
@@ -2164,7 +2176,7 @@ class Blero:
         blob = None
         if data is not None:
             try:
-                blob = self._settings.serializer.dumps(data)
+                blob = _dumps(self._settings.serializer, data)
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
         return (_DELAYED if when > now else _READY, priority, when, name, blob,

@@ -3862,5 +3862,45 @@ class EnqueuedMetricTest(TempDirTest):
         self.assertEqual(self.enqueued(bl), 4)
 
 
+class UnstorableResultTest(TempDirTest):
+    """A processor that did its work but returned what cannot be stored: its
+    job ends failed at once, naming the cause, instead of running again."""
+
+    def test_a_result_the_serializer_refuses_fails_the_job_at_once(self):
+        ended = []
+        bl = self.queue(retries=3, backoff_base=0, on_failed=lambda job, exc: ended.append(exc))
+        runs = []
+        bl.register_processor(lambda job: runs.append(job.id) or threading.Lock())
+        job_id = bl.enqueue("x")
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(job_id, timeout=10)
+        self.assertIn("cannot serialize the job's result", cm.exception.error)
+        self.assertIn("lock", cm.exception.error)
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.attempt, runs), ("failed", 1, [job_id]))
+        wait_until(lambda: ended, message="on_failed")
+        self.assertIsInstance(ended[0], TypeError)
+
+    def test_a_serializer_giving_what_sqlite_cannot_store(self):
+        # Its dumps() returns a dict: enqueue refuses such data, and a result
+        # ends its job instead of failing every commit of the worker for ever.
+        class Identity:
+            dumps = staticmethod(lambda value: value)
+            loads = staticmethod(lambda blob: blob)
+
+        bl = self.queue(serializer=Identity(), retries=3)
+        with self.assertRaises(TypeError) as cm:
+            bl.enqueue("x", {"a": 1})
+        self.assertIn("dumps() gave dict", str(cm.exception))
+        self.assertEqual(sum(bl.stats().values()), 0)
+        bl.register_processor(lambda job: {"a": 1} if job.name == "dict" else "fine")
+        job_id = bl.enqueue("dict", "in")
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(job_id, timeout=10)
+        self.assertIn("dumps() gave dict", cm.exception.error)
+        self.assertEqual(bl.get_job(job_id).attempt, 1)
+        self.assertEqual(bl.wait(bl.enqueue("next", "in"), timeout=10), "fine")
+
+
 if __name__ == "__main__":
     unittest.main()
