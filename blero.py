@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import heapq
 import http.server
+import inspect
 import ipaddress
 import json
 import logging
@@ -110,6 +111,9 @@ class _Settings:
         for name, fn in (("on_complete", on_complete), ("on_failed", on_failed)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
+            if _is_async(fn):   # it would make a coroutine that nothing awaits
+                raise TypeError(f"{name} is an async function: async callbacks are "
+                                f"not supported yet; give a plain function")
         self.on_complete = on_complete
         self.on_failed = on_failed
         if not (callable(getattr(serializer, "dumps", None))
@@ -178,6 +182,14 @@ def _seconds(name: str, value, positive: bool = False, least: float = 0.0,
         raise ValueError(f"{name} must be a finite number of seconds, {bound}"
                          f"{' (or None)' if optional else ''}, not {_shown(value)}")
     return seconds
+
+
+def _is_async(fn) -> bool:
+    """An `async def` function (or bound method, or partial of one), or an
+    object whose `__call__` is one: calling it only makes a coroutine."""
+    return fn is not None and any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+        for f in (fn, getattr(fn, "__call__", None)))
 
 
 # ---------------------------------------------------------------------------
@@ -1660,6 +1672,13 @@ class _Dispatcher:
                                 text=_exc_text(exc, exc.__traceback__.tb_next))
         # The try ran, side effects and all: a result that cannot be stored
         # ends the job at once, as running it again would not help.
+        if result is not None and inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()      # never awaited, and never warned about
+            exc = TypeError(f"the processor returned an awaitable, {result!r}: "
+                            f"async processors are not supported yet")
+            return self.failure(job, exc, retry=False, seconds=seconds,
+                                text=f"TypeError: {exc}")
         try:
             out = None if result is None else _dumps(self.settings.serializer, result)
         except Exception as e:
@@ -2088,6 +2107,9 @@ class Blero:
         fn = run if callable(run) else processor
         if not callable(fn):
             raise TypeError("a processor is a callable f(job) or an object with .run(job)")
+        if _is_async(fn):   # its try would only make a coroutine, never run it
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is async: async processors "
+                            f"are not supported yet; register a plain function")
         if names is not None:
             names = frozenset([names] if isinstance(names, str) else names)
             if not names or not all(isinstance(n, str) and n for n in names):

@@ -7,6 +7,7 @@ with a bare sleep: every wait is for a condition, with a deadline.
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import http.client
 import http.server
@@ -3900,6 +3901,53 @@ class UnstorableResultTest(TempDirTest):
         self.assertIn("dumps() gave dict", cm.exception.error)
         self.assertEqual(bl.get_job(job_id).attempt, 1)
         self.assertEqual(bl.wait(bl.enqueue("next", "in"), timeout=10), "fine")
+
+
+async def async_processor(job):
+    return job.data
+
+
+async def async_callback(job, value):
+    pass
+
+
+class AsyncProcessorTest(TempDirTest):
+    """Until asyncio support lands, a user registering an async processor is
+    told so at once, rather than seeing every job fail "cannot pickle coroutine"."""
+
+    def test_async_processors_are_refused_at_registration(self):
+        class AsyncRun:
+            async def run(self, job):
+                return job.data
+
+        class AsyncCall:
+            async def __call__(self, job):
+                return job.data
+
+        async def stream(job):
+            yield job.data
+
+        bl = self.queue()
+        for processor in (async_processor, AsyncRun(), AsyncCall(),
+                          functools.partial(async_processor), stream):
+            with self.subTest(processor=processor):
+                with self.assertRaises(TypeError) as cm:
+                    bl.register_processor(processor)
+                self.assertIn("async processors are not supported yet", str(cm.exception))
+        self.assertIn("0 processor(s)", repr(bl))
+        for setting in ("on_complete", "on_failed"):
+            with self.assertRaises(TypeError) as cm:
+                blero.new(self.dir, **{setting: async_callback})
+            self.assertIn(setting, str(cm.exception))
+
+    def test_a_plain_function_returning_a_coroutine_fails_at_once(self):
+        bl = self.queue(retries=3)
+        bl.register_processor(lambda job: async_processor(job))
+        job_id = bl.enqueue("x", 1)
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(job_id, timeout=10)
+        self.assertIn("async processors are not supported yet", cm.exception.error)
+        self.assertEqual(bl.get_job(job_id).attempt, 1)
 
 
 if __name__ == "__main__":
