@@ -2901,6 +2901,14 @@ _cli_processors = _cli_type(lambda text: _integer("-n", int(text), least=1),
                             "a number of processors (1 or more)")
 
 
+def _why_not(bl: Blero, job_id: int, wanted: str) -> str:
+    """Why an operation on one job did nothing: it does not exist, or its state."""
+    info = bl.get_job(job_id)
+    if info is None:
+        return f"no such job: {job_id}"
+    return f"job {job_id} {wanted}: {info.state}"
+
+
 def _serve(args) -> int:
     bl = Blero(args.db)
     bl.stats()      # a missing or foreign file fails here, and nothing is created
@@ -2973,20 +2981,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "jobs":
             _print_jobs(bl.jobs(args.state, args.name, args.limit), args.json)
         elif args.command == "retry":
-            missed = [i for i in args.ids if bl.retry_failed([i]) == 0]
+            missed = [_why_not(bl, i, "is not failed") for i in args.ids
+                      if bl.retry_failed([i]) == 0]
             if not args.ids:
                 print(f"{bl.retry_failed()} job(s) sent back to pending")
             else:
                 print(f"{len(args.ids) - len(missed)} job(s) sent back to pending")
+            for reason in missed:
+                print(f"blero: {reason}", file=sys.stderr)
             if missed:
-                print(f"blero: not failed: {' '.join(map(str, missed))}", file=sys.stderr)
                 return 1
         elif args.command == "cancel":
-            missed = [i for i in args.ids if not bl.cancel(i)]
+            missed = [_why_not(bl, i, "already ended") for i in args.ids if not bl.cancel(i)]
             print(f"{len(args.ids) - len(missed)} job(s) cancelled")
+            for reason in missed:
+                print(f"blero: {reason}", file=sys.stderr)
             if missed:
-                print(f"blero: not pending or running: {' '.join(map(str, missed))}",
-                      file=sys.stderr)
                 return 1
         elif args.command == "sweep":
             print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")

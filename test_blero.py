@@ -3950,5 +3950,32 @@ class AsyncProcessorTest(TempDirTest):
         self.assertEqual(bl.get_job(job_id).attempt, 1)
 
 
+class CommandLineReasonsTest(TempDirTest):
+    """An operator who retries or cancels the wrong id is told why nothing
+    happened: no such job, or the state it is in."""
+
+    def test_retry_and_cancel_name_the_cause(self):
+        path = os.path.join(self.dir, "q.db")
+        bl = self.queue(retries=0)
+        bl.register_processor(lambda job: 1 / 0 if job.name == "bad" else "ok")
+        done, failed = bl.enqueue("good"), bl.enqueue("bad")
+        bl.wait(done, timeout=10)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(failed, timeout=10)
+        bl.stop()
+        results = run_clis(("retry", "--db", path, 424242), ("retry", "--db", path, done),
+                           ("cancel", "--db", path, 424242), ("cancel", "--db", path, done),
+                           ("cancel", "--db", path, failed, 424242))
+        expected = [["blero: no such job: 424242"],
+                    [f"blero: job {done} is not failed: complete"],
+                    ["blero: no such job: 424242"],
+                    [f"blero: job {done} already ended: complete"],
+                    [f"blero: job {failed} already ended: failed",
+                     "blero: no such job: 424242"]]
+        for (code, out, err), lines in zip(results, expected):
+            with self.subTest(lines=lines):
+                self.assertEqual((code, err.splitlines()), (1, lines), out)
+
+
 if __name__ == "__main__":
     unittest.main()
