@@ -1664,9 +1664,9 @@ class _Dispatcher:
         if not worker.finished_try():
             return None
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            log.error("job %d: processor raised %s; handed back as interrupted",
-                      job.id, type(exc).__name__)
-            return self.interrupted(job)
+            log.error("job %d: processor raised %r; handed back as interrupted", job.id, exc)
+            return self.interrupted(job, exc, f"interrupted: the processor raised {exc!r}\n"
+                                    f"{_exc_text(exc, exc.__traceback__.tb_next)}")
         if exc is not None:   # the traceback starts in the processor, not here
             return self.failure(job, exc, seconds=seconds,
                                 text=_exc_text(exc, exc.__traceback__.tb_next))
@@ -1703,13 +1703,15 @@ class _Dispatcher:
                             seconds=seconds)
         return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
 
-    def interrupted(self, job: Job) -> _Outcome:
-        """The outcome of a try cut short: ready again at once, if tries remain."""
+    def interrupted(self, job: Job, exc: BaseException | None = None,
+                    text: str = "interrupted") -> _Outcome:
+        """The outcome of a try cut short (by `exc`, if the processor raised
+        one): ready again at once, if tries remain."""
         now = time.time()
         if job.attempt < job.max_attempts:
-            return _Outcome(job, _READY, run_at=now, error="interrupted")
-        return _Outcome(job, _FAILED, finished_at=now, error="interrupted",
-                        exc=BleroError("interrupted"))
+            return _Outcome(job, _READY, run_at=now, error=text)
+        return _Outcome(job, _FAILED, finished_at=now, error=text,
+                        exc=BleroError(text) if exc is None else exc)
 
     def settle(self, outcome: _Outcome, recorded: bool) -> None:
         """After an outcome was committed: log, count, call back, wake waiters."""

@@ -3977,5 +3977,36 @@ class CommandLineReasonsTest(TempDirTest):
                 self.assertEqual((code, err.splitlines()), (1, lines), out)
 
 
+class ProcessorExitTest(TempDirTest):
+    """A processor that raises SystemExit (or KeyboardInterrupt) is handed back
+    as interrupted, and its stored error says what it raised, and where."""
+
+    def test_the_stored_error_says_what_the_processor_raised(self):
+        failed = []
+        bl = self.queue(retries=1, backoff_base=0, on_failed=lambda job, exc: failed.append(exc))
+
+        def exits(job):
+            if job.name == "twice" or job.attempt == 1:
+                raise SystemExit(3) if job.data == "exit" else KeyboardInterrupt()
+            return "second try"
+
+        bl.register_processor(exits)
+        once, twice = bl.enqueue("once", "exit"), bl.enqueue("twice", "exit")
+        interrupt = bl.enqueue("twice", "interrupt")
+        self.assertEqual(bl.wait(once, timeout=10), "second try")
+        for job_id, raised in ((twice, "SystemExit(3)"), (interrupt, "KeyboardInterrupt()")):
+            with self.assertRaises(blero.JobFailed) as cm:
+                bl.wait(job_id, timeout=10)
+            error = cm.exception.error
+            self.assertTrue(error.startswith(f"interrupted: the processor raised {raised}\n"),
+                            error)
+            self.assertIn("Traceback", error)
+            self.assertIn("in exits", error)
+            self.assertEqual(bl.get_job(job_id).attempt, 2)
+        wait_until(lambda: len(failed) == 2, message="on_failed for both")
+        self.assertEqual(sorted(type(e).__name__ for e in failed),
+                         ["KeyboardInterrupt", "SystemExit"])
+
+
 if __name__ == "__main__":
     unittest.main()
