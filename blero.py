@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import heapq
 import http.server
+import inspect
 import ipaddress
 import json
 import logging
@@ -103,15 +104,17 @@ class _Settings:
         if sync not in ("normal", "full"):
             raise ValueError(f"sync must be 'normal' or 'full', not {sync!r}")
         self.sync = sync
-        self.retries = _count("retries", retries)
+        self.retries = _retries("retries", retries)
         self.backoff_base = _seconds("backoff_base", backoff_base)
         self.backoff_max = _seconds("backoff_max", backoff_max)
-        self.lease = _seconds("lease", lease, positive=True)
-        self.keep_complete = (None if keep_complete is None
-                              else _seconds("keep_complete", keep_complete))
+        self.lease = _seconds("lease", lease, least=_MIN_LEASE)
+        self.keep_complete = _seconds("keep_complete", keep_complete, optional=True)
         for name, fn in (("on_complete", on_complete), ("on_failed", on_failed)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
+            if _is_async(fn):   # it would make a coroutine that nothing awaits
+                raise TypeError(f"{name} is an async function: async callbacks are "
+                                f"not supported yet; give a plain function")
         self.on_complete = on_complete
         self.on_failed = on_failed
         if not (callable(getattr(serializer, "dumps", None))
@@ -120,24 +123,74 @@ class _Settings:
         self.serializer = serializer
 
 
-def _count(name: str, value) -> int:
+# Every number the API takes goes through one of these, at the call: a value
+# that would hang a wait (NaN), spin a timer, or escape later as a raw
+# OverflowError from sqlite3 is refused there, naming the argument.
+
+_INT_MIN, _INT_MAX = -2 ** 63, 2 ** 63 - 1   # what an SQLite INTEGER holds
+# The shortest lease: owners heartbeat every lease/3 and look for dead ones
+# every lease/4 (at most 0.5 s), so 0.1 s is already a commit every 33 ms;
+# and a lease shorter than a heartbeat's commit takes would judge live
+# owners dead (where no OS lock tells).
+_MIN_LEASE = 0.1
+
+
+def _shown(value) -> str:
+    """A bad value for a message: an int too long to print whole, by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 20:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _integer(name: str, value, least: int = 0, most: int = _INT_MAX) -> int:
+    """An int from `least` to `most` (by default 0 to SQLite's largest)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be 0 or more, not {value}")
+    if value < least:
+        raise ValueError(f"{name} must be {least} or more, not {_shown(value)}")
+    if value > most:
+        raise ValueError(f"{name} must be at most {most}, not {_shown(value)}")
     return value
 
 
-def _seconds(name: str, value, positive: bool = False) -> float:
-    """A duration in seconds (a number or a timedelta), checked."""
+def _retries(name: str, value) -> int:
+    # max_attempts, 1 + retries, is stored as an SQLite INTEGER too.
+    return _integer(name, value, most=_INT_MAX - 1)
+
+
+def _job_id(name: str, value) -> int:
+    return _integer(name, value, least=1)
+
+
+def _seconds(name: str, value, positive: bool = False, least: float = 0.0,
+             optional: bool = False) -> float | None:
+    """A duration in seconds (a number or a timedelta), finite and at least
+    `least` (more than 0 with `positive`); None passes with `optional`."""
+    if value is None and optional:
+        return None
     if isinstance(value, datetime.timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not (value > 0 if positive else value >= 0) or math.isinf(value):
-        least = "more than 0" if positive else "0 or more"
-        raise ValueError(f"{name} must be a finite number of seconds, {least}, not {value}")
-    return float(value)
+        raise TypeError(f"{name} must be a number of seconds{' or None' if optional else ''},"
+                        f" not {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:     # an int past any float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < least or (positive and seconds <= 0):
+        bound = ("more than 0" if positive else "0 or more" if least == 0
+                 else f"{least:g} or more")
+        raise ValueError(f"{name} must be a finite number of seconds, {bound}"
+                         f"{' (or None)' if optional else ''}, not {_shown(value)}")
+    return seconds
+
+
+def _is_async(fn) -> bool:
+    """An `async def` function (or bound method, or partial of one), or an
+    object whose `__call__` is one: calling it only makes a coroutine."""
+    return fn is not None and any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+        for f in (fn, getattr(fn, "__call__", None)))
 
 
 # ---------------------------------------------------------------------------
@@ -319,8 +372,10 @@ _NEXT_DELAYED = "SELECT min(run_at) FROM jobs WHERE state = 1"
 _STATE_OF = "SELECT state, owner FROM jobs WHERE id = ?"
 _CANCEL = ("UPDATE jobs SET state = 5, finished_at = ?, owner = NULL"
            " WHERE id = ? AND state IN (0, 1, 2)")
+# (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE jobs SET state = 0, run_at = ?, finished_at = NULL,"
-          " max_attempts = attempt + 1 + ? WHERE state = 4 AND (? IS NULL OR id = ?)")
+          " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
+          " WHERE state = 4 AND (? IS NULL OR id = ?)")
 # Sweeping finds its rows with the read connection, then deletes them a chunk
 # per write transaction, so a big sweep never holds the write lock for long.
 _SWEEPABLE = ("SELECT id, state FROM jobs WHERE state >= 3 AND finished_at <= ?"
@@ -963,16 +1018,18 @@ class _Storage:
 
     # -- enqueueing ------------------------------------------------------------
 
-    def insert(self, rows: list[tuple]) -> list[int]:
-        """Store new jobs (rows in `_INSERT` order); return their ids.  A row
-        whose key is already stored stores nothing and gets that job's id."""
+    def insert(self, rows: list[tuple]) -> tuple[list[int], list[bool]]:
+        """Store new jobs (rows in `_INSERT` order); return their ids, and
+        for each row whether it was stored: a row whose key is already
+        stored stores nothing and gets that job's id."""
         return self._write(self._insert, rows)
 
     @staticmethod
     def _insert(db, rows):
         if len(rows) == 1 and rows[0][7] is None:
-            return [db.execute(_INSERT, rows[0]).lastrowid]
+            return [db.execute(_INSERT, rows[0]).lastrowid], [True]
         ids: list[int] = []
+        stored: list[bool] = []
         run: list[tuple] = []   # keyless rows go in by executemany
 
         def flush():
@@ -980,6 +1037,7 @@ class _Storage:
                 db.executemany(_INSERT, run)
                 last = db.execute(_LAST_ID).fetchall()[0][0]
                 ids.extend(range(last - len(run) + 1, last + 1))
+                stored.extend([True] * len(run))
                 run.clear()
 
         for row in rows:
@@ -989,8 +1047,9 @@ class _Storage:
             flush()
             found = db.execute(_FIND_KEY, (row[7],)).fetchall()
             ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
+            stored.append(not found)
         flush()
-        return ids
+        return ids, stored
 
     # -- claiming and finishing --------------------------------------------------
 
@@ -1318,6 +1377,11 @@ class _Counters:
                 self.seconds_sum += seconds
                 self.seconds_count += 1
 
+    def stored(self, n: int) -> None:
+        """`n` new jobs were stored (enqueued, or a schedule's runs)."""
+        with self.lock:
+            self.enqueued += n
+
 
 class _Worker:
     """One thread running one processor's jobs, one at a time."""
@@ -1586,14 +1650,14 @@ class _Dispatcher:
 
     def enqueue(self, rows: list[tuple]) -> list[int]:
         """Store new jobs and wake the workers that can take them."""
-        ids = self.storage.insert(rows)
+        ids, stored = self.storage.insert(rows)
+        rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r[3] for r in rows if r[0] == _READY]
         if len(ready) < len(rows):
             self.delayed_at(min(r[2] for r in rows if r[0] == _DELAYED))
         if ready:
             self.work_arrived(ready)
-        with self.counters.lock:
-            self.counters.enqueued += len(rows)
+        self.counters.stored(len(rows))
         return ids
 
     def finish_and_claim(self, worker: _Worker, outcome: _Outcome | None,
@@ -1653,16 +1717,25 @@ class _Dispatcher:
         if not worker.finished_try():
             return None
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            log.error("job %d: processor raised %s; handed back as interrupted",
-                      job.id, type(exc).__name__)
-            return self.interrupted(job)
+            log.error("job %d: processor raised %r; handed back as interrupted", job.id, exc)
+            return self.interrupted(job, exc, f"interrupted: the processor raised {exc!r}\n"
+                                    f"{_exc_text(exc, exc.__traceback__.tb_next)}")
         if exc is not None:   # the traceback starts in the processor, not here
             return self.failure(job, exc, seconds=seconds,
                                 text=_exc_text(exc, exc.__traceback__.tb_next))
+        # The try ran, side effects and all: a result that cannot be stored
+        # ends the job at once, as running it again would not help.
+        if result is not None and inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()      # never awaited, and never warned about
+            exc = TypeError(f"the processor returned an awaitable, {result!r}: "
+                            f"async processors are not supported yet")
+            return self.failure(job, exc, retry=False, seconds=seconds,
+                                text=f"TypeError: {exc}")
         try:
-            out = None if result is None else self.settings.serializer.dumps(result)
+            out = None if result is None else _dumps(self.settings.serializer, result)
         except Exception as e:
-            return self.failure(job, e, seconds=seconds,
+            return self.failure(job, e, retry=False, seconds=seconds,
                                 text=f"cannot serialize the job's result: {_exc_text(e)}")
         return _Outcome(job, _COMPLETE, finished_at=time.time(), result=result,
                         blob=out, seconds=seconds)
@@ -1675,25 +1748,28 @@ class _Dispatcher:
         now = time.time()
         if retry and job.attempt < job.max_attempts:
             s = self.settings
-            wait = min(s.backoff_max, s.backoff_base * 2 ** (job.attempt - 1))
+            # A float power: past try 1024 an int one no longer converts.
+            wait = min(s.backoff_max, s.backoff_base * 2.0 ** min(job.attempt - 1, 1023))
             wait *= random.uniform(0.5, 1.0)
             state = _DELAYED if wait > 0 else _READY
             return _Outcome(job, state, run_at=now + wait, error=text, exc=exc,
                             seconds=seconds)
         return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
 
-    def interrupted(self, job: Job, given_back: bool = False) -> _Outcome:
-        """The outcome of a try cut short: ready again at once, if tries
-        remain.  One cut short by a deliberate stop is given back: it counts
-        in `attempt` but uses up no try, so it is always ready again."""
+    def interrupted(self, job: Job, exc: BaseException | None = None,
+                    text: str = "interrupted", given_back: bool = False) -> _Outcome:
+        """The outcome of a try cut short (by `exc`, if the processor raised
+        one): ready again at once, if tries remain.  One cut short by a
+        deliberate stop is given back: it counts in `attempt` but uses up no
+        try, so it is always ready again."""
         now = time.time()
         if given_back:
             return _Outcome(job, _READY, run_at=now, error="handed back at stop",
                             given_back=True)
         if job.attempt < job.max_attempts:
-            return _Outcome(job, _READY, run_at=now, error="interrupted")
-        return _Outcome(job, _FAILED, finished_at=now, error="interrupted",
-                        exc=BleroError("interrupted"))
+            return _Outcome(job, _READY, run_at=now, error=text)
+        return _Outcome(job, _FAILED, finished_at=now, error=text,
+                        exc=BleroError(text) if exc is None else exc)
 
     def settle(self, outcome: _Outcome, recorded: bool) -> None:
         """After an outcome was committed: log, count, call back, wake waiters."""
@@ -1812,6 +1888,7 @@ class _Dispatcher:
 
         names = self._look_and_rearm("_schedule_due", look)
         if names:
+            self.counters.stored(len(names))
             self.work_arrived(names)
 
     def _look_and_rearm(self, due_attr: str, look: Callable[[float], tuple[Any, float | None]]):
@@ -1889,7 +1966,7 @@ class _Dispatcher:
         given; the others' claims are undone), their tries given back if
         `given_back`; returns how many."""
         rows, undone = self.storage.release(
-            owner, lambda row: self.interrupted(Job(*row), given_back).params(owner),
+            owner, lambda row: self.interrupted(Job(*row), given_back=given_back).params(owner),
             drop_owner, started)
         failed = [Job(*row) for row in rows if not given_back and row[3] >= row[4]]
         for job in failed:
@@ -1908,6 +1985,16 @@ class _Dispatcher:
 def _exc_text(exc: BaseException, tb=None) -> str:
     tb = exc.__traceback__ if tb is None else tb
     return "".join(traceback.format_exception(type(exc), exc, tb)).strip()
+
+
+def _dumps(serializer, value):
+    """`serializer.dumps(value)`, checked to be something SQLite stores: a
+    value it cannot would fail every commit of the job, not just one."""
+    blob = serializer.dumps(value)
+    if not isinstance(blob, (bytes, bytearray, memoryview, str)):
+        raise TypeError(f"the serializer's dumps() gave {type(blob).__name__}, "
+                        f"not bytes or str")
+    return blob
 
 
 def _loads_or_none(serializer, blob):
@@ -1947,9 +2034,17 @@ def _db_path(path) -> str:
 
 
 def _epoch(when) -> float:
-    if isinstance(when, datetime.datetime):
-        return when.timestamp()   # a naive datetime is local time, as Python reads it
-    return _seconds("run_at", when)
+    """`run_at` as epoch seconds: a number, or a datetime (a naive one is local time)."""
+    if not isinstance(when, datetime.datetime):
+        return _seconds("run_at", when)
+    try:
+        seconds = when.timestamp()
+    except (OverflowError, OSError, ValueError) as exc:   # far out of range
+        raise ValueError(f"run_at must be a time this system can convert, "
+                         f"not {when!r}: {exc}") from None
+    if seconds < 0:
+        raise ValueError(f"run_at must be in 1970 or later, not {when!r}")
+    return seconds
 
 
 class Blero:
@@ -2031,6 +2126,7 @@ class Blero:
         the queue stops once that try has ended and been recorded.  A stop
         while another is under way waits for it (shortening its timeout to
         its own); a second stop of a stopped queue does nothing."""
+        timeout = _seconds("timeout", timeout, optional=True)
         me = threading.current_thread()
         interrupted = None
         while True:     # a Ctrl-C in here is put off until the queue is stopped
@@ -2115,10 +2211,6 @@ class Blero:
         is raised in the main thread, so the program ends the usual way.
         Call it from the main thread, after start(); stop() puts the
         previous handlers back."""
-        if threading.current_thread() is not threading.main_thread():
-            raise ValueError("stop_on_signals() must be called from the main thread: "
-                             "Python runs signal handlers there")
-        d = self._running()
         chosen = []
         for sig in signals or (signal.SIGINT, signal.SIGTERM):
             if isinstance(sig, bool) or not isinstance(sig, int):
@@ -2126,6 +2218,10 @@ class Blero:
             if sig not in signal.valid_signals():
                 raise ValueError(f"{sig} is not a signal number on this system")
             chosen.append(_signal(sig))
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("stop_on_signals() must be called from the main thread: "
+                             "Python runs signal handlers there")
+        d = self._running()
         if self._signals is not None and self._signals.run is not d:
             self._restore_signals()     # left from a run stopped off the main thread
         with self._lock:
@@ -2201,6 +2297,9 @@ class Blero:
         fn = run if callable(run) else processor
         if not callable(fn):
             raise TypeError("a processor is a callable f(job) or an object with .run(job)")
+        if _is_async(fn):   # its try would only make a coroutine, never run it
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is async: async processors "
+                            f"are not supported yet; register a plain function")
         if names is not None:
             names = frozenset([names] if isinstance(names, str) else names)
             if not names or not all(isinstance(n, str) and n for n in names):
@@ -2216,6 +2315,7 @@ class Blero:
 
     def unregister_processor(self, processor_id: int) -> None:
         """Remove a processor at once; its worker finishes its current job, then ends."""
+        _integer("processor_id", processor_id, least=1)
         with self._lock:
             p = self._processors.pop(processor_id, None)
             d = self._dispatcher
@@ -2279,9 +2379,8 @@ class Blero:
             when = now + _seconds("delay", delay)
         elif run_at is not None:
             when = _epoch(run_at)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        retries = self._settings.retries if retries is None else _count("retries", retries)
+        _integer("priority", priority, least=_INT_MIN)
+        retries = self._settings.retries if retries is None else _retries("retries", retries)
         if timeout is not None:
             timeout = _seconds("timeout", timeout, positive=True)
         if key is not None and not isinstance(key, str):
@@ -2289,7 +2388,7 @@ class Blero:
         blob = None
         if data is not None:
             try:
-                blob = self._settings.serializer.dumps(data)
+                blob = _dumps(self._settings.serializer, data)
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
         return (_DELAYED if when > now else _READY, priority, when, name, blob,
@@ -2301,6 +2400,8 @@ class Blero:
         """Wait for a job to end and return its result.  Raises JobFailed,
         JobCancelled, TimeoutError when `timeout` runs out, KeyError for an
         unknown id."""
+        _job_id("job_id", job_id)
+        timeout = _seconds("timeout", timeout, optional=True)
         seen = []
 
         def ended(storage):
@@ -2322,6 +2423,8 @@ class Blero:
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is pending or running (delayed and retrying jobs
         count; runs of recurring schedules do not).  False if `timeout` ran out."""
+        timeout = _seconds("timeout", timeout, optional=True)
+
         def done(storage):
             d = self._dispatcher
             before = d.activity() if d is not None else (False, 0)
@@ -2378,6 +2481,7 @@ class Blero:
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
+        _job_id("job_id", job_id)
         with self._store() as storage:
             row = storage.get(job_id)
         return None if row is None else self._info(row)
@@ -2392,8 +2496,10 @@ class Blero:
         """Stored jobs by id, optionally of one state and one name."""
         if state is not None and state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         if limit is not None:
-            _count("limit", limit)
+            _integer("limit", limit)
         with self._store() as storage:
             rows = storage.list(state, name, limit)
         return [self._info(row) for row in rows]
@@ -2403,6 +2509,7 @@ class Blero:
     def cancel(self, job_id: int) -> bool:
         """Cancel a pending or running job (a running one gets `cancelled`
         set and its result is discarded).  False if it had ended or does not exist."""
+        _job_id("job_id", job_id)
         with self._store() as storage:
             before = storage.cancel(job_id, time.time())
         if before is None:
@@ -2417,9 +2524,11 @@ class Blero:
         """Send failed jobs (all, or these ids) back to pending with a fresh
         set of tries; return how many."""
         if ids is not None:
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                raise TypeError(f"ids must be a collection of job ids, not {type(ids).__name__}")
             ids = list(ids)
             for i in ids:
-                _count("a job id", i)
+                _job_id("each of ids", i)
         with self._store() as storage:
             n = storage.retry_failed(ids, self._settings.retries, time.time())
         d = self._dispatcher
@@ -2470,6 +2579,8 @@ class Blero:
     def unschedule(self, key: str) -> bool:
         """Remove a recurring job; False if there was none.  A run already
         enqueued stays, as an ordinary job."""
+        if not isinstance(key, str):
+            raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         with self._store() as storage:
             return storage.drop_schedule(key)
 
@@ -2488,7 +2599,8 @@ class Blero:
         lines += ["# HELP blero_jobs_finished_total Tries ended by this queue, by outcome.",
                   "# TYPE blero_jobs_finished_total counter"]
         lines += [f'blero_jobs_finished_total{{outcome="{o}"}} {n}' for o, n in finished.items()]
-        lines += ["# HELP blero_jobs_enqueued_total Jobs enqueued through this queue.",
+        lines += ["# HELP blero_jobs_enqueued_total Jobs this queue stored (not those a key"
+                  " answered), schedule runs included.",
                   "# TYPE blero_jobs_enqueued_total counter",
                   f"blero_jobs_enqueued_total {enqueued}",
                   "# HELP blero_job_seconds Time processors spent on each try.",
@@ -2503,8 +2615,9 @@ class Blero:
     def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> _MetricsServer:
         """Serve `GET /metrics` and the live dashboard at `GET /` from a daemon
         thread; return a handle with `.port` and `.close()`.  `stop()` closes it."""
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
+        _integer("port", port, most=65535)
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str, not {type(host).__name__}")
         server = _MetricsServer(self, host, port)
         with self._lock:
             self._servers.append(server)
@@ -2712,7 +2825,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             if path == "/api/retry":
                 self._json(200, {"retried": self.server.blero.retry_failed(body.get("ids"))})
             elif path == "/api/cancel":
-                self._json(200, {"cancelled": self.server.blero.cancel(int(body["id"]))})
+                self._json(200, {"cancelled": self.server.blero.cancel(body["id"])})
             else:
                 self._json(404, {"error": f"no such action: {path}"})
         except (ValueError, TypeError, KeyError) as exc:
@@ -3012,7 +3125,7 @@ def _demo(args) -> int:
     def processor(k):
         def process(job):
             out.line(f"[Processor {k}] Processing job: {job.name} - data: {job.data}")
-            if job.cancelled.wait(args.sleep):
+            if job.cancelled.wait(min(args.sleep, threading.TIMEOUT_MAX)):
                 return      # stopped: the job goes back to pending for the next run
             out.line(f"[Processor {k}] Done Processing job: {job.name}")
         return process
@@ -3053,20 +3166,34 @@ def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
               f"\tdata={data}" + (f"\terror={error[0]}" if j.error else ""))
 
 
-def _cli_seconds(text: str) -> float:
-    """argparse type: seconds, 0 or more."""
-    try:
-        return _seconds("seconds", float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more") \
-            from None
+def _cli_type(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
+    """An argparse type: `parse(text)`, through the API's own checks; a
+    value they refuse is a usage error (exit 2) saying what was expected."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+    return convert
 
 
-def _cli_port(text: str) -> int:
-    """argparse type: a TCP port, 0 for any free one."""
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
-    return int(text)
+_cli_seconds = _cli_type(lambda text: _seconds("seconds", float(text)),
+                         "a number of seconds, 0 or more")
+_cli_port = _cli_type(lambda text: _integer("port", int(text), most=65535),
+                      "a port (0 to 65535)")
+_cli_job_id = _cli_type(lambda text: _job_id("ID", int(text)), "a job id (1 or more)")
+_cli_limit = _cli_type(lambda text: None if text == "all" else _integer("--limit", int(text)),
+                       "a number of jobs (0 or more) or all")
+_cli_processors = _cli_type(lambda text: _integer("-n", int(text), least=1),
+                            "a number of processors (1 or more)")
+
+
+def _why_not(bl: Blero, job_id: int, wanted: str) -> str:
+    """Why an operation on one job did nothing: it does not exist, or its state."""
+    info = bl.get_job(job_id)
+    if info is None:
+        return f"no such job: {job_id}"
+    return f"job {job_id} {wanted}: {info.state}"
 
 
 def _serve(args) -> int:
@@ -3091,7 +3218,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m blero", description="blero: an embedded, persistent job queue.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser("demo", help="the Goblero demo: 50 jobs, N processors")
-    demo.add_argument("-n", type=int, default=5, help="number of processors (default 5)")
+    demo.add_argument("-n", type=_cli_processors, default=5,
+                      help="number of processors (default 5)")
     demo.add_argument("--db", default="db/", help="queue file or directory (default db/)")
     demo.add_argument("--sleep", type=_cli_seconds, default=2.0,
                       help="seconds each job takes (default 2)")
@@ -3106,12 +3234,14 @@ def main(argv: list[str] | None = None) -> int:
     p = queue_command("jobs", "list jobs by id")
     p.add_argument("--state", choices=STATES, help="only jobs in this state")
     p.add_argument("--name", help="only jobs of this name")
-    p.add_argument("--limit", type=int, default=100, help="at most N jobs (0: all)")
+    p.add_argument("--limit", type=_cli_limit, default=100,
+                   help="at most N jobs (default 100; all: every one)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p = queue_command("retry", "send failed jobs back to pending")
-    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="(default: all failed)")
+    p.add_argument("ids", nargs="*", type=_cli_job_id, metavar="ID",
+                   help="(default: all failed)")
     p = queue_command("cancel", "cancel pending or running jobs")
-    p.add_argument("ids", nargs="+", type=int, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_cli_job_id, metavar="ID")
     p = queue_command("sweep", "delete finished jobs")
     p.add_argument("--older-than", type=_cli_seconds, default=0.0, metavar="SECONDS",
                    help="only jobs that finished at least this long ago (default 0)")
@@ -3127,8 +3257,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "demo":
-            if args.n < 1:
-                parser.error("-n must be 1 or more")
             return _demo(args)
         if args.command == "serve":
             return _serve(args)
@@ -3138,24 +3266,24 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(counts) if args.json
                   else "\n".join(f"{s} {n}" for s, n in counts.items()))
         elif args.command == "jobs":
-            if args.limit < 0:
-                parser.error("--limit must be 0 or more")
-            _print_jobs(bl.jobs(args.state, args.name, args.limit or None), args.json)
+            _print_jobs(bl.jobs(args.state, args.name, args.limit), args.json)
         elif args.command == "retry":
-            missed = [i for i in args.ids if bl.retry_failed([i]) == 0]
+            missed = [_why_not(bl, i, "is not failed") for i in args.ids
+                      if bl.retry_failed([i]) == 0]
             if not args.ids:
                 print(f"{bl.retry_failed()} job(s) sent back to pending")
             else:
                 print(f"{len(args.ids) - len(missed)} job(s) sent back to pending")
+            for reason in missed:
+                print(f"blero: {reason}", file=sys.stderr)
             if missed:
-                print(f"blero: not failed: {' '.join(map(str, missed))}", file=sys.stderr)
                 return 1
         elif args.command == "cancel":
-            missed = [i for i in args.ids if not bl.cancel(i)]
+            missed = [_why_not(bl, i, "already ended") for i in args.ids if not bl.cancel(i)]
             print(f"{len(args.ids) - len(missed)} job(s) cancelled")
+            for reason in missed:
+                print(f"blero: {reason}", file=sys.stderr)
             if missed:
-                print(f"blero: not pending or running: {' '.join(map(str, missed))}",
-                      file=sys.stderr)
                 return 1
         elif args.command == "sweep":
             print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")
