@@ -21,11 +21,13 @@ metrics server and dashboard, and the command line (`python -m blero`).
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import contextlib
 import datetime
 import heapq
 import http.server
+import inspect
 import ipaddress
 import json
 import logging
@@ -102,15 +104,17 @@ class _Settings:
         if sync not in ("normal", "full"):
             raise ValueError(f"sync must be 'normal' or 'full', not {sync!r}")
         self.sync = sync
-        self.retries = _count("retries", retries)
+        self.retries = _retries("retries", retries)
         self.backoff_base = _seconds("backoff_base", backoff_base)
         self.backoff_max = _seconds("backoff_max", backoff_max)
-        self.lease = _seconds("lease", lease, positive=True)
-        self.keep_complete = (None if keep_complete is None
-                              else _seconds("keep_complete", keep_complete))
+        self.lease = _seconds("lease", lease, least=_MIN_LEASE)
+        self.keep_complete = _seconds("keep_complete", keep_complete, optional=True)
         for name, fn in (("on_complete", on_complete), ("on_failed", on_failed)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
+            if _is_async(fn):   # it would make a coroutine that nothing awaits
+                raise TypeError(f"{name} is an async function: async callbacks are "
+                                f"not supported yet; give a plain function")
         self.on_complete = on_complete
         self.on_failed = on_failed
         if not (callable(getattr(serializer, "dumps", None))
@@ -119,24 +123,74 @@ class _Settings:
         self.serializer = serializer
 
 
-def _count(name: str, value) -> int:
+# Every number the API takes goes through one of these, at the call: a value
+# that would hang a wait (NaN), spin a timer, or escape later as a raw
+# OverflowError from sqlite3 is refused there, naming the argument.
+
+_INT_MIN, _INT_MAX = -2 ** 63, 2 ** 63 - 1   # what an SQLite INTEGER holds
+# The shortest lease: owners heartbeat every lease/3 and look for dead ones
+# every lease/4 (at most 0.5 s), so 0.1 s is already a commit every 33 ms;
+# and a lease shorter than a heartbeat's commit takes would judge live
+# owners dead (where no OS lock tells).
+_MIN_LEASE = 0.1
+
+
+def _shown(value) -> str:
+    """A bad value for a message: an int too long to print whole, by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 20:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _integer(name: str, value, least: int = 0, most: int = _INT_MAX) -> int:
+    """An int from `least` to `most` (by default 0 to SQLite's largest)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be 0 or more, not {value}")
+    if value < least:
+        raise ValueError(f"{name} must be {least} or more, not {_shown(value)}")
+    if value > most:
+        raise ValueError(f"{name} must be at most {most}, not {_shown(value)}")
     return value
 
 
-def _seconds(name: str, value, positive: bool = False) -> float:
-    """A duration in seconds (a number or a timedelta), checked."""
+def _retries(name: str, value) -> int:
+    # max_attempts, 1 + retries, is stored as an SQLite INTEGER too.
+    return _integer(name, value, most=_INT_MAX - 1)
+
+
+def _job_id(name: str, value) -> int:
+    return _integer(name, value, least=1)
+
+
+def _seconds(name: str, value, positive: bool = False, least: float = 0.0,
+             optional: bool = False) -> float | None:
+    """A duration in seconds (a number or a timedelta), finite and at least
+    `least` (more than 0 with `positive`); None passes with `optional`."""
+    if value is None and optional:
+        return None
     if isinstance(value, datetime.timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not (value > 0 if positive else value >= 0) or math.isinf(value):
-        least = "more than 0" if positive else "0 or more"
-        raise ValueError(f"{name} must be a finite number of seconds, {least}, not {value}")
-    return float(value)
+        raise TypeError(f"{name} must be a number of seconds{' or None' if optional else ''},"
+                        f" not {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:     # an int past any float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < least or (positive and seconds <= 0):
+        bound = ("more than 0" if positive else "0 or more" if least == 0
+                 else f"{least:g} or more")
+        raise ValueError(f"{name} must be a finite number of seconds, {bound}"
+                         f"{' (or None)' if optional else ''}, not {_shown(value)}")
+    return seconds
+
+
+def _is_async(fn) -> bool:
+    """An `async def` function (or bound method, or partial of one), or an
+    object whose `__call__` is one: calling it only makes a coroutine."""
+    return fn is not None and any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+        for f in (fn, getattr(fn, "__call__", None)))
 
 
 # ---------------------------------------------------------------------------
@@ -312,9 +366,10 @@ _CLAIM = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1,"
 _JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = ?"
 # Every end of a try, and every hand-back, is this one statement: it changes
 # the job only while the claim that ran it still holds, so a late or stale
-# result can never overwrite what happened since.
+# result can never overwrite what happened since.  A try given back (cut
+# short by a deliberate stop) adds one to max_attempts: it used up no try.
 _FINISH = ("UPDATE jobs SET state = ?, run_at = coalesce(?, run_at), finished_at = ?,"
-           " result = ?, error = ?, owner = NULL"
+           " result = ?, error = ?, max_attempts = max_attempts + ?, owner = NULL"
            " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = 2 AND owner = ?"
 # Undo a claim whose try never began: ready (or suspect) again, its attempt
@@ -333,8 +388,10 @@ _SUSPECT_NAMES = "SELECT DISTINCT name FROM jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM jobs WHERE id = ?"
 _CANCEL = ("UPDATE jobs SET state = 5, finished_at = ?, owner = NULL"
            " WHERE id = ? AND state IN (-1, 0, 1, 2)")
+# (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE jobs SET state = 0, run_at = ?, finished_at = NULL,"
-          " max_attempts = attempt + 1 + ? WHERE state = 4 AND (? IS NULL OR id = ?)")
+          " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
+          " WHERE state = 4 AND (? IS NULL OR id = ?)")
 # Sweeping goes a slice at a time, in finish order: it finds a few hundred
 # rows with the read connection, then deletes them in one write transaction,
 # so a big sweep never holds either connection for more than a few ms.
@@ -421,13 +478,15 @@ _lock_files_lock = threading.Lock()
 _opening_lock = threading.Lock()     # byte 0 does not keep out this process's threads
 
 
-def _lock_path(db_path: str) -> str:
-    return os.path.realpath(db_path) + "-lock"
+def _lock_path(real: str) -> str:
+    """The lock file of the queue file at real path `real` (resolved once, by
+    `_Storage`: a link re-pointed later must not change which file this is)."""
+    return real + "-lock"
 
 
-def _lock_fd(db_path: str) -> int:
+def _lock_fd(real: str) -> int:
     """Open (or share) the lock file; the caller holds `_lock_files_lock`."""
-    key = _lock_path(db_path)
+    key = _lock_path(real)
     entry = _lock_files.get(key)
     if entry is None:
         entry = _lock_files[key] = [os.open(key, os.O_RDWR | os.O_CREAT, 0o600), 0]
@@ -435,9 +494,9 @@ def _lock_fd(db_path: str) -> int:
     return entry[0]
 
 
-def _unlock_fd(db_path: str) -> None:
+def _unlock_fd(real: str) -> None:
     """Stop using the lock file; the caller holds `_lock_files_lock`."""
-    key = _lock_path(db_path)
+    key = _lock_path(real)
     entry = _lock_files[key]
     entry[1] -= 1
     if entry[1] == 0:
@@ -446,7 +505,7 @@ def _unlock_fd(db_path: str) -> None:
 
 
 @contextlib.contextmanager
-def _opening(db_path: str):
+def _opening(real: str):
     """Hold byte 0 of the lock file: one process at a time sets a file up."""
     with _opening_lock:
         if fcntl is None:
@@ -454,9 +513,9 @@ def _opening(db_path: str):
             return
         with _lock_files_lock:
             try:
-                fd = _lock_fd(db_path)
+                fd = _lock_fd(real)
             except OSError as exc:
-                raise BleroError(f"{_lock_path(db_path)}: cannot create the lock file: "
+                raise BleroError(f"{_lock_path(real)}: cannot create the lock file: "
                                  f"{exc.strerror or exc}") from exc
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
@@ -466,40 +525,40 @@ def _opening(db_path: str):
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
         finally:
             with _lock_files_lock:
-                _unlock_fd(db_path)
+                _unlock_fd(real)
 
 
 def _new_owner_id() -> int:
     return secrets.randbits(46) + (1 << 40)   # far above SQLite's own lock bytes
 
 
-def _hold_owner(db_path: str, owner: int) -> None:
+def _hold_owner(real: str, owner: int) -> None:
     """Mark `owner` alive for as long as this process runs or until released."""
     with _lock_files_lock:
         if fcntl is not None:
-            fd = _lock_fd(db_path)
+            fd = _lock_fd(real)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, owner)
             except BaseException:
-                _unlock_fd(db_path)
+                _unlock_fd(real)
                 raise
         _local_owners.add(owner)
 
 
-def _release_owner(db_path: str, owner: int) -> None:
+def _release_owner(real: str, owner: int) -> None:
     with _lock_files_lock:
         if owner in _local_owners and fcntl is not None:
-            fcntl.lockf(_lock_files[_lock_path(db_path)][0], fcntl.LOCK_UN, 1, owner)
-            _unlock_fd(db_path)
+            fcntl.lockf(_lock_files[_lock_path(real)][0], fcntl.LOCK_UN, 1, owner)
+            _unlock_fd(real)
         _local_owners.discard(owner)
 
 
-def _owner_alive(db_path: str, owner: int) -> bool | None:
+def _owner_alive(real: str, owner: int) -> bool | None:
     """True or False where the lock tells; None where only a lease can."""
     with _lock_files_lock:
         if owner in _local_owners:
             return True
-        entry = _lock_files.get(_lock_path(db_path))
+        entry = _lock_files.get(_lock_path(real))
         if entry is None:
             return None
         try:
@@ -541,7 +600,14 @@ class _Storage:
     """
 
     def __init__(self, path: str, sync: str = "normal"):
-        self.path = path
+        self.path = path    # as given: what messages name
+        # Every file operation uses the real path resolved here, once: a
+        # link on the way (a deploy's `current`) re-pointed while this runs
+        # must not make it look at, lock or write another file.
+        try:
+            self.real = os.path.realpath(path)
+        except ValueError:  # a NUL in the path: open() names it
+            self.real = path
         self._sync = sync
         self._mutex = threading.Lock()    # guards the four fields below
         self._queue: list[_Op] = []
@@ -563,8 +629,8 @@ class _Storage:
         """Open (or, with `create`, create) the file; raise BleroError naming
         the path and the cause, with the file left as it was, if it is not
         a blero queue this code can use."""
-        path = self.path
-        folder = os.path.dirname(path) or "."
+        path, real = self.path, self.real
+        folder = os.path.dirname(real) or "."
         kind = self._check_header()
         if kind == "missing":
             if not create:
@@ -574,15 +640,15 @@ class _Storage:
             except OSError as exc:
                 raise BleroError(f"{path}: cannot create its directory: "
                                  f"{exc.strerror or exc}") from exc
-        elif not os.access(path, os.W_OK):
+        elif not os.access(real, os.W_OK):
             raise BleroError(f"{path}: read-only: no permission to write the queue file")
         if not os.access(folder, os.W_OK) and not all(
-                os.path.exists(path + s) for s in ("-wal", "-shm")):
+                os.path.exists(real + s) for s in ("-wal", "-shm")):
             raise BleroError(f"{path}: its directory is read-only, and SQLite needs to "
                              f"create {os.path.basename(path)}-wal and -shm there")
-        lock = _lock_path(path)
+        lock = _lock_path(real)
         made_lock = not os.path.exists(lock)
-        with _opening(path):
+        with _opening(real):
             try:
                 self._open(create)
             except BaseException:
@@ -592,14 +658,14 @@ class _Storage:
                 raise
 
     def _open(self, create: bool) -> None:
-        path = self.path
+        path, real = self.path, self.real
         kind = self._check_header()   # again: another process may have made it meanwhile
         if kind == "missing" and not create:
             raise BleroError(f"{path}: no queue file there")
         made = False
         if kind == "missing":
             try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.close(os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 made = True
             except FileExistsError:
                 pass
@@ -608,27 +674,27 @@ class _Storage:
                                  f"{exc.strerror or exc}") from exc
         # SQLite makes -wal/-shm files on connecting; on a file it then refuses
         # (damaged, say) it cannot checkpoint them away, so we remove ours.
-        side_files = [path + s for s in ("-wal", "-shm") if not os.path.exists(path + s)]
+        side_files = [real + s for s in ("-wal", "-shm") if not os.path.exists(real + s)]
         try:
             self._db = self._connect()
             self._init()
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
-            for name in side_files + ([path] if made else []):
+            for name in side_files + ([real] if made else []):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(name)
             if isinstance(exc, sqlite3.Error):
                 raise BleroError(f"{path}: cannot open the queue: {exc}") from exc
             raise
-        st = os.stat(path)
+        st = os.stat(real)
         self._identity = (st.st_dev, st.st_ino)
 
     def _check_header(self) -> str:
         """Judge the file by its first bytes, before SQLite touches it."""
         path = self.path
         try:
-            st = os.stat(path)
+            st = os.stat(self.real)
         except FileNotFoundError:
             return "missing"
         except OSError as exc:
@@ -642,7 +708,7 @@ class _Storage:
         if st.st_size == 0:
             return "new"
         try:
-            with open(path, "rb") as f:
+            with open(self.real, "rb") as f:
                 head = f.read(108)    # the file header, then page 1's b-tree header
         except OSError as exc:
             raise BleroError(f"{path}: cannot read the queue file: {exc.strerror or exc}") from exc
@@ -662,7 +728,7 @@ class _Storage:
         raise BleroError(f"{path}: an SQLite database, but not a blero queue")
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None,
+        db = sqlite3.connect(self.real, timeout=1.0, isolation_level=None,
                              check_same_thread=False)
         db.execute("PRAGMA cache_size = -8192")
         return db
@@ -736,11 +802,6 @@ class _Storage:
         finally:
             with self._mutex:
                 self._leading = False
-
-    @property
-    def closed(self) -> bool:
-        """True once close() has begun: nothing more can be written."""
-        return self._closer is not None
 
     def _checkpoint_if_moved(self) -> None:
         # SQLite skips its closing checkpoint for a file that was removed or
@@ -926,7 +987,7 @@ class _Storage:
         # SQLite keeps writing to a file that was deleted or replaced, and
         # everything written there is lost: refuse instead.
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.real)
             same = (st.st_dev, st.st_ino) == self._identity
         except OSError:
             same = False
@@ -957,7 +1018,7 @@ class _Storage:
             if limit != resource.RLIM_INFINITY:
                 return f" (this process may not write files over {limit} bytes: RLIMIT_FSIZE)"
         try:
-            st = os.statvfs(os.path.dirname(self.path) or ".")
+            st = os.statvfs(os.path.dirname(self.real) or ".")
         except (OSError, AttributeError):
             return ""
         free = st.f_bavail * st.f_frsize
@@ -984,16 +1045,18 @@ class _Storage:
 
     # -- enqueueing ------------------------------------------------------------
 
-    def insert(self, rows: list[tuple]) -> list[int]:
-        """Store new jobs (rows in `_INSERT` order); return their ids.  A row
-        whose key is already stored stores nothing and gets that job's id."""
+    def insert(self, rows: list[tuple]) -> tuple[list[int], list[bool]]:
+        """Store new jobs (rows in `_INSERT` order); return their ids, and
+        for each row whether it was stored: a row whose key is already
+        stored stores nothing and gets that job's id."""
         return self._write(self._insert, rows)
 
     @staticmethod
     def _insert(db, rows):
         if len(rows) == 1 and rows[0][7] is None:
-            return [db.execute(_INSERT, rows[0]).lastrowid]
+            return [db.execute(_INSERT, rows[0]).lastrowid], [True]
         ids: list[int] = []
+        stored: list[bool] = []
         run: list[tuple] = []   # keyless rows go in by executemany
 
         def flush():
@@ -1001,6 +1064,7 @@ class _Storage:
                 db.executemany(_INSERT, run)
                 last = db.execute(_LAST_ID).fetchall()[0][0]
                 ids.extend(range(last - len(run) + 1, last + 1))
+                stored.extend([True] * len(run))
                 run.clear()
 
         for row in rows:
@@ -1010,8 +1074,9 @@ class _Storage:
             flush()
             found = db.execute(_FIND_KEY, (row[7],)).fetchall()
             ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
+            stored.append(not found)
         flush()
-        return ids
+        return ids, stored
 
     # -- claiming and finishing --------------------------------------------------
 
@@ -1377,11 +1442,12 @@ class _Outcome(NamedTuple):
     error: str | None = None
     exc: BaseException | None = None
     seconds: float = 0.0
+    given_back: bool = False    # cut short by a deliberate stop: uses up no try
 
     def params(self, owner: int) -> tuple:
         job = self.job
         return (self.state, self.run_at, self.finished_at, self.blob, self.error,
-                job.id, owner, job.attempt)
+                int(self.given_back), job.id, owner, job.attempt)
 
 
 class _Counters:
@@ -1400,6 +1466,11 @@ class _Counters:
             if seconds is not None:
                 self.seconds_sum += seconds
                 self.seconds_count += 1
+
+    def stored(self, n: int) -> None:
+        """`n` new jobs were stored (enqueued, or a schedule's runs)."""
+        with self.lock:
+            self.enqueued += n
 
 
 class _CrashGuard:
@@ -1615,6 +1686,12 @@ class _Dispatcher:
         self.stopping = False
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
+        self._gone = threading.Condition(self._lock)   # notified as workers leave
+        self._stop_by = math.inf        # monotonic time the running tries are cut short
+        self._keep: _Worker | None = None   # the worker that asked for the stop
+        self.stopped = threading.Event()    # set by Blero once the whole stop is done
+        self.stop_awaited = False           # a stop() call waits for it
+        self.stop_error: Exception | None = None   # what went wrong in it, for that call
         self._idle: list[_Worker] = []
         self._workers: set[_Worker] = set()
         self._deadlines: list = []          # (monotonic deadline, n, worker, job)
@@ -1667,46 +1744,82 @@ class _Dispatcher:
             _guard.wake_all()
         self.work_arrived(None)
 
-    def stop(self, timeout: float | None) -> list[Job]:
-        """Stop claiming, wait for running jobs up to `timeout`, and hand back
-        those still running.  Returns the jobs handed back."""
+    def begin_stop(self, timeout: float | None, keep: _Worker | None) -> None:
+        """Claim nothing more, and cut the running tries short once `timeout`
+        has passed; `keep`, the worker whose processor asked for this stop, is
+        waited for however long its try takes (unless hurried)."""
         with self._lock:
             self.stopping = True
+            self._keep = keep
+            if timeout is not None:
+                self._stop_by = time.monotonic() + timeout
             workers = list(self._workers)
             self._idle.clear()
         for w in workers:
             w.wake.set()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        me = threading.current_thread()
-        for w in workers:
-            if w.thread is not me:
-                w.thread.join(None if deadline is None
-                              else max(0.0, deadline - time.monotonic()))
-        late, started = [], set()
-        for w in workers:
-            with w.lock:
-                if w.thread.is_alive():
-                    started.update((j.id, j.attempt) for j in (w.job, w.settling)
-                                   if j is not None)
-                    if w.thread is not me:  # (stop() called by a processor: its job ends)
+
+    def hurry(self, timeout: float | None) -> None:
+        """A later stop (or a Ctrl-C during one): with a time limit, every
+        running try, the one that asked for the stop too, gets at most
+        `timeout` seconds more."""
+        if timeout is None:
+            return
+        with self._lock:
+            self._keep = None
+            self._stop_by = min(self._stop_by, time.monotonic() + timeout)
+            self._gone.notify_all()
+
+    def runs_on(self, thread: threading.Thread) -> _Worker | bool:
+        """The worker running on `thread`; True for the clock thread; else False."""
+        with self._lock:
+            for w in self._workers:
+                if w.thread is thread:
+                    return w
+        return thread is self._clock
+
+    def stop(self) -> list[Job]:
+        """After `begin_stop`: wait for the running tries until they are cut
+        short, hand those back, their tries given back (a deliberate stop
+        uses up no try), and stop the clock.  Returns the jobs handed back."""
+        late, started, cut = [], set(), set()
+        with self._lock:
+            workers = list(self._workers)
+            while True:
+                now, waits = time.monotonic(), []
+                for w in self._workers - cut:
+                    by = math.inf if w is self._keep else self._stop_by
+                    if by > now:
+                        waits.append(by - now)
+                        continue
+                    cut.add(w)
+                    with w.lock:
                         w.abandoned = True      # from now on it starts no try
+                        started.update((j.id, j.attempt) for j in (w.job, w.settling)
+                                       if j is not None)
                         if w.job is not None:
                             late.append(w.job)
+                if not waits:
+                    break
+                wait = min(waits)   # (a wait past TIMEOUT_MAX raises)
+                self._gone.wait(None if wait == math.inf else min(wait, threading.TIMEOUT_MAX))
         for job in late:
             job._cancel()
+        for w in workers:
+            if w not in cut and not w.abandoned:
+                w.thread.join()     # ended, or about to: nothing of it lingers
         with self._lock:
             self._clock_stop = True
             self._tick.notify()
-        if self._clock is not me and self._clock.is_alive():
+        if self._clock.is_alive():
             self._clock.join()
         # A job claimed by a worker stopped before its try began was never
-        # tried: its claim is undone, and its attempt does not count.  (While
-        # one of ours has the suspects' turn, its claim is the only one.)
+        # tried: its claim is undone, and its attempt does not count.  While
+        # one of ours has the suspects' turn, its suspect is the only job
+        # ours hold: handed back, it stays a suspect.
         runner = _guard.runner
         try:
-            self.hand_back(self.owner, drop_owner=True, started=started,
-                           unclaimed=_SUSPECT if runner is not None and runner.dispatcher is self
-                           else _READY)
+            self.hand_back(self.owner, drop_owner=True, started=started, given_back=True,
+                           suspect=runner is not None and runner.dispatcher is self)
         finally:
             _guard.leave(self)
         return late
@@ -1716,6 +1829,7 @@ class _Dispatcher:
             self._workers.discard(worker)
             if worker in self._idle:
                 self._idle.remove(worker)
+            self._gone.notify_all()
         if _guard.workers_changed(self):
             _guard.wake_all()
 
@@ -1782,14 +1896,14 @@ class _Dispatcher:
 
     def enqueue(self, rows: list[tuple]) -> list[int]:
         """Store new jobs and wake the workers that can take them."""
-        ids = self.storage.insert(rows)
+        ids, stored = self.storage.insert(rows)
+        rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r[3] for r in rows if r[0] == _READY]
         if len(ready) < len(rows):
             self.delayed_at(min(r[2] for r in rows if r[0] == _DELAYED))
         if ready:
             self.work_arrived(ready)
-        with self.counters.lock:
-            self.counters.enqueued += len(rows)
+        self.counters.stored(len(rows))
         return ids
 
     def finish_and_claim(self, worker: _Worker, outcome: _Outcome | None,
@@ -1827,7 +1941,10 @@ class _Dispatcher:
         None if the worker was abandoned meanwhile."""
         with worker.lock:
             retired = worker.processor.retired and not worker.abandoned
-            if worker.abandoned or retired:
+            # Stopping: a job claimed before (in the commit that recorded
+            # the last, whose callback may have called stop()) is not
+            # begun; the stop undoes its claim.
+            if worker.abandoned or retired or self.stopping:
                 worker.abandoned = True
             else:
                 worker.job = job
@@ -1866,16 +1983,25 @@ class _Dispatcher:
         if not worker.finished_try():
             return None
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            log.error("job %d: processor raised %s; handed back as interrupted",
-                      job.id, type(exc).__name__)
-            return self.interrupted(job)
+            log.error("job %d: processor raised %r; handed back as interrupted", job.id, exc)
+            return self.interrupted(job, exc, f"interrupted: the processor raised {exc!r}\n"
+                                    f"{_exc_text(exc, exc.__traceback__.tb_next)}")
         if exc is not None:   # the traceback starts in the processor, not here
             return self.failure(job, exc, seconds=seconds,
                                 text=_exc_text(exc, exc.__traceback__.tb_next))
+        # The try ran, side effects and all: a result that cannot be stored
+        # ends the job at once, as running it again would not help.
+        if result is not None and inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()      # never awaited, and never warned about
+            exc = TypeError(f"the processor returned an awaitable, {result!r}: "
+                            f"async processors are not supported yet")
+            return self.failure(job, exc, retry=False, seconds=seconds,
+                                text=f"TypeError: {exc}")
         try:
-            out = None if result is None else self.settings.serializer.dumps(result)
+            out = None if result is None else _dumps(self.settings.serializer, result)
         except Exception as e:
-            return self.failure(job, e, seconds=seconds,
+            return self.failure(job, e, retry=False, seconds=seconds,
                                 text=f"cannot serialize the job's result: {_exc_text(e)}")
         return _Outcome(job, _COMPLETE, finished_at=time.time(), result=result,
                         blob=out, seconds=seconds)
@@ -1888,22 +2014,31 @@ class _Dispatcher:
         now = time.time()
         if retry and job.attempt < job.max_attempts:
             s = self.settings
-            wait = min(s.backoff_max, s.backoff_base * 2 ** (job.attempt - 1))
+            # A float power: past try 1024 an int one no longer converts.
+            wait = min(s.backoff_max, s.backoff_base * 2.0 ** min(job.attempt - 1, 1023))
             wait *= random.uniform(0.5, 1.0)
             state = _DELAYED if wait > 0 else _READY
             return _Outcome(job, state, run_at=now + wait, error=text, exc=exc,
                             seconds=seconds)
         return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
 
-    def interrupted(self, job: Job, crashed: bool = False) -> _Outcome:
-        """The outcome of a try cut short: ready again at once, if tries
-        remain; a suspect if its process died (`crashed`)."""
+    def interrupted(self, job: Job, exc: BaseException | None = None,
+                    text: str = "interrupted", given_back: bool = False,
+                    suspect: bool = False) -> _Outcome:
+        """The outcome of a try cut short (by `exc`, if the processor raised
+        one): ready again at once (a suspect, with `suspect`: see
+        _CrashGuard), if tries remain.  One cut short by a deliberate stop
+        is given back: it counts in `attempt` but uses up no try, so it is
+        always ready again."""
         now = time.time()
+        state = _SUSPECT if suspect else _READY
+        if given_back:
+            return _Outcome(job, state, run_at=now, error="handed back at stop",
+                            given_back=True)
         if job.attempt < job.max_attempts:
-            return _Outcome(job, _SUSPECT if crashed else _READY, run_at=now,
-                            error="interrupted")
-        return _Outcome(job, _FAILED, finished_at=now, error="interrupted",
-                        exc=BleroError("interrupted"))
+            return _Outcome(job, state, run_at=now, error=text)
+        return _Outcome(job, _FAILED, finished_at=now, error=text,
+                        exc=BleroError(text) if exc is None else exc)
 
     def settle(self, outcome: _Outcome, recorded: bool) -> None:
         """After an outcome was committed: log, count, call back, wake waiters."""
@@ -2004,6 +2139,7 @@ class _Dispatcher:
                 worker.abandoned = True
             with self._lock:
                 self._workers.discard(worker)   # stop() need not wait for it
+                self._gone.notify_all()
             job._cancel()
             exc = TimeoutError(f"job {job.id} timed out after {job.timeout:g} s")
             outcome = self.failure(job, exc, text=f"TimeoutError: {exc}",
@@ -2031,6 +2167,7 @@ class _Dispatcher:
 
         names = self._look_and_rearm("_schedule_due", look)
         if names:
+            self.counters.stored(len(names))
             self.work_arrived(names)
 
     def _look_and_rearm(self, due_attr: str, look: Callable[[float], tuple[Any, float | None]]):
@@ -2107,26 +2244,29 @@ class _Dispatcher:
         for owner, heartbeat in self.storage.owners():
             if owner == self.owner or owner is None:
                 continue
-            alive = _owner_alive(self.storage.path, owner)
+            alive = _owner_alive(self.storage.real, owner)
             if alive is None:      # no OS lock to ask: judge by the heartbeat
                 alive = heartbeat is not None and now - heartbeat <= self.settings.lease
-            if not alive:
-                total += self.hand_back(owner, drop_owner=True, crashed=True)
+            if not alive:       # its jobs may be what killed it: suspects
+                total += self.hand_back(owner, drop_owner=True, suspect=True)
+        if total:
+            self._look_for_suspects()
         return total
 
     def _look_for_suspects(self) -> None:
         _guard.noted(self, self.storage.suspect_names())
 
     def hand_back(self, owner: int, drop_owner: bool,
-                  started: set[tuple[int, int]] | None = None, unclaimed: int = _READY,
-                  crashed: bool = False) -> int:
-        """Hand back `owner`'s jobs as interrupted, as suspects if its process
-        died (those in `started`, when given; the others' claims are undone,
-        back to state `unclaimed`); returns how many."""
+                  started: set[tuple[int, int]] | None = None, given_back: bool = False,
+                  suspect: bool = False) -> int:
+        """Hand back `owner`'s jobs as interrupted (those in `started`, when
+        given; the others' claims are undone), their tries given back if
+        `given_back`, as suspects if `suspect` (see _CrashGuard); returns how many."""
         rows, undone = self.storage.release(
-            owner, lambda row: self.interrupted(Job(*row), crashed).params(owner),
-            drop_owner, started, unclaimed)
-        failed = [Job(*row) for row in rows if row[3] >= row[4]]
+            owner, lambda row: self.interrupted(Job(*row), given_back=given_back,
+                                                suspect=suspect).params(owner),
+            drop_owner, started, _SUSPECT if suspect else _READY)
+        failed = [Job(*row) for row in rows if not given_back and row[3] >= row[4]]
         for job in failed:
             self.counters.add("failed")
             job.data = _loads_or_none(self.settings.serializer, job.data)
@@ -2134,8 +2274,6 @@ class _Dispatcher:
         if rows:
             log.info("%d interrupted job(s) handed back, %d of them out of tries",
                      len(rows), len(failed))
-            if crashed and len(failed) < len(rows):
-                self._look_for_suspects()
         if rows or undone:
             self.work_arrived(None)
             self.changed.wake()
@@ -2145,6 +2283,16 @@ class _Dispatcher:
 def _exc_text(exc: BaseException, tb=None) -> str:
     tb = exc.__traceback__ if tb is None else tb
     return "".join(traceback.format_exception(type(exc), exc, tb)).strip()
+
+
+def _dumps(serializer, value):
+    """`serializer.dumps(value)`, checked to be something SQLite stores: a
+    value it cannot would fail every commit of the job, not just one."""
+    blob = serializer.dumps(value)
+    if not isinstance(blob, (bytes, bytearray, memoryview, str)):
+        raise TypeError(f"the serializer's dumps() gave {type(blob).__name__}, "
+                        f"not bytes or str")
+    return blob
 
 
 def _loads_or_none(serializer, blob):
@@ -2184,9 +2332,17 @@ def _db_path(path) -> str:
 
 
 def _epoch(when) -> float:
-    if isinstance(when, datetime.datetime):
-        return when.timestamp()   # a naive datetime is local time, as Python reads it
-    return _seconds("run_at", when)
+    """`run_at` as epoch seconds: a number, or a datetime (a naive one is local time)."""
+    if not isinstance(when, datetime.datetime):
+        return _seconds("run_at", when)
+    try:
+        seconds = when.timestamp()
+    except (OverflowError, OSError, ValueError) as exc:   # far out of range
+        raise ValueError(f"run_at must be a time this system can convert, "
+                         f"not {when!r}: {exc}") from None
+    if seconds < 0:
+        raise ValueError(f"run_at must be in 1970 or later, not {when!r}")
+    return seconds
 
 
 class Blero:
@@ -2210,7 +2366,10 @@ class Blero:
         self._lock = threading.Lock()        # guards the fields below
         self._storage: _Storage | None = None
         self._dispatcher: _Dispatcher | None = None
-        self._stopping = False
+        self._stop: _Stop | None = None      # the stop under way
+        self._signals: _SignalStop | None = None
+        self._borrowed = threading.Condition()   # guards _borrows
+        self._borrows = 0                    # calls using the running storage now
         self._processors: dict[int, _Processor] = {}
         self._next_processor = 1
         self._servers: list[_MetricsServer] = []
@@ -2228,19 +2387,21 @@ class Blero:
         running, and start dispatching.  Raises BleroError if the file cannot
         be used; the file is then left as it was."""
         with self._lock:
+            if self._stop is not None:
+                raise BleroError(f"{self.path}: still stopping (stop() waits until it is done)")
             if self._dispatcher is not None:
                 raise BleroError(f"{self.path}: already started")
             storage = _Storage(self.path, self._settings.sync)
             storage.open(create=True)
             owner = _new_owner_id()
             try:
-                _hold_owner(self.path, owner)
+                _hold_owner(storage.real, owner)
                 storage.heartbeat(owner, time.time())
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
-                _release_owner(self.path, owner)
+                _release_owner(storage.real, owner)
                 storage.close()
                 if isinstance(exc, OSError):
                     raise BleroError(f"{self.path}-lock: {exc.strerror or exc}") from exc
@@ -2252,32 +2413,133 @@ class Blero:
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming jobs and wait for the running ones (for ever with
         None).  Jobs still running when `timeout` runs out get `cancelled`
-        set and go back to pending (failed "interrupted" when out of tries);
-        their late results are ignored.  Closes the metrics servers made
-        so far, even on a stopped queue.  A second stop does nothing."""
-        with self._lock:
-            d, storage = self._dispatcher, self._storage
-            servers, self._servers = self._servers, []
-            if d is None or self._stopping:
-                d = None
-            else:
-                self._stopping = True
+        set and go back to pending, their tries given back (a deliberate
+        stop uses up no try); their late results are ignored.  Then
+        everything is written and closed, the metrics servers too, and the
+        handlers `stop_on_signals` replaced come back.  A Ctrl-C meanwhile
+        hands the running jobs back at once, and is raised once all that is done.
+
+        Called from inside a processor's try (or a callback), stop() cannot
+        wait for that try: it returns at once, nothing more is claimed, and
+        the queue stops once that try has ended and been recorded.  A stop
+        while another is under way waits for it (shortening its timeout to
+        its own); a second stop of a stopped queue does nothing."""
+        timeout = _seconds("timeout", timeout, optional=True)
+        me = threading.current_thread()
+        interrupted = None
+        while True:     # a Ctrl-C in here is put off until the queue is stopped
+            try:
+                d, own = self._stopping(timeout, me)
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
         if d is None:
-            for server in servers:
-                server.close()
-            return
-        try:
-            late = d.stop(timeout)
-            for server in servers:
-                server.close()
-        finally:
-            _release_owner(self.path, d.owner)
-            storage.close()
             with self._lock:
-                self._storage = self._dispatcher = None
-                self._stopping = False
-            self._changed.wake()
-        log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
+                servers, self._servers = self._servers, []
+            for server in servers:
+                server.close()
+            self._restore_signals()
+        elif own:
+            return      # a thread of the queue: the stop it began waits for it
+        else:
+            d.stop_awaited = True
+            while True:
+                try:
+                    if interrupted is not None:
+                        d.hurry(0)      # Ctrl-C means "get out now"
+                    d.stopped.wait()
+                    break
+                except KeyboardInterrupt as exc:
+                    interrupted = interrupted or exc
+            self._restore_signals()
+        if interrupted is not None:
+            raise interrupted
+        if d is not None and d.stop_error is not None:
+            raise d.stop_error
+
+    def _stopping(self, timeout: float | None,
+                  me: threading.Thread) -> tuple[_Dispatcher | None, _Worker | bool]:
+        """Begin the stop, or join the one under way (no longer than `timeout`
+        says); run again after a Ctrl-C cut it short, it does what is left.
+        Returns the running dispatcher (None if stopped) and `runs_on(me)`."""
+        with self._lock:
+            d, stop = self._dispatcher, self._stop
+            if d is None:
+                return None, False
+            own = d.runs_on(me)
+            if stop is None:
+                d.begin_stop(timeout, own if isinstance(own, _Worker) else None)
+            else:
+                d.hurry(timeout)
+            if stop is None or not stop.claimed:    # (or a Ctrl-C cut its start short)
+                stop = self._stop = _Stop(self, d, self._storage)
+                stop.thread.start()
+        return d, own
+
+    def _finish_stop(self, d: _Dispatcher, storage: _Storage) -> None:
+        """The stop itself, on a thread of its own, so that no Ctrl-C cuts
+        it short: every step runs, whatever fails before it."""
+        with self._lock:
+            servers, self._servers = self._servers, []
+        late, errors = [], []
+        for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
+                     self._no_borrowers, lambda: _release_owner(storage.real, d.owner),
+                     storage.close):
+            try:
+                step()
+            except Exception as exc:
+                errors.append(exc)
+        with self._lock:
+            self._storage = self._dispatcher = self._stop = None
+            if self._signals is not None and self._signals.run is d:
+                self._signals.run_over()
+        if errors:
+            d.stop_error = errors[0]
+            if not d.stop_awaited:  # begun by a processor: no caller to raise it to
+                log.error("stopping the queue failed: %s", errors[0])
+        else:
+            log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
+        d.stopped.set()
+        self._changed.wake()
+
+    def stop_on_signals(self, *signals: int) -> None:
+        """Stop the queue on one of these signals (default SIGINT and
+        SIGTERM) as on Ctrl-C: the running tries are handed back at once,
+        not counted, and KeyboardInterrupt (with the signal as its argument)
+        is raised in the main thread, so the program ends the usual way.
+        Call it from the main thread, after start(); stop() puts the
+        previous handlers back."""
+        chosen = []
+        for sig in signals or (signal.SIGINT, signal.SIGTERM):
+            if isinstance(sig, bool) or not isinstance(sig, int):
+                raise TypeError(f"a signal is a signal number such as signal.SIGTERM, not {sig!r}")
+            if sig not in signal.valid_signals():
+                raise ValueError(f"{sig} is not a signal number on this system")
+            chosen.append(_signal(sig))
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("stop_on_signals() must be called from the main thread: "
+                             "Python runs signal handlers there")
+        d = self._running()
+        if self._signals is not None and self._signals.run is not d:
+            self._restore_signals()     # left from a run stopped off the main thread
+        with self._lock:
+            if self._signals is None:
+                self._signals = _SignalStop(self, d)
+            signals = self._signals
+        try:
+            signals.install(chosen)
+        finally:
+            if not signals.previous:
+                self._restore_signals()
+
+    def _restore_signals(self) -> None:
+        """Put back the handlers stop_on_signals replaced (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        with self._lock:
+            signals, self._signals = self._signals, None
+        if signals is not None:
+            signals.restore()
 
     def __enter__(self) -> Blero:
         if self._dispatcher is None:
@@ -2298,6 +2560,28 @@ class Blero:
         """The running queue's storage, or the file opened for this one call."""
         return _Borrowed(self)
 
+    def _borrow(self) -> _Storage | None:
+        """The running queue's storage, kept open until `_unborrow()`; None
+        when the queue is stopped or stopping (then a call opens the file)."""
+        with self._borrowed:
+            storage = self._storage
+            if storage is None or self._stop is not None:
+                return None
+            self._borrows += 1
+            return storage
+
+    def _unborrow(self) -> None:
+        with self._borrowed:
+            self._borrows -= 1
+            self._borrowed.notify_all()
+
+    def _no_borrowers(self) -> None:
+        """Wait until no call uses the running storage (a stop has begun, so
+        none can start to)."""
+        with self._borrowed:
+            while self._borrows:
+                self._borrowed.wait()
+
     # -- processors ------------------------------------------------------------------
 
     def register_processor(self, processor: Callable[[Job], Any] | Any,
@@ -2311,6 +2595,9 @@ class Blero:
         fn = run if callable(run) else processor
         if not callable(fn):
             raise TypeError("a processor is a callable f(job) or an object with .run(job)")
+        if _is_async(fn):   # its try would only make a coroutine, never run it
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is async: async processors "
+                            f"are not supported yet; register a plain function")
         if names is not None:
             names = frozenset([names] if isinstance(names, str) else names)
             if not names or not all(isinstance(n, str) and n for n in names):
@@ -2326,6 +2613,7 @@ class Blero:
 
     def unregister_processor(self, processor_id: int) -> None:
         """Remove a processor at once; its worker finishes its current job, then ends."""
+        _integer("processor_id", processor_id, least=1)
         with self._lock:
             p = self._processors.pop(processor_id, None)
             d = self._dispatcher
@@ -2389,9 +2677,8 @@ class Blero:
             when = now + _seconds("delay", delay)
         elif run_at is not None:
             when = _epoch(run_at)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        retries = self._settings.retries if retries is None else _count("retries", retries)
+        _integer("priority", priority, least=_INT_MIN)
+        retries = self._settings.retries if retries is None else _retries("retries", retries)
         if timeout is not None:
             timeout = _seconds("timeout", timeout, positive=True)
         if key is not None and not isinstance(key, str):
@@ -2399,7 +2686,7 @@ class Blero:
         blob = None
         if data is not None:
             try:
-                blob = self._settings.serializer.dumps(data)
+                blob = _dumps(self._settings.serializer, data)
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
         return (_DELAYED if when > now else _READY, priority, when, name, blob,
@@ -2411,6 +2698,8 @@ class Blero:
         """Wait for a job to end and return its result.  Raises JobFailed,
         JobCancelled, TimeoutError when `timeout` runs out, KeyError for an
         unknown id."""
+        _job_id("job_id", job_id)
+        timeout = _seconds("timeout", timeout, optional=True)
         seen = []
 
         def ended(storage):
@@ -2434,6 +2723,8 @@ class Blero:
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is pending or running (delayed and retrying jobs
         count; runs of recurring schedules do not).  False if `timeout` ran out."""
+        timeout = _seconds("timeout", timeout, optional=True)
+
         def done(storage):
             d = self._dispatcher
             before = d.activity() if d is not None else (False, 0)
@@ -2456,18 +2747,18 @@ class Blero:
             changes.watchers += watcher
             try:
                 while True:
-                    storage = self._storage
-                    if storage is None:
-                        if opened is None:
-                            opened = _Storage(self.path, self._settings.sync)
-                            opened.open(create=False)
-                        storage = opened
+                    storage = self._borrow()
                     try:
-                        found = look(storage)
-                    except BleroError:
-                        if storage is opened or not storage.closed:
-                            raise
-                        continue        # stopped meanwhile: look at the file instead
+                        if storage is None:
+                            if opened is None:
+                                opened = _Storage(self.path, self._settings.sync)
+                                opened.open(create=False)
+                            found = look(opened)
+                        else:
+                            found = look(storage)
+                    finally:
+                        if storage is not None:
+                            self._unborrow()
                     if found is not None:
                         return found
                     wait = _POLL
@@ -2490,6 +2781,7 @@ class Blero:
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
+        _job_id("job_id", job_id)
         with self._store() as storage:
             row = storage.get(job_id)
         return None if row is None else self._info(row)
@@ -2504,8 +2796,10 @@ class Blero:
         """Stored jobs by id, optionally of one state and one name."""
         if state is not None and state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         if limit is not None:
-            _count("limit", limit)
+            _integer("limit", limit)
         with self._store() as storage:
             rows = storage.list(state, name, limit)
         return [self._info(row) for row in rows]
@@ -2515,6 +2809,7 @@ class Blero:
     def cancel(self, job_id: int) -> bool:
         """Cancel a pending or running job (a running one gets `cancelled`
         set and its result is discarded).  False if it had ended or does not exist."""
+        _job_id("job_id", job_id)
         with self._store() as storage:
             before = storage.cancel(job_id, time.time())
         if before is None:
@@ -2529,9 +2824,11 @@ class Blero:
         """Send failed jobs (all, or these ids) back to pending with a fresh
         set of tries; return how many."""
         if ids is not None:
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                raise TypeError(f"ids must be a collection of job ids, not {type(ids).__name__}")
             ids = list(ids)
             for i in ids:
-                _count("a job id", i)
+                _job_id("each of ids", i)
         with self._store() as storage:
             n = storage.retry_failed(ids, self._settings.retries, time.time())
         d = self._dispatcher
@@ -2582,6 +2879,8 @@ class Blero:
     def unschedule(self, key: str) -> bool:
         """Remove a recurring job; False if there was none.  A run already
         enqueued stays, as an ordinary job."""
+        if not isinstance(key, str):
+            raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         with self._store() as storage:
             return storage.drop_schedule(key)
 
@@ -2600,7 +2899,8 @@ class Blero:
         lines += ["# HELP blero_jobs_finished_total Tries ended by this queue, by outcome.",
                   "# TYPE blero_jobs_finished_total counter"]
         lines += [f'blero_jobs_finished_total{{outcome="{o}"}} {n}' for o, n in finished.items()]
-        lines += ["# HELP blero_jobs_enqueued_total Jobs enqueued through this queue.",
+        lines += ["# HELP blero_jobs_enqueued_total Jobs this queue stored (not those a key"
+                  " answered), schedule runs included.",
                   "# TYPE blero_jobs_enqueued_total counter",
                   f"blero_jobs_enqueued_total {enqueued}",
                   "# HELP blero_job_seconds Time processors spent on each try.",
@@ -2615,8 +2915,9 @@ class Blero:
     def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> _MetricsServer:
         """Serve `GET /metrics` and the live dashboard at `GET /` from a daemon
         thread; return a handle with `.port` and `.close()`.  `stop()` closes it."""
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
+        _integer("port", port, most=65535)
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str, not {type(host).__name__}")
         server = _MetricsServer(self, host, port)
         with self._lock:
             self._servers.append(server)
@@ -2624,23 +2925,129 @@ class Blero:
 
 
 class _Borrowed:
-    """`with`-able: the running queue's storage, or the file opened just for
-    this call when the queue is stopped (never created: it must exist)."""
+    """`with`-able: the running queue's storage, which a stop leaves open
+    until this call is done, or the file opened just for this call when the
+    queue is stopped or stopping (never created: it must exist)."""
 
     def __init__(self, blero: Blero):
         self._blero = blero
-        self._opened = None
+        self._opened = self._borrowed = None
 
     def __enter__(self) -> _Storage:
-        storage = self._blero._storage
+        storage = self._borrowed = self._blero._borrow()
         if storage is None:
             storage = self._opened = _Storage(self._blero.path, self._blero._settings.sync)
             storage.open(create=False)
         return storage
 
     def __exit__(self, *exc) -> None:
+        if self._borrowed is not None:
+            self._blero._unborrow()
         if self._opened is not None:
             self._opened.close()
+
+
+class _Stop:
+    """The thread that does a stop (not a daemon: a program that ends
+    meanwhile lets it end).  Started under the Blero's lock, it goes on only
+    if it is still the Blero's `_stop`: a Ctrl-C that cut its start short
+    leaves it unclaimed, and the stop() run again makes another."""
+
+    def __init__(self, blero: Blero, d: _Dispatcher, storage: _Storage):
+        self.claimed = False
+        self.thread = threading.Thread(target=self._run, args=(blero, d, storage),
+                                       name="blero-stop")
+
+    def _run(self, blero: Blero, d: _Dispatcher, storage: _Storage) -> None:
+        with blero._lock:
+            if blero._stop is not self:
+                return
+            self.claimed = True
+        blero._finish_stop(d, storage)
+
+
+def _signal(number: int):
+    """The signal.Signals member of that number (real-time signals have none)."""
+    try:
+        return signal.Signals(number)
+    except ValueError:
+        return number
+
+
+class _SignalStop:
+    """What stop_on_signals() set up for one run: the handlers it replaced,
+    and a thread that stops the queue when one of the signals comes.
+
+    A signal handler runs in the main thread between two steps of whatever
+    it was doing, maybe holding one of the queue's locks: so it takes none,
+    and only writes a byte to a pipe, which the thread reads."""
+
+    def __init__(self, blero: Blero, run: _Dispatcher):
+        self.blero, self.run = blero, run
+        self.previous: dict[int, Any] = {}
+        self.fired = False
+        self._read, self._write = os.pipe()
+        self._thread = threading.Thread(target=self._watch, name="blero-signals", daemon=True)
+        self._thread.start()
+        # The thread is a daemon (a program that never gets the signal must
+        # not wait for it at exit); one that got it waits for its stop.
+        atexit.register(self._at_exit)
+
+    def install(self, signals: list[int]) -> None:
+        added = []
+        try:
+            for sig in signals:
+                if sig not in self.previous:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                    added.append(sig)
+        except (OSError, ValueError) as exc:
+            self.put_back(added)
+            raise ValueError(f"cannot handle {getattr(sig, 'name', sig)}: {exc}") from None
+
+    def _handle(self, signum, frame) -> None:
+        if self.blero._dispatcher is not self.run:
+            # That run was stopped off the main thread (by a processor, say),
+            # which cannot put handlers back: act as if never set.
+            self.put_back()
+            signal.raise_signal(signum)
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._write, b"!")     # first: whatever comes next, the stop is begun
+        self.fired = True
+        self.put_back()
+        raise KeyboardInterrupt(_signal(signum))
+
+    def _watch(self) -> None:
+        if os.read(self._read, 1) == b"!" and self.blero._dispatcher is self.run:
+            try:
+                self.blero.stop(timeout=0)
+            except Exception as exc:
+                log.error("stopping the queue on a signal failed: %s", exc)
+
+    def run_over(self) -> None:
+        """The run stopped (under the Blero's lock): the thread may end."""
+        with contextlib.suppress(OSError):
+            os.write(self._write, b".")
+
+    def put_back(self, signals: Iterable[int] | None = None) -> None:
+        """The previous handlers of `signals` (default: all) back (main thread)."""
+        for sig in list(self.previous if signals is None else signals):
+            handler = self.previous.pop(sig)    # None: not set from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def restore(self) -> None:
+        """The previous handlers back, the thread ended, the pipe closed (main thread)."""
+        self.put_back()
+        if not self.fired:
+            atexit.unregister(self._at_exit)
+        self.run_over()
+        self._thread.join()
+        os.close(self._read)
+        os.close(self._write)
+
+    def _at_exit(self) -> None:
+        if self.fired:
+            self._thread.join()
 
 
 def new(path: str | os.PathLike, **settings) -> Blero:
@@ -2718,7 +3125,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             if path == "/api/retry":
                 self._json(200, {"retried": self.server.blero.retry_failed(body.get("ids"))})
             elif path == "/api/cancel":
-                self._json(200, {"cancelled": self.server.blero.cancel(int(body["id"]))})
+                self._json(200, {"cancelled": self.server.blero.cancel(body["id"])})
             else:
                 self._json(404, {"error": f"no such action: {path}"})
         except (ValueError, TypeError, KeyError) as exc:
@@ -2946,10 +3353,6 @@ setInterval(refresh, 2000);
 # The command line: python -m blero ...
 # ---------------------------------------------------------------------------
 
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception like Ctrl-C's KeyboardInterrupt."""
-
-
 class _DemoOutput:
     """Whole lines to stdout; on a terminal, a progress line kept below them."""
 
@@ -3015,19 +3418,18 @@ def _demo(args) -> int:
     out.line("Starting Blero ...")
     bl = Blero(args.db, on_complete=out.finished, on_failed=out.finished)
     bl.start()
+    # Like Goblero's signal.Notify: Ctrl-C and SIGTERM stop the demo cleanly,
+    # even when it was started with SIGINT ignored (as a background job).
+    bl.stop_on_signals()
 
     def processor(k):
         def process(job):
             out.line(f"[Processor {k}] Processing job: {job.name} - data: {job.data}")
-            if job.cancelled.wait(args.sleep):
+            if job.cancelled.wait(min(args.sleep, threading.TIMEOUT_MAX)):
                 return      # stopped: the job goes back to pending for the next run
             out.line(f"[Processor {k}] Done Processing job: {job.name}")
         return process
 
-    # Like Goblero's signal.Notify: Ctrl-C and SIGTERM stop the demo cleanly,
-    # even when it was started with SIGINT ignored (as a background job).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         counts = bl.stats()
         out.begin(counts)
@@ -3043,18 +3445,14 @@ def _demo(args) -> int:
         out.end()
         out.line("All jobs done.")
         timeout = None
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except KeyboardInterrupt as exc:
         out.end()
-        name = "interrupt" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        name = "terminated" if exc.args == (signal.SIGTERM,) else "interrupt"
         out.line(f"Caught signal {name}. Exiting ...")
         timeout = 0.0
     out.line("Stopping Blero ...")
     bl.stop(timeout)
     return 0
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
 
 
 def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
@@ -3068,32 +3466,46 @@ def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
               f"\tdata={data}" + (f"\terror={error[0]}" if j.error else ""))
 
 
-def _cli_seconds(text: str) -> float:
-    """argparse type: seconds, 0 or more."""
-    try:
-        return _seconds("seconds", float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more") \
-            from None
+def _cli_type(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
+    """An argparse type: `parse(text)`, through the API's own checks; a
+    value they refuse is a usage error (exit 2) saying what was expected."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+    return convert
 
 
-def _cli_port(text: str) -> int:
-    """argparse type: a TCP port, 0 for any free one."""
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
-    return int(text)
+_cli_seconds = _cli_type(lambda text: _seconds("seconds", float(text)),
+                         "a number of seconds, 0 or more")
+_cli_port = _cli_type(lambda text: _integer("port", int(text), most=65535),
+                      "a port (0 to 65535)")
+_cli_job_id = _cli_type(lambda text: _job_id("ID", int(text)), "a job id (1 or more)")
+_cli_limit = _cli_type(lambda text: None if text == "all" else _integer("--limit", int(text)),
+                       "a number of jobs (0 or more) or all")
+_cli_processors = _cli_type(lambda text: _integer("-n", int(text), least=1),
+                            "a number of processors (1 or more)")
+
+
+def _why_not(bl: Blero, job_id: int, wanted: str) -> str:
+    """Why an operation on one job did nothing: it does not exist, or its state."""
+    info = bl.get_job(job_id)
+    if info is None:
+        return f"no such job: {job_id}"
+    return f"job {job_id} {wanted}: {info.state}"
 
 
 def _serve(args) -> int:
     bl = Blero(args.db)
     bl.stats()      # a missing or foreign file fails here, and nothing is created
     bl.start()
+    bl.stop_on_signals()
     try:
         server = bl.serve_metrics(port=args.port, host=args.host)
         print(f"Serving the dashboard of {bl.path} at {server.url} (Ctrl-C to stop)", flush=True)
-        signal.signal(signal.SIGTERM, _raise_terminated)
         threading.Event().wait()
-    except (KeyboardInterrupt, _Terminated):
+    except KeyboardInterrupt:
         pass
     finally:
         bl.stop(timeout=0)
@@ -3106,7 +3518,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m blero", description="blero: an embedded, persistent job queue.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser("demo", help="the Goblero demo: 50 jobs, N processors")
-    demo.add_argument("-n", type=int, default=5, help="number of processors (default 5)")
+    demo.add_argument("-n", type=_cli_processors, default=5,
+                      help="number of processors (default 5)")
     demo.add_argument("--db", default="db/", help="queue file or directory (default db/)")
     demo.add_argument("--sleep", type=_cli_seconds, default=2.0,
                       help="seconds each job takes (default 2)")
@@ -3121,12 +3534,14 @@ def main(argv: list[str] | None = None) -> int:
     p = queue_command("jobs", "list jobs by id")
     p.add_argument("--state", choices=STATES, help="only jobs in this state")
     p.add_argument("--name", help="only jobs of this name")
-    p.add_argument("--limit", type=int, default=100, help="at most N jobs (0: all)")
+    p.add_argument("--limit", type=_cli_limit, default=100,
+                   help="at most N jobs (default 100; all: every one)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p = queue_command("retry", "send failed jobs back to pending")
-    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="(default: all failed)")
+    p.add_argument("ids", nargs="*", type=_cli_job_id, metavar="ID",
+                   help="(default: all failed)")
     p = queue_command("cancel", "cancel pending or running jobs")
-    p.add_argument("ids", nargs="+", type=int, metavar="ID")
+    p.add_argument("ids", nargs="+", type=_cli_job_id, metavar="ID")
     p = queue_command("sweep", "delete finished jobs")
     p.add_argument("--older-than", type=_cli_seconds, default=0.0, metavar="SECONDS",
                    help="only jobs that finished at least this long ago (default 0)")
@@ -3142,8 +3557,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "demo":
-            if args.n < 1:
-                parser.error("-n must be 1 or more")
             return _demo(args)
         if args.command == "serve":
             return _serve(args)
@@ -3153,24 +3566,24 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(counts) if args.json
                   else "\n".join(f"{s} {n}" for s, n in counts.items()))
         elif args.command == "jobs":
-            if args.limit < 0:
-                parser.error("--limit must be 0 or more")
-            _print_jobs(bl.jobs(args.state, args.name, args.limit or None), args.json)
+            _print_jobs(bl.jobs(args.state, args.name, args.limit), args.json)
         elif args.command == "retry":
-            missed = [i for i in args.ids if bl.retry_failed([i]) == 0]
+            missed = [_why_not(bl, i, "is not failed") for i in args.ids
+                      if bl.retry_failed([i]) == 0]
             if not args.ids:
                 print(f"{bl.retry_failed()} job(s) sent back to pending")
             else:
                 print(f"{len(args.ids) - len(missed)} job(s) sent back to pending")
+            for reason in missed:
+                print(f"blero: {reason}", file=sys.stderr)
             if missed:
-                print(f"blero: not failed: {' '.join(map(str, missed))}", file=sys.stderr)
                 return 1
         elif args.command == "cancel":
-            missed = [i for i in args.ids if not bl.cancel(i)]
+            missed = [_why_not(bl, i, "already ended") for i in args.ids if not bl.cancel(i)]
             print(f"{len(args.ids) - len(missed)} job(s) cancelled")
+            for reason in missed:
+                print(f"blero: {reason}", file=sys.stderr)
             if missed:
-                print(f"blero: not pending or running: {' '.join(map(str, missed))}",
-                      file=sys.stderr)
                 return 1
         elif args.command == "sweep":
             print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")

@@ -8,10 +8,12 @@ with a bare sleep: every wait is for a condition, with a deadline.
 import collections
 import contextlib
 import datetime
+import functools
 import gc
 import hashlib
 import http.client
 import http.server
+import inspect
 import json
 import logging
 import math
@@ -31,6 +33,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 import unittest
 import weakref
 from typing import NamedTuple
@@ -819,17 +822,18 @@ class OperatingTest(TempDirTest):
         self.assertLess(time.monotonic() - t0, 5)
         self.assertTrue(returned.wait(10), "job.cancelled was not set")
         info = bl.get_job(job_id)
-        self.assertEqual((info.state, info.attempt, info.result), ("pending", 1, None))
-        # Started again, it runs the handed-back job first; out of tries, the
-        # next cut-short try ends failed "interrupted".
+        self.assertEqual((info.state, info.attempt, info.max_attempts, info.result),
+                         ("pending", 1, 3, None))
+        # Started again, it runs the handed-back job first; a try cut short by
+        # a stop is given back each time, so the job never ends failed for it.
         started.clear()
         bl.start()
         self.assertTrue(started.wait(10))
         self.assertEqual(bl.get_job(job_id).attempt, 2)
         bl.stop(timeout=0)
         info = bl.get_job(job_id)
-        self.assertEqual((info.state, info.error), ("failed", "interrupted"))
-        self.assertEqual(interrupted, [(job_id, "interrupted")])
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("pending", 2, 4))
+        self.assertEqual(interrupted, [])
         self.assertEqual(bl.get_job(last).state, "pending")
 
     @unittest.skipUnless(POSIX, "SIGINT")
@@ -1699,7 +1703,8 @@ class CallbacksTest(TempDirTest):
         self.assertTrue(in_callback.wait(10))
         self.assertEqual(bl.wait(bl.enqueue("later", delay=0.1), timeout=10), "ran")
 
-    def test_on_failed_when_stop_runs_out_of_time(self):
+    def test_no_on_failed_when_stop_runs_out_of_time(self):
+        # The try is given back (SPEC v2): the job goes back to pending.
         failed = []
         bl = self.queue(retries=0, on_failed=lambda job, exc: failed.append((job.id, job.data, exc)))
         started, release = threading.Event(), threading.Event()
@@ -1713,12 +1718,9 @@ class CallbacksTest(TempDirTest):
         job_id = bl.enqueue("long", "payload")
         self.assertTrue(started.wait(10))
         bl.stop(timeout=0.1)
-        self.assertEqual(len(failed), 1)
-        self.assertEqual(failed[0][:2], (job_id, "payload"))
-        self.assertIsInstance(failed[0][2], blero.BleroError)
-        self.assertEqual(str(failed[0][2]), "interrupted")
+        self.assertEqual(failed, [])
         info = bl.get_job(job_id)
-        self.assertEqual((info.state, info.error), ("failed", "interrupted"))
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("pending", 1, 2))
 
     @unittest.skipUnless(POSIX, "kill -9 needs POSIX")
     def test_on_failed_when_crash_recovery_fails_a_job(self):
@@ -3621,6 +3623,737 @@ class SerializerAcrossProcessesTest(ProcessTest):
         ran = {int(f[1]) for f in self.lines("S")}
         self.assertEqual(ran, {nothing}, "the processor saw undecodable data")
 
+
+# ---------------------------------------------------------------------------
+# Bad values, and the smaller findings of issue 8 (#11, #13)
+# ---------------------------------------------------------------------------
+
+def call_within(test, fn, timeout=10.0):
+    """Call `fn` on a thread; return what it raised (None if nothing).  A
+    call that hangs fails the test after `timeout` seconds, not the suite."""
+    box = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except BaseException as exc:
+            box.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        test.fail(f"still running after {timeout} s: it hangs")
+    return box[0]
+
+
+BIG = 2 ** 63            # one past SQLite's largest INTEGER
+NAN, INF = float("nan"), float("inf")
+LONG_AGO = datetime.datetime(1, 1, 1)                    # naive: no epoch time for it
+BEFORE_1970 = datetime.datetime(1900, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def bad_seconds(positive=False):
+    """Durations no call may take: (value, exception)."""
+    values = [(NAN, ValueError), (INF, ValueError), (-INF, ValueError), (-1, ValueError),
+              (10 ** 400, ValueError), ("1", TypeError), (True, TypeError)]
+    return values + ([(0, ValueError)] if positive else [])
+
+
+def bad_ids():
+    return [(BIG, ValueError), (0, ValueError), (-1, ValueError), (True, TypeError),
+            (1.0, TypeError), ("1", TypeError)]
+
+
+class BadValuesTest(TempDirTest):
+    """A user who passes a bad number anywhere gets a ValueError or TypeError
+    naming the argument, at the call: no hang, no spin, no raw OverflowError,
+    and nothing stored."""
+
+    def cases(self, bl):
+        """(what is called, the call, the exception, the name its message gives)."""
+        cases = []
+
+        def add(label, name, values, call):
+            for value, exc in values:
+                shown = f"{value!r}" if len(repr(value)) < 30 else f"{repr(value)[:20]}..."
+                cases.append((f"{label}={shown}", lambda v=value: call(v), exc, name))
+
+        settings = {"retries": [(-1, ValueError), (BIG - 1, ValueError), (1.5, TypeError),
+                                (True, TypeError)],
+                    "backoff_base": bad_seconds(), "backoff_max": bad_seconds(),
+                    "lease": bad_seconds(positive=True) + [(1e-300, ValueError),
+                                                           (0.09, ValueError)],
+                    "keep_complete": bad_seconds()}
+        for setting, values in settings.items():
+            add(f"new({setting})", setting, values,
+                lambda v, s=setting: blero.new(os.path.join(self.dir, "x.db"), **{s: v}))
+        job_options = {
+            "delay": bad_seconds(),
+            "run_at": bad_seconds() + [(LONG_AGO, ValueError), (BEFORE_1970, ValueError),
+                                       (datetime.date(2030, 1, 1), TypeError)],
+            "priority": [(BIG, ValueError), (-BIG - 1, ValueError), (1.5, TypeError),
+                         (True, TypeError), ("high", TypeError)],
+            "retries": [(-1, ValueError), (BIG - 1, ValueError), (1.0, TypeError)],
+            "timeout": bad_seconds(positive=True)}
+        for option, values in job_options.items():
+            add(f"enqueue({option})", option, values,
+                lambda v, o=option: bl.enqueue("x", **{o: v}))
+            add(f"enqueue_many({option})", option, values,
+                lambda v, o=option: bl.enqueue_many([("ok", 1), {"name": "x", o: v}]))
+            add(f"every({option})", option, values,
+                lambda v, o=option: bl.every(60, "x", key="refused", **{o: v}))
+        add("every(interval)", "interval", bad_seconds(positive=True),
+            lambda v: bl.every(v, "x", key="refused"))
+        add("get_job", "job_id", bad_ids(), bl.get_job)
+        add("wait", "job_id", bad_ids(), lambda v: bl.wait(v, timeout=0))
+        add("cancel", "job_id", bad_ids(), bl.cancel)
+        add("retry_failed", "ids", [([v], e) for v, e in bad_ids()] + [
+            (5, TypeError), ("12", TypeError)], bl.retry_failed)
+        for label, call in (("wait", lambda v: bl.wait(self.pending, timeout=v)),
+                            ("join", lambda v: bl.join(timeout=v)),
+                            ("stop", lambda v: bl.stop(timeout=v))):
+            add(f"{label}(timeout)", "timeout", bad_seconds(), call)
+        add("jobs(limit)", "limit", [(BIG, ValueError), (-1, ValueError), (1.5, TypeError),
+                                     (True, TypeError)], lambda v: bl.jobs(limit=v))
+        add("jobs(name)", "name", [(BIG, TypeError)], lambda v: bl.jobs(name=v))
+        add("sweep(older_than)", "older_than", bad_seconds(), bl.sweep)
+        add("unschedule", "key", [(BIG, TypeError)], bl.unschedule)
+        add("unregister_processor", "processor_id",
+            [(True, TypeError), (1.0, TypeError), (0, ValueError)], bl.unregister_processor)
+        add("serve_metrics(port)", "port", [(-1, ValueError), (65536, ValueError),
+                                            (True, TypeError), ("80", TypeError)],
+            lambda v: bl.serve_metrics(port=v))
+        add("serve_metrics(host)", "host", [(5, TypeError)],
+            lambda v: bl.serve_metrics(host=v))
+        add("stop_on_signals", "signal", [(100000, ValueError), (BIG, ValueError),
+                                          (-1, ValueError), (1.5, TypeError),
+                                          (True, TypeError), ("SIGTERM", TypeError)],
+            bl.stop_on_signals)
+        return cases
+
+    def test_every_call_refuses_bad_numbers_naming_them(self):
+        bl = self.queue()
+        self.pending = bl.enqueue("waits", delay=3600)
+        cases = self.cases(bl)
+        for label, call, expected, name in cases:
+            with self.subTest(label):
+                stored = bl.stats()
+                exc = call_within(self, call)
+                self.assertIsInstance(exc, expected, f"{label}: {exc!r}")
+                self.assertIn(name, str(exc), f"{label}: the message names {name}")
+                self.assertEqual(bl.stats(), stored, f"{label} stored something")
+                self.assertFalse(bl.unschedule("refused"), f"{label} stored a schedule")
+        # Every public method, setting and job option is in the table.
+        called = {label.split("(")[0].split("=")[0] for label, _, _, _ in cases}
+        public = {name for name in dir(blero.Blero) if not name.startswith("_")}
+        takes_no_number = {"start", "stats", "metrics_text", "register_processor"}
+        self.assertEqual(public - takes_no_number - called, set(), "methods left out")
+        checked = {label.split("(")[1].split(")")[0] for label, _, _, _ in cases
+                   if label.startswith(("new(", "enqueue("))}
+        for fn, not_numbers in ((blero.Blero.__init__, {"self", "path", "sync", "on_complete",
+                                                        "on_failed", "serializer"}),
+                                (blero.Blero.enqueue, {"self", "name", "data", "key"})):
+            params = set(inspect.signature(fn).parameters)
+            self.assertEqual(params - not_numbers - checked, set(), f"{fn.__name__} left out")
+        # Refused, the queue was left as it was: still running, as before.
+        bl.register_processor(lambda job: job.data * 2)
+        self.assertEqual(bl.wait(bl.enqueue("x", 21), timeout=10), 42)
+
+    def test_the_lowest_lease_is_a_tenth_of_a_second(self):
+        with self.queue(lease=0.1, start=False) as bl:
+            bl.register_processor(lambda job: "done")
+            self.assertEqual(bl.wait(bl.enqueue("x"), timeout=10), "done")
+
+    def test_the_largest_values_sqlite_holds_are_taken(self):
+        bl = self.queue()
+        top = bl.enqueue("top", priority=BIG - 1, retries=BIG - 2)
+        bottom = bl.enqueue("bottom", priority=-BIG)
+        info = bl.get_job(top)
+        self.assertEqual((info.priority, info.max_attempts), (BIG - 1, BIG - 1))
+        self.assertEqual(bl.get_job(bottom).priority, -BIG)
+        self.assertIsNone(bl.get_job(BIG - 1))
+        self.assertFalse(bl.cancel(BIG - 1))
+        self.assertEqual(len(bl.jobs(limit=BIG - 1)), 2)
+        when = datetime.datetime(9999, 12, 31)
+        self.assertEqual(bl.get_job(bl.enqueue("far", run_at=when)).run_at, when.timestamp())
+
+    def test_a_job_tried_over_a_thousand_times_still_ends(self):
+        # Past try 1024 the backoff's 2**n no longer converted to a float:
+        # the worker died and the job stayed inprogress for ever.
+        bl = self.queue(retries=1100, backoff_base=0)
+        bl.register_processor(lambda job: 1 / 0 if job.name == "doomed" else "ok")
+        doomed = bl.enqueue("doomed")
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(doomed, timeout=60)
+        self.assertEqual(bl.get_job(doomed).attempt, 1101)
+        self.assertEqual(bl.wait(bl.enqueue("next"), timeout=10), "ok", "the worker goes on")
+
+    def test_stop_with_a_timeout_longer_than_the_os_can_wait(self):
+        # threading's joins refuse more than threading.TIMEOUT_MAX seconds.
+        bl = self.queue()
+        bl.register_processor(lambda job: None)
+        bl.wait(bl.enqueue("x"), timeout=10)
+        self.assertIsNone(call_within(self, lambda: bl.stop(timeout=1e10)))
+        wait_for_threads_to_end("blero-clock", "the clock thread to end")
+        self.assertEqual(bl.stats()["complete"], 1)
+
+    def test_command_line_numbers_are_checked_and_limit_0_means_none(self):
+        path = os.path.join(self.dir, "q.db")
+        bl = self.queue()
+        for i in range(3):
+            bl.enqueue("x", i, delay=3600)
+        bl.stop()
+        bad = [(("cancel", "--db", path, "-5"), "ID"),
+               (("cancel", "--db", path, BIG), "ID"),
+               (("retry", "--db", path, "0"), "ID"),
+               (("jobs", "--db", path, "--limit", BIG), "--limit"),
+               (("jobs", "--db", path, "--limit", "-1"), "--limit"),
+               (("jobs", "--db", path, "--limit", "1.5"), "--limit"),
+               (("sweep", "--db", path, "--older-than", "nan"), "--older-than"),
+               (("sweep", "--db", path, "--older-than", "inf"), "--older-than"),
+               (("serve", "--db", path, "--port", "70000"), "--port"),
+               (("demo", "--db", path, "-n", "0"), "-n"),
+               (("demo", "--db", path, "--sleep", "nan"), "--sleep")]
+        good = [("jobs", "--db", path, "--limit", "0", "--json"),
+                ("jobs", "--db", path, "--limit", "all", "--json"),
+                ("jobs", "--db", path, "--limit", "2", "--json")]
+        results = run_clis(*[args for args, _ in bad], *good)
+        for (args, name), (code, out, err) in zip(bad, results):
+            with self.subTest(args=args):
+                self.assertEqual(code, 2, (out, err))
+                self.assertIn(f"argument {name}", err)
+                self.assertNotIn("Traceback", err)
+        for args, (code, out, err), count in zip(good, results[len(bad):], (0, 3, 2)):
+            with self.subTest(args=args):
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(len(json.loads(out)), count)
+        self.assertEqual(self.stats_of(path)["pending"], 3, "nothing changed")
+
+    def stats_of(self, path):
+        return blero.new(path).stats()
+
+    def test_the_dashboard_refuses_bad_ids_and_limits(self):
+        bl = self.queue()
+        job_id = bl.enqueue("x", delay=3600)
+        server = bl.serve_metrics()
+        own = {"Origin": f"http://127.0.0.1:{server.port}"}
+        for bad in (True, 1.9, BIG, -1):
+            with self.subTest(id=bad):
+                status, _, body = http_request(server.port, "POST", "/api/cancel",
+                                               {"id": bad}, own)
+                self.assertEqual(status, 400, body)
+                self.assertIn(b"job_id", body)
+        self.assertEqual(bl.get_job(job_id).state, "pending")
+        status, _, body = http_request(server.port, "GET", f"/api/jobs?limit={BIG}")
+        self.assertEqual(status, 400, body)
+        self.assertIn(b"limit", body)
+
+
+class EnqueuedMetricTest(TempDirTest):
+    """A user graphing blero_jobs_enqueued_total sees the jobs stored, not
+    the enqueue calls a key answered with an existing job."""
+
+    def enqueued(self, bl):
+        samples, _ = parse_prometheus(self, bl.metrics_text())
+        return samples[("blero_jobs_enqueued_total", frozenset())]
+
+    def test_key_hits_are_not_counted_and_schedule_runs_are(self):
+        bl = self.queue()
+        first = bl.enqueue("post", "a", key="k1")
+        self.assertEqual(bl.enqueue("post", "again", key="k1"), first)
+        ids = bl.enqueue_many([("plain", 1), {"name": "post", "key": "k1"},
+                               {"name": "post", "key": "k2", "delay": 3600},
+                               {"name": "post", "key": "k2"}])
+        self.assertEqual(ids[1], first)
+        self.assertEqual(ids[2], ids[3])
+        self.assertEqual(sum(bl.stats().values()), 3)
+        self.assertEqual(self.enqueued(bl), 3)
+        bl.every(3600, "tick")      # its first run is stored at once, by the clock
+        wait_until(lambda: sum(bl.stats().values()) == 4, message="the schedule's first run")
+        self.assertEqual(self.enqueued(bl), 4)
+
+
+class UnstorableResultTest(TempDirTest):
+    """A processor that did its work but returned what cannot be stored: its
+    job ends failed at once, naming the cause, instead of running again."""
+
+    def test_a_result_the_serializer_refuses_fails_the_job_at_once(self):
+        ended = []
+        bl = self.queue(retries=3, backoff_base=0, on_failed=lambda job, exc: ended.append(exc))
+        runs = []
+        bl.register_processor(lambda job: runs.append(job.id) or threading.Lock())
+        job_id = bl.enqueue("x")
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(job_id, timeout=10)
+        self.assertIn("cannot serialize the job's result", cm.exception.error)
+        self.assertIn("lock", cm.exception.error)
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.attempt, runs), ("failed", 1, [job_id]))
+        wait_until(lambda: ended, message="on_failed")
+        self.assertIsInstance(ended[0], TypeError)
+
+    def test_a_serializer_giving_what_sqlite_cannot_store(self):
+        # Its dumps() returns a dict: enqueue refuses such data, and a result
+        # ends its job instead of failing every commit of the worker for ever.
+        class Identity:
+            dumps = staticmethod(lambda value: value)
+            loads = staticmethod(lambda blob: blob)
+
+        bl = self.queue(serializer=Identity(), retries=3)
+        with self.assertRaises(TypeError) as cm:
+            bl.enqueue("x", {"a": 1})
+        self.assertIn("dumps() gave dict", str(cm.exception))
+        self.assertEqual(sum(bl.stats().values()), 0)
+        bl.register_processor(lambda job: {"a": 1} if job.name == "dict" else "fine")
+        job_id = bl.enqueue("dict", "in")
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(job_id, timeout=10)
+        self.assertIn("dumps() gave dict", cm.exception.error)
+        self.assertEqual(bl.get_job(job_id).attempt, 1)
+        self.assertEqual(bl.wait(bl.enqueue("next", "in"), timeout=10), "fine")
+
+
+async def async_processor(job):
+    return job.data
+
+
+async def async_callback(job, value):
+    pass
+
+
+class AsyncProcessorTest(TempDirTest):
+    """Until asyncio support lands, a user registering an async processor is
+    told so at once, rather than seeing every job fail "cannot pickle coroutine"."""
+
+    def test_async_processors_are_refused_at_registration(self):
+        class AsyncRun:
+            async def run(self, job):
+                return job.data
+
+        class AsyncCall:
+            async def __call__(self, job):
+                return job.data
+
+        async def stream(job):
+            yield job.data
+
+        bl = self.queue()
+        for processor in (async_processor, AsyncRun(), AsyncCall(),
+                          functools.partial(async_processor), stream):
+            with self.subTest(processor=processor):
+                with self.assertRaises(TypeError) as cm:
+                    bl.register_processor(processor)
+                self.assertIn("async processors are not supported yet", str(cm.exception))
+        self.assertIn("0 processor(s)", repr(bl))
+        for setting in ("on_complete", "on_failed"):
+            with self.assertRaises(TypeError) as cm:
+                blero.new(self.dir, **{setting: async_callback})
+            self.assertIn(setting, str(cm.exception))
+
+    def test_a_plain_function_returning_a_coroutine_fails_at_once(self):
+        bl = self.queue(retries=3)
+        bl.register_processor(lambda job: async_processor(job))
+        job_id = bl.enqueue("x", 1)
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(job_id, timeout=10)
+        self.assertIn("async processors are not supported yet", cm.exception.error)
+        self.assertEqual(bl.get_job(job_id).attempt, 1)
+
+
+class CommandLineReasonsTest(TempDirTest):
+    """An operator who retries or cancels the wrong id is told why nothing
+    happened: no such job, or the state it is in."""
+
+    def test_retry_and_cancel_name_the_cause(self):
+        path = os.path.join(self.dir, "q.db")
+        bl = self.queue(retries=0)
+        bl.register_processor(lambda job: 1 / 0 if job.name == "bad" else "ok")
+        done, failed = bl.enqueue("good"), bl.enqueue("bad")
+        bl.wait(done, timeout=10)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(failed, timeout=10)
+        bl.stop()
+        results = run_clis(("retry", "--db", path, 424242), ("retry", "--db", path, done),
+                           ("cancel", "--db", path, 424242), ("cancel", "--db", path, done),
+                           ("cancel", "--db", path, failed, 424242))
+        expected = [["blero: no such job: 424242"],
+                    [f"blero: job {done} is not failed: complete"],
+                    ["blero: no such job: 424242"],
+                    [f"blero: job {done} already ended: complete"],
+                    [f"blero: job {failed} already ended: failed",
+                     "blero: no such job: 424242"]]
+        for (code, out, err), lines in zip(results, expected):
+            with self.subTest(lines=lines):
+                self.assertEqual((code, err.splitlines()), (1, lines), out)
+
+
+class ProcessorExitTest(TempDirTest):
+    """A processor that raises SystemExit (or KeyboardInterrupt) is handed back
+    as interrupted, and its stored error says what it raised, and where."""
+
+    def test_the_stored_error_says_what_the_processor_raised(self):
+        failed = []
+        bl = self.queue(retries=1, backoff_base=0, on_failed=lambda job, exc: failed.append(exc))
+
+        def exits(job):
+            if job.name == "twice" or job.attempt == 1:
+                raise SystemExit(3) if job.data == "exit" else KeyboardInterrupt()
+            return "second try"
+
+        bl.register_processor(exits)
+        once, twice = bl.enqueue("once", "exit"), bl.enqueue("twice", "exit")
+        interrupt = bl.enqueue("twice", "interrupt")
+        self.assertEqual(bl.wait(once, timeout=10), "second try")
+        for job_id, raised in ((twice, "SystemExit(3)"), (interrupt, "KeyboardInterrupt()")):
+            with self.assertRaises(blero.JobFailed) as cm:
+                bl.wait(job_id, timeout=10)
+            error = cm.exception.error
+            self.assertTrue(error.startswith(f"interrupted: the processor raised {raised}\n"),
+                            error)
+            self.assertIn("Traceback", error)
+            self.assertIn("in exits", error)
+            self.assertEqual(bl.get_job(job_id).attempt, 2)
+        wait_until(lambda: len(failed) == 2, message="on_failed for both")
+        self.assertEqual(sorted(type(e).__name__ for e in failed),
+                         ["KeyboardInterrupt", "SystemExit"])
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle under real operating conditions (issue 8): a deploy flipping a
+# link, deliberate stops, a processor stopping its queue, Ctrl-C inside
+# stop(), inspecting while another thread starts and stops.
+# ---------------------------------------------------------------------------
+
+def blocked_in_stop(frame):
+    """Whether a thread whose innermost frame is `frame` waits inside
+    Blero.stop (its innermost call is one of threading's waits)."""
+    stack = traceback.extract_stack(frame) if frame is not None else []
+    return (any(f.name == "stop" and f.filename == blero.__file__ for f in stack)
+            and stack[-1].filename == threading.__file__)
+
+
+# A child that runs one job (no retries) until its try is cut short, with the
+# stop it is given as argv[2]; argv[1] is the queue file.
+_STOPPED_CHILD = """
+    import os, sys, signal, threading, blero
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def run(job):
+        os.write(1, b"running\\n")
+        job.cancelled.wait(60)
+    if sys.argv[2] == "ctrl-c":             # a `with` block left by KeyboardInterrupt
+        try:
+            with blero.new(sys.argv[1], retries=0) as bl:
+                bl.register_processor(run)
+                bl.enqueue("x")
+                bl.join()
+        except KeyboardInterrupt:
+            pass
+    else:                                   # SIGTERM: no `with`, no `finally`
+        bl = blero.new(sys.argv[1], retries=0).start()
+        bl.stop_on_signals()
+        bl.register_processor(run)
+        bl.enqueue("x")
+        bl.join()
+"""
+
+
+class LifecycleTest(ProcessTest):
+    """Stops and starts as programs really do them."""
+
+    @unittest.skipUnless(POSIX, "symlinks")
+    def test_a_deploy_flipping_the_current_link_never_wedges_the_queue(self):
+        releases = [os.path.join(self.dir, name) for name in ("release-1", "release-2")]
+        for folder in releases:
+            os.mkdir(folder)
+        current = os.path.join(self.dir, "current")
+        os.symlink(releases[0], current)
+        bl = blero.new(os.path.join(current, "q.db"))
+        bl.register_processor(lambda job: job.data * 2)
+        bl.start()
+        self.addCleanup(bl.stop, 5)
+        self.assertEqual(bl.wait(bl.enqueue("x", 1), 10), 2)
+        # The deploy: a new link renamed over `current`, while the queue runs.
+        os.symlink(releases[1], current + ".new")
+        os.replace(current + ".new", current)
+        # The run goes on with the file it opened, and stops cleanly.
+        self.assertEqual(bl.wait(bl.enqueue("x", 2), 10), 4)
+        self.assertEqual(bl.stats()["complete"], 2)
+        bl.stop()
+        self.assertEqual(sorted(os.listdir(releases[0])), ["q.db", "q.db-lock"])
+        self.assertEqual(os.listdir(releases[1]), [])
+        self.assertEqual(blero.new(os.path.join(releases[0], "q.db")).stats()["complete"], 2)
+        # Started again, it opens the file the link names now.
+        bl.start()
+        self.assertEqual(bl.wait(bl.enqueue("x", 3), 10), 6)
+        self.assertEqual(bl.stats()["complete"], 1)
+        bl.stop()
+        self.assertEqual(blero.new(os.path.join(releases[0], "q.db")).stats()["complete"], 2)
+
+    def assert_given_back_then_run_at_once(self):
+        """Job 1 (no retries) is pending with its cut-short try given back;
+        the next start runs it at once, to the end."""
+        info = blero.new(self.path).get_job(1)
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("pending", 1, 2))
+        done = []
+        bl = self.queue(start=False, on_failed=lambda job, exc: done.append(("failed", exc)))
+        bl.register_processor(lambda job: done.append(job.attempt) or "ran")
+        bl.start()
+        self.assertEqual(bl.wait(1, 10), "ran")
+        self.assertEqual(done, [2])
+        bl.stop()
+
+    def test_stop_running_out_of_time_fails_no_job(self):
+        failed = []
+        bl = self.queue(retries=0, on_failed=lambda job, exc: failed.append(job.id))
+        started = threading.Event()
+
+        def stubborn(job):
+            started.set()
+            job.cancelled.wait(30)
+
+        bl.register_processor(stubborn)
+        bl.enqueue("x")
+        self.assertTrue(started.wait(10))
+        bl.stop(timeout=0.1)
+        self.assertEqual(failed, [])
+        self.assertEqual(bl.jobs(state="failed"), [])
+        self.assert_given_back_then_run_at_once()
+
+    @unittest.skipUnless(POSIX, "SIGINT")
+    def test_ctrl_c_fails_no_job(self):
+        proc = start_child(_STOPPED_CHILD, self.path, "ctrl-c", stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, proc)
+        LineReader(proc.stdout).expect("running")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(20), 0, proc.stderr.read())
+        self.assert_given_back_then_run_at_once()
+
+    @unittest.skipUnless(POSIX, "SIGTERM")
+    def test_sigterm_with_stop_on_signals_stops_as_cleanly_as_ctrl_c(self):
+        # A service under systemd or in a container: SIGTERM, and the program
+        # ends by the KeyboardInterrupt, with no stop() of its own.
+        proc = start_child(_STOPPED_CHILD, self.path, "sigterm", stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, proc)
+        LineReader(proc.stdout).expect("running")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        self.assertIn("KeyboardInterrupt", proc.stderr.read())
+        self.assertFalse(os.path.exists(self.path + "-wal"), "the queue was not stopped")
+        self.assert_given_back_then_run_at_once()
+
+    @unittest.skipUnless(POSIX, "SIGTERM")
+    def test_sigterm_stops_the_demo_cleanly_and_gives_its_tries_back(self):
+        log = os.path.join(self.dir, "out.txt")
+        with open(log, "w") as f:
+            child = subprocess.Popen([sys.executable, "-m", "blero", "demo", "--db", self.path,
+                                      "-n", "2", "--sleep", "5"], cwd=HERE, env=child_env(),
+                                     stdout=f, stderr=subprocess.STDOUT)
+        self.addCleanup(child.kill)
+
+        def text():
+            with open(log) as f:
+                return f.read()
+
+        wait_until(lambda: text().count("Processing job") >= 2, timeout=20,
+                   message="two jobs running")
+        child.send_signal(signal.SIGTERM)
+        self.assertEqual(child.wait(20), 0, text())
+        self.assertIn("Caught signal terminated. Exiting ...\nStopping Blero ...\n", text())
+        self.assertNotIn("Done Processing", text())
+        bl = blero.new(self.path)
+        self.assertEqual([(j.id, j.attempt, j.max_attempts) for j in bl.jobs() if j.attempt],
+                         [(1, 1, 5), (2, 1, 5)])
+        self.assertEqual(bl.stats()["inprogress"], 0)
+
+    def test_stop_on_signals_checks_its_caller_and_puts_the_handlers_back(self):
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig, handler in before.items():
+            self.addCleanup(signal.signal, sig, handler)
+        bl = self.queue(start=False)
+        with self.assertRaisesRegex(blero.BleroError, "not started"):
+            bl.stop_on_signals()
+        bl.start()
+        off_main = []
+        t = threading.Thread(target=lambda: off_main.append(
+            self.assertRaisesRegex(ValueError, "main thread", bl.stop_on_signals)))
+        t.start()
+        t.join(10)
+        self.assertEqual(len(off_main), 1)
+        with self.assertRaisesRegex(TypeError, "signal number"):
+            bl.stop_on_signals("SIGTERM")
+        with self.assertRaisesRegex(ValueError, "not a signal"):
+            bl.stop_on_signals(100000)
+        if hasattr(signal, "SIGKILL"):
+            with self.assertRaisesRegex(ValueError, "SIGKILL"):
+                bl.stop_on_signals(signal.SIGKILL)
+        self.assertEqual({sig: signal.getsignal(sig) for sig in before}, before)
+        bl.stop_on_signals()
+        self.assertTrue(all(signal.getsignal(sig) != h for sig, h in before.items()))
+        bl.stop()
+        self.assertEqual({sig: signal.getsignal(sig) for sig in before}, before)
+        wait_for_threads_to_end("blero-signals", "the signal watcher to end")
+
+    def test_a_processor_that_stops_the_queue_has_its_result_recorded(self):
+        # "That was the last job": a processor stops the program's queue from
+        # inside its own try, and returns its result.
+        bl = self.queue()
+        asked, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        runs = []
+
+        def last(job):
+            runs.append(job.id)
+            bl.stop()
+            bl.stop()       # a second call from the same try does not deadlock
+            asked.set()
+            release.wait(10)
+            return "done"
+
+        bl.register_processor(last)
+        job_id = bl.enqueue("x")
+        self.assertTrue(asked.wait(10), "stop() inside the try never returned")
+        # Meanwhile the main program stops it too (the end of its `with`):
+        # that stop returns only once the queue is really stopped.
+        seen = []
+
+        def main_program():
+            bl.stop()
+            seen.append(bl.get_job(job_id))
+
+        stopper = threading.Thread(target=main_program)
+        stopper.start()
+        wait_until(lambda: blocked_in_stop(sys._current_frames().get(stopper.ident)),
+                   message="the second stop() to wait")
+        self.assertEqual(seen, [])
+        release.set()
+        stopper.join(10)
+        self.assertFalse(stopper.is_alive(), "the second stop() never returned")
+        self.assertEqual((seen[0].state, seen[0].result, seen[0].attempt),
+                         ("complete", "done", 1))
+        with self.assertRaises(blero.BleroError):
+            bl.enqueue("y")     # stopped, for real
+        bl.start()
+        self.assertTrue(bl.join(10))
+        self.assertEqual(runs, [job_id], "the job ran again")
+
+    def test_stop_from_on_complete_starts_no_job_after_it(self):
+        # "Enough results": on_complete stops the queue.  The worker claimed
+        # the next job in the commit that recorded this one; it must not start.
+        runs, asked = [], threading.Event()
+
+        def on_complete(job, result):
+            if job.id == 1:
+                bl.stop()
+                asked.set()
+
+        bl = self.queue(on_complete=on_complete)
+        bl.enqueue_many([("x", None), ("x", None)])
+        bl.register_processor(lambda job: runs.append(job.id))
+        self.assertTrue(asked.wait(10))
+        bl.stop()
+        self.assertEqual(runs, [1])
+        self.assertEqual([(j.state, j.attempt) for j in bl.jobs()],
+                         [("complete", 1), ("pending", 0)])
+
+    @unittest.skipUnless(POSIX, "SIGINT")
+    def test_ctrl_c_during_stop_leaves_nothing_of_the_queue_running(self):
+        child = start_child("""
+            import json, logging, os, signal, sys, threading, time, traceback, blero
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            records = []
+            handler = logging.Handler()
+            handler.emit = lambda record: records.append(record.getMessage())
+            logging.getLogger("blero").addHandler(handler)
+            logging.getLogger("blero").setLevel(logging.DEBUG)
+            bl = blero.new(sys.argv[1], retries=0).start()
+            started = threading.Event()
+            def run(job):
+                started.set()
+                job.cancelled.wait(60)
+            bl.register_processor(run)
+            job_id = bl.enqueue("x")
+            started.wait(10)
+            main = threading.main_thread()
+            def tell_when_main_waits_in_stop():
+                while True:
+                    stack = traceback.extract_stack(sys._current_frames()[main.ident])
+                    if (any(f.name == "stop" and f.filename == blero.__file__ for f in stack)
+                            and stack[-1].filename == threading.__file__):
+                        os.write(1, b"in stop\\n")
+                        return
+                    time.sleep(0.01)
+            threading.Thread(target=tell_when_main_waits_in_stop, daemon=True).start()
+            try:
+                bl.stop()       # waits for the running job, for ever...
+                print("stop returned")
+            except KeyboardInterrupt:
+                pass            # ...until Ctrl-C
+            after = len(records)
+            deadline = time.monotonic() + 10
+            def left():
+                return sorted(t.name for t in threading.enumerate() if t.name.startswith("blero"))
+            while left() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            threads = left()
+            threading.Event().wait(1.0)     # a surviving clock would log twice in this time
+            logged = records[after:]
+            info = bl.get_job(job_id)
+            bl.start()          # not wedged
+            bl.stop(0)
+            print(json.dumps({"threads": threads, "logged": logged, "state": info.state,
+                              "tries": [info.attempt, info.max_attempts]}), flush=True)
+        """, self.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        out = LineReader(child.stdout)
+        out.expect("in stop")
+        child.send_signal(signal.SIGINT)
+        self.assertEqual(child.wait(30), 0, child.stderr.read())
+        report = json.loads(out.rest()[-1])
+        self.assertEqual(report["threads"], [], "threads of the queue outlived stop()")
+        self.assertEqual(report["logged"], [], "logging went on after stop()")
+        self.assertEqual((report["state"], report["tries"]), ("pending", [1, 2]))
+
+    def test_inspecting_and_operating_while_another_thread_starts_and_stops(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: None)
+        first = bl.enqueue("x")
+        bl.wait(first, 10)
+        bl.stop()
+        errors, calls, done = [], [0], threading.Event()
+        operations = (lambda: bl.get_job(first), bl.stats, bl.jobs, lambda: bl.wait(first, 5),
+                      lambda: bl.join(5), lambda: bl.cancel(10 ** 6), bl.retry_failed,
+                      lambda: bl.sweep(3600), lambda: bl.every(3600, "tick"),
+                      lambda: bl.unschedule("none"))
+
+        def start_and_stop():
+            while not done.is_set():
+                bl.start()
+                bl.stop()
+
+        def inspect():
+            while not done.is_set():
+                for operation in operations:
+                    try:
+                        operation()
+                    except Exception as exc:
+                        errors.append(repr(exc))
+                    calls[0] += 1
+
+        threads = [threading.Thread(target=start_and_stop)]
+        threads += [threading.Thread(target=inspect) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: calls[0] >= 1500 or errors, timeout=60, message="1500 calls")
+        finally:
+            done.set()
+            for t in threads:
+                t.join(30)
+        self.assertEqual(errors[:3], [])
 
 
 # ---------------------------------------------------------------------------
