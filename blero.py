@@ -1618,7 +1618,7 @@ class _Worker:
         self.settled = 0                # tries recorded, callbacks run (for join)
         self.abandoned = False          # timed out, stopped or retired: starts no try
         self.holding = False            # may hold a claim, or a try not yet recorded
-        self.suspect = False            # its last claim was of a suspect
+        self.suspect = False            # its last claim took a suspect
         self.thread = threading.Thread(
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
@@ -1814,12 +1814,11 @@ class _Dispatcher:
             self._clock.join()
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.  While
-        # one of ours has the suspects' turn, its suspect is the only job
-        # ours hold: handed back, it stays a suspect.
-        runner = _guard.runner
+        # a worker of ours holds a suspect, that is the only job ours hold
+        # (see _CrashGuard): handed back, it stays a suspect.
         try:
             self.hand_back(self.owner, drop_owner=True, started=started, given_back=True,
-                           suspect=runner is not None and runner.dispatcher is self)
+                           suspect=any(w.suspect for w in workers))
         finally:
             _guard.leave(self)
         return late
@@ -1923,7 +1922,7 @@ class _Dispatcher:
         recorded, row, left = self.storage.finish_and_claim(
             outcome and outcome.params(self.owner), self.owner, worker.processor.names,
             claim, suspect)
-        worker.suspect = suspect
+        worker.suspect = suspect and row is not None
         if row is None:
             worker.holding = False
             if suspect:

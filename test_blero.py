@@ -4688,5 +4688,36 @@ class PoisonJobTest(ProcessTest):
         self.assertEqual([bl.get_job(i).attempt for i in ids], [2, 2])
 
 
+    def test_a_suspect_cut_short_by_a_stop_is_still_a_suspect(self):
+        ids = kill_with_running_jobs(self, self.path, [3, 3])
+        bl = blero.new(self.path)
+        running = threading.Event()
+
+        def hang(job):
+            running.set()
+            job.cancelled.wait(10)
+        bl.register_processor(hang)
+        bl.register_processor(hang)
+        bl.start()
+        self.assertTrue(running.wait(10))
+        other = bl.enqueue("other")
+        bl.stop(timeout=0.1)                # cuts the first suspect's try short
+        self.assertEqual(bl.get_job(ids[0]).state, "pending")
+
+        runs = []
+
+        def record(job):
+            runs.append(("S", job.id))
+            time.sleep(0.05)            # (work, so that an overlap would show)
+            runs.append(("E", job.id))
+        bl = self.queue()
+        bl.register_processor(record)
+        bl.register_processor(record)
+        self.assertTrue(bl.join(10))
+        self.assertEqual(runs[:4], [("S", ids[0]), ("E", ids[0]), ("S", ids[1]), ("E", ids[1])],
+                         "the suspects did not run first, one at a time")
+        self.assertEqual(runs[4:], [("S", other), ("E", other)])
+
+
 if __name__ == "__main__":
     unittest.main()
