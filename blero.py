@@ -35,6 +35,7 @@ import math
 import os
 import pickle
 import random
+import re
 import secrets
 import signal
 import socket
@@ -296,7 +297,6 @@ _STATE_CODES = {"pending": (_SUSPECT, _DELAYED), "inprogress": (_RUNNING, _RUNNI
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
 _SCHEMA_VERSION = 1            # PRAGMA user_version this blero.py writes and reads
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 
 # Newer than schema version 1: opening a file of that version adds it.
@@ -346,6 +346,7 @@ CREATE TABLE schedules (
     job_id       INTEGER
 );
 """
+_TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
 
 # A new job: (state, priority, run_at, name, data, max_attempts, timeout, key, created_at).
 _INSERT = ("INSERT INTO jobs (state, priority, run_at, name, data, max_attempts,"
@@ -448,6 +449,14 @@ _DUE_SCHEDULES = (
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM schedules"
+
+
+def _uri(path: str, mode: str) -> str:
+    """An SQLite URI opening the file at `path` in `mode` (ro, rw or rwc)."""
+    full = os.fsencode(os.path.abspath(path)).replace(os.fsencode(os.sep), b"/")
+    if not full.startswith(b"/"):
+        full = b"/" + full          # file:///C:/... on Windows
+    return f"file://{urllib.parse.quote(full)}?mode={mode}"
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -625,13 +634,14 @@ class _Storage:
 
     # -- opening and closing ------------------------------------------------
 
-    def open(self, create: bool) -> None:
+    def open(self, create: bool, check: bool = False) -> None:
         """Open (or, with `create`, create) the file; raise BleroError naming
         the path and the cause, with the file left as it was, if it is not
-        a blero queue this code can use."""
+        a blero queue this code can use.  With `check`, look for damage in
+        the whole file first."""
         path, real = self.path, self.real
         folder = os.path.dirname(real) or "."
-        kind = self._check_header()
+        kind = self._stat()
         if kind == "missing":
             if not create:
                 raise BleroError(f"{path}: no queue file there")
@@ -650,34 +660,31 @@ class _Storage:
         made_lock = not os.path.exists(lock)
         with _opening(real):
             try:
-                self._open(create)
+                self._open(create, check)
             except BaseException:
                 if made_lock:
                     with contextlib.suppress(OSError):
                         os.remove(lock)
                 raise
 
-    def _open(self, create: bool) -> None:
+    def _open(self, create: bool, check: bool) -> None:
         path, real = self.path, self.real
-        kind = self._check_header()   # again: another process may have made it meanwhile
+        kind = self._stat()   # again: another process may have made it meanwhile
         if kind == "missing" and not create:
             raise BleroError(f"{path}: no queue file there")
-        made = False
-        if kind == "missing":
-            try:
-                os.close(os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                made = True
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise BleroError(f"{path}: cannot create the queue file: "
-                                 f"{exc.strerror or exc}") from exc
-        # SQLite makes -wal/-shm files on connecting; on a file it then refuses
-        # (damaged, say) it cannot checkpoint them away, so we remove ours.
+        # SQLite makes -wal/-shm files on connecting, even read-only; on a
+        # file we then refuse it does not remove them, so we remove ours.
         side_files = [real + s for s in ("-wal", "-shm") if not os.path.exists(real + s)]
+        made = False
         try:
-            self._db = self._connect()
-            self._init()
+            version = self._probe(check) if kind == "file" else None
+            # SQLite creates a missing file: this process never opens (and
+            # so never closes) a descriptor of the queue file itself.
+            self._db = self._connect("rwc" if kind == "missing" else "rw")
+            if kind == "missing":
+                made = True
+                os.chmod(real, 0o600)   # while still empty; -wal and -shm take its mode
+            self._init(version)
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
@@ -686,12 +693,15 @@ class _Storage:
                     os.remove(name)
             if isinstance(exc, sqlite3.Error):
                 raise BleroError(f"{path}: cannot open the queue: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise BleroError(f"{path}: cannot create the queue file: "
+                                 f"{exc.strerror or exc}") from exc
             raise
         st = os.stat(real)
         self._identity = (st.st_dev, st.st_ino)
 
-    def _check_header(self) -> str:
-        """Judge the file by its first bytes, before SQLite touches it."""
+    def _stat(self) -> str:
+        """What the path holds, "missing", "empty" or "file", judged without opening it."""
         path = self.path
         try:
             st = os.stat(self.real)
@@ -705,53 +715,60 @@ class _Storage:
             raise BleroError(f"{path}: is a directory, not a queue file")
         if not stat.S_ISREG(st.st_mode):
             raise BleroError(f"{path}: not a regular file, so not a queue file")
-        if st.st_size == 0:
-            return "new"
+        if 0 < st.st_size < 512:    # smaller than any SQLite page: SQLite would overwrite it
+            raise BleroError(f"{path}: not an SQLite database (damaged, or another "
+                             f"kind of file)")
+        return "empty" if st.st_size == 0 else "file"
+
+    def _probe(self, check: bool) -> int | None:
+        """Judge an existing file through a connection that cannot write, not
+        even when it closes (so a refused file, and any -wal and -shm beside
+        it, stay byte for byte as they were).  Returns its user_version, or
+        None for an empty database; raises BleroError if blero must not use it."""
+        path, real = self.path, self.real
+        # SQLite writes to an -shm it can write, even for a read-only
+        # connection; readonly_shm stops that (without one, it makes its own).
+        shm = "&readonly_shm=1" if os.path.exists(real + "-shm") else ""
+        db = None
         try:
-            with open(self.real, "rb") as f:
-                head = f.read(108)    # the file header, then page 1's b-tree header
-        except OSError as exc:
-            raise BleroError(f"{path}: cannot read the queue file: {exc.strerror or exc}") from exc
-        if len(head) < 100 or not head.startswith(_SQLITE_MAGIC):
-            raise BleroError(f"{path}: not an SQLite database (damaged, or another kind of file)")
-        app_id = int.from_bytes(head[68:72], "big")
-        version = int.from_bytes(head[60:64], "big")
-        if app_id == _APPLICATION_ID:
+            db = sqlite3.connect(_uri(real, "ro") + shm, uri=True, timeout=1.0)
+            app_id = db.execute("PRAGMA application_id").fetchall()[0][0]
+            version = db.execute("PRAGMA user_version").fetchall()[0][0]
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            if app_id == 0 and not names:
+                return None
+            if app_id != _APPLICATION_ID:
+                raise BleroError(f"{path}: an SQLite database, but not a blero queue")
             if version > _SCHEMA_VERSION:
                 raise BleroError(f"{path}: written by a newer blero (schema {version};"
                                  f" this blero.py knows up to {_SCHEMA_VERSION})")
-            return "blero"
-        # Page 1 holds the schema table: a leaf (13) with no cells is an empty
-        # database, however many free pages follow it.
-        if app_id == 0 and head[100:101] == b"\x0d" and head[103:105] == b"\0\0":
-            return "new"
-        raise BleroError(f"{path}: an SQLite database, but not a blero queue")
+            if version == _SCHEMA_VERSION and not _TABLES <= names:
+                raise BleroError(f"{path}: a blero queue with tables missing (damaged)")
+            if check:
+                problems = [r[0] for r in db.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise BleroError(f"{path}: the queue file is damaged: {problems[0]}")
+            return version
+        except sqlite3.Error as exc:
+            if "not a database" in str(exc):
+                raise BleroError(f"{path}: not an SQLite database (damaged, or another "
+                                 f"kind of file)") from exc
+            raise BleroError(f"{path}: cannot read the queue file: {exc}") from exc
+        finally:
+            if db is not None:
+                db.close()
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.real, timeout=1.0, isolation_level=None,
-                             check_same_thread=False)
+    def _connect(self, mode: str = "rw") -> sqlite3.Connection:
+        db = sqlite3.connect(_uri(self.real, mode), uri=True, timeout=1.0,
+                             isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA cache_size = -8192")
         return db
 
-    def _init(self) -> None:
+    def _init(self, version: int | None) -> None:
         db = self._db
-        app_id = db.execute("PRAGMA application_id").fetchall()[0][0]
-        version = db.execute("PRAGMA user_version").fetchall()[0][0]
-        tables = {r[0] for r in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if app_id == 0 and not tables:
+        if version is None:
             self._create_schema()
-        elif app_id != _APPLICATION_ID:
-            raise BleroError(f"{self.path}: an SQLite database, but not a blero queue")
-        elif version > _SCHEMA_VERSION:
-            raise BleroError(f"{self.path}: written by a newer blero (schema {version};"
-                             f" this blero.py knows up to {_SCHEMA_VERSION})")
-        elif not {"jobs", "owners", "schedules"} <= tables:
-            raise BleroError(f"{self.path}: a blero queue with tables missing (damaged)")
         else:
-            problems = [r[0] for r in db.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise BleroError(f"{self.path}: the queue file is damaged: {problems[0]}")
             self._begin(db)     # fails here, not later, on a file we cannot write
             try:
                 db.execute(_SUSPECT_INDEX)   # a file of schema version 1 lacks it
@@ -769,6 +786,8 @@ class _Storage:
             raise BleroError(f"{self.path}: cannot use WAL mode here (got {mode})")
         self._begin(db)
         try:
+            if db.execute("SELECT 1 FROM sqlite_master").fetchall():   # made meanwhile
+                raise BleroError(f"{self.path}: an SQLite database, but not a blero queue")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -2391,7 +2410,7 @@ class Blero:
             if self._dispatcher is not None:
                 raise BleroError(f"{self.path}: already started")
             storage = _Storage(self.path, self._settings.sync)
-            storage.open(create=True)
+            storage.open(create=True, check=True)
             owner = _new_owner_id()
             try:
                 _hold_owner(storage.real, owner)
@@ -2751,7 +2770,7 @@ class Blero:
                         if storage is None:
                             if opened is None:
                                 opened = _Storage(self.path, self._settings.sync)
-                                opened.open(create=False)
+                                opened.open(create=False, check=True)
                             found = look(opened)
                         else:
                             found = look(storage)
@@ -2936,7 +2955,7 @@ class _Borrowed:
         storage = self._borrowed = self._blero._borrow()
         if storage is None:
             storage = self._opened = _Storage(self._blero.path, self._blero._settings.sync)
-            storage.open(create=False)
+            storage.open(create=False, check=True)
         return storage
 
     def __exit__(self, *exc) -> None:

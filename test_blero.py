@@ -4719,5 +4719,120 @@ class PoisonJobTest(ProcessTest):
         self.assertEqual(runs[4:], [("S", other), ("E", other)])
 
 
+# ---------------------------------------------------------------------------
+# Opening: second handles, refused files, reads of a file that went, space
+# ---------------------------------------------------------------------------
+
+# argv: db, log, go file.  A running queue, then a second handle (a stopped
+# one for inspection, and a second started one) in the same process; once
+# `go` exists, more enqueues; then it waits to be killed.
+SECOND_HANDLE_CHILD = """
+db, log_path, go = sys.argv[1], sys.argv[2], sys.argv[3]
+log = open_log(log_path)
+bl = blero.new(db)
+bl.start()
+log("Q", *bl.enqueue_many([("before", i) for i in range(3)]))
+blero.new(db).stats()              # a status page, say
+other = blero.new(db).start()      # a second queue on the same file
+other.stop()
+log("ready")
+wait_for(lambda: os.path.exists(go))
+for i in range(3):
+    log("Q", bl.enqueue("after", i))
+log("done")
+threading.Event().wait()
+"""
+
+
+class SecondHandleTest(ProcessTest):
+
+    def test_a_second_handle_in_the_process_loses_no_committed_write(self):
+        # A program runs a queue and, beside it, inspects the same file
+        # (and starts a second queue on it); another process starts and
+        # stops meanwhile.  Every enqueue that returned survives a kill -9.
+        self.create()
+        go = os.path.join(self.dir, "go")
+        p = self.spawn(SECOND_HANDLE_CHILD, self.path, self.log, go)
+        self.wait_lines("ready", children=[p])
+        out = run_child("""
+            import sys, blero
+            blero.new(sys.argv[1]).start().stop()
+            """, self.path)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        with open(go, "w"):
+            pass
+        self.wait_lines("done", children=[p])
+        self.kill(p)
+        ids = [int(i) for f in self.lines("Q") for i in f[1:-1]]
+        self.assertEqual(len(ids), 6)
+        bl = self.queue()
+        self.assertEqual([info.id for info in bl.jobs(limit=None)], ids,
+                         "enqueues that returned were lost")
+
+    def test_a_path_with_uri_characters_is_the_file_it_names(self):
+        # blero opens the file by an SQLite URI: ? # % and spaces are the
+        # file's own name, not parts of the URI.
+        path = os.path.join(self.dir, "a b?mode=ro#x%41.db")
+        with blero.new(path) as bl:
+            bl.enqueue("x", 1)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["a b?mode=ro#x%41.db",
+                                                        "a b?mode=ro#x%41.db-lock"])
+        self.assertEqual(blero.new(path).stats()["pending"], 1)
+
+
 if __name__ == "__main__":
     unittest.main()
+
+
+# argv: db, then SQL statements.  Runs them on a WAL database and dies
+# without closing, so what they wrote is only in the -wal.
+WAL_ONLY_CHILD = """
+import sqlite3
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode = WAL")
+for sql in sys.argv[2:]:
+    db.execute(sql)
+if os.environ.get("HOLD"):
+    print("ready", flush=True)
+    sys.stdin.read()
+os._exit(0)
+"""
+
+
+class RefusedFileTest(ProcessTest):
+
+    def assert_refused(self, path, *words):
+        HardeningTest.assert_refused(self, path, *words)
+
+    def wal_only(self, path, *statements):
+        out = run_child(mp_child(WAL_ONLY_CHILD), path, *statements)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertGreater(os.path.getsize(path + "-wal"), 0)
+
+    def test_another_applications_wal_database_is_left_as_it_was(self):
+        path = os.path.join(self.dir, "app", "app.db")
+        os.mkdir(os.path.dirname(path))
+        self.wal_only(path, "CREATE TABLE orders (id INTEGER PRIMARY KEY)",
+                      "INSERT INTO orders VALUES (1)")
+        self.assert_refused(path, "not a blero")
+        db = sqlite3.connect(path)
+        self.assertEqual(db.execute("SELECT id FROM orders").fetchall(), [(1,)])
+        db.close()
+
+    def test_a_running_applications_database_is_left_as_it_was(self):
+        path = os.path.join(self.dir, "app", "app.db")
+        os.mkdir(os.path.dirname(path))
+        env = dict(child_env(), HOLD="1")
+        app = subprocess.Popen([sys.executable, "-c", mp_child(WAL_ONLY_CHILD), path,
+                                "CREATE TABLE orders (id INTEGER PRIMARY KEY)"],
+                               cwd=HERE, env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+        self.addCleanup(app.wait)
+        self.addCleanup(app.kill)
+        self.assertEqual(app.stdout.readline(), "ready\n")
+        self.assert_refused(path, "not a blero")
+
+    def test_a_newer_blero_file_whose_version_is_only_in_its_wal(self):
+        HardeningTest.make_queue(self, self.path, jobs=3)
+        self.wal_only(self.path, f"PRAGMA user_version = {blero._SCHEMA_VERSION + 1}")
+        self.assert_refused(self.path, "newer")
