@@ -1052,7 +1052,8 @@ class _Storage:
             deadline = None
             while True:
                 try:
-                    return fn(db, *args)
+                    result = fn(db, *args)
+                    break
                 except sqlite3.OperationalError as exc:
                     if not _is_busy(exc):
                         raise self._error(exc) from exc
@@ -1061,6 +1062,10 @@ class _Storage:
                         raise self._error(exc) from exc
                 except sqlite3.Error as exc:
                     raise self._error(exc) from exc
+        # A removed or replaced file still answers, from what it was: one
+        # stat (as every commit makes) tells.
+        self._check_identity()
+        return result
 
     # -- enqueueing ------------------------------------------------------------
 

@@ -4836,3 +4836,33 @@ class RefusedFileTest(ProcessTest):
         HardeningTest.make_queue(self, self.path, jobs=3)
         self.wal_only(self.path, f"PRAGMA user_version = {blero._SCHEMA_VERSION + 1}")
         self.assert_refused(self.path, "newer")
+
+
+class GoneFileTest(ProcessTest):
+
+    def test_reads_of_a_queue_whose_file_was_removed_or_replaced_say_so(self):
+        # A status page keeps asking a running queue; an operator removes
+        # (or replaces) its file: the page must not go on showing the
+        # jobs of a file that is no longer there.
+        replacement = os.path.join(self.dir, "other.db")
+        HardeningTest.make_queue(self, replacement, jobs=2)
+        for how in ("removed", "replaced"):
+            with self.subTest(how):
+                bl = blero.new(self.path)
+                bl.start()
+                bl.register_processor(lambda job: None)
+                last = bl.enqueue_many([("a", i) for i in range(50)])[-1]
+                bl.wait(last, 10)
+                self.assertEqual(bl.stats()["complete"], 50)
+                if how == "removed":
+                    os.remove(self.path)
+                else:
+                    os.replace(replacement, self.path)
+                for read in (bl.stats, lambda: bl.get_job(last), bl.jobs,
+                             lambda: bl.wait(last, 1), bl.metrics_text):
+                    with self.assertRaises(blero.BleroError) as cm:
+                        read()
+                    self.assertIn(self.path, str(cm.exception))
+                    self.assertIn("removed or replaced", str(cm.exception))
+                with contextlib.suppress(blero.BleroError):
+                    bl.stop(5)
