@@ -638,7 +638,9 @@ class _Storage:
         """Open (or, with `create`, create) the file; raise BleroError naming
         the path and the cause, with the file left as it was, if it is not
         a blero queue this code can use.  With `check`, look for damage in
-        the whole file first."""
+        the whole file first: start() does, before its workers write for
+        hours on it; an inspection reads only the pages it needs, and SQLite
+        reports damage in those as it meets it."""
         path, real = self.path, self.real
         folder = os.path.dirname(real) or "."
         kind = self._stat()
@@ -753,6 +755,8 @@ class _Storage:
             if "not a database" in str(exc):
                 raise BleroError(f"{path}: not an SQLite database (damaged, or another "
                                  f"kind of file)") from exc
+            if "malformed" in str(exc):
+                raise BleroError(f"{path}: the queue file is damaged: {exc}") from exc
             raise BleroError(f"{path}: cannot read the queue file: {exc}") from exc
         finally:
             if db is not None:
@@ -2775,7 +2779,7 @@ class Blero:
                         if storage is None:
                             if opened is None:
                                 opened = _Storage(self.path, self._settings.sync)
-                                opened.open(create=False, check=True)
+                                opened.open(create=False)
                             found = look(opened)
                         else:
                             found = look(storage)
@@ -2960,7 +2964,7 @@ class _Borrowed:
         storage = self._borrowed = self._blero._borrow()
         if storage is None:
             storage = self._opened = _Storage(self._blero.path, self._blero._settings.sync)
-            storage.open(create=False, check=True)
+            storage.open(create=False)
         return storage
 
     def __exit__(self, *exc) -> None:

@@ -4866,3 +4866,24 @@ class GoneFileTest(ProcessTest):
                     self.assertIn("removed or replaced", str(cm.exception))
                 with contextlib.suppress(blero.BleroError):
                     bl.stop(5)
+
+
+class InspectionCostTest(ProcessTest):
+
+    def test_an_inspection_reads_only_what_it_needs_and_start_checks_it_all(self):
+        # A status page calls get_job on a stopped queue: it must cost the
+        # pages it reads, not a check of the whole file (0.6 s on 578 MB).
+        # A page far from job 1 is damaged: get_job(1) still answers, and
+        # start(), which checks every page before writing any, refuses it.
+        HardeningTest.make_queue(self, self.path, jobs=300, size=1000)
+        with open(self.path, "rb") as f:
+            good = f.read()
+        page = int.from_bytes(good[16:18], "big")
+        middle = page * (len(good) // page // 2)
+        with open(self.path, "r+b") as f:
+            f.seek(middle)
+            f.write(bytes(random.Random(5).randrange(256) for _ in range(page)))
+        self.assertEqual(blero.new(self.path).get_job(1).name, "j")
+        with self.assertRaises(blero.BleroError) as cm:
+            blero.new(self.path).start()
+        self.assertIn("damaged", str(cm.exception))
