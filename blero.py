@@ -728,12 +728,28 @@ class _Storage:
         it, stay byte for byte as they were).  Returns its user_version, or
         None for an empty database; raises BleroError if blero must not use it."""
         path, real = self.path, self.real
-        # SQLite writes to an -shm it can write, even for a read-only
-        # connection; readonly_shm stops that (without one, it makes its own).
-        shm = "&readonly_shm=1" if os.path.exists(real + "-shm") else ""
-        db = None
+        for _ in range(10):
+            # SQLite writes to an -shm it can write, even for a read-only
+            # connection; readonly_shm stops that (without one, it makes its own).
+            shm = os.path.exists(real + "-shm")
+            try:
+                return self._judge(shm, check)
+            except sqlite3.Error as exc:
+                if shm and not os.path.exists(real + "-shm"):
+                    continue    # another process's last connection closed, removing it
+                if "not a database" in str(exc):
+                    raise BleroError(f"{path}: not an SQLite database (damaged, or another "
+                                     f"kind of file)") from exc
+                if "malformed" in str(exc):
+                    raise BleroError(f"{path}: the queue file is damaged: {exc}") from exc
+                raise BleroError(f"{path}: cannot read the queue file: {exc}") from exc
+        raise BleroError(f"{path}: cannot read the queue file: its -shm keeps going away")
+
+    def _judge(self, shm: bool, check: bool) -> int | None:
+        path = self.path
+        db = sqlite3.connect(_uri(self.real, "ro") + ("&readonly_shm=1" if shm else ""),
+                             uri=True, timeout=1.0)
         try:
-            db = sqlite3.connect(_uri(real, "ro") + shm, uri=True, timeout=1.0)
             app_id = db.execute("PRAGMA application_id").fetchall()[0][0]
             version = db.execute("PRAGMA user_version").fetchall()[0][0]
             names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
@@ -751,16 +767,8 @@ class _Storage:
                 if problems != ["ok"]:
                     raise BleroError(f"{path}: the queue file is damaged: {problems[0]}")
             return version
-        except sqlite3.Error as exc:
-            if "not a database" in str(exc):
-                raise BleroError(f"{path}: not an SQLite database (damaged, or another "
-                                 f"kind of file)") from exc
-            if "malformed" in str(exc):
-                raise BleroError(f"{path}: the queue file is damaged: {exc}") from exc
-            raise BleroError(f"{path}: cannot read the queue file: {exc}") from exc
         finally:
-            if db is not None:
-                db.close()
+            db.close()
 
     def _connect(self, mode: str = "rw") -> sqlite3.Connection:
         db = sqlite3.connect(_uri(self.real, mode), uri=True, timeout=1.0,

@@ -4779,9 +4779,19 @@ class SecondHandleTest(ProcessTest):
                                                         "a b?mode=ro#x%41.db-lock"])
         self.assertEqual(blero.new(path).stats()["pending"], 1)
 
-
-if __name__ == "__main__":
-    unittest.main()
+    def test_processes_inspecting_one_stopped_file_at_once_all_get_answers(self):
+        # Status pages of several programs look at one stopped queue at
+        # once: each look opens and closes the file, and the last to close
+        # removes -wal and -shm as another one opens it.  None may fail.
+        self.create()
+        body = """
+        db = sys.argv[1]
+        for _ in range(100):
+            blero.new(db).stats()
+        """
+        children = [self.spawn(body, self.path) for _ in range(4)]
+        for p in children:
+            self.finish(p)
 
 
 # argv: db, then SQL statements.  Runs them on a WAL database and dies
@@ -4887,3 +4897,7 @@ class InspectionCostTest(ProcessTest):
         with self.assertRaises(blero.BleroError) as cm:
             blero.new(self.path).start()
         self.assertIn("damaged", str(cm.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()
