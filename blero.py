@@ -298,6 +298,7 @@ _STATE_CODES = {"pending": (_SUSPECT, _DELAYED), "inprogress": (_RUNNING, _RUNNI
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
 _SCHEMA_VERSION = 1            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
+_INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
 # Newer than schema version 1: opening a file of that version adds it.
 _SUSPECT_INDEX = ("CREATE INDEX IF NOT EXISTS jobs_suspect ON jobs (priority DESC, id)"
@@ -449,6 +450,12 @@ _DUE_SCHEDULES = (
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM schedules"
+# Free pages go back one per statement: Pythons differ in whether they step
+# an incremental_vacuum on past its first page.
+_FREE_PAGES = "PRAGMA freelist_count"
+_FREE_PAGE = "PRAGMA incremental_vacuum(1)"
+_FREE_SLICE = 500                       # pages a write transaction gives back
+_CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
 
 
 def _uri(path: str, mode: str) -> str:
@@ -788,11 +795,17 @@ class _Storage:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+        if db.execute("PRAGMA auto_vacuum").fetchall()[0][0] != _INCREMENTAL:
+            # Files of older blero.py have none, nor has an empty database
+            # another program made: only a VACUUM can turn it on, once.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            db.execute("VACUUM")
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
 
     def _create_schema(self) -> None:
         db = self._db
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")   # before the file's first page
         mode = db.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
         if mode.lower() != "wal":
             raise BleroError(f"{self.path}: cannot use WAL mode here (got {mode})")
@@ -1281,6 +1294,8 @@ class _Storage:
         while after is not None:
             n, after = self.sweep_slice(before, states, after)
             gone += n
+        if gone:
+            self.give_back()
         return gone
 
     def sweep_slice(self, before: float, states: tuple[int, ...],
@@ -1307,6 +1322,35 @@ class _Storage:
         if any(i == newest for i, _, _ in jobs):
             gone += db.execute(sql[1], (newest, before)).rowcount
         return gone
+
+    def give_back(self) -> None:
+        """Give the file's free pages (swept jobs, mostly) back to the file
+        system, a slice per write transaction; the file shrinks as the WAL
+        is checkpointed."""
+        while self.give_back_slice():
+            pass
+
+    def give_back_slice(self) -> bool:
+        """One slice of give_back, in one write transaction of some ms (as a
+        sweep slice); True while more pages are left to give back."""
+        if not self._read(lambda db: db.execute(_FREE_PAGES).fetchall()[0][0]):
+            return False
+        return self._write(self._give_back)
+
+    @staticmethod
+    def _give_back(db) -> bool:
+        """Free up to _FREE_SLICE pages; True while more are left to free."""
+        free = db.execute(_FREE_PAGES).fetchall()[0][0]
+        for _ in range(min(free, _FREE_SLICE)):
+            db.execute(_FREE_PAGE)
+        left = db.execute(_FREE_PAGES).fetchall()[0][0]
+        return 0 < left < free
+
+    def compact(self) -> None:
+        """Give free pages back, and checkpoint what the WAL holds so that
+        the file shrinks now (a passive checkpoint: it waits for no one)."""
+        self.give_back()
+        self._read(lambda db: db.execute(_CHECKPOINT).fetchall())
 
     # -- schedules -----------------------------------------------------------------
 
@@ -1735,7 +1779,8 @@ class _Dispatcher:
         self._delayed_due = math.inf        # epoch time of the next delayed job
         self._schedule_due = math.inf       # epoch time of the next schedule run
         self._clock_stop = False
-        self._sweeping = None               # (before, after) of a sweep under way
+        # (before, after) of a sweep under way; after None: its space going back
+        self._sweeping = None
         now = time.monotonic()
         self._next = {"poll": now + _POLL, "reap": now + min(0.5, settings.lease / 4),
                       "beat": now + settings.lease / 3,
@@ -2257,9 +2302,9 @@ class _Dispatcher:
             self.storage.heartbeat(self.owner, time.time())
 
     def _sweep(self) -> None:
-        """Delete the jobs complete for over `keep_complete`: one slice per
-        turn of the clock, so a due job or a timeout never waits for a big
-        sweep for more than a slice."""
+        """Delete the jobs complete for over `keep_complete`, then give their
+        space back: one slice per turn of the clock, so a due job or a
+        timeout never waits for a big sweep for more than a slice."""
         keep = self.settings.keep_complete
         if keep is None:
             return
@@ -2268,9 +2313,12 @@ class _Dispatcher:
                 return
             self._sweeping = (time.time() - keep, _SWEEP_START)
         (before, after), self._sweeping = self._sweeping, None   # failed: at the next due time
+        if after is None:       # all swept: now the pages they took
+            if self.storage.give_back_slice():
+                self._sweeping = (before, None)
+            return
         _, after = self.storage.sweep_slice(before, (_COMPLETE,), after)
-        if after is not None:
-            self._sweeping = (before, after)
+        self._sweeping = (before, after)
 
     def reap(self) -> int:
         """Hand back the jobs of every dead owner; returns how many jobs."""
@@ -2517,9 +2565,15 @@ class Blero:
         with self._lock:
             servers, self._servers = self._servers, []
         late, errors = [], []
+
+        def give_back() -> None:
+            try:
+                storage.compact()   # the space of what was swept goes back
+            except BleroError as exc:   # the queue stops all the same
+                log.warning("%s: free space not given back: %s", self.path, exc)
         for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
-                     self._no_borrowers, lambda: _release_owner(storage.real, d.owner),
-                     storage.close):
+                     self._no_borrowers, give_back,
+                     lambda: _release_owner(storage.real, d.owner), storage.close):
             try:
                 step()
             except Exception as exc:

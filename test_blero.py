@@ -4899,5 +4899,155 @@ class InspectionCostTest(ProcessTest):
         self.assertIn("damaged", str(cm.exception))
 
 
+class SpaceTest(ProcessTest):
+
+    def assert_small(self, path):
+        """After stop(): at most 1 MB (SPEC Guarantees, Space), no -wal left."""
+        self.assertLessEqual(os.path.getsize(path), 1 << 20, "space not given back")
+        self.assertFalse(os.path.exists(path + "-wal"))
+
+    def test_a_queue_whose_jobs_were_all_swept_is_small_after_stop(self):
+        # A queue ran 2,400 jobs (over 25 MB with their data) and swept
+        # them: the file gives that space back, whatever it held before.
+        bl = self.queue()
+        bl.register_processor(lambda job: None)
+        for _ in range(4):
+            bl.enqueue_many([("j", os.urandom(2700)) for _ in range(500)]
+                            + [("big", os.urandom(50000)) for _ in range(100)])
+        self.assertTrue(bl.join(60))
+        bl.stop()
+        self.assertGreater(os.path.getsize(self.path), 25 << 20)
+        bl.start()
+        self.assertEqual(bl.sweep(), 2400)
+        self.assertEqual(bl.enqueue("next"), 2401)    # ids still never reused
+        self.assertTrue(bl.join(10))
+        self.assertEqual(bl.sweep(), 1)
+        bl.stop()
+        self.assert_small(self.path)
+
+    def test_keep_complete_gives_the_space_back_by_itself(self):
+        bl = self.queue(keep_complete=0)
+        bl.register_processor(lambda job: None)
+        bl.enqueue_many([("big", os.urandom(50000)) for _ in range(300)])
+        self.assertTrue(bl.join(60))
+        wait_until(lambda: bl.stats()["complete"] == 0, timeout=30, message="the sweep")
+        # ... and then, slice by slice on its clock, the pages they took.
+        wait_until(lambda: self.free_pages(self.path) == 0, timeout=30,
+                   message="the space to go back while the queue runs")
+        bl.stop()
+        self.assert_small(self.path)
+
+    @staticmethod
+    def free_pages(path):
+        db = sqlite3.connect(path)
+        try:
+            return db.execute("PRAGMA freelist_count").fetchall()[0][0]
+        finally:
+            db.close()
+
+
+# The last blero.py whose files are of the first layout (schema 1, no
+# auto_vacuum): the tests of upgrades run it to make such files.
+V1_COMMIT = "f38829e"
+
+# argv: db.  With the v1 blero.py: 3,000 jobs done and swept (the file
+# keeps their space), then 2 done and kept, and 3 left pending.
+V1_CHILD = """
+import os, sys, json, blero
+bl = blero.new(sys.argv[1])
+bl.register_processor(lambda job: job.data * 2, names=["done"])
+bl.start()
+bl.every(3600, "hourly", delay=3600)
+ids = bl.enqueue_many([("done", os.urandom(1000)) for i in range(3000)])
+bl.wait(ids[-1], 60)
+bl.sweep()
+kept = bl.enqueue_many([("done", b"kept %d" % i) for i in range(2)])
+bl.wait(kept[-1], 60)
+waiting = bl.enqueue_many([("waiting", b"waits %d" % i) for i in range(3)])
+bl.stop()
+print(json.dumps({"kept": kept, "waiting": waiting}))
+"""
+
+
+class UpgradeTest(ProcessTest):
+
+    @classmethod
+    def setUpClass(cls):
+        """One file made with the v1 blero.py (V1_CHILD), copied by each test."""
+        cls._made = tempfile.TemporaryDirectory(prefix="blero-v1-")
+        cls.addClassCleanup(cls._made.cleanup)
+        old = cls._made.name
+        try:
+            source = subprocess.run(["git", "-C", HERE, "show", f"{V1_COMMIT}:blero.py"],
+                                    capture_output=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            raise unittest.SkipTest(f"needs git and commit {V1_COMMIT}, whose blero.py "
+                                    f"writes v1 files")
+        with open(os.path.join(old, "blero.py"), "wb") as f:
+            f.write(source)
+        cls.v1_path = os.path.join(old, "q.db")
+        out = subprocess.run([sys.executable, "-c", V1_CHILD, cls.v1_path], cwd=old,
+                             env=dict(os.environ, PYTHONPATH=old), capture_output=True,
+                             text=True, timeout=120)
+        if out.returncode != 0:
+            raise AssertionError(out.stderr)
+        cls.v1_made = json.loads(out.stdout)
+
+    def v1_file(self, path):
+        """Copy the v1 file to `path`; return what its maker said."""
+        shutil.copyfile(self.v1_path, path)
+        self.assertEqual(self.layout(path), (1, 0), "not a file of the first layout")
+        self.assertGreater(os.path.getsize(path), 3 << 20)
+        return self.v1_made
+
+    def layout(self, path):
+        """(user_version, auto_vacuum) of a file."""
+        db = sqlite3.connect(path)
+        try:
+            return tuple(db.execute(f"PRAGMA {p}").fetchall()[0][0]
+                         for p in ("user_version", "auto_vacuum"))
+        finally:
+            db.close()
+
+    def test_a_file_of_the_first_layout_carries_on_and_gives_its_space_back(self):
+        made = self.v1_file(self.path)
+        kept, waiting = made["kept"], made["waiting"]
+        bl = blero.new(self.path)
+        bl.register_processor(lambda job: job.data.upper(), names=["waiting"])
+        bl.start()
+        self.assertEqual([bl.get_job(i).result for i in kept], [b"kept 0" * 2, b"kept 1" * 2])
+        self.assertEqual([bl.wait(i, 10) for i in waiting], [b"WAITS 0", b"WAITS 1", b"WAITS 2"])
+        self.assertEqual(bl.stats(), {"pending": 0, "inprogress": 0, "complete": 5,
+                                      "failed": 0, "cancelled": 0})
+        self.assertEqual(bl.enqueue("waiting", b"new"), waiting[-1] + 1)
+        self.assertTrue(bl.join(10))
+        self.assertEqual(bl.sweep(), 6)
+        bl.stop()
+        self.assertEqual(self.layout(self.path)[1], 2)   # INCREMENTAL
+        SpaceTest.assert_small(self, self.path)
+        self.assertEqual(blero.new(self.path).stats()["complete"], 0)
+
+    def test_processes_starting_together_on_a_file_of_the_first_layout(self):
+        made = self.v1_file(self.path)
+        body = """
+        db, log_path = sys.argv[1], sys.argv[2]
+        log = open_log(log_path)
+        bl = blero.new(db)
+        bl.start()
+        log("Q", *bl.enqueue_many([("new", PID)] * 20))
+        bl.stop()
+        """
+        children = [self.spawn(body, self.path, self.log) for _ in range(3)]
+        for p in children:
+            self.finish(p)
+        new_ids = sorted(int(i) for f in self.lines("Q") for i in f[1:-1])
+        first = made["waiting"][-1] + 1
+        self.assertEqual(new_ids, list(range(first, first + 60)))
+        bl = blero.new(self.path)
+        self.assertEqual(bl.stats()["pending"], 63)
+        self.assertEqual(bl.get_job(made["kept"][0]).result, b"kept 0" * 2)
+        self.assertEqual(self.layout(self.path)[1], 2)   # INCREMENTAL
+
+
 if __name__ == "__main__":
     unittest.main()
