@@ -3601,6 +3601,20 @@ def _serve(args) -> int:
     return 0
 
 
+def _vacuum(path: str) -> str:
+    """`vacuum`: check the file, bring one of an older blero up to date
+    (which compacts it) and give its free pages back; say the sizes."""
+    storage = _Storage(path)
+    real = storage.real
+    before = os.path.getsize(real) if os.path.isfile(real) else 0
+    storage.open(create=False, check=True)
+    try:
+        storage.compact()
+    finally:
+        storage.close()
+    return f"{path}: {before:,} -> {os.path.getsize(real):,} bytes"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: `python -m blero --help`."""
     parser = argparse.ArgumentParser(
@@ -3636,6 +3650,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only jobs that finished at least this long ago (default 0)")
     p.add_argument("--state", action="append", choices=("complete", "failed", "cancelled"),
                    help="state to sweep (repeatable; default complete)")
+    queue_command("vacuum", "give the file's free space back (files of older blero too)")
     p = queue_command("serve", "serve the live dashboard and /metrics for a queue file")
     p.add_argument("--port", type=_cli_port, default=0, help="port (default: any free one)")
     p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
@@ -3676,6 +3691,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.command == "sweep":
             print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")
+        elif args.command == "vacuum":
+            print(_vacuum(bl.path))
     except BleroError as exc:
         print(f"blero: {exc}", file=sys.stderr)
         return 1

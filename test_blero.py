@@ -2296,7 +2296,7 @@ class DashboardBrowserTest(TempDirTest):
 class CommandLineTest(TempDirTest):
     """python -m blero stats|jobs|retry|cancel|sweep|serve: exit 0, 1 on error, 2 on bad usage."""
 
-    COMMANDS = ("demo", "stats", "jobs", "retry", "cancel", "sweep", "serve")
+    COMMANDS = ("demo", "stats", "jobs", "retry", "cancel", "sweep", "serve", "vacuum")
 
     def make_queue(self):
         """A stopped queue file: 2 complete, 2 failed, 1 pending, 1 cancelled.
@@ -5026,6 +5026,28 @@ class UpgradeTest(ProcessTest):
         self.assertEqual(self.layout(self.path)[1], 2)   # INCREMENTAL
         SpaceTest.assert_small(self, self.path)
         self.assertEqual(blero.new(self.path).stats()["complete"], 0)
+
+    def test_vacuum_command_compacts_a_file_of_the_first_layout(self):
+        made = self.v1_file(self.path)
+        before = os.path.getsize(self.path)
+        out = run_cli("vacuum", "--db", self.path)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn(f"{before:,} -> {os.path.getsize(self.path):,} bytes", out.stdout)
+        self.assertEqual(self.layout(self.path)[1], 2)   # INCREMENTAL
+        SpaceTest.assert_small(self, self.path)
+        bl = blero.new(self.path)
+        self.assertEqual([bl.get_job(i).state for i in made["kept"] + made["waiting"]],
+                         ["complete"] * 2 + ["pending"] * 3)
+        bl.start()       # and on a running queue: nothing to give back, no harm done
+        out = run_cli("vacuum", "--db", self.path)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(bl.enqueue("after"), made["waiting"][-1] + 1)
+        bl.stop()
+        missing = os.path.join(self.dir, "missing.db")
+        out = run_cli("vacuum", "--db", missing)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("no queue file", out.stderr)
+        self.assertFalse(os.path.exists(missing))
 
     def test_processes_starting_together_on_a_file_of_the_first_layout(self):
         made = self.v1_file(self.path)
