@@ -14,7 +14,7 @@ when nothing else runs.  Its transactions are written out plainly, with
 - one insert per commit: `BEGIN IMMEDIATE; INSERT; COMMIT`;
 - one transaction of inserts: `BEGIN IMMEDIATE; executemany(INSERT); COMMIT`;
 - claim-one+ack-one, per job: `BEGIN IMMEDIATE`, select the next ready job by
-  the `jobs_ready` index, mark it running, `COMMIT`; run it; then
+  the `blero_jobs_ready` index, mark it running, `COMMIT`; run it; then
   `BEGIN IMMEDIATE`, mark it complete, `COMMIT` -- so each finished job is
   recorded before the next starts, as blero promises;
 - several threads: one connection each, waiting on SQLite's busy timeout.
@@ -81,13 +81,13 @@ WINDOWS = 10     # W6 times its jobs in this many slices
 # ---------------------------------------------------------------------------
 
 # Raw SQL on blero's schema: state 0 is ready, 2 running, 3 complete.
-INSERT = ("INSERT INTO jobs (state, priority, run_at, name, data, max_attempts, created_at)"
+INSERT = ("INSERT INTO blero_jobs (state, priority, run_at, name, data, max_attempts, created_at)"
           " VALUES (0, 0, ?, ?, ?, 4, ?)")
-NEXT_READY = ("SELECT id, name, data FROM jobs WHERE state = 0"
+NEXT_READY = ("SELECT id, name, data FROM blero_jobs WHERE state = 0"
               " ORDER BY priority DESC, id LIMIT 1")
-CLAIM = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1, started_at = ?"
+CLAIM = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1, started_at = ?"
          " WHERE id = ?")
-ACK = "UPDATE jobs SET state = 3, finished_at = ?, owner = NULL WHERE id = ?"
+ACK = "UPDATE blero_jobs SET state = 3, finished_at = ?, owner = NULL WHERE id = ?"
 
 
 def payload(i: int) -> dict:
@@ -118,7 +118,7 @@ def connections(path: str, sync: str, count: int = 1):
             db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {sync.upper()}")
             db.execute("PRAGMA cache_size = -8192")
-            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchall():
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'blero_jobs'").fetchall():
                 db.executescript(blero._SCHEMA)
         yield dbs
     finally:
@@ -174,7 +174,7 @@ def mark_complete(path: str) -> None:
     the queue would take minutes; this writes the same rows at once."""
     db = sqlite3.connect(path, isolation_level=None)
     now = time.time()
-    db.execute("UPDATE jobs SET state = 3, attempt = 1, started_at = ?, finished_at = ?"
+    db.execute("UPDATE blero_jobs SET state = 3, attempt = 1, started_at = ?, finished_at = ?"
                " WHERE state = 0", (now, now))
     db.close()
 

@@ -301,11 +301,11 @@ _BUSY_LIMIT = 30.0             # seconds a write waits for another process's loc
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
 # Newer than schema version 1: opening a file of that version adds it.
-_SUSPECT_INDEX = ("CREATE INDEX IF NOT EXISTS jobs_suspect ON jobs (priority DESC, id)"
+_SUSPECT_INDEX = ("CREATE INDEX IF NOT EXISTS blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
 
 _SCHEMA = """
-CREATE TABLE jobs (
+CREATE TABLE blero_jobs (
     id           INTEGER PRIMARY KEY,
     state        INTEGER NOT NULL,
     priority     INTEGER NOT NULL,
@@ -323,19 +323,19 @@ CREATE TABLE jobs (
     result       BLOB,
     error        TEXT
 );
-CREATE INDEX jobs_ready ON jobs (priority DESC, id) WHERE state = 0;
-CREATE INDEX jobs_delayed ON jobs (run_at) WHERE state = 1;
-CREATE INDEX jobs_running ON jobs (owner) WHERE state = 2;
-CREATE INDEX jobs_finished ON jobs (finished_at) WHERE state >= 3;
-CREATE UNIQUE INDEX jobs_key ON jobs (key) WHERE key IS NOT NULL;
+CREATE INDEX blero_jobs_ready ON blero_jobs (priority DESC, id) WHERE state = 0;
+CREATE INDEX blero_jobs_delayed ON blero_jobs (run_at) WHERE state = 1;
+CREATE INDEX blero_jobs_running ON blero_jobs (owner) WHERE state = 2;
+CREATE INDEX blero_jobs_finished ON blero_jobs (finished_at) WHERE state >= 3;
+CREATE UNIQUE INDEX blero_jobs_key ON blero_jobs (key) WHERE key IS NOT NULL;
 """ + _SUSPECT_INDEX + """;
-CREATE TABLE owners (
+CREATE TABLE blero_owners (
     id           INTEGER PRIMARY KEY,
     pid          INTEGER NOT NULL,
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL
 );
-CREATE TABLE schedules (
+CREATE TABLE blero_schedules (
     key          TEXT PRIMARY KEY,
     name         TEXT NOT NULL,
     data         BLOB,
@@ -350,106 +350,106 @@ CREATE TABLE schedules (
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
 
 # A new job: (state, priority, run_at, name, data, max_attempts, timeout, key, created_at).
-_INSERT = ("INSERT INTO jobs (state, priority, run_at, name, data, max_attempts,"
+_INSERT = ("INSERT INTO blero_jobs (state, priority, run_at, name, data, max_attempts,"
            " timeout, key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_FIND_KEY = "SELECT id FROM jobs WHERE key = ?"
+_FIND_KEY = "SELECT id FROM blero_jobs WHERE key = ?"
 _LAST_ID = "SELECT last_insert_rowid()"
 # What a worker needs of a claimed job, in Job's argument order.
 _JOB_COLUMNS = "id, name, data, attempt, max_attempts, priority, key, created_at, timeout"
-_NEXT_READY = ("SELECT id FROM jobs WHERE state = {state}{names}"   # READY or SUSPECT
+_NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READY or SUSPECT
                " ORDER BY priority DESC, id LIMIT 1")
 # A claim is made only while its owner is registered: a claim still under
 # way when its queue stopped (and dropped its owner) then claims nothing.
-_CLAIM_RETURNING = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1,"
+_CLAIM_RETURNING = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
                     " started_at = ? WHERE id = ({next})"
-                    " AND EXISTS (SELECT 1 FROM owners WHERE id = ?) RETURNING " + _JOB_COLUMNS)
-_CLAIM = ("UPDATE jobs SET state = 2, owner = ?, attempt = attempt + 1,"
-          " started_at = ? WHERE id = ? AND EXISTS (SELECT 1 FROM owners WHERE id = ?)")
-_JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = ?"
+                    " AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?) RETURNING " + _JOB_COLUMNS)
+_CLAIM = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
+          " started_at = ? WHERE id = ? AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?)")
+_JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM blero_jobs WHERE id = ?"
 # Every end of a try, and every hand-back, is this one statement: it changes
 # the job only while the claim that ran it still holds, so a late or stale
 # result can never overwrite what happened since.  A try given back (cut
 # short by a deliberate stop) adds one to max_attempts: it used up no try.
-_FINISH = ("UPDATE jobs SET state = ?, run_at = coalesce(?, run_at), finished_at = ?,"
+_FINISH = ("UPDATE blero_jobs SET state = ?, run_at = coalesce(?, run_at), finished_at = ?,"
            " result = ?, error = ?, max_attempts = max_attempts + ?, owner = NULL"
            " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
-_RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE state = 2 AND owner = ?"
+_RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM blero_jobs WHERE state = 2 AND owner = ?"
 # Undo a claim whose try never began: ready (or suspect) again, its attempt
 # not counted.
-_UNCLAIM = ("UPDATE jobs SET state = ?, owner = NULL, attempt = attempt - 1,"
+_UNCLAIM = ("UPDATE blero_jobs SET state = ?, owner = NULL, attempt = attempt - 1,"
             " started_at = CASE attempt WHEN 1 THEN NULL ELSE started_at END"
             " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
-_RUNNING_IDS = "SELECT id FROM jobs WHERE state = 2 AND owner = ?"
+_RUNNING_IDS = "SELECT id FROM blero_jobs WHERE state = 2 AND owner = ?"
 # A slice at a time, earliest first: the clock promotes the next slice at
 # once (the earliest left is due), but a timeout due meanwhile never waits
 # for 200,000 jobs made due at the same moment.
-_PROMOTE = ("UPDATE jobs SET state = 0 WHERE id IN (SELECT id FROM jobs"
+_PROMOTE = ("UPDATE blero_jobs SET state = 0 WHERE id IN (SELECT id FROM blero_jobs"
             " WHERE state = 1 AND run_at <= ? ORDER BY run_at LIMIT 1000)")
-_NEXT_DELAYED = "SELECT min(run_at) FROM jobs WHERE state = 1"
-_SUSPECT_NAMES = "SELECT DISTINCT name FROM jobs WHERE state = -1"
-_STATE_OF = "SELECT state, owner FROM jobs WHERE id = ?"
-_CANCEL = ("UPDATE jobs SET state = 5, finished_at = ?, owner = NULL"
+_NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
+_SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
+_STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
+_CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
            " WHERE id = ? AND state IN (-1, 0, 1, 2)")
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
-_RETRY = ("UPDATE jobs SET state = 0, run_at = ?, finished_at = NULL,"
+_RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
           " WHERE state = 4 AND (? IS NULL OR id = ?)")
 # Sweeping goes a slice at a time, in finish order: it finds a few hundred
 # rows with the read connection, then deletes them in one write transaction,
 # so a big sweep never holds either connection for more than a few ms.
-_SWEEPABLE = ("SELECT id, state, finished_at FROM jobs WHERE state >= 3 AND finished_at <= ?"
+_SWEEPABLE = ("SELECT id, state, finished_at FROM blero_jobs WHERE state >= 3 AND finished_at <= ?"
               " AND finished_at >= ? AND (finished_at > ? OR id > ?)"
               " AND state IN ({states}, 6) ORDER BY finished_at, id LIMIT ?")
 _SWEEP_SLICE = 500                      # rows a slice deletes
 _SWEEP_START = (-math.inf, 0)           # where a sweep starts: (finished_at, id) seen last
-_MAX_ID = "SELECT max(id) FROM jobs"
-_SWEEP = ("DELETE FROM jobs WHERE id = ? AND id < ?"
+_MAX_ID = "SELECT max(id) FROM blero_jobs"
+_SWEEP = ("DELETE FROM blero_jobs WHERE id = ? AND id < ?"
           " AND (state IN ({states}) AND finished_at <= ? OR state = 6)")
 # The newest job is kept as a bare tombstone (state 6) rather than deleted, so
 # that SQLite never hands its id out again: ids are never reused.
-_TOMBSTONE = ("UPDATE jobs SET state = 6, name = '', data = NULL, result = NULL,"
+_TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result = NULL,"
               " error = NULL, key = NULL WHERE id = ? AND state IN ({states})"
               " AND finished_at <= ?")
 _INFO_COLUMNS = ("id, name, data, state, attempt, max_attempts, priority, key, result,"
                  " error, created_at, run_at, started_at, finished_at")
-_GET = "SELECT " + _INFO_COLUMNS + " FROM jobs WHERE id = ? AND state < 6"
-_OUTCOME = "SELECT state, result, error FROM jobs WHERE id = ? AND state < 6"
-_LIST = ("SELECT " + _INFO_COLUMNS + " FROM jobs WHERE state BETWEEN ? AND ?"
+_GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
+_OUTCOME = "SELECT state, result, error FROM blero_jobs WHERE id = ? AND state < 6"
+_LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
          " AND (? IS NULL OR name = ?) ORDER BY id {order} LIMIT ?")
-_COUNTS = "SELECT state, count(*) FROM jobs GROUP BY state"
-_FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, count(*) FROM jobs"
+_COUNTS = "SELECT state, count(*) FROM blero_jobs GROUP BY state"
+_FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, count(*) FROM blero_jobs"
                    " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1")
 # One statement, so one snapshot: a job moving from ready to running between
 # two separate looks would otherwise be seen in neither.
 _OUTSTANDING = (
-    "WITH runs AS (SELECT job_id FROM schedules WHERE job_id IS NOT NULL) SELECT"
-    " EXISTS (SELECT 1 FROM jobs WHERE state = 0 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM jobs WHERE state = -1 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM jobs WHERE state = 1 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM jobs WHERE state = 2 AND id NOT IN runs)")
+    "WITH runs AS (SELECT job_id FROM blero_schedules WHERE job_id IS NOT NULL) SELECT"
+    " EXISTS (SELECT 1 FROM blero_jobs WHERE state = 0 AND id NOT IN runs)"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -1 AND id NOT IN runs)"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 1 AND id NOT IN runs)"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN runs)")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
-_HEARTBEAT = ("INSERT INTO owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
+_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
               " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
-_DROP_OWNER = "DELETE FROM owners WHERE id = ?"
-_OWNERS = ("SELECT id, heartbeat_at FROM owners UNION ALL"
-           " SELECT DISTINCT owner, NULL FROM jobs"
-           " WHERE state = 2 AND owner NOT IN (SELECT id FROM owners)")
+_DROP_OWNER = "DELETE FROM blero_owners WHERE id = ?"
+_OWNERS = ("SELECT id, heartbeat_at FROM blero_owners UNION ALL"
+           " SELECT DISTINCT owner, NULL FROM blero_jobs"
+           " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)")
 _UPSERT_SCHEDULE = (
-    "INSERT INTO schedules (key, name, data, interval, next_due, priority, retries, timeout)"
+    "INSERT INTO blero_schedules (key, name, data, interval, next_due, priority, retries, timeout)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
     " name = excluded.name, data = excluded.data, interval = excluded.interval,"
     " next_due = min(next_due, next_due - interval + excluded.interval),"
     " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout")
-_DROP_SCHEDULE = "DELETE FROM schedules WHERE key = ?"
+_DROP_SCHEDULE = "DELETE FROM blero_schedules WHERE key = ?"
 # Schedules whose next run is due and whose previous run is over.
 _DUE_SCHEDULES = (
     "SELECT s.key, s.name, s.data, s.interval, s.next_due, s.priority, s.retries,"
     " s.timeout, s.job_id, j.created_at, j.started_at"
-    " FROM schedules s LEFT JOIN jobs j ON j.id = s.job_id"
+    " FROM blero_schedules s LEFT JOIN blero_jobs j ON j.id = s.job_id"
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
-_SCHEDULED_RUN = "UPDATE schedules SET next_due = ?, job_id = ? WHERE key = ?"
-_NEXT_SCHEDULE = "SELECT min(next_due) FROM schedules"
+_SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
+_NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
 # Free pages go back one per statement: Pythons differ in whether they step
 # an incremental_vacuum on past its first page.
 _FREE_PAGES = "PRAGMA freelist_count"

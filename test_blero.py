@@ -341,7 +341,7 @@ class EnqueueTest(TempDirTest):
         self.assertLess(len(transactions), 1600, "no enqueues shared a commit")
         # Every enqueue that returned is on disk, seen by a new connection.
         db = sqlite3.connect(bl.path)
-        self.assertEqual(db.execute("SELECT count(*) FROM jobs").fetchone()[0], 1600)
+        self.assertEqual(db.execute("SELECT count(*) FROM blero_jobs").fetchone()[0], 1600)
         db.close()
 
     def test_next_job_is_one_index_seek(self):
@@ -354,7 +354,7 @@ class EnqueueTest(TempDirTest):
             for sql, params in ((select, names), (claim, (1, 2.0) + names + (1,))):
                 plan = " ".join(str(r) for r in storage._db.execute(
                     "EXPLAIN QUERY PLAN " + sql, params))
-                self.assertIn("jobs_ready", plan)
+                self.assertIn("blero_jobs_ready", plan)
                 self.assertNotIn("TEMP B-TREE", plan, "the claim sorts instead of seeking")
 
 
@@ -3410,7 +3410,7 @@ class HardeningTest(ProcessTest):
             dst.write(src.read())
         db = sqlite3.connect(alone)
         try:
-            in_main_file = db.execute("SELECT count(*) FROM jobs").fetchall()[0][0]
+            in_main_file = db.execute("SELECT count(*) FROM blero_jobs").fetchall()[0][0]
         except sqlite3.OperationalError:     # not even the schema is there
             in_main_file = 0
         db.close()
@@ -3438,9 +3438,9 @@ class HardeningTest(ProcessTest):
                     "INSERT INTO t VALUES (1)"),
             "other-app-empty": ("PRAGMA application_id = 1234",),
             "other-app-jobs": ("PRAGMA application_id = 1234",
-                               "CREATE TABLE jobs (id INTEGER PRIMARY KEY)"),
-            "no-app-id-jobs": ("CREATE TABLE jobs (id INTEGER PRIMARY KEY)",
-                               "CREATE TABLE owners (id)", "CREATE TABLE schedules (key)"),
+                               "CREATE TABLE blero_jobs (id INTEGER PRIMARY KEY)"),
+            "no-app-id-jobs": ("CREATE TABLE blero_jobs (id INTEGER PRIMARY KEY)",
+                               "CREATE TABLE blero_owners (id)", "CREATE TABLE blero_schedules (key)"),
         }
         for name, statements in cases.items():
             with self.subTest(name):
@@ -4515,12 +4515,10 @@ class MemoryAndLatencyTest(TempDirTest):
         path = os.path.join(self.dir, "q.db")
         blero.new(path).start().stop()
         db = sqlite3.connect(path)
-        table = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
-                           " AND name IN ('jobs', 'blero_jobs')").fetchall()[0][0]
-        db.execute(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 250000)"
-                   f" INSERT INTO {table} (state, priority, run_at, name, max_attempts,"
-                   f" created_at, attempt, started_at, finished_at)"
-                   f" SELECT 3, 0, ?1, 'old', 4, ?1, 1, ?1, ?1 FROM n", (time.time() - 60,))
+        db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 250000)"
+                   " INSERT INTO blero_jobs (state, priority, run_at, name, max_attempts,"
+                   " created_at, attempt, started_at, finished_at)"
+                   " SELECT 3, 0, ?1, 'old', 4, ?1, 1, ?1, ?1 FROM n", (time.time() - 60,))
         db.commit()
         db.close()
 
@@ -4542,11 +4540,9 @@ class MemoryAndLatencyTest(TempDirTest):
         path = os.path.join(self.dir, "q.db")
         blero.new(path).start().stop()
         db = sqlite3.connect(path)
-        table = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
-                           " AND name IN ('jobs', 'blero_jobs')").fetchall()[0][0]
-        db.execute(f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 300000)"
-                   f" INSERT INTO {table} (state, priority, run_at, name, max_attempts, created_at)"
-                   f" SELECT 1, 0, ?1, 'later', 4, ?2 FROM n", (time.time() + 1.0, time.time()))
+        db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 300000)"
+                   " INSERT INTO blero_jobs (state, priority, run_at, name, max_attempts, created_at)"
+                   " SELECT 1, 0, ?1, 'later', 4, ?2 FROM n", (time.time() + 1.0, time.time()))
         db.commit()
         db.close()
 
