@@ -296,12 +296,12 @@ _STATE_CODES = {"pending": (_SUSPECT, _DELAYED), "inprogress": (_RUNNING, _RUNNI
                 "cancelled": (_CANCELLED, _CANCELLED)}
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 1            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 2            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
-# Newer than schema version 1: opening a file of that version adds it.
-_SUSPECT_INDEX = ("CREATE INDEX IF NOT EXISTS blero_jobs_suspect ON blero_jobs (priority DESC, id)"
+# New in schema 2: the upgrade from 1 adds it (see _schema_2).
+_SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
 
 _SCHEMA = """
@@ -432,6 +432,7 @@ _OUTSTANDING = (
 _HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
               " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
 _DROP_OWNER = "DELETE FROM blero_owners WHERE id = ?"
+_OWNER_PIDS = "SELECT id, pid FROM blero_owners"
 _OWNERS = ("SELECT id, heartbeat_at FROM blero_owners UNION ALL"
            " SELECT DISTINCT owner, NULL FROM blero_jobs"
            " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)")
@@ -456,6 +457,34 @@ _FREE_PAGES = "PRAGMA freelist_count"
 _FREE_PAGE = "PRAGMA incremental_vacuum(1)"
 _FREE_SLICE = 500                       # pages a write transaction gives back
 _CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
+
+
+# -- Upgrades: a file written by an older blero.py, brought up to date --------
+#
+# _UPGRADES[n - 1] takes a file from user_version n to n + 1: the steps a file
+# needs run in order, in one transaction with its new user_version, the first
+# time this blero.py opens it (holding the -lock byte 0).  A later schema adds
+# its step at the end, and raises _SCHEMA_VERSION with it.  (Incremental
+# auto_vacuum needs a VACUUM, which no transaction may hold: `_init` turns it
+# on apart, in any file that lacks it.)
+
+def _schema_2(db: sqlite3.Connection) -> None:
+    """1 -> 2: blero's tables and indexes are named blero_*, so that the
+    application's own tables can share the file; the suspects' index."""
+    for table in ("jobs", "owners", "schedules"):
+        db.execute(f"ALTER TABLE {table} RENAME TO blero_{table}")
+    for name, sql in db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+            " AND tbl_name = 'blero_jobs' AND name LIKE 'jobs!_%' ESCAPE '!'").fetchall():
+        db.execute(f"DROP INDEX {name}")
+        db.execute(sql.replace(f"INDEX {name} ", f"INDEX blero_{name} ", 1))
+    # A schema 1 file has no suspects' index, unless a blero.py of between
+    # d97611a and schema 2 made it (with the old prefix, renamed just above).
+    db.execute("DROP INDEX IF EXISTS blero_jobs_suspect")
+    db.execute(_SUSPECT_INDEX)
+
+
+_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2,)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -788,13 +817,10 @@ class _Storage:
         if version is None:
             self._create_schema()
         else:
+            if version < _SCHEMA_VERSION:
+                self._upgrade(version)
             self._begin(db)     # fails here, not later, on a file we cannot write
-            try:
-                db.execute(_SUSPECT_INDEX)   # a file of schema version 1 lacks it
-                db.execute("COMMIT")         # (and when it has it, writes nothing)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            db.execute("ROLLBACK")
         if db.execute("PRAGMA auto_vacuum").fetchall()[0][0] != _INCREMENTAL:
             # Files of older blero.py have none, nor has an empty database
             # another program made: only a VACUUM can turn it on, once.
@@ -802,6 +828,27 @@ class _Storage:
             db.execute("VACUUM")
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
+
+    def _upgrade(self, version: int) -> None:
+        """Bring a file of schema `version` up to date, in one transaction;
+        refuse (and change nothing) while the older blero.py that wrote it
+        still runs on it: it would not find its tables any more."""
+        db = self._db
+        self._begin(db)
+        try:
+            for step in _UPGRADES[version - 1:]:
+                step(db)
+            running = [str(pid) for owner, pid in db.execute(_OWNER_PIDS).fetchall()
+                       if _owner_alive(self.real, owner)]   # (None where no lock tells)
+            if running:
+                raise BleroError(f"{self.path}: written by an older blero.py, still running "
+                                 f"on it (process {', '.join(running)}); stop it, then "
+                                 f"start again: the file is upgraded then")
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _create_schema(self) -> None:
         db = self._db

@@ -4965,6 +4965,18 @@ print(json.dumps({"kept": kept, "waiting": waiting}))
 """
 
 
+# argv: db.  With the v1 blero.py: a running queue that enqueues a job per
+# line on stdin (and prints its id), and stops at the end of stdin.
+V1_RUNNING_CHILD = """
+import sys, blero
+bl = blero.new(sys.argv[1]).start()
+print("ready", flush=True)
+for line in sys.stdin:
+    print(bl.enqueue("more", line.strip()), flush=True)
+bl.stop()
+"""
+
+
 class UpgradeTest(ProcessTest):
 
     @classmethod
@@ -4981,6 +4993,7 @@ class UpgradeTest(ProcessTest):
                                     f"writes v1 files")
         with open(os.path.join(old, "blero.py"), "wb") as f:
             f.write(source)
+        cls.v1_dir = old
         cls.v1_path = os.path.join(old, "q.db")
         out = subprocess.run([sys.executable, "-c", V1_CHILD, cls.v1_path], cwd=old,
                              env=dict(os.environ, PYTHONPATH=old), capture_output=True,
@@ -5005,6 +5018,24 @@ class UpgradeTest(ProcessTest):
         finally:
             db.close()
 
+    def assert_upgraded(self, path, theirs=()):
+        """Schema 2, incremental auto_vacuum, blero's names blero_*; of the
+        old names, only the application's tables `theirs`."""
+        self.assertEqual(self.layout(path), (2, 2))
+        db = sqlite3.connect(path)
+        try:
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master"
+                                              " WHERE name NOT LIKE 'sqlite!_%' ESCAPE '!'")}
+            schedules = db.execute("SELECT key FROM blero_schedules").fetchall()
+        finally:
+            db.close()
+        self.assertEqual({n for n in names if n.startswith("blero_")},
+                         {"blero_jobs", "blero_owners", "blero_schedules", "blero_jobs_ready",
+                          "blero_jobs_delayed", "blero_jobs_running", "blero_jobs_finished",
+                          "blero_jobs_key", "blero_jobs_suspect"})
+        self.assertEqual({"jobs", "owners", "schedules"} & names, set(theirs))
+        self.assertEqual(schedules, [("hourly",)])
+
     def test_a_file_of_the_first_layout_carries_on_and_gives_its_space_back(self):
         made = self.v1_file(self.path)
         kept, waiting = made["kept"], made["waiting"]
@@ -5019,7 +5050,7 @@ class UpgradeTest(ProcessTest):
         self.assertTrue(bl.join(10))
         self.assertEqual(bl.sweep(), 6)
         bl.stop()
-        self.assertEqual(self.layout(self.path)[1], 2)   # INCREMENTAL
+        self.assert_upgraded(self.path)
         SpaceTest.assert_small(self, self.path)
         self.assertEqual(blero.new(self.path).stats()["complete"], 0)
 
@@ -5029,7 +5060,7 @@ class UpgradeTest(ProcessTest):
         out = run_cli("vacuum", "--db", self.path)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn(f"{before:,} -> {os.path.getsize(self.path):,} bytes", out.stdout)
-        self.assertEqual(self.layout(self.path)[1], 2)   # INCREMENTAL
+        self.assert_upgraded(self.path)
         SpaceTest.assert_small(self, self.path)
         bl = blero.new(self.path)
         self.assertEqual([bl.get_job(i).state for i in made["kept"] + made["waiting"]],
@@ -5064,7 +5095,101 @@ class UpgradeTest(ProcessTest):
         bl = blero.new(self.path)
         self.assertEqual(bl.stats()["pending"], 63)
         self.assertEqual(bl.get_job(made["kept"][0]).result, b"kept 0" * 2)
-        self.assertEqual(self.layout(self.path)[1], 2)   # INCREMENTAL
+        self.assert_upgraded(self.path)
+
+    def test_an_older_blero_running_on_the_file_keeps_its_tables(self):
+        # A deploy starts the new blero.py while a process of the old one
+        # still runs on the file: renaming its tables under it would break
+        # it, so the new one refuses, naming it, and upgrades once it stopped.
+        made = self.v1_file(self.path)
+        old = subprocess.Popen([sys.executable, "-c", V1_RUNNING_CHILD, self.path],
+                               cwd=self.v1_dir, env=dict(os.environ, PYTHONPATH=self.v1_dir),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(old.stdout.close)
+        self.addCleanup(old.wait)
+        self.addCleanup(old.kill)
+        self.assertEqual(old.stdout.readline(), "ready\n")
+        link = os.path.join(self.dir, "current.db")     # a deploy's link to it, too
+        os.symlink(self.path, link)
+        for attempt in (lambda: blero.new(self.path).start(), blero.new(self.path).stats,
+                        lambda: blero.new(link).start()):
+            with self.assertRaises(blero.BleroError) as cm:
+                attempt()
+            self.assertIn("older blero.py", str(cm.exception))
+            self.assertIn(str(old.pid), str(cm.exception))
+        self.assertEqual(self.layout(self.path), (1, 0), "changed under the old process")
+        old.stdin.write("still here\n")
+        old.stdin.flush()
+        more = int(old.stdout.readline())
+        self.assertEqual(more, made["waiting"][-1] + 1)
+        old.stdin.close()
+        self.assertEqual(old.wait(30), 0)
+        with blero.new(self.path) as bl:
+            self.assertEqual(bl.get_job(more).data, "still here")
+        self.assert_upgraded(self.path)
+
+    def test_jobs_a_crash_cut_short_in_an_upgraded_file_come_back_as_suspects(self):
+        # A file of the first layout (which has no suspects), upgraded at
+        # its first start: a kill -9 there cuts two jobs short, and they
+        # come back as suspects, found by their own index, and run first,
+        # one at a time, as in a file made new.
+        made = self.v1_file(self.path)
+        proc = start_child(_RUN_UNTIL_KILLED, self.path, "3,3", stdout=subprocess.PIPE,
+                           text=True)
+        self.addCleanup(stop_child, proc)
+        found = LineReader(proc.stdout).expect(r"^running (\d+)$", count=2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        cut = sorted(int(m.group(1)) for m in found)
+        self.assertEqual(cut, made["waiting"][:2])      # the oldest pending jobs
+        bl = self.queue()
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("SELECT id FROM blero_jobs WHERE state = -1"
+                                    " ORDER BY id").fetchall(), [(i,) for i in cut])
+        select, _ = bl._storage._claim_statements(0, suspect=True)
+        plan = " ".join(str(r) for r in db.execute("EXPLAIN QUERY PLAN " + select))
+        self.assertIn("blero_jobs_suspect", plan)
+        runs = []
+
+        def record(job):
+            runs.append(("S", job.id))
+            time.sleep(0.05)            # (work, so that an overlap would show)
+            runs.append(("E", job.id))
+        bl.register_processor(record)
+        bl.register_processor(record)
+        self.assertTrue(bl.join(30))
+        self.assertEqual(runs[:4], [("S", cut[0]), ("E", cut[0]), ("S", cut[1]), ("E", cut[1])],
+                         "the suspects did not run first, one at a time")
+        self.assertEqual(bl.stats()["pending"], 0)
+        self.assertEqual([bl.get_job(i).attempt for i in cut], [2, 2])
+        bl.stop()
+        self.assert_upgraded(self.path)
+
+    def test_the_applications_own_tables_share_the_queue_file(self):
+        # An application keeps its own tables in the queue file (one even
+        # named jobs): the upgrade, the queue and vacuum leave them alone.
+        made = self.v1_file(self.path)
+        app = sqlite3.connect(self.path)
+        app.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
+        app.execute("INSERT INTO orders (item) VALUES ('tea')")
+        app.commit()
+        app.close()
+        bl = blero.new(self.path).start()
+        app = sqlite3.connect(self.path)
+        self.addCleanup(app.close)
+        app.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, title TEXT)")
+        app.execute("INSERT INTO jobs (title) VALUES ('plumber')")
+        app.commit()
+        after = bl.enqueue("waiting", b"after")
+        self.assertEqual(after, made["waiting"][-1] + 1)
+        bl.stop()
+        with blero.new(self.path) as bl:
+            self.assertEqual(bl.stats()["pending"], 4)
+        self.assertEqual(run_cli("vacuum", "--db", self.path).returncode, 0)
+        self.assertEqual(app.execute("SELECT item FROM orders").fetchall(), [("tea",)])
+        self.assertEqual(app.execute("SELECT title FROM jobs").fetchall(), [("plumber",)])
+        self.assert_upgraded(self.path, theirs=["jobs"])
 
 
 if __name__ == "__main__":
