@@ -3201,12 +3201,25 @@ def new(path: str | os.PathLike, **settings) -> Blero:
 # its own, cannot read it), and every POST must also come from a page of this
 # very origin (so no other site can make a visitor's browser act on the queue).
 
+def _json_value(value):
+    """`value` itself where JSON carries it (so `jq .data.url` works), else its repr."""
+    try:
+        json.dumps(value, allow_nan=False)  # NaN is no JSON: jq and most parsers refuse it
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+    return value
+
+
 def _job_json(info: JobInfo, shorten: bool = False) -> dict:
-    """A JobInfo as JSON, with data and result as their repr (cut short for the page)."""
+    """A JobInfo as JSON, data and result as JSON values where they can be,
+    else their repr; for the page (`shorten`), their repr cut short."""
     out = info._asdict()
     for field in ("data", "result"):
-        text = repr(out[field])
-        out[field] = text[:297] + "..." if shorten and len(text) > 300 else text
+        if shorten:
+            text = repr(out[field])
+            out[field] = text[:297] + "..." if len(text) > 300 else text
+        else:
+            out[field] = _json_value(out[field])
     return out
 
 
@@ -3489,6 +3502,15 @@ setInterval(refresh, 2000);
 # The command line: python -m blero ...
 # ---------------------------------------------------------------------------
 
+_SERIALIZERS = {"pickle": pickle, "json": json}
+
+
+def _cli_queue(args, **settings) -> Blero:
+    """The queue a command names, read with the serializer it names (with
+    json, nothing in the file is ever unpickled)."""
+    return Blero(args.db, serializer=_SERIALIZERS[args.serializer], **settings)
+
+
 class _DemoOutput:
     """Whole lines to stdout; on a terminal, a progress line kept below them."""
 
@@ -3552,7 +3574,7 @@ class _DemoOutput:
 def _demo(args) -> int:
     out = _DemoOutput(sys.stdout)
     out.line("Starting Blero ...")
-    bl = Blero(args.db, on_complete=out.finished, on_failed=out.finished)
+    bl = _cli_queue(args, on_complete=out.finished, on_failed=out.finished)
     bl.start()
     # Like Goblero's signal.Notify: Ctrl-C and SIGTERM stop the demo cleanly,
     # even when it was started with SIGINT ignored (as a background job).
@@ -3633,7 +3655,7 @@ def _why_not(bl: Blero, job_id: int, wanted: str) -> str:
 
 
 def _serve(args) -> int:
-    bl = Blero(args.db)
+    bl = _cli_queue(args)
     bl.stats()      # a missing or foreign file fails here, and nothing is created
     bl.start()
     bl.stop_on_signals()
@@ -3674,10 +3696,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--sleep", type=_cli_seconds, default=2.0,
                       help="seconds each job takes (default 2)")
 
+    def serializer_option(p):
+        p.add_argument("--serializer", choices=_SERIALIZERS, default="pickle",
+                       help="how the queue's data is written (default pickle); json never "
+                            "unpickles anything: the safe way to look at a file you do not trust")
+
     def queue_command(name, help):
         p = commands.add_parser(name, help=help)
         p.add_argument("--db", required=True, help="the queue file (or its directory)")
+        serializer_option(p)
         return p
+
+    serializer_option(demo)
+
 
     p = queue_command("stats", "count the jobs in each state")
     p.add_argument("--json", action="store_true", help="print a JSON object")
@@ -3711,7 +3742,7 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "serve":
             return _serve(args)
-        bl = Blero(args.db)
+        bl = _cli_queue(args)
         if args.command == "stats":
             counts = bl.stats()
             print(json.dumps(counts) if args.json

@@ -2354,8 +2354,8 @@ class CommandLineTest(TempDirTest):
             self.assertEqual(set(job), set(blero.JobInfo._fields))
         first = everything[0]
         self.assertEqual((first["name"], first["state"], first["data"], first["result"]),
-                         ("fetch", "complete", repr({"url": "a"}), "42"))
-        self.assertEqual((everything[1]["data"], everything[1]["result"]), ("'b'", "None"))
+                         ("fetch", "complete", {"url": "a"}, 42))
+        self.assertEqual((everything[1]["data"], everything[1]["result"]), ("b", None))
         failed = json.loads(failed_json)
         self.assertEqual([j["id"] for j in failed], [ids["bad1"], ids["bad2"]])
         self.assertIn("cli boom 1", failed[0]["error"])
@@ -2364,7 +2364,7 @@ class CommandLineTest(TempDirTest):
     def test_jobs_json_shows_whole_reprs(self):
         path = os.path.join(self.dir, "q.db")
         bl = self.queue()
-        data = {"blob": "x" * 1000}
+        data = {"blob": "x" * 1000, "tags": {"a set, which JSON has not"}}
         bl.enqueue("big", data, delay=3600)
         bl.stop()
         result = run_cli("jobs", "--db", path, "--json")
@@ -5190,6 +5190,121 @@ class UpgradeTest(ProcessTest):
         self.assertEqual(app.execute("SELECT item FROM orders").fetchall(), [("tea",)])
         self.assertEqual(app.execute("SELECT title FROM jobs").fetchall(), [("plumber",)])
         self.assert_upgraded(self.path, theirs=["jobs"])
+
+
+# ---------------------------------------------------------------------------
+# The command line on a file one does not trust, and scripted; the demo on a
+# terminal (issue 12)
+# ---------------------------------------------------------------------------
+
+class CommandLineUntrustedAndScriptedTest(TempDirTest):
+    """An operator looks at a queue file they do not trust with --serializer
+    json, and scripts the commands with --json, jq and exit codes."""
+
+    def test_json_serializer_never_unpickles_a_crafted_file(self):
+        path = os.path.join(self.dir, "q.db")
+        marks = {k: os.path.join(self.dir, f"unpickled-{k}") for k in ("data", "result")}
+        bl = self.queue()       # written with pickle, by someone else
+        bl.register_processor(lambda job: MakesMarker(marks["result"]))
+        trap = bl.enqueue("evil-data", MakesMarker(marks["data"]), delay=3600)
+        done = bl.enqueue("evil-result", "x")
+        # Not bl.wait(): it would unpickle the crafted result here.
+        wait_until(lambda: bl.stats()["complete"] == 1, message="the job to complete")
+        bl.stop()
+        json_db = ("--db", path, "--serializer", "json")
+        results = run_clis(("jobs", *json_db, "--json"), ("jobs", *json_db),
+                           ("stats", *json_db), ("cancel", *json_db, done),
+                           ("retry", *json_db, done), ("sweep", *json_db, "--older-than", 3600))
+        serve = subprocess.Popen([sys.executable, "-m", "blero", "serve", *json_db],
+                                 cwd=HERE, env=child_env(), text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_child, serve)
+        port = int(LineReader(serve.stdout).expect(r"http://[^\s/]+:(\d+)/?")[0].group(1))
+        pages = [http_request(port, "GET", page) for page in ("/api/stats", "/api/jobs")]
+        serve.terminate()
+        serve.wait(20)
+        self.assertEqual([name for name in marks.values() if os.path.exists(name)], [],
+                         "something was unpickled")
+        codes = [code for code, out, err in results]
+        self.assertEqual(codes, [0, 0, 0, 1, 1, 0], results)
+        listed = json.loads(results[0][1])
+        self.assertEqual([(j["id"], j["state"], j["data"], j["result"]) for j in listed],
+                         [(trap, "pending", None, None), (done, "complete", None, None)])
+        self.assertIn("data=None", results[1][1])
+        self.assertEqual([err.strip() for _, _, err in results[3:5]],
+                         [f"blero: job {done} already ended: complete",
+                          f"blero: job {done} is not failed: complete"])
+        for status, ctype, body in pages:
+            self.assertEqual(status, 200, body)
+        self.assertEqual([j["data"] for j in json.loads(pages[0][2])["pending"]], ["None"])
+        self.assertEqual([j["data"] for j in json.loads(pages[1][2])], ["None", "None"])
+        self.assertNotIn("Traceback", serve.stderr.read())
+        # The file is a real trap: read with pickle, it springs.
+        self.assertEqual(run_cli("jobs", "--db", path).returncode, 0)
+        self.assertTrue(all(os.path.exists(name) for name in marks.values()))
+
+    def test_jobs_json_gives_json_values_and_errors_name_their_cause(self):
+        path = os.path.join(self.dir, "q.db")
+        bl = self.queue(serializer=json, retries=0)
+
+        def process(job):
+            if job.name == "bad":
+                raise ValueError("no route")
+            return {"ok": True, "url": job.data["url"]}
+
+        bl.register_processor(process)
+        a = bl.enqueue("fetch", {"url": "https://example.org/a", "tries": [1, 2]})
+        b = bl.enqueue("fetch", {"url": "https://example.org/b"})
+        bad = bl.enqueue("bad", {"url": "https://example.org/c"})
+        later = bl.enqueue("fetch", {"url": "https://example.org/d"}, delay=3600)
+        bl.wait(a, 10)
+        bl.wait(b, 10)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(bad, 10)
+        bl.stop()
+        other = os.path.join(self.dir, "p.db")
+        with blero.new(other) as pq:       # pickle: values JSON cannot carry as they are
+            pq.enqueue("odd", {"tags": {"x"}}, delay=3600)
+            pq.enqueue("odd", (1, 2.5, "three"), delay=3600)
+            pq.enqueue("odd", float("nan"), delay=3600)
+        missing = os.path.join(self.dir, "nowhere.db")
+        db = ("--db", path, "--serializer", "json")
+        commands = [("jobs", *db, "--json"), ("jobs", *db, "--json", "--name", "fetch"),
+                    ("jobs", *db, "--name", "bad"), ("jobs", *db, "--name", "typo", "--json"),
+                    ("stats", *db, "--json"), ("jobs", "--db", other, "--json"),
+                    ("cancel", *db, 424242), ("retry", *db, 424242),
+                    ("jobs", "--db", missing, "--serializer", "json"),
+                    ("stats", *db[:3], "yaml"), ("jobs", *db[:3]),
+                    ("demo", "--db", path, "--serializer", "yaml")]
+        results = run_clis(*commands)
+        self.assertEqual([code for code, out, err in results],
+                         [0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2], results)
+        everything = json.loads(results[0][1])
+        self.assertEqual([j["data"]["url"] for j in everything],
+                         [f"https://example.org/{c}" for c in "abcd"])
+        self.assertEqual(everything[0]["data"]["tries"], [1, 2])
+        self.assertEqual([j["result"] for j in everything],
+                         [{"ok": True, "url": "https://example.org/a"},
+                          {"ok": True, "url": "https://example.org/b"}, None, None])
+        self.assertIn("ValueError: no route", everything[2]["error"])
+        self.assertEqual([j["id"] for j in json.loads(results[1][1])], [a, b, later])
+        self.assertEqual([line.split("\t")[:3] for line in results[2][1].splitlines()],
+                         [[str(bad), "failed", "bad"]])
+        self.assertEqual(json.loads(results[3][1]), [])
+        self.assertEqual(json.loads(results[4][1]), {"pending": 1, "inprogress": 0,
+                                                     "complete": 2, "failed": 1, "cancelled": 0})
+        self.assertEqual([j["data"] for j in json.loads(results[5][1])],
+                         [repr({"tags": {"x"}}), [1, 2.5, "three"], "nan"])
+        self.assertEqual([err for _, _, err in results[6:9]],
+                         ["blero: no such job: 424242\n", "blero: no such job: 424242\n",
+                          f"blero: {missing}: no queue file there\n"])
+        self.assertFalse(os.path.exists(missing), "a missing --db file is never created")
+        for code, out, err in results[9:]:
+            self.assertIn("--serializer", err)
+        if shutil.which("jq"):      # the way an operator scripts it
+            out = subprocess.run(["jq", "-r", ".[].data.url"], input=results[0][1],
+                                 capture_output=True, text=True, timeout=30)
+            self.assertEqual(out.stdout.split(), [f"https://example.org/{c}" for c in "abcd"])
 
 
 if __name__ == "__main__":
