@@ -37,6 +37,8 @@ import pickle
 import random
 import re
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -3512,20 +3514,25 @@ def _cli_queue(args, **settings) -> Blero:
 
 
 class _DemoOutput:
-    """Whole lines to stdout; on a terminal, a progress line kept below them."""
+    """Whole lines to stdout; on a terminal, a progress line kept below them.
+
+    The cursor rests at the start of the line under the progress line, so
+    what the terminal echoes there (the ^C of a Ctrl-C) is on a line of its
+    own; each redraw goes up one line to the progress line."""
 
     def __init__(self, stream):
         self._stream = stream
         self._lock = threading.Lock()
         self._tty = stream.isatty()
-        self._bar = ""
+        self._bar = ""      # the progress line on the screen, above the cursor
+        self._ended = False
         self.total = self.done = self._done_before = 0
         self._started = time.monotonic()
 
     def line(self, text: str) -> None:
         with self._lock:
-            self._write(("\r\x1b[K" + text + "\n" + self._bar) if self._tty and self._bar
-                        else text + "\n")
+            self._write(("\x1b[A\r\x1b[K" + text + "\n\x1b[K" + self._bar + "\n")
+                        if self._tty and self._bar else text + "\n")
 
     def _write(self, text: str) -> None:
         """Write and flush; the lock is held.  A reader gone away (| head) is
@@ -3553,22 +3560,69 @@ class _DemoOutput:
         self.progress()
 
     def progress(self) -> None:
-        if not self._tty or not self.total:
-            return
         with self._lock:
+            if not self._tty or not self.total or self._ended:
+                return
             done, total = self.done, self.total
             rate = (done - self._done_before) / max(1e-9, time.monotonic() - self._started)
             eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
             filled = int(30 * done / total)
-            self._bar = (f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} jobs"
-                         f"  {rate:.2f} jobs/s  ETA {eta}")
-            self._write("\r\x1b[K" + self._bar)
+            bar = (f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} jobs"
+                   f"  {rate:.2f} jobs/s  ETA {eta}")
+            # One screen line, or going up one line would not reach its start
+            # (a terminal that does not tell its width says 0).
+            width = shutil.get_terminal_size().columns
+            if width > 1:
+                bar = bar[:width - 1]
+            self._write(("\x1b[A\r\x1b[K" if self._bar else "") + bar + "\n")
+            self._bar = bar
 
-    def end(self) -> None:
-        if self._tty and self._bar:
-            with self._lock:
+    def end(self, echoed: bool = False) -> None:
+        """Leave the progress line where it is, above the cursor; `echoed`:
+        after a Ctrl-C, whose ^C the terminal echoed at the cursor.  A job
+        ending late (its callback after a Ctrl-C) draws no progress line again."""
+        with self._lock:
+            if self._tty and echoed:
                 self._write("\n")
-                self._bar = ""
+            self._bar = ""
+            self._ended = True
+
+
+def _jobs_text(n: int, what: str = "") -> str:
+    """Counted jobs: "1 job", "5 interrupted jobs"."""
+    return " ".join(filter(None, (str(n), what, "job" if n == 1 else "jobs")))
+
+
+def _carrying_on(bl: Blero, counts: dict) -> str:
+    """What a run on a queue that already has jobs left does first."""
+    # Taken back at start(), the jobs a killed run had running are pending
+    # again, like those a stopped one handed back: started, not ended.
+    interrupted = sum(1 for j in bl.jobs("pending", limit=None) if j.attempt)
+    rest = counts["pending"] + counts["inprogress"] - interrupted
+    if not interrupted:
+        return f"carrying on: {_jobs_text(rest)} left"
+    first = _jobs_text(interrupted, "interrupted")
+    return f"carrying on: {first} first, {rest} left" if rest else f"carrying on: {first}"
+
+
+def _nothing_to_do(given: str, path: str, counts: dict) -> str:
+    """What a run on a queue whose jobs have all ended says, with the
+    command that deletes the queue (its folder, when it holds nothing else)."""
+    total = sum(counts.values())
+    one = total == 1
+    what = "the 1 job" if one else f"all {total} jobs"
+    if counts["complete"] == total:
+        ended = f"{what} {'is' if one else 'are'} complete"
+    else:
+        ended = f"{what} {'has' if one else 'have'} ended, " + ", ".join(
+            f"{n} {state}" for state, n in counts.items() if n)
+    base = os.path.basename(path)
+    own = {base + suffix for suffix in ("", "-lock", "-wal", "-shm")}
+    if os.path.isdir(given) and set(os.listdir(given)) <= own:
+        delete = "rm -r " + shlex.quote(given.rstrip(os.sep + (os.altsep or "")) or given)
+    else:
+        delete = f"rm {shlex.quote(path)} {shlex.quote(path + '-lock')}"
+    return f"nothing to do: {ended} ({delete} to start over)"
 
 
 def _demo(args) -> int:
@@ -3589,24 +3643,32 @@ def _demo(args) -> int:
         return process
 
     try:
-        counts = bl.stats()
+        counts = bl.stats()     # no processor yet, so no job has ended since start()
         out.begin(counts)
-        for k in range(1, args.n + 1):
-            out.line(f"Registering Processor {k} ...")
-            bl.register_processor(processor(k))
-        if sum(counts.values()) == 0:
-            out.line("Enqueuing jobs ...")
-            bl.enqueue_many([(f"Job #{i}", f"Job Data #{i}") for i in range(1, 51)])
-            out.added(50)
-        out.progress()
-        bl.join()
-        out.end()
-        out.line("All jobs done.")
+        if out.total and not counts["pending"] + counts["inprogress"]:
+            out.line(_nothing_to_do(args.db, bl.path, counts))
+        else:
+            if out.total:
+                out.line(_carrying_on(bl, counts))
+            # Every line of these before any job's: on a queue with jobs left,
+            # the first processor registered starts one at once.
+            for k in range(1, args.n + 1):
+                out.line(f"Registering Processor {k} ...")
+            if not out.total:
+                out.line("Enqueuing jobs ...")
+                bl.enqueue_many([(f"Job #{i}", f"Job Data #{i}") for i in range(1, 51)])
+                out.added(50)
+            out.progress()
+            for k in range(1, args.n + 1):
+                bl.register_processor(processor(k))
+            bl.join()
+            out.end()
+            out.line("All jobs done.")
         timeout = None
     except KeyboardInterrupt as exc:
-        out.end()
-        name = "terminated" if exc.args == (signal.SIGTERM,) else "interrupt"
-        out.line(f"Caught signal {name}. Exiting ...")
+        terminated = exc.args == (signal.SIGTERM,)
+        out.end(echoed=not terminated)
+        out.line(f"Caught signal {'terminated' if terminated else 'interrupt'}. Exiting ...")
         timeout = 0.0
     out.line("Stopping Blero ...")
     bl.stop(timeout)
@@ -3708,7 +3770,6 @@ def main(argv: list[str] | None = None) -> int:
         return p
 
     serializer_option(demo)
-
 
     p = queue_command("stats", "count the jobs in each state")
     p.add_argument("--json", action="store_true", help="print a JSON object")

@@ -5307,5 +5307,193 @@ class CommandLineUntrustedAndScriptedTest(TempDirTest):
             self.assertEqual(out.stdout.split(), [f"https://example.org/{c}" for c in "abcd"])
 
 
+def terminal_screen(output):
+    """The lines a terminal shows once it has displayed `output`: text, CR,
+    LF, ESC[K (erase to the end of the line) and ESC[A (up one line)."""
+    rows, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[[AK]|\r|\n|[^\x1b\r\n]+", output):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row += 1
+            if row == len(rows):
+                rows.append("")
+        elif token == "\x1b[A":
+            row = max(0, row - 1)
+        elif token == "\x1b[K":
+            rows[row] = rows[row][:col]
+        else:
+            line = rows[row].ljust(col)
+            rows[row] = line[:col] + token + line[col + len(token):]
+            col += len(token)
+    while rows and not rows[-1]:
+        rows.pop()
+    return rows
+
+
+# Runs `python ARGS` with the pseudo-terminal on fd 0 as its controlling
+# terminal, as a shell runs a program: a ^C typed there is then echoed, and
+# sends SIGINT to it.
+_ON_A_TERMINAL = ("import fcntl, os, sys, termios; os.setsid(); "
+                  "fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                  "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+
+
+class Terminal:
+    """A program on a pseudo-terminal of its own: what it shows, keys typed to it."""
+
+    def __init__(self, test, *args):
+        import pty
+        self.leader, follower = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-c", _ON_A_TERMINAL, *map(str, args)],
+                                     cwd=HERE, env=child_env(), stdin=follower,
+                                     stdout=follower, stderr=follower)
+        os.close(follower)
+        self._output = b""
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        test.addCleanup(self._close)
+
+    def _close(self):
+        stop_child(self.proc)
+        self._reader.join(10)       # the program gone, reading ends
+        os.close(self.leader)
+
+    def _read(self):
+        while True:
+            try:
+                chunk = os.read(self.leader, 65536)
+            except OSError:     # EIO: the program has closed the terminal
+                return
+            if not chunk:
+                return
+            with self._lock:
+                self._output += chunk
+
+    def text(self):
+        with self._lock:
+            return self._output.decode(errors="replace")
+
+    def wait_for(self, pattern, count=1, timeout=30.0):
+        wait_until(lambda: len(re.findall(pattern, self.text(), re.M)) >= count,
+                   timeout=timeout, message=f"{count} x {pattern!r} on the terminal")
+
+    def type(self, keys: bytes):
+        os.write(self.leader, keys)
+
+    def finish(self, timeout=30.0):
+        """(exit status, the screen's lines) once the program has ended."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code, terminal_screen(self.text())
+
+
+_BAR = r"\[[#.]{30}\] \d+/\d+ jobs  [\d.]+ jobs/s  ETA \S+"
+
+
+@unittest.skipUnless(POSIX, "a pseudo-terminal")
+class DemoOnATerminalTest(TempDirTest):
+    """python -m blero demo as one runs it in a terminal: Ctrl-C, SIGTERM,
+    a second run that says what it carries on with, a finished queue."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = os.path.join(self.dir, "db") + os.sep
+
+    def demo_on_a_terminal(self, *args):
+        """The demo, stopped once two of its jobs are running (the progress line drawn)."""
+        term = Terminal(self, "-m", "blero", "demo", "--db", self.db, *args)
+        term.wait_for(r"\] Processing job: ", count=2)
+        term.wait_for(_BAR + r"(\r\n)?\Z")     # drawn again after the last line
+        return term
+
+    def test_ctrl_c_leaves_its_echo_on_a_line_of_its_own(self):
+        term = self.demo_on_a_terminal("-n", "2", "--sleep", 60)
+        term.type(b"\x03")      # Ctrl-C, typed: the terminal echoes ^C and sends SIGINT
+        code, screen = term.finish()
+        self.assertEqual(code, 0, screen)
+        self.assertRegex(screen[-4], rf"^{_BAR}$", screen)
+        self.assertEqual(screen[-3:], ["^C", "Caught signal interrupt. Exiting ...",
+                                       "Stopping Blero ..."])
+        self.assertEqual(screen[:4], ["Starting Blero ...", "Registering Processor 1 ...",
+                                      "Registering Processor 2 ...", "Enqueuing jobs ..."])
+
+    def test_sigterm_then_each_next_run_says_what_it_carries_on_with(self):
+        term = self.demo_on_a_terminal("-n", "2", "--sleep", 60)
+        term.proc.send_signal(signal.SIGTERM)
+        code, screen = term.finish()
+        self.assertEqual(code, 0, screen)
+        self.assertRegex(screen[-3], rf"^{_BAR}$", screen)
+        self.assertEqual(screen[-2:], ["Caught signal terminated. Exiting ...",
+                                       "Stopping Blero ..."])
+        # A second run, killed -9 while its 3 processors run jobs 1, 2 and 3.
+        proc = subprocess.Popen([sys.executable, "-m", "blero", "demo", "--db", self.db,
+                                 "-n", "3", "--sleep", "60"], cwd=HERE, env=child_env(),
+                                stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, proc)
+        out = LineReader(proc.stdout)
+        out.expect(r"\] Processing job: ", count=3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        self.assertEqual(out.lines[:5], ["Starting Blero ...\n",
+                                         "carrying on: 2 interrupted jobs first, 48 left\n",
+                                         "Registering Processor 1 ...\n",
+                                         "Registering Processor 2 ...\n",
+                                         "Registering Processor 3 ...\n"])
+        # A third, to the end, with every registration line before any job's
+        # (that the interrupted jobs go first, DemoTest shows on one processor).
+        result = subprocess.run([sys.executable, "-m", "blero", "demo", "--db", self.db,
+                                 "-n", "8", "--sleep", "0"], cwd=HERE, env=child_env(),
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        lines = result.stdout.splitlines()
+        self.assertEqual(lines[:10], ["Starting Blero ...",
+                                      "carrying on: 3 interrupted jobs first, 47 left"]
+                         + [f"Registering Processor {k} ..." for k in range(1, 9)])
+        started = re.findall(r"\] Processing job: Job #(\d+) ", result.stdout)
+        self.assertEqual(sorted(map(int, started)), list(range(1, 51)))
+        self.assertEqual(lines[-2:], ["All jobs done.", "Stopping Blero ..."])
+        # A fourth has nothing to do, and says how to start over.
+        result = subprocess.run([sys.executable, "-m", "blero", "demo", "--db", self.db],
+                                cwd=HERE, env=child_env(), capture_output=True, text=True,
+                                timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(result.stdout.splitlines(), [
+            "Starting Blero ...",
+            f"nothing to do: all 50 jobs are complete (rm -r {self.db[:-1]} to start over)",
+            "Stopping Blero ..."])
+
+    def test_a_finished_queue_says_how_it_ended_and_how_to_start_over(self):
+        own = os.path.join(self.dir, "own")         # a folder holding only the queue
+        shared = os.path.join(self.dir, "shared")   # one holding other files too
+        os.mkdir(shared)
+        with open(os.path.join(shared, "notes.txt"), "w") as f:
+            f.write("keep me\n")
+        for folder, names in ((own, ["a"] * 7), (shared, ["a", "bad", "gone"])):
+            with blero.new(folder + os.sep, retries=0) as bl:
+                bl.register_processor(lambda job: 1 / 0 if job.name == "bad" else None)
+                for name in names:
+                    job_id = bl.enqueue(name, delay=3600 if name == "gone" else None)
+                    if name == "gone":
+                        bl.cancel(job_id)
+                self.assertTrue(bl.join(10))
+        queue_file = os.path.join(shared, "blero.db")
+        results = run_clis(("demo", "--db", own), ("demo", "--db", shared + os.sep),
+                           ("demo", "--db", queue_file))
+        ended = "all 3 jobs have ended, 1 complete, 1 failed, 1 cancelled"
+        by_files = f"rm {queue_file} {queue_file}-lock to start over"
+        for (code, out, err), message in zip(results, [
+                f"nothing to do: all 7 jobs are complete (rm -r {own} to start over)",
+                f"nothing to do: {ended} ({by_files})",
+                f"nothing to do: {ended} ({by_files})"]):
+            self.assertEqual((code, err), (0, ""))
+            self.assertEqual(out.splitlines(), ["Starting Blero ...", message,
+                                                "Stopping Blero ..."])
+        self.assertEqual(blero.new(queue_file).stats(), {"pending": 0, "inprogress": 0,
+                                                         "complete": 1, "failed": 1,
+                                                         "cancelled": 1})
+
+
 if __name__ == "__main__":
     unittest.main()
