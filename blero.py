@@ -297,6 +297,122 @@ _STATE_CODES = {"pending": (_SUSPECT, _DELAYED), "inprogress": (_RUNNING, _RUNNI
                 "complete": (_COMPLETE, _COMPLETE), "failed": (_FAILED, _FAILED),
                 "cancelled": (_CANCELLED, _CANCELLED)}
 
+
+
+# -- What crosses into and out of storage: named tuples, never positions -------
+#
+# Each is also a statement's parameters or a row in its column order (the SQL
+# below names the columns in the same order), so nothing is copied to cross.
+
+class _NewJob(NamedTuple):
+    """A job to store, as `Blero` checked it (`_INSERT`'s columns)."""
+
+    state: int              # _READY, or _DELAYED when run_at is in the future
+    priority: int
+    run_at: float
+    name: str
+    data: Any               # serialized
+    max_attempts: int
+    timeout: float | None
+    key: str | None
+    created_at: float
+
+
+class _Claim(NamedTuple):
+    """A job claimed by a worker: what it needs to run a try (`_JOB_COLUMNS`,
+    in `Job`'s argument order)."""
+
+    id: int
+    name: str
+    data: Any               # serialized
+    attempt: int
+    max_attempts: int
+    priority: int
+    key: str | None
+    created_at: float
+    timeout: float | None
+
+
+class _Finish(NamedTuple):
+    """The end of one try, to record (`_FINISH`'s parameters): it changes the
+    job only while the claim (owner, attempt) that ran it still holds."""
+
+    state: int
+    run_at: float | None    # when it may run again, if it may
+    finished_at: float | None
+    result: Any             # serialized
+    error: str | None
+    given_back: int         # 1: cut short by a deliberate stop, no try used up
+    id: int
+    owner: int
+    attempt: int
+
+
+class _Stored(NamedTuple):
+    """A stored job, every column `JobInfo` shows (`_INFO_COLUMNS`), with its
+    state as stored (a code) and data and result serialized."""
+
+    id: int
+    name: str
+    data: Any
+    state: int
+    attempt: int
+    max_attempts: int
+    priority: int
+    key: str | None
+    result: Any
+    error: str | None
+    created_at: float
+    run_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+class _Ended(NamedTuple):
+    """What `wait` reads of a job until it ends (`_OUTCOME`'s columns)."""
+
+    state: int
+    result: Any
+    error: str | None
+
+
+class _OwnerSeen(NamedTuple):
+    """An owner registered, or holding jobs though unregistered (`_OWNERS`)."""
+
+    id: int
+    heartbeat_at: float | None   # None: not registered
+
+
+class _Schedule(NamedTuple):
+    """A recurring job to store (`_UPSERT_SCHEDULE`'s parameters)."""
+
+    key: str
+    name: str
+    data: Any               # serialized
+    interval: float
+    next_due: float
+    priority: int
+    retries: int | None     # None: the queue's setting at each run
+    timeout: float | None
+
+
+class _DueSchedule(NamedTuple):
+    """A schedule whose next run is due (`_DUE_SCHEDULES`'s columns), with
+    what is known of its last run."""
+
+    key: str
+    name: str
+    data: Any
+    interval: float
+    next_due: float
+    priority: int
+    retries: int | None
+    timeout: float | None
+    job_id: int | None          # its last run
+    last_created: float | None
+    last_started: float | None
+
+
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
 _SCHEMA_VERSION = 2            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
@@ -351,13 +467,12 @@ CREATE TABLE blero_schedules (
 """
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
 
-# A new job: (state, priority, run_at, name, data, max_attempts, timeout, key, created_at).
-_INSERT = ("INSERT INTO blero_jobs (state, priority, run_at, name, data, max_attempts,"
-           " timeout, key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# Column lists come from the named tuples, so a row and its tuple never drift.
+_INSERT = (f"INSERT INTO blero_jobs ({', '.join(_NewJob._fields)})"
+           f" VALUES ({', '.join('?' * len(_NewJob._fields))})")
 _FIND_KEY = "SELECT id FROM blero_jobs WHERE key = ?"
 _LAST_ID = "SELECT last_insert_rowid()"
-# What a worker needs of a claimed job, in Job's argument order.
-_JOB_COLUMNS = "id, name, data, attempt, max_attempts, priority, key, created_at, timeout"
+_JOB_COLUMNS = ", ".join(_Claim._fields)
 _NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READY or SUSPECT
                " ORDER BY priority DESC, id LIMIT 1")
 # A claim is made only while its owner is registered: a claim still under
@@ -412,10 +527,9 @@ _SWEEP = ("DELETE FROM blero_jobs WHERE id = ? AND id < ?"
 _TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result = NULL,"
               " error = NULL, key = NULL WHERE id = ? AND state IN ({states})"
               " AND finished_at <= ?")
-_INFO_COLUMNS = ("id, name, data, state, attempt, max_attempts, priority, key, result,"
-                 " error, created_at, run_at, started_at, finished_at")
+_INFO_COLUMNS = ", ".join(_Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
-_OUTCOME = "SELECT state, result, error FROM blero_jobs WHERE id = ? AND state < 6"
+_OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
          " AND (? IS NULL OR name = ?) ORDER BY id {order} LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM blero_jobs GROUP BY state"
@@ -841,7 +955,7 @@ class _Storage:
             for step in _UPGRADES[version - 1:]:
                 step(db)
             running = [str(pid) for owner, pid in db.execute(_OWNER_PIDS).fetchall()
-                       if _owner_alive(self.real, owner)]   # (None where no lock tells)
+                       if self.owner_alive(owner)]   # (None where no lock tells)
             if running:
                 raise BleroError(f"{self.path}: written by an older blero.py, still running "
                                  f"on it (process {', '.join(running)}); stop it, then "
@@ -1143,19 +1257,19 @@ class _Storage:
 
     # -- enqueueing ------------------------------------------------------------
 
-    def insert(self, rows: list[tuple]) -> tuple[list[int], list[bool]]:
-        """Store new jobs (rows in `_INSERT` order); return their ids, and
-        for each row whether it was stored: a row whose key is already
-        stored stores nothing and gets that job's id."""
+    def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
+        """Store new jobs; return their ids, and for each whether it was
+        stored: a job whose key is already stored stores nothing and gets
+        that job's id."""
         return self._write(self._insert, rows)
 
     @staticmethod
     def _insert(db, rows):
-        if len(rows) == 1 and rows[0][7] is None:
+        if len(rows) == 1 and rows[0].key is None:
             return [db.execute(_INSERT, rows[0]).lastrowid], [True]
         ids: list[int] = []
         stored: list[bool] = []
-        run: list[tuple] = []   # keyless rows go in by executemany
+        run: list[_NewJob] = []   # keyless rows go in by executemany
 
         def flush():
             if run:
@@ -1166,11 +1280,11 @@ class _Storage:
                 run.clear()
 
         for row in rows:
-            if row[7] is None:
+            if row.key is None:
                 run.append(row)
                 continue
             flush()
-            found = db.execute(_FIND_KEY, (row[7],)).fetchall()
+            found = db.execute(_FIND_KEY, (row.key,)).fetchall()
             ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
             stored.append(not found)
         flush()
@@ -1178,13 +1292,13 @@ class _Storage:
 
     # -- claiming and finishing --------------------------------------------------
 
-    def finish_and_claim(self, finish: tuple | None, owner: int,
-                         names: frozenset | None, claim: bool, suspect: bool = False):
-        """In one transaction, record a finished try (`_FINISH` parameters)
-        and claim the next ready job (or, with `suspect`, the next suspect)
-        this worker accepts.  Returns (whether the finish was recorded, the
-        claimed job's `_JOB_COLUMNS` row or None, and when a suspect was
-        sought and none found, the names of the suspects left)."""
+    def finish_and_claim(self, finish: _Finish | None, owner: int,
+                         names: frozenset | None, claim: bool, suspect: bool = False
+                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+        """In one transaction, record a finished try and claim the next ready
+        job (or, with `suspect`, the next suspect) this worker accepts.
+        Returns (whether the finish was recorded, the claim or None, and when
+        a suspect was sought and none found, the names of the suspects left)."""
         return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False):
@@ -1197,12 +1311,12 @@ class _Storage:
         now = time.time()
         if self._returning:
             rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
-            row = rows[0] if rows else None
+            row = _Claim._make(rows[0]) if rows else None
         else:
             found = db.execute(sql[0], params).fetchall()
             row = None
             if found and db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
-                row = db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0]
+                row = _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
         left = None
         if suspect and row is None:
             left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
@@ -1218,7 +1332,7 @@ class _Storage:
             sql = self._claim_sql[n, suspect] = (select, _CLAIM_RETURNING.format(next=select))
         return sql
 
-    def record(self, finish: tuple) -> bool:
+    def record(self, finish: _Finish) -> bool:
         """Record the end of one try; False if its claim no longer holds."""
         return self._write(self._finish_and_claim, finish, 0, None, False)[0]
 
@@ -1226,14 +1340,14 @@ class _Storage:
         """The names of the suspect jobs (see _CrashGuard)."""
         return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
 
-    def release(self, owner: int, outcome: Callable[[tuple], tuple], drop_owner: bool,
+    def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
                 started: set[tuple[int, int]] | None = None,
-                unclaimed: int = _READY) -> tuple[list[tuple], int]:
-        """Hand back every job `owner` holds: `outcome(row)` gives each one's
-        `_FINISH` parameters.  With `started`, (id, attempt) pairs, the claims
-        of tries not in it are undone instead (back to state `unclaimed`):
-        those tries never began.  Returns the rows whose outcome was
-        recorded, and how many claims were undone."""
+                unclaimed: int = _READY) -> tuple[list[_Claim], int]:
+        """Hand back every job `owner` holds, each as `outcome(claim)` says.
+        With `started`, (id, attempt) pairs, the claims of tries not in it
+        are undone instead (back to state `unclaimed`): those tries never
+        began.  Returns the claims whose outcome was recorded, and how many
+        claims were undone."""
         return self._write(self._release, owner, outcome, drop_owner, started, unclaimed)
 
     def unclaim(self, job_id: int, owner: int, attempt: int, state: int = _READY) -> None:
@@ -1244,9 +1358,9 @@ class _Storage:
     @staticmethod
     def _release(db, owner, outcome, drop_owner, started, unclaimed):
         done, undone = [], 0
-        for row in db.execute(_RUNNING_OF, (owner,)).fetchall():
-            if started is not None and (row[0], row[3]) not in started:
-                undone += db.execute(_UNCLAIM, (unclaimed, row[0], owner, row[3])).rowcount
+        for row in map(_Claim._make, db.execute(_RUNNING_OF, (owner,)).fetchall()):
+            if started is not None and (row.id, row.attempt) not in started:
+                undone += db.execute(_UNCLAIM, (unclaimed, row.id, owner, row.attempt)).rowcount
             elif db.execute(_FINISH, outcome(row)).rowcount == 1:
                 done.append(row)
         if drop_owner:
@@ -1273,14 +1387,26 @@ class _Storage:
 
     # -- owners: who holds which jobs, alive or dead -------------------------------
 
+    def hold_owner(self, owner: int) -> None:
+        """Mark `owner` alive for as long as this process runs, or until
+        release_owner: other processes see it alive (an fcntl lock)."""
+        _hold_owner(self.real, owner)
+
+    def release_owner(self, owner: int) -> None:
+        _release_owner(self.real, owner)
+
+    def owner_alive(self, owner: int) -> bool | None:
+        """True or False where the OS tells; None where only a lease can."""
+        return _owner_alive(self.real, owner)
+
     def heartbeat(self, owner: int, now: float) -> None:
         """Register `owner` as alive, or renew it: tell other processes, which
         may not see our lock, that we are alive; our claims need it too."""
         self._write(lambda db: db.execute(_HEARTBEAT, (owner, os.getpid(), now, now)))
 
-    def owners(self) -> list[tuple[int, float | None]]:
+    def owners(self) -> list[_OwnerSeen]:
         """Every owner registered or holding jobs, with its last heartbeat."""
-        return self._read(lambda db: db.execute(_OWNERS).fetchall())
+        return self._read(lambda db: list(map(_OwnerSeen._make, db.execute(_OWNERS))))
 
     def changed_elsewhere(self) -> bool:
         """True when another connection has committed since the last call.
@@ -1403,17 +1529,16 @@ class _Storage:
 
     # -- schedules -----------------------------------------------------------------
 
-    def upsert_schedule(self, row: tuple) -> None:
-        """Create or update a schedule: (key, name, data, interval, first_due,
-        priority, retries, timeout)."""
+    def upsert_schedule(self, row: _Schedule) -> None:
+        """Create or update a schedule (its next_due: the first run's time)."""
         self._write(lambda db: db.execute(_UPSERT_SCHEDULE, row))
 
     def drop_schedule(self, key: str) -> bool:
         """Remove a schedule; False if there was none."""
         return self._write(lambda db: db.execute(_DROP_SCHEDULE, (key,)).rowcount == 1)
 
-    def run_schedules(self, now: float, make_row: Callable[[tuple, float], tuple],
-                      since: float):
+    def run_schedules(self, now: float, make_row: Callable[[_DueSchedule, float], _NewJob],
+                      since: float) -> tuple[list[str], float | None]:
         """Enqueue one run of each schedule that is due and has none
         outstanding (this queue started at `since`).  Returns (new ready job
         names, when to look next)."""
@@ -1424,9 +1549,9 @@ class _Storage:
     @staticmethod
     def _run_schedules(db, now, make_row, since):
         names = []
-        for sched in db.execute(_DUE_SCHEDULES, (now,)).fetchall():
-            key, interval, due = sched[0], sched[3], sched[4]
-            last_id, last_made, last_start = sched[8], sched[9], sched[10]
+        for sched in map(_DueSchedule._make, db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
+            key, interval, due = sched.key, sched.interval, sched.next_due
+            last_id, last_made, last_start = sched.job_id, sched.last_created, sched.last_started
             if last_start is not None and last_made < since and last_start >= due:
                 # The last run was left pending over downtime, and ran after
                 # it: it was the run at once, and the cadence restarts from it.
@@ -1439,29 +1564,29 @@ class _Storage:
             if after <= now:        # runs were missed: one now, and count from it
                 after = now + interval
             db.execute(_SCHEDULED_RUN, (after, job_id, key))
-            names.append(sched[1])
+            names.append(sched.name)
         return names, db.execute(_NEXT_SCHEDULE).fetchall()[0][0]
 
     # -- inspecting ------------------------------------------------------------------
 
-    def get(self, job_id: int) -> tuple | None:
-        """A job's `_INFO_COLUMNS` row, or None."""
+    def get(self, job_id: int) -> _Stored | None:
+        """A stored job, or None."""
         rows = self._read(lambda db: db.execute(_GET, (job_id,)).fetchall())
-        return rows[0] if rows else None
+        return _Stored._make(rows[0]) if rows else None
 
-    def outcome(self, job_id: int) -> tuple | None:
-        """A job's (state, result, error), or None: what `wait` looks at
-        until the job ends, without reading its data."""
+    def outcome(self, job_id: int) -> _Ended | None:
+        """What `wait` looks at until the job ends, without reading its
+        data; None if there is no such job."""
         rows = self._read(lambda db: db.execute(_OUTCOME, (job_id,)).fetchall())
-        return rows[0] if rows else None
+        return _Ended._make(rows[0]) if rows else None
 
     def list(self, state: str | None, name: str | None, limit: int | None,
-             newest_first: bool = False) -> list[tuple]:
-        """Jobs by id, as `_INFO_COLUMNS` rows."""
+             newest_first: bool = False) -> list[_Stored]:
+        """Stored jobs by id."""
         lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
         sql = _LIST.format(order="DESC" if newest_first else "ASC")
         params = (lo, hi, name, name, -1 if limit is None else limit)
-        return self._read(lambda db: db.execute(sql, params).fetchall())
+        return self._read(lambda db: list(map(_Stored._make, db.execute(sql, params))))
 
     def counts(self) -> dict[str, int]:
         """The number of jobs in each of the five states."""
@@ -1573,10 +1698,11 @@ class _Outcome(NamedTuple):
     seconds: float = 0.0
     given_back: bool = False    # cut short by a deliberate stop: uses up no try
 
-    def params(self, owner: int) -> tuple:
+    def finish(self, owner: int) -> _Finish:
+        """What storage records of this outcome of `owner`'s try."""
         job = self.job
-        return (self.state, self.run_at, self.finished_at, self.blob, self.error,
-                int(self.given_back), job.id, owner, job.attempt)
+        return _Finish(self.state, self.run_at, self.finished_at, self.blob, self.error,
+                       int(self.given_back), job.id, owner, job.attempt)
 
 
 class _Counters:
@@ -2023,13 +2149,13 @@ class _Dispatcher:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def enqueue(self, rows: list[tuple]) -> list[int]:
+    def enqueue(self, rows: list[_NewJob]) -> list[int]:
         """Store new jobs and wake the workers that can take them."""
         ids, stored = self.storage.insert(rows)
         rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
-        ready = [r[3] for r in rows if r[0] == _READY]
+        ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
-            self.delayed_at(min(r[2] for r in rows if r[0] == _DELAYED))
+            self.delayed_at(min(r.run_at for r in rows if r.state == _DELAYED))
         if ready:
             self.work_arrived(ready)
         self.counters.stored(len(rows))
@@ -2050,7 +2176,7 @@ class _Dispatcher:
         if outcome is None and not claim:
             return None
         recorded, row, left = self.storage.finish_and_claim(
-            outcome and outcome.params(self.owner), self.owner, worker.processor.names,
+            outcome and outcome.finish(self.owner), self.owner, worker.processor.names,
             claim, suspect)
         worker.suspect = suspect and row is not None
         if row is None:
@@ -2276,7 +2402,7 @@ class _Dispatcher:
             # A new worker records it (and runs the callbacks, off this
             # thread), then goes on with the processor's jobs unless retired.
             if not self.spawn(worker.processor, outcome):
-                self.settle(outcome, self.storage.record(outcome.params(self.owner)))
+                self.settle(outcome, self.storage.record(outcome.finish(self.owner)))
 
     def _promote(self) -> None:
         if time.time() < self._delayed_due:
@@ -2315,10 +2441,10 @@ class _Dispatcher:
                     setattr(self, due_attr, min(getattr(self, due_attr), due))
         return result
 
-    def _schedule_row(self, sched: tuple, now: float) -> tuple:
-        _, name, data, _, _, priority, retries, timeout = sched[:8]
-        retries = self.settings.retries if retries is None else retries
-        return (_READY, priority, now, name, data, 1 + retries, timeout, None, now)
+    def _schedule_row(self, sched: _DueSchedule, now: float) -> _NewJob:
+        retries = self.settings.retries if sched.retries is None else sched.retries
+        return _NewJob(_READY, sched.priority, now, sched.name, sched.data, 1 + retries,
+                       sched.timeout, None, now)
 
     def _poll(self) -> None:
         """Notice other processes' commits: new work, cancels, ended jobs."""
@@ -2376,7 +2502,7 @@ class _Dispatcher:
         for owner, heartbeat in self.storage.owners():
             if owner == self.owner or owner is None:
                 continue
-            alive = _owner_alive(self.storage.real, owner)
+            alive = self.storage.owner_alive(owner)
             if alive is None:      # no OS lock to ask: judge by the heartbeat
                 alive = heartbeat is not None and now - heartbeat <= self.settings.lease
             if not alive:       # its jobs may be what killed it: suspects
@@ -2395,10 +2521,11 @@ class _Dispatcher:
         given; the others' claims are undone), their tries given back if
         `given_back`, as suspects if `suspect` (see _CrashGuard); returns how many."""
         rows, undone = self.storage.release(
-            owner, lambda row: self.interrupted(Job(*row), given_back=given_back,
-                                                suspect=suspect).params(owner),
+            owner, lambda claim: self.interrupted(Job(*claim), given_back=given_back,
+                                                  suspect=suspect).finish(owner),
             drop_owner, started, _SUSPECT if suspect else _READY)
-        failed = [Job(*row) for row in rows if not given_back and row[3] >= row[4]]
+        failed = [Job(*claim) for claim in rows
+                  if not given_back and claim.attempt >= claim.max_attempts]
         for job in failed:
             self.counters.add("failed")
             job.data = _loads_or_none(self.settings.serializer, job.data)
@@ -2527,13 +2654,13 @@ class Blero:
             storage.open(create=True, check=True)
             owner = _new_owner_id()
             try:
-                _hold_owner(storage.real, owner)
+                storage.hold_owner(owner)
                 storage.heartbeat(owner, time.time())
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
-                _release_owner(storage.real, owner)
+                storage.release_owner(owner)
                 storage.close()
                 if isinstance(exc, OSError):
                     raise BleroError(f"{self.path}-lock: {exc.strerror or exc}") from exc
@@ -2622,7 +2749,7 @@ class Blero:
                 log.warning("%s: free space not given back: %s", self.path, exc)
         for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
                      self._no_borrowers, give_back,
-                     lambda: _release_owner(storage.real, d.owner), storage.close):
+                     lambda: storage.release_owner(d.owner), storage.close):
             try:
                 step()
             except Exception as exc:
@@ -2802,7 +2929,7 @@ class Blero:
                 raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
         return d.enqueue(rows) if rows else []
 
-    def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> tuple:
+    def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> _NewJob:
         """Check one job's arguments and make its storage row."""
         if not isinstance(name, str):
             raise TypeError(f"a job name must be a str, not {type(name).__name__}")
@@ -2827,8 +2954,8 @@ class Blero:
                 blob = _dumps(self._settings.serializer, data)
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
-        return (_DELAYED if when > now else _READY, priority, when, name, blob,
-                1 + retries, timeout, key, now)
+        return _NewJob(_DELAYED if when > now else _READY, priority, when, name, blob,
+                       1 + retries, timeout, key, now)
 
     # -- waiting ---------------------------------------------------------------------
 
@@ -2845,8 +2972,8 @@ class Blero:
             row = storage.outcome(job_id)
             if row is None:
                 raise KeyError(job_id)
-            seen[:] = [row[0]]
-            return row if row[0] >= _COMPLETE else None
+            seen[:] = [row.state]
+            return row if row.state >= _COMPLETE else None
 
         row = self._until(ended, timeout, watcher=True)
         if row is None:
@@ -2912,10 +3039,11 @@ class Blero:
 
     # -- inspecting ------------------------------------------------------------------
 
-    def _info(self, row: tuple) -> JobInfo:
+    def _info(self, row: _Stored) -> JobInfo:
         loads = self._settings.serializer
-        return JobInfo(row[0], row[1], _loads_or_none(loads, row[2]), _STATE_NAME[row[3]],
-                       *row[4:8], _loads_or_none(loads, row[8]), *row[9:])
+        return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
+                                      state=_STATE_NAME[row.state],
+                                      result=_loads_or_none(loads, row.result))._asdict())
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
@@ -3007,8 +3135,8 @@ class Blero:
             raise ValueError("a schedule key must not be empty")
         retries = options.get("retries")
         with self._store() as storage:
-            storage.upsert_schedule((key, name, row[4], float(interval), row[2], row[1],
-                                     retries, row[6]))
+            storage.upsert_schedule(_Schedule(key, name, row.data, float(interval), row.run_at,
+                                              row.priority, retries, row.timeout))
         d = self._dispatcher
         if d is not None:
             d.schedules_changed()
