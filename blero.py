@@ -413,6 +413,199 @@ class _DueSchedule(NamedTuple):
     last_started: float | None
 
 
+_SWEEP_START = (-math.inf, 0)   # where a sweep starts: the (finished_at, id) seen last
+
+
+class _Storage:
+    """Where the jobs live: the interface the dispatcher and `Blero` use, in
+    their words, with named tuples in and out.  One subclass per engine
+    keeps what is its own: `_SQLiteStorage` (a file) and, for a server,
+    `_PostgresStorage`.
+
+    Every method may be called from any thread.  Each write is atomic and
+    committed when the method returns (a BleroError naming the cause if it
+    could not be); reads see every commit made before the call.
+    """
+
+    path: str      # the target as the user gave it: what messages name
+
+    def open(self, create: bool, check: bool = False) -> None:
+        """Open (or, with `create`, create) the queue; raise BleroError naming
+        the target and the cause, with nothing changed, if it is not a blero
+        queue this code can use.  With `check`, look for damage everywhere
+        first: start() does, before its workers write for hours on it; an
+        inspection reads only what it needs, and meets damage there."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close every connection once the writes under way are done; later
+        calls raise BleroError ("the queue is stopped")."""
+        raise NotImplementedError
+
+    def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
+        """Store new jobs; return their ids, and for each whether it was
+        stored: a job whose key is already stored stores nothing and gets
+        that job's id."""
+        raise NotImplementedError
+
+    def finish_and_claim(self, finish: _Finish | None, owner: int,
+                         names: frozenset | None, claim: bool, suspect: bool = False
+                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+        """In one transaction, record a finished try and claim the next ready
+        job (or, with `suspect`, the next suspect) this worker accepts.
+        Returns (whether the finish was recorded, the claim or None, and when
+        a suspect was sought and none found, the names of the suspects left)."""
+        raise NotImplementedError
+
+    def record(self, finish: _Finish) -> bool:
+        """Record the end of one try; False if its claim no longer holds."""
+        return self.finish_and_claim(finish, 0, None, False)[0]
+
+    def suspect_names(self) -> frozenset:
+        """The names of the suspect jobs (see _CrashGuard)."""
+        raise NotImplementedError
+
+    def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
+                started: set[tuple[int, int]] | None = None,
+                unclaimed: int = _READY) -> tuple[list[_Claim], int]:
+        """Hand back every job `owner` holds, each as `outcome(claim)` says.
+        With `started`, (id, attempt) pairs, the claims of tries not in it
+        are undone instead (back to state `unclaimed`): those tries never
+        began.  Returns the claims whose outcome was recorded, and how many
+        claims were undone."""
+        raise NotImplementedError
+
+    def unclaim(self, job_id: int, owner: int, attempt: int, state: int = _READY) -> None:
+        """Undo `owner`'s claim of a job whose try `attempt` never began: it
+        goes back to `state`."""
+        raise NotImplementedError
+
+    def running_ids(self, owner: int) -> set[int]:
+        """Ids of the jobs `owner` holds now."""
+        raise NotImplementedError
+
+    def promote(self, now: float) -> tuple[int, float | None]:
+        """Make delayed jobs whose time has come ready, up to a slice of them;
+        return how many, and when the next one is due (now, if more are)."""
+        raise NotImplementedError
+
+    def next_delayed(self) -> float | None:
+        """When the earliest delayed job is due, or None."""
+        raise NotImplementedError
+
+    def hold_owner(self, owner: int) -> None:
+        """Mark `owner` alive, for every process sharing the queue, until
+        release_owner or until this process (or its session) ends, however
+        it ends."""
+        raise NotImplementedError
+
+    def release_owner(self, owner: int) -> None:
+        """`owner` is gone: this run of the queue has stopped."""
+        raise NotImplementedError
+
+    def owner_alive(self, owner: int) -> bool | None:
+        """True or False where the engine can tell at once; None where only
+        its heartbeats and the lease can."""
+        raise NotImplementedError
+
+    def heartbeat(self, owner: int, now: float) -> None:
+        """Register `owner` as alive, or renew it: tell other processes, which
+        may not see its liveness, that it is alive; its claims need it too."""
+        raise NotImplementedError
+
+    def owners(self) -> list[_OwnerSeen]:
+        """Every owner registered or holding jobs, with its last heartbeat."""
+        raise NotImplementedError
+
+    def changed_elsewhere(self) -> bool:
+        """True when another process may have committed since the last call
+        (new work, a cancel, an ended job); cheap: the clock asks often."""
+        raise NotImplementedError
+
+    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
+        """Cancel a pending or running job; return its (state, owner) before,
+        or None if it had already ended or does not exist."""
+        raise NotImplementedError
+
+    def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
+        """Give failed jobs a fresh set of tries; return how many."""
+        raise NotImplementedError
+
+    def sweep(self, before: float, states: tuple[int, ...]) -> int:
+        """Delete jobs in `states` that finished at or before `before`;
+        return how many."""
+        gone, after = 0, _SWEEP_START
+        while after is not None:
+            n, after = self.sweep_slice(before, states, after)
+            gone += n
+        if gone:
+            self.give_back()
+        return gone
+
+    def sweep_slice(self, before: float, states: tuple[int, ...],
+                    after: tuple[float, int]) -> tuple[int, tuple[float, int] | None]:
+        """One slice of a sweep, from `after` (`_SWEEP_START` at first): return
+        how many jobs it deleted, and where the next slice starts (None: done)."""
+        raise NotImplementedError
+
+    def give_back(self) -> None:
+        """Give the space of swept jobs back, a slice per write transaction."""
+        while self.give_back_slice():
+            pass
+
+    def give_back_slice(self) -> bool:
+        """One slice of give_back, some ms long (as a sweep slice); True while
+        more is left to give back."""
+        raise NotImplementedError
+
+    def compact(self) -> None:
+        """Give space back now, as the queue stops, waiting for no one."""
+        raise NotImplementedError
+
+    def upsert_schedule(self, row: _Schedule) -> None:
+        """Create or update a schedule (its next_due: the first run's time)."""
+        raise NotImplementedError
+
+    def drop_schedule(self, key: str) -> bool:
+        """Remove a schedule; False if there was none."""
+        raise NotImplementedError
+
+    def run_schedules(self, now: float, make_row: Callable[[_DueSchedule, float], _NewJob],
+                      since: float) -> tuple[list[str], float | None]:
+        """Enqueue one run of each schedule that is due and has none
+        outstanding (this queue started at `since`).  Returns (new ready job
+        names, when to look next)."""
+        raise NotImplementedError
+
+    def get(self, job_id: int) -> _Stored | None:
+        """A stored job, or None."""
+        raise NotImplementedError
+
+    def outcome(self, job_id: int) -> _Ended | None:
+        """What `wait` looks at until the job ends, without reading its
+        data; None if there is no such job."""
+        raise NotImplementedError
+
+    def list(self, state: str | None, name: str | None, limit: int | None,
+             newest_first: bool = False) -> list[_Stored]:
+        """Stored jobs by id."""
+        raise NotImplementedError
+
+    def counts(self) -> dict[str, int]:
+        """The number of jobs in each of the five states."""
+        raise NotImplementedError
+
+    def finished_since(self, since: float, step: float) -> list[tuple[float, int]]:
+        """How many jobs ended in each `step` seconds since `since`."""
+        raise NotImplementedError
+
+    def outstanding(self) -> bool:
+        """True while any job (schedule runs aside) is pending or running."""
+        raise NotImplementedError
+
+
+# -- The SQLite engine: the queue file ---------------------------------------------
+
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
 _SCHEMA_VERSION = 2            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
@@ -518,7 +711,6 @@ _SWEEPABLE = ("SELECT id, state, finished_at FROM blero_jobs WHERE state >= 3 AN
               " AND finished_at >= ? AND (finished_at > ? OR id > ?)"
               " AND state IN ({states}, 6) ORDER BY finished_at, id LIMIT ?")
 _SWEEP_SLICE = 500                      # rows a slice deletes
-_SWEEP_START = (-math.inf, 0)           # where a sweep starts: (finished_at, id) seen last
 _MAX_ID = "SELECT max(id) FROM blero_jobs"
 _SWEEP = ("DELETE FROM blero_jobs WHERE id = ? AND id < ?"
           " AND (state IN ({states}) AND finished_at <= ? OR state = 6)")
@@ -745,7 +937,7 @@ class _Op:
         self.woken = False
 
 
-class _Storage:
+class _SQLiteStorage(_Storage):
     """The queue file: one SQLite database in WAL mode, and every SQL statement.
 
     Writes are functions of the write connection passed to `_write`, which
@@ -787,12 +979,6 @@ class _Storage:
     # -- opening and closing ------------------------------------------------
 
     def open(self, create: bool, check: bool = False) -> None:
-        """Open (or, with `create`, create) the file; raise BleroError naming
-        the path and the cause, with the file left as it was, if it is not
-        a blero queue this code can use.  With `check`, look for damage in
-        the whole file first: start() does, before its workers write for
-        hours on it; an inspection reads only the pages it needs, and SQLite
-        reports damage in those as it meets it."""
         path, real = self.path, self.real
         folder = os.path.dirname(real) or "."
         kind = self._stat()
@@ -987,8 +1173,7 @@ class _Storage:
             raise
 
     def close(self) -> None:
-        """Close both connections once the writes under way are done; the
-        last connection to close checkpoints the WAL."""
+        # The last connection to close checkpoints the WAL into the file.
         op = _Op(None, ())
         with self._mutex:
             if self._closer is not None:
@@ -1258,9 +1443,6 @@ class _Storage:
     # -- enqueueing ------------------------------------------------------------
 
     def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
-        """Store new jobs; return their ids, and for each whether it was
-        stored: a job whose key is already stored stores nothing and gets
-        that job's id."""
         return self._write(self._insert, rows)
 
     @staticmethod
@@ -1295,10 +1477,6 @@ class _Storage:
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
-        """In one transaction, record a finished try and claim the next ready
-        job (or, with `suspect`, the next suspect) this worker accepts.
-        Returns (whether the finish was recorded, the claim or None, and when
-        a suspect was sought and none found, the names of the suspects left)."""
         return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False):
@@ -1332,27 +1510,15 @@ class _Storage:
             sql = self._claim_sql[n, suspect] = (select, _CLAIM_RETURNING.format(next=select))
         return sql
 
-    def record(self, finish: _Finish) -> bool:
-        """Record the end of one try; False if its claim no longer holds."""
-        return self._write(self._finish_and_claim, finish, 0, None, False)[0]
-
     def suspect_names(self) -> frozenset:
-        """The names of the suspect jobs (see _CrashGuard)."""
         return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
 
     def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
                 started: set[tuple[int, int]] | None = None,
                 unclaimed: int = _READY) -> tuple[list[_Claim], int]:
-        """Hand back every job `owner` holds, each as `outcome(claim)` says.
-        With `started`, (id, attempt) pairs, the claims of tries not in it
-        are undone instead (back to state `unclaimed`): those tries never
-        began.  Returns the claims whose outcome was recorded, and how many
-        claims were undone."""
         return self._write(self._release, owner, outcome, drop_owner, started, unclaimed)
 
     def unclaim(self, job_id: int, owner: int, attempt: int, state: int = _READY) -> None:
-        """Undo `owner`'s claim of a job whose try `attempt` never began: it
-        goes back to `state`."""
         self._write(lambda db: db.execute(_UNCLAIM, (state, job_id, owner, attempt)))
 
     @staticmethod
@@ -1368,12 +1534,9 @@ class _Storage:
         return done, undone
 
     def running_ids(self, owner: int) -> set[int]:
-        """Ids of the jobs `owner` holds now."""
         return self._read(lambda db: {r[0] for r in db.execute(_RUNNING_IDS, (owner,))})
 
     def promote(self, now: float) -> tuple[int, float | None]:
-        """Make delayed jobs whose time has come ready, up to a slice of them;
-        return how many, and when the next one is due (now, if more are)."""
         return self._write(self._promote, now)
 
     @staticmethod
@@ -1382,38 +1545,29 @@ class _Storage:
         return count, db.execute(_NEXT_DELAYED).fetchall()[0][0]
 
     def next_delayed(self) -> float | None:
-        """When the earliest delayed job is due, or None."""
         return self._read(lambda db: db.execute(_NEXT_DELAYED).fetchall()[0][0])
 
     # -- owners: who holds which jobs, alive or dead -------------------------------
 
     def hold_owner(self, owner: int) -> None:
-        """Mark `owner` alive for as long as this process runs, or until
-        release_owner: other processes see it alive (an fcntl lock)."""
         _hold_owner(self.real, owner)
 
     def release_owner(self, owner: int) -> None:
         _release_owner(self.real, owner)
 
     def owner_alive(self, owner: int) -> bool | None:
-        """True or False where the OS tells; None where only a lease can."""
         return _owner_alive(self.real, owner)
 
     def heartbeat(self, owner: int, now: float) -> None:
-        """Register `owner` as alive, or renew it: tell other processes, which
-        may not see our lock, that we are alive; our claims need it too."""
         self._write(lambda db: db.execute(_HEARTBEAT, (owner, os.getpid(), now, now)))
 
     def owners(self) -> list[_OwnerSeen]:
-        """Every owner registered or holding jobs, with its last heartbeat."""
         return self._read(lambda db: list(map(_OwnerSeen._make, db.execute(_OWNERS))))
 
     def changed_elsewhere(self) -> bool:
-        """True when another connection has committed since the last call.
-
-        Never waits for a write under way (waking a waiter on every commit
-        would cost each writer a thread hand-off): that write's leader looks
-        when it is done, and the answer comes with the next call."""
+        # Never waits for a write under way (waking a waiter on every commit
+        # would cost each writer a thread hand-off): that write's leader
+        # looks when it is done, and the answer comes with the next call.
         with self._mutex:
             busy = self._leading or self._closer is not None
             if busy:
@@ -1445,8 +1599,6 @@ class _Storage:
     # -- operating on jobs ---------------------------------------------------------
 
     def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
-        """Cancel a pending or running job; return its (state, owner) before,
-        or None if it had already ended or does not exist."""
         return self._write(self._cancel, job_id, now)
 
     @staticmethod
@@ -1457,26 +1609,12 @@ class _Storage:
         return found[0]
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
-        """Give failed jobs a fresh set of tries; return how many."""
         params = ([(now, retries, None, None)] if ids is None
                   else [(now, retries, i, i) for i in ids])
         return self._write(lambda db: db.executemany(_RETRY, params).rowcount)
 
-    def sweep(self, before: float, states: tuple[int, ...]) -> int:
-        """Delete jobs in `states` that finished at or before `before`;
-        return how many."""
-        gone, after = 0, _SWEEP_START
-        while after is not None:
-            n, after = self.sweep_slice(before, states, after)
-            gone += n
-        if gone:
-            self.give_back()
-        return gone
-
     def sweep_slice(self, before: float, states: tuple[int, ...],
                     after: tuple[float, int]) -> tuple[int, tuple[float, int] | None]:
-        """One slice of a sweep, from `after` (`_SWEEP_START` at first): return
-        how many jobs it deleted, and where the next slice starts (None: done)."""
         in_states = ", ".join(str(s) for s in states)
         params = (before, after[0], after[0], after[1], _SWEEP_SLICE)
         found = self._read(lambda db: db.execute(
@@ -1498,16 +1636,7 @@ class _Storage:
             gone += db.execute(sql[1], (newest, before)).rowcount
         return gone
 
-    def give_back(self) -> None:
-        """Give the file's free pages (swept jobs, mostly) back to the file
-        system, a slice per write transaction; the file shrinks as the WAL
-        is checkpointed."""
-        while self.give_back_slice():
-            pass
-
     def give_back_slice(self) -> bool:
-        """One slice of give_back, in one write transaction of some ms (as a
-        sweep slice); True while more pages are left to give back."""
         if not self._read(lambda db: db.execute(_FREE_PAGES).fetchall()[0][0]):
             return False
         return self._write(self._give_back)
@@ -1522,26 +1651,19 @@ class _Storage:
         return 0 < left < free
 
     def compact(self) -> None:
-        """Give free pages back, and checkpoint what the WAL holds so that
-        the file shrinks now (a passive checkpoint: it waits for no one)."""
         self.give_back()
         self._read(lambda db: db.execute(_CHECKPOINT).fetchall())
 
     # -- schedules -----------------------------------------------------------------
 
     def upsert_schedule(self, row: _Schedule) -> None:
-        """Create or update a schedule (its next_due: the first run's time)."""
         self._write(lambda db: db.execute(_UPSERT_SCHEDULE, row))
 
     def drop_schedule(self, key: str) -> bool:
-        """Remove a schedule; False if there was none."""
         return self._write(lambda db: db.execute(_DROP_SCHEDULE, (key,)).rowcount == 1)
 
     def run_schedules(self, now: float, make_row: Callable[[_DueSchedule, float], _NewJob],
                       since: float) -> tuple[list[str], float | None]:
-        """Enqueue one run of each schedule that is due and has none
-        outstanding (this queue started at `since`).  Returns (new ready job
-        names, when to look next)."""
         if not self._read(lambda db: db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
             return [], self._read(lambda db: db.execute(_NEXT_SCHEDULE).fetchall()[0][0])
         return self._write(self._run_schedules, now, make_row, since)
@@ -1570,26 +1692,21 @@ class _Storage:
     # -- inspecting ------------------------------------------------------------------
 
     def get(self, job_id: int) -> _Stored | None:
-        """A stored job, or None."""
         rows = self._read(lambda db: db.execute(_GET, (job_id,)).fetchall())
         return _Stored._make(rows[0]) if rows else None
 
     def outcome(self, job_id: int) -> _Ended | None:
-        """What `wait` looks at until the job ends, without reading its
-        data; None if there is no such job."""
         rows = self._read(lambda db: db.execute(_OUTCOME, (job_id,)).fetchall())
         return _Ended._make(rows[0]) if rows else None
 
     def list(self, state: str | None, name: str | None, limit: int | None,
              newest_first: bool = False) -> list[_Stored]:
-        """Stored jobs by id."""
         lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
         sql = _LIST.format(order="DESC" if newest_first else "ASC")
         params = (lo, hi, name, name, -1 if limit is None else limit)
         return self._read(lambda db: list(map(_Stored._make, db.execute(sql, params))))
 
     def counts(self) -> dict[str, int]:
-        """The number of jobs in each of the five states."""
         counts = dict.fromkeys(STATES, 0)
         for code, n in self._read(lambda db: db.execute(_COUNTS).fetchall()):
             if code < _SWEPT:
@@ -1597,11 +1714,9 @@ class _Storage:
         return counts
 
     def finished_since(self, since: float, step: float) -> list[tuple[float, int]]:
-        """How many jobs ended in each `step` seconds since `since`."""
         return self._read(lambda db: db.execute(_FINISHED_SINCE, (step, step, since)).fetchall())
 
     def outstanding(self) -> bool:
-        """True while any job (schedule runs aside) is pending or running."""
         return bool(self._read(lambda db: db.execute(_OUTSTANDING).fetchall()[0][0]))
 
 
@@ -2650,7 +2765,7 @@ class Blero:
                 raise BleroError(f"{self.path}: still stopping (stop() waits until it is done)")
             if self._dispatcher is not None:
                 raise BleroError(f"{self.path}: already started")
-            storage = _Storage(self.path, self._settings.sync)
+            storage = self._new_storage()
             storage.open(create=True, check=True)
             owner = _new_owner_id()
             try:
@@ -2814,6 +2929,10 @@ class Blero:
     def __exit__(self, exc_type, exc, tb) -> None:
         # Ctrl-C means "get out now": running jobs are handed back, not awaited.
         self.stop(timeout=0 if exc_type is KeyboardInterrupt else None)
+
+    def _new_storage(self) -> _Storage:
+        """Storage for this queue's target, not yet opened."""
+        return _SQLiteStorage(self.path, self._settings.sync)
 
     def _running(self) -> _Dispatcher:
         d = self._dispatcher
@@ -3016,7 +3135,7 @@ class Blero:
                     try:
                         if storage is None:
                             if opened is None:
-                                opened = _Storage(self.path, self._settings.sync)
+                                opened = self._new_storage()
                                 opened.open(create=False)
                             found = look(opened)
                         else:
@@ -3202,7 +3321,7 @@ class _Borrowed:
     def __enter__(self) -> _Storage:
         storage = self._borrowed = self._blero._borrow()
         if storage is None:
-            storage = self._opened = _Storage(self._blero.path, self._blero._settings.sync)
+            storage = self._opened = self._blero._new_storage()
             storage.open(create=False)
         return storage
 
@@ -3863,7 +3982,7 @@ def _serve(args) -> int:
 def _vacuum(path: str) -> str:
     """`vacuum`: check the file, bring one of an older blero up to date
     (which compacts it) and give its free pages back; say the sizes."""
-    storage = _Storage(path)
+    storage = _SQLiteStorage(path)
     real = storage.real
     before = os.path.getsize(real) if os.path.isfile(real) else 0
     storage.open(create=False, check=True)
