@@ -950,6 +950,27 @@ class _SQLiteStorage(_Storage):
     transaction fails, each write is retried alone, so one bad write never
     takes its neighbours down.  Reads use a second connection, which WAL lets
     run beside the writer.
+
+    The locking rules, all of them:
+    - `_mutex` guards the line of writes (`_queue`), whose turn it is
+      (`_leading`, `_Op.turn`), `_closer` and `_look_wanted`.  It is held for
+      a few list operations, never for I/O: the leader takes the whole line
+      from under it and commits without it.
+    - The turn (held by one thread at a time, passed on by `_hand_over`) is
+      what owns the write connection `_db`, and `_data_version` with it.
+      I/O runs under the turn, but no thread waits for the turn except to
+      write: a writer's own lock is released when its write is committed.
+    - `_read_lock` makes the read connection `_reader` one thread's at a
+      time (an sqlite3 connection is not for two at once): reads of the
+      workers and of inspecting calls queue on it, writes never do.
+    - The module's `_lock_files_lock` guards the lock files and the owners
+      of this process (above); it is held while locking a byte of a lock
+      file, never while waiting for one.  `_opening_lock`, then byte 0 of
+      the lock file (`_opening`), are held while a file is checked, created
+      or upgraded: the one wait on another process, at open only.
+    Locks are only ever taken in this order, `_opening_lock`, the turn,
+    `_read_lock`, `_lock_files_lock`, `_mutex`, so none waits on another
+    in a circle.
     """
 
     def __init__(self, path: str, sync: str = "normal"):
