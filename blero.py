@@ -973,13 +973,14 @@ class _SQLiteStorage(_Storage):
     in a circle.
     """
 
-    def __init__(self, path: str, sync: str = "normal"):
+    def __init__(self, path: str, sync: str = "normal", real: str | None = None):
         self.path = path    # as given: what messages name
-        # Every file operation uses the real path resolved here, once: a
-        # link on the way (a deploy's `current`) re-pointed while this runs
-        # must not make it look at, lock or write another file.
+        # Every file operation uses the real path resolved here, once (or
+        # the one given, a running queue's): a link on the way (a deploy's
+        # `current`) re-pointed while this runs must not make it look at,
+        # lock or write another file.
         try:
-            self.real = os.path.realpath(path)
+            self.real = os.path.realpath(path) if real is None else real
         except ValueError:  # a NUL in the path: open() names it
             self.real = path
         self._sync = sync
@@ -992,6 +993,7 @@ class _SQLiteStorage(_Storage):
         self._reader = None
         self._read_lock = threading.Lock()
         self._identity = None
+        self._upgraded = False            # open() committed an upgrade of the file
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
@@ -1034,9 +1036,10 @@ class _SQLiteStorage(_Storage):
         if kind == "missing" and not create:
             raise BleroError(f"{path}: no queue file there")
         # SQLite makes -wal/-shm files on connecting, even read-only; on a
-        # file we then refuse it does not remove them, so we remove ours.
+        # file we then refuse it does not remove them, so we remove ours --
+        # unless an upgrade was committed to them: they hold the file's data.
         side_files = [real + s for s in ("-wal", "-shm") if not os.path.exists(real + s)]
-        made = False
+        made = self._upgraded = False
         try:
             version = self._probe(check) if kind == "file" else None
             # SQLite creates a missing file: this process never opens (and
@@ -1049,7 +1052,7 @@ class _SQLiteStorage(_Storage):
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
-            for name in side_files + ([real] if made else []):
+            for name in ([] if self._upgraded else side_files) + ([real] if made else []):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(name)
             if isinstance(exc, sqlite3.Error):
@@ -1146,9 +1149,16 @@ class _SQLiteStorage(_Storage):
             db.execute("ROLLBACK")
         if db.execute("PRAGMA auto_vacuum").fetchall()[0][0] != _INCREMENTAL:
             # Files of older blero.py have none, nor has an empty database
-            # another program made: only a VACUUM can turn it on, once.
+            # another program made: only a VACUUM can turn it on, once.  It
+            # needs room for a copy of the file: without, the queue works
+            # all the same, and the next open tries again.
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            db.execute("VACUUM")
+            try:
+                db.execute("VACUUM")
+            except sqlite3.OperationalError as exc:
+                log.warning("%s: cannot compact the file yet, so swept jobs keep their space "
+                            "until it can be (at the next start, or python -m blero vacuum): "
+                            "%s%s", self.path, exc, self._space_hint(exc))
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
 
@@ -1169,6 +1179,7 @@ class _SQLiteStorage(_Storage):
                                  f"start again: the file is upgraded then")
             db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             db.execute("COMMIT")
+            self._upgraded = True   # in -wal, maybe: keep it, whatever fails next
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -2951,9 +2962,13 @@ class Blero:
         # Ctrl-C means "get out now": running jobs are handed back, not awaited.
         self.stop(timeout=0 if exc_type is KeyboardInterrupt else None)
 
-    def _new_storage(self) -> _Storage:
-        """Storage for this queue's target, not yet opened."""
-        return _SQLiteStorage(self.path, self._settings.sync)
+    def _new_storage(self, real: str | None = None) -> _Storage:
+        """Storage for this queue's target, not yet opened: the file `real`
+        names if given, else the running (or stopping) queue's own file,
+        whatever a link on its path names now."""
+        if real is None and self._storage is not None:
+            real = self._storage.real
+        return _SQLiteStorage(self.path, self._settings.sync, real)
 
     def _running(self) -> _Dispatcher:
         d = self._dispatcher
@@ -3148,6 +3163,8 @@ class Blero:
         has passed.  A queue that stops meanwhile is looked at in its file."""
         deadline = None if timeout is None else time.monotonic() + timeout
         changes, opened = self._changed, None
+        running = self._storage     # its file is the one to look at, even after it stops
+        pinned = None if running is None else running.real
         with changes:
             changes.watchers += watcher
             try:
@@ -3156,7 +3173,7 @@ class Blero:
                     try:
                         if storage is None:
                             if opened is None:
-                                opened = self._new_storage()
+                                opened = self._new_storage(pinned)
                                 opened.open(create=False)
                             found = look(opened)
                         else:

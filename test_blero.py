@@ -4091,6 +4091,35 @@ class LifecycleTest(ProcessTest):
         bl.stop()
         self.assertEqual(blero.new(os.path.join(releases[0], "q.db")).stats()["complete"], 2)
 
+    @unittest.skipUnless(POSIX, "symlinks")
+    def test_a_wait_across_a_stop_after_a_deploy_looks_at_its_own_file(self):
+        releases = [os.path.join(self.dir, name) for name in ("release-1", "release-2")]
+        for folder in releases:
+            os.mkdir(folder)
+        with blero.new(os.path.join(releases[1], "q.db")) as new_release:
+            new_release.register_processor(lambda job: "the new release's")
+            self.assertEqual(new_release.wait(new_release.enqueue("x"), 10), "the new release's")
+        current = os.path.join(self.dir, "current")
+        os.symlink(releases[0], current)
+        bl = blero.new(os.path.join(current, "q.db")).start()
+        job = bl.enqueue("x")       # no processor: it stays pending
+        os.symlink(releases[1], current + ".new")
+        os.replace(current + ".new", current)
+        answers = []
+
+        def waiter():
+            try:
+                answers.append(bl.wait(job, timeout=2))
+            except TimeoutError:
+                answers.append("still pending")
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        wait_until(lambda: bl._changed.watchers, message="the wait to begin")
+        bl.stop()       # the old release is stopped while the wait goes on
+        thread.join(10)
+        self.assertEqual(answers, ["still pending"],
+                         "the wait read another release's job of the same id")
+
     def assert_given_back_then_run_at_once(self):
         """Job 1 (no retries) is pending with its cut-short try given back;
         the next start runs it at once, to the end."""
@@ -4965,6 +4994,15 @@ print(json.dumps({"kept": kept, "waiting": waiting}))
 """
 
 
+# argv: db.  With the v1 blero.py: 3000 pending jobs, 200 bytes of data each.
+V1_PENDING_CHILD = """
+import sys, blero
+bl = blero.new(sys.argv[1]).start()
+bl.enqueue_many([("j", b"x" * 200) for _ in range(3000)])
+bl.stop()
+"""
+
+
 # argv: db.  With the v1 blero.py: a running queue that enqueues a job per
 # line on stdin (and prints its id), and stops at the end of stdin.
 V1_RUNNING_CHILD = """
@@ -5008,6 +5046,41 @@ class UpgradeTest(ProcessTest):
         self.assertEqual(self.layout(path), (1, 0), "not a file of the first layout")
         self.assertGreater(os.path.getsize(path), 3 << 20)
         return self.v1_made
+
+    def test_an_upgrade_short_of_disk_space_loses_no_job(self):
+        """The first start of an old file on a disk with little room left:
+        it may not manage to compact the file, but every job stays there."""
+        if not ROOT:
+            self.skipTest("mounting a small tmpfs (a disk that fills up) needs root")
+        mount = os.path.join(self.dir, "small")
+        os.mkdir(mount)
+        size = os.path.getsize(self.v1_path) + (4 << 20)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mount],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            self.skipTest(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        self.addCleanup(subprocess.run, ["umount", mount], capture_output=True)
+        path = os.path.join(mount, "q.db")
+        # Live jobs, not free pages: compacting must copy them all.
+        out = subprocess.run([sys.executable, "-c", V1_PENDING_CHILD, path], cwd=self.v1_dir,
+                             env=dict(os.environ, PYTHONPATH=self.v1_dir),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(self.layout(path), (1, 0), "not a file of the first layout")
+        filler = os.path.join(mount, "filler")
+        with open(filler, "wb") as f:   # the disk full, but for 600 KB
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        os.truncate(filler, os.path.getsize(filler) - 600_000)
+        with contextlib.suppress(blero.BleroError):
+            blero.new(path).start().stop()
+        os.remove(filler)
+        with blero.new(path) as bl:
+            self.assertEqual(bl.stats()["pending"], 3000)
+            self.assertEqual(bl.get_job(3000).data, b"x" * 200)
+        self.assertEqual(self.layout(path), (2, 2))
 
     def layout(self, path):
         """(user_version, auto_vacuum) of a file."""
