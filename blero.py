@@ -811,6 +811,18 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _cannot_read_only(exc: sqlite3.Error) -> bool:
+    """What a reader that may not write the -shm meets when the -wal needs
+    recovering (its last writer died mid-write) or another process holds
+    the WAL's locks: SQLITE_READONLY (RECOVERY, CANTINIT), SQLITE_PROTOCOL,
+    SQLITE_BUSY."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6, 8, 15)
+    text = str(exc)
+    return any(w in text for w in ("locked", "busy", "readonly", "locking protocol"))
+
+
 # -- The lock file: who may set the file up, and who is alive -----------------
 #
 # `<db>-lock` carries advisory (fcntl) locks.  Byte 0 is held while a process
@@ -1090,7 +1102,8 @@ class _SQLiteStorage(_Storage):
         it, stay byte for byte as they were).  Returns its user_version, or
         None for an empty database; raises BleroError if blero must not use it."""
         path, real = self.path, self.real
-        for _ in range(10):
+        gone, deadline, pause = 0, time.monotonic() + 0.1, 0.001
+        while gone < 10:
             # SQLite writes to an -shm it can write, even for a read-only
             # connection; readonly_shm stops that (without one, it makes its own).
             shm = os.path.exists(real + "-shm")
@@ -1098,7 +1111,20 @@ class _SQLiteStorage(_Storage):
                 return self._judge(shm, check)
             except sqlite3.Error as exc:
                 if shm and not os.path.exists(real + "-shm"):
-                    continue    # another process's last connection closed, removing it
+                    gone += 1   # another process's last connection closed, removing it
+                    continue
+                if shm and _cannot_read_only(exc):
+                    if time.monotonic() < deadline:     # a lock held for a moment
+                        time.sleep(pause)
+                        pause = min(0.05, pause * 2)
+                        continue
+                    # The -wal needs recovering: only a reader that may
+                    # rebuild the -shm (SQLite's index of the -wal, made from
+                    # it) can read the file.  The file and -wal stay unwritten.
+                    try:
+                        return self._judge(False, check)
+                    except sqlite3.Error as again:
+                        exc = again
                 if "not a database" in str(exc):
                     raise BleroError(f"{path}: not an SQLite database (damaged, or another "
                                      f"kind of file)") from exc
