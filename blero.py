@@ -2894,6 +2894,7 @@ class Blero:
         """Begin the stop, or join the one under way (no longer than `timeout`
         says); run again after a Ctrl-C cut it short, it does what is left.
         Returns the running dispatcher (None if stopped) and `runs_on(me)`."""
+        inline = None
         with self._lock:
             d, stop = self._dispatcher, self._stop
             if d is None:
@@ -2905,7 +2906,14 @@ class Blero:
                 d.hurry(timeout)
             if stop is None or not stop.claimed:    # (or a Ctrl-C cut its start short)
                 stop = self._stop = _Stop(self, d, self._storage)
-                stop.thread.start()
+                try:
+                    stop.thread.start()
+                except RuntimeError:    # the interpreter is exiting (3.12+): no new threads
+                    if own:
+                        raise
+                    inline = stop, self._storage
+        if inline is not None:
+            inline[0].run(self, d, inline[1])
         return d, own
 
     def _finish_stop(self, d: _Dispatcher, storage: _Storage) -> None:
@@ -3404,10 +3412,11 @@ class _Stop:
 
     def __init__(self, blero: Blero, d: _Dispatcher, storage: _Storage):
         self.claimed = False
-        self.thread = threading.Thread(target=self._run, args=(blero, d, storage),
+        self.thread = threading.Thread(target=self.run, args=(blero, d, storage),
                                        name="blero-stop")
 
-    def _run(self, blero: Blero, d: _Dispatcher, storage: _Storage) -> None:
+    def run(self, blero: Blero, d: _Dispatcher, storage: _Storage) -> None:
+        """The stop itself, on its thread (or, at exit, the caller's)."""
         with blero._lock:
             if blero._stop is not self:
                 return
