@@ -428,14 +428,27 @@ class _Storage:
     """
 
     path: str      # the target as the user gave it: what messages name
+    # Why this queue cannot be changed, when `open` found storage this
+    # process cannot write and opened it for inspection only (every write
+    # then raises BleroError saying so); None when it can be.
+    read_only: str | None = None
 
     def open(self, create: bool, check: bool = False) -> None:
         """Open (or, with `create`, create) the queue; raise BleroError naming
         the target and the cause, with nothing changed, if it is not a blero
         queue this code can use.  With `check`, look for damage everywhere
         first: start() does, before its workers write for hours on it; an
-        inspection reads only what it needs, and meets damage there."""
+        inspection reads only what it needs, and meets damage there.
+        Without `create`, storage this process cannot write (a snapshot, a
+        backup, a read-only mount) is opened for inspection only, writing
+        nothing at all: `read_only` then says why."""
         raise NotImplementedError
+
+    def writable(self) -> None:
+        """Raise BleroError saying why, when the queue is open read-only."""
+        if self.read_only is not None:
+            raise BleroError(f"{self.path}: read-only storage ({self.read_only}): "
+                             f"the queue can be inspected, not changed")
 
     def close(self) -> None:
         """Close every connection once the writes under way are done; later
@@ -795,6 +808,20 @@ def _schema_2(db: sqlite3.Connection) -> None:
 _UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2,)
 
 
+# On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
+# shows a file of user_version n as n + 1 instead, by temporary views (in
+# memory, in the connection, never in the file) that the SQL above reads as
+# if they were the tables.  A later schema adds its step at the end too.
+
+def _schema_2_views(db: sqlite3.Connection) -> None:
+    """1 as 2: the old tables under their blero_* names."""
+    for table in ("jobs", "owners", "schedules"):
+        db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT * FROM main.{table}")
+
+
+_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,)
+
+
 def _uri(path: str, mode: str) -> str:
     """An SQLite URI opening the file at `path` in `mode` (ro, rw or rwc)."""
     full = os.fsencode(os.path.abspath(path)).replace(os.fsencode(os.sep), b"/")
@@ -1006,6 +1033,7 @@ class _SQLiteStorage(_Storage):
         self._read_lock = threading.Lock()
         self._identity = None
         self._upgraded = False            # open() committed an upgrade of the file
+        self.read_only = None
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
@@ -1025,12 +1053,12 @@ class _SQLiteStorage(_Storage):
             except OSError as exc:
                 raise BleroError(f"{path}: cannot create its directory: "
                                  f"{exc.strerror or exc}") from exc
-        elif not os.access(real, os.W_OK):
-            raise BleroError(f"{path}: read-only: no permission to write the queue file")
-        if not os.access(folder, os.W_OK) and not all(
-                os.path.exists(real + s) for s in ("-wal", "-shm")):
-            raise BleroError(f"{path}: its directory is read-only, and SQLite needs to "
-                             f"create {os.path.basename(path)}-wal and -shm there")
+        why = self._why_read_only(folder)
+        if why is not None and not create:
+            self._open_read_only(why, check)
+            return
+        if why is not None:
+            raise BleroError(f"{path}: read-only storage ({why}): start() needs to write there")
         lock = _lock_path(real)
         made_lock = not os.path.exists(lock)
         with _opening(real):
@@ -1076,6 +1104,66 @@ class _SQLiteStorage(_Storage):
         st = os.stat(real)
         self._identity = (st.st_dev, st.st_ino)
 
+    def _why_read_only(self, folder: str) -> str | None:
+        """Why this process cannot write the queue file (or create it), or None."""
+        real = self.real
+        if os.path.exists(real) and not os.access(real, os.W_OK):
+            try:
+                read_only_fs = bool(os.statvfs(real).f_flag & os.ST_RDONLY)
+            except (AttributeError, OSError):   # no statvfs (Windows)
+                read_only_fs = False
+            return ("on a read-only file system" if read_only_fs
+                    else "no permission to write the queue file")
+        if not os.access(folder, os.W_OK) and not all(
+                os.path.exists(real + s) for s in ("-wal", "-shm")):
+            return (f"no permission to write its directory, where SQLite needs to create "
+                    f"{os.path.basename(real)}-wal and -shm")
+        return None
+
+    def _open_read_only(self, why: str, check: bool) -> None:
+        """Open the file for inspection only, writing nothing anywhere: no
+        -lock, -wal or -shm made, none written, no upgrade (a file of an
+        older layout is read through views of its tables, kept in memory)."""
+        self.read_only = why
+        try:
+            version = self._probe(check)
+            if version is None:
+                raise BleroError(f"{self.path}: an empty database, on read-only storage: "
+                                 f"no queue in it yet")
+            self._reader = db = self._connect("ro", self._read_only_params())
+            db.execute("PRAGMA temp_store = MEMORY")
+            for step in _READ_ONLY_VIEWS[version - 1:]:
+                step(db)
+            db.execute("PRAGMA query_only = ON")    # and so nothing slips through
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, sqlite3.Error):
+                raise BleroError(f"{self.path}: cannot read the queue: {exc}") from exc
+            raise
+        st = os.stat(self.real)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def _read_only_params(self) -> str:
+        """The URI parameters that read the file, and what committed writes
+        its -wal holds, without writing anything: SQLite cannot make (nor
+        write to) an -shm on read-only storage.  With an -shm there (a
+        snapshot of a running queue, or of a killed one), SQLite reads the
+        -wal through it, read-only.  Without one (a queue that stopped
+        cleanly leaves no -wal, nor -shm), the file holds every commit and
+        is read as immutable: no locks, no -shm needed.  A -wal of commits
+        with no -shm cannot be read here, and immutable would not see them:
+        refused, naming what to do."""
+        real, name = self.real, os.path.basename(self.real)
+        wal = os.path.exists(real + "-wal")
+        if wal and os.path.exists(real + "-shm"):
+            return "&readonly_shm=1"
+        if wal and os.path.getsize(real + "-wal"):
+            raise BleroError(f"{self.path}: read-only storage ({self.read_only}), and its "
+                             f"{name}-wal holds commits that SQLite can read there only "
+                             f"with the {name}-shm beside it, which is missing: copy "
+                             f"{name} and {name}-wal to writable storage and look at the copy")
+        return "&immutable=1"
+
     def _stat(self) -> str:
         """What the path holds, "missing", "empty" or "file", judged without opening it."""
         path = self.path
@@ -1107,8 +1195,10 @@ class _SQLiteStorage(_Storage):
             # SQLite writes to an -shm it can write, even for a read-only
             # connection; readonly_shm stops that (without one, it makes its own).
             shm = os.path.exists(real + "-shm")
+            params = (self._read_only_params() if self.read_only is not None
+                      else "&readonly_shm=1" if shm else "")
             try:
-                return self._judge(shm, check)
+                return self._judge(params, check)
             except sqlite3.Error as exc:
                 if shm and not os.path.exists(real + "-shm"):
                     gone += 1   # another process's last connection closed, removing it
@@ -1133,10 +1223,9 @@ class _SQLiteStorage(_Storage):
                 raise BleroError(f"{path}: cannot read the queue file: {exc}") from exc
         raise BleroError(f"{path}: cannot read the queue file: its -shm keeps going away")
 
-    def _judge(self, shm: bool, check: bool) -> int | None:
+    def _judge(self, params: str, check: bool) -> int | None:
         path = self.path
-        db = sqlite3.connect(_uri(self.real, "ro") + ("&readonly_shm=1" if shm else ""),
-                             uri=True, timeout=1.0)
+        db = sqlite3.connect(_uri(self.real, "ro") + params, uri=True, timeout=1.0)
         try:
             app_id = db.execute("PRAGMA application_id").fetchall()[0][0]
             version = db.execute("PRAGMA user_version").fetchall()[0][0]
@@ -1158,8 +1247,8 @@ class _SQLiteStorage(_Storage):
         finally:
             db.close()
 
-    def _connect(self, mode: str = "rw") -> sqlite3.Connection:
-        db = sqlite3.connect(_uri(self.real, mode), uri=True, timeout=1.0,
+    def _connect(self, mode: str = "rw", params: str = "") -> sqlite3.Connection:
+        db = sqlite3.connect(_uri(self.real, mode) + params, uri=True, timeout=1.0,
                              isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA cache_size = -8192")
         return db
@@ -1268,6 +1357,8 @@ class _SQLiteStorage(_Storage):
     def _write(self, fn, *args):
         """Run `fn(db, *args)` in a write transaction shared with whatever
         other writes are waiting; return its result once committed."""
+        if self.read_only is not None:
+            self.writable()
         op = _Op(fn, args)
         # A Ctrl-C may land anywhere in the main thread: every step from here
         # on leaves `op` in a state the `finally` can put right (its queue
@@ -3010,9 +3101,10 @@ class Blero:
             raise BleroError(f"{self.path}: the queue is not started (call start() first)")
         return d
 
-    def _store(self):
-        """The running queue's storage, or the file opened for this one call."""
-        return _Borrowed(self)
+    def _store(self, operating: bool = False):
+        """The running queue's storage, or the file opened for this one call
+        (`operating`: to change it, so never on read-only storage)."""
+        return _Borrowed(self, operating)
 
     def _borrow(self) -> _Storage | None:
         """The running queue's storage, kept open until `_unborrow()`; None
@@ -3267,7 +3359,7 @@ class Blero:
         """Cancel a pending or running job (a running one gets `cancelled`
         set and its result is discarded).  False if it had ended or does not exist."""
         _job_id("job_id", job_id)
-        with self._store() as storage:
+        with self._store(operating=True) as storage:
             before = storage.cancel(job_id, time.time())
         if before is None:
             return False
@@ -3286,7 +3378,7 @@ class Blero:
             ids = list(ids)
             for i in ids:
                 _job_id("each of ids", i)
-        with self._store() as storage:
+        with self._store(operating=True) as storage:
             n = storage.retry_failed(ids, self._settings.retries, time.time())
         d = self._dispatcher
         if n and d is not None:
@@ -3302,7 +3394,7 @@ class Blero:
         if not states or any(s not in ended for s in states):
             raise ValueError(f"states must be some of {', '.join(ended)}, not {states!r}")
         codes = tuple(sorted({_STATE_CODES[s][0] for s in states}))
-        with self._store() as storage:
+        with self._store(operating=True) as storage:
             return storage.sweep(time.time() - older_than, codes)
 
     # -- recurring jobs --------------------------------------------------------------
@@ -3325,7 +3417,7 @@ class Blero:
         if not key:
             raise ValueError("a schedule key must not be empty")
         retries = options.get("retries")
-        with self._store() as storage:
+        with self._store(operating=True) as storage:
             storage.upsert_schedule(_Schedule(key, name, row.data, float(interval), row.run_at,
                                               row.priority, retries, row.timeout))
         d = self._dispatcher
@@ -3338,7 +3430,7 @@ class Blero:
         enqueued stays, as an ordinary job."""
         if not isinstance(key, str):
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
-        with self._store() as storage:
+        with self._store(operating=True) as storage:
             return storage.drop_schedule(key)
 
     # -- metrics ---------------------------------------------------------------------
@@ -3386,15 +3478,22 @@ class _Borrowed:
     until this call is done, or the file opened just for this call when the
     queue is stopped or stopping (never created: it must exist)."""
 
-    def __init__(self, blero: Blero):
+    def __init__(self, blero: Blero, operating: bool = False):
         self._blero = blero
+        self._operating = operating
         self._opened = self._borrowed = None
 
     def __enter__(self) -> _Storage:
         storage = self._borrowed = self._blero._borrow()
         if storage is None:
-            storage = self._opened = self._blero._new_storage()
+            storage = self._blero._new_storage()
             storage.open(create=False)
+            if self._operating and storage.read_only is not None:
+                # Refused whatever it would change: even a sweep with
+                # nothing to delete says it cannot operate here.
+                storage.close()
+                storage.writable()
+            self._opened = storage
         return storage
 
     def __exit__(self, *exc) -> None:
@@ -4060,6 +4159,7 @@ def _vacuum(path: str) -> str:
     before = os.path.getsize(real) if os.path.isfile(real) else 0
     storage.open(create=False, check=True)
     try:
+        storage.writable()
         storage.compact()
     finally:
         storage.close()

@@ -5568,5 +5568,148 @@ class DemoOnATerminalTest(TempDirTest):
                                                          "cancelled": 1})
 
 
+
+# argv: db.  Enqueues 200 jobs and dies by SIGKILL: its commits are still in
+# the -wal (and its -shm), as in a snapshot of a queue that was running.
+KILLED_WITH_A_WAL_CHILD = """
+import os, signal, sys, blero
+bl = blero.new(sys.argv[1]).start()
+bl.enqueue_many([("j", i) for i in range(200)])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+class ReadOnlyStorageTest(ProcessTest):
+    """A queue file on read-only storage (a snapshot, a backup, a read-only
+    mount): inspecting it works and writes nothing at all, not even a -lock,
+    -wal or -shm; operating on it raises BleroError saying why it cannot."""
+
+    def read_only_copy(self, *sources):
+        """Copies of `sources` (a queue file, and what lies beside it) on a
+        tmpfs mounted read-only; returns the copy of the first."""
+        if not ROOT:
+            self.skipTest("mounting a read-only file system needs root")
+        mount = os.path.join(self.dir, "ro")
+        os.mkdir(mount)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mount],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            self.skipTest(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        self.addCleanup(subprocess.run, ["umount", "-l", mount], capture_output=True)
+        for source in sources:
+            shutil.copy2(source, mount)
+        subprocess.run(["mount", "-o", "remount,ro", mount], check=True, capture_output=True)
+        copy = os.path.join(mount, os.path.basename(sources[0]))
+        with self.assertRaises(OSError, msg="the mount is not read-only"):
+            open(copy, "ab").close()
+        return copy
+
+    def test_a_stopped_queue_on_a_read_only_mount_is_inspected_but_not_changed(self):
+        bl = blero.new(self.path).start()
+        bl.register_processor(lambda job: job.data * 2, names="double")
+        done = bl.enqueue("double", 21)
+        self.assertEqual(bl.wait(done, 10), 42)
+        waiting = bl.enqueue("later", "x")
+        bl.every(3600, "hourly", delay=3600)
+        bl.stop()
+        path = self.read_only_copy(self.path)
+        before = dir_state(os.path.dirname(path))
+        q = blero.new(path)
+        self.assertEqual(q.stats(), {"pending": 1, "inprogress": 0, "complete": 1,
+                                     "failed": 0, "cancelled": 0})
+        self.assertEqual([(j.id, j.state) for j in q.jobs()],
+                         [(done, "complete"), (waiting, "pending")])
+        self.assertEqual((q.get_job(done).result, q.get_job(waiting).data), (42, "x"))
+        self.assertEqual(q.wait(done), 42)
+        with self.assertRaises(TimeoutError):
+            q.wait(waiting, 0.2)
+        self.assertFalse(q.join(0.2))
+        for name, call in (("cancel", lambda: q.cancel(waiting)),
+                           ("retry_failed", q.retry_failed),
+                           ("sweep, with nothing to sweep", lambda: q.sweep(3600)),
+                           ("every", lambda: q.every(60, "x")),
+                           ("unschedule", lambda: q.unschedule("hourly")),
+                           ("start", q.start)):
+            with self.subTest(call=name):
+                with self.assertRaises(blero.BleroError) as cm:
+                    call()
+                self.assertIn(path, str(cm.exception))
+                self.assertIn("read-only", str(cm.exception))
+        (code, out, err), (cancel_code, _, cancel_err) = run_clis(
+            ("jobs", "--db", path, "--json"), ("cancel", "--db", path, waiting))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual([job["id"] for job in json.loads(out)], [done, waiting])
+        self.assertEqual(cancel_code, 1)
+        self.assertIn("read-only", cancel_err)
+        self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only mount changed")
+        self.assertEqual(q.get_job(waiting).state, "pending")
+
+    def test_a_snapshot_of_a_running_queue_shows_the_commits_in_its_wal(self):
+        out = run_child(KILLED_WITH_A_WAL_CHILD, self.path)
+        self.assertEqual(out.returncode, -signal.SIGKILL, out.stderr)
+        self.assertGreater(os.path.getsize(self.path + "-wal"), 0, "nothing left in the -wal")
+        path = self.read_only_copy(self.path, self.path + "-wal", self.path + "-shm")
+        before = dir_state(os.path.dirname(path))
+        q = blero.new(path)
+        self.assertEqual(q.stats()["pending"], 200)
+        self.assertEqual([job.data for job in q.jobs(limit=None)], list(range(200)))
+        self.assertEqual(q.get_job(200).data, 199)
+        self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only mount changed")
+
+    def test_a_wal_without_its_shm_is_refused_rather_than_read_without_its_commits(self):
+        """SQLite cannot read a -wal on read-only storage without its -shm,
+        and reading the file alone would show the queue without them."""
+        out = run_child(KILLED_WITH_A_WAL_CHILD, self.path)
+        self.assertEqual(out.returncode, -signal.SIGKILL, out.stderr)
+        path = self.read_only_copy(self.path, self.path + "-wal")
+        before = dir_state(os.path.dirname(path))
+        for name, call in (("stats", blero.new(path).stats),
+                           ("get_job", lambda: blero.new(path).get_job(1))):
+            with self.subTest(call=name):
+                with self.assertRaises(blero.BleroError) as cm:
+                    call()
+                message = str(cm.exception)
+                for word in (path, "read-only", "q.db-shm", "copy"):
+                    self.assertIn(word, message)
+        self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only mount changed")
+
+    def test_a_file_of_the_old_layout_is_inspected_where_it_cannot_be_upgraded(self):
+        """A backup of a queue an older blero.py wrote (schema 1): it shows
+        its jobs as it is, since an upgrade would be a write."""
+        old = os.path.join(self.dir, "v1")
+        os.mkdir(old)
+        try:
+            source = subprocess.run(["git", "-C", HERE, "show", f"{V1_COMMIT}:blero.py"],
+                                    capture_output=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            self.skipTest(f"needs git and commit {V1_COMMIT}, whose blero.py writes v1 files")
+        with open(os.path.join(old, "blero.py"), "wb") as f:
+            f.write(source)
+        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import sys, blero
+            bl = blero.new(sys.argv[1])
+            bl.register_processor(lambda job: job.data * 2, names="double")
+            bl.start()
+            bl.wait(bl.enqueue("double", 21), 30)
+            bl.enqueue("later", "x")
+            bl.stop()
+            """), self.path], cwd=old, env=dict(os.environ, PYTHONPATH=old),
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        path = self.read_only_copy(self.path)
+        before = dir_state(os.path.dirname(path))
+        q = blero.new(path)
+        self.assertEqual(q.stats(), {"pending": 1, "inprogress": 0, "complete": 1,
+                                     "failed": 0, "cancelled": 0})
+        self.assertEqual([(j.name, j.state) for j in q.jobs()],
+                         [("double", "complete"), ("later", "pending")])
+        self.assertEqual(q.wait(1), 42)
+        self.assertFalse(q.join(0.1))
+        with self.assertRaises(blero.BleroError) as cm:
+            q.cancel(2)
+        self.assertIn("read-only", str(cm.exception))
+        self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only mount changed")
+
+
 if __name__ == "__main__":
     unittest.main()
