@@ -381,6 +381,7 @@ class _OwnerSeen(NamedTuple):
 
     id: int
     heartbeat_at: float | None   # None: not registered
+    takes: frozenset | None      # the job names its processors take; None: any name
 
 
 class _Schedule(NamedTuple):
@@ -521,13 +522,42 @@ class _Storage:
         its heartbeats and the lease can."""
         raise NotImplementedError
 
-    def heartbeat(self, owner: int, now: float) -> None:
+    def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
         """Register `owner` as alive, or renew it: tell other processes, which
-        may not see its liveness, that it is alive; its claims need it too."""
+        may not see its liveness, that it is alive; its claims need it too.
+        Store with it the job names its processors take now (`takes`; None:
+        any name), for other processes to see in `owners()`."""
         raise NotImplementedError
 
     def owners(self) -> list[_OwnerSeen]:
-        """Every owner registered or holding jobs, with its last heartbeat."""
+        """Every owner registered or holding jobs, with its last heartbeat
+        and the job names it takes."""
+        raise NotImplementedError
+
+    def alive(self, seen: _OwnerSeen, lease: float, now: float) -> bool:
+        """Whether an owner lives: as the engine tells at once where it can,
+        else by a heartbeat less than `lease` seconds old."""
+        alive = self.owner_alive(seen.id)
+        if alive is None:
+            alive = seen.heartbeat_at is not None and now - seen.heartbeat_at <= lease
+        return alive
+
+    def untaken(self, lease: float) -> dict[str, int]:
+        """The names of pending jobs that no live owner's processors take,
+        each with how many of them are pending: jobs that wait for a
+        processor no running queue has (a typo in a name, say).  Owners
+        judged as `alive` says."""
+        now = time.time()
+        taken: set[str] = set()
+        for seen in self.owners():
+            if seen.id is not None and self.alive(seen, lease, now):
+                if seen.takes is None:
+                    return {}
+                taken |= seen.takes
+        return {name: n for name, n in self.pending_by_name().items() if name not in taken}
+
+    def pending_by_name(self) -> dict[str, int]:
+        """How many jobs of each name are pending."""
         raise NotImplementedError
 
     def changed_elsewhere(self) -> bool:
@@ -624,7 +654,8 @@ _SCHEMA_VERSION = 2            # PRAGMA user_version this blero.py writes and re
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
-# New in schema 2: the upgrade from 1 adds it (see _schema_2).
+# New in schema 2: the upgrade from 1 adds them (see _schema_2).
+_OWNERS_TAKES = "ALTER TABLE blero_owners ADD COLUMN takes TEXT"
 _SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
 
@@ -657,7 +688,8 @@ CREATE TABLE blero_owners (
     id           INTEGER PRIMARY KEY,
     pid          INTEGER NOT NULL,
     started_at   REAL NOT NULL,
-    heartbeat_at REAL NOT NULL
+    heartbeat_at REAL NOT NULL,
+    takes        TEXT
 );
 CREATE TABLE blero_schedules (
     key          TEXT PRIMARY KEY,
@@ -671,6 +703,8 @@ CREATE TABLE blero_schedules (
     job_id       INTEGER
 );
 """
+# blero_owners.takes: the job names the owner's processors take, a JSON array
+# (NULL: any name), kept up to date as processors come and go.
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
 
 # Column lists come from the named tuples, so a row and its tuple never drift.
@@ -738,6 +772,8 @@ _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
          " AND (? IS NULL OR name = ?) ORDER BY id {order} LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM blero_jobs GROUP BY state"
+_PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -1 AND 1"
+                    " GROUP BY name")
 _FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, count(*) FROM blero_jobs"
                    " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1")
 # One statement, so one snapshot: a job moving from ready to running between
@@ -750,12 +786,13 @@ _OUTSTANDING = (
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN runs)")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
-_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
-              " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at")
+_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes)"
+              " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+              " heartbeat_at = excluded.heartbeat_at, takes = excluded.takes")
 _DROP_OWNER = "DELETE FROM blero_owners WHERE id = ?"
 _OWNER_PIDS = "SELECT id, pid FROM blero_owners"
-_OWNERS = ("SELECT id, heartbeat_at FROM blero_owners UNION ALL"
-           " SELECT DISTINCT owner, NULL FROM blero_jobs"
+_OWNERS = ("SELECT id, heartbeat_at, takes FROM blero_owners UNION ALL"
+           " SELECT DISTINCT owner, NULL, NULL FROM blero_jobs"
            " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)")
 _UPSERT_SCHEDULE = (
     "INSERT INTO blero_schedules (key, name, data, interval, next_due, priority, retries, timeout)"
@@ -791,9 +828,11 @@ _CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
 
 def _schema_2(db: sqlite3.Connection) -> None:
     """1 -> 2: blero's tables and indexes are named blero_*, so that the
-    application's own tables can share the file; the suspects' index."""
+    application's own tables can share the file; the suspects' index; the
+    job names each owner takes."""
     for table in ("jobs", "owners", "schedules"):
         db.execute(f"ALTER TABLE {table} RENAME TO blero_{table}")
+    db.execute(_OWNERS_TAKES)
     for name, sql in db.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
             " AND tbl_name = 'blero_jobs' AND name LIKE 'jobs!_%' ESCAPE '!'").fetchall():
@@ -814,9 +853,9 @@ _UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2,)
 # if they were the tables.  A later schema adds its step at the end too.
 
 def _schema_2_views(db: sqlite3.Connection) -> None:
-    """1 as 2: the old tables under their blero_* names."""
-    for table in ("jobs", "owners", "schedules"):
-        db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT * FROM main.{table}")
+    """1 as 2: the old tables under their blero_* names (owners taking any name)."""
+    for table, more in (("jobs", ""), ("owners", ", NULL AS takes"), ("schedules", "")):
+        db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT *{more} FROM main.{table}")
 
 
 _READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,)
@@ -1707,11 +1746,15 @@ class _SQLiteStorage(_Storage):
     def owner_alive(self, owner: int) -> bool | None:
         return _owner_alive(self.real, owner)
 
-    def heartbeat(self, owner: int, now: float) -> None:
-        self._write(lambda db: db.execute(_HEARTBEAT, (owner, os.getpid(), now, now)))
+    def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
+        names = None if takes is None else json.dumps(sorted(takes))
+        self._write(lambda db: db.execute(_HEARTBEAT, (owner, os.getpid(), now, now, names)))
 
     def owners(self) -> list[_OwnerSeen]:
-        return self._read(lambda db: list(map(_OwnerSeen._make, db.execute(_OWNERS))))
+        rows = self._read(lambda db: db.execute(_OWNERS).fetchall())
+        return [_OwnerSeen(owner, heartbeat,
+                           None if names is None else frozenset(json.loads(names)))
+                for owner, heartbeat, names in rows]
 
     def changed_elsewhere(self) -> bool:
         # Never waits for a write under way (waking a waiter on every commit
@@ -1868,6 +1911,9 @@ class _SQLiteStorage(_Storage):
     def outstanding(self) -> bool:
         return bool(self._read(lambda db: db.execute(_OUTSTANDING).fetchall()[0][0]))
 
+    def pending_by_name(self) -> dict[str, int]:
+        return dict(self._read(lambda db: db.execute(_PENDING_BY_NAME).fetchall()))
+
 
 # ---------------------------------------------------------------------------
 # The dispatcher and its workers
@@ -1946,6 +1992,16 @@ class _Processor:
         self.fn = fn
         self.names = names
         self.retired = False    # unregistered: its worker ends after its job
+
+
+def _takes(processors: Iterable[_Processor]) -> frozenset | None:
+    """The job names these processors take between them; None: any name."""
+    names: set[str] = set()
+    for p in processors:
+        if p.names is None:
+            return None
+        names |= p.names
+    return frozenset(names)
 
 
 class _Outcome(NamedTuple):
@@ -2192,7 +2248,7 @@ class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
-                 counters: _Counters, changed: _Changes):
+                 counters: _Counters, changed: _Changes, takes: frozenset | None):
         self.storage = storage
         self.settings = settings
         self.owner = owner
@@ -2203,6 +2259,8 @@ class _Dispatcher:
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
         self.started_at = time.time()
         self.stopping = False
+        self._takes = takes             # the job names its processors take; None: any
+        self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _takes
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
         self._gone = threading.Condition(self._lock)   # notified as workers leave
@@ -2738,7 +2796,20 @@ class _Dispatcher:
 
     def _beat(self) -> None:
         if self._due("beat", self.settings.lease / 3):
-            self.storage.heartbeat(self.owner, time.time())
+            with self._beat_lock:
+                self.storage.heartbeat(self.owner, time.time(), self._takes)
+
+    def processors_changed(self, takes: frozenset | None) -> None:
+        """The job names this queue's processors take are now `takes`: tell
+        other processes at once (their join() warns of names that no live
+        queue takes)."""
+        with self._beat_lock:
+            self._takes = takes
+            try:
+                self.storage.heartbeat(self.owner, time.time(), takes)
+            except BleroError as exc:   # the next heartbeat tells them
+                if not self.stopping:
+                    self.throttle.error(exc, "heartbeat failed: %s; will try again", exc)
 
     def _sweep(self) -> None:
         """Delete the jobs complete for over `keep_complete`, then give their
@@ -2763,14 +2834,12 @@ class _Dispatcher:
         """Hand back the jobs of every dead owner; returns how many jobs."""
         total = 0
         now = time.time()
-        for owner, heartbeat in self.storage.owners():
-            if owner == self.owner or owner is None:
+        for seen in self.storage.owners():
+            if seen.id == self.owner or seen.id is None:
                 continue
-            alive = self.storage.owner_alive(owner)
-            if alive is None:      # no OS lock to ask: judge by the heartbeat
-                alive = heartbeat is not None and now - heartbeat <= self.settings.lease
-            if not alive:       # its jobs may be what killed it: suspects
-                total += self.hand_back(owner, drop_owner=True, suspect=True)
+            if not self.storage.alive(seen, self.settings.lease, now):
+                # its jobs may be what killed it: suspects
+                total += self.hand_back(seen.id, drop_owner=True, suspect=True)
         if total:
             self._look_for_suspects()
         return total
@@ -2898,6 +2967,7 @@ class Blero:
         self._servers: list[_MetricsServer] = []
         self._counters = _Counters()
         self._changed = _Changes()
+        self._untaken_warned: set[str] = set()   # job names join() said no queue takes
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
@@ -2919,8 +2989,10 @@ class Blero:
             owner = _new_owner_id()
             try:
                 storage.hold_owner(owner)
-                storage.heartbeat(owner, time.time())
-                d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed)
+                takes = _takes(self._processors.values())
+                storage.heartbeat(owner, time.time(), takes)
+                d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed,
+                                takes)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
@@ -3153,6 +3225,10 @@ class Blero:
             self._next_processor += 1
             self._processors[p.id] = p
             d = self._dispatcher
+            if d is not None:
+                # Told before its first job: no other process's join() may
+                # see it run one, and yet not take that name.
+                d.processors_changed(_takes(self._processors.values()))
         if d is not None:
             d.spawn(p)
         return p.id
@@ -3163,6 +3239,8 @@ class Blero:
         with self._lock:
             p = self._processors.pop(processor_id, None)
             d = self._dispatcher
+            if p is not None and d is not None:
+                d.processors_changed(_takes(self._processors.values()))
         if p is None:
             raise KeyError(processor_id)
         if d is not None:
@@ -3268,19 +3346,39 @@ class Blero:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is pending or running (delayed and retrying jobs
-        count; runs of recurring schedules do not).  False if `timeout` ran out."""
+        count; runs of recurring schedules do not).  False if `timeout` ran out.
+        Pending jobs that no live queue's processors take (here or in another
+        process) are logged at WARNING meanwhile, once per name."""
         timeout = _seconds("timeout", timeout, optional=True)
+        next_look = [0.0]
 
         def done(storage):
             d = self._dispatcher
             before = d.activity() if d is not None else (False, 0)
             if before[0] or storage.outstanding():
+                self._warn_untaken(storage, next_look)
                 return None
             # A job may have been claimed, run and recorded since `before`,
             # its on_complete still enqueueing more: then look again.
             return True if d is None or d.activity() == before else None
 
         return bool(self._until(done, timeout))
+
+    def _warn_untaken(self, storage: _Storage, next_look: list[float]) -> None:
+        """Log each name of pending jobs that no live queue takes, once: a
+        typo in a name would otherwise make join() wait for ever in silence.
+        Counting pending jobs by name reads them all: on a big queue it is
+        done at most 2% of the time (and at most once a second)."""
+        began = time.monotonic()
+        if began < next_look[0]:
+            return
+        untaken = storage.untaken(self._settings.lease)
+        next_look[0] = began + max(1.0, 50 * (time.monotonic() - began))
+        for name, n in sorted(untaken.items()):
+            if name not in self._untaken_warned:
+                self._untaken_warned.add(name)
+                log.warning("no processor takes jobs named %r (%d pending): join() waits "
+                            "until a queue that takes them runs", name, n)
 
     def _until(self, look: Callable[[_Storage], Any], timeout: float | None,
                watcher: bool = False) -> Any:

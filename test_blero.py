@@ -5711,5 +5711,57 @@ class ReadOnlyStorageTest(ProcessTest):
         self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only mount changed")
 
 
+
+# argv: db.  A queue whose one processor, registered once it runs, takes
+# jobs named "b" and holds the first for ever.
+TAKES_B_CHILD = """
+import sys, time, blero
+def hold(job):
+    print("took", job.id, flush=True)
+    time.sleep(600)
+bl = blero.new(sys.argv[1]).start()
+bl.register_processor(hold, names="b")
+print("registered", flush=True)
+time.sleep(600)
+"""
+
+
+class JoinWarningTest(ProcessTest):
+    """join() on jobs that nothing takes (a typo in a name, say) says so,
+    instead of waiting for ever in silence; jobs that another live process
+    takes are no cause for it."""
+
+    def untaken_warnings(self, captured):
+        return [r.getMessage() for r in captured.records if r.levelno == logging.WARNING
+                and r.getMessage().startswith("no processor takes")]
+
+    def test_join_warns_once_of_each_name_no_live_queue_takes(self):
+        captured = Captured(self, logging.WARNING)
+        bl = self.queue()
+        mine = bl.register_processor(lambda job: None, names="a")
+        child = self.spawn(TAKES_B_CHILD, self.path)
+        held = bl.enqueue("b")
+        wait_until(lambda: f"took {held}" in self.output(child), timeout=30,
+                   message="the other process to take a job")
+        bl.enqueue("b")             # waits for the other process, busy for now
+        bl.enqueue("a", delay=3600)  # waits for a processor of this one
+        bl.enqueue("typo")
+        self.assertFalse(bl.join(0.5))
+        self.assertFalse(bl.join(0.5))
+        self.assertEqual(self.untaken_warnings(captured),
+                         ["no processor takes jobs named 'typo' (1 pending): join() waits "
+                          "until a queue that takes them runs"])
+        # Once the other process is gone, and this one's processor too, nothing takes them.
+        self.kill(child)
+        wait_until(lambda: bl.get_job(held).state == "pending", message="its job taken back")
+        bl.unregister_processor(mine)
+        self.assertFalse(bl.join(0.5))
+        warned = self.untaken_warnings(captured)
+        self.assertEqual(len(warned), 3, warned)
+        self.assertEqual([w.split(":")[0] for w in warned[1:]],
+                         ["no processor takes jobs named 'a' (1 pending)",
+                          "no processor takes jobs named 'b' (2 pending)"])
+
+
 if __name__ == "__main__":
     unittest.main()
