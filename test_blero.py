@@ -5635,12 +5635,14 @@ class ReadOnlyStorageTest(ProcessTest):
                     call()
                 self.assertIn(path, str(cm.exception))
                 self.assertIn("read-only", str(cm.exception))
-        (code, out, err), (cancel_code, _, cancel_err) = run_clis(
-            ("jobs", "--db", path, "--json"), ("cancel", "--db", path, waiting))
+        (code, out, err), *refused = run_clis(
+            ("jobs", "--db", path, "--json"), ("cancel", "--db", path, waiting),
+            ("vacuum", "--db", path))
         self.assertEqual((code, err), (0, ""))
         self.assertEqual([job["id"] for job in json.loads(out)], [done, waiting])
-        self.assertEqual(cancel_code, 1)
-        self.assertIn("read-only", cancel_err)
+        for code, _, err in refused:
+            self.assertEqual(code, 1, err)
+            self.assertIn("read-only", err)
         self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only mount changed")
         self.assertEqual(q.get_job(waiting).state, "pending")
 
