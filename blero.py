@@ -630,16 +630,23 @@ class _Storage:
         raise NotImplementedError
 
     def list(self, state: str | None, name: str | None, limit: int | None,
-             newest_first: bool = False) -> list[_Stored]:
-        """Stored jobs by id."""
+             newest_first: bool = False, beyond: int | None = None) -> list[_Stored]:
+        """Stored jobs by id; with `beyond`, only those after that id in
+        this order (the next page of a listing)."""
+        raise NotImplementedError
+
+    def pending_in_run_order(self, limit: int) -> list[_Stored]:
+        """Pending jobs in the order they may run: those ready now by
+        priority, then the delayed ones by run_at (then priority, then id)."""
         raise NotImplementedError
 
     def counts(self) -> dict[str, int]:
         """The number of jobs in each of the five states."""
         raise NotImplementedError
 
-    def finished_since(self, since: float, step: float) -> list[tuple[float, int]]:
-        """How many jobs ended in each `step` seconds since `since`."""
+    def finished_since(self, since: float, step: float) -> list[tuple[float, str, int]]:
+        """How many jobs ended in each `step` seconds since `since`, by the
+        state they ended in: (step start, state, count)."""
         raise NotImplementedError
 
     def outstanding(self) -> bool:
@@ -770,12 +777,16 @@ _INFO_COLUMNS = ", ".join(_Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
-         " AND (? IS NULL OR name = ?) ORDER BY id {order} LIMIT ?")
+         " AND (? IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
+# Ready (and suspect) jobs may run now, in claim order; delayed ones at run_at.
+_PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -1 AND 1"
+                         " ORDER BY CASE state WHEN 1 THEN run_at ELSE 0 END, priority DESC, id"
+                         " LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM blero_jobs GROUP BY state"
 _PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -1 AND 1"
                     " GROUP BY name")
-_FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, count(*) FROM blero_jobs"
-                   " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1")
+_FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, state, count(*) FROM blero_jobs"
+                   " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1, 2")
 # One statement, so one snapshot: a job moving from ready to running between
 # two separate looks would otherwise be seen in neither.
 _OUTSTANDING = (
@@ -1892,11 +1903,18 @@ class _SQLiteStorage(_Storage):
         return _Ended._make(rows[0]) if rows else None
 
     def list(self, state: str | None, name: str | None, limit: int | None,
-             newest_first: bool = False) -> list[_Stored]:
+             newest_first: bool = False, beyond: int | None = None) -> list[_Stored]:
         lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
-        sql = _LIST.format(order="DESC" if newest_first else "ASC")
-        params = (lo, hi, name, name, -1 if limit is None else limit)
+        sql = _LIST.format(order="DESC" if newest_first else "ASC",
+                           beyond="<" if newest_first else ">")
+        if beyond is None:
+            beyond = _INT_MAX if newest_first else 0
+        params = (lo, hi, name, name, beyond, -1 if limit is None else limit)
         return self._read(lambda db: list(map(_Stored._make, db.execute(sql, params))))
+
+    def pending_in_run_order(self, limit: int) -> list[_Stored]:
+        return self._read(lambda db: list(map(_Stored._make,
+                                              db.execute(_PENDING_IN_RUN_ORDER, (limit,)))))
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
@@ -1905,8 +1923,9 @@ class _SQLiteStorage(_Storage):
                 counts[_STATE_NAME[code]] += n
         return counts
 
-    def finished_since(self, since: float, step: float) -> list[tuple[float, int]]:
-        return self._read(lambda db: db.execute(_FINISHED_SINCE, (step, step, since)).fetchall())
+    def finished_since(self, since: float, step: float) -> list[tuple[float, str, int]]:
+        rows = self._read(lambda db: db.execute(_FINISHED_SINCE, (step, step, since)).fetchall())
+        return [(start, _STATE_NAME[code], n) for start, code, n in rows]
 
     def outstanding(self) -> bool:
         return bool(self._read(lambda db: db.execute(_OUTSTANDING).fetchall()[0][0]))
@@ -3767,9 +3786,17 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             elif url.path == "/api/stats":
                 self._json(200, self._stats())
             elif url.path == "/api/jobs":
-                limit = int(query.get("limit", 100))
-                jobs = bl.jobs(query.get("state") or None, query.get("name") or None, limit)
-                self._json(200, [_job_json(j, shorten=True) for j in jobs])
+                self._json(200, self._jobs(query))
+            elif url.path == "/api/job":
+                if "id" not in query:
+                    raise ValueError("which job? /api/job?id=N")
+                job_id = _job_id("id", _query_int(query, "id", None))
+                with bl._store() as storage:
+                    row = storage.get(job_id)
+                if row is None:
+                    self._json(404, {"error": f"no such job: {job_id}"})
+                else:
+                    self._json(200, _job_json(bl._info(row)))
             else:
                 self._json(404, {"error": f"no such page: {url.path}"})
         except (ValueError, TypeError) as exc:
@@ -3817,26 +3844,55 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         return False
 
     def _stats(self) -> dict:
+        """The overview: all of it read from the stored queue in one opening,
+        none of it from this process's counters (which know only its own
+        work), so any process serving a queue shows the same."""
         bl = self.server.blero
-        c = bl._counters
-        with c.lock:
-            finished = dict(c.finished)
         now = time.time()
         step, span = 10, 300
         start = (now - span) // step * step
         with bl._store() as storage:
-            failures = [bl._info(r) for r in storage.list("failed", None, 20, newest_first=True)]
-            ended = dict(storage.finished_since(start, step))
-        return {"path": bl.path, "running": bl._dispatcher is not None,
-                "processors": len(bl._processors), "time": now,
-                # jobs ended in each 10 s of the last 5 minutes, oldest first
-                "throughput": {"step": step, "start": start,
-                               "ended": [ended.get(start + i * step, 0)
-                                         for i in range(span // step + 1)]},
-                "counts": bl.stats(), "finished": finished,
-                "inprogress": [_job_json(j, True) for j in bl.jobs("inprogress", limit=50)],
-                "pending": [_job_json(j, True) for j in bl.jobs("pending", limit=20)],
-                "failures": [_job_json(j, True) for j in failures]}
+            rows = {"inprogress": storage.list("inprogress", None, 50),
+                    "pending": storage.pending_in_run_order(20),
+                    "completions": storage.list("complete", None, 10, newest_first=True),
+                    "failures": storage.list("failed", None, 20, newest_first=True)}
+            ended = {(at, state): n for at, state, n in storage.finished_since(start, step)}
+            counts, read_only = storage.counts(), storage.read_only is not None
+        steps = [start + i * step for i in range(span // step + 1)]
+        out = {"queue": {"path": bl.path, "read_only": read_only},
+               # who answers: a process that may or may not run the queue itself
+               "served_by": {"pid": os.getpid(), "running": bl._dispatcher is not None,
+                             "processors": len(bl._processors)},
+               "time": now, "counts": counts,
+               # jobs that ended in each `step` seconds of the last 5 minutes,
+               # oldest first; the last step is still under way
+               "throughput": {"step": step, "start": start,
+                              "complete": [ended.get((at, "complete"), 0) for at in steps],
+                              "failed": [ended.get((at, "failed"), 0) for at in steps]}}
+        # Schedules, pauses and limits join the overview here once the queue
+        # stores them, each as a list the page renders in a section of its own.
+        for part, found in rows.items():
+            out[part] = [_job_json(bl._info(r), shorten=True) for r in found]
+        return out
+
+    def _jobs(self, query: dict) -> list:
+        """`/api/jobs`: a page of jobs by id, filtered by `state` and `name`;
+        `order=desc` for the newest first; `after=ID` for the page after the
+        one that ended with that id, `limit` (default 100, at most 1000) long."""
+        bl = self.server.blero
+        state, name = query.get("state") or None, query.get("name") or None
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        order = query.get("order", "asc")
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be asc or desc, not {order!r}")
+        limit = _integer("limit", _query_int(query, "limit", 100), most=1000)
+        after = _query_int(query, "after", None)
+        if after is not None:
+            _integer("after", after)
+        with bl._store() as storage:
+            rows = storage.list(state, name, limit, order == "desc", after)
+        return [_job_json(bl._info(r), shorten=True) for r in rows]
 
     def _json(self, code: int, obj) -> None:
         self._send(code, json.dumps(obj).encode(), "application/json")
@@ -3852,6 +3908,16 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                          "style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
         self.end_headers()
         self.wfile.write(body)
+
+
+def _query_int(query: dict, name: str, default):
+    """The integer a query parameter gives, or `default` where it is absent."""
+    if name not in query:
+        return default
+    try:
+        return int(query[name])
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {query[name]!r}") from None
 
 
 def _is_ip(name: str) -> bool:
@@ -3911,106 +3977,361 @@ class _MetricsServer:
 _DASHBOARD = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>blero</title>
+<title>blero dashboard</title>
 <style>
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#222}
-header{background:#23303f;color:#fff;padding:10px 20px;display:flex;gap:16px;align-items:baseline}
-header h1{font-size:18px;margin:0} header span{opacity:.75}
-main{padding:16px 20px;display:grid;gap:16px}
-.cards{display:flex;gap:12px;flex-wrap:wrap}
-.card{background:#fff;border-radius:6px;padding:10px 16px;min-width:110px;box-shadow:0 1px 2px #0002}
-.card b{display:block;font-size:26px}
-section{background:#fff;border-radius:6px;padding:10px 16px;box-shadow:0 1px 2px #0002}
-h2{font-size:15px;margin:4px 0 8px} table{border-collapse:collapse;width:100%}
-td,th{text-align:left;padding:3px 8px;border-bottom:1px solid #eee;vertical-align:top}
-pre{margin:0;max-height:8em;overflow:auto;font-size:12px;white-space:pre-wrap}
-button{cursor:pointer} #msg{color:#a33} svg{width:100%;height:80px}
+:root{--bg:#f3f5f8;--card:#fff;--ink:#1d2633;--muted:#667085;--line:#e6e9ef;
+--pending:#7c8aa0;--inprogress:#2f6fdb;--complete:#1f9d55;--failed:#d93f3f;--cancelled:#b7791f}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:var(--bg);color:var(--ink)}
+a{color:var(--inprogress);text-decoration:none} a:hover{text-decoration:underline}
+header{background:#1b2533;color:#fff;padding:10px 20px;display:flex;flex-wrap:wrap;gap:6px 16px;align-items:center}
+header h1{font-size:18px;margin:0;letter-spacing:.5px} header h1 a{color:#fff}
+#target{font:13px ui-monospace,Menlo,Consolas,monospace;opacity:.9;word-break:break-all}
+#updated{margin-left:auto;font-size:12px;opacity:.75;white-space:nowrap}
+.badge{display:inline-block;font-size:12px;padding:1px 8px;border-radius:10px;background:#ffffff22;white-space:nowrap}
+.badge.warn{background:#f5b94a;color:#3a2600}
+#msg:empty{display:none} #msg{background:#fde8e8;color:#8a1c1c;padding:8px 20px;border-bottom:1px solid #f5c2c2}
+main{padding:16px 20px;max-width:1280px;margin:0 auto;display:grid;gap:16px}
+.cards{display:grid;grid-template-columns:repeat(5,1fr);gap:12px}
+.card{background:var(--card);border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px #0001,0 0 0 1px #0000000a;
+border-top:3px solid var(--c);cursor:pointer;color:var(--ink)}
+.card b{display:block;font-size:26px;line-height:1.2;font-variant-numeric:tabular-nums}
+.card span{color:var(--muted)}
+section{background:var(--card);border-radius:8px;padding:12px 16px;box-shadow:0 1px 2px #0001,0 0 0 1px #0000000a;min-width:0}
+h2{font-size:15px;margin:0 0 8px;display:flex;gap:8px;align-items:center;flex-wrap:wrap}
+h2 small{font-weight:normal;color:var(--muted)} h2 button{margin-left:auto}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;width:100%}
+td,th{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:baseline}
+th{font-size:12px;font-weight:600;color:var(--muted);white-space:nowrap}
+td.num{font-variant-numeric:tabular-nums;white-space:nowrap} td.none{color:var(--muted);font-style:italic}
+td.val{max-width:18em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font:12px ui-monospace,Menlo,Consolas,monospace}
+pre{margin:0;max-height:9em;overflow:auto;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;
+word-break:break-word;background:#f7f8fa;border-radius:4px;padding:4px 6px}
+button{cursor:pointer;font:inherit;font-size:12px;padding:2px 10px;border-radius:5px;border:1px solid #c9cfd8;background:#fff;color:var(--ink)}
+button:hover:not(:disabled){background:#eef2f7} button:disabled{cursor:default;opacity:.45}
+button.retry,#retry-all{border-color:#9cc3f5;color:#1c4f9c}
+button.cancel{border-color:#f0b4b4;color:#9b2020}
+.state{font-size:12px;padding:0 7px;border-radius:9px;color:#fff;background:var(--c);white-space:nowrap}
+.bar{display:inline-block;width:90px;height:8px;border-radius:4px;background:var(--line);vertical-align:middle;overflow:hidden}
+.bar i{display:block;height:100%;background:var(--inprogress)}
+.legend{display:flex;gap:16px;flex-wrap:wrap;color:var(--muted);font-size:13px}
+.legend b{color:var(--ink);font-variant-numeric:tabular-nums}
+.key{display:inline-block;width:12px;height:3px;border-radius:2px;vertical-align:middle;margin-right:5px;background:var(--c)}
+#chart{display:block;width:100%;height:190px;margin-top:6px}
+#chart text{font-size:11px;fill:var(--muted)} #chart .grid-line{stroke:var(--line)} #chart .axis{stroke:#9aa4b2}
+form.filter{display:flex;gap:8px 14px;flex-wrap:wrap;align-items:center;margin-bottom:8px;color:var(--muted)}
+input,select{font:inherit;padding:3px 6px;border:1px solid #c9cfd8;border-radius:5px;background:#fff}
+.pager{display:flex;gap:10px;align-items:center;justify-content:flex-end;margin-top:8px;color:var(--muted)}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 18px;margin:0 0 12px}
+dt{color:var(--muted)} dd{margin:0;font-variant-numeric:tabular-nums;word-break:break-word}
+h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
+.job pre{max-height:none} .err{font-weight:600;color:#9b2020;margin-bottom:3px;word-break:break-word}
+[hidden]{display:none!important}
+@media (max-width:900px){.grid{grid-template-columns:1fr}}
+@media (max-width:640px){
+ header{padding:8px 12px} main{padding:10px;gap:10px} section{padding:10px}
+ .cards{gap:6px} .card{padding:5px 7px} .card b{font-size:19px} .card span{font-size:11px;display:block;line-height:1.2}
+ .wide{display:none} td.val{max-width:9em} td.num{white-space:normal} #chart{height:160px}}
 </style></head><body>
-<header><h1>blero</h1><span id="path"></span><span id="state"></span><span id="msg"></span></header>
-<main>
+<header><h1><a href="#">blero</a></h1><span id="target"></span><span id="badges"></span>
+<span id="updated"></span></header>
+<div id="msg" role="alert"></div>
+<main id="overview">
 <div class="cards" id="counts"></div>
-<section><h2>Jobs ended per second, last 5 minutes: <span id="rate">-</span> over the last minute</h2>
-<svg id="chart" viewBox="0 0 300 80" preserveAspectRatio="none"><polyline id="line" fill="none"
- stroke="#2b7bb9" stroke-width="1.5" points=""/></svg></section>
-<section><h2>Running</h2><table id="inprogress"></table></section>
-<section><h2>Recent failures <button id="retry-all">Retry all failed</button></h2>
-<table id="failures"></table></section>
-<section><h2>Pending (the first 20 by id)</h2><table id="pending"></table></section>
+<section><h2>Throughput <small>jobs per second, last 5 minutes, from the stored jobs</small></h2>
+<div class="legend" id="rates"></div><svg id="chart" role="img" aria-label="jobs per second"></svg></section>
+<section><h2>Running <small id="n-inprogress"></small></h2><div class="scroll"><table id="inprogress"></table></div></section>
+<div class="grid">
+<section><h2>Pending <small>in the order they may run</small></h2><div class="scroll"><table id="pending"></table></div></section>
+<section><h2>Recently completed</h2><div class="scroll"><table id="completions"></table></div></section>
+</div>
+<section><h2>Failures <small>newest first</small><button id="retry-all">Retry all failed</button></h2>
+<div class="scroll"><table id="failures"></table></div></section>
+<section id="browse"><h2>Jobs <small>newest first</small></h2>
+<form class="filter" id="filter"><label>name <input id="f-name" size="14" placeholder="any"></label>
+<label>state <select id="f-state"><option value="">any</option></select></label></form>
+<div class="scroll"><table id="jobs"></table></div>
+<div class="pager"><button type="button" id="newer">&larr; Newer</button><span id="page-no"></span>
+<button type="button" id="older">Older &rarr;</button></div></section>
 </main>
+<main id="jobpage" hidden><section class="job" id="job"></section></main>
 <script>
 "use strict";
+const STATES = ["pending", "inprogress", "complete", "failed", "cancelled"];
+const LABEL = {pending: "pending", inprogress: "in progress", complete: "complete",
+               failed: "failed", cancelled: "cancelled"};
+const PAGE = 25;
+let last = null;                 // the latest /api/stats
+const browse = {name: "", state: "", pages: [null], rows: []};   // pages: the cursor of each page
+
+function $(id) { return document.getElementById(id); }
 function el(tag, text, attrs) {
   const e = document.createElement(tag);
-  if (text !== undefined) e.textContent = text;
+  if (text !== undefined && text !== null) e.textContent = text;
   for (const k in (attrs || {})) e.setAttribute(k, attrs[k]);
   return e;
+}
+function show(text) { $("msg").textContent = text || ""; }
+function getJSON(path) {
+  return fetch(path).then(r => r.json().then(j => {
+    if (!r.ok) throw new Error(j.error || r.statusText); return j; }));
 }
 function post(path, body) {
   return fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
                       body: JSON.stringify(body)})
-    .then(r => r.json()).then(j => { if (j.error) show(j.error); refresh(); })
+    .then(r => r.json()).then(j => { show(j.error); refresh(); })
     .catch(e => show(String(e)));
 }
-function show(text) { document.getElementById("msg").textContent = text; }
-function when(t) { return t ? new Date(t * 1000).toLocaleTimeString() : ""; }
-function table(id, jobs, columns, action) {
-  const t = document.getElementById(id);
+// A time, with its date when it is not today.
+function when(t) {
+  if (t === null || t === undefined) return "";
+  const d = new Date(t * 1000), now = new Date();
+  const time = d.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23"});
+  if (d.toDateString() === now.toDateString()) return time;
+  return d.toLocaleDateString([], {year: d.getFullYear() === now.getFullYear() ? undefined : "numeric",
+                                   month: "short", day: "numeric"}) + " " + time;
+}
+function span(seconds) {
+  const s = Math.abs(seconds);
+  if (s < 60) return Math.round(s) + " s";
+  if (s < 3600) return Math.round(s / 60) + " min";
+  if (s < 86400) return (s / 3600).toFixed(s < 36000 ? 1 : 0) + " h";
+  return (s / 86400).toFixed(1) + " days";
+}
+function runs(j, now) { return j.run_at <= now ? "now" : when(j.run_at) + " (in " + span(j.run_at - now) + ")"; }
+function stateTag(s) { return el("span", LABEL[s] || s, {"class": "state", style: "--c:var(--" + s + ")"}); }
+function jobLink(id) { return el("a", "#" + id, {href: "#job/" + id}); }
+function progress(p) {
+  // JobInfo.progress: a number from 0 to 1 shows as a bar, any other value as itself
+  if (typeof p === "number" && p >= 0 && p <= 1) {
+    const bar = el("span", undefined, {"class": "bar", title: Math.round(p * 100) + "%"});
+    bar.appendChild(el("i", undefined, {style: "width:" + (p * 100).toFixed(1) + "%"}));
+    const box = el("span"); box.append(bar, " " + Math.round(p * 100) + "%"); return box;
+  }
+  return p === null || p === undefined ? "" : (typeof p === "string" ? p : JSON.stringify(p));
+}
+function readOnly() { return last !== null && last.queue.read_only; }
+function button(label, cls, act) {
+  const b = el("button", label, {"class": cls, type: "button"});
+  if (readOnly()) { b.disabled = true; b.title = "the queue is read-only here"; }
+  b.onclick = act; return b;
+}
+const retry = j => button("Retry", "retry", () => post("/api/retry", {ids: [j.id]}));
+const cancel = j => button("Cancel", "cancel", () => post("/api/cancel", {id: j.id}));
+
+// columns: [heading, value(job) -> text or node, class]; the class "wide" is hidden on a phone
+function table(id, jobs, columns, action, empty) {
+  const t = $(id);
   t.replaceChildren();
   const head = el("tr");
-  for (const c of columns) head.appendChild(el("th", c[0]));
+  for (const c of columns) head.appendChild(el("th", c[0], c[2] ? {"class": c[2]} : {}));
   if (action) head.appendChild(el("th", ""));
   t.appendChild(head);
   for (const j of jobs) {
     const row = el("tr", undefined, {"data-id": j.id});
     for (const c of columns) {
-      const td = el("td"); const v = c[1](j);
-      if (c[2]) td.appendChild(el("pre", v)); else td.textContent = v;
+      const td = el("td", undefined, c[2] ? {"class": c[2]} : {}), v = c[1](j);
+      if (v instanceof Node) td.appendChild(v); else td.textContent = v;
+      if (c[2] && c[2].includes("val")) td.title = td.textContent;
       row.appendChild(td);
     }
-    if (action) {
-      const b = el("button", action[0], {"class": action[0].toLowerCase()});
-      b.onclick = () => action[1](j); const td = el("td"); td.appendChild(b); row.appendChild(td);
-    }
+    if (action) { const td = el("td"); td.appendChild(action(j)); row.appendChild(td); }
     t.appendChild(row);
   }
-  if (!jobs.length) t.appendChild(el("tr")).appendChild(el("td", "none"));
-}
-function draw(t) {
-  // t.ended: jobs ended in each t.step seconds; the last step is still going on
-  const rates = t.ended.map(n => n / t.step);
-  const full = t.ended.slice(-7, -1);
-  document.getElementById("rate").textContent =
-    (full.reduce((a, b) => a + b, 0) / (full.length * t.step)).toFixed(1);
-  const top = Math.max(1, ...rates);
-  document.getElementById("line").setAttribute("points", rates.map(
-    (r, i) => (i * 300 / (rates.length - 1)).toFixed(1) + "," + (78 - r / top * 76).toFixed(1)).join(" "));
-}
-function render(s) {
-  document.getElementById("path").textContent = s.path;
-  document.getElementById("state").textContent =
-    (s.running ? "running, " : "stopped, ") + s.processors + " processor(s)";
-  const counts = document.getElementById("counts");
-  counts.replaceChildren();
-  for (const k in s.counts) {
-    const c = el("div", undefined, {"class": "card", "id": "count-" + k});
-    c.appendChild(el("b", String(s.counts[k]))); c.appendChild(el("span", k)); counts.appendChild(c);
+  if (!jobs.length) {
+    const td = el("td", empty || "none", {"class": "none", colspan: columns.length + (action ? 1 : 0)});
+    t.appendChild(el("tr")).appendChild(td);
   }
-  const cancel = ["Cancel", j => post("/api/cancel", {id: j.id})];
-  const base = [["id", j => j.id], ["name", j => j.name], ["data", j => j.data]];
-  table("inprogress", s.inprogress, base.concat([["try", j => j.attempt + "/" + j.max_attempts],
-        ["started", j => when(j.started_at)]]), cancel);
-  table("pending", s.pending, base.concat([["priority", j => j.priority],
-        ["runs at", j => when(j.run_at)]]), cancel);
-  table("failures", s.failures, base.concat([["tries", j => j.attempt],
-        ["failed", j => when(j.finished_at)], ["error", j => j.error || "", true]]),
-        ["Retry", j => post("/api/retry", {ids: [j.id]})]);
-  draw(s.throughput);
+}
+const ID = ["id", j => jobLink(j.id), "num"], NAME = ["name", j => j.name];
+const DATA = ["data", j => j.data, "val wide"];
+
+function header(s) {
+  $("target").textContent = s.queue.path;
+  const badges = $("badges");
+  badges.replaceChildren();
+  if (s.queue.read_only) badges.appendChild(el("span", "read-only: viewing only", {"class": "badge warn"}));
+  // This process is only the one answering: say what it does, never as the queue's.
+  const by = s.served_by;
+  badges.appendChild(el("span", by.running ? "served by pid " + by.pid + ", running " + by.processors +
+      " processor" + (by.processors === 1 ? "" : "s") : "served by pid " + by.pid + ", which runs no jobs",
+      {"class": "badge", id: "served-by"}));
+  $("updated").textContent = "updated " + when(s.time);
+}
+function counts(s) {
+  const box = $("counts");
+  box.replaceChildren();
+  for (const k of STATES) {
+    const c = el("div", undefined, {"class": "card", style: "--c:var(--" + k + ")",
+                                    title: "list the " + LABEL[k] + " jobs", id: "count-" + k});
+    c.appendChild(el("b", String(s.counts[k]))); c.appendChild(el("span", LABEL[k]));
+    c.onclick = () => { $("f-state").value = k; filter(); $("browse").scrollIntoView(); };
+    box.appendChild(c);
+  }
+}
+function niceTop(v) {
+  // the smallest 1, 2 or 5 times a power of ten at or above v
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  return [1, 2, 5, 10].map(m => m * p).find(x => x >= v - 1e-9);
+}
+function chart(s) {
+  const t = s.throughput, svg = $("chart"), ns = "http://www.w3.org/2000/svg";
+  // the last step is still under way: its rate is over the part gone by
+  const now = Math.max(1, s.time - (t.start + (t.complete.length - 1) * t.step));
+  const rate = series => series.map((n, i) => n / (i < series.length - 1 ? t.step : now));
+  const done = rate(t.complete), failed = rate(t.failed);
+  // over the last minute: the six steps before this one, and this one so far
+  const minute = series => series.slice(-7).reduce((a, b) => a + b, 0) / (6 * t.step + now);
+  const legend = $("rates");
+  legend.replaceChildren(el("span", "last minute:"));
+  for (const [k, series] of [["complete", t.complete], ["failed", t.failed]]) {
+    const item = el("span"); item.appendChild(el("span", undefined, {"class": "key", style: "--c:var(--" + k + ")"}));
+    item.append(k + " ");
+    item.appendChild(el("b", minute(series).toFixed(2) + "/s", {id: "rate-" + k}));
+    legend.appendChild(item);
+  }
+  const W = svg.clientWidth || 600, H = svg.clientHeight || 190, L = 44, R = 12, T = 24, B = 24;
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+  svg.replaceChildren();
+  const add = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag);
+    for (const k in attrs) e.setAttribute(k, attrs[k]);
+    if (text !== undefined) e.textContent = text;
+    svg.appendChild(e); return e;
+  };
+  const top = niceTop(Math.max(0.1, ...done, ...failed));
+  const x = i => L + i * (W - L - R) / (done.length - 1), y = v => H - B - v / top * (H - T - B);
+  for (let k = 0; k <= 4; k++) {
+    const v = top * k / 4;
+    add("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), "class": k ? "grid-line" : "axis"});
+    add("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, +v.toFixed(3) + "");
+  }
+  add("text", {x: 2, y: 10, "text-anchor": "start"}, "jobs/s");
+  add("line", {x1: L, x2: L, y1: T, y2: H - B, "class": "axis"});
+  const every = W < 560 ? 120 : 60;                    // a label each minute, or two on a phone
+  for (let i = 0; i < done.length; i++) {
+    const at = t.start + i * t.step;
+    if (at % every) continue;
+    add("line", {x1: x(i), x2: x(i), y1: H - B, y2: H - B + 4, "class": "axis"});
+    add("text", {x: x(i), y: H - 6, "text-anchor": x(i) > W - R - 20 ? "end" : "middle"},
+        new Date(at * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit", hourCycle: "h23"}));
+  }
+  for (const [k, series] of [["complete", done], ["failed", failed]])
+    add("polyline", {fill: "none", stroke: "var(--" + k + ")", "stroke-width": 2, "stroke-linejoin": "round",
+                     points: series.map((v, i) => x(i).toFixed(1) + "," + y(v).toFixed(1)).join(" ")});
+}
+function running(s) {
+  $("n-inprogress").textContent = s.counts.inprogress > s.inprogress.length
+    ? "the first " + s.inprogress.length + " of " + s.counts.inprogress : "";
+  const columns = [ID, NAME, DATA, ["try", j => j.attempt + "/" + j.max_attempts, "num wide"],
+                   ["since", j => when(j.started_at), "num"]];
+  if (s.inprogress.some(j => "progress" in j)) columns.push(["progress", j => progress(j.progress)]);
+  table("inprogress", s.inprogress, columns, cancel);
+}
+function pending(s) {
+  table("pending", s.pending, [ID, NAME, DATA, ["priority", j => j.priority, "num wide"],
+        ["runs", j => runs(j, s.time), "num"]], cancel);
+}
+function error(j) {
+  // the exception's own line first, where the eye looks; the traceback under it
+  const box = el("div"), lines = (j.error || "").trim().split(String.fromCharCode(10));
+  box.appendChild(el("div", lines[lines.length - 1], {"class": "err"}));
+  box.appendChild(el("pre", j.error || ""));
+  return box;
+}
+function failures(s) {
+  $("retry-all").disabled = readOnly() || !s.counts.failed;
+  table("failures", s.failures, [ID, NAME, ["tries", j => j.attempt, "num wide"],
+        ["failed", j => when(j.finished_at), "num"], ["error", error]], retry);
+}
+function completions(s) {
+  table("completions", s.completions, [ID, NAME, ["result", j => j.result, "val"],
+        ["took", j => j.started_at ? span(j.finished_at - j.started_at) : "", "num wide"],
+        ["finished", j => when(j.finished_at), "num"]]);
+}
+// The overview, one renderer per section.  Schedules, pauses (with their
+// Pause/Resume buttons) and limits add theirs here once the queue stores them.
+const SECTIONS = [header, counts, chart, running, pending, failures, completions];
+
+function jobs() {
+  const q = new URLSearchParams({order: "desc", limit: PAGE});
+  if (browse.name) q.set("name", browse.name);
+  if (browse.state) q.set("state", browse.state);
+  const cursor = browse.pages[browse.pages.length - 1];
+  if (cursor !== null) q.set("after", cursor);
+  return getJSON("/api/jobs?" + q).then(rows => {
+    browse.rows = rows;
+    table("jobs", rows, [ID, NAME, ["state", j => stateTag(j.state)], DATA,
+          ["tries", j => j.attempt + "/" + j.max_attempts, "num wide"], ["created", j => when(j.created_at), "num wide"],
+          ["ended", j => when(j.finished_at), "num"]], null, "no jobs match");
+    $("newer").disabled = browse.pages.length === 1;
+    $("older").disabled = rows.length < PAGE;
+    $("page-no").textContent = "page " + browse.pages.length;
+  });
+}
+function filter() {
+  browse.name = $("f-name").value.trim(); browse.state = $("f-state").value; browse.pages = [null];
+  jobs().catch(e => show(String(e)));
+}
+
+const FIELDS = [["state", j => stateTag(j.state)], ["name", j => j.name],
+  ["tries", j => j.attempt + " of at most " + j.max_attempts], ["priority", j => j.priority],
+  ["key", j => j.key === null ? "none" : j.key], ["created", j => when(j.created_at)],
+  ["may run", j => j.state === "pending" ? runs(j, last ? last.time : Date.now() / 1000) : when(j.run_at)],
+  ["started", j => when(j.started_at) || "not yet"], ["ended", j => when(j.finished_at) || "not yet"]];
+const SHOWN = ["id", "data", "result", "error", "state", "name", "attempt", "max_attempts", "priority", "key",
+               "created_at", "run_at", "started_at", "finished_at", "progress", "after"];
+function text(v) { return typeof v === "string" ? v : JSON.stringify(v, null, 2); }
+function jobPage(j) {
+  const box = $("job");
+  box.replaceChildren();
+  const h = el("h2", "Job #" + j.id + " ");
+  h.appendChild(el("small", j.name));
+  if (j.state === "failed") h.appendChild(retry(j));
+  if (j.state === "pending" || j.state === "inprogress") h.appendChild(cancel(j));
+  box.appendChild(el("a", String.fromCharCode(8592) + " the whole queue", {href: "#"}));
+  box.appendChild(h);
+  const dl = el("dl");
+  const rows = FIELDS.slice();
+  if ("progress" in j) rows.push(["progress", j => progress(j.progress)]);
+  if ("after" in j) rows.push(["waits on", j => {
+    const s = el("span"); if (!j.after || !j.after.length) s.textContent = "nothing";
+    (j.after || []).forEach((id, i) => { if (i) s.append(", "); s.appendChild(jobLink(id)); }); return s; }]);
+  for (const k in j) if (!SHOWN.includes(k)) rows.push([k, j => text(j[k])]);   // fields added later
+  for (const [label, f] of rows) {
+    dl.appendChild(el("dt", label)); const dd = el("dd"), v = f(j);
+    if (v instanceof Node) dd.appendChild(v); else dd.textContent = v;
+    dl.appendChild(dd);
+  }
+  box.appendChild(dl);
+  for (const [label, k] of [["Data", "data"], ["Result", "result"], ["Error", "error"]]) {
+    if (k === "error" && !j.error) continue;
+    box.appendChild(el("h3", label)); box.appendChild(el("pre", text(j[k]), {id: "job-" + k}));
+  }
+}
+function route() {
+  const m = /^#job[/]([0-9]+)$/.exec(location.hash);
+  $("overview").hidden = !!m; $("jobpage").hidden = !m;
+  return m ? +m[1] : null;
 }
 function refresh() {
-  fetch("/api/stats").then(r => r.json()).then(s => { if (s.error) show(s.error); else { show(""); render(s); } })
-    .catch(e => show("cannot reach the queue: " + e));
+  const id = route();
+  const stats = getJSON("/api/stats").then(s => {
+    last = s; for (const f of (id === null ? SECTIONS : [header])) f(s);
+  });
+  const more = id === null ? jobs() : getJSON("/api/job?id=" + id).then(jobPage);
+  return Promise.all([stats, more]).then(() => show(""), e => show(String(e.message || e)));
 }
-document.getElementById("retry-all").onclick = () => post("/api/retry", {});
+for (const s of STATES) $("f-state").appendChild(el("option", LABEL[s], {value: s}));
+$("filter").onsubmit = e => { e.preventDefault(); filter(); };
+$("f-name").oninput = filter; $("f-state").onchange = filter;
+$("older").onclick = () => { browse.pages.push(browse.rows[browse.rows.length - 1].id); jobs(); };
+$("newer").onclick = () => { browse.pages.pop(); jobs(); };
+$("retry-all").onclick = () => post("/api/retry", {});
+window.onhashchange = () => { window.scrollTo(0, 0); refresh(); };
+window.onresize = () => { if (last && route() === null) chart(last); };
 refresh();
 setInterval(refresh, 2000);
 </script></body></html>
@@ -4236,16 +4557,23 @@ def _why_not(bl: Blero, job_id: int, wanted: str) -> str:
 def _serve(args) -> int:
     bl = _cli_queue(args)
     bl.stats()      # a missing or foreign file fails here, and nothing is created
-    bl.start()
-    bl.stop_on_signals()
+    # A viewer, not one more worker: the queue is never started here, so
+    # serving claims, recovers and changes nothing by itself, and the page
+    # shows what is stored (whoever runs it), not this process's idleness.
+    server = bl.serve_metrics(port=args.port, host=args.host)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        server = bl.serve_metrics(port=args.port, host=args.host)
         print(f"Serving the dashboard of {bl.path} at {server.url} (Ctrl-C to stop)", flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
-        bl.stop(timeout=0)
+        signal.signal(signal.SIGTERM, previous)
+        server.close()
     return 0
 
 

@@ -22,6 +22,7 @@ import pickle
 import queue
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -5764,6 +5765,286 @@ class JoinWarningTest(ProcessTest):
         self.assertEqual([w.split(":")[0] for w in warned[1:]],
                          ["no processor takes jobs named 'a' (1 pending)",
                           "no processor takes jobs named 'b' (2 pending)"])
+
+
+# ---------------------------------------------------------------------------
+# The dashboard of the whole queue (issue 12): JSON under /api/, and the page
+# as Chromium renders it, driven over its remote debugging pipe
+# ---------------------------------------------------------------------------
+
+class DashboardOfTheQueueTest(TempDirTest):
+    """An operator looking at a queue another handle (or process) runs."""
+
+    def run_elsewhere(self):
+        """A queue run by one handle, with 3 complete, 2 failed, 1 running
+        and 2 pending jobs, served by a second handle that runs nothing:
+        (worker handle, port, failed ids, running id, Event that fixes the failing)."""
+        release, fixed = threading.Event(), threading.Event()
+
+        def process(job):
+            if job.name == "slow":
+                release.wait(30)
+            elif job.name == "bad" and not fixed.is_set():
+                raise KeyError(f"no such row: {job.data}")
+            return {"done": job.data}
+
+        worker = self.queue(retries=0)
+        self.addCleanup(release.set)        # before the queue's stop waits for it
+        worker.register_processor(process, names=["ok", "bad"])
+        worker.register_processor(process, names="slow")
+        for i in range(3):
+            worker.wait(worker.enqueue("ok", i), timeout=10)
+        failed = [worker.enqueue("bad", i) for i in range(2)]
+        for job_id in failed:
+            with self.assertRaises(blero.JobFailed):
+                worker.wait(job_id, timeout=10)
+        running = worker.enqueue("slow")
+        wait_until(lambda: worker.get_job(running).state == "inprogress", message="slow to run")
+        worker.enqueue("later", delay=3600)
+        worker.enqueue("later", delay=600)
+        viewer = blero.new(worker.path)     # never started: a viewer, like `serve`
+        server = viewer.serve_metrics()
+        self.addCleanup(server.close)
+        return worker, server.port, failed, running, fixed
+
+    def get_json(self, port, path, status=200):
+        code, ctype, body = http_request(port, "GET", path)
+        self.assertEqual(code, status, body)
+        self.assertTrue(ctype.startswith("application/json"), ctype)
+        return json.loads(body)
+
+    def test_the_overview_shows_the_stored_queue_not_the_serving_process(self):
+        worker, port, failed, running, _ = self.run_elsewhere()
+        stats = self.get_json(port, "/api/stats")
+        self.assertEqual(stats["counts"], {"pending": 2, "inprogress": 1, "complete": 3,
+                                           "failed": 2, "cancelled": 0})
+        self.assertEqual(stats["queue"], {"path": worker.path, "read_only": False})
+        self.assertEqual(stats["served_by"], {"pid": os.getpid(), "running": False,
+                                              "processors": 0})
+        self.assertNotIn("finished", stats, "this process's own counters are not the queue's")
+        throughput = stats["throughput"]
+        self.assertEqual((sum(throughput["complete"]), sum(throughput["failed"])), (3, 2))
+        self.assertEqual(len(throughput["complete"]), len(throughput["failed"]))
+        self.assertEqual(throughput["step"] * (len(throughput["complete"]) - 1), 300)
+        self.assertEqual([j["id"] for j in stats["inprogress"]], [running])
+        self.assertEqual([j["id"] for j in stats["failures"]], failed[::-1])
+        self.assertIn("KeyError: 'no such row: 1'", stats["failures"][0]["error"])
+        self.assertEqual([j["result"] for j in stats["completions"]],
+                         [repr({"done": i}) for i in (2, 1, 0)])
+
+    def test_pending_jobs_are_listed_by_when_they_may_run(self):
+        bl = self.queue()       # started, with no processor: every job stays pending
+        at = time.time() + 600
+        in_an_hour = bl.enqueue("report", delay=3600)
+        soon_low = bl.enqueue("report", run_at=at, priority=0)
+        soon_high = bl.enqueue("report", run_at=at, priority=5)
+        ready_low = bl.enqueue("now", priority=-1)
+        ready_high = bl.enqueue("now", priority=3)
+        ready_next = bl.enqueue("now", priority=3)
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        pending = self.get_json(server.port, "/api/stats")["pending"]
+        self.assertEqual([j["id"] for j in pending],
+                         [ready_high, ready_next, ready_low, soon_high, soon_low, in_an_hour])
+
+    def test_jobs_are_filtered_by_name_and_state_and_paged(self):
+        bl = self.queue(retries=0)
+        bl.register_processor(lambda job: 1 / 0 if job.data % 3 == 0 else job.data)
+        ids = {name: [] for name in ("a", "b")}
+        for i in range(1, 25):
+            ids["a" if i % 2 else "b"].append(bl.enqueue("a" if i % 2 else "b", i))
+        self.assertTrue(bl.join(20))
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        port = server.port
+        pages, after = [], None
+        for _ in range(10):     # 3 pages and an empty one, unless paging is broken
+            query = "/api/jobs?name=a&order=desc&limit=5" + (f"&after={after}" if after else "")
+            page = self.get_json(port, query)
+            if not page:
+                break
+            self.assertLessEqual(len(page), 5)
+            pages.append([j["id"] for j in page])
+            after = page[-1]["id"]
+        self.assertEqual([len(p) for p in pages], [5, 5, 2])
+        self.assertEqual(sum(pages, []), ids["a"][::-1])
+        failed_b = self.get_json(port, "/api/jobs?name=b&state=failed")
+        self.assertEqual([j["id"] for j in failed_b],
+                         [j.id for j in bl.jobs("failed", "b")])
+        self.assertEqual({j["data"] for j in failed_b}, {"6", "12", "18", "24"})
+        forward = self.get_json(port, f"/api/jobs?after={ids['b'][5]}&limit=3")
+        self.assertEqual([j["id"] for j in forward], list(range(ids["b"][5] + 1, ids["b"][5] + 4)))
+        for query, cause in (("order=sideways", "order"), ("after=x", "after"),
+                             ("limit=5000", "limit"), ("limit=-1", "limit"),
+                             ("state=lost", "state")):
+            with self.subTest(query=query):
+                self.assertIn(cause, self.get_json(port, "/api/jobs?" + query, 400)["error"])
+
+    def test_each_job_has_a_page_with_all_its_fields(self):
+        worker, port, failed, running, _ = self.run_elsewhere()
+        job = self.get_json(port, f"/api/job?id={failed[0]}")
+        self.assertLessEqual(set(blero.JobInfo._fields), set(job))
+        info = worker.get_job(failed[0])
+        self.assertEqual({k: job[k] for k in blero.JobInfo._fields}, info._asdict())
+        self.assertIn("Traceback (most recent call last)", job["error"])
+        done = worker.jobs("complete")[0]
+        self.assertEqual(self.get_json(port, f"/api/job?id={done.id}")["result"],
+                         {"done": 0}, "a JSON value, not its repr")
+        self.assertEqual(self.get_json(port, "/api/job?id=424242", 404),
+                         {"error": "no such job: 424242"})
+        for query in ("", "?id=x", "?id=0"):
+            with self.subTest(query=query):
+                self.assertIn("id", self.get_json(port, "/api/job" + query, 400)["error"])
+
+
+class DevTools:
+    """Headless Chromium driven over its remote debugging pipe (fds 3 and 4):
+    JSON messages, each ended by a NUL, and nothing beyond the standard library."""
+
+    def __init__(self, test, url, width=1280, height=900):
+        to_chromium, self._to = os.pipe()
+        self._from, from_chromium = os.pipe()
+        profile = os.path.join(test.dir, f"chromium-{len(os.listdir(test.dir))}")
+        command = [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                   "--disable-quic", "--no-first-run", "--disable-background-networking",
+                   "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+                   f"--window-size={width},{height}", "--remote-debugging-pipe", url]
+        # Chromium reads fd 3 and writes fd 4: a small Python puts the pipes
+        # there (by way of fds above both, so that neither overwrites the other).
+        launch = ("import fcntl, os, sys\n"
+                  "high = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 10) for fd in sys.argv[1:3]]\n"
+                  "for fd, target in zip(high, (3, 4)):\n"
+                  "    os.dup2(fd, target)\n"
+                  "os.execv(sys.argv[3], sys.argv[3:])\n")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", launch, str(to_chromium), str(from_chromium), *command],
+            pass_fds=(to_chromium, from_chromium), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        os.close(to_chromium)
+        os.close(from_chromium)
+        test.addCleanup(self.close)
+        self._buffer, self._next = b"", 0
+        page = wait_until(lambda: [t for t in self.call("Target.getTargets")["targetInfos"]
+                                   if t["type"] == "page"], timeout=60, message="a page")[0]
+        self._session = self.call("Target.attachToTarget", targetId=page["targetId"],
+                                  flatten=True)["sessionId"]
+
+    def call(self, method, session=None, **params):
+        """Send one command; return its result (events on the way are dropped)."""
+        self._next += 1
+        message = {"id": self._next, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while True:
+            while b"\0" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._from], [], [], left)[0]:
+                    raise AssertionError(f"Chromium did not answer {method}")
+                chunk = os.read(self._from, 1 << 16)
+                if not chunk:
+                    raise AssertionError(f"Chromium went away during {method}")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._next:
+                if "error" in reply:
+                    raise AssertionError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def evaluate(self, expression):
+        """The value of a JavaScript expression in the page."""
+        result = self.call("Runtime.evaluate", self._session, expression=expression,
+                           returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression, message):
+        """Wait until `expression` is true (while the page loads, it may throw)."""
+        guarded = f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"
+        return wait_until(lambda: self.evaluate(guarded), timeout=30, interval=0.1,
+                          message=message)
+
+    def close(self):
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+        for fd in (self._to, self._from):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@unittest.skipUnless(POSIX and find_chromium(), "Chromium is not installed")
+class DashboardInChromiumTest(TempDirTest):
+    """What an operator sees and does on the page, as Chromium renders it."""
+
+    run_elsewhere = DashboardOfTheQueueTest.run_elsewhere
+
+    def test_the_rendered_page_shows_the_queue_and_retry_really_retries(self):
+        worker, port, failed, running, fixed = self.run_elsewhere()
+        browser = DevTools(self, f"http://127.0.0.1:{port}/")
+        text = "document.getElementById('{}').innerText"
+        browser.wait_for(text.format("counts") + ".includes('failed')", "the counts")
+        cards = browser.evaluate("[...document.querySelectorAll('#counts .card')]"
+                                 ".map(c => c.innerText.split(String.fromCharCode(10)))")
+        self.assertEqual({label: int(n) for n, label in cards},
+                         {"pending": 2, "in progress": 1, "complete": 3, "failed": 2,
+                          "cancelled": 0})
+        self.assertIn("which runs no jobs", browser.evaluate(text.format("served-by")))
+        self.assertIn(worker.path, browser.evaluate(text.format("target")))
+        failures = browser.evaluate(text.format("failures"))
+        self.assertIn("Traceback (most recent call last)", failures)
+        self.assertIn("KeyError: 'no such row: 0'", failures)
+        chart = browser.evaluate("[...document.querySelectorAll('#chart text')]"
+                                 ".map(t => t.textContent)")
+        self.assertIn("jobs/s", chart)
+        self.assertTrue(any(re.fullmatch(r"\d\d:\d\d", label) for label in chart), chart)
+        self.assertEqual(browser.evaluate(text.format("rate-failed")), f"{2 / 60:.2f}/s")
+        pending = browser.evaluate("[...document.querySelectorAll('#pending tr[data-id]')]"
+                                   ".map(r => +r.dataset.id)")
+        self.assertEqual(pending, [j.id for j in sorted(worker.jobs("pending"),
+                                                        key=lambda j: j.run_at)])
+        # The failed job's own page: its fields, its traceback, and Retry.
+        browser.evaluate(f"location.hash = '#job/{failed[0]}'")
+        browser.wait_for(f"document.getElementById('job').innerText.includes('Job #{failed[0]}')",
+                         "the job's page")
+        self.assertIn("no such row: 0", browser.evaluate(text.format("job-error")))
+        self.assertIn("1 of at most 1", browser.evaluate(text.format("job")))
+        fixed.set()
+        browser.evaluate("document.querySelector('#job button.retry').click()")
+        wait_until(lambda: worker.get_job(failed[0]).state == "complete", timeout=20,
+                   message="the job to be retried, and complete")
+        browser.wait_for(text.format("job") + ".includes('complete')", "the page to follow")
+        self.assertEqual(worker.get_job(failed[1]).state, "failed", "only that job was retried")
+        # And Retry all failed, on the overview.
+        browser.evaluate("location.hash = ''")
+        browser.wait_for("!document.getElementById('retry-all').disabled", "the overview")
+        browser.evaluate("document.getElementById('retry-all').click()")
+        wait_until(lambda: worker.get_job(failed[1]).state == "complete", timeout=20,
+                   message="every failed job to be retried, and complete")
+
+    def test_the_job_list_filters_and_pages_in_the_browser(self):
+        bl = self.queue()
+        ids = [bl.enqueue("a" if i % 3 else "b", i, delay=3600) for i in range(60)]
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        browser = DevTools(self, f"http://127.0.0.1:{server.port}/")
+        rows = "[...document.querySelectorAll('#jobs tr[data-id]')].map(r => +r.dataset.id)"
+        browser.wait_for(rows + ".length", "the job list")
+        self.assertEqual(browser.evaluate(rows), ids[::-1][:25])
+        browser.evaluate("document.getElementById('f-name').value = 'b';"
+                         "document.getElementById('f-name').dispatchEvent(new Event('input'))")
+        b = [i for n, i in enumerate(ids) if n % 3 == 0][::-1]
+        browser.wait_for(f"JSON.stringify({rows}) === '{json.dumps(b[:20])}'.replace(/ /g, '')",
+                         "the list filtered by name")
+        browser.evaluate("document.getElementById('f-name').value = '';"
+                         "document.getElementById('f-name').dispatchEvent(new Event('input'))")
+        browser.wait_for(f"{rows}[0] === {ids[-1]}", "the whole list again")
+        browser.evaluate("document.getElementById('older').click()")
+        browser.wait_for(f"{rows}[0] === {ids[::-1][25]}", "the second page")
+        self.assertEqual(browser.evaluate(rows), ids[::-1][25:50])
 
 
 if __name__ == "__main__":
