@@ -5897,6 +5897,25 @@ class DashboardOfTheQueueTest(TempDirTest):
                 self.assertIn("id", self.get_json(port, "/api/job" + query, 400)["error"])
 
 
+    def test_serve_shows_a_queue_another_process_runs_and_runs_nothing_itself(self):
+        worker, _, failed, running, _ = self.run_elsewhere()
+        proc = subprocess.Popen([sys.executable, "-m", "blero", "serve", "--db", worker.path],
+                                cwd=HERE, env=child_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_child, proc)
+        port = int(LineReader(proc.stdout).expect(r"http://[^\s/]+:(\d+)/?")[0].group(1))
+        stats = self.get_json(port, "/api/stats")
+        self.assertEqual(stats["served_by"], {"pid": proc.pid, "running": False,
+                                              "processors": 0})
+        self.assertEqual(stats["counts"], worker.stats())
+        self.assertEqual([j["id"] for j in stats["inprogress"]], [running])
+        proc.terminate()
+        self.assertEqual(proc.wait(20), 0)
+        self.assertNotIn("Traceback", proc.stderr.read())
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 class DevTools:
     """Headless Chromium driven over its remote debugging pipe (fds 3 and 4):
     JSON messages, each ended by a NUL, and nothing beyond the standard library."""
