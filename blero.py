@@ -348,24 +348,10 @@ class _Finish(NamedTuple):
     attempt: int
 
 
-class _Stored(NamedTuple):
-    """A stored job, every column `JobInfo` shows (`_INFO_COLUMNS`), with its
-    state as stored (a code) and data and result serialized."""
-
-    id: int
-    name: str
-    data: Any
-    state: int
-    attempt: int
-    max_attempts: int
-    priority: int
-    key: str | None
-    result: Any
-    error: str | None
-    created_at: float
-    run_at: float
-    started_at: float | None
-    finished_at: float | None
+# A stored job, every column `JobInfo` shows (`_INFO_COLUMNS`), with its
+# state as stored (a code) and its data and result serialized: JobInfo's
+# fields, so that the two never drift.
+_Stored = collections.namedtuple("_Stored", JobInfo._fields)
 
 
 class _Ended(NamedTuple):
