@@ -2807,9 +2807,14 @@ class _Dispatcher:
     def processors_changed(self, takes: frozenset | None) -> None:
         """The job names this queue's processors take are now `takes`: tell
         other processes at once (their join() warns of names that no live
-        queue takes)."""
+        queue takes).  Not once the queue is stopping: its stop drops the
+        owner's registration, and a heartbeat after that would register it
+        again, letting a claim still on its way succeed with nobody left to
+        hand its job back.  (Called under the Blero's lock, as begin_stop is.)"""
         with self._beat_lock:
             self._takes = takes
+            if self.stopping:
+                return
             try:
                 self.storage.heartbeat(self.owner, time.time(), takes)
             except BleroError as exc:   # the next heartbeat tells them
