@@ -96,6 +96,12 @@ def read_lines(path):
         return []
 
 
+def both_engines(cls):
+    """Marks a test class whose tests are the engines' common contract: they
+    reach their queues through `target()`/`queue()` only, never a file."""
+    return cls
+
+
 class TempDirTest(unittest.TestCase):
     """A fresh directory per test, and queues that are always stopped."""
 
@@ -104,8 +110,12 @@ class TempDirTest(unittest.TestCase):
         self.dir = self._tmp.name
         self.addCleanup(self._tmp.cleanup)
 
+    def target(self, name="q.db"):
+        """What `blero.new` is given for the queue called `name` of this test."""
+        return os.path.join(self.dir, name)
+
     def queue(self, name="q.db", start=True, **settings):
-        bl = blero.new(os.path.join(self.dir, name), **settings)
+        bl = blero.new(self.target(name), **settings)
         if start:
             bl.start()
         self.addCleanup(bl.stop, 5)
