@@ -730,7 +730,8 @@ _NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READ
 # way when its queue stopped (and dropped its owner) then claims nothing.
 _CLAIM_RETURNING = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
                     " started_at = ? WHERE id = ({next}) AND state = {state}"
-                    " AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?) RETURNING " + _JOB_COLUMNS)
+                    " AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?{share})"
+                    " RETURNING " + _JOB_COLUMNS)
 _CLAIM = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
           " started_at = ? WHERE id = ? AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?)")
 _JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM blero_jobs WHERE id = ?"
@@ -1095,6 +1096,7 @@ class _SQLiteStorage(_Storage):
         self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
+    _owner_share = ""   # what the claim's look at its owner adds (see _PostgresStorage)
     _no_limit = -1      # LIMIT's "none"
 
     # -- opening and closing ------------------------------------------------
@@ -1744,7 +1746,8 @@ class _SQLiteStorage(_Storage):
             cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
             state = _SUSPECT if suspect else _READY
             select = _NEXT_READY.format(state=state, names=cond)
-            claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state)
+            claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state,
+                                            share=self._owner_share)
             sql = self._claim_sql[n, suspect] = (select, claim)
         return sql
 
@@ -1761,14 +1764,16 @@ class _SQLiteStorage(_Storage):
 
     @staticmethod
     def _release(db, owner, outcome, drop_owner, started, unclaimed):
+        # The owner goes first: from then on no claim of its can be made
+        # (on a server, claims under way commit first: see _owner_share).
+        if drop_owner:
+            db.execute(_DROP_OWNER, (owner,))
         done, undone = [], 0
         for row in map(_Claim._make, db.execute(_RUNNING_OF, (owner,)).fetchall()):
             if started is not None and (row.id, row.attempt) not in started:
                 undone += db.execute(_UNCLAIM, (unclaimed, row.id, owner, row.attempt)).rowcount
             elif db.execute(_FINISH, outcome(row)).rowcount == 1:
                 done.append(row)
-        if drop_owner:
-            db.execute(_DROP_OWNER, (owner,))
         return done, undone
 
     def running_ids(self, owner: int) -> set[int]:
@@ -2146,6 +2151,9 @@ class _PostgresStorage(_Storage):
     read_only = None
     _returning = True
     _skip_locked = " FOR UPDATE SKIP LOCKED"
+    # A claim holds its owner's row until it commits, so that a release
+    # dropping the owner waits for the claims under way, and then sees them.
+    _owner_share = " FOR KEY SHARE"
     _no_limit = None
 
     def __init__(self, url: str, schema: str = "blero", lease: float = 10.0):

@@ -96,14 +96,41 @@ def read_lines(path):
         return []
 
 
+# The PostgreSQL twins of the engine-independent tests run where a server
+# and psycopg are there: BLERO_TEST_POSTGRES names a scratch database.
+POSTGRES = os.environ.get("BLERO_TEST_POSTGRES")
+try:
+    import psycopg
+except ImportError:
+    psycopg = None
+POSTGRES_MISSING = (None if POSTGRES and psycopg is not None else
+                    "PostgreSQL tests: set BLERO_TEST_POSTGRES=postgresql://postgres@127.0.0.1/"
+                    'blero_test (a scratch database) and pip install "psycopg[binary]"')
+
+
 def both_engines(cls):
     """Marks a test class whose tests are the engines' common contract: they
-    reach their queues through `target()`/`queue()` only, never a file."""
+    reach their queues through `target()`/`queue()` only, never a file.
+    Defines its twin `<Name>OnPostgres`, the same tests on PostgreSQL (each
+    in a fresh schema), skipped where no server is given."""
+    twin = type(cls.__name__ + "OnPostgres", (OnPostgres, cls),
+                {"__module__": cls.__module__, "__qualname__": cls.__name__ + "OnPostgres"})
+    if POSTGRES_MISSING:
+        twin = unittest.skip(POSTGRES_MISSING)(twin)
+    globals()[twin.__name__] = twin
     return cls
+
+
+def file_only(test):
+    """A test of a decorated class that is about the file: not in its twin."""
+    test.file_only = True
+    return test
 
 
 class TempDirTest(unittest.TestCase):
     """A fresh directory per test, and queues that are always stopped."""
+
+    engine = "sqlite"
 
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory(prefix="blero-test-")
@@ -114,12 +141,63 @@ class TempDirTest(unittest.TestCase):
         """What `blero.new` is given for the queue called `name` of this test."""
         return os.path.join(self.dir, name)
 
+    def settings(self, name="q.db"):
+        """The settings that the queue called `name` needs besides the target."""
+        return {}
+
     def queue(self, name="q.db", start=True, **settings):
-        bl = blero.new(self.target(name), **settings)
+        bl = blero.new(self.target(name), **{**self.settings(name), **settings})
         if start:
             bl.start()
         self.addCleanup(bl.stop, 5)
         return bl
+
+
+# A child's way to open the test's queue (a file, or the test's schema on
+# PostgreSQL: OnPostgres exports it).
+NEW_QUEUE = """
+import os as _os, blero as _blero
+def new_queue(target, **settings):
+    \"\"\"blero.new, in the schema of the test's queue when on PostgreSQL.\"\"\"
+    if target.startswith("postgres") and _os.environ.get("BLERO_TEST_SCHEMA"):
+        settings.setdefault("schema", _os.environ["BLERO_TEST_SCHEMA"])
+    return _blero.new(target, **settings)
+"""
+
+
+def pg_connect(**kwargs):
+    """A connection to the test database (BLERO_TEST_POSTGRES)."""
+    return psycopg.connect(POSTGRES, autocommit=True, **kwargs)
+
+
+class OnPostgres:
+    """Mixed into a test class: its queues are schemas of the PostgreSQL test
+    database, made fresh for each test and dropped after it.  Children
+    started meanwhile find the schema of "q.db" in BLERO_TEST_SCHEMA."""
+
+    engine = "postgres"
+
+    def setUp(self):
+        if getattr(getattr(self, self._testMethodName), "file_only", False):
+            self.skipTest("about the file: SQLite only")
+        super().setUp()
+        self.schema = "test_" + os.urandom(5).hex()
+        os.environ["BLERO_TEST_SCHEMA"] = self.schema
+        self.addCleanup(self._drop_schemas)
+        self.addCleanup(os.environ.pop, "BLERO_TEST_SCHEMA", None)
+
+    def target(self, name="q.db"):
+        return POSTGRES
+
+    def settings(self, name="q.db"):
+        slug = re.sub(r"[^a-z0-9]", "_", name.lower())
+        return {"schema": self.schema if name == "q.db" else f"{self.schema}_{slug}"[:63]}
+
+    def _drop_schemas(self):
+        with pg_connect() as conn:
+            for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
+                                        (self.schema + "%",)).fetchall():
+                conn.execute(f'DROP SCHEMA "{name}" CASCADE')
 
     def claimed_in_a_callback(self, processor):
         """A queue whose one worker (running `processor`) recorded job a and,
@@ -248,6 +326,7 @@ class OpeningTest(TempDirTest):
             other.enqueue("y")
 
 
+@both_engines
 class EnqueueTest(TempDirTest):
     """What enqueue stores, refuses, and returns."""
 
@@ -325,6 +404,7 @@ class EnqueueTest(TempDirTest):
         self.assertEqual(bl.sweep(), 1)
         self.assertEqual(bl.enqueue("x"), 7)
 
+    @file_only
     def test_concurrent_enqueues_share_commits(self):
         bl = self.queue()
         storage = bl._storage
@@ -355,6 +435,7 @@ class EnqueueTest(TempDirTest):
         self.assertEqual(db.execute("SELECT count(*) FROM blero_jobs").fetchone()[0], 1600)
         db.close()
 
+    @file_only
     def test_next_job_is_one_index_seek(self):
         bl = self.queue()
         bl.enqueue_many([("a", i) for i in range(50)] + [("b", i) for i in range(50)])
@@ -369,6 +450,7 @@ class EnqueueTest(TempDirTest):
                 self.assertNotIn("TEMP B-TREE", plan, "the claim sorts instead of seeking")
 
 
+@both_engines
 class ProcessingTest(TempDirTest):
     """Jobs run in order, on time, with retries, timeouts and routing."""
 
@@ -591,6 +673,7 @@ class ProcessingTest(TempDirTest):
             bl.enqueue("x", {1, 2})
         self.assertEqual(bl.get_job(job_id).data, {"n": [1, 2, 3]})
 
+    @file_only
     def test_returning_fallback_for_older_sqlite(self):
         bl = self.queue()
         bl._storage._returning = False
@@ -620,6 +703,7 @@ def _refuse_rebuild(n):
     raise ImportError("the class GoneLater was removed")
 
 
+@both_engines
 class OperatingTest(TempDirTest):
     """cancel, retry_failed, sweep, wait, join, stats, jobs, and stop's hand-back."""
 
@@ -1341,9 +1425,9 @@ def run_clis(*commands, timeout=60):
 
 # A child that runs one job per processor, each for ever, until it is killed:
 # argv is the queue file and the `retries` of each job, comma-separated.
-_RUN_UNTIL_KILLED = """
+_RUN_UNTIL_KILLED = NEW_QUEUE + textwrap.dedent("""
     import os, sys, threading, blero
-    bl = blero.new(sys.argv[1])
+    bl = new_queue(sys.argv[1])
     retries = [int(r) for r in sys.argv[2].split(",")]
     def run(job):
         os.write(1, f"running {job.id}\\n".encode())     # one write: lines never mix
@@ -1354,7 +1438,7 @@ _RUN_UNTIL_KILLED = """
     for r in retries:
         bl.enqueue("doomed", f"data {r}", retries=r)
     threading.Event().wait()
-"""
+""")
 
 
 def kill_with_running_jobs(test, path, retries):
@@ -1382,6 +1466,7 @@ class Run(NamedTuple):
     others_pending: list    # ids of other pending jobs of the same name, seen during this run
 
 
+@both_engines
 class EveryTest(TempDirTest):
     """every() and unschedule(): stored in the file, restart-safe, one run at a
     time, missed runs collapse into one and the cadence restarts from it."""
@@ -1461,14 +1546,13 @@ class EveryTest(TempDirTest):
         self.assert_one_run_at_a_time(slow + beats)
 
     def test_schedules_are_stored_and_run_after_a_restart(self):
-        path = os.path.join(self.dir, "q.db")
-        child = run_child("""
+        child = run_child(NEW_QUEUE + textwrap.dedent("""
             import sys, blero
-            bl = blero.new(sys.argv[1])
+            bl = new_queue(sys.argv[1])
             bl.start()
             print(bl.every(0.1, "tick", {"from": "child"}, key="ticker", priority=3))
             bl.stop()
-        """, path)
+        """), self.target())
         self.assertEqual((child.returncode, child.stderr), (0, ""))
         self.assertEqual(child.stdout.strip(), "ticker")
         bl = self.queue()           # a new process's view: every() is never called here
@@ -1645,6 +1729,7 @@ class EveryTest(TempDirTest):
 # Callbacks
 # ---------------------------------------------------------------------------
 
+@both_engines
 class CallbacksTest(TempDirTest):
     """on_complete(job, result) and on_failed(job, exc): once per job, at its end."""
 
@@ -1735,7 +1820,7 @@ class CallbacksTest(TempDirTest):
 
     @unittest.skipUnless(POSIX, "kill -9 needs POSIX")
     def test_on_failed_when_crash_recovery_fails_a_job(self):
-        path = os.path.join(self.dir, "q.db")
+        path = self.target()
         out_of_tries, retried = kill_with_running_jobs(self, path, [0, 1])
         failed, completed = [], []
         bl = self.queue(on_failed=lambda job, exc: failed.append((job.id, job.data, exc)),
@@ -1822,7 +1907,7 @@ class LoggingTest(TempDirTest):
 
     @unittest.skipUnless(POSIX, "kill -9 needs POSIX")
     def test_recovery_counts_at_info(self):
-        path = os.path.join(self.dir, "q.db")
+        path = self.target()
         kill_with_running_jobs(self, path, [0, 1, 1])
         bl = self.queue(start=False)
         with self.assertLogs("blero", logging.INFO) as logs:
@@ -1950,6 +2035,7 @@ class LoggingTest(TempDirTest):
 # Metrics
 # ---------------------------------------------------------------------------
 
+@both_engines
 class MetricsTest(TempDirTest):
     """metrics_text() in the Prometheus text format, and serve_metrics()."""
 
@@ -2000,7 +2086,7 @@ class MetricsTest(TempDirTest):
             {"pending": 1, "inprogress": 0, "complete": 4, "failed": 1, "cancelled": 2},
             {"complete": 4, "failed": 1, "retried": 2, "cancelled": 2}), message="the metrics")
         # Counters are this Blero's; gauges are the file's.
-        other = blero.new(bl.path)
+        other = blero.new(bl.path, **self.settings())
         samples, _ = parse_prometheus(self, other.metrics_text())
         self.assertEqual(metric_by_label(samples, "blero_jobs", "state")["complete"], 4)
         self.assertEqual(set(metric_by_label(samples, "blero_jobs_finished_total",
@@ -2501,7 +2587,7 @@ import os, sys, time, json, signal, threading
 import blero
 
 PID = os.getpid()
-
+''' + NEW_QUEUE + r'''
 def open_log(path):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     def log(*fields):
@@ -2556,7 +2642,7 @@ class ProcessTest(TempDirTest):
 
     def setUp(self):
         super().setUp()
-        self.path = os.path.join(self.dir, "q.db")
+        self.path = self.target()
         self.log = os.path.join(self.dir, "log")
         self._children = 0
 
@@ -2614,10 +2700,8 @@ class ProcessTest(TempDirTest):
         return self.lines(*first)
 
     def create(self, **settings):
-        """Make the queue file, so that children only open it."""
-        bl = blero.new(self.path, **settings)
-        bl.start()
-        bl.stop()
+        """Make the queue, so that children only open it."""
+        self.queue(**settings).stop()
 
     def stop_after_failure(self, bl, threads_before):
         """Stop a queue whose storage failed: at once, raising BleroError or
@@ -3862,6 +3946,7 @@ class BadValuesTest(TempDirTest):
         self.assertIn(b"limit", body)
 
 
+@both_engines
 class EnqueuedMetricTest(TempDirTest):
     """A user graphing blero_jobs_enqueued_total sees the jobs stored, not
     the enqueue calls a key answered with an existing job."""
@@ -3886,6 +3971,7 @@ class EnqueuedMetricTest(TempDirTest):
         self.assertEqual(self.enqueued(bl), 4)
 
 
+@both_engines
 class UnstorableResultTest(TempDirTest):
     """A processor that did its work but returned what cannot be stored: its
     job ends failed at once, naming the cause, instead of running again."""
@@ -3905,6 +3991,7 @@ class UnstorableResultTest(TempDirTest):
         wait_until(lambda: ended, message="on_failed")
         self.assertIsInstance(ended[0], TypeError)
 
+    @file_only
     def test_a_serializer_giving_what_sqlite_cannot_store(self):
         # Its dumps() returns a dict: enqueue refuses such data, and a result
         # ends its job instead of failing every commit of the worker for ever.
