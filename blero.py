@@ -2365,10 +2365,15 @@ class _PostgresStorage(_Storage):
             db.wakes = True
             return ids, [True] * len(ids)
         for row in rows:
-            new = db.execute(_INSERT if row.key is None else _PG_INSERT_KEYED, row).lastrowid
+            # A key stored already is found first: an insert that conflicts
+            # would use up an id (ids stay dense, as on SQLite).
+            found = [] if row.key is None else db.execute(_FIND_KEY, (row.key,)).fetchall()
+            new = None if found else db.execute(
+                _INSERT if row.key is None else _PG_INSERT_KEYED, row).lastrowid
+            if new is None and not found:   # inserted meanwhile by another transaction
+                found = db.execute(_FIND_KEY, (row.key,)).fetchall()
             stored.append(new is not None)
-            ids.append(new if new is not None
-                       else db.execute(_FIND_KEY, (row.key,)).fetchall()[0][0])
+            ids.append(new if new is not None else found[0][0])
         return ids, stored
 
     def same_database(self, connection) -> None:

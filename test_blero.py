@@ -1045,7 +1045,7 @@ class OperatingTest(TempDirTest):
         self.assertEqual(bl.get_job(job_id).result, "whole")
 
 
-CRASH_CHILD = """
+CRASH_CHILD = NEW_QUEUE + """
 import os, sys, time, blero
 path, log, n, procs, sleep = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -1056,7 +1056,7 @@ def process(job):
     time.sleep(sleep)
     note("end", job.id, job.attempt)
     return job.data
-bl = blero.new(path).start()
+bl = new_queue(path).start()
 for _ in range(procs):
     bl.register_processor(process)
 for i in range(n):
@@ -1069,6 +1069,7 @@ bl.stop()
 
 
 @unittest.skipUnless(POSIX, "SIGKILL")
+@both_engines
 class CrashTest(TempDirTest):
     """kill -9 at any moment, run again: nothing lost, finished jobs never rerun."""
 
@@ -1084,7 +1085,7 @@ class CrashTest(TempDirTest):
         return read_lines(log)
 
     def test_kill_9_mid_run_then_carry_on(self):
-        path, log = os.path.join(self.dir, "q.db"), os.path.join(self.dir, "log")
+        path, log = self.target(), os.path.join(self.dir, "log")
         lines = self.run_until_killed(
             path, log, 200, 5, 0.002,
             lambda ls: sum(1 for l in ls if l[0] == "end") >= 30)
@@ -1092,7 +1093,7 @@ class CrashTest(TempDirTest):
         ended = {int(l[1]) for l in lines if l[0] == "end"}
         started = {int(l[1]) for l in lines if l[0] == "start"}
         self.assertGreaterEqual(len(ended), 30)
-        bl = blero.new(path)
+        bl = self.queue(start=False)
         # Every enqueue that returned survived the kill.
         self.assertEqual({j.id for j in bl.jobs(limit=None)} >= set(enqueued), True)
         complete = {j.id for j in bl.jobs("complete", limit=None)}
@@ -2752,7 +2753,7 @@ class ProcessTest(TempDirTest):
 MP_SHARE_CHILD = """
 db, log_path, share, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 log = open_log(log_path)
-bl = blero.new(db)
+bl = new_queue(db)
 run = logged(log)
 bl.register_processor(run)
 bl.register_processor(run)
@@ -2771,7 +2772,7 @@ log("exit", PID)
 MP_HOLD_CHILD = """
 db, log_path, lease, total = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 log = open_log(log_path)
-bl = blero.new(db, lease=lease)
+bl = new_queue(db, lease=lease)
 run = logged(log, hold=lambda job: job.data == "hold" and job.attempt == 1)
 bl.register_processor(run)
 bl.register_processor(run)
@@ -2792,7 +2793,7 @@ def run(job):
     log("S", job.id, PID, job.attempt, time.monotonic_ns())
     time.sleep(job.data)      # the job's work
     log("E", job.id, PID, job.attempt, time.monotonic_ns())
-bl = blero.new(db, lease=lease)
+bl = new_queue(db, lease=lease)
 bl.register_processor(run)
 bl.register_processor(run)
 bl.start()
@@ -2802,6 +2803,7 @@ bl.stop()
 """
 
 
+@both_engines
 class MultiProcessTest(ProcessTest):
 
     def test_three_processes_run_3000_jobs_each_exactly_once(self):
@@ -2971,7 +2973,7 @@ class MultiProcessTest(ProcessTest):
         body = """
         db, log_path, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.register_processor(logged(log), names="to-child")
         bl.start()
         log("ready", PID)
@@ -3017,6 +3019,7 @@ class MultiProcessTest(ProcessTest):
         self.assertLess(max(latencies), 0.6, note)
         self.assertLess(statistics.median(latencies), 0.2, note)
 
+    @file_only
     def test_contention_never_shows_database_is_locked(self):
         # Three processes enqueue, inspect and process as hard as they can (one
         # with sync="full"), and a fourth starts in the middle of it: no call
@@ -3038,7 +3041,7 @@ class MultiProcessTest(ProcessTest):
             except Exception as exc:
                 problems.append("%s: %s" % (type(exc).__name__, exc))
 
-        bl = blero.new(db, sync=sync)
+        bl = new_queue(db, sync=sync)
         def run(job):
             log("S", job.id, PID, job.attempt, time.monotonic_ns())
             call(bl.get_job, job.id)
@@ -3083,6 +3086,7 @@ class MultiProcessTest(ProcessTest):
         bl.start()
         self.assertEqual(bl.stats()["complete"], total)
 
+    @file_only
     def test_start_waits_for_another_process_holding_the_write_lock(self):
         # A write transaction of another process that lasts a while (as a
         # big enqueue_many does) makes start() wait, as enqueue() waits; it
@@ -3102,7 +3106,7 @@ class MultiProcessTest(ProcessTest):
         starter = self.spawn("""
         db, log_path, go = sys.argv[1], sys.argv[2], sys.argv[3]
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.register_processor(logged(log))
         log("waiting", PID)
         wait_for(lambda: os.path.exists(go))
@@ -3128,13 +3132,14 @@ class MultiProcessTest(ProcessTest):
         self.finish(starter)
         self.assertEqual(len(self.lines("E")), 1)
 
+    @file_only
     def test_processes_starting_together_on_a_new_file(self):
         # Three processes open a file that does not exist yet at the same
         # moment: all of them start, and share the queue.
         body = """
         db, log_path, go = sys.argv[1], sys.argv[2], sys.argv[3]
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.register_processor(logged(log))
         log("waiting", PID)
         while not os.path.exists(go):
@@ -3170,6 +3175,7 @@ class MultiProcessTest(ProcessTest):
                 self.assertEqual(sorted(int(f[1]) for f in read_lines(log) if f[0] == "E"),
                                  [1, 2, 3])
 
+    @file_only
     def test_two_queues_on_one_file_in_one_process_keep_their_jobs(self):
         # The same file under two spellings in one process: stopping one
         # queue must not make the other look dead to other processes (POSIX
@@ -3179,7 +3185,7 @@ class MultiProcessTest(ProcessTest):
         log = open_log(log_path)
         other = blero.new(os.path.join(os.path.dirname(db), ".", os.path.basename(db)))
         other.start()
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.register_processor(logged(log, hold=lambda job: wait_for(
             lambda: os.path.exists(release))))
         bl.start()
@@ -3223,7 +3229,7 @@ def run(job):
         pass
     log("E", job.id, life, job.attempt, time.monotonic_ns())
 
-bl = blero.new(db, retries=1000, lease=60.0)
+bl = new_queue(db, retries=1000, lease=60.0)
 bl.register_processor(run)
 bl.register_processor(run)
 log("begin", life)
@@ -3356,7 +3362,7 @@ class HardeningTest(ProcessTest):
         import resource
         db, limit = sys.argv[1], int(sys.argv[2])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.start()
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         ids, error, after = [], None, []
@@ -3484,7 +3490,7 @@ class HardeningTest(ProcessTest):
         body = """
         db, log_path = sys.argv[1], sys.argv[2]
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.start()
         for i in range(60):
             log("Q", bl.enqueue("w", {"i": i}))
@@ -3601,7 +3607,7 @@ class HardeningTest(ProcessTest):
         body = """
         os.umask(0)
         db = sys.argv[1]
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.start()
         bl.enqueue("x", 1)
         modes = {suffix: os.stat(db + suffix).st_mode & 0o777
@@ -3636,7 +3642,7 @@ class SerializerAcrossProcessesTest(ProcessTest):
         body = """
         db, log_path, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
         log = open_log(log_path)
-        bl = blero.new(db, serializer=json)
+        bl = new_queue(db, serializer=json)
         def run(job):
             log("S", job.id, PID, job.attempt, time.monotonic_ns())
             log("E", job.id, PID, job.attempt, time.monotonic_ns())
@@ -3697,7 +3703,7 @@ class SerializerAcrossProcessesTest(ProcessTest):
         body = """
         db, log_path = sys.argv[1], sys.argv[2]
         log = open_log(log_path)
-        bl = blero.new(db, serializer=json)
+        bl = new_queue(db, serializer=json)
         bl.register_processor(logged(log))
         bl.start()
         bl.join(30)
@@ -4710,7 +4716,7 @@ def run(job):
     time.sleep(work)
     log("E", job.id, life, job.attempt, time.monotonic_ns())
 
-bl = blero.new(db, retries=2)
+bl = new_queue(db, retries=2)
 for _ in range(processors):
     bl.register_processor(run)
 bl.start()
@@ -4853,7 +4859,7 @@ class PoisonJobTest(ProcessTest):
 SECOND_HANDLE_CHILD = """
 db, log_path, go = sys.argv[1], sys.argv[2], sys.argv[3]
 log = open_log(log_path)
-bl = blero.new(db)
+bl = new_queue(db)
 bl.start()
 log("Q", *bl.enqueue_many([("before", i) for i in range(3)]))
 blero.new(db).stats()              # a status page, say
@@ -5253,7 +5259,7 @@ class UpgradeTest(ProcessTest):
         body = """
         db, log_path = sys.argv[1], sys.argv[2]
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.start()
         log("Q", *bl.enqueue_many([("new", PID)] * 20))
         bl.stop()
