@@ -4985,6 +4985,8 @@ _SERIALIZERS = {"pickle": pickle, "json": json}
 def _cli_queue(args, **settings) -> Blero:
     """The queue a command names, read with the serializer it names (with
     json, nothing in the file is ever unpickled)."""
+    if args.schema is not None:
+        settings["schema"] = args.schema
     return Blero(args.db, serializer=_SERIALIZERS[args.serializer], **settings)
 
 
@@ -5217,6 +5219,8 @@ def _serve(args) -> int:
 def _vacuum(path: str) -> str:
     """`vacuum`: check the file, bring one of an older blero up to date
     (which compacts it) and give its free pages back; say the sizes."""
+    if _is_server(path):
+        return f"{_masked(path)}: nothing to do: the server's autovacuum gives space back"
     storage = _SQLiteStorage(path)
     real = storage.real
     before = os.path.getsize(real) if os.path.isfile(real) else 0
@@ -5245,10 +5249,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--serializer", choices=_SERIALIZERS, default="pickle",
                        help="how the queue's data is written (default pickle); json never "
                             "unpickles anything: the safe way to look at a file you do not trust")
+        p.add_argument("--schema", default=None,
+                       help="with a postgresql:// --db, the schema of the queue's tables "
+                            "(default blero)")
 
     def queue_command(name, help):
         p = commands.add_parser(name, help=help)
-        p.add_argument("--db", required=True, help="the queue file (or its directory)")
+        p.add_argument("--db", required=True, help="the queue file (or its directory), "
+                       "or a postgresql:// URL")
         serializer_option(p)
         return p
 

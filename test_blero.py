@@ -170,6 +170,12 @@ def pg_connect(**kwargs):
     return psycopg.connect(POSTGRES, autocommit=True, **kwargs)
 
 
+def pg_run(sql):
+    """Run one statement on the test database."""
+    with pg_connect() as conn:
+        conn.execute(sql)
+
+
 class OnPostgres:
     """Mixed into a test class: its queues are schemas of the PostgreSQL test
     database, made fresh for each test and dropped after it.  Children
@@ -6167,6 +6173,198 @@ class DashboardInChromiumTest(TempDirTest):
         browser.evaluate("document.getElementById('older').click()")
         browser.wait_for(f"{rows}[0] === {ids[::-1][25]}", "the second page")
         self.assertEqual(browser.evaluate(rows), ids[::-1][25:50])
+
+
+# ---------------------------------------------------------------------------
+# Transactional enqueue (connection=), and what only PostgreSQL does
+# ---------------------------------------------------------------------------
+
+class TransactionalEnqueueOnAFileTest(TempDirTest):
+    """enqueue(..., connection=) with the application's own sqlite3
+    connection on the queue file: the job exists iff the caller commits."""
+
+    def test_a_committed_job_runs_and_a_rolled_back_one_never_does(self):
+        bl = self.queue()
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.data))
+        app = sqlite3.connect(bl.path)
+        self.addCleanup(app.close)
+        app.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, what TEXT)")
+        app.commit()
+        app.execute("INSERT INTO orders (what) VALUES ('lost')")
+        lost = bl.enqueue("mail", "lost", connection=app)
+        app.rollback()
+        self.assertIsNone(bl.get_job(lost))
+        app.execute("INSERT INTO orders (what) VALUES ('kept')")
+        kept = bl.enqueue_many([("mail", "kept"), ("mail", "also")], connection=app)
+        self.assertEqual(bl.stats()["pending"], 0, "seen before the caller committed")
+        app.commit()
+        self.assertEqual([bl.wait(i, 10) for i in kept], [None, None])
+        self.assertEqual(sorted(ran), ["also", "kept"])
+        self.assertEqual(app.execute("SELECT what FROM orders").fetchall(), [("kept",)])
+
+    def test_a_connection_to_another_file_is_refused(self):
+        bl = self.queue()
+        other = sqlite3.connect(os.path.join(self.dir, "other.db"))
+        self.addCleanup(other.close)
+        with self.assertRaisesRegex(ValueError, "not on the queue file"):
+            bl.enqueue("x", connection=other)
+        with self.assertRaisesRegex(ValueError, "sqlite3 connection"):
+            bl.enqueue("x", connection=object())
+        self.assertEqual(bl.stats()["pending"], 0)
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING or "")
+class PostgresTest(OnPostgres, ProcessTest):
+    """What only the PostgreSQL engine does: liveness by advisory locks,
+    sessions that end, NOTIFY, the caller's transaction, its errors."""
+
+    def test_a_killed_process_jobs_are_taken_back_within_a_second_not_a_lease(self):
+        lease = 30.0        # a lease would take 30 s: the server says at once
+        bl = self.queue(lease=lease)
+        held = bl.enqueue("hold", "hold")
+        bl.stop()
+        victim = self.spawn(MP_HOLD_CHILD, self.path, self.log, lease, 10 ** 9)
+        self.wait_lines("S", children=[victim])
+        bl = self.queue(lease=lease)
+        started = threading.Event()
+        bl.register_processor(lambda job: started.set())
+        killed = time.monotonic()
+        self.kill(victim)
+        self.assertTrue(started.wait(10))
+        self.assertLess(time.monotonic() - killed, lease / 3)
+        bl.wait(held, 10)
+        info = bl.get_job(held)
+        self.assertEqual((info.state, info.attempt), ("complete", 2))
+
+    def test_a_terminated_session_hands_its_jobs_over_and_its_owner_carries_on(self):
+        bl = self.queue(lease=30.0)
+        mine = f"blero[{os.getpid()}]"
+        # The other owner's sessions carry another application_name.
+        other = blero.new(POSTGRES + "?application_name=other", lease=30.0, **self.settings())
+        other.start()
+        self.addCleanup(other.stop, 5)
+        running, late = threading.Event(), []
+
+        def stubborn(job):
+            running.set()
+            job.cancelled.wait(30)
+            late.append(job.cancelled.is_set())
+            return "late"
+
+        stubborn_id = bl.register_processor(stubborn, names="held")
+        job_id = bl.enqueue("held")
+        self.assertTrue(running.wait(10))
+        bl.unregister_processor(stubborn_id)     # it ends after this try: others take the job
+        with pg_connect() as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                  " WHERE application_name = %s", (mine,)).fetchall()[0][0]
+        self.assertGreater(ended, 0)
+        wait_until(lambda: late, message="the running try cancelled")
+        self.assertEqual(late, [True])
+        other.register_processor(lambda job: "taken over", names="held")
+        self.assertEqual(other.wait(job_id, 20), "taken over")   # the late result is ignored
+        # It reconnected as a new owner, and carries on.
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.id), names="after")
+        after = wait_until(lambda: _enqueued(bl, "after"), message="an enqueue after reconnecting")
+        self.assertEqual(bl.wait(after, 20), None)
+        self.assertEqual(ran, [after])
+        self.assertEqual(bl.get_job(job_id).result, "taken over")
+
+    def test_an_idle_process_is_woken_by_notify(self):
+        idle = self.queue()
+        started = []
+        idle.register_processor(lambda job: started.append(time.monotonic()))
+        idle.enqueue("warm")
+        wait_until(lambda: started, message="the first job")
+        producer = self.queue()     # another owner, another listener
+        enqueued = time.monotonic()
+        producer.enqueue("x")
+        wait_until(lambda: len(started) == 2, message="the job woken by NOTIFY")
+        self.assertLess(started[1] - enqueued, 5.0)   # (the figure is in bench_blero.py)
+
+    def test_a_job_enqueued_in_a_rolled_back_transaction_never_runs(self):
+        bl = self.queue()
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.data))
+        with pg_connect() as app:
+            app.execute("CREATE TABLE public.orders_%s (what TEXT)" % self.schema)
+            self.addCleanup(pg_run, f"DROP TABLE public.orders_{self.schema}")
+            app.autocommit = False
+            app.execute(f"INSERT INTO public.orders_{self.schema} VALUES ('lost')")
+            lost = bl.enqueue("mail", "lost", connection=app)
+            app.rollback()
+            app.execute(f"INSERT INTO public.orders_{self.schema} VALUES ('kept')")
+            kept = bl.enqueue_many([("mail", "kept"), ("mail", "also")], connection=app)
+            self.assertEqual(bl.stats()["pending"], 0, "seen before the caller committed")
+            app.commit()
+        self.assertEqual([bl.wait(i, 10) for i in kept], [None, None])
+        self.assertIsNone(bl.get_job(lost))
+        self.assertEqual(sorted(ran), ["also", "kept"])
+
+    def test_a_connection_to_another_database_is_refused(self):
+        bl = self.queue()
+        with psycopg.connect(POSTGRES, dbname="postgres") as elsewhere:
+            with self.assertRaisesRegex(ValueError, "'postgres'"):
+                bl.enqueue("x", connection=elsewhere)
+        with self.assertRaisesRegex(ValueError, "psycopg connection"):
+            bl.enqueue("x", connection=sqlite3.connect(":memory:"))
+        self.assertEqual(bl.stats()["pending"], 0)
+
+    def test_a_schema_holding_other_tables_is_refused_and_nothing_created(self):
+        schema = self.settings()["schema"]
+        with pg_connect() as admin:
+            admin.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE "{schema}".orders (id int)')
+        bl = self.queue(start=False)
+        with self.assertRaisesRegex(blero.BleroError, "not blero's.*orders"):
+            bl.start()
+        with pg_connect() as admin:
+            tables = admin.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s",
+                                   (schema,)).fetchall()
+        self.assertEqual(tables, [("orders",)])
+
+    def test_unreachable_servers_and_missing_databases_name_the_cause(self):
+        for url, cause in (("postgresql://postgres@127.0.0.1:1/x", "Connection refused"),
+                           (POSTGRES.rsplit("/", 1)[0] + "/no_such_database_here",
+                            "no_such_database_here")):
+            bl = blero.new(url, **self.settings())
+            started = time.monotonic()
+            with self.assertRaisesRegex(blero.BleroError, cause):
+                bl.start()
+            self.assertLess(time.monotonic() - started, 30)
+        with self.assertRaises(blero.BleroError) as caught:
+            blero.new("postgresql://u:secret@127.0.0.1:1/x").start()
+        self.assertNotIn("secret", str(caught.exception))
+        self.assertIn("u:***@127.0.0.1:1", str(caught.exception))
+
+    def test_without_psycopg_start_names_the_package_to_install(self):
+        out = run_child("""
+            import sys, blero
+            sys.modules["psycopg"] = None       # as if not installed
+            try:
+                blero.new(sys.argv[1]).start()
+            except blero.BleroError as exc:
+                print(exc)
+        """, POSTGRES)
+        self.assertIn('pip install "psycopg[binary]"', out.stdout, out.stderr)
+
+    def test_settings_of_one_engine_are_refused_on_the_other(self):
+        with self.assertRaisesRegex(ValueError, "schema"):
+            blero.new(os.path.join(self.dir, "q.db"), schema="blero")
+        for bad in ("1abc", "a-b", "x" * 64, ""):
+            with self.assertRaisesRegex(ValueError, "schema"):
+                blero.new(POSTGRES, schema=bad)
+        with self.assertRaises(TypeError):
+            blero.new(POSTGRES, schema=3)
+
+
+def _enqueued(bl, name):
+    """An enqueue that may meet a connection being replaced: its id, or None."""
+    try:
+        return bl.enqueue(name)
+    except blero.BleroError:
+        return None
 
 
 if __name__ == "__main__":
