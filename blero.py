@@ -730,8 +730,7 @@ _NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READ
 # way when its queue stopped (and dropped its owner) then claims nothing.
 _CLAIM_RETURNING = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
                     " started_at = ? WHERE id = ({next}) AND state = {state}"
-                    " AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?{share})"
-                    " RETURNING " + _JOB_COLUMNS)
+                    " AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?) RETURNING " + _JOB_COLUMNS)
 _CLAIM = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
           " started_at = ? WHERE id = ? AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?)")
 _JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM blero_jobs WHERE id = ?"
@@ -1096,7 +1095,6 @@ class _SQLiteStorage(_Storage):
         self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
-    _owner_share = ""   # what the claim's look at its owner adds (see _PostgresStorage)
     _no_limit = -1      # LIMIT's "none"
 
     # -- opening and closing ------------------------------------------------
@@ -1746,8 +1744,7 @@ class _SQLiteStorage(_Storage):
             cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
             state = _SUSPECT if suspect else _READY
             select = _NEXT_READY.format(state=state, names=cond)
-            claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state,
-                                            share=self._owner_share)
+            claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state)
             sql = self._claim_sql[n, suspect] = (select, claim)
         return sql
 
@@ -1764,16 +1761,14 @@ class _SQLiteStorage(_Storage):
 
     @staticmethod
     def _release(db, owner, outcome, drop_owner, started, unclaimed):
-        # The owner goes first: from then on no claim of its can be made
-        # (on a server, claims under way commit first: see _owner_share).
-        if drop_owner:
-            db.execute(_DROP_OWNER, (owner,))
         done, undone = [], 0
         for row in map(_Claim._make, db.execute(_RUNNING_OF, (owner,)).fetchall()):
             if started is not None and (row.id, row.attempt) not in started:
                 undone += db.execute(_UNCLAIM, (unclaimed, row.id, owner, row.attempt)).rowcount
             elif db.execute(_FINISH, outcome(row)).rowcount == 1:
                 done.append(row)
+        if drop_owner:
+            db.execute(_DROP_OWNER, (owner,))
         return done, undone
 
     def running_ids(self, owner: int) -> set[int]:
@@ -2145,15 +2140,14 @@ class _PostgresStorage(_Storage):
       started (`_listen`); other threads talk to it through `_wake_w` and
       flags (`_changed`, `_lost`), which are plain attributes set in one
       assignment.  `_owner_lock` guards holding and releasing owners.
+    - `_claims` guards `_claiming`; a release waits on it (see below),
+      holding no other lock and no connection.
     Nothing is ever waited for while `_mutex` is held.
     """
 
     read_only = None
     _returning = True
     _skip_locked = " FOR UPDATE SKIP LOCKED"
-    # A claim holds its owner's row until it commits, so that a release
-    # dropping the owner waits for the claims under way, and then sees them.
-    _owner_share = " FOR KEY SHARE"
     _no_limit = None
 
     def __init__(self, url: str, schema: str = "blero", lease: float = 10.0):
@@ -2179,6 +2173,8 @@ class _PostgresStorage(_Storage):
         self._retry_at = 0.0                # no reconnection before (monotonic)
         self._backoff = 0.0
         self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
+        self._claims = threading.Condition()    # guards _claiming
+        self._claiming: dict[int, int] = {}     # owner -> its finish_and_claim calls under way
 
     # -- connections ---------------------------------------------------------------
 
@@ -2395,6 +2391,38 @@ class _PostgresStorage(_Storage):
                              f"connection is to database {theirs[0]!r}, not the queue's "
                              f"{ours[0]!r} ({self.path})")
 
+    # -- claims, and a release that sees them all -----------------------------------
+    #
+    # Transactions here run side by side, unlike the file's: a release must
+    # not miss a claim still under way (it would stay running, its owner
+    # gone).  So a release that drops its owner commits that first (no claim
+    # begun after it can succeed), waits for this owner's claims under way
+    # (only this process makes them), and then hands back what it holds.
+
+    def finish_and_claim(self, finish: _Finish | None, owner: int,
+                         names: frozenset | None, claim: bool, suspect: bool = False
+                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+        with self._claims:
+            self._claiming[owner] = self._claiming.get(owner, 0) + 1
+        try:
+            return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
+        finally:
+            with self._claims:
+                self._claiming[owner] -= 1
+                if not self._claiming[owner]:
+                    del self._claiming[owner]
+                    self._claims.notify_all()
+
+    def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
+                started: set[tuple[int, int]] | None = None,
+                unclaimed: int = _READY) -> tuple[list[_Claim], int]:
+        if drop_owner:
+            self._write(lambda db: db.execute(_DROP_OWNER, (owner,)))
+            with self._claims:
+                while owner in self._claiming:
+                    self._claims.wait()
+        return self._write(self._release, owner, outcome, False, started, unclaimed)
+
     # -- owners: an advisory lock per owner, held by a session of its own ------------
 
     def hold_owner(self, owner: int) -> None:
@@ -2515,7 +2543,7 @@ class _PostgresStorage(_Storage):
 
 
 # The SQLite engine's methods that only run its statements, the same here.
-_PG_SHARED = ("finish_and_claim", "_finish_and_claim", "suspect_names", "release", "unclaim",
+_PG_SHARED = ("_finish_and_claim", "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "cancel", "_cancel", "retry_failed", "upsert_schedule",
               "drop_schedule", "run_schedules", "_run_schedules", "get", "outcome",
