@@ -569,6 +569,11 @@ class _Storage:
         (new work, a cancel, an ended job); cheap: the clock asks often."""
         raise NotImplementedError
 
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` (from any thread, quickly) as soon as the engine
+        hears of another process's commit, so that changed_elsewhere need
+        not wait for the next poll; engines that only poll ignore it."""
+
     def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
         """Cancel a pending or running job; return its (state, owner) before,
         or None if it had already ended or does not exist."""
@@ -2169,6 +2174,7 @@ class _PostgresStorage(_Storage):
         self._listening = False
         self._changed = False
         self._lost = None                   # the owner whose session ended unasked
+        self._callback = None               # on_change's
         self._next_poll = 0.0
         self._retry_at = 0.0                # no reconnection before (monotonic)
         self._backoff = 0.0
@@ -2474,11 +2480,16 @@ class _PostgresStorage(_Storage):
                         break
                     if note.extra.decode() != self._token:
                         self._changed = True
+                        callback = self._callback
+                        if callback is not None:
+                            callback()
                 if pg.status != 0:      # CONNECTION_OK
                     raise BleroError("the connection is lost")
         except Exception as exc:
             self._lost = owner
             self._changed = True
+            if self._callback is not None:
+                self._callback()
             log.warning("%s: lost the owner's session (%s): running jobs are cancelled; "
                         "reconnecting", self.path, str(exc).strip() or type(exc).__name__)
         finally:
@@ -2509,6 +2520,9 @@ class _PostgresStorage(_Storage):
 
     def owner_lost(self, owner: int) -> bool:
         return self._lost == owner
+
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
 
     def changed_elsewhere(self) -> bool:
         if not self._listening:
@@ -2928,6 +2942,7 @@ class _Dispatcher:
 
     def start(self, processors: Iterable[_Processor]) -> None:
         self.storage.changed_elsewhere()    # the baseline first: nothing slips between
+        self.storage.on_change(self._look_now)
         self._delayed_due = self.storage.next_delayed() or math.inf
         self._schedule_due = -math.inf      # look at schedules at once
         _guard.join(self)
@@ -3029,6 +3044,7 @@ class _Dispatcher:
             self._tick.notify()
         if self._clock.is_alive():
             self._clock.join()
+        self.storage.on_change(None)
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.  While
         # a worker of ours holds a suspect, that is the only job ours hold
@@ -3429,6 +3445,12 @@ class _Dispatcher:
         self.storage.release_owner(old)
         log.warning("carrying on as a new owner; %d running job(s) cancelled", len(running))
         self.work_arrived(None)
+
+    def _look_now(self) -> None:
+        """Storage heard of another process's commit: poll at once."""
+        with self._lock:
+            self._next["poll"] = -math.inf
+            self._tick.notify()
 
     def _poll(self) -> None:
         """Notice other processes' commits: new work, cancels, ended jobs."""
