@@ -4737,6 +4737,7 @@ bl.stop()
 """
 
 
+@both_engines
 class PoisonJobTest(ProcessTest):
     """A job that kills its process uses up its own tries, and no one else's."""
 
@@ -4773,7 +4774,7 @@ class PoisonJobTest(ProcessTest):
                              "a neighbour lost more than the one try of the first crash")
 
     def test_a_job_that_kills_its_process_fails_alone(self):
-        bl = blero.new(self.path, retries=2).start()
+        bl = self.queue(retries=2)
         ids = bl.enqueue_many([("j", None)] * 8)
         bl.stop()
         poison = ids[1]
@@ -4796,7 +4797,7 @@ class PoisonJobTest(ProcessTest):
     def test_processes_sharing_the_file_each_run_suspects_alone(self):
         # Two processes, each restarted when it dies: whichever takes the
         # poison job back runs it alone, so its own jobs are safe too.
-        bl = blero.new(self.path, retries=2).start()
+        bl = self.queue(retries=2)
         ids = bl.enqueue_many([("j", None)] * 30)
         bl.stop()
         poison = ids[3]
@@ -4831,7 +4832,7 @@ class PoisonJobTest(ProcessTest):
 
     def test_a_suspect_cut_short_by_a_stop_is_still_a_suspect(self):
         ids = kill_with_running_jobs(self, self.path, [3, 3])
-        bl = blero.new(self.path)
+        bl = self.queue(start=False)
         running = threading.Event()
 
         def hang(job):
@@ -5832,18 +5833,19 @@ class ReadOnlyStorageTest(ProcessTest):
 
 # argv: db.  A queue whose one processor, registered once it runs, takes
 # jobs named "b" and holds the first for ever.
-TAKES_B_CHILD = """
+TAKES_B_CHILD = NEW_QUEUE + """
 import sys, time, blero
 def hold(job):
     print("took", job.id, flush=True)
     time.sleep(600)
-bl = blero.new(sys.argv[1]).start()
+bl = new_queue(sys.argv[1]).start()
 bl.register_processor(hold, names="b")
 print("registered", flush=True)
 time.sleep(600)
 """
 
 
+@both_engines
 class JoinWarningTest(ProcessTest):
     """join() on jobs that nothing takes (a typo in a name, say) says so,
     instead of waiting for ever in silence; jobs that another live process
