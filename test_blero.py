@@ -145,6 +145,13 @@ class TempDirTest(unittest.TestCase):
         """The settings that the queue called `name` needs besides the target."""
         return {}
 
+    def cli_queue(self, name="q.db"):
+        """The command line's options naming the queue called `name`."""
+        options = ["--db", self.target(name)]
+        if "schema" in self.settings(name):
+            options += ["--schema", self.settings(name)["schema"]]
+        return options
+
     def queue(self, name="q.db", start=True, **settings):
         bl = blero.new(self.target(name), **{**self.settings(name), **settings})
         if start:
@@ -4033,6 +4040,7 @@ async def async_callback(job, value):
     pass
 
 
+@both_engines
 class AsyncProcessorTest(TempDirTest):
     """Until asyncio support lands, a user registering an async processor is
     told so at once, rather than seeing every job fail "cannot pickle coroutine"."""
@@ -4099,6 +4107,7 @@ class CommandLineReasonsTest(TempDirTest):
                 self.assertEqual((code, err.splitlines()), (1, lines), out)
 
 
+@both_engines
 class ProcessorExitTest(TempDirTest):
     """A processor that raises SystemExit (or KeyboardInterrupt) is handed back
     as interrupted, and its stored error says what it raised, and where."""
@@ -5888,6 +5897,7 @@ class JoinWarningTest(ProcessTest):
 # as Chromium renders it, driven over its remote debugging pipe
 # ---------------------------------------------------------------------------
 
+@both_engines
 class DashboardOfTheQueueTest(TempDirTest):
     """An operator looking at a queue another handle (or process) runs."""
 
@@ -5918,7 +5928,7 @@ class DashboardOfTheQueueTest(TempDirTest):
         wait_until(lambda: worker.get_job(running).state == "inprogress", message="slow to run")
         worker.enqueue("later", delay=3600)
         worker.enqueue("later", delay=600)
-        viewer = blero.new(worker.path)     # never started: a viewer, like `serve`
+        viewer = blero.new(worker.path, **self.settings())   # never started: a viewer, like `serve`
         server = viewer.serve_metrics()
         self.addCleanup(server.close)
         return worker, server.port, failed, running, fixed
@@ -6015,7 +6025,7 @@ class DashboardOfTheQueueTest(TempDirTest):
 
     def test_serve_shows_a_queue_another_process_runs_and_runs_nothing_itself(self):
         worker, _, failed, running, _ = self.run_elsewhere()
-        proc = subprocess.Popen([sys.executable, "-m", "blero", "serve", "--db", worker.path],
+        proc = subprocess.Popen([sys.executable, "-m", "blero", "serve", *self.cli_queue()],
                                 cwd=HERE, env=child_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(stop_child, proc)
