@@ -6366,6 +6366,22 @@ class PostgresTest(OnPostgres, ProcessTest):
         """, POSTGRES)
         self.assertIn('pip install "psycopg[binary]"', out.stdout, out.stderr)
 
+    def test_the_command_line_operates_a_queue_on_the_server(self):
+        bl = self.queue()
+        failed = bl.enqueue("x", delay=3600)
+        bl.cancel(failed)
+        bl.enqueue("y", delay=3600)
+        out = subprocess.run([sys.executable, "-m", "blero", "stats", "--json", *self.cli_queue()],
+                             cwd=HERE, env=child_env(), capture_output=True, text=True, timeout=60)
+        self.assertEqual((out.returncode, json.loads(out.stdout)),
+                         (0, {"pending": 1, "inprogress": 0, "complete": 0, "failed": 0,
+                              "cancelled": 1}), out.stderr)
+        out = subprocess.run([sys.executable, "-m", "blero", "stats", "--db", POSTGRES,
+                              "--schema", self.schema + "_none"], cwd=HERE, env=child_env(),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("no queue there", out.stderr)
+
     def test_settings_of_one_engine_are_refused_on_the_other(self):
         with self.assertRaisesRegex(ValueError, "schema"):
             blero.new(os.path.join(self.dir, "q.db"), schema="blero")
