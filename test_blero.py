@@ -1524,7 +1524,7 @@ class EveryTest(TempDirTest):
     def test_a_schedule_made_right_after_start_runs(self):
         # Regression: a schedule committed while the clock was looking at the
         # schedules was forgotten until a restart (1 start in 25 to 100 here).
-        for i in range(200):
+        for i in range(200 if self.engine == "sqlite" else 25):   # (a server: DDL each)
             bl = self.queue(f"q{i}.db", start=False)
             ran = threading.Event()
             bl.register_processor(lambda job: ran.set())
@@ -4502,7 +4502,9 @@ class LifecycleTest(ProcessTest):
         for t in threads:
             t.start()
         try:
-            wait_until(lambda: calls[0] >= 1500 or errors, timeout=60, message="1500 calls")
+            # (On a server, each call on the stopped queue connects anew.)
+            enough = 1500 if self.engine == "sqlite" else 300
+            wait_until(lambda: calls[0] >= enough or errors, timeout=60, message=f"{enough} calls")
         finally:
             done.set()
             for t in threads:
