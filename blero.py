@@ -2020,6 +2020,16 @@ _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHIN
 _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM))
 
 
+# _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
+# function of a _PGSession (so a step of the file's _UPGRADES that only runs
+# statements may serve here too).  The steps a schema needs run in order, in
+# the transaction that records its new version, under the creation lock, the
+# first time this blero.py opens it.  A later schema appends its step and
+# raises _PG_SCHEMA_VERSION with it; a new schema is made from _SCHEMA as it
+# is, at the latest version.
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = ()
+
+
 def _is_server(target) -> bool:
     """Whether `target` names a PostgreSQL server rather than a file."""
     return isinstance(target, str) and target.startswith(_PG_SCHEMES)
@@ -2282,9 +2292,9 @@ class _PostgresStorage(_Storage):
         conn = self._connect()
         try:
             with conn.transaction():
-                if create:      # processes starting together: one creates, the others wait
-                    conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
-                                 (zlib.crc32(self.schema.encode()) - (1 << 31),))
+                # Processes starting together: one creates (or upgrades), the others wait.
+                conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
+                             (zlib.crc32(self.schema.encode()) - (1 << 31),))
                 self._check_or_create(conn, create)
         except psycopg.Error as exc:
             conn.close()
@@ -2325,7 +2335,12 @@ class _PostgresStorage(_Storage):
         if version is None or version > _PG_SCHEMA_VERSION:
             raise BleroError(f"{where}: written by a newer blero (schema {version}; this "
                              f"blero.py knows up to {_PG_SCHEMA_VERSION})")
-        # Later schemas add their upgrade steps here, from `version` up.
+        if version < _PG_SCHEMA_VERSION:
+            session = _PGSession(conn, self._schema_sql)
+            for step in _PG_UPGRADES[version - 1:]:
+                step(session)
+            conn.execute(_pg_sql("UPDATE blero_meta SET version = ?", self._schema_sql),
+                         (_PG_SCHEMA_VERSION,))
 
     def close(self) -> None:
         self._stop_listener()
@@ -2556,7 +2571,9 @@ class _PostgresStorage(_Storage):
         pass
 
 
-# The SQLite engine's methods that only run its statements, the same here.
+# The SQLite engine's methods that only run its statements, the same here
+# (`_read`/`_write` give them a _PGSession for a connection).  A method added
+# to _SQLiteStorage that only runs statements belongs in this list too.
 _PG_SHARED = ("_finish_and_claim", "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "cancel", "_cancel", "retry_failed", "upsert_schedule",

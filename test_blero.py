@@ -6344,6 +6344,15 @@ class PostgresTest(OnPostgres, ProcessTest):
                                    (schema,)).fetchall()
         self.assertEqual(tables, [("orders",)])
 
+    def test_a_schema_written_by_a_newer_blero_is_refused_unchanged(self):
+        self.queue().stop()
+        pg_run(f'UPDATE "{self.schema}".blero_meta SET version = 99')
+        with self.assertRaisesRegex(blero.BleroError, "newer blero"):
+            self.queue(start=False).start()
+        with pg_connect() as admin:
+            self.assertEqual(admin.execute(f'SELECT version FROM "{self.schema}".blero_meta')
+                             .fetchall(), [(99,)])
+
     def test_unreachable_servers_and_missing_databases_name_the_cause(self):
         for url, cause in (("postgresql://postgres@127.0.0.1:1/x", "Connection refused"),
                            (POSTGRES.rsplit("/", 1)[0] + "/no_such_database_here",
