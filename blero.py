@@ -21,10 +21,14 @@ metrics server and dashboard, and the command line (`python -m blero`).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import collections
+import concurrent.futures
 import contextlib
 import datetime
+import functools
+import hashlib
 import heapq
 import http.server
 import inspect
@@ -58,7 +62,7 @@ except ImportError:  # Windows: liveness falls back to heartbeats and leases
 
 __all__ = [
     "Blero", "new", "Job", "JobInfo", "BleroError", "JobFailed", "JobCancelled",
-    "STATES",
+    "STATES", "Task", "JobFuture", "Executor",
 ]
 __version__ = "1.0.0"
 
@@ -79,12 +83,15 @@ class BleroError(Exception):
 
 
 class JobFailed(BleroError):
-    """Raised by `Blero.wait` for a job that ended `failed`; `.error` is its error text."""
+    """Raised by `Blero.wait` for a job that ended `failed`; `.error` is its
+    error text (with the traceback), `.exception` the processor's original
+    exception when it could be serialized and restored, else None."""
 
-    def __init__(self, job_id: int, error: str | None):
+    def __init__(self, job_id: int, error: str | None, exception: BaseException | None = None):
         super().__init__(f"job {job_id} failed: {error}")
         self.job_id = job_id
         self.error = error
+        self.exception = exception
 
 
 class JobCancelled(BleroError):
@@ -449,10 +456,12 @@ class _Storage:
         raise NotImplementedError
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
-                         names: frozenset | None, claim: bool, suspect: bool = False
+                         names: frozenset | None, claim: bool, suspect: bool = False,
+                         exclude: frozenset = frozenset()
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
         """In one transaction, record a finished try and claim the next ready
-        job (or, with `suspect`, the next suspect) this worker accepts.
+        job (or, with `suspect`, the next suspect) this worker accepts: one
+        of `names`, or with None any name but those in `exclude`.
         Returns (whether the finish was recorded, the claim or None, and when
         a suspect was sought and none found, the names of the suspects left)."""
         raise NotImplementedError
@@ -551,9 +560,16 @@ class _Storage:
         (new work, a cancel, an ended job); cheap: the clock asks often."""
         raise NotImplementedError
 
-    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
-        """Cancel a pending or running job; return its (state, owner) before,
-        or None if it had already ended or does not exist."""
+    def cancel(self, job_id: int, now: float,
+               pending_only: bool = False) -> tuple[int, int | None] | None:
+        """Cancel a pending or running job (only a pending one with
+        `pending_only`); return its (state, owner) before, or None if it had
+        already ended (or started) or does not exist."""
+        raise NotImplementedError
+
+    def clear_keys(self, ids: list[int]) -> None:
+        """Take the keys off these jobs: enqueueing with their keys stores
+        new jobs from now on."""
         raise NotImplementedError
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
@@ -613,6 +629,10 @@ class _Storage:
     def outcome(self, job_id: int) -> _Ended | None:
         """What `wait` looks at until the job ends, without reading its
         data; None if there is no such job."""
+        raise NotImplementedError
+
+    def outcomes(self, ids: list[int]) -> dict[int, _Ended]:
+        """`outcome` of many jobs at once, by id; those that do not exist left out."""
         raise NotImplementedError
 
     def list(self, state: str | None, name: str | None, limit: int | None,
@@ -739,7 +759,8 @@ _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
 _SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
-           " WHERE id = ? AND state IN (-1, 0, 1, 2)")
+           " WHERE id = ? AND state BETWEEN -1 AND ?")     # 2: running ones too
+_CLEAR_KEY = "UPDATE blero_jobs SET key = NULL WHERE id = ?"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
@@ -762,6 +783,9 @@ _TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result =
 _INFO_COLUMNS = ", ".join(_Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
+_OUTCOMES = (f"SELECT id, {', '.join(_Ended._fields)} FROM blero_jobs"
+             " WHERE state < 6 AND id IN ({ids})")
+_IDS_SLICE = 500        # ids a statement names at most (SQLite allows 999 parameters)
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
          " AND (? IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
 # Ready (and suspect) jobs may run now, in claim order; delayed ones at run_at.
@@ -1660,17 +1684,21 @@ class _SQLiteStorage(_Storage):
     # -- claiming and finishing --------------------------------------------------
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
-                         names: frozenset | None, claim: bool, suspect: bool = False
+                         names: frozenset | None, claim: bool, suspect: bool = False,
+                         exclude: frozenset = frozenset()
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
-        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
+        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
+                           exclude)
 
-    def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False):
+    def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
+                          exclude=frozenset()):
         recorded = finish is not None and db.execute(_FINISH, finish).rowcount == 1
         if not claim:
             return recorded, None, None
         n = len(names) if names else 0
-        sql = self._claim_statements(n, suspect)
-        params = tuple(names) if n else ()
+        m = 0 if n else len(exclude)
+        sql = self._claim_statements(n, suspect, m)
+        params = tuple(names) if n else tuple(exclude)
         now = time.time()
         if self._returning:
             rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
@@ -1685,14 +1713,16 @@ class _SQLiteStorage(_Storage):
             left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
         return recorded, row, left
 
-    def _claim_statements(self, n: int, suspect: bool = False) -> tuple[str, str]:
+    def _claim_statements(self, n: int, suspect: bool = False,
+                          m: int = 0) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
-        n names (0: any)."""
-        sql = self._claim_sql.get((n, suspect))
+        n names (0: any name but m others)."""
+        sql = self._claim_sql.get((n, suspect, m))
         if sql is None:
-            cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
+            cond = (f" AND name IN ({', '.join('?' * n)})" if n
+                    else f" AND name NOT IN ({', '.join('?' * m)})" if m else "")
             select = _NEXT_READY.format(state=_SUSPECT if suspect else _READY, names=cond)
-            sql = self._claim_sql[n, suspect] = (select, _CLAIM_RETURNING.format(next=select))
+            sql = self._claim_sql[n, suspect, m] = (select, _CLAIM_RETURNING.format(next=select))
         return sql
 
     def suspect_names(self) -> frozenset:
@@ -1787,15 +1817,19 @@ class _SQLiteStorage(_Storage):
 
     # -- operating on jobs ---------------------------------------------------------
 
-    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
-        return self._write(self._cancel, job_id, now)
+    def cancel(self, job_id: int, now: float,
+               pending_only: bool = False) -> tuple[int, int | None] | None:
+        return self._write(self._cancel, job_id, now, _DELAYED if pending_only else _RUNNING)
 
     @staticmethod
-    def _cancel(db, job_id, now):
+    def _cancel(db, job_id, now, upto):
         found = db.execute(_STATE_OF, (job_id,)).fetchall()
-        if not found or db.execute(_CANCEL, (now, job_id)).rowcount == 0:
+        if not found or db.execute(_CANCEL, (now, job_id, upto)).rowcount == 0:
             return None
         return found[0]
+
+    def clear_keys(self, ids: list[int]) -> None:
+        self._write(lambda db: db.executemany(_CLEAR_KEY, [(i,) for i in ids]))
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
         params = ([(now, retries, None, None)] if ids is None
@@ -1887,6 +1921,16 @@ class _SQLiteStorage(_Storage):
     def outcome(self, job_id: int) -> _Ended | None:
         rows = self._read(lambda db: db.execute(_OUTCOME, (job_id,)).fetchall())
         return _Ended._make(rows[0]) if rows else None
+
+    def outcomes(self, ids: list[int]) -> dict[int, _Ended]:
+        def look(db):
+            found = {}
+            for i in range(0, len(ids), _IDS_SLICE):
+                part = ids[i:i + _IDS_SLICE]
+                sql = _OUTCOMES.format(ids=", ".join("?" * len(part)))
+                found.update((row[0], _Ended._make(row[1:])) for row in db.execute(sql, part))
+            return found
+        return self._read(look)
 
     def list(self, state: str | None, name: str | None, limit: int | None,
              newest_first: bool = False, beyond: int | None = None) -> list[_Stored]:
@@ -1988,15 +2032,20 @@ class _Throttle:
 
 
 class _Processor:
-    """A registered processor: the callable, and the job names it takes."""
+    """A registered processor: the callable, the job names it takes, and
+    how many workers run it (a task's concurrency)."""
 
-    __slots__ = ("id", "fn", "names", "retired")
+    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "retired")
 
-    def __init__(self, id, fn, names):
+    def __init__(self, id, fn, names, concurrency=1):
         self.id = id
         self.fn = fn
         self.names = names
-        self.retired = False    # unregistered: its worker ends after its job
+        # With names None: the names it does not take after all, those of
+        # the tasks (a processor of any name takes no task's jobs).
+        self.exclude = frozenset()
+        self.concurrency = concurrency
+        self.retired = False    # unregistered: its workers end after their jobs
 
 
 def _takes(processors: Iterable[_Processor]) -> frozenset | None:
@@ -2203,8 +2252,8 @@ class _Worker:
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
     def accepts(self, name: str) -> bool:
-        names = self.processor.names
-        return names is None or name in names
+        p = self.processor
+        return name not in p.exclude if p.names is None else name in p.names
 
     def finished_try(self) -> bool:
         """The processor returned: busy settling now; False if abandoned."""
@@ -2253,12 +2302,14 @@ class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
-                 counters: _Counters, changed: _Changes, takes: frozenset | None):
+                 counters: _Counters, changed: _Changes, takes: frozenset | None,
+                 futures: _Futures):
         self.storage = storage
         self.settings = settings
         self.owner = owner
         self.counters = counters
         self.changed = changed     # told whenever a job may have ended
+        self.futures = futures     # told of every job that ends here
         self.throttle = _Throttle()  # logs storage failures, each at most once a second
         self.seq = 0               # bumped whenever new work may be ready
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
@@ -2300,7 +2351,7 @@ class _Dispatcher:
         try:
             self._look_for_suspects()
             for p in processors:
-                self.spawn(p)
+                self.spawn_all(p)
             self._clock.start()
         except BaseException:
             _guard.leave(self)
@@ -2319,6 +2370,12 @@ class _Dispatcher:
         if wake:
             _guard.wake_all()
         return True
+
+    def spawn_all(self, processor: _Processor) -> None:
+        """Start the workers of a processor: as many as its concurrency."""
+        for _ in range(processor.concurrency):
+            if not self.spawn(processor):
+                return
 
     def retire(self, processor: _Processor) -> None:
         """Let `processor`'s worker finish its job, then end."""
@@ -2476,9 +2533,11 @@ class _Dispatcher:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def enqueue(self, rows: list[_NewJob]) -> list[int]:
-        """Store new jobs and wake the workers that can take them."""
+    def enqueue(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
+        """Store new jobs and wake the workers that can take them; return
+        their ids, and for each whether it was stored (not answered by a key)."""
         ids, stored = self.storage.insert(rows)
+        answered = stored
         rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
@@ -2486,7 +2545,7 @@ class _Dispatcher:
         if ready:
             self.work_arrived(ready)
         self.counters.stored(len(rows))
-        return ids
+        return ids, answered
 
     def finish_and_claim(self, worker: _Worker, outcome: _Outcome | None,
                          claim: bool) -> Job | None:
@@ -2502,9 +2561,10 @@ class _Dispatcher:
                     claim = suspect = turn
         if outcome is None and not claim:
             return None
+        p = worker.processor
         recorded, row, left = self.storage.finish_and_claim(
-            outcome and outcome.finish(self.owner), self.owner, worker.processor.names,
-            claim, suspect)
+            outcome and outcome.finish(self.owner), self.owner, p.names, claim, suspect,
+            p.exclude)
         worker.suspect = suspect and row is not None
         if row is None:
             worker.holding = False
@@ -2602,7 +2662,8 @@ class _Dispatcher:
             state = _DELAYED if wait > 0 else _READY
             return _Outcome(job, state, run_at=now + wait, error=text, exc=exc,
                             seconds=seconds)
-        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
+        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds,
+                        blob=_restorable(self.settings.serializer, exc))
 
     def interrupted(self, job: Job, exc: BaseException | None = None,
                     text: str = "interrupted", given_back: bool = False,
@@ -2619,8 +2680,9 @@ class _Dispatcher:
                             given_back=True)
         if job.attempt < job.max_attempts:
             return _Outcome(job, state, run_at=now, error=text)
-        return _Outcome(job, _FAILED, finished_at=now, error=text,
-                        exc=BleroError(text) if exc is None else exc)
+        exc = BleroError(text) if exc is None else exc
+        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc,
+                        blob=_restorable(self.settings.serializer, exc))
 
     def settle(self, outcome: _Outcome, recorded: bool) -> None:
         """After an outcome was committed: log, count, call back, wake waiters."""
@@ -2631,6 +2693,7 @@ class _Dispatcher:
         if state == _COMPLETE:
             self.counters.add("complete", seconds=outcome.seconds)
             _call_back(s.on_complete, job, outcome.result)
+            self.futures.ended(job.id, outcome)
         else:
             final = state == _FAILED
             self.counters.add("failed" if final else "retried",
@@ -2642,6 +2705,7 @@ class _Dispatcher:
             log.debug("job %d error:\n%s", job.id, outcome.error)
             if final:
                 _call_back(s.on_failed, job, outcome.exc)
+                self.futures.ended(job.id, outcome)
             elif state == _DELAYED:
                 self.delayed_at(outcome.run_at)
             else:
@@ -2897,6 +2961,26 @@ def _dumps(serializer, value):
     return blob
 
 
+def _restorable(serializer, exc: BaseException | None):
+    """`exc` serialized, if it comes back from that as an exception of its
+    class (what `JobFailed.exception` gives back later); else None."""
+    if exc is None:
+        return None
+    try:
+        blob = _dumps(serializer, exc)
+        back = serializer.loads(blob)
+    except Exception:   # unpicklable, or refusing its own arguments when rebuilt
+        return None
+    return blob if type(back) is type(exc) else None
+
+
+def _restored(serializer, blob) -> BaseException | None:
+    """The exception a failed job's result column holds, if it still loads
+    (its class may be gone since)."""
+    exc = _loads_or_none(serializer, blob)
+    return exc if isinstance(exc, BaseException) else None
+
+
 def _loads_or_none(serializer, blob):
     if blob is None:
         return None
@@ -2978,6 +3062,12 @@ class Blero:
         self._counters = _Counters()
         self._changed = _Changes()
         self._untaken_warned: set[str] = set()   # job names join() said no queue takes
+        self._futures = _Futures(self)
+        self._tasks: dict[str, Task] = {}        # by name: the registered tasks
+        # The names of task jobs (tasks', executors' functions), each with how
+        # many registrations take it: processors of any name take none of them.
+        self._task_names: collections.Counter = collections.Counter()
+        self._calls = _Calls()                   # this run's resumable calls
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
@@ -3002,7 +3092,7 @@ class Blero:
                 takes = _takes(self._processors.values())
                 storage.heartbeat(owner, time.time(), takes)
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed,
-                                takes)
+                                takes, self._futures)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
@@ -3012,6 +3102,7 @@ class Blero:
                     raise BleroError(f"{self.path}-lock: {exc.strerror or exc}") from exc
                 raise
             self._storage, self._dispatcher = storage, d
+            self._calls = _Calls()      # a new run: its calls are counted afresh
         log.info("started on %s; %d interrupted job(s) taken back", self.path, recovered)
         return self
 
@@ -3230,24 +3321,61 @@ class Blero:
             names = frozenset([names] if isinstance(names, str) else names)
             if not names or not all(isinstance(n, str) and n for n in names):
                 raise ValueError("names must be one or more non-empty job names")
+        return self._add_processor(fn, names).id
+
+    def _add_processor(self, fn, names: frozenset | None, concurrency: int = 1,
+                       task_names: Iterable[str] = (), replaces: int | None = None
+                       ) -> _Processor:
+        """Register a processor of `concurrency` workers; `task_names` are
+        the names of task jobs it takes (kept from processors of any name);
+        `replaces`: the id of a processor it takes the place of."""
         with self._lock:
-            p = _Processor(self._next_processor, fn, names)
+            p = _Processor(self._next_processor, fn, names, concurrency)
             self._next_processor += 1
+            old = self._processors.pop(replaces, None)
             self._processors[p.id] = p
+            self._task_names.update(task_names)
+            self._exclude_task_names()
             d = self._dispatcher
             if d is not None:
                 # Told before its first job: no other process's join() may
                 # see it run one, and yet not take that name.
                 d.processors_changed(_takes(self._processors.values()))
         if d is not None:
-            d.spawn(p)
-        return p.id
+            if old is not None:
+                d.retire(old)
+            d.spawn_all(p)
+        return p
+
+    def _retake(self, p: _Processor, names: frozenset) -> None:
+        """A processor takes `names` from now on: task names, more than before."""
+        with self._lock:
+            self._task_names.update(names - p.names)
+            p.names = names
+            self._exclude_task_names()
+            d = self._dispatcher
+            if d is not None:
+                d.processors_changed(_takes(self._processors.values()))
+        if d is not None:
+            d.work_arrived(None)
+
+    def _exclude_task_names(self) -> None:
+        """Under the lock: processors of any name take no task's jobs."""
+        names = frozenset(n for n, k in self._task_names.items() if k > 0)
+        for p in self._processors.values():
+            if p.names is None:
+                p.exclude = names
 
     def unregister_processor(self, processor_id: int) -> None:
         """Remove a processor at once; its worker finishes its current job, then ends."""
         _integer("processor_id", processor_id, least=1)
+        self._drop_processor(processor_id)
+
+    def _drop_processor(self, processor_id: int, task_names: Iterable[str] = ()) -> None:
         with self._lock:
             p = self._processors.pop(processor_id, None)
+            self._task_names.subtract(task_names)
+            self._exclude_task_names()
             d = self._dispatcher
             if p is not None and d is not None:
                 d.processors_changed(_takes(self._processors.values()))
@@ -3270,7 +3398,7 @@ class Blero:
         stored, enqueueing it again returns that job's id and stores nothing."""
         d = self._running()
         row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time())
-        return d.enqueue([row])[0]
+        return d.enqueue([row])[0][0]
 
     def enqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
         """Store many jobs in one transaction, all or nothing; return their ids.
@@ -3296,7 +3424,7 @@ class Blero:
                 rows.append(self._row(item[0], item[1], None, None, 0, None, None, None, now))
             else:
                 raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
-        return d.enqueue(rows) if rows else []
+        return d.enqueue(rows)[0] if rows else []
 
     def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> _NewJob:
         """Check one job's arguments and make its storage row."""
@@ -3349,7 +3477,7 @@ class Blero:
             raise TimeoutError(f"job {job_id} still {_STATE_NAME[seen[0]]} after {timeout} s")
         state, result, error = row
         if state == _FAILED:
-            raise JobFailed(job_id, error)
+            raise JobFailed(job_id, error, _restored(self._settings.serializer, result))
         if state == _CANCELLED:
             raise JobCancelled(job_id)
         return _loads_or_none(self._settings.serializer, result)
@@ -3432,9 +3560,11 @@ class Blero:
 
     def _info(self, row: _Stored) -> JobInfo:
         loads = self._settings.serializer
+        # A failed job's result column holds its exception (for
+        # JobFailed.exception): it has no result.
+        result = None if row.state == _FAILED else _loads_or_none(loads, row.result)
         return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
-                                      state=_STATE_NAME[row.state],
-                                      result=_loads_or_none(loads, row.result))._asdict())
+                                      state=_STATE_NAME[row.state], result=result)._asdict())
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
@@ -3475,6 +3605,17 @@ class Blero:
         d = self._dispatcher
         if d is not None:
             d.cancelled(job_id)
+        self._futures.cancelled(job_id)
+        return True
+
+    def _cancel_pending(self, job_id: int) -> bool:
+        """Cancel a job that has not started yet (JobFuture.cancel)."""
+        with self._store(operating=True) as storage:
+            before = storage.cancel(job_id, time.time(), pending_only=True)
+        if before is None:
+            return False
+        self._counters.add("cancelled")
+        self._changed.wake()
         return True
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> int:
@@ -3540,6 +3681,147 @@ class Blero:
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         with self._store(operating=True) as storage:
             return storage.drop_schedule(key)
+
+    # -- tasks, futures and executors --------------------------------------------------
+
+    def task(self, name: str | Callable | None = None, *, concurrency: int = 1,
+             retries: int | None = None, timeout: float | None = None,
+             priority: int = 0):
+        """Register a function as a task (`@bl.task` or `@bl.task(...)`) and
+        return its `Task`: its calls are jobs named `name` (by default
+        `module.qualname`), run by `concurrency` workers here (for an `async
+        def` function: that many coroutines on the queue's event loop).
+        Registering a task of a name that exists replaces it."""
+        if callable(name):
+            return self.task()(name)
+        if name is not None:
+            if not isinstance(name, str):
+                raise TypeError(f"a task name must be a str, not {type(name).__name__}")
+            if not name:
+                raise ValueError("a task name must not be empty")
+        _integer("concurrency", concurrency, least=1)
+        options = {"priority": _integer("priority", priority, least=_INT_MIN)}
+        if retries is not None:
+            options["retries"] = _retries("retries", retries)
+        if timeout is not None:
+            options["timeout"] = _seconds("timeout", timeout, positive=True)
+
+        def register(fn) -> Task:
+            if isinstance(fn, Task):
+                fn = fn.fn
+            if not callable(fn):
+                raise TypeError(f"a task is a function, not {type(fn).__name__}")
+            task = Task(self, fn, _function_name(fn) if name is None else name,
+                        concurrency, options)
+            with self._lock:
+                old = self._tasks.get(task.name)
+            replaces = None if old is None else old._processor.id
+            task._processor = self._add_processor(task._run, frozenset([task.name]),
+                                                  concurrency, [task.name], replaces)
+            with self._lock:
+                if old is not None:
+                    self._task_names[task.name] -= 1
+                    self._exclude_task_names()
+                self._tasks[task.name] = task
+            return task
+        return register
+
+    def executor(self, max_workers: int = 5) -> Executor:
+        """A `concurrent.futures.Executor` whose calls are jobs of this queue,
+        run by `max_workers` workers: resumable after a crash."""
+        return Executor(self, max_workers)
+
+    def future(self, job_id: int) -> JobFuture:
+        """A JobFuture of any stored job (also one of another run or
+        process), resolved when its outcome is recorded.  KeyError for an
+        unknown id."""
+        _job_id("job_id", job_id)
+        future = JobFuture(self, job_id)
+        self._futures.add([future])     # first: an end from now on resolves it
+        with self._store() as storage:
+            row = storage.outcome(job_id)
+        if row is None:
+            self._futures.forget(future)
+            raise KeyError(job_id)
+        if row.state >= _COMPLETE:
+            self._futures.forget(future)
+            future._stored(row, self._settings.serializer)
+        return future
+
+    async def aenqueue(self, name: str, data: Any = None, **options) -> int:
+        """`enqueue` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.enqueue, name, data,
+                                                                  **options))
+
+    async def aenqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
+        """`enqueue_many` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.enqueue_many, list(jobs))
+
+    def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
+                       resumable: bool = False) -> list[JobFuture]:
+        """Store a job per call (args, kwargs) of the task `name`; return
+        their futures.  `resumable`: each call is matched with the stored
+        job of the same call of a run that did not finish (see _Calls)."""
+        d = self._running()
+        now = time.time()
+        rows = [self._row(name, (args, kwargs), options.get("delay"), options.get("run_at"),
+                          options.get("priority", 0), options.get("retries"),
+                          options.get("timeout"), options.get("key"), now)
+                for args, kwargs in calls]
+        if resumable and options.get("key") is None:
+            rows = [r._replace(key=self._calls.key(name, r.data)) for r in rows]
+        if not rows:
+            return []
+        with self._futures.expecting():
+            ids, stored = d.enqueue(rows)
+            futures = [JobFuture(self, i) for i in ids]
+            self._futures.add([f for f, new in zip(futures, stored) if new])
+            matched = [k for k, new in enumerate(stored) if not new]
+            if not matched:
+                return futures
+            # Calls a stored job answered: a complete one gives its result,
+            # a pending or running one goes on, a failed or cancelled one
+            # (or one swept meanwhile) runs again as a new job.
+            found = d.storage.outcomes([ids[k] for k in matched])
+            again, going = [], []
+            for k in matched:
+                row = found.get(ids[k])
+                if row is None or row.state in (_FAILED, _CANCELLED):
+                    again.append(k)
+                elif row.state == _COMPLETE:
+                    futures[k]._stored(row, self._settings.serializer)
+                else:
+                    going.append(futures[k])
+            self._futures.add(going)
+            if again:
+                d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
+                new_ids, _ = d.enqueue([rows[k] for k in again])
+                renewed = [JobFuture(self, i) for i in new_ids]
+                for k, f in zip(again, renewed):
+                    futures[k] = f
+                self._futures.add(renewed)
+        return futures
+
+    def _wait_all(self, futures: list[JobFuture]) -> None:
+        """Wait until every future is done; BleroError if the queue stops first."""
+        d = self._dispatcher
+        while True:
+            _, pending = concurrent.futures.wait(futures, timeout=_FUTURES_LOOK)
+            if not pending:
+                return
+            if self._dispatcher is not d or d is None:
+                raise BleroError(f"{self.path}: the queue stopped with {len(pending)} "
+                                 f"call(s) not ended; a later run carries on with them")
+            futures = list(pending)
+
+    def _release(self, futures: list[JobFuture]) -> None:
+        """Clear the keys of these calls' jobs: a later run computes them afresh."""
+        ids = [f.id for f in futures]
+        if ids:
+            with self._store(operating=True) as storage:
+                storage.clear_keys(ids)
 
     # -- metrics ---------------------------------------------------------------------
 
@@ -3718,6 +4000,485 @@ class _SignalStop:
 def new(path: str | os.PathLike, **settings) -> Blero:
     """Make a queue on `path` (Goblero's New); nothing touches the disk until `start()`."""
     return Blero(path, **settings)
+
+
+# ---------------------------------------------------------------------------
+# Tasks, futures and the executor
+# ---------------------------------------------------------------------------
+#
+# The Python way onto the same jobs: a task call is a job whose data is the
+# serialized (args, kwargs) and whose result is the return value.  A call
+# made through `Task.map` or an `Executor` is resumable: its job gets the key
+# "blero.call:<name>:<blake2b of its data>:<n>", n counting the identical
+# calls of this run, so that the same program run again after a crash meets
+# the jobs of the run that did not finish (a key answers with the stored
+# job); once the map or executor is done with them, their keys are cleared,
+# and the next run computes them afresh.
+
+_CALL_KEY = "blero.call:{name}:{digest}:{n}"
+_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key")
+
+
+class _Calls:
+    """The resumable calls of one run: how many times each was made."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: collections.Counter = collections.Counter()
+
+    def key(self, name: str, blob) -> str:
+        """The key of the next identical call of `name` with data `blob`."""
+        data = blob.encode() if isinstance(blob, str) else bytes(blob or b"")
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        with self._lock:
+            self._seen[name, digest] += 1
+            n = self._seen[name, digest]
+        return _CALL_KEY.format(name=name, digest=digest, n=n)
+
+
+def _call_args(job: Job) -> tuple[tuple, dict]:
+    """The (args, kwargs) a task call's job carries."""
+    data = job.data
+    if (not isinstance(data, (tuple, list)) or len(data) != 2
+            or not isinstance(data[0], (tuple, list)) or not isinstance(data[1], dict)):
+        raise TypeError(f"job {job.id} ({job.name}) is not a task call: its data is "
+                        f"{_shown(data)}, not (args, kwargs)")
+    return tuple(data[0]), data[1]
+
+
+def _function_name(fn, what: str = "a task") -> str:
+    """`module.qualname` of a function that can be found again by that
+    name after a restart; TypeError naming why for anything else."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise TypeError(f"{fn!r} has no qualified name: {what} needs a module-level "
+                        f"function (or give the task a name)")
+    if "<lambda>" in qualname:
+        raise TypeError(f"{module}.{qualname} is a lambda: {what} needs a function "
+                        f"that can be imported by its name (or give the task a name)")
+    if "<locals>" in qualname:
+        raise TypeError(f"{module}.{qualname} is a nested function: {what} needs a "
+                        f"module-level function (or give the task a name)")
+    return f"{module}.{qualname}"
+
+
+def _importable(fn) -> str:
+    """The name of a function an executor runs: it must be what that name
+    imports (so that a later run finds the same function by it)."""
+    name = _function_name(fn, "an executor")
+    obj = sys.modules.get(fn.__module__)
+    for part in fn.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    if obj is not fn and getattr(obj, "fn", None) is not fn:
+        raise TypeError(f"{name} does not import as {fn!r}: an executor needs a function "
+                        f"that can be imported by its qualified name")
+    return name
+
+
+def _check_options(options: dict) -> dict:
+    unknown = set(options) - set(_JOB_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+    return options
+
+
+class JobFuture(concurrent.futures.Future):
+    """The outcome of a job, as a `concurrent.futures.Future` (so it works
+    with `concurrent.futures.wait` and `as_completed`), and awaitable.
+
+    `result()` returns the job's result once recorded, or raises the job's
+    own exception (the original one when it could be restored, else
+    JobFailed), JobCancelled for a cancelled job.  `cancel()` cancels only a
+    job not started yet, as concurrent.futures does."""
+
+    def __init__(self, blero: Blero, job_id: int):
+        super().__init__()
+        self.id = job_id
+        self._blero = blero
+        self._cancelling = False    # cancel() under way: outcomes wait for it
+
+    def __repr__(self):
+        return f"<JobFuture job {self.id} {self._state.lower()}>"
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started: True if it is cancelled."""
+        if self.cancelled():
+            return True
+        if self.done():
+            return False
+        futures = self._blero._futures
+        futures.cancelling(self, True)
+        try:
+            cancelled = self._blero._cancel_pending(self.id)
+        finally:
+            futures.cancelling(self, False)
+        if not cancelled:
+            futures.look_now(self)  # it may have ended while its outcome waited
+            return False
+        futures.forget(self)
+        super().cancel()
+        self.set_running_or_notify_cancel()     # waiters of wait()/as_completed see it now
+        return True
+
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+    def _deliver(self, result: Any = None, exc: BaseException | None = None) -> None:
+        """Resolve it, unless it is resolved (or cancelled) already."""
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if exc is None:
+                self.set_result(result)
+            else:
+                self.set_exception(exc)
+
+    def _stored(self, row: _Ended, serializer) -> None:
+        """Resolve it from the stored outcome of its job, which has ended."""
+        if row.state == _COMPLETE:
+            self._deliver(_loads_or_none(serializer, row.result))
+        elif row.state == _FAILED:
+            self._deliver(exc=_restored(serializer, row.result)
+                          or JobFailed(self.id, row.error))
+        else:
+            self._deliver(exc=JobCancelled(self.id))
+
+
+class _Futures:
+    """The JobFutures of one Blero not yet resolved, by job id.
+
+    A job that ends in this process resolves its futures at once, from the
+    dispatcher's record of it (`ended`, with the result as returned, even if
+    a sweep removes the job right after).  For jobs that other processes or
+    earlier runs own, one watcher thread (started with the first future
+    waiting, ended with the last) looks at their stored outcomes whenever
+    the queue may have changed: never a thread per future.
+
+    `_lock` guards `_waiting`, `_early` and `_expecting`; no I/O and no
+    future's callbacks run under it."""
+
+    def __init__(self, blero: Blero):
+        self._blero = blero
+        self._lock = threading.Lock()
+        self._waiting: dict[int, list[JobFuture]] = {}
+        # While calls are being enqueued (`expecting`), a job that ends
+        # before its future is added leaves its outcome here for it.
+        self._expecting = 0
+        self._early: dict[int, _Outcome | None] = {}
+        self._watcher: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def expecting(self):
+        with self._lock:
+            self._expecting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._expecting -= 1
+                if not self._expecting:
+                    self._early.clear()
+
+    def add(self, futures: list[JobFuture]) -> None:
+        early = []
+        with self._lock:
+            for f in futures:
+                if f.id in self._early:
+                    early.append((f, self._early[f.id]))
+                else:
+                    self._waiting.setdefault(f.id, []).append(f)
+            if self._watcher is None and self._waiting:
+                self._watcher = threading.Thread(target=self._watch, name="blero-futures",
+                                                 daemon=True)
+                self._watcher.start()
+        for f, outcome in early:
+            self._resolve(f, outcome)
+
+    def forget(self, future: JobFuture) -> None:
+        with self._lock:
+            waiting = self._waiting.get(future.id, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiting.pop(future.id, None)
+
+    def cancelling(self, future: JobFuture, on: bool) -> None:
+        with self._lock:
+            future._cancelling = on
+
+    def ended(self, job_id: int, outcome: _Outcome | None) -> None:
+        """The job ended here (None: cancelled): resolve its futures."""
+        if not self._waiting and not self._expecting:
+            return      # the workers' hot path: nothing to look up
+        with self._lock:
+            futures = self._waiting.pop(job_id, ())
+            keep = [f for f in futures if f._cancelling]
+            if keep:
+                self._waiting[job_id] = keep
+            if self._expecting:
+                self._early[job_id] = outcome
+        for f in futures:
+            if not f._cancelling:
+                self._resolve(f, outcome)
+
+    def cancelled(self, job_id: int) -> None:
+        self.ended(job_id, None)
+
+    def _resolve(self, f: JobFuture, outcome: _Outcome | None) -> None:
+        if outcome is None:
+            f._deliver(exc=JobCancelled(f.id))
+        elif outcome.state == _COMPLETE:
+            f._deliver(outcome.result)
+        elif outcome.blob is not None:      # restorable: the original itself
+            f._deliver(exc=outcome.exc)
+        else:
+            f._deliver(exc=JobFailed(f.id, outcome.error))
+
+    def look_now(self, future: JobFuture) -> None:
+        """Resolve `future` now if its job has ended."""
+        with self._blero._store() as storage:
+            row = storage.outcome(future.id)
+        if row is not None and row.state >= _COMPLETE:
+            self.forget(future)
+            future._stored(row, self._blero._settings.serializer)
+
+    def _watch(self) -> None:
+        blero, changes = self._blero, self._blero._changed
+        next_look = 0.0
+        while True:
+            with self._lock:
+                ids = list(self._waiting)
+                if not ids:
+                    self._watcher = None
+                    return
+            now = time.monotonic()
+            if now >= next_look:
+                try:
+                    with blero._store() as storage:
+                        found = storage.outcomes(ids)
+                except BleroError as exc:
+                    found = None
+                    log.debug("futures: cannot look at the queue: %s", exc)
+                # A look reads every waiting job: with very many it is made at
+                # most 2% of the time.
+                next_look = time.monotonic() + max(_POLL, 50 * (time.monotonic() - now))
+                if found is not None:
+                    self._found(ids, found)
+            with changes:
+                # Running, the queue tells of changes (its own and, polling,
+                # other processes'); stopped, only the file does.
+                running = blero._dispatcher is not None
+                changes.wait(max(next_look - time.monotonic(), 0.0)
+                             + (_FUTURES_LOOK if running else _FUTURES_STOPPED_LOOK))
+
+    def _found(self, ids: list[int], found: dict[int, _Ended]) -> None:
+        resolved = []
+        with self._lock:
+            for i in ids:
+                row = found.get(i)
+                if row is not None and row.state < _COMPLETE:
+                    continue
+                futures = [f for f in self._waiting.get(i, ()) if not f._cancelling]
+                if futures:
+                    left = [f for f in self._waiting[i] if f._cancelling]
+                    if left:
+                        self._waiting[i] = left
+                    else:
+                        del self._waiting[i]
+                    resolved.append((futures, row, i))
+        serializer = self._blero._settings.serializer
+        for futures, row, i in resolved:
+            for f in futures:
+                if row is None:
+                    f._deliver(exc=BleroError(f"job {i} is gone (swept) before its "
+                                              f"outcome was seen"))
+                else:
+                    f._stored(row, serializer)
+
+
+_FUTURES_LOOK = 1.0             # seconds between looks at most, while running
+_FUTURES_STOPPED_LOOK = 0.25    # and on a stopped queue (its file may change)
+
+
+class Task:
+    """A function whose calls are jobs, made by `Blero.task`.
+
+    Calling it runs the function directly; `enqueue(*args, **kwargs)` makes
+    a job of the call and returns its JobFuture; `map(*iterables)` runs one
+    job per call, resumably, and returns the results in order; `using(...)`
+    gives a copy with other job options."""
+
+    def __init__(self, blero: Blero, fn: Callable, name: str, concurrency: int,
+                 options: dict):
+        self.fn = fn
+        self.name = name
+        self.concurrency = concurrency
+        self._blero = blero
+        self._options = options
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self):
+        return f"<blero.Task {self.name!r}>"
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def using(self, **options) -> Task:
+        """A copy of this task whose jobs get these options (`delay`,
+        `run_at`, `priority`, `retries`, `timeout`, `key`), as `enqueue` takes."""
+        copy = Task.__new__(Task)
+        copy.__dict__.update(self.__dict__)
+        copy._options = {**self._options, **_check_options(options)}
+        return copy
+
+    def enqueue(self, *args, **kwargs) -> JobFuture:
+        """Make a job of this call; return its future."""
+        return self._blero._enqueue_calls(self.name, [(args, kwargs)], self._options)[0]
+
+    async def aenqueue(self, *args, **kwargs) -> JobFuture:
+        """`enqueue` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.enqueue, *args,
+                                                                  **kwargs))
+
+    def map(self, *iterables) -> list:
+        """One job per call `fn(*items)`, with the task's concurrency; the
+        results in order.  The first failure is raised once every job has
+        ended.  Resumable: run again after a crash, the calls that completed
+        return their stored results without running again."""
+        calls = [(args, {}) for args in zip(*iterables)]
+        blero = self._blero
+        futures = blero._enqueue_calls(self.name, calls, self._options, resumable=True)
+        blero._wait_all(futures)
+        blero._release(futures)
+        return [f.result() for f in futures]
+
+    def _run(self, job: Job):
+        args, kwargs = _call_args(job)
+        return self.fn(*args, **kwargs)
+
+
+class Executor(concurrent.futures.Executor):
+    """A `concurrent.futures.Executor` whose calls are jobs, made by
+    `Blero.executor`: a drop-in for ThreadPoolExecutor whose work survives
+    crashes.  `fn` is a Task (run by its own workers) or a function that
+    can be imported by its qualified name (run by this executor's
+    `max_workers` workers).  Calls are resumable, as `Task.map`'s are, and
+    released once the executor is shut down with all of them ended."""
+
+    def __init__(self, blero: Blero, max_workers: int = 5):
+        self._max_workers = _integer("max_workers", max_workers, least=1)
+        self._blero = blero
+        self._lock = threading.Lock()   # guards everything below
+        self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
+        self._processor: _Processor | None = None
+        self._futures: list[JobFuture] = []
+        self._open = 0                  # futures not done yet
+        self._shutdown = False
+        self._released = False
+
+    def __repr__(self):
+        return f"<blero.Executor max_workers={self._max_workers}>"
+
+    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple]:
+        """The job name, options and arguments of a call of `fn`."""
+        if isinstance(fn, Task):
+            return fn.name, fn._options, args
+        if inspect.ismethod(fn):      # its object travels with the arguments
+            fn, args = fn.__func__, (fn.__self__,) + args
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        name = _importable(fn)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            known = name in self._fns
+            self._fns.setdefault(name, fn)
+            p = self._processor
+        if p is None:
+            p = self._blero._add_processor(self._run, frozenset([name]), self._max_workers,
+                                           task_names=[name])
+            with self._lock:
+                self._processor = p
+        elif not known:
+            self._blero._retake(p, p.names | {name})
+        return name, {}, args
+
+    def submit(self, fn, /, *args, **kwargs) -> JobFuture:
+        """Run `fn(*args, **kwargs)` as a job; return its future."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        name, options, args = self._target(fn, args)
+        future = self._blero._enqueue_calls(name, [(args, kwargs)], options,
+                                            resumable=True)[0]
+        self._track([future])
+        return future
+
+    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1):
+        """`fn` over the iterables, a job per call: an iterator of the
+        results in order, as `concurrent.futures.Executor.map`."""
+        timeout = _seconds("timeout", timeout, optional=True)
+        _integer("chunksize", chunksize, least=1)    # (every call is a job of its own)
+        end = None if timeout is None else time.monotonic() + timeout
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        calls = list(zip(*iterables))
+        futures = []
+        if calls:
+            name, options, first = self._target(fn, calls[0])
+            extra = len(first) - len(calls[0])      # a bound method's object
+            calls = [(first[:extra] + args, {}) for args in calls]
+            futures = self._blero._enqueue_calls(name, calls, options, resumable=True)
+            self._track(futures)
+        return self._results(futures, end)
+
+    @staticmethod
+    def _results(futures: list[JobFuture], end: float | None):
+        futures.reverse()
+        try:
+            while futures:
+                f = futures.pop()
+                yield f.result(None if end is None else max(0.0, end - time.monotonic()))
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more calls; with `cancel_futures` cancel those not
+        started; with `wait`, return once every call has ended.  Once they
+        all have, the calls are released and the workers go."""
+        with self._lock:
+            self._shutdown = True
+            futures = list(self._futures)
+        if cancel_futures:
+            for f in futures:
+                f.cancel()
+        if wait:
+            concurrent.futures.wait(futures)
+        self._ended_one(None)
+
+    def _track(self, futures: list[JobFuture]) -> None:
+        with self._lock:
+            self._futures.extend(futures)
+            self._open += len(futures)
+        for f in futures:
+            f.add_done_callback(self._ended_one)
+
+    def _ended_one(self, future: JobFuture | None) -> None:
+        with self._lock:
+            if future is not None:
+                self._open -= 1
+            if not self._shutdown or self._open or self._released:
+                return
+            self._released = True
+            futures, self._futures = self._futures, []
+            p = self._processor
+        self._blero._release(futures)
+        if p is not None:
+            self._blero._drop_processor(p.id, task_names=p.names)
+
+    def _run(self, job: Job):
+        args, kwargs = _call_args(job)
+        return self._fns[job.name](*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------

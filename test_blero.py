@@ -5,7 +5,9 @@ multi-process safety with real processes sharing one file.  Nothing waits
 with a bare sleep: every wait is for a condition, with a deadline.
 """
 
+import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import functools
@@ -6074,6 +6076,320 @@ class DashboardInChromiumTest(TempDirTest):
         browser.evaluate("document.getElementById('older').click()")
         browser.wait_for(f"{rows}[0] === {ids[::-1][25]}", "the second page")
         self.assertEqual(browser.evaluate(rows), ids[::-1][25:50])
+
+
+# -- Tasks, futures and the executor -----------------------------------------------
+
+def square(x):
+    return x * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def fail_on(x, bad):
+    if x == bad:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+class UnpicklableError(Exception):
+    def __init__(self, text):
+        super().__init__(text)
+        self.lock = threading.Lock()    # pickle refuses it
+
+
+class GoneError(Exception):
+    """Removed from the module in a test: it no longer imports."""
+
+
+def raise_gone():
+    raise GoneError("class gone")
+
+
+def raise_unpicklable():
+    raise UnpicklableError("not picklable")
+
+
+class Counted:
+    """A picklable object with a method an executor may run."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def plus(self, x):
+        return self.base + x
+
+
+@both_engines
+class TaskTest(TempDirTest):
+    """@bl.task, Task, JobFuture and bl.future: calls are jobs."""
+
+    def test_a_task_is_named_by_its_function_and_runs_directly_when_called(self):
+        bl = self.queue()
+        task = bl.task(square)
+        self.assertIsInstance(task, blero.Task)
+        self.assertEqual(task.name, "test_blero.square")
+        self.assertEqual(task(7), 49)
+        self.assertEqual(bl.stats()["pending"], 0, "a direct call is no job")
+        future = task.enqueue(6)
+        self.assertIsInstance(future, blero.JobFuture)
+        self.assertIsInstance(future, concurrent.futures.Future)
+        self.assertEqual(future.result(10), 36)
+        info = bl.get_job(future.id)
+        self.assertEqual((info.name, info.state, info.result), ("test_blero.square", "complete", 36))
+        self.assertEqual(bl.wait(future.id, 10), 36)
+
+    def test_task_options_and_using(self):
+        bl = self.queue()
+
+        @bl.task(name="adder", concurrency=2, retries=7, priority=3, timeout=30)
+        def adder(a, b=0):
+            return a + b
+
+        self.assertEqual(adder.name, "adder")
+        f = adder.enqueue(1, b=2)
+        self.assertEqual(f.result(10), 3)
+        info = bl.get_job(f.id)
+        self.assertEqual((info.max_attempts, info.priority), (8, 3))
+        keyed = adder.using(key="k", retries=0)
+        a, b = keyed.enqueue(1), keyed.enqueue(5)
+        self.assertEqual(a.id, b.id, "a key answers with the stored job")
+        self.assertEqual(b.result(10), 1)
+        self.assertEqual(bl.get_job(a.id).max_attempts, 1)
+        self.assertEqual(adder.using(delay=3600).enqueue(2).done(), False)
+        with self.assertRaises(TypeError):
+            adder.using(colour="red")
+
+    def test_a_function_that_cannot_be_named_needs_a_name(self):
+        bl = self.queue()
+        with self.assertRaisesRegex(TypeError, "lambda"):
+            bl.task(lambda x: x)
+
+        def nested(x):
+            return x
+        with self.assertRaisesRegex(TypeError, "nested"):
+            bl.task(nested)
+        with self.assertRaisesRegex(TypeError, "qualified name"):
+            bl.task(functools.partial(add, 1))
+        for bad in ("", 3):
+            with self.assertRaises((TypeError, ValueError)):
+                bl.task(name=bad)(add)
+        with self.assertRaises(ValueError):
+            bl.task(concurrency=0)(add)
+        self.assertEqual(bl.task(name="nested")(nested).enqueue(4).result(10), 4)
+        self.assertEqual(bl.stats()["complete"], 1)
+
+    def test_unpicklable_arguments_raise_type_error_and_store_nothing(self):
+        bl = self.queue()
+        task = bl.task(add)
+        with self.assertRaises(TypeError):
+            task.enqueue(threading.Lock())
+        with self.assertRaises(TypeError):
+            task.map([1, threading.Lock()])
+        self.assertEqual(sum(bl.stats().values()), 0)
+
+    def test_map_results_in_order_empty_and_generators(self):
+        bl = self.queue()
+        task = bl.task(concurrency=4)(add)
+        self.assertEqual(task.map(range(50), range(50)), [2 * i for i in range(50)])
+        self.assertEqual(task.map([]), [])
+        self.assertEqual(task.map(i for i in range(5)), [0, 1, 2, 3, 4])
+        self.assertEqual(bl.stats()["complete"], 55)
+
+    def test_map_raises_the_first_failure_after_every_call_ended(self):
+        bl = self.queue(retries=0)
+        task = bl.task(concurrency=3)(fail_on)
+        with self.assertRaisesRegex(ValueError, "bad 3"):
+            task.map(range(20), [3] * 20)
+        self.assertEqual(bl.stats()["complete"], 19)
+        self.assertEqual(bl.stats()["failed"], 1)
+        self.assertEqual(bl.stats()["pending"] + bl.stats()["inprogress"], 0)
+
+    def test_the_same_call_twice_runs_twice_and_a_finished_map_runs_again(self):
+        bl = self.queue()
+        task = bl.task(square)
+        self.assertEqual(task.map([2, 2, 2]), [4, 4, 4])
+        self.assertEqual(len(bl.jobs("complete")), 3)
+        self.assertEqual(task.map([2, 2]), [4, 4])
+        self.assertEqual(len(bl.jobs("complete")), 5, "a map that returned is released")
+        self.assertTrue(all(j.key is None for j in bl.jobs()))
+
+    def test_processors_of_any_name_take_no_task_jobs(self):
+        bl = self.queue()
+        taken = []
+        bl.register_processor(lambda job: taken.append(job.name))
+        task = bl.task(square)
+        plain = bl.enqueue("plain")
+        self.assertEqual(task.map(range(20)), [i * i for i in range(20)])
+        bl.wait(plain, 10)
+        self.assertTrue(bl.join(10))
+        self.assertEqual(taken, ["plain"])
+
+    def test_jobs_of_a_task_not_registered_wait_and_run_once_it_is(self):
+        bl = self.queue()
+        job_id = bl.enqueue("test_blero.square", ((5,), {}))
+        future = bl.future(job_id)
+        with self.assertLogs("blero", logging.WARNING) as logs:
+            self.assertFalse(bl.join(timeout=0.5))
+        self.assertIn("test_blero.square", "\n".join(logs.output))
+        self.assertEqual(bl.get_job(job_id).state, "pending")
+        self.assertFalse(future.done())
+        bl.task(square)
+        self.assertEqual(future.result(10), 25)
+
+    def test_registering_a_task_again_replaces_it(self):
+        bl = self.queue()
+        bl.task(name="t")(square)
+        again = bl.task(name="t")(add)
+        self.assertEqual(again.enqueue(2, 3).result(10), 5)
+        self.assertEqual(len(bl._tasks), 1)
+
+    def test_a_failed_call_raises_its_own_exception(self):
+        bl = self.queue(retries=1, backoff_base=0)
+        task = bl.task(fail_on)
+        future = task.enqueue(1, 1)
+        with self.assertRaisesRegex(ValueError, "bad 1"):
+            future.result(10)
+        self.assertIsInstance(future.exception(), ValueError)
+        with self.assertRaises(blero.JobFailed) as caught:
+            bl.wait(future.id, 10)
+        self.assertIsInstance(caught.exception.exception, ValueError)
+        self.assertIn("bad 1", caught.exception.error)
+        self.assertIsNone(bl.get_job(future.id).result)
+        # the same from the stored outcome (another run would see)
+        with self.assertRaisesRegex(ValueError, "bad 1"):
+            bl.future(future.id).result(10)
+
+    def test_an_exception_that_cannot_be_pickled_is_job_failed_with_its_text(self):
+        bl = self.queue(retries=0)
+        future = bl.task(raise_unpicklable).enqueue()
+        with self.assertRaises(blero.JobFailed) as caught:
+            future.result(10)
+        self.assertIn("not picklable", caught.exception.error)
+        self.assertIsNone(caught.exception.exception)
+        with self.assertRaises(blero.JobFailed):
+            bl.future(future.id).result(10)
+        self.assertEqual(bl.task(square).enqueue(3).result(10), 9, "the queue goes on")
+
+    def test_an_exception_whose_class_is_gone_is_job_failed(self):
+        bl = self.queue(retries=0)
+        future = bl.task(raise_gone).enqueue()
+        with self.assertRaises(GoneError):
+            future.result(10)
+        module = sys.modules[__name__]
+        gone = module.GoneError
+        del module.GoneError
+        try:
+            with self.assertRaises(blero.JobFailed) as caught:
+                bl.future(future.id).result(10)
+            self.assertIn("class gone", caught.exception.error)
+            with self.assertRaises(blero.JobFailed) as caught:
+                bl.wait(future.id)
+            self.assertIsNone(caught.exception.exception)
+        finally:
+            module.GoneError = gone
+
+    def test_futures_work_with_wait_and_as_completed(self):
+        bl = self.queue()
+        task = bl.task(concurrency=3)(square)
+        futures = [task.enqueue(i) for i in range(10)]
+        done, pending = concurrent.futures.wait(futures, timeout=10)
+        self.assertEqual((len(done), len(pending)), (10, 0))
+        more = [task.enqueue(i) for i in range(10)]
+        got = sorted(f.result() for f in concurrent.futures.as_completed(more, timeout=10))
+        self.assertEqual(got, sorted(i * i for i in range(10)))
+        calls = []
+        more[0].add_done_callback(calls.append)
+        self.assertEqual(calls, [more[0]])
+
+    def test_cancel_follows_concurrent_futures(self):
+        bl = self.queue()
+        task = bl.task(square)
+        waiting = task.using(delay=3600).enqueue(3)
+        self.assertTrue(waiting.cancel())
+        self.assertTrue(waiting.cancelled())
+        self.assertEqual(bl.get_job(waiting.id).state, "cancelled")
+        with self.assertRaises(concurrent.futures.CancelledError):
+            waiting.result(1)
+        done, _ = concurrent.futures.wait([waiting], timeout=10)
+        self.assertEqual(done, {waiting})
+        finished = task.enqueue(2)
+        self.assertEqual(finished.result(10), 4)
+        self.assertFalse(finished.cancel())
+        other = task.using(delay=3600).enqueue(4)
+        self.assertTrue(bl.cancel(other.id))
+        with self.assertRaises(blero.JobCancelled):
+            other.result(10)
+
+    def test_a_running_job_is_not_cancelled_by_its_future(self):
+        bl = self.queue()
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        @bl.task(name="slow")
+        def slow():
+            started.set()
+            release.wait(10)
+            return "done"
+
+        future = slow.enqueue()
+        self.assertTrue(started.wait(10))
+        self.assertFalse(future.cancel())
+        release.set()
+        self.assertEqual(future.result(10), "done")
+
+    def test_future_of_a_job_of_an_earlier_run_and_an_unknown_id(self):
+        bl = self.queue()
+        done_id = bl.task(square).enqueue(9).id
+        bl.wait(done_id, 10)
+        later = bl.task(name="later")(square).using(delay=0.5).enqueue(2).id
+        bl.stop()
+        bl2 = self.queue(start=False)
+        self.assertEqual(bl2.future(done_id).result(10), 81, "on a stopped queue too")
+        future = bl2.future(later)
+        self.assertFalse(future.done())
+        with self.assertRaises(KeyError):
+            bl2.future(10 ** 6)
+        bl2.start()
+        bl2.task(name="later")(square)
+        self.assertEqual(future.result(10), 4)
+
+    def test_a_job_swept_after_it_ended_still_gives_its_result(self):
+        swept = []
+        bl = self.queue(on_complete=lambda job, result: swept.append(bl.sweep()))
+        task = bl.task(concurrency=2)(square)
+        futures = [task.enqueue(i) for i in range(30)]
+        self.assertEqual([f.result(10) for f in futures], [i * i for i in range(30)])
+        self.assertEqual(sum(swept), 30)
+        self.assertIsNone(bl.get_job(futures[0].id))
+
+    def test_a_future_is_awaitable(self):
+        bl = self.queue()
+        task = bl.task(square)
+
+        async def main():
+            future = await task.aenqueue(5)
+            job_id = await bl.aenqueue("test_blero.square", ((6,), {}))
+            ids = await bl.aenqueue_many([("test_blero.square", ((7,), {}))])
+            return await future, await bl.future(job_id), await bl.future(ids[0])
+
+        self.assertEqual(asyncio.run(main()), (25, 36, 49))
+
+    def test_a_job_another_process_completes_resolves_the_future(self):
+        bl = self.queue()
+        job_id = bl.enqueue("elsewhere", 21)
+        future = bl.future(job_id)
+        child = run_child("""
+            import sys, blero
+            bl = blero.new(sys.argv[1]).start()
+            bl.register_processor(lambda job: job.data * 2, names="elsewhere")
+            bl.join()
+            bl.stop()
+        """, self.target())
+        self.assertEqual(child.returncode, 0, child.stderr)
+        self.assertEqual(future.result(10), 42)
 
 
 if __name__ == "__main__":
