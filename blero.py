@@ -3816,9 +3816,8 @@ class Blero:
                                  f"call(s) not ended; a later run carries on with them")
             futures = list(pending)
 
-    def _release(self, futures: list[JobFuture]) -> None:
+    def _release(self, ids: list[int]) -> None:
         """Clear the keys of these calls' jobs: a later run computes them afresh."""
-        ids = [f.id for f in futures]
         if ids:
             with self._store(operating=True) as storage:
                 storage.clear_keys(ids)
@@ -4349,7 +4348,7 @@ class Task:
         blero = self._blero
         futures = blero._enqueue_calls(self.name, calls, self._options, resumable=True)
         blero._wait_all(futures)
-        blero._release(futures)
+        blero._release([f.id for f in futures])
         return [f.result() for f in futures]
 
     def _run(self, job: Job):
@@ -4366,13 +4365,18 @@ class Executor(concurrent.futures.Executor):
     released once the executor is shut down with all of them ended."""
 
     def __init__(self, blero: Blero, max_workers: int = 5):
+        if isinstance(max_workers, int) and not isinstance(max_workers, bool) \
+                and max_workers <= 0:
+            raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
         self._max_workers = _integer("max_workers", max_workers, least=1)
         self._blero = blero
         self._lock = threading.Lock()   # guards everything below
         self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
         self._processor: _Processor | None = None
-        self._futures: list[JobFuture] = []
-        self._open = 0                  # futures not done yet
+        # Its calls' job ids (released at the end), and the futures not done
+        # yet: a done one is the caller's alone (its result may be big).
+        self._ids: list[int] = []
+        self._pending: set[JobFuture] = set()
         self._shutdown = False
         self._released = False
 
@@ -4436,8 +4440,8 @@ class Executor(concurrent.futures.Executor):
         futures.reverse()
         try:
             while futures:
-                f = futures.pop()
-                yield f.result(None if end is None else max(0.0, end - time.monotonic()))
+                # (no name holds the future while its result is yielded)
+                yield _result_of(futures.pop(), end)
         finally:
             for f in futures:
                 f.cancel()
@@ -4448,7 +4452,7 @@ class Executor(concurrent.futures.Executor):
         all have, the calls are released and the workers go."""
         with self._lock:
             self._shutdown = True
-            futures = list(self._futures)
+            futures = list(self._pending)
         if cancel_futures:
             for f in futures:
                 f.cancel()
@@ -4458,27 +4462,30 @@ class Executor(concurrent.futures.Executor):
 
     def _track(self, futures: list[JobFuture]) -> None:
         with self._lock:
-            self._futures.extend(futures)
-            self._open += len(futures)
+            self._ids.extend(f.id for f in futures)
+            self._pending.update(futures)
         for f in futures:
             f.add_done_callback(self._ended_one)
 
     def _ended_one(self, future: JobFuture | None) -> None:
         with self._lock:
-            if future is not None:
-                self._open -= 1
-            if not self._shutdown or self._open or self._released:
+            self._pending.discard(future)
+            if not self._shutdown or self._pending or self._released:
                 return
             self._released = True
-            futures, self._futures = self._futures, []
+            ids, self._ids = self._ids, []
             p = self._processor
-        self._blero._release(futures)
+        self._blero._release(ids)
         if p is not None:
             self._blero._drop_processor(p.id, task_names=p.names)
 
     def _run(self, job: Job):
         args, kwargs = _call_args(job)
         return self._fns[job.name](*args, **kwargs)
+
+
+def _result_of(future: JobFuture, end: float | None):
+    return future.result(None if end is None else max(0.0, end - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------

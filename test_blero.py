@@ -6392,5 +6392,421 @@ class TaskTest(TempDirTest):
         self.assertEqual(future.result(10), 42)
 
 
+def mul(x, y):
+    return x * y
+
+
+def capture(*args, **kwargs):
+    return args, kwargs
+
+
+EVENTS = collections.defaultdict(threading.Event)   # by name: importable calls wait on them
+
+
+def wait_event(name, timeout=30):
+    return EVENTS[name].wait(timeout)
+
+
+def wait_and_raise(name):
+    EVENTS[name].wait(30)
+    raise Exception("this is an exception")
+
+
+class DummyObject:
+    def my_method(self):
+        pass
+
+
+def make_dummy_object(_):
+    return DummyObject()
+
+
+def done_future(state, result=None, exception=None):
+    """A plain concurrent.futures.Future in that state (as CPython's tests make)."""
+    f = concurrent.futures.Future()
+    f._state, f._result, f._exception = state, result, exception
+    return f
+
+
+@both_engines
+class ExecutorTest(TempDirTest):
+    """bl.executor(): a concurrent.futures.Executor whose calls are jobs."""
+
+    def setUp(self):
+        super().setUp()
+        self.bl = self.queue()
+        self.executor = self.bl.executor(5)
+        self.addCleanup(self.executor.shutdown, cancel_futures=True)
+
+    def test_submit_and_map_run_jobs(self):
+        self.assertIsInstance(self.executor, concurrent.futures.Executor)
+        future = self.executor.submit(add, 2, b=3)
+        self.assertEqual(future.result(10), 5)
+        self.assertEqual(self.bl.get_job(future.id).name, "test_blero.add")
+        self.assertEqual(list(self.executor.map(square, range(20))), [i * i for i in range(20)])
+        self.assertEqual(list(self.executor.map(square, [])), [])
+        self.assertEqual(list(self.executor.map(add, (i for i in range(3)), [10] * 3)),
+                         [10, 11, 12])
+        self.assertEqual(self.executor.submit(Counted(5).plus, 1).result(10), 6,
+                         "a bound method of a picklable object")
+
+    def test_a_task_submitted_runs_as_the_task(self):
+        task = self.bl.task(name="sq", concurrency=2)(square)
+        future = self.executor.submit(task, 4)
+        self.assertEqual(future.result(10), 16)
+        self.assertEqual(self.bl.get_job(future.id).name, "sq")
+        self.assertEqual(list(self.executor.map(task, [1, 2])), [1, 4])
+
+    def test_what_cannot_be_imported_by_name_is_refused_and_nothing_stored(self):
+        def nested(x):
+            return x
+        lock = threading.Lock()
+        for fn, why in ((lambda x: x, "lambda"), (nested, "nested"),
+                        (functools.partial(add, 1), "qualified name")):
+            with self.assertRaisesRegex(TypeError, why):
+                self.executor.submit(fn, 1)
+            with self.assertRaisesRegex(TypeError, why):
+                self.executor.map(fn, [1])
+        with self.assertRaises(TypeError):
+            self.executor.submit(UnpicklableError("x").with_traceback, None)
+        with self.assertRaises(TypeError):
+            self.executor.submit(add, lock)
+        self.assertEqual(sum(self.bl.stats().values()), 0)
+
+    def test_map_raises_a_failure_at_its_place(self):
+        results = self.executor.map(fail_on, range(10), [4] * 10)
+        self.assertEqual([next(results) for _ in range(4)], [0, 1, 2, 3])
+        with self.assertRaisesRegex(ValueError, "bad 4"):
+            next(results)
+
+    def test_the_same_call_twice_in_one_run_runs_twice(self):
+        a, b = self.executor.submit(square, 3), self.executor.submit(square, 3)
+        self.assertNotEqual(a.id, b.id)
+        self.assertEqual((a.result(10), b.result(10)), (9, 9))
+
+    def test_two_executors_never_share_jobs(self):
+        other = self.bl.executor(2)
+        self.addCleanup(other.shutdown)
+        ids = set()
+        lock = threading.Lock()
+
+        def submit(ex):
+            for _ in range(20):
+                f = ex.submit(square, 7)
+                with lock:
+                    ids.add(f.id)
+        threads = [threading.Thread(target=submit, args=(ex,)) for ex in (self.executor, other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(ids), 40)
+
+    def test_shutdown_releases_the_calls(self):
+        with self.bl.executor(3) as ex:
+            self.assertEqual(list(ex.map(square, [1, 2, 3])), [1, 4, 9])
+        self.assertTrue(all(j.key is None for j in self.bl.jobs()))
+        with self.assertRaises(RuntimeError):
+            ex.submit(square, 1)
+        again = self.bl.executor(3)
+        self.assertEqual(list(again.map(square, [1, 2, 3])), [1, 4, 9])
+        again.shutdown()
+        self.assertEqual(self.bl.stats()["complete"], 6, "a finished run is run again")
+
+    def test_cancel_futures_cancels_only_this_executors_pending_jobs(self):
+        EVENTS["block"].clear()
+        self.addCleanup(EVENTS["block"].set)
+        other = self.bl.executor(1)     # (of other functions: see the README)
+        self.addCleanup(other.shutdown, cancel_futures=True)
+        busy = other.submit(wait_and_raise, "block")
+        theirs = other.submit(add, 1, 1)
+        ex = self.bl.executor(1)
+        running = ex.submit(wait_event, "block")
+        wait_until(lambda: {self.bl.get_job(f.id).state for f in (busy, running)}
+                   == {"inprogress"})
+        queued = [ex.submit(square, i) for i in range(5)]
+        plain = self.bl.enqueue("plain", delay=3600)
+        ex.shutdown(wait=False, cancel_futures=True)
+        self.assertTrue(all(f.cancelled() for f in queued))
+        self.assertEqual(self.bl.get_job(plain).state, "pending")
+        self.assertFalse(running.done() or theirs.done())
+        EVENTS["block"].set()
+        self.assertTrue(running.result(10))
+        self.assertEqual(theirs.result(10), 2)
+
+    def test_shutdown_without_waiting_and_a_stop_hands_running_jobs_back(self):
+        EVENTS["hold"].clear()
+        self.addCleanup(EVENTS["hold"].set)
+        ex = self.bl.executor(1)
+        running = ex.submit(wait_event, "hold", 3)
+        wait_until(lambda: self.bl.get_job(running.id).state == "inprogress")
+        ex.shutdown(wait=False)     # returns at once
+        self.bl.stop(timeout=0)
+        info = self.bl.get_job(running.id)
+        self.assertEqual(info.state, "pending")
+        self.assertEqual(info.max_attempts, 1 + 3 + 1, "the hand-back used up no try")
+        self.assertFalse(running.done())
+
+
+@both_engines
+class CPythonExecutorTest(TempDirTest):
+    """The generic tests of CPython's Lib/test/test_concurrent_futures
+    (executor.py, test_wait.py, test_as_completed.py, test_shutdown.py)
+    that use importable functions only, run against blero.Executor.  Those
+    waiting on `event.wait` (a bound method of a threading.Event, which no
+    job can carry) wait on an event by name instead."""
+
+    worker_count = 5
+
+    def setUp(self):
+        super().setUp()
+        self.bl = self.queue()
+        self.executor = self.bl.executor(self.worker_count)
+        self.addCleanup(self.executor.shutdown, cancel_futures=True)
+        self.addCleanup(lambda: [e.set() for e in EVENTS.values()])
+        EVENTS.clear()
+        self.CANCELLED_FUTURE = done_future("CANCELLED")
+        self.CANCELLED_AND_NOTIFIED_FUTURE = done_future("CANCELLED_AND_NOTIFIED")
+        self.EXCEPTION_FUTURE = done_future("FINISHED", exception=OSError())
+        self.SUCCESSFUL_FUTURE = done_future("FINISHED", result=42)
+
+    # executor.py
+    def test_submit(self):
+        self.assertEqual(256, self.executor.submit(pow, 2, 8).result())
+
+    def test_submit_keyword(self):
+        self.assertEqual(16, self.executor.submit(mul, 2, y=8).result())
+        future = self.executor.submit(capture, 1, self=2, fn=3)
+        self.assertEqual(future.result(), ((1,), {"self": 2, "fn": 3}))
+        with self.assertRaises(TypeError):
+            self.executor.submit(fn=capture, arg=1)
+        with self.assertRaises(TypeError):
+            self.executor.submit(arg=1)
+
+    def test_map(self):
+        self.assertEqual(list(self.executor.map(pow, range(10), range(10))),
+                         list(map(pow, range(10), range(10))))
+        self.assertEqual(list(self.executor.map(pow, range(10), range(10), chunksize=3)),
+                         list(map(pow, range(10), range(10))))
+
+    def test_map_exception(self):
+        i = self.executor.map(divmod, [1, 1, 1, 1], [2, 3, 0, 5])
+        self.assertEqual(i.__next__(), (0, 1))
+        self.assertEqual(i.__next__(), (0, 1))
+        with self.assertRaises(ZeroDivisionError):
+            i.__next__()
+
+    def test_map_timeout(self):
+        results = []
+        try:
+            for i in self.executor.map(time.sleep, [0, 0, 6], timeout=5):
+                results.append(i)
+        except concurrent.futures.TimeoutError:
+            pass
+        else:
+            self.fail("expected TimeoutError")
+        self.assertEqual([None, None], results)
+
+    def test_shutdown_race_issue12456(self):
+        self.executor.map(str, [2] * (self.worker_count + 1))
+        self.executor.shutdown()
+
+    def test_no_stale_references(self):
+        my_object = DummyObject()
+        collected = threading.Event()
+        ref = weakref.ref(my_object, lambda obj: collected.set())   # noqa: F841
+        self.executor.submit(my_object.my_method)
+        del my_object
+        self.assertTrue(collected.wait(10), "stale reference not collected")
+
+    def test_max_workers_negative(self):
+        for number in (0, -1):
+            with self.assertRaisesRegex(ValueError, "max_workers must be greater than 0"):
+                self.bl.executor(max_workers=number)
+
+    def test_free_reference(self):
+        for obj in self.executor.map(make_dummy_object, range(10)):
+            wr = weakref.ref(obj)
+            del obj
+            gc.collect()
+            self.assertIsNone(wr())
+
+    # test_wait.py
+    def test_20369(self):
+        future = self.executor.submit(mul, 1, 2)
+        done, not_done = concurrent.futures.wait([future, future],
+                                                 return_when=concurrent.futures.ALL_COMPLETED)
+        self.assertEqual({future}, done)
+        self.assertEqual(set(), not_done)
+
+    def test_first_completed(self):
+        future1 = self.executor.submit(mul, 21, 2)
+        future2 = self.executor.submit(wait_event, "e")
+        try:
+            done, not_done = concurrent.futures.wait(
+                [self.CANCELLED_FUTURE, future1, future2],
+                return_when=concurrent.futures.FIRST_COMPLETED)
+            self.assertEqual({future1}, done)
+            self.assertEqual({self.CANCELLED_FUTURE, future2}, not_done)
+        finally:
+            EVENTS["e"].set()
+        future2.result()
+
+    def test_first_completed_some_already_completed(self):
+        future1 = self.executor.submit(wait_event, "e")
+        try:
+            finished, pending = concurrent.futures.wait(
+                [self.CANCELLED_AND_NOTIFIED_FUTURE, self.SUCCESSFUL_FUTURE, future1],
+                return_when=concurrent.futures.FIRST_COMPLETED)
+            self.assertEqual({self.CANCELLED_AND_NOTIFIED_FUTURE, self.SUCCESSFUL_FUTURE},
+                             finished)
+            self.assertEqual({future1}, pending)
+        finally:
+            EVENTS["e"].set()
+        future1.result()
+
+    def test_first_exception(self):
+        try:
+            future1 = self.executor.submit(mul, 2, 21)
+            future2 = self.executor.submit(wait_and_raise, "e1")
+            future3 = self.executor.submit(wait_event, "e2")
+
+            def wait_for_future1():
+                future1.result()
+                EVENTS["e1"].set()
+            t = threading.Thread(target=wait_for_future1)
+            t.start()
+            finished, pending = concurrent.futures.wait(
+                [future1, future2, future3], return_when=concurrent.futures.FIRST_EXCEPTION)
+            self.assertEqual({future1, future2}, finished)
+            self.assertEqual({future3}, pending)
+            t.join()
+        finally:
+            EVENTS["e1"].set()
+            EVENTS["e2"].set()
+        future3.result()
+
+    def test_first_exception_some_already_complete(self):
+        future1 = self.executor.submit(divmod, 21, 0)
+        future2 = self.executor.submit(wait_event, "e")
+        try:
+            finished, pending = concurrent.futures.wait(
+                [self.SUCCESSFUL_FUTURE, self.CANCELLED_FUTURE,
+                 self.CANCELLED_AND_NOTIFIED_FUTURE, future1, future2],
+                return_when=concurrent.futures.FIRST_EXCEPTION)
+            self.assertEqual({self.SUCCESSFUL_FUTURE, self.CANCELLED_AND_NOTIFIED_FUTURE,
+                              future1}, finished)
+            self.assertEqual({self.CANCELLED_FUTURE, future2}, pending)
+        finally:
+            EVENTS["e"].set()
+        future2.result()
+
+    def test_first_exception_one_already_failed(self):
+        future1 = self.executor.submit(wait_event, "e")
+        try:
+            finished, pending = concurrent.futures.wait(
+                [self.EXCEPTION_FUTURE, future1], return_when=concurrent.futures.FIRST_EXCEPTION)
+            self.assertEqual({self.EXCEPTION_FUTURE}, finished)
+            self.assertEqual({future1}, pending)
+        finally:
+            EVENTS["e"].set()
+        future1.result()
+
+    def test_all_completed(self):
+        future1 = self.executor.submit(divmod, 2, 0)
+        future2 = self.executor.submit(mul, 2, 21)
+        finished, pending = concurrent.futures.wait(
+            [self.SUCCESSFUL_FUTURE, self.CANCELLED_AND_NOTIFIED_FUTURE, self.EXCEPTION_FUTURE,
+             future1, future2], return_when=concurrent.futures.ALL_COMPLETED)
+        self.assertEqual({self.SUCCESSFUL_FUTURE, self.CANCELLED_AND_NOTIFIED_FUTURE,
+                          self.EXCEPTION_FUTURE, future1, future2}, finished)
+        self.assertEqual(set(), pending)
+
+    def test_timeout(self):
+        future = self.executor.submit(wait_event, "e")
+        try:
+            finished, pending = concurrent.futures.wait(
+                [self.CANCELLED_AND_NOTIFIED_FUTURE, self.EXCEPTION_FUTURE,
+                 self.SUCCESSFUL_FUTURE, future],
+                timeout=0.050, return_when=concurrent.futures.ALL_COMPLETED)
+            self.assertEqual({self.CANCELLED_AND_NOTIFIED_FUTURE, self.EXCEPTION_FUTURE,
+                              self.SUCCESSFUL_FUTURE}, finished)
+            self.assertEqual({future}, pending)
+        finally:
+            EVENTS["e"].set()
+        future.result()
+
+    # test_as_completed.py
+    def test_no_timeout(self):
+        future1 = self.executor.submit(mul, 2, 21)
+        future2 = self.executor.submit(mul, 7, 6)
+        completed = set(concurrent.futures.as_completed(
+            [self.CANCELLED_AND_NOTIFIED_FUTURE, self.EXCEPTION_FUTURE,
+             self.SUCCESSFUL_FUTURE, future1, future2]))
+        self.assertEqual({self.CANCELLED_AND_NOTIFIED_FUTURE, self.EXCEPTION_FUTURE,
+                          self.SUCCESSFUL_FUTURE, future1, future2}, completed)
+
+    def test_future_times_out(self):
+        already_completed = {self.CANCELLED_AND_NOTIFIED_FUTURE, self.EXCEPTION_FUTURE,
+                             self.SUCCESSFUL_FUTURE}
+        for timeout in (0, 0.100):
+            with self.subTest(timeout):
+                completed_futures = set()
+                future = self.executor.submit(time.sleep, 1.0)
+                try:
+                    for f in concurrent.futures.as_completed(already_completed | {future},
+                                                             timeout):
+                        completed_futures.add(f)
+                except concurrent.futures.TimeoutError:
+                    pass
+                self.assertEqual(completed_futures, already_completed)
+
+    def test_duplicate_futures(self):
+        future1 = self.executor.submit(time.sleep, 2)
+        completed = list(concurrent.futures.as_completed([future1] * 3))
+        self.assertEqual(len(completed), 1)
+
+    # test_shutdown.py
+    def test_run_after_shutdown(self):
+        self.executor.shutdown()
+        self.assertRaises(RuntimeError, self.executor.submit, pow, 2, 5)
+
+    def test_hang_issue12364(self):
+        fs = [self.executor.submit(time.sleep, 0.1) for _ in range(50)]
+        self.executor.shutdown()
+        for f in fs:
+            f.result()
+
+    def test_cancel_futures(self):
+        fs = [self.executor.submit(time.sleep, .1) for _ in range(50)]
+        self.executor.shutdown(cancel_futures=True)
+        cancelled = [fut for fut in fs if fut.cancelled()]
+        self.assertGreater(len(cancelled), 20)
+        others = [fut for fut in fs if not fut.cancelled()]
+        for fut in others:
+            self.assertTrue(fut.done())
+            self.assertIsNone(fut.exception())
+        self.assertGreater(len(others), 0)
+
+    def test_hang_gh94440(self):
+        executor = self.bl.executor(max_workers=1)
+        executor.submit(int).result()
+        executor.submit(int).cancel()
+        done = threading.Event()
+        threading.Thread(target=lambda: (executor.shutdown(wait=True), done.set()),
+                         daemon=True).start()
+        self.assertTrue(done.wait(5), "timed out waiting for shutdown")
+
+    def test_context_manager_shutdown(self):
+        with self.bl.executor(max_workers=5) as e:
+            self.assertEqual(list(e.map(abs, range(-5, 5))), [5, 4, 3, 2, 1, 0, 1, 2, 3, 4])
+
+    def test_shutdown_no_wait(self):
+        executor = self.bl.executor(max_workers=5)
+        res = executor.map(abs, range(-5, 5))
+        executor.shutdown(wait=False)
+        self.assertTrue(all(r == abs(v) for r, v in zip(res, range(-5, 5))))
+
+
 if __name__ == "__main__":
     unittest.main()
