@@ -219,7 +219,7 @@ class Job:
     """
 
     __slots__ = ("id", "name", "data", "attempt", "max_attempts", "priority",
-                 "key", "enqueued_at", "timeout", "_event", "_cancelled")
+                 "key", "enqueued_at", "timeout", "_event", "_cancelled", "_on_cancel")
 
     def __init__(self, id, name, data, attempt, max_attempts, priority, key,
                  enqueued_at, timeout=None):
@@ -234,6 +234,7 @@ class Job:
         self.timeout = timeout
         self._event = None      # made on first use: most jobs never need one
         self._cancelled = False
+        self._on_cancel = None  # an async try's: cancels its coroutine
 
     @property
     def cancelled(self) -> threading.Event:
@@ -249,9 +250,11 @@ class Job:
     def _cancel(self) -> None:
         with _cancel_lock:
             self._cancelled = True
-            event = self._event
+            event, on_cancel = self._event, self._on_cancel
         if event is not None:
             event.set()
+        if on_cancel is not None:
+            on_cancel()
 
     def __repr__(self):
         return (f"Job(id={self.id}, name={self.name!r}, data={self.data!r}, "
@@ -2035,7 +2038,7 @@ class _Processor:
     """A registered processor: the callable, the job names it takes, and
     how many workers run it (a task's concurrency)."""
 
-    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "retired")
+    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired")
 
     def __init__(self, id, fn, names, concurrency=1):
         self.id = id
@@ -2045,6 +2048,7 @@ class _Processor:
         # the tasks (a processor of any name takes no task's jobs).
         self.exclude = frozenset()
         self.concurrency = concurrency
+        self.is_async = _is_async(fn)   # its workers are coroutines on the event loop
         self.retired = False    # unregistered: its workers end after their jobs
 
 
@@ -2251,6 +2255,16 @@ class _Worker:
         self.thread = threading.Thread(
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def runs_on(self, thread: threading.Thread) -> bool:
+        """Whether this worker's try is what runs on `thread` now."""
+        return self.thread is thread
+
     def accepts(self, name: str) -> bool:
         p = self.processor
         return name not in p.exclude if p.names is None else name in p.names
@@ -2298,6 +2312,148 @@ class _Worker:
             d.exited(self)
 
 
+class _LoopEvent:
+    """What an async worker sleeps on: set from any thread (as a
+    threading.Event is), waited for by a coroutine on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._flag = False
+        self._event: asyncio.Event | None = None    # made on the loop (3.9 binds it there)
+
+    def set(self) -> None:
+        self._flag = True
+        with contextlib.suppress(RuntimeError):     # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        """(On the loop.)"""
+        self._flag = False
+        if self._event is not None:
+            self._event.clear()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+        if self._flag:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
+class _AsyncWorker(_Worker):
+    """One of an `async def` processor's workers: a coroutine on the queue's
+    event loop thread, running that processor's jobs one at a time, as a
+    thread worker does (the same dispatcher calls, storage ones on the
+    loop's I/O threads so that the loop never waits for the file).  Each try
+    is a task of its own, cancelled for real when the job is cut short."""
+
+    def __init__(self, dispatcher: _Dispatcher, processor: _Processor,
+                 outcome: _Outcome | None = None):
+        super().__init__(dispatcher, processor, outcome)
+        self.loop = dispatcher.event_loop()
+        self.thread = self.loop.thread
+        self.wake = _LoopEvent(self.loop.loop)
+        self.task: asyncio.Task | None = None       # the worker's own
+        self.try_task: asyncio.Task | None = None   # the try running now
+        self.ended = threading.Event()
+
+    def start(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self._begin)
+
+    def _begin(self) -> None:
+        self.task = self.loop.loop.create_task(self._arun())
+
+    def join(self) -> None:
+        self.ended.wait()
+
+    def runs_on(self, thread: threading.Thread) -> bool:
+        if thread is not self.thread:
+            return False
+        current = asyncio.current_task(self.loop.loop)
+        return current is not None and current in (self.task, self.try_task)
+
+    async def _arun(self) -> None:
+        d = self.dispatcher
+        loop = self.loop.loop
+        outcome, self.outcome = self.outcome, None
+        try:
+            while True:
+                claim = d.claiming(self)
+                seq, cancels = d.seq, d.cancels
+                try:
+                    job = await loop.run_in_executor(self.loop.io, d.finish_and_claim,
+                                                     self, outcome, claim)
+                    if self.settling is not None:
+                        self.settled += 1
+                        self.settling = None
+                except Exception as exc:
+                    self.wake.clear()
+                    if d.stopping:
+                        return
+                    d.throttle.error(exc, "%s; retrying in %.1f s", exc, _STORAGE_RETRY)
+                    await self.wake.wait(_STORAGE_RETRY)
+                    continue
+                outcome = None
+                if job is not None:
+                    outcome = await d.execute_async(self, job, cancels)
+                    if outcome is None:
+                        return
+                elif not claim:
+                    return
+                elif d.going_idle(self, seq):
+                    await self.wake.wait()
+        finally:
+            d.exited(self)
+            self.ended.set()
+
+
+class _EventLoop:
+    """The event loop thread of a running queue, for its `async def`
+    processors and tasks: started with the first of them, stopped at the
+    end of the queue's stop.  Storage calls of its workers run on a few
+    I/O threads beside it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.io = concurrent.futures.ThreadPoolExecutor(_LOOP_IO_THREADS,
+                                                        thread_name_prefix="blero-loop-io")
+        self.thread = threading.Thread(target=self._run, name="blero-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def close(self) -> None:
+        """Cancel what is left (the tries cut short, still unwinding),
+        then stop the loop and its I/O threads."""
+        async def finish():
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in left:
+                t.cancel()
+            if left:
+                await asyncio.wait(left, timeout=_LOOP_CLOSE_WAIT)
+            self.loop.stop()
+        if threading.current_thread() is self.thread:
+            self.loop.stop()
+            return
+        asyncio.run_coroutine_threadsafe(finish(), self.loop)
+        self.thread.join()
+        self.io.shutdown(wait=True)
+
+
+_LOOP_IO_THREADS = 4      # storage calls of async workers at once
+_LOOP_CLOSE_WAIT = 1.0    # seconds a stop lets cancelled tries unwind
+
+
 class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
@@ -2340,6 +2496,7 @@ class _Dispatcher:
                       "sweep": now if settings.keep_complete is not None else math.inf}
         self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
                                        daemon=True)
+        self._loop: _EventLoop | None = None    # for async processors, once one comes
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -2360,13 +2517,13 @@ class _Dispatcher:
     def spawn(self, processor: _Processor, outcome: _Outcome | None = None) -> bool:
         """Start a worker thread for `processor`, which first records
         `outcome` if given.  False if stopping."""
-        worker = _Worker(self, processor, outcome)
         with self._lock:
             if self.stopping:
                 return False
+            worker = (_AsyncWorker if processor.is_async else _Worker)(self, processor, outcome)
             self._workers.add(worker)
             wake = _guard.workers_changed(self)   # first: it must see suspects it takes
-            worker.thread.start()   # under the lock: stop() joins only started threads
+            worker.start()      # under the lock: stop() joins only started workers
         if wake:
             _guard.wake_all()
         return True
@@ -2376,6 +2533,12 @@ class _Dispatcher:
         for _ in range(processor.concurrency):
             if not self.spawn(processor):
                 return
+
+    def event_loop(self) -> _EventLoop:
+        """The loop thread of async workers, started by the first (under the lock)."""
+        if self._loop is None:
+            self._loop = _EventLoop()
+        return self._loop
 
     def retire(self, processor: _Processor) -> None:
         """Let `processor`'s worker finish its job, then end."""
@@ -2410,12 +2573,13 @@ class _Dispatcher:
             self._gone.notify_all()
 
     def runs_on(self, thread: threading.Thread) -> _Worker | bool:
-        """The worker running on `thread`; True for the clock thread; else False."""
+        """The worker running on `thread`; True for the clock thread (and the
+        event loop's, outside a try); else False."""
         with self._lock:
             for w in self._workers:
-                if w.thread is thread:
+                if w.runs_on(thread):
                     return w
-        return thread is self._clock
+        return thread is self._clock or (self._loop is not None and thread is self._loop.thread)
 
     def stop(self) -> list[Job]:
         """After `begin_stop`: wait for the running tries until they are cut
@@ -2446,7 +2610,7 @@ class _Dispatcher:
             job._cancel()
         for w in workers:
             if w not in cut and not w.abandoned:
-                w.thread.join()     # ended, or about to: nothing of it lingers
+                w.join()            # ended, or about to: nothing of it lingers
         with self._lock:
             self._clock_stop = True
             self._tick.notify()
@@ -2461,6 +2625,8 @@ class _Dispatcher:
                            suspect=any(w.suspect for w in workers))
         finally:
             _guard.leave(self)
+            if self._loop is not None:
+                self._loop.close()
         return late
 
     def exited(self, worker: _Worker) -> None:
@@ -2487,13 +2653,19 @@ class _Dispatcher:
 
     def idle(self, worker: _Worker, seq: int) -> None:
         """Sleep until new work may be there (unless some came since `seq`)."""
+        if self.going_idle(worker, seq):
+            worker.wake.wait()
+
+    def going_idle(self, worker: _Worker, seq: int) -> bool:
+        """Whether the worker should sleep on its `wake` now (no work came
+        since `seq`): it is among the idle ones then."""
         with self._lock:
             if seq != self.seq or not self.claiming(worker):
-                return
+                return False
             worker.wake.clear()
             self._idle.append(worker)
         self.changed.wake()     # join() looks again when workers run dry
-        worker.wake.wait()
+        return True
 
     def work_arrived(self, names: list[str] | None) -> None:
         """Wake idle workers for new ready jobs: one per job that it accepts,
@@ -2581,6 +2753,40 @@ class _Dispatcher:
     def execute(self, worker: _Worker, job: Job, cancels: int) -> _Outcome | None:
         """Run one try of `job`, claimed when `self.cancels` was `cancels`;
         None if the worker was abandoned meanwhile."""
+        began = self._begin_try(worker, job, cancels)
+        if not isinstance(began, tuple):
+            return began
+        exc = result = None
+        try:
+            result = worker.processor.fn(job)
+        except BaseException as e:   # any failure is the job's, never the worker's
+            exc = e
+        return self._end_try(worker, job, began, exc, result)
+
+    async def execute_async(self, worker: _AsyncWorker, job: Job,
+                            cancels: int) -> _Outcome | None:
+        """`execute` for an async worker: the try is a task of its own,
+        cancelled (CancelledError raised in it) when the job is cut short."""
+        began = self._begin_try(worker, job, cancels)
+        if not isinstance(began, tuple):
+            return began
+        loop = worker.loop.loop
+        exc = result = None
+        try:
+            task = worker.try_task = asyncio.ensure_future(worker.processor.fn(job))
+            job._on_cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+            if job._cancelled:
+                task.cancel()
+            result = await task
+        except BaseException as e:   # CancelledError too: the try was cut short
+            exc = e
+        finally:
+            job._on_cancel = worker.try_task = None
+        return self._end_try(worker, job, began, exc, result)
+
+    def _begin_try(self, worker: _Worker, job: Job, cancels: int):
+        """Before a try: None if the worker was abandoned, an outcome if the
+        try cannot begin, else (its deadline entry, its start time)."""
         with worker.lock:
             retired = worker.processor.retired and not worker.abandoned
             # Stopping: a job claimed before (in the commit that recorded
@@ -2613,12 +2819,12 @@ class _Dispatcher:
             return self.failure(job, exc, retry=False,
                                 text=f"cannot deserialize the job's data: {_exc_text(exc)}")
         deadline = None if job.timeout is None else self._add_deadline(worker, job)
-        started = time.perf_counter()
-        exc = result = None
-        try:
-            result = worker.processor.fn(job)
-        except BaseException as e:   # any failure is the job's, never the worker's
-            exc = e
+        return deadline, time.perf_counter()
+
+    def _end_try(self, worker: _Worker, job: Job, began: tuple, exc: BaseException | None,
+                 result: Any) -> _Outcome | None:
+        """After a try: its outcome, or None if the worker was abandoned."""
+        deadline, started = began
         seconds = time.perf_counter() - started
         if deadline is not None:
             self._drop_deadline(deadline)
@@ -2637,7 +2843,7 @@ class _Dispatcher:
             if inspect.iscoroutine(result):
                 result.close()      # never awaited, and never warned about
             exc = TypeError(f"the processor returned an awaitable, {result!r}: "
-                            f"async processors are not supported yet")
+                            f"an async processor is an `async def` function")
             return self.failure(job, exc, retry=False, seconds=seconds,
                                 text=f"TypeError: {exc}")
         try:
@@ -3314,9 +3520,6 @@ class Blero:
         fn = run if callable(run) else processor
         if not callable(fn):
             raise TypeError("a processor is a callable f(job) or an object with .run(job)")
-        if _is_async(fn):   # its try would only make a coroutine, never run it
-            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is async: async processors "
-                            f"are not supported yet; register a plain function")
         if names is not None:
             names = frozenset([names] if isinstance(names, str) else names)
             if not names or not all(isinstance(n, str) and n for n in names):
@@ -3716,7 +3919,8 @@ class Blero:
             with self._lock:
                 old = self._tasks.get(task.name)
             replaces = None if old is None else old._processor.id
-            task._processor = self._add_processor(task._run, frozenset([task.name]),
+            run = task._arun if _is_async(fn) else task._run
+            task._processor = self._add_processor(run, frozenset([task.name]),
                                                   concurrency, [task.name], replaces)
             with self._lock:
                 if old is not None:
@@ -4355,6 +4559,10 @@ class Task:
         args, kwargs = _call_args(job)
         return self.fn(*args, **kwargs)
 
+    async def _arun(self, job: Job):
+        args, kwargs = _call_args(job)
+        return await self.fn(*args, **kwargs)
+
 
 class Executor(concurrent.futures.Executor):
     """A `concurrent.futures.Executor` whose calls are jobs, made by
@@ -4392,6 +4600,9 @@ class Executor(concurrent.futures.Executor):
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         name = _importable(fn)
+        if _is_async(fn):
+            raise TypeError(f"{name} is an async function: make it a task (bl.task) "
+                            f"to run its calls on the queue's event loop")
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -6808,5 +6808,151 @@ class CPythonExecutorTest(TempDirTest):
         self.assertTrue(all(r == abs(v) for r, v in zip(res, range(-5, 5))))
 
 
+async def async_double(x):
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+@both_engines
+class AsyncioTest(TempDirTest):
+    """async def tasks and processors on the queue's event loop thread."""
+
+    def test_a_thousand_sleeps_run_at_once_on_one_loop_thread(self):
+        bl = self.queue()
+        threads = set()
+
+        @bl.task(name="nap", concurrency=1000)
+        async def nap(i):
+            threads.add(threading.current_thread().name)
+            await asyncio.sleep(1)
+            return i
+
+        began = time.monotonic()
+        self.assertEqual(nap.map(range(1000)), list(range(1000)))
+        # One after another they would take 1000 s.
+        self.assertLess(time.monotonic() - began, 120)
+        self.assertEqual(threads, {"blero-loop"})
+        self.assertEqual(sum(t.name == "blero-loop" for t in threading.enumerate()), 1)
+
+    def test_an_async_processor_and_a_default_named_async_task(self):
+        bl = self.queue()
+        seen = []
+
+        async def proc(job):
+            seen.append(threading.current_thread().name)
+            await asyncio.sleep(0.01)
+            return job.data + 1
+
+        bl.register_processor(proc, names="p")
+        self.assertEqual(bl.wait(bl.enqueue("p", 1), 10), 2)
+        self.assertEqual(seen, ["blero-loop"])
+        task = bl.task(async_double)
+        self.assertEqual(task.name, "test_blero.async_double")
+        self.assertEqual(task.map([1, 2, 3]), [2, 4, 6])
+        self.assertEqual(asyncio.run(task(4)), 8, "called, it is the coroutine function")
+
+    def test_timeout_cancel_and_stop_cancel_the_coroutine(self):
+        bl = self.queue(retries=0)
+        started, cancelled = [], []
+
+        @bl.task(name="sleeper")
+        async def sleeper(tag):
+            started.append(tag)
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.append(tag)
+                raise
+
+        timed = sleeper.using(timeout=0.2).enqueue("timeout")
+        with self.assertRaises(TimeoutError):
+            timed.result(10)
+        wait_until(lambda: "timeout" in cancelled, message="the timed-out coroutine cancelled")
+        f = sleeper.enqueue("cancel")
+        wait_until(lambda: "cancel" in started)
+        self.assertTrue(bl.cancel(f.id))
+        wait_until(lambda: "cancel" in cancelled, message="the cancelled coroutine cancelled")
+        with self.assertRaises(blero.JobCancelled):
+            f.result(10)
+        f = sleeper.enqueue("stop")
+        wait_until(lambda: "stop" in started)
+        bl.stop(timeout=0.1)
+        self.assertIn("stop", cancelled)
+        info = bl.get_job(f.id)
+        self.assertEqual((info.state, info.attempt, info.max_attempts), ("pending", 1, 2))
+        self.assertFalse(any(t.name.startswith("blero-loop") for t in threading.enumerate()))
+
+    def test_stop_from_a_coroutine_on_the_loop_does_not_deadlock(self):
+        bl = self.queue()
+
+        @bl.task(name="stopper")
+        async def stopper():
+            bl.stop()
+            await asyncio.sleep(0.05)
+            return "recorded"
+
+        future = stopper.enqueue()
+        wait_until(lambda: bl._dispatcher is None, message="the queue to stop")
+        self.assertEqual(future.result(10), "recorded")
+        self.assertEqual(bl.get_job(future.id).result, "recorded")
+
+    def test_aenqueue_runs_off_the_callers_loop_and_awaits_results(self):
+        bl = self.queue()
+        task = bl.task(async_double)
+        enqueued_on = []
+        enqueue = bl.enqueue
+
+        def recording(*args, **kwargs):
+            enqueued_on.append(threading.current_thread())
+            return enqueue(*args, **kwargs)
+        bl.enqueue = recording
+
+        async def main():
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.001)
+            t = asyncio.ensure_future(ticker())
+            futures = [await task.aenqueue(i) for i in range(20)]
+            ids = await bl.aenqueue_many([("test_blero.async_double", ((5,), {}))])
+            job = await bl.aenqueue("test_blero.async_double", ((6,), {}))
+            results = [await f for f in futures]
+            results += [await bl.future(ids[0]), await bl.future(job)]
+            t.cancel()
+            return results, ticks
+
+        results, ticks = asyncio.run(main())
+        self.assertEqual(results, [2 * i for i in range(20)] + [10, 12])
+        self.assertGreater(ticks, 0)
+        self.assertTrue(enqueued_on)
+        self.assertNotIn(threading.main_thread(), enqueued_on)
+
+    def test_awaiting_many_futures_takes_no_thread_per_waiter(self):
+        bl = self.queue()
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        bl.register_processor(lambda job: gate.wait(30) and job.data, names="held")
+        ids = bl.enqueue_many([("held", i) for i in range(300)])
+        before = threading.active_count()
+
+        async def main():
+            waiting = [asyncio.ensure_future(_awaited(bl.future(i))) for i in ids]
+            await asyncio.sleep(0.2)
+            during = threading.active_count()
+            gate.set()
+            return await asyncio.gather(*waiting), during
+
+        results, during = asyncio.run(main())
+        self.assertEqual(results, list(range(300)))
+        self.assertLessEqual(during - before, 3)
+
+
+async def _awaited(future):
+    return await future
+
+
 if __name__ == "__main__":
     unittest.main()
