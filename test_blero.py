@@ -6954,5 +6954,90 @@ async def _awaited(future):
     return await future
 
 
+RESUME_CHILD = """
+import json, os, sys, time, blero
+path, log, mode, n, sleep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+def note(*words):
+    os.write(fd, (" ".join(map(str, words)) + " .\\n").encode())
+bl = blero.new(path)
+
+def fetch(url):
+    note("start", url)
+    time.sleep(sleep)
+    note("end", url)
+    return f"status-of-{url}"
+
+post = bl.task(concurrency=5, retries=5)(fetch) if mode == "map" else None
+urls = [f"u{i % (n // 2)}" for i in range(n)]     # every url twice
+with bl:
+    if mode == "map":
+        statuses = post.map(urls)
+    else:
+        with bl.executor(5) as ex:
+            statuses = list(ex.map(fetch, urls))
+    note("results", json.dumps(statuses).replace(" ", ""))
+"""
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class ResumableTest(TempDirTest):
+    """kill -9 in the middle of post.map(urls) or Executor.map(fn, urls), run
+    again: completed calls are not run again, and every result comes back in order."""
+
+    def run_killed_then_again(self, mode):
+        path, log = self.target(), os.path.join(self.dir, "log")
+        n = 120
+        child = start_child(RESUME_CHILD, path, log, mode, n, 0.02)
+        self.addCleanup(child.kill)
+        try:
+            wait_until(lambda: sum(l[0] == "end" for l in read_lines(log)) >= 30
+                       or child.poll() is not None, timeout=60, message="the kill point")
+        finally:
+            child.kill()
+            child.wait()
+        self.assertFalse(any(l[0] == "results" for l in read_lines(log)), "killed too late")
+        bl = blero.new(path)
+        complete = [j for j in bl.jobs("complete", limit=None)]
+        self.assertGreaterEqual(len(complete), 20)
+        keys = {j.key for j in complete}
+        self.assertTrue(all(k and k.startswith("blero.call:") for k in keys))
+        # Each url twice: the two calls are separate jobs, both stored.
+        self.assertEqual(len(keys), len(complete))
+        expected = [f"status-of-u{i % (n // 2)}" for i in range(n)]
+
+        os.remove(log)
+        again = run_child(RESUME_CHILD, path, log, mode, n, 0.0, timeout=120)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        lines = read_lines(log)
+        self.assertEqual(json.loads(lines[-1][1]), expected)
+        runs = collections.Counter(l[1] for l in lines if l[0] == "start")
+        done_before = collections.Counter(j.data[0][0] for j in complete)
+        for url in set(done_before):
+            # (the url's two calls: only those not complete ran again)
+            self.assertLessEqual(runs[url], 2 - done_before[url], url)
+        self.assertEqual(sum(runs.values()), n - len(complete), "only the rest ran")
+        self.assertTrue(all(j.key is None for j in bl.jobs(limit=None)),
+                        "a finished run releases its calls")
+
+        # A run that finished, run again: every call runs again.
+        os.remove(log)
+        third = run_child(RESUME_CHILD, path, log, mode, n, 0.0, timeout=120)
+        self.assertEqual(third.returncode, 0, third.stderr)
+        lines = read_lines(log)
+        self.assertEqual(json.loads(lines[-1][1]), expected)
+        runs = collections.Counter(l[1] for l in lines if l[0] == "start")
+        self.assertEqual(set(runs.values()), {2}, "the same call twice in a run runs twice")
+        # Run 1 stored a job per call, run 2 finished them, run 3 made its own.
+        self.assertEqual(bl.stats(), {"pending": 0, "inprogress": 0, "complete": 2 * n,
+                                      "failed": 0, "cancelled": 0})
+
+    def test_kill_9_in_the_middle_of_task_map(self):
+        self.run_killed_then_again("map")
+
+    def test_kill_9_in_the_middle_of_executor_map(self):
+        self.run_killed_then_again("executor")
+
+
 if __name__ == "__main__":
     unittest.main()
