@@ -2754,7 +2754,7 @@ class _Dispatcher:
         """Run one try of `job`, claimed when `self.cancels` was `cancels`;
         None if the worker was abandoned meanwhile."""
         began = self._begin_try(worker, job, cancels)
-        if not isinstance(began, tuple):
+        if began is None or isinstance(began, _Outcome):
             return began
         exc = result = None
         try:
@@ -2768,7 +2768,7 @@ class _Dispatcher:
         """`execute` for an async worker: the try is a task of its own,
         cancelled (CancelledError raised in it) when the job is cut short."""
         began = self._begin_try(worker, job, cancels)
-        if not isinstance(began, tuple):
+        if began is None or isinstance(began, _Outcome):
             return began
         loop = worker.loop.loop
         exc = result = None
@@ -3520,6 +3520,9 @@ class Blero:
         fn = run if callable(run) else processor
         if not callable(fn):
             raise TypeError("a processor is a callable f(job) or an object with .run(job)")
+        if any(inspect.isasyncgenfunction(f) for f in (fn, getattr(fn, "__call__", None))):
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is an async generator: "
+                            f"a processor returns its result (an async one with `return`)")
         if names is not None:
             names = frozenset([names] if isinstance(names, str) else names)
             if not names or not all(isinstance(n, str) and n for n in names):

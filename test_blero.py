@@ -3719,6 +3719,21 @@ class BadValuesTest(TempDirTest):
                 lambda v, o=option: bl.every(60, "x", key="refused", **{o: v}))
         add("every(interval)", "interval", bad_seconds(positive=True),
             lambda v: bl.every(v, "x", key="refused"))
+        for option, values in job_options.items():
+            add(f"aenqueue({option})", option, values,
+                lambda v, o=option: asyncio.run(bl.aenqueue("x", **{o: v})))
+            add(f"aenqueue_many({option})", option, values,
+                lambda v, o=option: asyncio.run(bl.aenqueue_many([{"name": "x", o: v}])))
+        for option in ("priority", "retries", "timeout"):
+            add(f"task({option})", option, job_options[option],
+                lambda v, o=option: bl.task(name="refused", **{o: v})(len))
+        add("task(concurrency)", "concurrency", [(0, ValueError), (1.5, TypeError),
+                                                 (True, TypeError)],
+            lambda v: bl.task(name="refused", concurrency=v)(len))
+        add("executor(max_workers)", "max_workers", [(0, ValueError), (-1, ValueError),
+                                                     (1.5, TypeError), (True, TypeError)],
+            bl.executor)
+        add("future", "job_id", bad_ids(), bl.future)
         add("get_job", "job_id", bad_ids(), bl.get_job)
         add("wait", "job_id", bad_ids(), lambda v: bl.wait(v, timeout=0))
         add("cancel", "job_id", bad_ids(), bl.cancel)
@@ -3937,10 +3952,10 @@ async def async_callback(job, value):
 
 
 class AsyncProcessorTest(TempDirTest):
-    """Until asyncio support lands, a user registering an async processor is
-    told so at once, rather than seeing every job fail "cannot pickle coroutine"."""
+    """(v2) An async processor, however it is written, runs on the queue's
+    event loop; what cannot run there is told at once, not failed job by job."""
 
-    def test_async_processors_are_refused_at_registration(self):
+    def test_async_processors_run_on_the_event_loop(self):
         class AsyncRun:
             async def run(self, job):
                 return job.data
@@ -3949,16 +3964,21 @@ class AsyncProcessorTest(TempDirTest):
             async def __call__(self, job):
                 return job.data
 
+        bl = self.queue()
+        for k, processor in enumerate((async_processor, AsyncRun(), AsyncCall(),
+                                       functools.partial(async_processor))):
+            with self.subTest(processor=processor):
+                bl.register_processor(processor, names=f"p{k}")
+                self.assertEqual(bl.wait(bl.enqueue(f"p{k}", k), timeout=10), k)
+
+    def test_async_generators_and_async_callbacks_are_refused(self):
         async def stream(job):
             yield job.data
 
         bl = self.queue()
-        for processor in (async_processor, AsyncRun(), AsyncCall(),
-                          functools.partial(async_processor), stream):
-            with self.subTest(processor=processor):
-                with self.assertRaises(TypeError) as cm:
-                    bl.register_processor(processor)
-                self.assertIn("async processors are not supported yet", str(cm.exception))
+        with self.assertRaises(TypeError) as cm:
+            bl.register_processor(stream)
+        self.assertIn("async generator", str(cm.exception))
         self.assertIn("0 processor(s)", repr(bl))
         for setting in ("on_complete", "on_failed"):
             with self.assertRaises(TypeError) as cm:
@@ -3971,7 +3991,7 @@ class AsyncProcessorTest(TempDirTest):
         job_id = bl.enqueue("x", 1)
         with self.assertRaises(blero.JobFailed) as cm:
             bl.wait(job_id, timeout=10)
-        self.assertIn("async processors are not supported yet", cm.exception.error)
+        self.assertIn("an async processor is an `async def` function", cm.exception.error)
         self.assertEqual(bl.get_job(job_id).attempt, 1)
 
 
