@@ -308,6 +308,8 @@ def awaiting(n: int, naps: int, progress: Progress, step: str) -> dict:
         with bl:
             ids = bl.enqueue_many([("held", i) for i in range(n)])
             gate = threading.Event()
+            for _ in range(PROCESSORS):
+                bl.register_processor(lambda job: gate.wait(), names="held")
             threads_before = threading.active_count()
 
             async def main():
@@ -323,8 +325,6 @@ def awaiting(n: int, naps: int, progress: Progress, step: str) -> dict:
                 await asyncio.gather(*waiters)
                 return delivered, during
 
-            for _ in range(PROCESSORS):
-                bl.register_processor(lambda job: gate.wait(), names="held")
             delivered, during = asyncio.run(main())
             lat = sorted((delivered[i] - recorded[i]) * 1000 for i in ids)
 

@@ -726,7 +726,7 @@ _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in 
 # Column lists come from the named tuples, so a row and its tuple never drift.
 _INSERT = (f"INSERT INTO blero_jobs ({', '.join(_NewJob._fields)})"
            f" VALUES ({', '.join('?' * len(_NewJob._fields))})")
-_FIND_KEY = "SELECT id FROM blero_jobs WHERE key = ?"
+_FIND_KEYS = "SELECT key, id FROM blero_jobs WHERE key IN ({keys})"
 _LAST_ID = "SELECT last_insert_rowid()"
 _JOB_COLUMNS = ", ".join(_Claim._fields)
 _NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READY or SUSPECT
@@ -1661,26 +1661,42 @@ class _SQLiteStorage(_Storage):
     def _insert(db, rows):
         if len(rows) == 1 and rows[0].key is None:
             return [db.execute(_INSERT, rows[0]).lastrowid], [True]
+        # The keys already stored, looked up a slice at a time; then every
+        # row to store goes in by executemany, in runs between the rows a
+        # key answers (a key given twice in one call: the first is stored).
+        keys = list({row.key for row in rows if row.key is not None})
+        found: dict[str, int] = {}
+        for i in range(0, len(keys), _IDS_SLICE):
+            part = keys[i:i + _IDS_SLICE]
+            found.update(db.execute(_FIND_KEYS.format(keys=", ".join("?" * len(part))),
+                                    part).fetchall())
         ids: list[int] = []
         stored: list[bool] = []
-        run: list[_NewJob] = []   # keyless rows go in by executemany
+        run: list[_NewJob] = []
+        running: set[str] = set()   # keys of the rows in `run`
 
         def flush():
             if run:
                 db.executemany(_INSERT, run)
                 last = db.execute(_LAST_ID).fetchall()[0][0]
-                ids.extend(range(last - len(run) + 1, last + 1))
+                first = last - len(run) + 1
+                ids.extend(range(first, last + 1))
                 stored.extend([True] * len(run))
+                found.update((r.key, first + k) for k, r in enumerate(run) if r.key is not None)
                 run.clear()
+                running.clear()
 
         for row in rows:
-            if row.key is None:
-                run.append(row)
+            if row.key in running:
+                flush()
+            if row.key is not None and row.key in found:
+                flush()
+                ids.append(found[row.key])
+                stored.append(False)
                 continue
-            flush()
-            found = db.execute(_FIND_KEY, (row.key,)).fetchall()
-            ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
-            stored.append(not found)
+            run.append(row)
+            if row.key is not None:
+                running.add(row.key)
         flush()
         return ids, stored
 
@@ -2898,8 +2914,8 @@ class _Dispatcher:
         s = self.settings
         if state == _COMPLETE:
             self.counters.add("complete", seconds=outcome.seconds)
-            _call_back(s.on_complete, job, outcome.result)
             self.futures.ended(job.id, outcome)
+            _call_back(s.on_complete, job, outcome.result)
         else:
             final = state == _FAILED
             self.counters.add("failed" if final else "retried",
@@ -2910,8 +2926,8 @@ class _Dispatcher:
                         "" if final else ", will retry", first_line[0])
             log.debug("job %d error:\n%s", job.id, outcome.error)
             if final:
-                _call_back(s.on_failed, job, outcome.exc)
                 self.futures.ended(job.id, outcome)
+                _call_back(s.on_failed, job, outcome.exc)
             elif state == _DELAYED:
                 self.delayed_at(outcome.run_at)
             else:
@@ -3062,6 +3078,7 @@ class _Dispatcher:
                 if job.id not in mine:
                     job._cancel()       # cancelled (or taken back) elsewhere
         self.changed.wake()
+        self.futures.poke()
 
     def _reap(self) -> None:
         """Take back the jobs of owners that died (or went silent past the lease)."""
@@ -3149,6 +3166,7 @@ class _Dispatcher:
         if rows or undone:
             self.work_arrived(None)
             self.changed.wake()
+            self.futures.poke()
         return len(rows) + undone
 
 
@@ -3979,49 +3997,65 @@ class Blero:
                 for args, kwargs in calls]
         if resumable and options.get("key") is None:
             rows = [r._replace(key=self._calls.key(name, r.data)) for r in rows]
-        if not rows:
-            return []
+        futures: list[JobFuture] = []
         with self._futures.expecting():
-            ids, stored = d.enqueue(rows)
-            futures = [JobFuture(self, i) for i in ids]
-            self._futures.add([f for f, new in zip(futures, stored) if new])
-            matched = [k for k, new in enumerate(stored) if not new]
-            if not matched:
-                return futures
-            # Calls a stored job answered: a complete one gives its result,
-            # a pending or running one goes on, a failed or cancelled one
-            # (or one swept meanwhile) runs again as a new job.
-            found = d.storage.outcomes([ids[k] for k in matched])
-            again, going = [], []
-            for k in matched:
-                row = found.get(ids[k])
-                if row is None or row.state in (_FAILED, _CANCELLED):
-                    again.append(k)
-                elif row.state == _COMPLETE:
-                    futures[k]._stored(row, self._settings.serializer)
-                else:
-                    going.append(futures[k])
-            self._futures.add(going)
-            if again:
-                d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
-                new_ids, _ = d.enqueue([rows[k] for k in again])
-                renewed = [JobFuture(self, i) for i in new_ids]
-                for k, f in zip(again, renewed):
-                    futures[k] = f
-                self._futures.add(renewed)
+            # A slice per commit: the workers start on the first while the
+            # rest are stored.  (Every call was checked above: a bad one
+            # stored nothing.)
+            for i in range(0, len(rows), _CALLS_SLICE):
+                futures += self._enqueue_slice(d, rows[i:i + _CALLS_SLICE])
+        return futures
+
+    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob]) -> list[JobFuture]:
+        """Store these calls' jobs (under `_futures.expecting()`); their futures."""
+        ids, stored = d.enqueue(rows)
+        futures = [JobFuture(self, i) for i in ids]
+        self._futures.add([f for f, new in zip(futures, stored) if new])
+        matched = [k for k, new in enumerate(stored) if not new]
+        if not matched:
+            return futures
+        # Calls a stored job answered: a complete one gives its result,
+        # a pending or running one goes on, a failed or cancelled one
+        # (or one swept meanwhile) runs again as a new job.
+        found = d.storage.outcomes([ids[k] for k in matched])
+        again, going = [], []
+        for k in matched:
+            row = found.get(ids[k])
+            if row is None or row.state in (_FAILED, _CANCELLED):
+                again.append(k)
+            elif row.state == _COMPLETE:
+                futures[k]._stored(row, self._settings.serializer)
+            else:
+                going.append(futures[k])
+        self._futures.add(going)
+        if again:
+            d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
+            new_ids, _ = d.enqueue([rows[k] for k in again])
+            renewed = [JobFuture(self, i) for i in new_ids]
+            for k, f in zip(again, renewed):
+                futures[k] = f
+            self._futures.add(renewed)
         return futures
 
     def _wait_all(self, futures: list[JobFuture]) -> None:
         """Wait until every future is done; BleroError if the queue stops first."""
+        if not futures:
+            return
         d = self._dispatcher
-        while True:
-            _, pending = concurrent.futures.wait(futures, timeout=_FUTURES_LOOK)
-            if not pending:
-                return
+        left = [len(futures)]
+        lock, done = threading.Lock(), threading.Event()
+
+        def one_done(_):
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+        for f in futures:
+            f.add_done_callback(one_done)
+        while not done.wait(_FUTURES_LOOK):
             if self._dispatcher is not d or d is None:
-                raise BleroError(f"{self.path}: the queue stopped with {len(pending)} "
+                raise BleroError(f"{self.path}: the queue stopped with {left[0]} "
                                  f"call(s) not ended; a later run carries on with them")
-            futures = list(pending)
 
     def _release(self, ids: list[int]) -> None:
         """Clear the keys of these calls' jobs: a later run computes them afresh."""
@@ -4371,6 +4405,8 @@ class _Futures:
         self._expecting = 0
         self._early: dict[int, _Outcome | None] = {}
         self._watcher: threading.Thread | None = None
+        self._poked = threading.Event()     # other processes committed: look now
+        self._missing: set[int] = set()     # ids the watcher's last look did not find
 
     @contextlib.contextmanager
     def expecting(self):
@@ -4429,6 +4465,12 @@ class _Futures:
     def cancelled(self, job_id: int) -> None:
         self.ended(job_id, None)
 
+    def poke(self) -> None:
+        """Jobs may have ended where `ended` does not see (another process,
+        a dead owner's jobs handed back out of tries)."""
+        if self._waiting:
+            self._poked.set()
+
     def _resolve(self, f: JobFuture, outcome: _Outcome | None) -> None:
         if outcome is None:
             f._deliver(exc=JobCancelled(f.id))
@@ -4448,7 +4490,7 @@ class _Futures:
             future._stored(row, self._blero._settings.serializer)
 
     def _watch(self) -> None:
-        blero, changes = self._blero, self._blero._changed
+        blero = self._blero
         next_look = 0.0
         while True:
             with self._lock:
@@ -4469,19 +4511,27 @@ class _Futures:
                 next_look = time.monotonic() + max(_POLL, 50 * (time.monotonic() - now))
                 if found is not None:
                     self._found(ids, found)
-            with changes:
-                # Running, the queue tells of changes (its own and, polling,
-                # other processes'); stopped, only the file does.
-                running = blero._dispatcher is not None
-                changes.wait(max(next_look - time.monotonic(), 0.0)
-                             + (_FUTURES_LOOK if running else _FUTURES_STOPPED_LOOK))
+            # Running, the queue pokes it when other processes commit (and it
+            # looks now and then for what nobody tells); stopped, only the
+            # file tells.
+            running = blero._dispatcher is not None
+            self._poked.wait(_FUTURES_LOOK if running else _FUTURES_STOPPED_LOOK)
+            self._poked.clear()
+            pause = next_look - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)   # (the 2% bound above)
 
     def _found(self, ids: list[int], found: dict[int, _Ended]) -> None:
         resolved = []
+        missing, self._missing = self._missing, {i for i in ids if i not in found}
         with self._lock:
             for i in ids:
                 row = found.get(i)
                 if row is not None and row.state < _COMPLETE:
+                    continue
+                if row is None and i not in missing:
+                    # Swept, maybe, right after it ended here: its end, on
+                    # its way, resolves it; gone at the next look too, it is.
                     continue
                 futures = [f for f in self._waiting.get(i, ()) if not f._cancelling]
                 if futures:
@@ -4502,6 +4552,7 @@ class _Futures:
 
 
 _FUTURES_LOOK = 1.0             # seconds between looks at most, while running
+_CALLS_SLICE = 500              # calls of a map stored per commit
 _FUTURES_STOPPED_LOOK = 0.25    # and on a stopped queue (its file may change)
 
 
