@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import functools
+import hashlib
 import heapq
 import http.server
 import inspect

@@ -3877,7 +3877,7 @@ class BadValuesTest(TempDirTest):
         checked = {label.split("(")[1].split(")")[0] for label, _, _, _ in cases
                    if label.startswith(("new(", "enqueue("))}
         for fn, not_numbers in ((blero.Blero.__init__, {"self", "path", "sync", "on_complete",
-                                                        "on_failed", "serializer"}),
+                                                        "on_failed", "serializer", "schema"}),
                                 (blero.Blero.enqueue, {"self", "name", "data", "key"})):
             params = set(inspect.signature(fn).parameters)
             self.assertEqual(params - not_numbers - checked, set(), f"{fn.__name__} left out")
@@ -6501,13 +6501,13 @@ class TaskTest(TempDirTest):
         bl = self.queue()
         job_id = bl.enqueue("elsewhere", 21)
         future = bl.future(job_id)
-        child = run_child("""
-            import sys, blero
-            bl = blero.new(sys.argv[1]).start()
+        child = run_child(NEW_QUEUE + textwrap.dedent("""
+            import sys
+            bl = new_queue(sys.argv[1]).start()
             bl.register_processor(lambda job: job.data * 2, names="elsewhere")
             bl.join()
             bl.stop()
-        """, self.target())
+        """), self.target())
         self.assertEqual(child.returncode, 0, child.stderr)
         self.assertEqual(future.result(10), 42)
 
@@ -6552,11 +6552,16 @@ def done_future(state, result=None, exception=None):
 class ExecutorTest(TempDirTest):
     """bl.executor(): a concurrent.futures.Executor whose calls are jobs."""
 
-    def setUp(self):
-        super().setUp()
-        self.bl = self.queue()
-        self.executor = self.bl.executor(5)
-        self.addCleanup(self.executor.shutdown, cancel_futures=True)
+    # (made at first use: a PostgreSQL twin's schema is set up after setUp)
+    @functools.cached_property
+    def bl(self):
+        return self.queue()
+
+    @functools.cached_property
+    def executor(self):
+        executor = self.bl.executor(5)
+        self.addCleanup(executor.shutdown, cancel_futures=True)
+        return executor
 
     def test_submit_and_map_run_jobs(self):
         self.assertIsInstance(self.executor, concurrent.futures.Executor)
@@ -6678,11 +6683,18 @@ class CPythonExecutorTest(TempDirTest):
 
     worker_count = 5
 
+    @functools.cached_property
+    def bl(self):
+        return self.queue()
+
+    @functools.cached_property
+    def executor(self):
+        executor = self.bl.executor(self.worker_count)
+        self.addCleanup(executor.shutdown, cancel_futures=True)
+        return executor
+
     def setUp(self):
         super().setUp()
-        self.bl = self.queue()
-        self.executor = self.bl.executor(self.worker_count)
-        self.addCleanup(self.executor.shutdown, cancel_futures=True)
         self.addCleanup(lambda: [e.set() for e in EVENTS.values()])
         EVENTS.clear()
         self.CANCELLED_FUTURE = done_future("CANCELLED")
@@ -7074,13 +7086,13 @@ async def _awaited(future):
     return await future
 
 
-RESUME_CHILD = """
+RESUME_CHILD = NEW_QUEUE + """
 import json, os, sys, time, blero
 path, log, mode, n, sleep = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 def note(*words):
     os.write(fd, (" ".join(map(str, words)) + " .\\n").encode())
-bl = blero.new(path)
+bl = new_queue(path)
 
 def fetch(url):
     note("start", url)
@@ -7101,6 +7113,7 @@ with bl:
 
 
 @unittest.skipUnless(POSIX, "SIGKILL")
+@both_engines
 class ResumableTest(TempDirTest):
     """kill -9 in the middle of post.map(urls) or Executor.map(fn, urls), run
     again: completed calls are not run again, and every result comes back in order."""
@@ -7117,7 +7130,7 @@ class ResumableTest(TempDirTest):
             child.kill()
             child.wait()
         self.assertFalse(any(l[0] == "results" for l in read_lines(log)), "killed too late")
-        bl = blero.new(path)
+        bl = self.queue(start=False)
         complete = [j for j in bl.jobs("complete", limit=None)]
         self.assertGreaterEqual(len(complete), 20)
         keys = {j.key for j in complete}
