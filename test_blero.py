@@ -3878,7 +3878,8 @@ class BadValuesTest(TempDirTest):
                    if label.startswith(("new(", "enqueue("))}
         for fn, not_numbers in ((blero.Blero.__init__, {"self", "path", "sync", "on_complete",
                                                         "on_failed", "serializer", "schema"}),
-                                (blero.Blero.enqueue, {"self", "name", "data", "key"})):
+                                (blero.Blero.enqueue, {"self", "name", "data", "key",
+                                                       "connection"})):
             params = set(inspect.signature(fn).parameters)
             self.assertEqual(params - not_numbers - checked, set(), f"{fn.__name__} left out")
         # Refused, the queue was left as it was: still running, as before.
