@@ -4668,6 +4668,10 @@ class Blero:
         their futures.  `resumable`: each call is matched with the stored
         job of the same call of a run that did not finish (see _Calls)."""
         d = self._running()
+        connection = options.get("connection")
+        if resumable and connection is not None:
+            raise ValueError("connection= is for enqueue(): the calls of a map or an "
+                             "executor are committed as they are made")
         now = time.time()
         rows = [self._row(name, (args, kwargs), options.get("delay"), options.get("run_at"),
                           options.get("priority", 0), options.get("retries"),
@@ -4681,12 +4685,13 @@ class Blero:
             # rest are stored.  (Every call was checked above: a bad one
             # stored nothing.)
             for i in range(0, len(rows), _CALLS_SLICE):
-                futures += self._enqueue_slice(d, rows[i:i + _CALLS_SLICE])
+                futures += self._enqueue_slice(d, rows[i:i + _CALLS_SLICE], connection)
         return futures
 
-    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob]) -> list[JobFuture]:
+    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob],
+                       connection: Any = None) -> list[JobFuture]:
         """Store these calls' jobs (under `_futures.expecting()`); their futures."""
-        ids, stored = d.enqueue(rows)
+        ids, stored = d.enqueue(rows, connection)
         futures = [JobFuture(self, i) for i in ids]
         self._futures.add([f for f, new in zip(futures, stored) if new])
         matched = [k for k, new in enumerate(stored) if not new]
@@ -4934,7 +4939,7 @@ def new(path: str | os.PathLike, **settings) -> Blero:
 # and the next run computes them afresh.
 
 _CALL_KEY = "blero.call:{name}:{digest}:{n}"
-_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key")
+_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "connection")
 
 
 class _Calls:
@@ -5259,7 +5264,8 @@ class Task:
 
     def using(self, **options) -> Task:
         """A copy of this task whose jobs get these options (`delay`,
-        `run_at`, `priority`, `retries`, `timeout`, `key`), as `enqueue` takes."""
+        `run_at`, `priority`, `retries`, `timeout`, `key`, `connection`), as
+        `Blero.enqueue` takes them."""
         copy = Task.__new__(Task)
         copy.__dict__.update(self.__dict__)
         copy._options = {**self._options, **_check_options(options)}

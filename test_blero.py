@@ -6282,6 +6282,20 @@ class TaskTest(TempDirTest):
         with self.assertRaises(TypeError):
             adder.using(colour="red")
 
+    @file_only
+    def test_using_a_connection_enqueues_in_the_callers_transaction(self):
+        bl = self.queue()
+        task = bl.task(square)
+        conn = sqlite3.connect(self.target(), isolation_level=None)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN IMMEDIATE")
+        future = task.using(connection=conn).enqueue(8)
+        self.assertIsNone(bl.get_job(future.id), "not committed yet")
+        conn.execute("COMMIT")
+        self.assertEqual(future.result(10), 64)
+        with self.assertRaises(ValueError):
+            task.using(connection=conn).map([1])
+
     def test_a_function_that_cannot_be_named_needs_a_name(self):
         bl = self.queue()
         with self.assertRaisesRegex(TypeError, "lambda"):
