@@ -7318,6 +7318,23 @@ class PostgresTest(OnPostgres, ProcessTest):
         wait_until(lambda: len(started) == 2, message="the job woken by NOTIFY")
         self.assertLess(started[1] - enqueued, 5.0)   # (the figure is in bench_blero.py)
 
+    def test_without_listen_an_idle_process_polls_at_most_a_second_apart(self):
+        # As behind PgBouncer in transaction mode: LISTEN fails.
+        listen, blero._PG_LISTEN = blero._PG_LISTEN, "LISTEN {channel} IN NO MODE"
+        self.addCleanup(setattr, blero, "_PG_LISTEN", listen)
+        with self.assertLogs("blero", logging.WARNING) as logs:
+            idle = self.queue()
+        self.assertIn("LISTEN failed", logs.output[0])
+        started = []
+        idle.register_processor(lambda job: started.append(time.monotonic()))
+        blero._PG_LISTEN = listen
+        producer = self.queue()
+        for _ in range(3):
+            enqueued = time.monotonic()
+            job_id = producer.enqueue("x")
+            idle.wait(job_id, 10)
+            self.assertLess(started[-1] - enqueued, 5.0)
+
     def test_a_job_enqueued_in_a_rolled_back_transaction_never_runs(self):
         bl = self.queue()
         ran = []
