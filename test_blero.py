@@ -7341,6 +7341,23 @@ class PostgresTest(OnPostgres, ProcessTest):
             idle.wait(job_id, 10)
             self.assertLess(started[-1] - enqueued, 5.0)
 
+    def test_a_cancel_from_another_process_reaches_the_running_try(self):
+        runner, other = self.queue(), self.queue()    # two owners, two sessions
+        running, cancelled = threading.Event(), threading.Event()
+
+        def run(job):
+            running.set()
+            if job.cancelled.wait(30):
+                cancelled.set()
+
+        runner.register_processor(run)
+        job_id = runner.enqueue("long")
+        self.assertTrue(running.wait(10))
+        self.assertTrue(other.cancel(job_id))
+        self.assertTrue(cancelled.wait(10))
+        with self.assertRaises(blero.JobCancelled):
+            runner.wait(job_id, 10)
+
     def test_a_job_enqueued_in_a_rolled_back_transaction_never_runs(self):
         bl = self.queue()
         ran = []
