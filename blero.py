@@ -4672,12 +4672,15 @@ class Blero:
         if resumable and connection is not None:
             raise ValueError("connection= is for enqueue(): the calls of a map or an "
                              "executor are committed as they are made")
+        if resumable and options.get("key") is not None:
+            raise ValueError("key= is for enqueue(): each call of a map or an executor "
+                             "gets a key of its own")
         now = time.time()
         rows = [self._row(name, (args, kwargs), options.get("delay"), options.get("run_at"),
                           options.get("priority", 0), options.get("retries"),
                           options.get("timeout"), options.get("key"), now)
                 for args, kwargs in calls]
-        if resumable and options.get("key") is None:
+        if resumable:
             rows = [r._replace(key=self._calls.key(name, r.data)) for r in rows]
         futures: list[JobFuture] = []
         with self._futures.expecting():

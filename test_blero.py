@@ -6281,6 +6281,9 @@ class TaskTest(TempDirTest):
         self.assertEqual(adder.using(delay=3600).enqueue(2).done(), False)
         with self.assertRaises(TypeError):
             adder.using(colour="red")
+        with self.assertRaises(ValueError):
+            adder.using(key="one").map([1, 2])
+        self.assertEqual(adder.using(priority=9).map([1, 2]), [1, 2])
 
     @file_only
     def test_using_a_connection_enqueues_in_the_callers_transaction(self):
