@@ -580,6 +580,11 @@ class _Storage:
         (new work, a cancel, an ended job); cheap: the clock asks often."""
         raise NotImplementedError
 
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` (from any thread, quickly) as soon as the engine
+        hears of another process's commit, so that changed_elsewhere need
+        not wait for the next poll; engines that only poll ignore it."""
+
     def cancel(self, job_id: int, now: float,
                pending_only: bool = False) -> tuple[int, int | None] | None:
         """Cancel a pending or running job (only a pending one with
@@ -2078,6 +2083,16 @@ _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHIN
 _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM))
 
 
+# _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
+# function of a _PGSession (so a step of the file's _UPGRADES that only runs
+# statements may serve here too).  The steps a schema needs run in order, in
+# the transaction that records its new version, under the creation lock, the
+# first time this blero.py opens it.  A later schema appends its step and
+# raises _PG_SCHEMA_VERSION with it; a new schema is made from _SCHEMA as it
+# is, at the latest version.
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = ()
+
+
 def _is_server(target) -> bool:
     """Whether `target` names a PostgreSQL server rather than a file."""
     return isinstance(target, str) and target.startswith(_PG_SCHEMES)
@@ -2232,6 +2247,7 @@ class _PostgresStorage(_Storage):
         self._listening = False
         self._changed = False
         self._lost = None                   # the owner whose session ended unasked
+        self._callback = None               # on_change's
         self._next_poll = 0.0
         self._retry_at = 0.0                # no reconnection before (monotonic)
         self._backoff = 0.0
@@ -2339,9 +2355,9 @@ class _PostgresStorage(_Storage):
         conn = self._connect()
         try:
             with conn.transaction():
-                if create:      # processes starting together: one creates, the others wait
-                    conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
-                                 (zlib.crc32(self.schema.encode()) - (1 << 31),))
+                # Processes starting together: one creates (or upgrades), the others wait.
+                conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
+                             (zlib.crc32(self.schema.encode()) - (1 << 31),))
                 self._check_or_create(conn, create)
         except psycopg.Error as exc:
             conn.close()
@@ -2382,7 +2398,12 @@ class _PostgresStorage(_Storage):
         if version is None or version > _PG_SCHEMA_VERSION:
             raise BleroError(f"{where}: written by a newer blero (schema {version}; this "
                              f"blero.py knows up to {_PG_SCHEMA_VERSION})")
-        # Later schemas add their upgrade steps here, from `version` up.
+        if version < _PG_SCHEMA_VERSION:
+            session = _PGSession(conn, self._schema_sql)
+            for step in _PG_UPGRADES[version - 1:]:
+                step(session)
+            conn.execute(_pg_sql("UPDATE blero_meta SET version = ?", self._schema_sql),
+                         (_PG_SCHEMA_VERSION,))
 
     def close(self) -> None:
         self._stop_listener()
@@ -2539,11 +2560,16 @@ class _PostgresStorage(_Storage):
                         break
                     if note.extra.decode() != self._token:
                         self._changed = True
+                        callback = self._callback
+                        if callback is not None:
+                            callback()
                 if pg.status != 0:      # CONNECTION_OK
                     raise BleroError("the connection is lost")
         except Exception as exc:
             self._lost = owner
             self._changed = True
+            if self._callback is not None:
+                self._callback()
             log.warning("%s: lost the owner's session (%s): running jobs are cancelled; "
                         "reconnecting", self.path, str(exc).strip() or type(exc).__name__)
         finally:
@@ -2574,6 +2600,9 @@ class _PostgresStorage(_Storage):
 
     def owner_lost(self, owner: int) -> bool:
         return self._lost == owner
+
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
 
     def changed_elsewhere(self) -> bool:
         if not self._listening:
@@ -2607,7 +2636,9 @@ class _PostgresStorage(_Storage):
         pass
 
 
-# The SQLite engine's methods that only run its statements, the same here.
+# The SQLite engine's methods that only run its statements, the same here
+# (`_read`/`_write` give them a _PGSession for a connection).  A method added
+# to _SQLiteStorage that only runs statements belongs in this list too.
 _PG_SHARED = ("_finish_and_claim", "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "cancel", "_cancel", "retry_failed", "upsert_schedule",
@@ -3154,6 +3185,7 @@ class _Dispatcher:
 
     def start(self, processors: Iterable[_Processor]) -> None:
         self.storage.changed_elsewhere()    # the baseline first: nothing slips between
+        self.storage.on_change(self._look_now)
         self._delayed_due = self.storage.next_delayed() or math.inf
         self._schedule_due = -math.inf      # look at schedules at once
         _guard.join(self)
@@ -3268,6 +3300,7 @@ class _Dispatcher:
             self._tick.notify()
         if self._clock.is_alive():
             self._clock.join()
+        self.storage.on_change(None)
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.  While
         # a worker of ours holds a suspect, that is the only job ours hold
@@ -3719,6 +3752,12 @@ class _Dispatcher:
         self.storage.release_owner(old)
         log.warning("carrying on as a new owner; %d running job(s) cancelled", len(running))
         self.work_arrived(None)
+
+    def _look_now(self) -> None:
+        """Storage heard of another process's commit: poll at once."""
+        with self._lock:
+            self._next["poll"] = -math.inf
+            self._tick.notify()
 
     def _poll(self) -> None:
         """Notice other processes' commits: new work, cancels, ended jobs."""
