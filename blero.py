@@ -4714,20 +4714,33 @@ class Blero:
         if resumable and options.get("key") is not None:
             raise ValueError("key= is for enqueue(): each call of a map or an executor "
                              "gets a key of its own")
-        now = time.time()
-        rows = [self._row(name, (args, kwargs), options.get("delay"), options.get("run_at"),
+        if not calls:
+            return []
+        # The options are checked once, with the first call; each call's
+        # own is its data.
+        first = self._row(name, calls[0], options.get("delay"), options.get("run_at"),
                           options.get("priority", 0), options.get("retries"),
-                          options.get("timeout"), options.get("key"), now)
-                for args, kwargs in calls]
-        if resumable:
-            rows = [r._replace(key=self._calls.key(name, r.data)) for r in rows]
+                          options.get("timeout"), options.get("key"), time.time())
+        blobs = [first.data]
+        serializer = self._settings.serializer
+        for call in calls[1:]:
+            try:
+                blobs.append(_dumps(serializer, call))
+            except Exception as exc:
+                raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
+        keys = self._calls.keys(name, blobs) if resumable else [first.key] * len(blobs)
+        state, priority, run_at, _, _, attempts, timeout, _, now = first
+        rows = [_NewJob(state, priority, run_at, name, blob, attempts, timeout, key, now)
+                for blob, key in zip(blobs, keys)]
         futures: list[JobFuture] = []
         with self._futures.expecting():
-            # A slice per commit: the workers start on the first while the
-            # rest are stored.  (Every call was checked above: a bad one
-            # stored nothing.)
-            for i in range(0, len(rows), _CALLS_SLICE):
-                futures += self._enqueue_slice(d, rows[i:i + _CALLS_SLICE], connection)
+            # Slices of growing size, a commit each: the workers start on the
+            # first while the rest are stored.  (Every call was checked
+            # above: a bad one stored nothing.)
+            i, size = 0, _CALLS_SLICE
+            while i < len(rows):
+                futures += self._enqueue_slice(d, rows[i:i + size], connection)
+                i, size = i + size, min(size * 2, _CALLS_SLICE_MAX)
         return futures
 
     def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob],
@@ -4980,7 +4993,6 @@ def new(path: str | os.PathLike, **settings) -> Blero:
 # job); once the map or executor is done with them, their keys are cleared,
 # and the next run computes them afresh.
 
-_CALL_KEY = "blero.call:{name}:{digest}:{n}"
 _JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "connection")
 
 
@@ -4991,14 +5003,19 @@ class _Calls:
         self._lock = threading.Lock()
         self._seen: collections.Counter = collections.Counter()
 
-    def key(self, name: str, blob) -> str:
-        """The key of the next identical call of `name` with data `blob`."""
-        data = blob.encode() if isinstance(blob, str) else bytes(blob or b"")
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    def keys(self, name: str, blobs: list) -> list[str]:
+        """The keys of the next calls of `name` with data `blobs` (each
+        serialized), in order."""
+        digests = [hashlib.blake2b(b.encode() if isinstance(b, str) else bytes(b or b""),
+                                   digest_size=16).hexdigest() for b in blobs]
+        prefix = f"blero.call:{name}:"
+        seen = self._seen
+        keys = []
         with self._lock:
-            self._seen[name, digest] += 1
-            n = self._seen[name, digest]
-        return _CALL_KEY.format(name=name, digest=digest, n=n)
+            for digest in digests:
+                n = seen[name, digest] = seen.get((name, digest), 0) + 1
+                keys.append(f"{prefix}{digest}:{n}")
+        return keys
 
 
 def _call_args(job: Job) -> tuple[tuple, dict]:
@@ -5277,7 +5294,8 @@ class _Futures:
 
 
 _FUTURES_LOOK = 1.0             # seconds between looks at most, while running
-_CALLS_SLICE = 500              # calls of a map stored per commit
+_CALLS_SLICE = 256              # calls of a map stored by its first commit
+_CALLS_SLICE_MAX = 8192         # and by any later one
 _FUTURES_STOPPED_LOOK = 0.25    # and on a stopped queue (its file may change)
 
 
