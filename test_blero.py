@@ -6631,6 +6631,10 @@ class ExecutorTest(TempDirTest):
                 self.executor.map(fn, [1])
         with self.assertRaises(TypeError):
             self.executor.submit(UnpicklableError("x").with_traceback, None)
+        unpicklable = Counted(1)
+        unpicklable.lock = lock
+        with self.assertRaisesRegex(TypeError, "serialize"):
+            self.executor.submit(unpicklable.plus, 1)
         with self.assertRaises(TypeError):
             self.executor.submit(add, lock)
         self.assertEqual(sum(self.bl.stats().values()), 0)
