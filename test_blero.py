@@ -6310,6 +6310,9 @@ class TaskTest(TempDirTest):
         self.assertEqual(adder.using(delay=3600).enqueue(2).done(), False)
         with self.assertRaises(TypeError):
             adder.using(colour="red")
+        with self.assertRaises(ValueError):
+            adder.using(key="one").map([1, 2])
+        self.assertEqual(adder.using(priority=9).map([1, 2]), [1, 2])
 
     @file_only
     def test_using_a_connection_enqueues_in_the_callers_transaction(self):
@@ -6638,6 +6641,10 @@ class ExecutorTest(TempDirTest):
                 self.executor.map(fn, [1])
         with self.assertRaises(TypeError):
             self.executor.submit(UnpicklableError("x").with_traceback, None)
+        unpicklable = Counted(1)
+        unpicklable.lock = lock
+        with self.assertRaisesRegex(TypeError, "serialize"):
+            self.executor.submit(unpicklable.plus, 1)
         with self.assertRaises(TypeError):
             self.executor.submit(add, lock)
         self.assertEqual(sum(self.bl.stats().values()), 0)
