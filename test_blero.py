@@ -7348,6 +7348,12 @@ class PostgresTest(OnPostgres, ProcessTest):
             idle.wait(job_id, 10)
             self.assertLess(started[-1] - enqueued, 5.0)
 
+    def test_another_schema_is_another_queue(self):
+        one, other = self.queue(), self.queue("other")
+        one.enqueue("x")
+        self.assertEqual(other.stats()["pending"], 0)
+        self.assertEqual(self.queue(start=False).stats()["pending"], 1)   # the same schema
+
     def test_a_cancel_from_another_process_reaches_the_running_try(self):
         runner, other = self.queue(), self.queue()    # two owners, two sessions
         running, cancelled = threading.Event(), threading.Event()
