@@ -2082,6 +2082,7 @@ _PG_VERSION = "SELECT max(version) FROM blero_meta"
 # One statement: tries the owner's lock, and gives it back at once if it got it.
 _PG_OWNER_ALIVE = ("SELECT CASE WHEN pg_try_advisory_lock(%s) THEN NOT pg_advisory_unlock(%s)"
                    " ELSE true END")
+_PG_LISTEN = "LISTEN {channel}"
 # What tells two connections are on one database of one server.
 _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_port()"
 # A key in enqueue_many goes in once: a second one (or one another
@@ -2539,7 +2540,7 @@ class _PostgresStorage(_Storage):
                 conn.close()
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
             try:
-                conn.execute(f"LISTEN {self._channel}")
+                conn.execute(_PG_LISTEN.format(channel=self._channel))
                 self._listening = True
             except psycopg.Error as exc:   # a pooler in transaction mode, say: poll
                 log.warning("%s: LISTEN failed (%s): looking for other processes' work "
