@@ -256,7 +256,8 @@ class JobInfo(NamedTuple):
 
     Times are epoch seconds; `run_at` is when the job may next run, and
     `started_at`/`finished_at` are None until then.  `error` is the text of
-    the last failure, with its traceback.
+    the last failure, with its traceback.  `after` holds the ids of the
+    jobs it waits on (`enqueue(after=...)`), in the order given.
     """
 
     id: int
@@ -273,6 +274,7 @@ class JobInfo(NamedTuple):
     run_at: float
     started_at: float | None
     finished_at: float | None
+    after: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -284,16 +286,18 @@ class JobInfo(NamedTuple):
 # READY jobs by (priority, id) for "next job", DELAYED ones (waiting for a time,
 # or to retry) by run_at, SUSPECT ones (handed back because their process
 # died, so perhaps what killed it: run alone, see _CrashGuard) by (priority,
-# id), RUNNING ones by the owner that claimed them.  The finished ones are
+# id), RUNNING ones by the owner that claimed them, WAITING ones (on the jobs
+# their `after=` names, listed in blero_deps) by id.  The finished ones are
 # only in an index by finish time, for sweeping and for the dashboard's
 # throughput, so keeping millions of them slows no claim.
 
 _READY, _DELAYED, _RUNNING, _COMPLETE, _FAILED, _CANCELLED, _SWEPT = range(7)
 _SUSPECT = -1       # below READY, so that "state >= 3" still means finished
-_STATE_NAME = {_SUSPECT: "pending", _READY: "pending", _DELAYED: "pending",
+_WAITING = -2       # on its `after=` jobs; below the rest, so "state < 3" still means not ended
+_STATE_NAME = {_WAITING: "pending", _SUSPECT: "pending", _READY: "pending", _DELAYED: "pending",
                _RUNNING: "inprogress", _COMPLETE: "complete", _FAILED: "failed",
                _CANCELLED: "cancelled"}
-_STATE_CODES = {"pending": (_SUSPECT, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
+_STATE_CODES = {"pending": (_WAITING, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
                 "complete": (_COMPLETE, _COMPLETE), "failed": (_FAILED, _FAILED),
                 "cancelled": (_CANCELLED, _CANCELLED)}
 
@@ -316,6 +320,9 @@ class _NewJob(NamedTuple):
     timeout: float | None
     key: str | None
     created_at: float
+    # The ids of the jobs it waits on: not a column of the job (blero_deps
+    # holds them), so never among _INSERT's parameters.
+    after: tuple[int, ...] = ()
 
 
 class _Claim(NamedTuple):
@@ -352,6 +359,22 @@ class _Finish(NamedTuple):
 # state as stored (a code) and its data and result serialized: JobInfo's
 # fields, so that the two never drift.
 _Stored = collections.namedtuple("_Stored", JobInfo._fields)
+
+
+class _Claimed(NamedTuple):
+    """What `finish_and_claim` did, in one transaction."""
+
+    recorded: bool                      # the finished try was recorded
+    claim: _Claim | None                # the job claimed, if any
+    suspects_left: frozenset | None     # a suspect sought, none found: the names left
+    # Names of jobs the finish made ready (their last `after=` job completed),
+    # and, while pauses or limits are stored, the finished job's own name (a
+    # slot of its limit came free): idle workers that take them look again.
+    wake: tuple[str, ...] = ()
+    delayed: float | None = None        # when the first job it made ready but delayed is due
+    held: bool = False                  # pauses or limits are stored
+    due: float | None = None            # when a rate limit lets one more job start
+    cancelled: int = 0                  # jobs cancelled down the chain of a failed one
 
 
 class _Ended(NamedTuple):
@@ -403,6 +426,19 @@ class _DueSchedule(NamedTuple):
 _SWEEP_START = (-math.inf, 0)   # where a sweep starts: the (finished_at, id) seen last
 
 
+def _chain_error(dep: int, how: str) -> str:
+    """The error of a job cancelled because job `dep`, which it waits on, ended `how`."""
+    return f"cancelled: job {dep}, which it waits on (after=), ended {how}"
+
+
+def _rate_window(per: float) -> float:
+    """How long a rate limit of n starts per `per` seconds counts each start:
+    a little longer than `per` (5%, at most 50 ms), because a try begins a
+    moment after its claim: so the limit holds by the processors' own clocks
+    too, not only by the claims'."""
+    return per + min(0.05, per / 20)
+
+
 class _Storage:
     """Where the jobs live: the interface the dispatcher and `Blero` use, in
     their words, with named tuples in and out.  One subclass per engine
@@ -445,21 +481,28 @@ class _Storage:
     def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
         """Store new jobs; return their ids, and for each whether it was
         stored: a job whose key is already stored stores nothing and gets
-        that job's id."""
+        that job's id.  A job with `after` waits until those jobs are all
+        complete (one swept counts as complete), and is cancelled at once if
+        one of them ended failed or cancelled; an id never given raises
+        ValueError, and then nothing is stored."""
         raise NotImplementedError
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False
-                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+                         ) -> _Claimed:
         """In one transaction, record a finished try and claim the next ready
-        job (or, with `suspect`, the next suspect) this worker accepts.
-        Returns (whether the finish was recorded, the claim or None, and when
-        a suspect was sought and none found, the names of the suspects left)."""
+        job (or, with `suspect`, the next suspect) this worker accepts.  A
+        finish that completes a job makes ready its dependants whose `after`
+        jobs are all complete now; one that ends it failed cancels its
+        dependants, and theirs, down the chain.  The claim obeys the pauses
+        and limits stored, checked in the same transaction: it never takes
+        a job of a paused name, nor one over a limit, not even for an
+        instant, whatever other processes claim meanwhile."""
         raise NotImplementedError
 
     def record(self, finish: _Finish) -> bool:
         """Record the end of one try; False if its claim no longer holds."""
-        return self.finish_and_claim(finish, 0, None, False)[0]
+        return self.finish_and_claim(finish, 0, None, False).recorded
 
     def suspect_names(self) -> frozenset:
         """The names of the suspect jobs (see _CrashGuard)."""
@@ -551,9 +594,10 @@ class _Storage:
         (new work, a cancel, an ended job); cheap: the clock asks often."""
         raise NotImplementedError
 
-    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
-        """Cancel a pending or running job; return its (state, owner) before,
-        or None if it had already ended or does not exist."""
+    def cancel(self, job_id: int, now: float) -> tuple[int, int | None, int] | None:
+        """Cancel a pending or running job, and its dependants down the
+        chain; return its (state, owner) before and how many dependants
+        were cancelled, or None if it had already ended or does not exist."""
         raise NotImplementedError
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
@@ -606,6 +650,33 @@ class _Storage:
         names, when to look next)."""
         raise NotImplementedError
 
+    def set_paused(self, name: str | None, paused: bool) -> None:
+        """Pause or resume jobs of `name` (None: every name; resuming None
+        resumes every name)."""
+        raise NotImplementedError
+
+    def paused(self) -> set[str | None]:
+        """The names paused (None: every name is)."""
+        raise NotImplementedError
+
+    def set_limit(self, name: str, concurrency: int | None,
+                  rate: tuple[int, float] | None) -> None:
+        """Store the limit of jobs named `name` (neither: remove it)."""
+        raise NotImplementedError
+
+    def limits(self) -> dict[str, tuple[int | None, tuple[int, float] | None]]:
+        """Every limit stored: name -> (concurrency, rate)."""
+        raise NotImplementedError
+
+    def running_by_name(self) -> dict[str, int]:
+        """How many jobs of each name are in progress."""
+        raise NotImplementedError
+
+    def last_claim(self, name: str | None) -> float | None:
+        """When the newest try of `name` (None: any) still in progress was
+        claimed, or None."""
+        raise NotImplementedError
+
     def get(self, job_id: int) -> _Stored | None:
         """A stored job, or None."""
         raise NotImplementedError
@@ -643,7 +714,7 @@ class _Storage:
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 2            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 3            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -651,6 +722,32 @@ _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes 
 _OWNERS_TAKES = "ALTER TABLE blero_owners ADD COLUMN takes TEXT"
 _SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
+# New in schema 3 (see _schema_3): what `after=`, pauses and limits store.
+# blero_deps: one row per (job, job it waits on), in the order given; kept
+# until the job itself is swept (JobInfo.after shows them).  blero_controls:
+# one row per name paused or limited ('' : every name, paused), none when
+# nothing is, so a claim tells "nothing held" from one look at an empty
+# table.  blero_starts: when each recent try of a rate-limited name began.
+_FLOW_SCHEMA = """
+CREATE TABLE blero_deps (
+    job_id       INTEGER NOT NULL,
+    dep_id       INTEGER NOT NULL
+);
+CREATE INDEX blero_deps_job ON blero_deps (job_id);
+CREATE INDEX blero_deps_dep ON blero_deps (dep_id);
+CREATE INDEX blero_jobs_waiting ON blero_jobs (id) WHERE state = -2;
+CREATE TABLE blero_controls (
+    name         TEXT PRIMARY KEY,
+    paused       INTEGER NOT NULL DEFAULT 0,
+    concurrency  INTEGER,
+    rate         INTEGER,
+    per          REAL
+);
+CREATE TABLE blero_starts (
+    name         TEXT NOT NULL,
+    at           REAL NOT NULL
+);
+CREATE INDEX blero_starts_name ON blero_starts (name, at)"""
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -695,19 +792,24 @@ CREATE TABLE blero_schedules (
     timeout      REAL,
     job_id       INTEGER
 );
-"""
+""" + _FLOW_SCHEMA + ";"
 # blero_owners.takes: the job names the owner's processors take, a JSON array
 # (NULL: any name), kept up to date as processors come and go.
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
 
 # Column lists come from the named tuples, so a row and its tuple never drift.
-_INSERT = (f"INSERT INTO blero_jobs ({', '.join(_NewJob._fields)})"
-           f" VALUES ({', '.join('?' * len(_NewJob._fields))})")
+_NEW_COLUMNS = _NewJob._fields[:-1]     # all but `after`
+_INSERT = (f"INSERT INTO blero_jobs ({', '.join(_NEW_COLUMNS)})"
+           f" VALUES ({', '.join('?' * len(_NEW_COLUMNS))})")
 _FIND_KEY = "SELECT id FROM blero_jobs WHERE key = ?"
 _LAST_ID = "SELECT last_insert_rowid()"
 _JOB_COLUMNS = ", ".join(_Claim._fields)
-_NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READY or SUSPECT
+_NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}{held}"   # READY or SUSPECT
                " ORDER BY priority DESC, id LIMIT 1")
+# The claim's first look takes a job only while nothing is paused or limited
+# (one probe of an empty table, made once per statement); else the claim
+# looks at what is held (_claim_held) and leaves out the names it must.
+_NOTHING_HELD = " AND NOT EXISTS (SELECT 1 FROM blero_controls)"
 # A claim is made only while its owner is registered: a claim still under
 # way when its queue stopped (and dropped its owner) then claims nothing.
 _CLAIM_RETURNING = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
@@ -739,7 +841,7 @@ _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
 _SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
-           " WHERE id = ? AND state IN (-1, 0, 1, 2)")
+           " WHERE id = ? AND state IN (-2, -1, 0, 1, 2)")
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
@@ -759,17 +861,21 @@ _SWEEP = ("DELETE FROM blero_jobs WHERE id = ? AND id < ?"
 _TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result = NULL,"
               " error = NULL, key = NULL WHERE id = ? AND state IN ({states})"
               " AND finished_at <= ?")
-_INFO_COLUMNS = ", ".join(_Stored._fields)
+# JobInfo.after is no column: the ids a job waits on, "3,5", from blero_deps.
+_AFTER_IDS = "(SELECT group_concat(dep_id) FROM blero_deps d WHERE d.job_id = blero_jobs.id)"
+_INFO_COLUMNS = ", ".join(_AFTER_IDS if f == "after" else f for f in _Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
          " AND (? IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
 # Ready (and suspect) jobs may run now, in claim order; delayed ones at run_at.
-_PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -1 AND 1"
-                         " ORDER BY CASE state WHEN 1 THEN run_at ELSE 0 END, priority DESC, id"
+# Those waiting on other jobs come last.
+_PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -2 AND 1"
+                         " ORDER BY CASE state WHEN 1 THEN run_at WHEN -2 THEN 1e308 ELSE 0 END,"
+                         " priority DESC, id"
                          " LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM blero_jobs GROUP BY state"
-_PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -1 AND 1"
+_PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -2 AND 1"
                     " GROUP BY name")
 _FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, state, count(*) FROM blero_jobs"
                    " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1, 2")
@@ -780,7 +886,8 @@ _OUTSTANDING = (
     " EXISTS (SELECT 1 FROM blero_jobs WHERE state = 0 AND id NOT IN runs)"
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -1 AND id NOT IN runs)"
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 1 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN runs)")
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN runs)"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -2 AND id NOT IN runs)")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
 _HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes)"
@@ -806,6 +913,55 @@ _DUE_SCHEDULES = (
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
+# -- after=: a job waits (state -2) until the jobs it names are complete --
+_ADD_DEP = "INSERT INTO blero_deps (job_id, dep_id) VALUES (?, ?)"
+# A finish that ends a job tells, in the same statement, whether any job waits on it.
+_FINISH_RETURNING = (_FINISH + " RETURNING EXISTS (SELECT 1 FROM blero_deps d"
+                     " WHERE d.dep_id = blero_jobs.id)")
+_HAS_DEPENDANTS = "SELECT EXISTS (SELECT 1 FROM blero_deps WHERE dep_id = ?)"
+# The jobs waiting on this one whose every `after` job is complete now (a
+# swept one, gone or a tombstone, was complete: only ended jobs are swept).
+_RELEASABLE = ("SELECT j.id, j.name, j.run_at FROM blero_deps d JOIN blero_jobs j ON j.id = d.job_id"
+               " WHERE d.dep_id = ? AND j.state = -2 AND NOT EXISTS (SELECT 1 FROM blero_deps e"
+               " JOIN blero_jobs k ON k.id = e.dep_id WHERE e.job_id = j.id AND k.state < 3)")
+_RELEASE = "UPDATE blero_jobs SET state = ? WHERE id = ? AND state = -2"
+# Every job waiting on this one, directly or down a chain, each with the
+# job it waits on that ends it (all of them end cancelled, the first failed).
+_DOWN_THE_CHAIN = (
+    "WITH RECURSIVE down(id, dep) AS (SELECT job_id, dep_id FROM blero_deps WHERE dep_id = ?"
+    " UNION SELECT d.job_id, d.dep_id FROM blero_deps d JOIN down ON d.dep_id = down.id)"
+    " SELECT down.id, min(down.dep) FROM down JOIN blero_jobs j ON j.id = down.id"
+    " WHERE j.state = -2 GROUP BY down.id")
+_CANCEL_WAITING = ("UPDATE blero_jobs SET state = 5, finished_at = ?, error = ?"
+                   " WHERE id = ? AND state = -2")
+_ANY_DEPS = "SELECT EXISTS (SELECT 1 FROM blero_deps)"
+# A swept job's own list goes with it (the lists naming it stay: JobInfo.after).
+_SWEEP_DEPS = ("DELETE FROM blero_deps WHERE job_id = ?1"
+               " AND NOT EXISTS (SELECT 1 FROM blero_jobs WHERE id = ?1 AND state < 6)")
+# -- pauses and limits ------------------------------------------------------
+_CONTROLS = "SELECT name, paused, concurrency, rate, per FROM blero_controls"
+_PAUSE = ("INSERT INTO blero_controls (name, paused) VALUES (?, 1)"
+          " ON CONFLICT (name) DO UPDATE SET paused = 1")
+_RESUME = "UPDATE blero_controls SET paused = 0 WHERE name = ?"
+_RESUME_ALL = "UPDATE blero_controls SET paused = 0"
+_SET_LIMIT = ("INSERT INTO blero_controls (name, concurrency, rate, per) VALUES (?, ?, ?, ?)"
+              " ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency,"
+              " rate = excluded.rate, per = excluded.per")
+_DROP_IDLE_CONTROLS = ("DELETE FROM blero_controls"
+                       " WHERE paused = 0 AND concurrency IS NULL AND rate IS NULL")
+_PAUSED = "SELECT name FROM blero_controls WHERE paused = 1"
+_LIMITS = ("SELECT name, concurrency, rate, per FROM blero_controls"
+           " WHERE concurrency IS NOT NULL OR rate IS NOT NULL ORDER BY name")
+# (by the running jobs' index: a few rows, one per worker at most)
+_RUNNING_NAMED = "SELECT count(*) FROM blero_jobs INDEXED BY blero_jobs_running WHERE state = 2 AND name = ?"
+_RUNNING_BY_NAME = "SELECT name, count(*) FROM blero_jobs WHERE state = 2 GROUP BY name"
+_LAST_CLAIM = ("SELECT max(started_at) FROM blero_jobs WHERE state = 2"
+               " AND (? IS NULL OR name = ?)")
+_STARTS_SINCE = "SELECT count(*) FROM blero_starts WHERE name = ? AND at > ?"
+_NTH_START = "SELECT at FROM blero_starts WHERE name = ? AND at > ? ORDER BY at LIMIT 1 OFFSET ?"
+_ADD_START = "INSERT INTO blero_starts (name, at) VALUES (?, ?)"
+_PRUNE_STARTS = "DELETE FROM blero_starts WHERE name = ? AND at <= ?"
+_DROP_STARTS = "DELETE FROM blero_starts WHERE name = ?"
 # Free pages go back one per statement: Pythons differ in whether they step
 # an incremental_vacuum on past its first page.
 _FREE_PAGES = "PRAGMA freelist_count"
@@ -841,7 +997,13 @@ def _schema_2(db: sqlite3.Connection) -> None:
     db.execute(_SUSPECT_INDEX)
 
 
-_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2,)
+def _schema_3(db: sqlite3.Connection) -> None:
+    """2 -> 3: what `after=`, pauses and limits store (_FLOW_SCHEMA)."""
+    for statement in _FLOW_SCHEMA.split(";"):
+        db.execute(statement)
+
+
+_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -855,7 +1017,17 @@ def _schema_2_views(db: sqlite3.Connection) -> None:
         db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT *{more} FROM main.{table}")
 
 
-_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,)
+def _schema_3_views(db: sqlite3.Connection) -> None:
+    """2 as 3: nothing waits on other jobs, nothing is paused or limited."""
+    for table, columns in (("deps", "0 AS job_id, 0 AS dep_id"),
+                           ("controls", "'' AS name, 0 AS paused, NULL AS concurrency,"
+                                        " NULL AS rate, NULL AS per"),
+                           ("starts", "'' AS name, 0.0 AS at")):
+        db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT {columns} WHERE 0")
+
+
+_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
+                                                                      _schema_3_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -1630,13 +1802,13 @@ class _SQLiteStorage(_Storage):
     def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
         return self._write(self._insert, rows)
 
-    @staticmethod
-    def _insert(db, rows):
-        if len(rows) == 1 and rows[0].key is None:
-            return [db.execute(_INSERT, rows[0]).lastrowid], [True]
+    @classmethod
+    def _insert(cls, db, rows):
+        if len(rows) == 1 and rows[0].key is None and not rows[0].after:
+            return [db.execute(_INSERT, rows[0][:-1]).lastrowid], [True]
         ids: list[int] = []
         stored: list[bool] = []
-        run: list[_NewJob] = []   # keyless rows go in by executemany
+        run: list[tuple] = []   # keyless rows waiting on nothing go in by executemany
 
         def flush():
             if run:
@@ -1647,53 +1819,168 @@ class _SQLiteStorage(_Storage):
                 run.clear()
 
         for row in rows:
-            if row.key is None:
-                run.append(row)
+            if row.key is None and not row.after:
+                run.append(row[:-1])
                 continue
             flush()
-            found = db.execute(_FIND_KEY, (row.key,)).fetchall()
-            ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
+            found = row.key is not None and db.execute(_FIND_KEY, (row.key,)).fetchall()
+            if found:
+                ids.append(found[0][0])
+            elif row.after:
+                ids.append(cls._insert_after(db, row))
+            else:
+                ids.append(db.execute(_INSERT, row[:-1]).lastrowid)
             stored.append(not found)
         flush()
         return ids, stored
+
+    @staticmethod
+    def _insert_after(db, row):
+        """Store a job with `after`: waiting, unless every job it names is
+        complete; cancelled at once if one of them ended otherwise."""
+        waits, ended, newest = False, None, None
+        for dep in row.after:
+            found = db.execute(_STATE_OF, (dep,)).fetchall()
+            state = found[0][0] if found else _SWEPT
+            if state == _SWEPT:     # gone: swept after it ended, unless never given
+                if newest is None:
+                    newest = db.execute(_MAX_ID).fetchall()[0][0] or 0
+                if dep > newest:
+                    raise ValueError(f"after: there is no job {dep}")
+            elif state < _COMPLETE:
+                waits = True
+            elif state != _COMPLETE and ended is None:
+                ended = (dep, _STATE_NAME[state])
+        if waits or ended:
+            row = row._replace(state=_WAITING)
+        job_id = db.execute(_INSERT, row[:-1]).lastrowid
+        db.executemany(_ADD_DEP, [(job_id, dep) for dep in row.after])
+        if ended:
+            db.execute(_CANCEL_WAITING, (row.created_at, _chain_error(*ended), job_id))
+        return job_id
 
     # -- claiming and finishing --------------------------------------------------
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False
-                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+                         ) -> _Claimed:
         return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False):
-        recorded = finish is not None and db.execute(_FINISH, finish).rowcount == 1
-        if not claim:
-            return recorded, None, None
-        n = len(names) if names else 0
-        sql = self._claim_statements(n, suspect)
-        params = tuple(names) if n else ()
         now = time.time()
-        if self._returning:
-            rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
-            row = _Claim._make(rows[0]) if rows else None
-        else:
-            found = db.execute(sql[0], params).fetchall()
-            row = None
-            if found and db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
-                row = _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
+        recorded, wake, delayed, due, cancelled = False, (), None, None, 0
+        if finish is not None:
+            if self._returning:
+                found = db.execute(_FINISH_RETURNING, finish).fetchall()
+                recorded, chained = bool(found), bool(found) and found[0][0]
+            else:
+                recorded = db.execute(_FINISH, finish).rowcount == 1
+                chained = recorded and finish.state in (_COMPLETE, _FAILED) and db.execute(
+                    _HAS_DEPENDANTS, (finish.id,)).fetchall()[0][0]
+            if chained and finish.state in (_COMPLETE, _FAILED):
+                wake, delayed, cancelled = self._ended(db, finish.id, finish.state, now)
+        if not claim:
+            return _Claimed(recorded, None, None, wake, delayed, False, None, cancelled)
+        row, held = self._claim(db, owner, names, suspect, now), False
+        if row is None:
+            controls = db.execute(_CONTROLS).fetchall()
+            if controls:
+                held = True
+                row, due = self._claim_held(db, owner, names, suspect, now, controls)
         left = None
         if suspect and row is None:
             left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
-        return recorded, row, left
+        return _Claimed(recorded, row, left, wake, delayed, held, due, cancelled)
 
-    def _claim_statements(self, n: int, suspect: bool = False) -> tuple[str, str]:
+    def _claim(self, db, owner, names, suspect, now, blocked=None) -> _Claim | None:
+        """Claim the next job of `names` (None: any) while nothing is held,
+        or, given the names `blocked` (paused or at a limit), one of another."""
+        n = len(names) if names else 0
+        sql = self._claim_statements(n, suspect, None if blocked is None else len(blocked))
+        params = (tuple(names) if n else ()) + (tuple(blocked) if blocked else ())
+        if self._returning:
+            rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
+            return _Claim._make(rows[0]) if rows else None
+        found = db.execute(sql[0], params).fetchall()
+        if found and db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
+            return _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
+        return None
+
+    def _claim_held(self, db, owner, names, suspect, now, controls):
+        """The claim while pauses or limits are stored: the names paused or at
+        their limit are left out.  (The transaction holds SQLite's one write
+        lock, so no other claim comes between the counts and the claim.)
+        Returns the claim or None, and when a rate limit lets one more start."""
+        blocked, windows, until = [], {}, None
+        for name, paused, concurrency, rate, per in controls:
+            if name == "":
+                if paused:
+                    return None, None
+                continue
+            if names is not None and name not in names:
+                continue
+            if paused or concurrency is not None and db.execute(
+                    _RUNNING_NAMED, (name,)).fetchall()[0][0] >= concurrency:
+                blocked.append(name)
+            elif rate is not None:
+                window = _rate_window(per)
+                started = db.execute(_STARTS_SINCE, (name, now - window)).fetchall()[0][0]
+                if started >= rate:
+                    blocked.append(name)
+                    first = db.execute(_NTH_START, (name, now - window, started - rate)
+                                       ).fetchall()[0][0]
+                    until = first + window if until is None else min(until, first + window)
+                else:
+                    windows[name] = window
+        if names is not None and names <= set(blocked):
+            return None, until
+        row = self._claim(db, owner, names, suspect, now, blocked)
+        if row is not None and row.name in windows:
+            db.execute(_PRUNE_STARTS, (row.name, now - windows[row.name]))
+            db.execute(_ADD_START, (row.name, now))
+        return row, until
+
+    def _claim_statements(self, n: int, suspect: bool = False,
+                          blocked: int | None = None) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
-        n names (0: any)."""
-        sql = self._claim_sql.get((n, suspect))
+        n names (0: any): while nothing is held (`blocked` None), or leaving
+        out `blocked` names."""
+        sql = self._claim_sql.get((n, suspect, blocked))
         if sql is None:
             cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
-            select = _NEXT_READY.format(state=_SUSPECT if suspect else _READY, names=cond)
-            sql = self._claim_sql[n, suspect] = (select, _CLAIM_RETURNING.format(next=select))
+            held = (_NOTHING_HELD if blocked is None else
+                    f" AND name NOT IN ({', '.join('?' * blocked)})" if blocked else "")
+            select = _NEXT_READY.format(state=_SUSPECT if suspect else _READY, names=cond,
+                                        held=held)
+            sql = (select, _CLAIM_RETURNING.format(next=select))
+            if blocked is None or blocked < 8:      # (more are rare: not kept)
+                self._claim_sql[n, suspect, blocked] = sql
         return sql
+
+    @classmethod
+    def _ended(cls, db, job_id: int, state: int, now: float):
+        """A job with dependants ended `state`: when complete, make ready
+        those whose `after` jobs are all complete now; else cancel them, and
+        theirs, down the chain.  Returns (names made ready, when the first
+        made delayed is due, how many cancelled)."""
+        if state != _COMPLETE:
+            return (), None, cls._cancel_down(db, job_id, state, now)
+        found = db.execute(_RELEASABLE, (job_id,)).fetchall()
+        db.executemany(_RELEASE, [(_DELAYED if run_at > now else _READY, i)
+                                  for i, _, run_at in found])
+        later = [run_at for _, _, run_at in found if run_at > now]
+        return (tuple(name for _, name, run_at in found if run_at <= now),
+                min(later) if later else None, 0)
+
+    @staticmethod
+    def _cancel_down(db, job_id: int, state: int, now: float) -> int:
+        """Cancel every job waiting on `job_id` (which ended `state`), and on
+        those, down the chain; return how many."""
+        found = db.execute(_DOWN_THE_CHAIN, (job_id,)).fetchall()
+        db.executemany(_CANCEL_WAITING, [
+            (now, _chain_error(dep, _STATE_NAME[state] if dep == job_id else "cancelled"), i)
+            for i, dep in found])
+        return len(found)
 
     def suspect_names(self) -> frozenset:
         return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
@@ -1706,14 +1993,18 @@ class _SQLiteStorage(_Storage):
     def unclaim(self, job_id: int, owner: int, attempt: int, state: int = _READY) -> None:
         self._write(lambda db: db.execute(_UNCLAIM, (state, job_id, owner, attempt)))
 
-    @staticmethod
-    def _release(db, owner, outcome, drop_owner, started, unclaimed):
+    @classmethod
+    def _release(cls, db, owner, outcome, drop_owner, started, unclaimed):
         done, undone = [], 0
         for row in map(_Claim._make, db.execute(_RUNNING_OF, (owner,)).fetchall()):
             if started is not None and (row.id, row.attempt) not in started:
                 undone += db.execute(_UNCLAIM, (unclaimed, row.id, owner, row.attempt)).rowcount
-            elif db.execute(_FINISH, outcome(row)).rowcount == 1:
+                continue
+            finish = outcome(row)
+            if db.execute(_FINISH, finish).rowcount == 1:
                 done.append(row)
+                if finish.state == _FAILED:
+                    cls._cancel_down(db, row.id, _FAILED, time.time())
         if drop_owner:
             db.execute(_DROP_OWNER, (owner,))
         return done, undone
@@ -1787,15 +2078,15 @@ class _SQLiteStorage(_Storage):
 
     # -- operating on jobs ---------------------------------------------------------
 
-    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
+    def cancel(self, job_id: int, now: float) -> tuple[int, int | None, int] | None:
         return self._write(self._cancel, job_id, now)
 
-    @staticmethod
-    def _cancel(db, job_id, now):
+    @classmethod
+    def _cancel(cls, db, job_id, now):
         found = db.execute(_STATE_OF, (job_id,)).fetchall()
         if not found or db.execute(_CANCEL, (now, job_id)).rowcount == 0:
             return None
-        return found[0]
+        return found[0] + (cls._cancel_down(db, job_id, _CANCELLED, now),)
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
         params = ([(now, retries, None, None)] if ids is None
@@ -1823,6 +2114,8 @@ class _SQLiteStorage(_Storage):
         db.executemany(sql[0], [(i, newest, before) for i, state, _ in found if state == _SWEPT])
         if any(i == newest for i, _, _ in jobs):
             gone += db.execute(sql[1], (newest, before)).rowcount
+        if db.execute(_ANY_DEPS).fetchall()[0][0]:
+            db.executemany(_SWEEP_DEPS, [(i,) for i, _, _ in found])
         return gone
 
     def give_back_slice(self) -> bool:
@@ -1877,6 +2170,44 @@ class _SQLiteStorage(_Storage):
             db.execute(_SCHEDULED_RUN, (after, job_id, key))
             names.append(sched.name)
         return names, db.execute(_NEXT_SCHEDULE).fetchall()[0][0]
+
+    # -- pauses and limits ---------------------------------------------------------
+
+    def set_paused(self, name: str | None, paused: bool) -> None:
+        def change(db):
+            if paused:
+                db.execute(_PAUSE, ("" if name is None else name,))
+            elif name is None:
+                db.execute(_RESUME_ALL)
+            else:
+                db.execute(_RESUME, (name,))
+            db.execute(_DROP_IDLE_CONTROLS)
+        self._write(change)
+
+    def paused(self) -> set[str | None]:
+        return {name or None for (name,) in self._read(lambda db: db.execute(_PAUSED).fetchall())}
+
+    def set_limit(self, name: str, concurrency: int | None,
+                  rate: tuple[int, float] | None) -> None:
+        n, per = (None, None) if rate is None else rate
+
+        def change(db):
+            db.execute(_SET_LIMIT, (name, concurrency, n, per))
+            if rate is None:
+                db.execute(_DROP_STARTS, (name,))
+            db.execute(_DROP_IDLE_CONTROLS)
+        self._write(change)
+
+    def limits(self) -> dict[str, tuple[int | None, tuple[int, float] | None]]:
+        rows = self._read(lambda db: db.execute(_LIMITS).fetchall())
+        return {name: (concurrency, None if n is None else (n, per))
+                for name, concurrency, n, per in rows}
+
+    def running_by_name(self) -> dict[str, int]:
+        return dict(self._read(lambda db: db.execute(_RUNNING_BY_NAME).fetchall()))
+
+    def last_claim(self, name: str | None) -> float | None:
+        return self._read(lambda db: db.execute(_LAST_CLAIM, (name, name)).fetchall()[0][0])
 
     # -- inspecting ------------------------------------------------------------------
 
@@ -2040,9 +2371,9 @@ class _Counters:
         self.seconds_sum = 0.0
         self.seconds_count = 0
 
-    def add(self, outcome: str, seconds: float | None = None) -> None:
+    def add(self, outcome: str, seconds: float | None = None, count: int = 1) -> None:
         with self.lock:
-            self.finished[outcome] += 1
+            self.finished[outcome] += count
             if seconds is not None:
                 self.seconds_sum += seconds
                 self.seconds_count += 1
@@ -2280,6 +2611,7 @@ class _Dispatcher:
         self._deadline_n = 0
         self._delayed_due = math.inf        # epoch time of the next delayed job
         self._schedule_due = math.inf       # epoch time of the next schedule run
+        self._held_due = math.inf           # epoch time a rate limit lets a job start
         self._clock_stop = False
         # (before, after) of a sweep under way; after None: its space going back
         self._sweeping = None
@@ -2502,9 +2834,11 @@ class _Dispatcher:
                     claim = suspect = turn
         if outcome is None and not claim:
             return None
-        recorded, row, left = self.storage.finish_and_claim(
+        done = self.storage.finish_and_claim(
             outcome and outcome.finish(self.owner), self.owner, worker.processor.names,
             claim, suspect)
+        recorded, row, left = done.recorded, done.claim, done.suspects_left
+        self.flow(done, outcome and outcome.job.name)
         worker.suspect = suspect and row is not None
         if row is None:
             worker.holding = False
@@ -2517,6 +2851,26 @@ class _Dispatcher:
         if row is None:
             return None
         return Job(*row)
+
+    def flow(self, done: _Claimed, finished: str | None) -> None:
+        """Act on what a finish and claim did besides: wake workers for the
+        jobs it made ready (and, while pauses or limits are stored, for the
+        name of the job that finished: a slot of its limit came free), and
+        look again when a rate limit lets one more job start."""
+        wake = list(done.wake)
+        if done.held and finished is not None:
+            wake.append(finished)
+        if wake:
+            self.work_arrived(wake)
+        if done.delayed is not None:
+            self.delayed_at(done.delayed)
+        if done.due is not None:
+            with self._lock:
+                if done.due < self._held_due:
+                    self._held_due = done.due
+                    self._tick.notify()
+        if done.cancelled:
+            self.counters.add("cancelled", count=done.cancelled)
 
     def execute(self, worker: _Worker, job: Job, cancels: int) -> _Outcome | None:
         """Run one try of `job`, claimed when `self.cancels` was `cancels`;
@@ -2687,13 +3041,13 @@ class _Dispatcher:
                 if self._deadlines:
                     wake = min(wake, self._deadlines[0][0])
                 wake = min(wake, now + (self._delayed_due - epoch),
-                           now + (self._schedule_due - epoch))
+                           now + (self._schedule_due - epoch), now + (self._held_due - epoch))
                 if wake > now and self._sweeping is None:
                     self._tick.wait(wake - now)
                     if self._clock_stop:
                         return
-            for duty in (self._expire, self._promote, self._run_schedules, self._poll,
-                         self._reap, self._beat, self._sweep):
+            for duty in (self._expire, self._promote, self._unhold, self._run_schedules,
+                         self._poll, self._reap, self._beat, self._sweep):
                 try:
                     duty()
                 except Exception as exc:
@@ -2737,6 +3091,14 @@ class _Dispatcher:
         count = self._look_and_rearm("_delayed_due", self.storage.promote)
         if count:
             self.work_arrived(None)
+
+    def _unhold(self) -> None:
+        """A rate limit lets another job start now: the idle workers look."""
+        with self._lock:
+            if time.time() < self._held_due:
+                return
+            self._held_due = math.inf
+        self.work_arrived(None)
 
     def _run_schedules(self) -> None:
         if time.time() < self._schedule_due:
@@ -2931,6 +3293,38 @@ def _db_path(path) -> str:
     if os.path.isdir(path) or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         return os.path.join(path, "blero.db")
     return path
+
+
+_PAUSE_GRACE = 0.1   # seconds pause() lets a try claimed just before it begin
+
+
+def _flow_name(name, optional: bool = False) -> None:
+    """Check the job name given to pause, resume or limit (None: every name)."""
+    if name is None and optional:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"a job name must be a str{' or None' if optional else ''}, "
+                        f"not {type(name).__name__}")
+    if not name:
+        raise ValueError("a job name must not be empty")
+
+
+def _after(after) -> tuple[int, ...]:
+    """`after` as job ids, each once, in the order given: an id, a future (or
+    anything with an int `.id` or `.job_id`), or a collection of them."""
+    if after is None:
+        return ()
+    if isinstance(after, (str, bytes)) or not hasattr(after, "__iter__"):
+        after = (after,)
+    ids = []
+    for item in after:
+        job_id = item
+        if not isinstance(item, int) or isinstance(item, bool):
+            job_id = getattr(item, "id", getattr(item, "job_id", None))
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise TypeError(f"after: a job id, or a future with an .id, not {item!r}")
+        ids.append(_job_id("after", job_id))
+    return tuple(dict.fromkeys(ids))
 
 
 def _epoch(when) -> float:
@@ -3261,15 +3655,19 @@ class Blero:
     def enqueue(self, name: str, data: Any = None, *, delay: float | None = None,
                 run_at: float | datetime.datetime | None = None, priority: int = 0,
                 retries: int | None = None, timeout: float | None = None,
-                key: str | None = None) -> int:
+                key: str | None = None, after: Any = None) -> int:
         """Store a job and return its id, once it is committed.
 
         `delay` (seconds) or `run_at` (epoch seconds or datetime): not before
         then.  Higher `priority` runs first.  `retries`: tries after the first.
         `timeout`: seconds a try may take.  `key`: while a job with this key is
-        stored, enqueueing it again returns that job's id and stores nothing."""
+        stored, enqueueing it again returns that job's id and stores nothing.
+        `after`: job ids (or futures, anything with an `.id`) this job waits
+        for: it runs once they are all complete, and ends cancelled if one
+        of them ends failed or cancelled."""
         d = self._running()
-        row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time())
+        row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time(),
+                        after)
         return d.enqueue([row])[0]
 
     def enqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
@@ -3286,19 +3684,22 @@ class Blero:
                 except KeyError:
                     raise TypeError("a job given as a dict needs a 'name'") from None
                 data = item.pop("data", None)
-                unknown = set(item) - {"delay", "run_at", "priority", "retries", "timeout", "key"}
+                unknown = set(item) - {"delay", "run_at", "priority", "retries", "timeout", "key",
+                                       "after"}
                 if unknown:
                     raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
                 rows.append(self._row(name, data, item.get("delay"), item.get("run_at"),
                                       item.get("priority", 0), item.get("retries"),
-                                      item.get("timeout"), item.get("key"), now))
+                                      item.get("timeout"), item.get("key"), now,
+                                      item.get("after")))
             elif isinstance(item, (tuple, list)) and len(item) == 2:
                 rows.append(self._row(item[0], item[1], None, None, 0, None, None, None, now))
             else:
                 raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
         return d.enqueue(rows) if rows else []
 
-    def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> _NewJob:
+    def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now,
+             after=None) -> _NewJob:
         """Check one job's arguments and make its storage row."""
         if not isinstance(name, str):
             raise TypeError(f"a job name must be a str, not {type(name).__name__}")
@@ -3324,7 +3725,7 @@ class Blero:
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
         return _NewJob(_DELAYED if when > now else _READY, priority, when, name, blob,
-                       1 + retries, timeout, key, now)
+                       1 + retries, timeout, key, now, _after(after))
 
     # -- waiting ---------------------------------------------------------------------
 
@@ -3434,7 +3835,9 @@ class Blero:
         loads = self._settings.serializer
         return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
                                       state=_STATE_NAME[row.state],
-                                      result=_loads_or_none(loads, row.result))._asdict())
+                                      result=_loads_or_none(loads, row.result),
+                                      after=tuple(map(int, row.after.split(",")))
+                                      if row.after else ())._asdict())
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
@@ -3471,7 +3874,7 @@ class Blero:
             before = storage.cancel(job_id, time.time())
         if before is None:
             return False
-        self._counters.add("cancelled")
+        self._counters.add("cancelled", count=1 + before[2])
         d = self._dispatcher
         if d is not None:
             d.cancelled(job_id)
@@ -3540,6 +3943,70 @@ class Blero:
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         with self._store(operating=True) as storage:
             return storage.drop_schedule(key)
+
+    # -- flow control ----------------------------------------------------------------
+
+    def pause(self, name: str | None = None) -> None:
+        """Start no job named `name` (None: no job at all), in any process
+        sharing the queue, until `resume`; running jobs finish.  Stored in
+        the queue: it lasts across restarts.  When it returns, no try of
+        that name begins any more: a try claimed just before is given a
+        moment (at most 0.1 s) to begin first."""
+        _flow_name(name, optional=True)
+        with self._store(operating=True) as storage:
+            storage.set_paused(name, True)
+            # A try is claimed a moment before its processor is called: let
+            # those claimed just before the pause begin before returning.
+            last = storage.last_claim(name)
+        if last is not None:
+            wait = min(_PAUSE_GRACE, last + _PAUSE_GRACE - time.time())
+            if wait > 0:
+                time.sleep(wait)
+
+    def resume(self, name: str | None = None) -> None:
+        """Undo `pause(name)`; `resume()` (None) resumes every name.  Idle
+        workers of every process take the jobs again within 0.1 s."""
+        _flow_name(name, optional=True)
+        with self._store(operating=True) as storage:
+            storage.set_paused(name, False)
+        d = self._dispatcher
+        if d is not None:
+            d.work_arrived(None)
+
+    def paused(self) -> set[str | None]:
+        """The names paused; None among them when everything is."""
+        with self._store() as storage:
+            return storage.paused()
+
+    def limit(self, name: str, *, concurrency: int | None = None,
+              rate: tuple[int, float] | None = None) -> None:
+        """Limit the jobs named `name`, across every process sharing the
+        queue: at most `concurrency` in progress at once, and with
+        `rate=(n, seconds)` at most n started in any window of that many
+        seconds.  Never exceeded; the jobs over it wait, and jobs of other
+        names do not.  Stored in the queue; replaces the name's limit, and
+        with neither removes it."""
+        _flow_name(name)
+        if concurrency is not None:
+            concurrency = _integer("concurrency", concurrency, least=1)
+        if rate is not None:
+            if not isinstance(rate, tuple) or len(rate) != 2:
+                raise TypeError(f"rate must be a pair (n, seconds), not {rate!r}")
+            rate = (_integer("rate's n", rate[0], least=1),
+                    float(_seconds("rate's seconds", rate[1], positive=True)))
+        with self._store(operating=True) as storage:
+            storage.set_limit(name, concurrency, rate)
+        d = self._dispatcher
+        if d is not None:
+            d.work_arrived(None)
+
+    def limits(self) -> dict[str, dict]:
+        """Every limit stored: name -> {"concurrency": n or None, "rate":
+        (n, seconds) or None}."""
+        with self._store() as storage:
+            found = storage.limits()
+        return {name: {"concurrency": concurrency, "rate": rate}
+                for name, (concurrency, rate) in found.items()}
 
     # -- metrics ---------------------------------------------------------------------
 

@@ -5092,7 +5092,7 @@ class UpgradeTest(ProcessTest):
         with blero.new(path) as bl:
             self.assertEqual(bl.stats()["pending"], 3000)
             self.assertEqual(bl.get_job(3000).data, b"x" * 200)
-        self.assertEqual(self.layout(path), (2, 2))
+        self.assertEqual(self.layout(path), (blero._SCHEMA_VERSION, 2))
 
     def layout(self, path):
         """(user_version, auto_vacuum) of a file."""
@@ -5104,9 +5104,9 @@ class UpgradeTest(ProcessTest):
             db.close()
 
     def assert_upgraded(self, path, theirs=()):
-        """Schema 2, incremental auto_vacuum, blero's names blero_*; of the
-        old names, only the application's tables `theirs`."""
-        self.assertEqual(self.layout(path), (2, 2))
+        """The latest schema, incremental auto_vacuum, blero's names blero_*;
+        of the old names, only the application's tables `theirs`."""
+        self.assertEqual(self.layout(path), (blero._SCHEMA_VERSION, 2))
         db = sqlite3.connect(path)
         try:
             names = {r[0] for r in db.execute("SELECT name FROM sqlite_master"
@@ -5117,7 +5117,9 @@ class UpgradeTest(ProcessTest):
         self.assertEqual({n for n in names if n.startswith("blero_")},
                          {"blero_jobs", "blero_owners", "blero_schedules", "blero_jobs_ready",
                           "blero_jobs_delayed", "blero_jobs_running", "blero_jobs_finished",
-                          "blero_jobs_key", "blero_jobs_suspect"})
+                          "blero_jobs_key", "blero_jobs_suspect", "blero_deps",
+                          "blero_deps_job", "blero_deps_dep", "blero_jobs_waiting",
+                          "blero_controls", "blero_starts", "blero_starts_name"})
         self.assertEqual({"jobs", "owners", "schedules"} & names, set(theirs))
         self.assertEqual(schedules, [("hourly",)])
 
@@ -5895,7 +5897,8 @@ class DashboardOfTheQueueTest(TempDirTest):
         job = self.get_json(port, f"/api/job?id={failed[0]}")
         self.assertLessEqual(set(blero.JobInfo._fields), set(job))
         info = worker.get_job(failed[0])
-        self.assertEqual({k: job[k] for k in blero.JobInfo._fields}, info._asdict())
+        self.assertEqual({k: job[k] for k in blero.JobInfo._fields},
+                         json.loads(json.dumps(info._asdict())))
         self.assertIn("Traceback (most recent call last)", job["error"])
         done = worker.jobs("complete")[0]
         self.assertEqual(self.get_json(port, f"/api/job?id={done.id}")["result"],
@@ -6074,6 +6077,287 @@ class DashboardInChromiumTest(TempDirTest):
         browser.evaluate("document.getElementById('older').click()")
         browser.wait_for(f"{rows}[0] === {ids[::-1][25]}", "the second page")
         self.assertEqual(browser.evaluate(rows), ids[::-1][25:50])
+
+
+# ---------------------------------------------------------------------------
+# Flow control (issue 11): after= dependencies, pause/resume, limits
+# ---------------------------------------------------------------------------
+
+class FutureLike:
+    """What `after` takes besides ids: anything with an int `.id` (JobFuture)."""
+
+    def __init__(self, id):
+        self.id = id
+
+
+class JobIdLike:
+    def __init__(self, job_id):
+        self.job_id = job_id
+
+
+def gate(events):
+    """A processor whose job with data d blocks until `events[d]` is set."""
+    def run(job):
+        if job.data in events:
+            events[job.data].wait(30)
+        return job.data
+    return run
+
+
+@both_engines
+class AfterTest(TempDirTest):
+    """enqueue(after=...): a job waits until the jobs it names are complete."""
+
+    def test_waits_for_every_job_named_then_runs(self):
+        bl = self.queue()
+        events = {"a": threading.Event(), "b": threading.Event()}
+        self.addCleanup(lambda: [e.set() for e in events.values()])
+        a, b = bl.enqueue("x", "a"), bl.enqueue("x", "b")
+        c = bl.enqueue("x", "c", after=[b, a])
+        for _ in range(3):
+            bl.register_processor(gate(events))
+        wait_until(lambda: bl.stats()["inprogress"] == 2, message="a and b running")
+        info = bl.get_job(c)
+        self.assertEqual((info.state, info.after), ("pending", (b, a)))
+        self.assertEqual(bl.get_job(a).after, ())
+        self.assertEqual(bl.stats()["pending"], 1)
+        self.assertEqual([j.id for j in bl.jobs(state="pending")], [c])
+        events["a"].set()
+        self.assertEqual(bl.wait(a, 10), "a")
+        self.assertFalse(bl.join(0.2), "join() ended with a job still waiting")
+        self.assertEqual(bl.get_job(c).state, "pending")
+        events["b"].set()
+        self.assertEqual(bl.wait(c, 10), "c")
+        self.assertGreaterEqual(bl.get_job(c).started_at, bl.get_job(b).finished_at)
+        self.assertTrue(bl.join(10))
+
+    def test_ids_futures_and_a_single_id(self):
+        bl = self.queue()
+        a, b = bl.enqueue("x"), bl.enqueue("x")
+        self.assertEqual(bl.get_job(bl.enqueue("x", after=a)).after, (a,))
+        self.assertEqual(bl.get_job(bl.enqueue("x", after=FutureLike(a))).after, (a,))
+        self.assertEqual(bl.get_job(bl.enqueue("x", after=[JobIdLike(b), FutureLike(a), a]))
+                         .after, (b, a))
+        self.assertEqual(bl.get_job(bl.enqueue("x", after=())).after, ())
+        ids = bl.enqueue_many([{"name": "x", "after": [a, b]}, ("y", None),
+                               {"name": "z", "after": b}])
+        self.assertEqual([bl.get_job(i).after for i in ids], [(a, b), (), (b,)])
+        bl.register_processor(lambda job: job.id)
+        self.assertTrue(bl.join(10))
+        self.assertEqual(bl.stats()["complete"], 9)
+
+    def test_bad_after_raises_and_stores_nothing(self):
+        bl = self.queue()
+        a = bl.enqueue("x")
+        for bad, error in (([a, a + 1000], ValueError), (0, ValueError), ([-1], ValueError),
+                           ("1", TypeError), ([1.0], TypeError), (True, TypeError),
+                           ([None], TypeError), (FutureLike("1"), TypeError),
+                           (object(), TypeError)):
+            with self.assertRaises(error, msg=repr(bad)):
+                bl.enqueue("x", after=bad)
+            with self.assertRaises(error, msg=repr(bad)):
+                bl.enqueue_many([("x", 1), {"name": "x", "after": bad}])
+        with self.assertRaises(ValueError) as cm:
+            bl.enqueue("x", after=[a, a + 7])
+        self.assertIn(str(a + 7), str(cm.exception))
+        self.assertEqual(bl.stats()["pending"], 1, "a refused enqueue stored something")
+        self.assertEqual(bl.enqueue("x"), a + 1)
+
+    def test_a_failure_cancels_the_chain_below_it_not_its_siblings(self):
+        bl = self.queue(retries=0)
+
+        def run(job):
+            if job.data == "fails":
+                raise RuntimeError("the middle fails")
+            return job.data
+        first = bl.enqueue("x", "first")
+        middle = bl.enqueue("x", "fails", after=first)
+        below = bl.enqueue("x", "below", after=middle)
+        further = bl.enqueue("x", "further", after=[below, first])
+        sibling = bl.enqueue("x", "sibling", after=first)
+        nephew = bl.enqueue("x", "nephew", after=sibling)
+        bl.register_processor(run)
+        bl.register_processor(run)
+        self.assertTrue(bl.join(10))
+        self.assertEqual(bl.get_job(middle).state, "failed")
+        for job_id, dep in ((below, middle), (further, below)):
+            info = bl.get_job(job_id)
+            self.assertEqual(info.state, "cancelled")
+            self.assertIsNone(info.started_at, "a cancelled dependant ran")
+            self.assertIn(f"job {dep}", info.error)
+            with self.assertRaises(blero.JobCancelled):
+                bl.wait(job_id, 5)
+        self.assertIn("failed", bl.get_job(below).error)
+        self.assertEqual([bl.wait(i, 5) for i in (first, sibling, nephew)],
+                         ["first", "sibling", "nephew"])
+
+    def test_cancelling_a_job_cancels_those_waiting_on_it(self):
+        bl = self.queue()
+        a = bl.enqueue("x", delay=3600)
+        b = bl.enqueue("x", after=a)
+        c = bl.enqueue("x", after=b)
+        other = bl.enqueue("x", after=bl.enqueue("x"))
+        self.assertTrue(bl.cancel(b))
+        self.assertEqual([bl.get_job(i).state for i in (a, b, c)],
+                         ["pending", "cancelled", "cancelled"])
+        self.assertIn(f"job {b}", bl.get_job(c).error)
+        self.assertIn("cancelled", bl.get_job(c).error)
+        bl.register_processor(lambda job: "ran")
+        self.assertEqual(bl.wait(other, 10), "ran")
+        self.assertTrue(bl.cancel(a))
+        self.assertTrue(bl.join(10))
+
+    def test_after_jobs_already_ended(self):
+        bl = self.queue(retries=0)
+
+        def run(job):
+            if job.data == "fails":
+                raise RuntimeError("fails")
+        bl.register_processor(run)
+        ok, bad = bl.enqueue("x"), bl.enqueue("x", "fails")
+        self.assertIsNone(bl.wait(ok, 10))
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(bad, 10)
+        self.assertEqual(bl.wait(bl.enqueue("x", "runs", after=ok), 10), None)
+        late = bl.enqueue("x", after=[ok, bad])
+        info = bl.get_job(late)
+        self.assertEqual(info.state, "cancelled")
+        self.assertIn(f"job {bad}", info.error)
+        self.assertIn("failed", info.error)
+
+    def test_a_dependency_swept_after_completing_counts_as_complete(self):
+        bl = self.queue()
+        events = {"slow": threading.Event()}
+        self.addCleanup(events["slow"].set)
+        bl.register_processor(gate(events))
+        bl.register_processor(gate(events))
+        done, slow = bl.enqueue("x", "done"), bl.enqueue("x", "slow")
+        both = bl.enqueue("x", "both", after=[done, slow])
+        self.assertEqual(bl.wait(done, 10), "done")
+        self.assertEqual(bl.sweep(), 1)
+        self.assertIsNone(bl.get_job(done))
+        later = bl.enqueue("x", "later", after=done)
+        self.assertEqual(bl.wait(later, 10), "later")
+        self.assertEqual(bl.get_job(both).state, "pending")
+        events["slow"].set()
+        self.assertEqual(bl.wait(both, 10), "both")
+        self.assertEqual(bl.get_job(both).after, (done, slow))
+        self.assertEqual(bl.sweep(), 3)
+        # ids are never reused, so a swept id is told from one never given
+        with self.assertRaises(ValueError):
+            bl.enqueue("x", after=both + 10)
+
+    def test_a_chain_of_a_thousand_runs_in_order(self):
+        bl = self.queue()
+        order = []
+        lock = threading.Lock()
+
+        def run(job):
+            with lock:
+                order.append(job.id)
+        ids, last = [], None
+        for i in range(1000):
+            last = bl.enqueue("chain", i, after=last)
+            ids.append(last)
+        for _ in range(4):
+            bl.register_processor(run)
+        self.assertTrue(bl.join(120))
+        self.assertEqual(order, ids)
+        self.assertEqual(bl.stats()["complete"], 1000)
+
+    def test_a_delayed_dependant_waits_for_its_time_too(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: time.time())
+        a = bl.enqueue("x")
+        b = bl.enqueue("x", after=a, delay=0.3)
+        began = bl.get_job(b).created_at
+        self.assertGreaterEqual(bl.wait(b, 10), began + 0.3)
+
+    def test_waiting_lasts_across_a_restart(self):
+        bl = self.queue(start=False)
+        bl.start()
+        a = bl.enqueue("x", delay=0.5)
+        b = bl.enqueue("x", after=a)
+        bl.stop()
+        bl.start()
+        bl.register_processor(lambda job: job.id)
+        self.assertEqual(bl.wait(b, 10), b)
+        self.assertLess(bl.get_job(a).finished_at, bl.get_job(b).started_at)
+
+
+# The last blero.py whose files are of schema 2 (before after=, pauses and
+# limits): the test of that upgrade runs it to make such a file.
+V2_COMMIT = "39c00f9"
+
+# argv: db.  With the v2 blero.py: 2 jobs done, 3 left pending.
+V2_CHILD = """
+import sys, json, blero
+bl = blero.new(sys.argv[1])
+bl.register_processor(lambda job: job.data * 2, names=["done"])
+bl.start()
+done = bl.enqueue_many([("done", b"done %d" % i) for i in range(2)])
+bl.wait(done[-1], 60)
+waiting = bl.enqueue_many([("waiting", b"waits %d" % i) for i in range(3)])
+bl.stop()
+print(json.dumps({"done": done, "waiting": waiting}))
+"""
+
+
+class FlowUpgradeTest(ProcessTest):
+    """A file of schema 2 gets what after=, pauses and limits store at its
+    first start, and is read as if it had them on read-only storage."""
+
+    def v2_file(self, path):
+        old = os.path.join(self.dir, "v2")
+        os.mkdir(old)
+        try:
+            source = subprocess.run(["git", "-C", HERE, "show", f"{V2_COMMIT}:blero.py"],
+                                    capture_output=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            self.skipTest(f"needs git and commit {V2_COMMIT}, whose blero.py writes v2 files")
+        with open(os.path.join(old, "blero.py"), "wb") as f:
+            f.write(source)
+        out = subprocess.run([sys.executable, "-c", V2_CHILD, path], cwd=old,
+                             env=dict(os.environ, PYTHONPATH=old), capture_output=True,
+                             text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(UpgradeTest.layout(self, path), (2, 2))
+        return json.loads(out.stdout)
+
+    def test_a_file_of_schema_2_is_upgraded_in_place(self):
+        made = self.v2_file(self.path)
+        bl = blero.new(self.path)
+        bl.start()
+        self.assertEqual(UpgradeTest.layout(self, self.path), (blero._SCHEMA_VERSION, 2))
+        self.assertEqual((bl.paused(), bl.limits()), (set(), {}))
+        self.assertEqual(bl.get_job(made["done"][0]).after, ())
+        first = made["waiting"][0]
+        then = bl.enqueue("waiting", b"then", after=made["waiting"])
+        bl.pause("waiting")
+        bl.limit("waiting", concurrency=1)
+        bl.register_processor(lambda job: job.data.upper(), names=["waiting"])
+        bl.register_processor(lambda job: job.data.upper(), names=["waiting"])
+        self.assertFalse(bl.join(0.3))
+        self.assertEqual(bl.get_job(first).state, "pending")
+        bl.resume("waiting")
+        self.assertEqual(bl.wait(then, 10), b"THEN")
+        self.assertEqual(bl.get_job(then).after, tuple(made["waiting"]))
+        bl.stop()
+        bl = blero.new(self.path)
+        self.assertEqual(bl.limits(), {"waiting": {"concurrency": 1, "rate": None}})
+        self.assertEqual(bl.stats()["complete"], 6)
+
+    def test_a_file_of_schema_2_on_read_only_storage_is_read_as_the_latest(self):
+        made = self.v2_file(self.path)
+        copy = ReadOnlyStorageTest.read_only_copy(self, self.path)
+        bl = blero.new(copy)
+        self.assertEqual((bl.paused(), bl.limits()), (set(), {}))
+        self.assertEqual([bl.get_job(i).after for i in made["waiting"]], [()] * 3)
+        self.assertEqual(bl.stats()["pending"], 3)
+        self.assertTrue(bl.jobs(state="pending"))
+        for operate in (bl.pause, lambda: bl.limit("x", concurrency=1), bl.resume):
+            with self.assertRaises(blero.BleroError):
+                operate()
 
 
 if __name__ == "__main__":
