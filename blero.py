@@ -2221,7 +2221,7 @@ class _SQLiteStorage(_Storage):
 
     def list(self, state: str | None, name: str | None, limit: int | None,
              newest_first: bool = False, beyond: int | None = None) -> list[_Stored]:
-        lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
+        lo, hi = _STATE_CODES[state] if state else (_WAITING, _CANCELLED)
         sql = _LIST.format(order="DESC" if newest_first else "ASC",
                            beyond="<" if newest_first else ">")
         if beyond is None:
@@ -5002,6 +5002,7 @@ _cli_limit = _cli_type(lambda text: None if text == "all" else _integer("--limit
                        "a number of jobs (0 or more) or all")
 _cli_processors = _cli_type(lambda text: _integer("-n", int(text), least=1),
                             "a number of processors (1 or more)")
+_cli_name = _cli_type(lambda text: _flow_name(text) or text, "a job name (not empty)")
 
 
 def _why_not(bl: Blero, job_id: int, wanted: str) -> str:
@@ -5033,6 +5034,10 @@ def _serve(args) -> int:
         signal.signal(signal.SIGTERM, previous)
         server.close()
     return 0
+
+
+def _paused_text(paused: set) -> str:
+    return ", ".join(["everything"] * (None in paused) + sorted(n for n in paused if n))
 
 
 def _vacuum(path: str) -> str:
@@ -5093,6 +5098,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="only jobs that finished at least this long ago (default 0)")
     p.add_argument("--state", action="append", choices=("complete", "failed", "cancelled"),
                    help="state to sweep (repeatable; default complete)")
+    for name, what in (("pause", "start no more jobs (of one name, or none at all), in any process"),
+                       ("resume", "start jobs again (of one name, or every name)")):
+        p = queue_command(name, what)
+        p.add_argument("--name", type=_cli_name,
+                       help="only jobs of this name (default: every name)")
     queue_command("vacuum", "give the file's free space back (files of older blero too)")
     p = queue_command("serve", "serve the live dashboard and /metrics for a queue file")
     p.add_argument("--port", type=_cli_port, default=0, help="port (default: any free one)")
@@ -5134,6 +5144,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.command == "sweep":
             print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")
+        elif args.command in ("pause", "resume"):
+            getattr(bl, args.command)(args.name)
+            what = "every job" if args.name is None else f"jobs named {args.name!r}"
+            print(f"{what} {args.command}d" + ("" if args.command == "resume" else
+                  f" (paused now: {_paused_text(bl.paused())})"))
         elif args.command == "vacuum":
             print(_vacuum(bl.path))
     except BleroError as exc:

@@ -6122,6 +6122,7 @@ class AfterTest(TempDirTest):
         self.assertEqual(bl.get_job(a).after, ())
         self.assertEqual(bl.stats()["pending"], 1)
         self.assertEqual([j.id for j in bl.jobs(state="pending")], [c])
+        self.assertEqual([j.id for j in bl.jobs()], [a, b, c])
         events["a"].set()
         self.assertEqual(bl.wait(a, 10), "a")
         self.assertFalse(bl.join(0.2), "join() ended with a job still waiting")
@@ -6358,6 +6359,251 @@ class FlowUpgradeTest(ProcessTest):
         for operate in (bl.pause, lambda: bl.limit("x", concurrency=1), bl.resume):
             with self.assertRaises(blero.BleroError):
                 operate()
+
+
+
+@both_engines
+class PauseTest(TempDirTest):
+    """pause(name=None), resume(name=None), paused(): stored in the queue."""
+
+    def test_a_paused_name_starts_no_job_until_resumed_others_go_on(self):
+        bl = self.queue()
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.name))
+        bl.register_processor(lambda job: ran.append(job.name))
+        self.assertIsNone(bl.pause("x"))
+        self.assertEqual(bl.paused(), {"x"})
+        xs = [bl.enqueue("x", i) for i in range(5)]
+        ys = [bl.enqueue("y", i) for i in range(5)]
+        for i in ys:
+            bl.wait(i, 10)
+        self.assertFalse(bl.join(0.3))
+        self.assertEqual([bl.get_job(i).state for i in xs], ["pending"] * 5)
+        self.assertNotIn("x", ran)
+        bl.resume("x")
+        self.assertEqual(bl.paused(), set())
+        self.assertTrue(bl.join(10))
+        self.assertEqual(ran.count("x"), 5)
+
+    def test_pause_of_everything_and_resume_of_everything(self):
+        bl = self.queue()
+        bl.pause("x")
+        bl.pause()
+        self.assertEqual(bl.paused(), {None, "x"})
+        bl.register_processor(lambda job: job.name)
+        ids = [bl.enqueue(name) for name in "xyz"]
+        self.assertFalse(bl.join(0.3))
+        self.assertEqual(bl.stats()["pending"], 3)
+        bl.resume("x")      # everything is still paused
+        self.assertEqual(bl.paused(), {None})
+        self.assertFalse(bl.join(0.2))
+        bl.pause("x")
+        bl.resume()         # resumes every name
+        self.assertEqual(bl.paused(), set())
+        self.assertEqual([bl.wait(i, 10) for i in ids], list("xyz"))
+        bl.resume()         # nothing paused: nothing to do
+        bl.resume("never paused")
+
+    def test_running_jobs_finish_when_paused(self):
+        bl = self.queue()
+        release = threading.Event()
+        self.addCleanup(release.set)
+        bl.register_processor(gate({"hold": release}))
+        held = bl.enqueue("x", "hold")
+        wait_until(lambda: bl.get_job(held).state == "inprogress")
+        waiting = bl.enqueue("x", "next")
+        bl.pause("x")
+        release.set()
+        self.assertEqual(bl.wait(held, 10), "hold")
+        self.assertFalse(bl.join(0.3))
+        self.assertEqual(bl.get_job(waiting).state, "pending")
+        bl.resume("x")
+        self.assertEqual(bl.wait(waiting, 10), "next")
+
+    def test_a_pause_lasts_across_restarts_and_is_seen_by_every_handle(self):
+        bl = self.queue(start=False)
+        bl.start()
+        bl.pause("x")
+        job = bl.enqueue("x")
+        bl.stop()
+        other = blero.new(self.target())
+        self.assertEqual(other.paused(), {"x"})
+        bl.register_processor(lambda job: "ran")
+        bl.start()
+        self.assertFalse(bl.join(0.3))
+        other.resume("x")       # a stopped handle operates on the stored queue
+        self.assertEqual(bl.wait(job, 10), "ran")
+
+    def test_bad_names(self):
+        bl = self.queue()
+        for call in (bl.pause, bl.resume):
+            for bad, error in ((b"x", TypeError), (1, TypeError), ("", ValueError)):
+                with self.assertRaises(error):
+                    call(bad)
+        self.assertEqual(bl.paused(), set())
+
+
+def concurrent_peak(spans):
+    """The most spans (start, end) open at one instant."""
+    edges = sorted([(start, 1) for start, end in spans] + [(end, -1) for start, end in spans],
+                   key=lambda e: (e[0], e[1]))     # an end before a start at the same instant
+    peak = n = 0
+    for _, step in edges:
+        n += step
+        peak = max(peak, n)
+    return peak
+
+
+def most_in_a_window(times, window):
+    """The most of `times` within any `window` (a span shorter than window)."""
+    times = sorted(times)
+    most, first = 0, 0
+    for last, t in enumerate(times):
+        while t - times[first] >= window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+@both_engines
+class LimitTest(TempDirTest):
+    """limit(name, concurrency=, rate=) and limits()."""
+
+    def test_concurrency_is_never_exceeded_and_other_names_go_on(self):
+        bl = self.queue()
+        lock, spans, others = threading.Lock(), [], []
+        go = threading.Event()
+        self.addCleanup(go.set)
+
+        def run(job):
+            if job.name == "free":
+                with lock:
+                    others.append(job.id)
+                return
+            start = time.monotonic()
+            go.wait(30)
+            time.sleep(0.01)        # the job's work
+            with lock:
+                spans.append((start, time.monotonic()))
+        bl.limit("lim", concurrency=2)
+        self.assertEqual(bl.limits(), {"lim": {"concurrency": 2, "rate": None}})
+        limited = [bl.enqueue("lim", i) for i in range(12)]
+        for _ in range(6):
+            bl.register_processor(run)
+        wait_until(lambda: bl.stats()["inprogress"] == 2, message="two limited jobs running")
+        free = [bl.enqueue("free", i) for i in range(50)]
+        for i in free:
+            bl.wait(i, 30)          # while the limited name holds its two slots
+        self.assertEqual(bl.stats()["inprogress"], 2)
+        self.assertEqual(sum(bl.get_job(i).state == "pending" for i in limited), 10)
+        go.set()
+        self.assertTrue(bl.join(30))
+        self.assertEqual(len(spans), 12)
+        self.assertEqual(concurrent_peak(spans), 2)
+
+    def test_a_rate_is_never_exceeded(self):
+        bl = self.queue()
+        starts = []
+        bl.limit("r", rate=(5, 0.5))
+        self.assertEqual(bl.limits(), {"r": {"concurrency": None, "rate": (5, 0.5)}})
+        for _ in range(4):
+            bl.register_processor(lambda job: job.name == "r" and starts.append(time.monotonic()))
+        ids = [bl.enqueue("r", i) for i in range(16)]
+        other = bl.enqueue("other")
+        self.assertFalse(bl.wait(other, 10))    # not held up by the rate of another name
+        self.assertTrue(bl.join(30))
+        self.assertEqual(len(starts), 16)
+        self.assertLessEqual(most_in_a_window(starts, 0.5), 5)
+        self.assertGreaterEqual(starts[-1] - starts[0], 1.0, "16 starts at 5 per 0.5 s")
+        self.assertEqual([bl.get_job(i).state for i in ids], ["complete"] * 16)
+
+    def test_changing_and_removing_a_limit(self):
+        bl = self.queue()
+        bl.limit("a", concurrency=1)
+        bl.limit("b", concurrency=3, rate=(10, 60))
+        bl.limit("a", rate=(2, 1.5))     # replaces a's limit
+        self.assertEqual(bl.limits(), {"a": {"concurrency": None, "rate": (2, 1.5)},
+                                       "b": {"concurrency": 3, "rate": (10, 60.0)}})
+        bl.limit("b")
+        self.assertEqual(list(bl.limits()), ["a"])
+        bl.pause("a")
+        bl.limit("a")
+        self.assertEqual((bl.limits(), bl.paused()), ({}, {"a"}))
+        bl.resume("a")
+        bl.limit("gone")        # no limit to remove: nothing happens
+        self.assertEqual(bl.limits(), {})
+
+    def test_jobs_over_the_limit_run_once_the_limit_allows(self):
+        bl = self.queue()
+        bl.limit("x", concurrency=1)
+        bl.register_processor(lambda job: job.data)
+        bl.register_processor(lambda job: job.data)
+        ids = [bl.enqueue("x", i) for i in range(20)]
+        self.assertEqual([bl.wait(i, 10) for i in ids], list(range(20)))
+        bl.limit("x", rate=(1, 3600))
+        first, second = bl.enqueue("x", "first"), bl.enqueue("x", "second")
+        self.assertEqual(bl.wait(first, 10), "first")
+        self.assertFalse(bl.join(0.3))
+        self.assertEqual(bl.get_job(second).state, "pending")
+        bl.limit("x")
+        self.assertEqual(bl.wait(second, 10), "second")
+
+    def test_bad_limits(self):
+        bl = self.queue()
+        for kwargs, error in (({"concurrency": 0}, ValueError), ({"concurrency": -1}, ValueError),
+                              ({"concurrency": 1.5}, TypeError), ({"concurrency": "2"}, TypeError),
+                              ({"rate": (0, 1)}, ValueError), ({"rate": (1, 0)}, ValueError),
+                              ({"rate": (1, -1)}, ValueError), ({"rate": (1, math.inf)}, ValueError),
+                              ({"rate": (1, math.nan)}, ValueError), ({"rate": 5}, TypeError),
+                              ({"rate": (1,)}, TypeError), ({"rate": (1.5, 1)}, TypeError),
+                              ({"rate": [1, 1]}, TypeError)):
+            with self.assertRaises(error, msg=repr(kwargs)):
+                bl.limit("x", **kwargs)
+        with self.assertRaises(TypeError):
+            bl.limit(None, concurrency=1)
+        with self.assertRaises(ValueError):
+            bl.limit("", concurrency=1)
+        with self.assertRaises(TypeError):
+            bl.limit("x", 2)    # keyword-only
+        self.assertEqual(bl.limits(), {})
+
+
+
+@both_engines
+class FlowCommandLineTest(TempDirTest):
+    """python -m blero pause|resume [--name N], and after in jobs --json."""
+
+    def test_pause_and_resume(self):
+        bl = self.queue()
+        a = bl.enqueue("x")
+        b = bl.enqueue("y", after=a)
+        target = self.target()
+        out = run_cli("pause", "--name", "x", "--db", target)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("'x' paused", out.stdout)
+        self.assertEqual(bl.paused(), {"x"})
+        out = run_cli("pause", "--db", target)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("everything, x", out.stdout)
+        self.assertEqual(bl.paused(), {None, "x"})
+        out = run_cli("resume", "--name", "x", "--db", target)
+        self.assertEqual((out.returncode, bl.paused()), (0, {None}))
+        out = run_cli("resume", "--db", target)
+        self.assertEqual((out.returncode, bl.paused()), (0, set()))
+        self.assertIn("every job resumed", out.stdout)
+        out = run_cli("jobs", "--json", "--db", target)
+        self.assertEqual([j["after"] for j in json.loads(out.stdout)], [[], [a]])
+        del b
+
+    def test_bad_usage(self):
+        self.queue()
+        out = run_cli("pause", "--name", "", "--db", self.target())
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("not a job name", out.stderr)
+        missing = self.target("missing.db")
+        out = run_cli("resume", "--db", missing)
+        self.assertEqual(out.returncode, 1)
+        self.assertFalse(os.path.exists(missing))
 
 
 if __name__ == "__main__":
