@@ -6606,5 +6606,125 @@ class FlowCommandLineTest(TempDirTest):
         self.assertFalse(os.path.exists(missing))
 
 
+
+# argv: db, log, processors, go file, done file.  Each processor logs "S name
+# id pid t" as its try begins and "E name id pid t" as it ends (t: monotonic
+# ns, one clock for every process); a job whose data is "hold" waits for the
+# go file first; a job's work takes 5 ms.  The child stops once the done file is there.
+FLOW_CHILD = """
+db, log_path, n, go_path, done_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+log = open_log(log_path)
+def run(job):
+    log("S", job.name, job.id, PID, time.monotonic_ns())
+    if job.data == "hold":
+        wait_for(lambda: os.path.exists(go_path))
+    time.sleep(0.005)       # the job's work
+    log("E", job.name, job.id, PID, time.monotonic_ns())
+bl = blero.new(db)
+for _ in range(n):
+    bl.register_processor(run)
+bl.start()
+log("ready", PID)
+wait_for(lambda: os.path.exists(done_path), timeout=300)
+bl.stop()
+"""
+
+
+@both_engines
+class FlowAcrossProcessesTest(ProcessTest):
+    """Pauses, limits and after= hold across processes sharing the queue,
+    as the processors' own logs show."""
+
+    def children(self, count, processors):
+        self.go, self.done = os.path.join(self.dir, "go"), os.path.join(self.dir, "done")
+        self.addCleanup(lambda: open(self.done, "a").close())
+        kids = [self.spawn(FLOW_CHILD, self.target(), self.log, processors, self.go, self.done)
+                for _ in range(count)]
+        self.wait_lines("ready", count=count, children=kids)
+        return kids
+
+    def end(self, kids):
+        open(self.done, "a").close()
+        for p in kids:
+            self.finish(p)
+
+    def spans(self, name):
+        """{job id: (start, end)} of the tries of jobs named `name` (ns)."""
+        starts = {int(f[2]): int(f[4]) for f in self.lines("S", name)}
+        ends = {int(f[2]): int(f[4]) for f in self.lines("E", name)}
+        return {i: (t, ends.get(i)) for i, t in starts.items()}
+
+    def test_concurrency_across_three_processes_of_four_workers(self):
+        bl = self.queue()
+        bl.limit("lim", concurrency=2)
+        limited = bl.enqueue_many([("lim", "hold" if i < 2 else i) for i in range(30)])
+        kids = self.children(3, 4)
+        self.wait_lines("S", "lim", count=2, children=kids)
+        # The two slots are held: the other name runs on the ten other
+        # workers, and no process starts a third limited job meanwhile
+        # (each finished job's worker claims the next in the same commit,
+        # so afterwards the slots tend to stay in the process that has them).
+        free = bl.enqueue_many([("free", i) for i in range(200)])
+        for i in free:
+            bl.wait(i, 60)
+        self.assertEqual(len(self.lines("S", "lim")), 2, "a third limited job started")
+        self.assertEqual(bl.stats()["inprogress"], 2)
+        open(self.go, "w").close()
+        for i in limited:
+            bl.wait(i, 60)
+        self.end(kids)
+        spans = self.spans("lim")
+        self.assertEqual(sorted(spans), limited)
+        self.assertEqual(concurrent_peak(list(spans.values())), 2)
+
+    def test_rate_across_three_processes_over_five_seconds(self):
+        bl = self.queue()
+        bl.limit("r", rate=(10, 1))
+        ids = bl.enqueue_many([("r", i) for i in range(60)])
+        kids = self.children(3, 4)
+        for i in ids:
+            bl.wait(i, 60)
+        self.end(kids)
+        starts = sorted(start for start, _ in self.spans("r").values())
+        self.assertEqual(len(starts), 60)
+        self.assertLessEqual(most_in_a_window(starts, 10 ** 9), 10)
+        self.assertGreaterEqual(starts[-1] - starts[0], 5 * 10 ** 9)
+
+    def test_after_pause_returns_no_job_of_the_name_starts_in_any_process(self):
+        bl = self.queue()
+        bl.enqueue_many([("p", i) for i in range(5000)])
+        kids = self.children(3, 2)
+        for cycle, name in enumerate(["p", None, "p"]):
+            seen = len(self.lines("S"))
+            self.wait_lines("S", count=seen + 10, children=kids)
+            bl.pause(name)
+            paused_at = time.monotonic_ns()
+            self.assertFalse(bl.join(0.5))
+            late = [f for f in self.lines("S") if int(f[4]) > paused_at]
+            self.assertEqual(late, [], f"started after pause({name!r}) returned")
+            bl.resume(name)
+            resumed_at = time.monotonic_ns()
+            self.wait_lines("S", count=len(self.lines("S")) + 1, children=kids)
+            first = min(int(f[4]) for f in self.lines("S") if int(f[4]) > resumed_at)
+            self.assertLess(first - resumed_at, 5 * 10 ** 9)
+        bl.pause()
+        self.end(kids)
+        self.assertEqual(bl.paused(), {None})
+
+    def test_a_chain_runs_in_order_across_processes(self):
+        bl = self.queue()
+        ids, last = [], None
+        for i in range(300):
+            last = bl.enqueue("chain", i, after=last)
+            ids.append(last)
+        kids = self.children(3, 2)
+        bl.wait(ids[-1], 120)
+        self.end(kids)
+        spans = self.spans("chain")
+        self.assertEqual(sorted(spans, key=lambda i: spans[i][0]), ids)
+        for a, b in zip(ids, ids[1:]):
+            self.assertLess(spans[a][1], spans[b][0], f"job {b} began before job {a} ended")
+
+
 if __name__ == "__main__":
     unittest.main()
