@@ -4279,6 +4279,12 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                 self._json(200, {"retried": self.server.blero.retry_failed(body.get("ids"))})
             elif path == "/api/cancel":
                 self._json(200, {"cancelled": self.server.blero.cancel(body["id"])})
+            elif path in ("/api/pause", "/api/resume"):
+                # {"name": "x"}, or {} / {"name": null} for every name
+                bl = self.server.blero
+                getattr(bl, path[5:])(body.get("name"))
+                self._json(200, {"paused": sorted(bl.paused(),
+                                                  key=lambda n: (n is not None, n or ""))})
             else:
                 self._json(404, {"error": f"no such action: {path}"})
         except (ValueError, TypeError, KeyError) as exc:
@@ -4316,6 +4322,8 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                     "failures": storage.list("failed", None, 20, newest_first=True)}
             ended = {(at, state): n for at, state, n in storage.finished_since(start, step)}
             counts, read_only = storage.counts(), storage.read_only is not None
+            paused, limits = storage.paused(), storage.limits()
+            running = storage.running_by_name() if limits else {}
         steps = [start + i * step for i in range(span // step + 1)]
         out = {"queue": {"path": bl.path, "read_only": read_only},
                # who answers: a process that may or may not run the queue itself
@@ -4327,8 +4335,14 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                "throughput": {"step": step, "start": start,
                               "complete": [ended.get((at, "complete"), 0) for at in steps],
                               "failed": [ended.get((at, "failed"), 0) for at in steps]}}
-        # Schedules, pauses and limits join the overview here once the queue
-        # stores them, each as a list the page renders in a section of its own.
+        # Schedules join the overview here once the queue stores them.
+        # Pauses: the names paused, sorted, null first for "everything";
+        # limits: each with how many of its jobs are in progress now.
+        out["paused"] = sorted(paused, key=lambda n: (n is not None, n or ""))
+        out["limits"] = {name: {"concurrency": concurrency,
+                                "rate": None if rate is None else list(rate),
+                                "running": running.get(name, 0)}
+                         for name, (concurrency, rate) in limits.items()}
         for part, found in rows.items():
             out[part] = [_job_json(bl._info(r), shorten=True) for r in found]
         return out

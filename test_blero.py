@@ -6726,5 +6726,46 @@ class FlowAcrossProcessesTest(ProcessTest):
             self.assertLess(spans[a][1], spans[b][0], f"job {b} began before job {a} ended")
 
 
+
+@both_engines
+class FlowDashboardTest(TempDirTest):
+    """/api/stats shows the pauses and limits, with the jobs of each limited
+    name in progress; POST /api/pause and /api/resume."""
+
+    def test_pauses_and_limits_in_the_overview(self):
+        bl = self.queue()
+        release = threading.Event()
+        self.addCleanup(release.set)
+        bl.register_processor(gate({"hold": release}))
+        bl.limit("x", concurrency=2, rate=(100, 60))
+        bl.limit("y", concurrency=1)
+        bl.pause("z")
+        bl.pause()
+        bl.resume()
+        bl.pause("z")
+        held = bl.enqueue("x", "hold")
+        wait_until(lambda: bl.get_job(held).state == "inprogress")
+        server = blero.new(self.target()).serve_metrics()
+        self.addCleanup(server.close)
+        port, own = server.port, {"Origin": f"http://127.0.0.1:{server.port}"}
+        code, _, body = http_request(port, "GET", "/api/stats")
+        self.assertEqual(code, 200, body)
+        stats = json.loads(body)
+        self.assertEqual(stats["paused"], ["z"])
+        self.assertEqual(stats["limits"], {
+            "x": {"concurrency": 2, "rate": [100, 60.0], "running": 1},
+            "y": {"concurrency": 1, "rate": None, "running": 0}})
+        code, _, body = http_request(port, "POST", "/api/pause", {}, own)
+        self.assertEqual((code, json.loads(body)), (200, {"paused": [None, "z"]}))
+        code, _, body = http_request(port, "POST", "/api/resume", {"name": "z"}, own)
+        self.assertEqual((code, json.loads(body)), (200, {"paused": [None]}))
+        self.assertEqual(bl.paused(), {None})
+        code, _, body = http_request(port, "POST", "/api/pause", {"name": ""}, own)
+        self.assertEqual(code, 400, body)
+        code, _, _ = http_request(port, "POST", "/api/resume", {})
+        self.assertEqual(code, 403, "a resume from another origin was taken")
+        self.assertEqual(bl.paused(), {None})
+
+
 if __name__ == "__main__":
     unittest.main()
