@@ -5593,6 +5593,26 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+def with_old_blero(test, commit, code, *args):
+    """Run `code` (with `args`) in a Python that imports the blero.py of
+    `commit`, to make a file of its layout; return what it printed.  The
+    test is skipped without git or that commit."""
+    old = os.path.join(test.dir, f"blero-{commit}")
+    os.makedirs(old, exist_ok=True)
+    try:
+        source = subprocess.run(["git", "-C", HERE, "show", f"{commit}:blero.py"],
+                                capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        test.skipTest(f"needs git and commit {commit}, whose blero.py writes such files")
+    with open(os.path.join(old, "blero.py"), "wb") as f:
+        f.write(source)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                         cwd=old, env=dict(os.environ, PYTHONPATH=old), capture_output=True,
+                         text=True, timeout=120)
+    test.assertEqual(out.returncode, 0, out.stderr)
+    return out.stdout
+
+
 class ReadOnlyStorageTest(ProcessTest):
     """A queue file on read-only storage (a snapshot, a backup, a read-only
     mount): inspecting it works and writes nothing at all, not even a -lock,
@@ -5692,16 +5712,7 @@ class ReadOnlyStorageTest(ProcessTest):
     def test_a_file_of_the_old_layout_is_inspected_where_it_cannot_be_upgraded(self):
         """A backup of a queue an older blero.py wrote (schema 1): it shows
         its jobs as it is, since an upgrade would be a write."""
-        old = os.path.join(self.dir, "v1")
-        os.mkdir(old)
-        try:
-            source = subprocess.run(["git", "-C", HERE, "show", f"{V1_COMMIT}:blero.py"],
-                                    capture_output=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            self.skipTest(f"needs git and commit {V1_COMMIT}, whose blero.py writes v1 files")
-        with open(os.path.join(old, "blero.py"), "wb") as f:
-            f.write(source)
-        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        with_old_blero(self, V1_COMMIT, """
             import sys, blero
             bl = blero.new(sys.argv[1])
             bl.register_processor(lambda job: job.data * 2, names="double")
@@ -5709,9 +5720,7 @@ class ReadOnlyStorageTest(ProcessTest):
             bl.wait(bl.enqueue("double", 21), 30)
             bl.enqueue("later", "x")
             bl.stop()
-            """), self.path], cwd=old, env=dict(os.environ, PYTHONPATH=old),
-            capture_output=True, text=True, timeout=60)
-        self.assertEqual(made.returncode, 0, made.stderr)
+            """, self.path)
         path = self.read_only_copy(self.path)
         before = dir_state(os.path.dirname(path))
         q = blero.new(path)
@@ -6309,21 +6318,9 @@ class FlowUpgradeTest(ProcessTest):
     first start, and is read as if it had them on read-only storage."""
 
     def v2_file(self, path):
-        old = os.path.join(self.dir, "v2")
-        os.mkdir(old)
-        try:
-            source = subprocess.run(["git", "-C", HERE, "show", f"{V2_COMMIT}:blero.py"],
-                                    capture_output=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            self.skipTest(f"needs git and commit {V2_COMMIT}, whose blero.py writes v2 files")
-        with open(os.path.join(old, "blero.py"), "wb") as f:
-            f.write(source)
-        out = subprocess.run([sys.executable, "-c", V2_CHILD, path], cwd=old,
-                             env=dict(os.environ, PYTHONPATH=old), capture_output=True,
-                             text=True, timeout=120)
-        self.assertEqual(out.returncode, 0, out.stderr)
+        made = json.loads(with_old_blero(self, V2_COMMIT, V2_CHILD, path))
         self.assertEqual(UpgradeTest.layout(self, path), (2, 2))
-        return json.loads(out.stdout)
+        return made
 
     def test_a_file_of_schema_2_is_upgraded_in_place(self):
         made = self.v2_file(self.path)
@@ -6360,6 +6357,15 @@ class FlowUpgradeTest(ProcessTest):
             with self.assertRaises(blero.BleroError):
                 operate()
 
+
+
+def held_until(test, bl, job_id, release):
+    """Job `job_id` stays pending (and join() waits) until `release()`; then
+    it runs: its result."""
+    test.assertFalse(bl.join(0.3))
+    test.assertEqual(bl.get_job(job_id).state, "pending")
+    release()
+    return bl.wait(job_id, 10)
 
 
 @both_engines
@@ -6415,10 +6421,7 @@ class PauseTest(TempDirTest):
         bl.pause("x")
         release.set()
         self.assertEqual(bl.wait(held, 10), "hold")
-        self.assertFalse(bl.join(0.3))
-        self.assertEqual(bl.get_job(waiting).state, "pending")
-        bl.resume("x")
-        self.assertEqual(bl.wait(waiting, 10), "next")
+        self.assertEqual(held_until(self, bl, waiting, lambda: bl.resume("x")), "next")
 
     def test_a_pause_lasts_across_restarts_and_is_seen_by_every_handle(self):
         bl = self.queue(start=False)
@@ -6543,10 +6546,7 @@ class LimitTest(TempDirTest):
         bl.limit("x", rate=(1, 3600))
         first, second = bl.enqueue("x", "first"), bl.enqueue("x", "second")
         self.assertEqual(bl.wait(first, 10), "first")
-        self.assertFalse(bl.join(0.3))
-        self.assertEqual(bl.get_job(second).state, "pending")
-        bl.limit("x")
-        self.assertEqual(bl.wait(second, 10), "second")
+        self.assertEqual(held_until(self, bl, second, lambda: bl.limit("x")), "second")
 
     def test_bad_limits(self):
         bl = self.queue()
