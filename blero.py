@@ -1881,15 +1881,18 @@ class _SQLiteStorage(_Storage):
                 wake, delayed, cancelled = self._ended(db, finish.id, finish.state, now)
         if not claim:
             return _Claimed(recorded, None, None, wake, delayed, False, None, cancelled)
-        row, held = self._claim(db, owner, names, suspect, now), False
+        row, held, blocked = self._claim(db, owner, names, suspect, now), False, ()
         if row is None:
             controls = db.execute(_CONTROLS).fetchall()
             if controls:
                 held = True
-                row, due = self._claim_held(db, owner, names, suspect, now, controls)
+                row, due, blocked = self._claim_held(db, owner, names, suspect, now, controls)
         left = None
         if suspect and row is None:
-            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
+            # Suspects held back by a pause or a limit hold nothing else up
+            # (see _CrashGuard): they are run alone once they may run.
+            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)
+                             if blocked is not None and r[0] not in blocked)
         return _Claimed(recorded, row, left, wake, delayed, held, due, cancelled)
 
     def _claim(self, db, owner, names, suspect, now, blocked=None) -> _Claim | None:
@@ -1910,12 +1913,13 @@ class _SQLiteStorage(_Storage):
         """The claim while pauses or limits are stored: the names paused or at
         their limit are left out.  (The transaction holds SQLite's one write
         lock, so no other claim comes between the counts and the claim.)
-        Returns the claim or None, and when a rate limit lets one more start."""
+        Returns the claim or None, when a rate limit lets one more start, and
+        the names left out (None: all of them, everything is paused)."""
         blocked, windows, until = [], {}, None
         for name, paused, concurrency, rate, per in controls:
             if name == "":
                 if paused:
-                    return None, None
+                    return None, None, None
                 continue
             if names is not None and name not in names:
                 continue
@@ -1933,12 +1937,12 @@ class _SQLiteStorage(_Storage):
                 else:
                     windows[name] = window
         if names is not None and names <= set(blocked):
-            return None, until
+            return None, until, blocked
         row = self._claim(db, owner, names, suspect, now, blocked)
         if row is not None and row.name in windows:
             db.execute(_PRUNE_STARTS, (row.name, now - windows[row.name]))
             db.execute(_ADD_START, (row.name, now))
-        return row, until
+        return row, until, blocked
 
     def _claim_statements(self, n: int, suspect: bool = False,
                           blocked: int | None = None) -> tuple[str, str]:
@@ -2612,6 +2616,7 @@ class _Dispatcher:
         self._delayed_due = math.inf        # epoch time of the next delayed job
         self._schedule_due = math.inf       # epoch time of the next schedule run
         self._held_due = math.inf           # epoch time a rate limit lets a job start
+        self.suspects_held = False          # a pause or limit held back a suspect, maybe
         self._clock_stop = False
         # (before, after) of a sweep under way; after None: its space going back
         self._sweeping = None
@@ -2838,6 +2843,8 @@ class _Dispatcher:
             outcome and outcome.finish(self.owner), self.owner, worker.processor.names,
             claim, suspect)
         recorded, row, left = done.recorded, done.claim, done.suspects_left
+        if suspect and row is None and done.held:
+            self.suspects_held = True   # some may be held back: see flow()
         self.flow(done, outcome and outcome.job.name)
         worker.suspect = suspect and row is not None
         if row is None:
@@ -2860,6 +2867,7 @@ class _Dispatcher:
         wake = list(done.wake)
         if done.held and finished is not None:
             wake.append(finished)
+            self.held_changed()
         if wake:
             self.work_arrived(wake)
         if done.delayed is not None:
@@ -3098,7 +3106,19 @@ class _Dispatcher:
             if time.time() < self._held_due:
                 return
             self._held_due = math.inf
+        self.held_changed()
         self.work_arrived(None)
+
+    def held_changed(self) -> None:
+        """A pause or limit may hold back fewer jobs now: suspects that one
+        held back are looked for again (see _CrashGuard), to run alone."""
+        if self.suspects_held:
+            self.suspects_held = False
+            try:
+                self._look_for_suspects()
+            except BleroError as exc:   # the next poll looks again
+                self.suspects_held = True
+                self.throttle.error(exc, "looking for suspects failed: %s; will try again", exc)
 
     def _run_schedules(self) -> None:
         if time.time() < self._schedule_due:
@@ -3971,6 +3991,7 @@ class Blero:
             storage.set_paused(name, False)
         d = self._dispatcher
         if d is not None:
+            d.held_changed()
             d.work_arrived(None)
 
     def paused(self) -> set[str | None]:
@@ -3998,6 +4019,7 @@ class Blero:
             storage.set_limit(name, concurrency, rate)
         d = self._dispatcher
         if d is not None:
+            d.held_changed()
             d.work_arrived(None)
 
     def limits(self) -> dict[str, dict]:

@@ -6767,5 +6767,33 @@ class FlowDashboardTest(TempDirTest):
         self.assertEqual(bl.paused(), {None})
 
 
+
+class HeldSuspectTest(TempDirTest):
+    """A job handed back after a crash (a suspect, run alone before the
+    rest) whose name is paused holds nothing else up, and runs once resumed."""
+
+    def test_a_paused_suspect_holds_nothing_up(self):
+        path = self.target()
+        suspect, = kill_with_running_jobs(self, path, [3])
+        bl = self.queue(start=False)
+        bl.pause("doomed")
+        bl.register_processor(lambda job: job.name)
+        bl.start()
+        self.assertEqual(bl.wait(bl.enqueue("other"), 10), "other")
+        calls = []
+        claim = bl._storage.finish_and_claim
+
+        def counted(*args):
+            calls.append(args)
+            return claim(*args)
+        bl._storage.finish_and_claim = counted
+        self.assertFalse(bl.join(0.5))
+        self.assertLess(len(calls), 10, "the workers spin on the paused suspect")
+        self.assertEqual(bl.get_job(suspect).state, "pending")
+        bl.resume("doomed")
+        self.assertEqual(bl.wait(suspect, 10), "doomed")
+        self.assertEqual(bl.get_job(suspect).attempt, 2)
+
+
 if __name__ == "__main__":
     unittest.main()
