@@ -723,7 +723,7 @@ _OWNERS_TAKES = "ALTER TABLE blero_owners ADD COLUMN takes TEXT"
 _SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
 # New in schema 3 (see _schema_3): what `after=`, pauses and limits store.
-# blero_deps: one row per (job, job it waits on), in the order given; kept
+# blero_deps: one row per (job, job it waits on), `seq` its place in the list; kept
 # until the job itself is swept (JobInfo.after shows them).  blero_controls:
 # one row per name paused or limited ('' : every name, paused), none when
 # nothing is, so a claim tells "nothing held" from one look at an empty
@@ -731,9 +731,10 @@ _SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC,
 _FLOW_SCHEMA = """
 CREATE TABLE blero_deps (
     job_id       INTEGER NOT NULL,
-    dep_id       INTEGER NOT NULL
-);
-CREATE INDEX blero_deps_job ON blero_deps (job_id);
+    seq          INTEGER NOT NULL,
+    dep_id       INTEGER NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
 CREATE INDEX blero_deps_dep ON blero_deps (dep_id);
 CREATE INDEX blero_jobs_waiting ON blero_jobs (id) WHERE state = -2;
 CREATE TABLE blero_controls (
@@ -745,9 +746,9 @@ CREATE TABLE blero_controls (
 );
 CREATE TABLE blero_starts (
     name         TEXT NOT NULL,
-    at           REAL NOT NULL
+    began        REAL NOT NULL
 );
-CREATE INDEX blero_starts_name ON blero_starts (name, at)"""
+CREATE INDEX blero_starts_name ON blero_starts (name, began)"""
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -861,7 +862,8 @@ _SWEEP = ("DELETE FROM blero_jobs WHERE id = ? AND id < ?"
 _TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result = NULL,"
               " error = NULL, key = NULL WHERE id = ? AND state IN ({states})"
               " AND finished_at <= ?")
-# JobInfo.after is no column: the ids a job waits on, "3,5", from blero_deps.
+# JobInfo.after is no column: the ids a job waits on, "3,5", from blero_deps
+# (in `seq` order: the order of its primary key).
 _AFTER_IDS = "(SELECT group_concat(dep_id) FROM blero_deps d WHERE d.job_id = blero_jobs.id)"
 _INFO_COLUMNS = ", ".join(_AFTER_IDS if f == "after" else f for f in _Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
@@ -914,7 +916,7 @@ _DUE_SCHEDULES = (
 _SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
 # -- after=: a job waits (state -2) until the jobs it names are complete --
-_ADD_DEP = "INSERT INTO blero_deps (job_id, dep_id) VALUES (?, ?)"
+_ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
 # A finish that ends a job tells, in the same statement, whether any job waits on it.
 _FINISH_RETURNING = (_FINISH + " RETURNING EXISTS (SELECT 1 FROM blero_deps d"
                      " WHERE d.dep_id = blero_jobs.id)")
@@ -936,8 +938,8 @@ _CANCEL_WAITING = ("UPDATE blero_jobs SET state = 5, finished_at = ?, error = ?"
                    " WHERE id = ? AND state = -2")
 _ANY_DEPS = "SELECT EXISTS (SELECT 1 FROM blero_deps)"
 # A swept job's own list goes with it (the lists naming it stay: JobInfo.after).
-_SWEEP_DEPS = ("DELETE FROM blero_deps WHERE job_id = ?1"
-               " AND NOT EXISTS (SELECT 1 FROM blero_jobs WHERE id = ?1 AND state < 6)")
+_SWEEP_DEPS = ("DELETE FROM blero_deps WHERE job_id = ?"
+               " AND NOT EXISTS (SELECT 1 FROM blero_jobs WHERE id = ? AND state < 6)")
 # -- pauses and limits ------------------------------------------------------
 _CONTROLS = "SELECT name, paused, concurrency, rate, per FROM blero_controls"
 _PAUSE = ("INSERT INTO blero_controls (name, paused) VALUES (?, 1)"
@@ -953,14 +955,15 @@ _PAUSED = "SELECT name FROM blero_controls WHERE paused = 1"
 _LIMITS = ("SELECT name, concurrency, rate, per FROM blero_controls"
            " WHERE concurrency IS NOT NULL OR rate IS NOT NULL ORDER BY name")
 # (by the running jobs' index: a few rows, one per worker at most)
-_RUNNING_NAMED = "SELECT count(*) FROM blero_jobs INDEXED BY blero_jobs_running WHERE state = 2 AND name = ?"
+_RUNNING_NAMED = "SELECT count(*) FROM blero_jobs WHERE state = 2 AND name = ?"
 _RUNNING_BY_NAME = "SELECT name, count(*) FROM blero_jobs WHERE state = 2 GROUP BY name"
 _LAST_CLAIM = ("SELECT max(started_at) FROM blero_jobs WHERE state = 2"
                " AND (? IS NULL OR name = ?)")
-_STARTS_SINCE = "SELECT count(*) FROM blero_starts WHERE name = ? AND at > ?"
-_NTH_START = "SELECT at FROM blero_starts WHERE name = ? AND at > ? ORDER BY at LIMIT 1 OFFSET ?"
-_ADD_START = "INSERT INTO blero_starts (name, at) VALUES (?, ?)"
-_PRUNE_STARTS = "DELETE FROM blero_starts WHERE name = ? AND at <= ?"
+_STARTS_SINCE = "SELECT count(*) FROM blero_starts WHERE name = ? AND began > ?"
+_NTH_START = ("SELECT began FROM blero_starts WHERE name = ? AND began > ? ORDER BY began"
+              " LIMIT 1 OFFSET ?")
+_ADD_START = "INSERT INTO blero_starts (name, began) VALUES (?, ?)"
+_PRUNE_STARTS = "DELETE FROM blero_starts WHERE name = ? AND began <= ?"
 _DROP_STARTS = "DELETE FROM blero_starts WHERE name = ?"
 # Free pages go back one per statement: Pythons differ in whether they step
 # an incremental_vacuum on past its first page.
@@ -1019,10 +1022,10 @@ def _schema_2_views(db: sqlite3.Connection) -> None:
 
 def _schema_3_views(db: sqlite3.Connection) -> None:
     """2 as 3: nothing waits on other jobs, nothing is paused or limited."""
-    for table, columns in (("deps", "0 AS job_id, 0 AS dep_id"),
+    for table, columns in (("deps", "0 AS job_id, 0 AS seq, 0 AS dep_id"),
                            ("controls", "'' AS name, 0 AS paused, NULL AS concurrency,"
                                         " NULL AS rate, NULL AS per"),
-                           ("starts", "'' AS name, 0.0 AS at")):
+                           ("starts", "'' AS name, 0.0 AS began")):
         db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT {columns} WHERE 0")
 
 
@@ -1854,7 +1857,7 @@ class _SQLiteStorage(_Storage):
         if waits or ended:
             row = row._replace(state=_WAITING)
         job_id = db.execute(_INSERT, row[:-1]).lastrowid
-        db.executemany(_ADD_DEP, [(job_id, dep) for dep in row.after])
+        db.executemany(_ADD_DEP, [(job_id, seq, dep) for seq, dep in enumerate(row.after)])
         if ended:
             db.execute(_CANCEL_WAITING, (row.created_at, _chain_error(*ended), job_id))
         return job_id
@@ -2119,7 +2122,7 @@ class _SQLiteStorage(_Storage):
         if any(i == newest for i, _, _ in jobs):
             gone += db.execute(sql[1], (newest, before)).rowcount
         if db.execute(_ANY_DEPS).fetchall()[0][0]:
-            db.executemany(_SWEEP_DEPS, [(i,) for i, _, _ in found])
+            db.executemany(_SWEEP_DEPS, [(i, i) for i, _, _ in found])
         return gone
 
     def give_back_slice(self) -> bool:

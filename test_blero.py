@@ -5118,7 +5118,7 @@ class UpgradeTest(ProcessTest):
                          {"blero_jobs", "blero_owners", "blero_schedules", "blero_jobs_ready",
                           "blero_jobs_delayed", "blero_jobs_running", "blero_jobs_finished",
                           "blero_jobs_key", "blero_jobs_suspect", "blero_deps",
-                          "blero_deps_job", "blero_deps_dep", "blero_jobs_waiting",
+                          "blero_deps_dep", "blero_jobs_waiting",
                           "blero_controls", "blero_starts", "blero_starts_name"})
         self.assertEqual({"jobs", "owners", "schedules"} & names, set(theirs))
         self.assertEqual(schedules, [("hourly",)])
