@@ -2753,12 +2753,15 @@ class _PostgresStorage(_Storage):
             conn.execute(_pg_sql("INSERT INTO blero_meta VALUES (?)", self._schema_sql),
                          (_PG_SCHEMA_VERSION,))
             return
-        if "blero_meta" not in tables or not _TABLES <= tables:
-            raise BleroError(f"{where}: a blero queue with tables missing (damaged)")
+        damaged = BleroError(f"{where}: a blero queue with tables missing (damaged)")
+        if "blero_meta" not in tables:
+            raise damaged
         version = conn.execute(_pg_sql(_PG_VERSION, self._schema_sql)).fetchall()[0][0]
         if version is None or version > _PG_SCHEMA_VERSION:
             raise BleroError(f"{where}: written by a newer blero (schema {version}; this "
                              f"blero.py knows up to {_PG_SCHEMA_VERSION})")
+        if version == _PG_SCHEMA_VERSION and not _TABLES <= tables:
+            raise damaged
         if version < _PG_SCHEMA_VERSION and not create:   # one upgrades, the others wait
             self._lock_setup(conn)
             version = conn.execute(_pg_sql(_PG_VERSION, self._schema_sql)).fetchall()[0][0]

@@ -6397,6 +6397,8 @@ class AfterTest(TempDirTest):
 # The last blero.py whose files are of schema 2 (before after=, pauses and
 # limits): the test of that upgrade runs it to make such a file.
 V2_COMMIT = "39c00f9"
+# The last blero.py whose PostgreSQL schemas are of version 1.
+PG_V1_COMMIT = "addf569"
 
 # argv: db.  With the v2 blero.py: 2 jobs done, 3 left pending.
 V2_CHILD = """
@@ -6443,6 +6445,34 @@ class FlowUpgradeTest(ProcessTest):
         bl = blero.new(self.path)
         self.assertEqual(bl.limits(), {"waiting": {"concurrency": 1, "rate": None}})
         self.assertEqual(bl.stats()["complete"], 6)
+
+    @unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
+    def test_a_postgresql_schema_of_version_1_is_upgraded_in_place(self):
+        schema = "test_" + os.urandom(5).hex()
+        self.addCleanup(pg_run, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        made = json.loads(with_old_blero(self, PG_V1_COMMIT, """
+            import sys, json, blero
+            bl = blero.new(sys.argv[1], schema=sys.argv[2])
+            bl.register_processor(lambda job: job.data, names="done")
+            bl.start()
+            done = bl.enqueue("done", "d")
+            bl.wait(done, 60)
+            waiting = bl.enqueue("waiting", "w")
+            bl.stop()
+            print(json.dumps([done, waiting]))
+            """, POSTGRES, schema))
+        bl = blero.new(POSTGRES, schema=schema)
+        self.assertEqual(bl.stats()["pending"], 1)     # (an inspection upgrades it too)
+        bl.register_processor(lambda job: job.data)
+        bl.start()
+        self.addCleanup(bl.stop, 5)
+        then = bl.enqueue("then", "t", after=made)
+        bl.limit("waiting", concurrency=1)
+        self.assertEqual(bl.wait(then, 10), "t")
+        self.assertEqual(bl.get_job(then).after, tuple(made))
+        with pg_connect() as conn:
+            versions = [r[0] for r in conn.execute(f'SELECT version FROM "{schema}".blero_meta')]
+        self.assertEqual(max(versions), blero._PG_SCHEMA_VERSION)
 
     def test_a_file_of_schema_2_on_read_only_storage_is_read_as_the_latest(self):
         made = self.v2_file(self.path)
