@@ -6959,6 +6959,24 @@ class TransactionalEnqueueOnAFileTest(TempDirTest):
         self.assertEqual(sorted(ran), ["also", "kept"])
         self.assertEqual(app.execute("SELECT what FROM orders").fetchall(), [("kept",)])
 
+    def test_after_in_the_callers_transaction(self):
+        bl = self.queue()
+        first = bl.enqueue("x", "first", delay=0.2)
+        app = sqlite3.connect(bl.path)
+        self.addCleanup(app.close)
+        app.execute("BEGIN")
+        bl.enqueue("x", "lost", after=first, connection=app)
+        app.rollback()
+        with self.assertRaises(ValueError):     # the savepoint goes back; the rest stays
+            bl.enqueue_many([("x", 1), {"name": "x", "after": first + 99}], connection=app)
+        kept = bl.enqueue("x", "kept", after=first, connection=app)
+        app.commit()
+        self.assertEqual([j.data for j in bl.jobs()], ["first", "kept"])   # not "lost", nor 1
+        self.assertEqual(bl.get_job(kept).after, (first,))
+        bl.register_processor(lambda job: job.data)
+        self.assertEqual(bl.wait(kept, 10), "kept")
+        self.assertLess(bl.get_job(first).finished_at, bl.get_job(kept).started_at)
+
     def test_a_connection_to_another_file_is_refused(self):
         bl = self.queue()
         other = sqlite3.connect(os.path.join(self.dir, "other.db"))
