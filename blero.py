@@ -3897,9 +3897,10 @@ class _Dispatcher:
             outcome and outcome.finish(self.owner), self.owner, p.names, claim, suspect,
             p.exclude)
         recorded, row, left = done.recorded, done.claim, done.suspects_left
-        if suspect and row is None and done.held:
-            self.suspects_held = True   # some may be held back: see flow()
-        self.flow(done, outcome and outcome.job.name)
+        if done.wake or done.held or done.delayed is not None or done.cancelled:
+            if suspect and row is None and done.held:
+                self.suspects_held = True   # some may be held back: see flow()
+            self.flow(done, outcome and outcome.job.name)
         worker.suspect = suspect and row is not None
         if row is None:
             worker.holding = False
@@ -3914,12 +3915,11 @@ class _Dispatcher:
         return Job(*row)
 
     def flow(self, done: _Claimed, finished: str | None) -> None:
-        """Act on what a finish and claim did besides: wake workers for the
+        """Act on what a finish and claim did besides (nearly all do nothing
+        more, and are not brought here): wake workers for the
         jobs it made ready (and, while pauses or limits are stored, for the
         name of the job that finished: a slot of its limit came free), and
         look again when a rate limit lets one more job start."""
-        if not (done.wake or done.held or done.delayed is not None or done.cancelled):
-            return      # what nearly every finish and claim did: nothing more
         wake = list(done.wake)
         if done.held and finished is not None:
             wake.append(finished)
