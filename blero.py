@@ -449,10 +449,11 @@ def _chain_error(dep: int, how: str) -> str:
 
 def _rate_window(per: float) -> float:
     """How long a rate limit of n starts per `per` seconds counts each start:
-    a little longer than `per` (5%, at most 50 ms), because a try begins a
-    moment after its claim: so the limit holds by the processors' own clocks
-    too, not only by the claims'."""
-    return per + min(0.05, per / 20)
+    a little longer than `per` (10%, at most 0.1 s), because a try begins a
+    moment after its claim (after the commit; on a server, a round trip
+    later): so the limit holds by the processors' own clocks too, not only
+    by the claims', unless one try begins over 0.1 s later than another."""
+    return per + min(0.1, per / 10)
 
 
 class _Storage:
@@ -2091,6 +2092,7 @@ class _SQLiteStorage(_Storage):
         if self._held_lock is not None:    # on a server: the counts and the claim, alone
             db.execute(self._held_lock)
             controls = db.execute(_CONTROLS).fetchall()     # as they are now
+            now = time.time()       # (a rate counts from when the claim is made)
         blocked, windows, until = [], {}, None
         for name, paused, concurrency, rate, per in controls:
             if name == "":

@@ -3851,6 +3851,21 @@ class BadValuesTest(TempDirTest):
         add("jobs(name)", "name", [(BIG, TypeError)], lambda v: bl.jobs(name=v))
         add("sweep(older_than)", "older_than", bad_seconds(), bl.sweep)
         add("unschedule", "key", [(BIG, TypeError)], bl.unschedule)
+        after = [(v, e) for v, e in bad_ids()] + [(1.5, TypeError), ([2.0], TypeError)]
+        add("enqueue(after)", "after", after, lambda v: bl.enqueue("x", after=v))
+        add("enqueue_many(after)", "after", after,
+            lambda v: bl.enqueue_many([("ok", 1), {"name": "x", "after": v}]))
+        for label, call in (("pause", bl.pause), ("resume", bl.resume),
+                            ("limit", lambda v: bl.limit(v, concurrency=1))):
+            add(label, "name", [(BIG, TypeError)], call)
+        add("limit(concurrency)", "concurrency", [(0, ValueError), (BIG, ValueError),
+                                                  (1.5, TypeError), (True, TypeError)],
+            lambda v: bl.limit("x", concurrency=v))
+        add("limit(rate)", "rate", [((0, 1), ValueError), ((BIG, 1), ValueError),
+                                    ((1, math.nan), ValueError), ((1, -1), ValueError),
+                                    ((1, math.inf), ValueError), ((True, 1), TypeError),
+                                    (5, TypeError)],
+            lambda v: bl.limit("x", rate=v))
         add("unregister_processor", "processor_id",
             [(True, TypeError), (1.0, TypeError), (0, ValueError)], bl.unregister_processor)
         add("serve_metrics(port)", "port", [(-1, ValueError), (65536, ValueError),
@@ -3879,7 +3894,8 @@ class BadValuesTest(TempDirTest):
         # Every public method, setting and job option is in the table.
         called = {label.split("(")[0].split("=")[0] for label, _, _, _ in cases}
         public = {name for name in dir(blero.Blero) if not name.startswith("_")}
-        takes_no_number = {"start", "stats", "metrics_text", "register_processor"}
+        takes_no_number = {"start", "stats", "metrics_text", "register_processor", "paused",
+                           "limits"}
         self.assertEqual(public - takes_no_number - called, set(), "methods left out")
         checked = {label.split("(")[1].split(")")[0] for label, _, _, _ in cases
                    if label.startswith(("new(", "enqueue("))}
