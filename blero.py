@@ -362,12 +362,27 @@ class _Ended(NamedTuple):
     error: str | None
 
 
+class _ProcessorSeen(NamedTuple):
+    """What an owner tells other processes of its processors, alike ones
+    together: what runs the jobs, the job names it takes (None: any) and how
+    many jobs it runs at once."""
+
+    name: str                    # the function's (or object's) name
+    names: tuple | None          # sorted
+    concurrency: int
+
+
 class _OwnerSeen(NamedTuple):
-    """An owner registered, or holding jobs though unregistered (`_OWNERS`)."""
+    """An owner registered, or holding jobs though unregistered (`_OWNERS`;
+    all but `id` None then)."""
 
     id: int
     heartbeat_at: float | None   # None: not registered
     takes: frozenset | None      # the job names its processors take; None: any name
+    host: str | None             # None also for an owner that a blero.py of schema 2 wrote
+    pid: int | None
+    started_at: float | None
+    processors: tuple[_ProcessorSeen, ...] | None   # None: not told (schema 2)
 
 
 class _Schedule(NamedTuple):
@@ -508,16 +523,22 @@ class _Storage:
         its heartbeats and the lease can."""
         raise NotImplementedError
 
-    def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
+    def heartbeat(self, owner: int, now: float, takes: frozenset | None,
+                  processors: tuple[_ProcessorSeen, ...]) -> None:
         """Register `owner` as alive, or renew it: tell other processes, which
         may not see its liveness, that it is alive; its claims need it too.
-        Store with it the job names its processors take now (`takes`; None:
-        any name), for other processes to see in `owners()`."""
+        Store with it this host's name, this process's id, the job names its
+        processors take now (`takes`; None: any name) and its processors, for
+        other processes to see in `owners()`."""
         raise NotImplementedError
 
     def owners(self) -> list[_OwnerSeen]:
         """Every owner registered or holding jobs, with its last heartbeat
-        and the job names it takes."""
+        and what it told of itself."""
+        raise NotImplementedError
+
+    def running_by_owner(self) -> dict[int, int]:
+        """How many jobs each owner holds now."""
         raise NotImplementedError
 
     def alive(self, seen: _OwnerSeen, lease: float, now: float) -> bool:
@@ -640,10 +661,27 @@ class _Storage:
         raise NotImplementedError
 
 
+# What an owner tells of itself, in the same JSON on every engine.
+_HOST = socket.gethostname()
+
+
+def _takes_json(takes: frozenset | None) -> str | None:
+    return None if takes is None else json.dumps(sorted(takes))
+
+
+def _owner_seen(id, heartbeat_at, takes, host, pid, started_at, processors) -> _OwnerSeen:
+    """An `_OWNERS` row, its JSON read."""
+    if processors is not None:
+        processors = tuple(_ProcessorSeen(name, None if names is None else tuple(names), n)
+                           for name, names, n in json.loads(processors))
+    return _OwnerSeen(id, heartbeat_at, None if takes is None else frozenset(json.loads(takes)),
+                      host, pid, started_at, processors)
+
+
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 2            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 3            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -651,6 +689,9 @@ _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes 
 _OWNERS_TAKES = "ALTER TABLE blero_owners ADD COLUMN takes TEXT"
 _SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
+# New in schema 3: the upgrade from 2 adds them (see _schema_3).
+_OWNERS_PRESENCE = ("ALTER TABLE blero_owners ADD COLUMN host TEXT",
+                    "ALTER TABLE blero_owners ADD COLUMN processors TEXT")
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -682,7 +723,9 @@ CREATE TABLE blero_owners (
     pid          INTEGER NOT NULL,
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
-    takes        TEXT
+    takes        TEXT,
+    host         TEXT,
+    processors   TEXT
 );
 CREATE TABLE blero_schedules (
     key          TEXT PRIMARY KEY,
@@ -697,7 +740,8 @@ CREATE TABLE blero_schedules (
 );
 """
 # blero_owners.takes: the job names the owner's processors take, a JSON array
-# (NULL: any name), kept up to date as processors come and go.
+# (NULL: any name), kept up to date as processors come and go; processors:
+# those processors, for the dashboard, a JSON array of _ProcessorSeen arrays.
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
 
 # Column lists come from the named tuples, so a row and its tuple never drift.
@@ -783,14 +827,16 @@ _OUTSTANDING = (
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN runs)")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
-_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes)"
-              " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-              " heartbeat_at = excluded.heartbeat_at, takes = excluded.takes")
+_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes, host, processors)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+              " heartbeat_at = excluded.heartbeat_at, takes = excluded.takes,"
+              " processors = excluded.processors")
 _DROP_OWNER = "DELETE FROM blero_owners WHERE id = ?"
 _OWNER_PIDS = "SELECT id, pid FROM blero_owners"
-_OWNERS = ("SELECT id, heartbeat_at, takes FROM blero_owners UNION ALL"
-           " SELECT DISTINCT owner, NULL, NULL FROM blero_jobs"
+_OWNERS = ("SELECT id, heartbeat_at, takes, host, pid, started_at, processors FROM blero_owners"
+           " UNION ALL SELECT DISTINCT owner, NULL, NULL, NULL, NULL, NULL, NULL FROM blero_jobs"
            " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)")
+_RUNNING_BY_OWNER = "SELECT owner, count(*) FROM blero_jobs WHERE state = 2 GROUP BY owner"
 _UPSERT_SCHEDULE = (
     "INSERT INTO blero_schedules (key, name, data, interval, next_due, priority, retries, timeout)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
@@ -841,7 +887,13 @@ def _schema_2(db: sqlite3.Connection) -> None:
     db.execute(_SUSPECT_INDEX)
 
 
-_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2,)
+def _schema_3(db: sqlite3.Connection) -> None:
+    """2 -> 3: each owner's host and processors, for the dashboard."""
+    for statement in _OWNERS_PRESENCE:
+        db.execute(statement)
+
+
+_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -855,7 +907,20 @@ def _schema_2_views(db: sqlite3.Connection) -> None:
         db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT *{more} FROM main.{table}")
 
 
-_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,)
+def _schema_3_views(db: sqlite3.Connection) -> None:
+    """2 as 3: owners with no host or processors told (a file of schema 1
+    comes here with blero_owners a view already: this one replaces it)."""
+    made = db.execute("SELECT sql FROM sqlite_temp_master WHERE name = 'blero_owners'").fetchone()
+    source = "main.blero_owners"
+    if made is not None:
+        source = "(" + made[0].split(" AS ", 1)[1] + ")"
+        db.execute("DROP VIEW temp.blero_owners")
+    db.execute(f"CREATE TEMP VIEW blero_owners AS SELECT *, NULL AS host, NULL AS processors"
+               f" FROM {source}")
+
+
+_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
+                                                                      _schema_3_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -1743,15 +1808,16 @@ class _SQLiteStorage(_Storage):
     def owner_alive(self, owner: int) -> bool | None:
         return _owner_alive(self.real, owner)
 
-    def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
-        names = None if takes is None else json.dumps(sorted(takes))
-        self._write(lambda db: db.execute(_HEARTBEAT, (owner, os.getpid(), now, now, names)))
+    def heartbeat(self, owner: int, now: float, takes: frozenset | None,
+                  processors: tuple[_ProcessorSeen, ...]) -> None:
+        row = (owner, os.getpid(), now, now, _takes_json(takes), _HOST, json.dumps(processors))
+        self._write(lambda db: db.execute(_HEARTBEAT, row))
 
     def owners(self) -> list[_OwnerSeen]:
-        rows = self._read(lambda db: db.execute(_OWNERS).fetchall())
-        return [_OwnerSeen(owner, heartbeat,
-                           None if names is None else frozenset(json.loads(names)))
-                for owner, heartbeat, names in rows]
+        return [_owner_seen(*row) for row in self._read(lambda db: db.execute(_OWNERS).fetchall())]
+
+    def running_by_owner(self) -> dict[int, int]:
+        return dict(self._read(lambda db: db.execute(_RUNNING_BY_OWNER).fetchall()))
 
     def changed_elsewhere(self) -> bool:
         # Never waits for a write under way (waking a waiter on every commit
@@ -2009,6 +2075,29 @@ def _takes(processors: Iterable[_Processor]) -> frozenset | None:
     return frozenset(names)
 
 
+class _Presence(NamedTuple):
+    """What an owner's heartbeat tells other processes of its processors."""
+
+    takes: frozenset | None
+    processors: tuple[_ProcessorSeen, ...]
+
+    @classmethod
+    def of(cls, processors: Iterable[_Processor]) -> _Presence:
+        processors = list(processors)
+        alike = collections.Counter(
+            (_fn_name(p.fn), None if p.names is None else tuple(sorted(p.names)))
+            for p in processors)
+        return cls(_takes(processors),
+                   tuple(_ProcessorSeen(name, names, n) for (name, names), n in alike.items()))
+
+
+def _fn_name(fn) -> str:
+    """A processor's name as an operator knows it: `process`, `Mailer.run`
+    (a function defined inside another goes by its own name)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return name.rsplit(".<locals>.", 1)[-1]
+
+
 class _Outcome(NamedTuple):
     """The end of one try, waiting to be recorded."""
 
@@ -2253,7 +2342,7 @@ class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
-                 counters: _Counters, changed: _Changes, takes: frozenset | None):
+                 counters: _Counters, changed: _Changes, presence: _Presence):
         self.storage = storage
         self.settings = settings
         self.owner = owner
@@ -2264,8 +2353,8 @@ class _Dispatcher:
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
         self.started_at = time.time()
         self.stopping = False
-        self._takes = takes             # the job names its processors take; None: any
-        self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _takes
+        self._presence = presence       # what its heartbeats tell of its processors
+        self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _presence
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
         self._gone = threading.Condition(self._lock)   # notified as workers leave
@@ -2802,21 +2891,21 @@ class _Dispatcher:
     def _beat(self) -> None:
         if self._due("beat", self.settings.lease / 3):
             with self._beat_lock:
-                self.storage.heartbeat(self.owner, time.time(), self._takes)
+                self.storage.heartbeat(self.owner, time.time(), *self._presence)
 
-    def processors_changed(self, takes: frozenset | None) -> None:
-        """The job names this queue's processors take are now `takes`: tell
-        other processes at once (their join() warns of names that no live
-        queue takes).  Not once the queue is stopping: its stop drops the
+    def processors_changed(self, presence: _Presence) -> None:
+        """This queue's processors are now as `presence` says: tell other
+        processes at once (their join() warns of names that no live queue
+        takes, and their dashboards show them).  Not once the queue is stopping: its stop drops the
         owner's registration, and a heartbeat after that would register it
         again, letting a claim still on its way succeed with nobody left to
         hand its job back.  (Called under the Blero's lock, as begin_stop is.)"""
         with self._beat_lock:
-            self._takes = takes
+            self._presence = presence
             if self.stopping:
                 return
             try:
-                self.storage.heartbeat(self.owner, time.time(), takes)
+                self.storage.heartbeat(self.owner, time.time(), *presence)
             except BleroError as exc:   # the next heartbeat tells them
                 if not self.stopping:
                     self.throttle.error(exc, "heartbeat failed: %s; will try again", exc)
@@ -2922,6 +3011,22 @@ def _call_back(fn, job, value) -> None:
 # The public Blero class
 # ---------------------------------------------------------------------------
 
+class _Sparingly:
+    """A look that is costly on a big queue (counting pending jobs by name
+    reads them all), taken at most 2% of the time and at most once a
+    second; in between, the last answer."""
+
+    def __init__(self):
+        self._next, self._last = -math.inf, None
+
+    def look(self, fn: Callable[..., Any], *args) -> Any:
+        began = time.monotonic()
+        if began >= self._next:
+            self._last = fn(*args)
+            self._next = began + max(1.0, 50 * (time.monotonic() - began))
+        return self._last
+
+
 def _db_path(path) -> str:
     path = os.fspath(path)
     if not isinstance(path, str):
@@ -2999,10 +3104,10 @@ class Blero:
             owner = _new_owner_id()
             try:
                 storage.hold_owner(owner)
-                takes = _takes(self._processors.values())
-                storage.heartbeat(owner, time.time(), takes)
+                presence = _Presence.of(self._processors.values())
+                storage.heartbeat(owner, time.time(), *presence)
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed,
-                                takes)
+                                presence)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
@@ -3238,7 +3343,7 @@ class Blero:
             if d is not None:
                 # Told before its first job: no other process's join() may
                 # see it run one, and yet not take that name.
-                d.processors_changed(_takes(self._processors.values()))
+                d.processors_changed(_Presence.of(self._processors.values()))
         if d is not None:
             d.spawn(p)
         return p.id
@@ -3250,7 +3355,7 @@ class Blero:
             p = self._processors.pop(processor_id, None)
             d = self._dispatcher
             if p is not None and d is not None:
-                d.processors_changed(_takes(self._processors.values()))
+                d.processors_changed(_Presence.of(self._processors.values()))
         if p is None:
             raise KeyError(processor_id)
         if d is not None:
@@ -3360,13 +3465,13 @@ class Blero:
         Pending jobs that no live queue's processors take (here or in another
         process) are logged at WARNING meanwhile, once per name."""
         timeout = _seconds("timeout", timeout, optional=True)
-        next_look = [0.0]
+        untaken = _Sparingly()
 
         def done(storage):
             d = self._dispatcher
             before = d.activity() if d is not None else (False, 0)
             if before[0] or storage.outstanding():
-                self._warn_untaken(storage, next_look)
+                self._warn_untaken(untaken.look(storage.untaken, self._settings.lease))
                 return None
             # A job may have been claimed, run and recorded since `before`,
             # its on_complete still enqueueing more: then look again.
@@ -3374,16 +3479,9 @@ class Blero:
 
         return bool(self._until(done, timeout))
 
-    def _warn_untaken(self, storage: _Storage, next_look: list[float]) -> None:
+    def _warn_untaken(self, untaken: dict[str, int]) -> None:
         """Log each name of pending jobs that no live queue takes, once: a
-        typo in a name would otherwise make join() wait for ever in silence.
-        Counting pending jobs by name reads them all: on a big queue it is
-        done at most 2% of the time (and at most once a second)."""
-        began = time.monotonic()
-        if began < next_look[0]:
-            return
-        untaken = storage.untaken(self._settings.lease)
-        next_look[0] = began + max(1.0, 50 * (time.monotonic() - began))
+        typo in a name would otherwise make join() wait for ever in silence."""
         for name, n in sorted(untaken.items()):
             if name not in self._untaken_warned:
                 self._untaken_warned.add(name)
@@ -3839,6 +3937,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         none of it from this process's counters (which know only its own
         work), so any process serving a queue shows the same."""
         bl = self.server.blero
+        d = bl._dispatcher
         now = time.time()
         step, span = 10, 300
         start = (now - span) // step * step
@@ -3849,17 +3948,29 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                     "failures": storage.list("failed", None, 20, newest_first=True)}
             ended = {(at, state): n for at, state, n in storage.finished_since(start, step)}
             counts, read_only = storage.counts(), storage.read_only is not None
+            owners = [o for o in storage.owners() if o.heartbeat_at is not None
+                      and storage.alive(o, bl._settings.lease, now)]
+            running = storage.running_by_owner()
+            untaken = self.server.untaken.look(storage.untaken, bl._settings.lease)
         steps = [start + i * step for i in range(span // step + 1)]
         out = {"queue": {"path": bl.path, "read_only": read_only},
                # who answers: a process that may or may not run the queue itself
-               "served_by": {"pid": os.getpid(), "running": bl._dispatcher is not None,
+               "served_by": {"pid": os.getpid(), "running": d is not None,
                              "processors": len(bl._processors)},
                "time": now, "counts": counts,
                # jobs that ended in each `step` seconds of the last 5 minutes,
                # oldest first; the last step is still under way
                "throughput": {"step": step, "start": start,
                               "complete": [ended.get((at, "complete"), 0) for at in steps],
-                              "failed": [ended.get((at, "failed"), 0) for at in steps]}}
+                              "failed": [ended.get((at, "failed"), 0) for at in steps]},
+               # every live process running the queue, as it told of itself
+               "owners": [{"id": o.id, "serving": d is not None and o.id == d.owner, "host": o.host, "pid": o.pid, "started_at": o.started_at,
+                           "last_seen": o.heartbeat_at, "running": running.get(o.id, 0),
+                           "processors": None if o.processors is None else [
+                               p._asdict() for p in o.processors]}
+                          for o in sorted(owners, key=lambda o: o.started_at)],
+               # pending jobs, by name, that no live process takes
+               "untaken": untaken}
         # Schedules, pauses and limits join the overview here once the queue
         # stores them, each as a list the page renders in a section of its own.
         for part, found in rows.items():
@@ -3934,6 +4045,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         # the names a Host header may give this server by (besides IP addresses)
         self.names = frozenset(n.lower() for n in (
             host, "localhost", socket.gethostname(), socket.getfqdn()))
+        self.untaken = _Sparingly()     # storage.untaken, as join() looks at it
 
     def handle_error(self, request, client_address):
         # a client that hangs up early is its own business: never print
@@ -3982,6 +4094,10 @@ header h1{font-size:18px;margin:0;letter-spacing:.5px} header h1 a{color:#fff}
 .badge{display:inline-block;font-size:12px;padding:1px 8px;border-radius:10px;background:#ffffff22;white-space:nowrap}
 .badge.warn{background:#f5b94a;color:#3a2600}
 #msg:empty{display:none} #msg{background:#fde8e8;color:#8a1c1c;padding:8px 20px;border-bottom:1px solid #f5c2c2}
+.note{background:#fff4dc;color:#5c3c00;border-radius:8px;padding:8px 14px;box-shadow:0 0 0 1px #f0d9a8}
+.procs{margin:0;padding:0;list-style:none} .procs li{white-space:nowrap}
+.procs code,.names code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#f1f3f6;border-radius:3px;padding:0 4px}
+.x{color:var(--muted)}
 main{padding:16px 20px;max-width:1280px;margin:0 auto;display:grid;gap:16px}
 .cards{display:grid;grid-template-columns:repeat(5,1fr);gap:12px}
 .card{background:var(--card);border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px #0001,0 0 0 1px #0000000a;
@@ -3996,6 +4112,7 @@ h2 small{font-weight:normal;color:var(--muted)} h2 button{margin-left:auto}
 table{border-collapse:collapse;width:100%}
 td,th{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:baseline}
 th{font-size:12px;font-weight:600;color:var(--muted);white-space:nowrap}
+tr.has-detail td{border-bottom:0} tr.detail td{padding-top:0}
 td.num{font-variant-numeric:tabular-nums;white-space:nowrap} td.none{color:var(--muted);font-style:italic}
 td.val{max-width:18em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font:12px ui-monospace,Menlo,Consolas,monospace}
 pre{margin:0;max-height:9em;overflow:auto;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;
@@ -4030,13 +4147,20 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 <span id="updated"></span></header>
 <div id="msg" role="alert"></div>
 <main id="overview">
+<div class="note" id="untaken" hidden></div>
 <div class="cards" id="counts"></div>
+<section><h2>Processes <small id="n-owners"></small></h2><div class="scroll"><table id="owners"></table></div></section>
 <section><h2>Throughput <small>jobs per second, last 5 minutes, from the stored jobs</small></h2>
 <div class="legend" id="rates"></div><svg id="chart" role="img" aria-label="jobs per second"></svg></section>
 <section><h2>Running <small id="n-inprogress"></small></h2><div class="scroll"><table id="inprogress"></table></div></section>
 <div class="grid">
 <section><h2>Pending <small>in the order they may run</small></h2><div class="scroll"><table id="pending"></table></div></section>
 <section><h2>Recently completed</h2><div class="scroll"><table id="completions"></table></div></section>
+</div>
+<div class="grid">
+<section id="schedules-box" hidden><h2>Schedules <small>by when they run next</small></h2>
+<div class="scroll"><table id="schedules"></table></div></section>
+<section id="flow-box" hidden><h2>Pauses and limits</h2><div class="scroll"><table id="flow"></table></div></section>
 </div>
 <section><h2>Failures <small>newest first</small><button id="retry-all">Retry all failed</button></h2>
 <div class="scroll"><table id="failures"></table></div></section>
@@ -4112,8 +4236,9 @@ function button(label, cls, act) {
 const retry = j => button("Retry", "retry", () => post("/api/retry", {ids: [j.id]}));
 const cancel = j => button("Cancel", "cancel", () => post("/api/cancel", {id: j.id}));
 
-// columns: [heading, value(job) -> text or node, class]; the class "wide" is hidden on a phone
-function table(id, jobs, columns, action, empty) {
+// columns: [heading, value(job) -> text or node, class]; the class "wide" is hidden on a phone.
+// detail(job): a node shown in a row of its own under the job's, the whole width of the table.
+function table(id, jobs, columns, action, empty, detail) {
   const t = $(id);
   t.replaceChildren();
   const head = el("tr");
@@ -4130,6 +4255,12 @@ function table(id, jobs, columns, action, empty) {
     }
     if (action) { const td = el("td"); td.appendChild(action(j)); row.appendChild(td); }
     t.appendChild(row);
+    if (detail) {
+      row.className = "has-detail";
+      const td = el("td", undefined, {colspan: columns.length + (action ? 1 : 0)});
+      td.appendChild(detail(j));
+      t.appendChild(el("tr", undefined, {"class": "detail"})).appendChild(td);
+    }
   }
   if (!jobs.length) {
     const td = el("td", empty || "none", {"class": "none", colspan: columns.length + (action ? 1 : 0)});
@@ -4225,17 +4356,50 @@ function pending(s) {
   table("pending", s.pending, [ID, NAME, DATA, ["priority", j => j.priority, "num wide"],
         ["runs", j => runs(j, s.time), "num"]], cancel);
 }
+// the exception's own line, where the eye looks; the traceback in a row under it
 function error(j) {
-  // the exception's own line first, where the eye looks; the traceback under it
-  const box = el("div"), lines = (j.error || "").trim().split(String.fromCharCode(10));
-  box.appendChild(el("div", lines[lines.length - 1], {"class": "err"}));
-  box.appendChild(el("pre", j.error || ""));
+  const lines = (j.error || "").trim().split(String.fromCharCode(10));
+  return el("div", lines[lines.length - 1], {"class": "err"});
+}
+// A list of job names, or "any name".
+function names(list) {
+  const box = el("span", undefined, {"class": "names"});
+  if (list === null) { box.appendChild(el("span", "any name", {"class": "x"})); return box; }
+  list.forEach((n, i) => { if (i) box.append(" "); box.appendChild(el("code", n)); });
   return box;
+}
+function processors(o) {
+  if (o.processors === null) return el("span", "not told (an older blero.py)", {"class": "x"});
+  if (!o.processors.length) return el("span", "none", {"class": "x"});
+  const ul = el("ul", undefined, {"class": "procs"});
+  for (const p of o.processors) {
+    const li = el("li"); li.appendChild(el("code", p.name));
+    li.append(" " + String.fromCharCode(215) + p.concurrency + " ");
+    li.appendChild(el("span", "takes ", {"class": "x"})); li.appendChild(names(p.names));
+    ul.appendChild(li);
+  }
+  return ul;
+}
+function owners(s) {
+  $("n-owners").textContent = s.owners.length ? s.owners.length + " live, running the queue"
+                                              : "no process is running the queue now";
+  const here = o => o.serving ? " (serving this page)" : "";
+  table("owners", s.owners, [["host", o => o.host === null ? "?" : o.host], ["pid", o => o.pid + here(o), "num"],
+        ["processors", processors], ["running", o => o.running, "num"],
+        ["started", o => when(o.started_at), "num wide"], ["last seen", o => when(o.last_seen), "num wide"]],
+        null, "none");
+}
+function untaken(s) {
+  const box = $("untaken"), found = Object.keys(s.untaken).sort();
+  box.hidden = !found.length;
+  box.textContent = "jobs waiting for a processor: " + found.map(n => n + " (" + s.untaken[n] + ")").join(", ");
+  box.title = "no live process takes jobs of these names: a typo in a name, or a worker that is not running";
 }
 function failures(s) {
   $("retry-all").disabled = readOnly() || !s.counts.failed;
   table("failures", s.failures, [ID, NAME, ["tries", j => j.attempt, "num wide"],
-        ["failed", j => when(j.finished_at), "num"], ["error", error]], retry);
+        ["failed", j => when(j.finished_at), "num"], ["error", error]], retry, undefined,
+        j => el("pre", j.error || ""));
 }
 function completions(s) {
   table("completions", s.completions, [ID, NAME, ["result", j => j.result, "val"],
@@ -4244,7 +4408,7 @@ function completions(s) {
 }
 // The overview, one renderer per section.  Schedules, pauses (with their
 // Pause/Resume buttons) and limits add theirs here once the queue stores them.
-const SECTIONS = [header, counts, chart, running, pending, failures, completions];
+const SECTIONS = [header, untaken, counts, owners, chart, running, pending, failures, completions];
 
 function jobs() {
   const q = new URLSearchParams({order: "desc", limit: PAGE});

@@ -5,6 +5,7 @@ multi-process safety with real processes sharing one file.  Nothing waits
 with a bare sleep: every wait is for a condition, with a deadline.
 """
 
+import base64
 import collections
 import contextlib
 import datetime
@@ -4987,6 +4988,22 @@ class SpaceTest(ProcessTest):
 # auto_vacuum): the tests of upgrades run it to make such files.
 V1_COMMIT = "f38829e"
 
+def older_blero(directory, commit):
+    """Make `directory`, holding the blero.py of `commit` (which writes files
+    of an older schema); return it.  Skips the test where git or the commit
+    is missing."""
+    try:
+        source = subprocess.run(["git", "-C", HERE, "show", f"{commit}:blero.py"],
+                                capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        raise unittest.SkipTest(f"needs git and commit {commit}, whose blero.py writes "
+                                f"files of an older schema")
+    os.mkdir(directory)
+    with open(os.path.join(directory, "blero.py"), "wb") as f:
+        f.write(source)
+    return directory
+
+
 # argv: db.  With the v1 blero.py: 3,000 jobs done and swept (the file
 # keeps their space), then 2 done and kept, and 3 left pending.
 V1_CHILD = """
@@ -5034,15 +5051,7 @@ class UpgradeTest(ProcessTest):
         """One file made with the v1 blero.py (V1_CHILD), copied by each test."""
         cls._made = tempfile.TemporaryDirectory(prefix="blero-v1-")
         cls.addClassCleanup(cls._made.cleanup)
-        old = cls._made.name
-        try:
-            source = subprocess.run(["git", "-C", HERE, "show", f"{V1_COMMIT}:blero.py"],
-                                    capture_output=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            raise unittest.SkipTest(f"needs git and commit {V1_COMMIT}, whose blero.py "
-                                    f"writes v1 files")
-        with open(os.path.join(old, "blero.py"), "wb") as f:
-            f.write(source)
+        old = older_blero(os.path.join(cls._made.name, "v1"), V1_COMMIT)
         cls.v1_dir = old
         cls.v1_path = os.path.join(old, "q.db")
         out = subprocess.run([sys.executable, "-c", V1_CHILD, cls.v1_path], cwd=old,
@@ -5092,7 +5101,7 @@ class UpgradeTest(ProcessTest):
         with blero.new(path) as bl:
             self.assertEqual(bl.stats()["pending"], 3000)
             self.assertEqual(bl.get_job(3000).data, b"x" * 200)
-        self.assertEqual(self.layout(path), (2, 2))
+        self.assertEqual(self.layout(path), (blero._SCHEMA_VERSION, 2))
 
     def layout(self, path):
         """(user_version, auto_vacuum) of a file."""
@@ -5104,9 +5113,9 @@ class UpgradeTest(ProcessTest):
             db.close()
 
     def assert_upgraded(self, path, theirs=()):
-        """Schema 2, incremental auto_vacuum, blero's names blero_*; of the
+        """The current schema, incremental auto_vacuum, blero's names blero_*; of the
         old names, only the application's tables `theirs`."""
-        self.assertEqual(self.layout(path), (2, 2))
+        self.assertEqual(self.layout(path), (blero._SCHEMA_VERSION, 2))
         db = sqlite3.connect(path)
         try:
             names = {r[0] for r in db.execute("SELECT name FROM sqlite_master"
@@ -5690,15 +5699,7 @@ class ReadOnlyStorageTest(ProcessTest):
     def test_a_file_of_the_old_layout_is_inspected_where_it_cannot_be_upgraded(self):
         """A backup of a queue an older blero.py wrote (schema 1): it shows
         its jobs as it is, since an upgrade would be a write."""
-        old = os.path.join(self.dir, "v1")
-        os.mkdir(old)
-        try:
-            source = subprocess.run(["git", "-C", HERE, "show", f"{V1_COMMIT}:blero.py"],
-                                    capture_output=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            self.skipTest(f"needs git and commit {V1_COMMIT}, whose blero.py writes v1 files")
-        with open(os.path.join(old, "blero.py"), "wb") as f:
-            f.write(source)
+        old = older_blero(os.path.join(self.dir, "v1"), V1_COMMIT)
         made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
             import sys, blero
             bl = blero.new(sys.argv[1])
@@ -5957,6 +5958,19 @@ class DevTools:
                                    if t["type"] == "page"], timeout=60, message="a page")[0]
         self._session = self.call("Target.attachToTarget", targetId=page["targetId"],
                                   flatten=True)["sessionId"]
+        # A window is at least 500 px wide: a phone's width is emulated.
+        self.width = width
+        self.call("Emulation.setDeviceMetricsOverride", self._session, width=width,
+                  height=height, deviceScaleFactor=1, mobile=width < 600)
+
+    def screenshot(self, path):
+        """The whole page, as PNG, into `path`."""
+        height = self.evaluate("document.documentElement.scrollHeight")
+        shot = self.call("Page.captureScreenshot", self._session, format="png",
+                         captureBeyondViewport=True,
+                         clip={"x": 0, "y": 0, "width": self.width, "height": height, "scale": 1})
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
 
     def call(self, method, session=None, **params):
         """Send one command; return its result (events on the way are dropped)."""
@@ -6078,3 +6092,160 @@ class DashboardInChromiumTest(TempDirTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------------------
+# The live owners and their processors, on the dashboard of any process
+# (issue 12)
+# ---------------------------------------------------------------------------
+
+# argv: target.  A queue with two `send` processors taking "email" jobs and a
+# Mailer taking "news"; an email job with data "hold" runs until stdin ends,
+# and then the queue stops.
+_OWNER_CHILD = """
+import sys, threading, blero
+ended = threading.Event()
+def send(job):
+    if job.data == "hold":
+        ended.wait(60)
+class Mailer:
+    def run(self, job):
+        pass
+bl = blero.new(sys.argv[1])
+bl.register_processor(send, names="email")
+bl.register_processor(send, names=["email"])
+bl.register_processor(Mailer(), names="news")
+bl.start()
+print("ready", flush=True)
+sys.stdin.read()
+ended.set()
+bl.stop()
+"""
+
+
+@both_engines
+class LiveOwnersTest(TempDirTest):
+    """Every process running a queue tells, in the queue, who it is and what
+    its processors take, so that a dashboard served by any process shows it."""
+
+    def get_stats(self, port):
+        code, _, body = http_request(port, "GET", "/api/stats")
+        self.assertEqual(code, 200, body)
+        return json.loads(body)
+
+    def test_a_dashboard_shows_every_live_process_and_its_processors(self):
+        child = start_child(_OWNER_CHILD, self.target(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
+        here = self.queue()
+        here.register_processor(lambda job: None, names="local")
+        server = here.serve_metrics()
+        self.addCleanup(server.close)
+        held = here.enqueue("email", "hold")
+        wait_until(lambda: here.get_job(held).state == "inprogress", message="the child to run it")
+        owners = wait_until(lambda: len(self.get_stats(server.port)["owners"]) == 2
+                            and self.get_stats(server.port)["owners"], message="two owners")
+        theirs, ours = sorted(owners, key=lambda o: o["pid"] != child.pid)
+        self.assertEqual((theirs["pid"], theirs["host"], theirs["serving"], theirs["running"]),
+                         (child.pid, socket.gethostname(), False, 1))
+        self.assertEqual(theirs["processors"], [
+            {"name": "send", "names": ["email"], "concurrency": 2},
+            {"name": "Mailer.run", "names": ["news"], "concurrency": 1}])
+        self.assertLessEqual(theirs["started_at"], theirs["last_seen"])
+        self.assertLessEqual(theirs["last_seen"], time.time() + 1)
+        self.assertEqual((ours["pid"], ours["serving"], ours["running"]), (os.getpid(), True, 0))
+        self.assertEqual(ours["processors"], [{"name": "<lambda>", "names": ["local"],
+                                               "concurrency": 1}])
+        # A processor registered or removed is told at once, not at the next heartbeat.
+        more = here.register_processor(self.get_stats, names=["a", "b"])
+        wait_until(lambda: [p["name"] for o in self.get_stats(server.port)["owners"]
+                            if o["serving"] for p in o["processors"]]
+                   == ["<lambda>", "LiveOwnersTest.get_stats"], message="the new processor")
+        here.unregister_processor(more)
+        # A viewer that runs nothing shows the same, and a process that stops is gone.
+        viewer = blero.new(self.target())
+        elsewhere = viewer.serve_metrics()
+        self.addCleanup(elsewhere.close)
+        self.assertEqual({o["pid"] for o in self.get_stats(elsewhere.port)["owners"]},
+                         {child.pid, os.getpid()})
+        child.stdin.close()
+        self.assertEqual(child.wait(30), 0)
+        wait_until(lambda: [o["pid"] for o in self.get_stats(elsewhere.port)["owners"]]
+                   == [os.getpid()], message="the stopped process to go")
+        self.assertEqual(here.get_job(held).state, "complete")
+
+    def test_jobs_no_live_process_takes_are_shown_by_name(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: None, names="report")
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        for name in ("ad", "ad", "reprot"):
+            bl.enqueue(name, delay=3600)
+        bl.enqueue("report", delay=3600)
+        wait_until(lambda: self.get_stats(server.port)["untaken"] == {"ad": 2, "reprot": 1},
+                   message="the untaken names")
+        bl.register_processor(lambda job: None, names="ad")
+        wait_until(lambda: self.get_stats(server.port)["untaken"] == {"reprot": 1},
+                   message="ad taken now")
+        bl.stop()
+        viewer = blero.new(self.target())   # no process runs the queue: nothing takes any
+        elsewhere = viewer.serve_metrics()
+        self.addCleanup(elsewhere.close)
+        stats = self.get_stats(elsewhere.port)
+        self.assertEqual((stats["owners"], stats["untaken"]),
+                         ([], {"ad": 2, "reprot": 1, "report": 1}))
+
+
+# The last blero.py whose files are of schema 2 (owners tell no host, nor
+# their processors).
+V2_COMMIT = "39c00f9"
+
+
+class OwnersOfAnOlderFileTest(ProcessTest):
+    """A file of schema 2 is upgraded to tell owners' hosts and processors,
+    and is inspected as it is where it cannot be upgraded."""
+
+    read_only_copy = ReadOnlyStorageTest.read_only_copy
+
+    def v2_file(self):
+        old = older_blero(os.path.join(self.dir, "v2"), V2_COMMIT)
+        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import sys, blero
+            bl = blero.new(sys.argv[1]).start()
+            bl.enqueue("ad", "x")
+            bl.stop()
+            """), self.path], cwd=old, env=dict(os.environ, PYTHONPATH=old),
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        db = sqlite3.connect(self.path)
+        try:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchall(), [(2,)])
+        finally:
+            db.close()
+
+    def served_stats(self, path):
+        viewer = blero.new(path)
+        server = viewer.serve_metrics()
+        self.addCleanup(server.close)
+        code, _, body = http_request(server.port, "GET", "/api/stats")
+        self.assertEqual(code, 200, body)
+        return json.loads(body)
+
+    def test_a_file_of_schema_2_is_shown_read_only_and_upgraded_where_it_can_be(self):
+        self.v2_file()
+        stats = self.served_stats(self.read_only_copy(self.path))
+        self.assertEqual((stats["owners"], stats["untaken"]), ([], {"ad": 1}))
+        self.assertTrue(stats["queue"]["read_only"])
+        bl = blero.new(self.path).start()
+        self.addCleanup(bl.stop)
+        bl.register_processor(lambda job: None, names="report")
+        stats = self.served_stats(self.path)
+        self.assertEqual([(o["pid"], o["processors"]) for o in stats["owners"]],
+                         [(os.getpid(), [{"name": "<lambda>", "names": ["report"],
+                                          "concurrency": 1}])])
+        self.assertEqual(stats["untaken"], {"ad": 1})
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchall(),
+                         [(blero._SCHEMA_VERSION,)])
