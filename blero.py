@@ -4141,7 +4141,7 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 @media (max-width:640px){
  header{padding:8px 12px} main{padding:10px;gap:10px} section{padding:10px}
  .cards{gap:6px} .card{padding:5px 7px} .card b{font-size:19px} .card span{font-size:11px;display:block;line-height:1.2}
- .wide{display:none} td.val{max-width:9em} td.num{white-space:normal} #chart{height:160px}}
+ .wide{display:none} td.val{max-width:9em} .procs li{white-space:normal} td.num{white-space:normal} #chart{height:160px}}
 </style></head><body>
 <header><h1><a href="#">blero</a></h1><span id="target"></span><span id="badges"></span>
 <span id="updated"></span></header>
@@ -4160,7 +4160,11 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 <div class="grid">
 <section id="schedules-box" hidden><h2>Schedules <small>by when they run next</small></h2>
 <div class="scroll"><table id="schedules"></table></div></section>
-<section id="flow-box" hidden><h2>Pauses and limits</h2><div class="scroll"><table id="flow"></table></div></section>
+<section id="flow-box" hidden><h2>Pauses and limits <small id="all-paused"></small>
+<button type="button" id="pause-all">Pause everything</button></h2>
+<div class="scroll"><table id="flow"></table></div>
+<form class="filter" id="pause-form"><label>jobs named <input id="p-name" size="14" required></label>
+<button type="submit" id="pause-one">Pause</button></form></section>
 </div>
 <section><h2>Failures <small>newest first</small><button id="retry-all">Retry all failed</button></h2>
 <div class="scroll"><table id="failures"></table></div></section>
@@ -4389,6 +4393,36 @@ function owners(s) {
         ["started", o => when(o.started_at), "num wide"], ["last seen", o => when(o.last_seen), "num wide"]],
         null, "none");
 }
+function schedules(s) {
+  $("schedules-box").hidden = !("schedules" in s);
+  if (!("schedules" in s)) return;
+  const sorted = s.schedules.slice().sort((a, b) => a.next_due - b.next_due);
+  table("schedules", sorted, [["key", j => j.key], NAME,
+        ["runs", j => j.cron !== null ? j.cron + (j.tz ? " (" + j.tz + ")" : "") : "every " + span(j.interval)],
+        ["next", j => runs({run_at: j.next_due}, s.time), "num"],
+        ["last run", j => j.job_id === null ? "none yet" : jobLink(j.job_id), "num wide"]], null, "no schedules");
+}
+// Pauses and limits, by job name; null in s.paused: everything is paused.
+function flow(s) {
+  const shown = "paused" in s || "limits" in s;
+  $("flow-box").hidden = !shown;
+  if (!shown) return;
+  const paused = s.paused || [], limits = s.limits || {}, all = paused.includes(null);
+  const names = [...new Set([...paused.filter(n => n !== null), ...Object.keys(limits)])].sort();
+  const rows = names.map(n => ({id: n, name: n, paused: paused.includes(n), limit: limits[n] || {}}));
+  $("all-paused").textContent = all ? "everything is paused" : "";
+  const whole = $("pause-all");
+  whole.textContent = all ? "Resume everything" : "Pause everything";
+  whole.disabled = readOnly() || !("paused" in s);
+  whole.onclick = () => post(all ? "/api/resume" : "/api/pause", {name: null});
+  $("pause-one").disabled = readOnly() || !("paused" in s);
+  const toggle = r => r.paused ? button("Resume", "retry", () => post("/api/resume", {name: r.name}))
+                               : button("Pause", "cancel", () => post("/api/pause", {name: r.name}));
+  table("flow", rows, [NAME, ["state", r => r.paused ? "paused" : "running"],
+        ["at most at once", r => r.limit.concurrency == null ? "" : r.limit.concurrency, "num"],
+        ["at most started", r => r.limit.rate == null ? "" : r.limit.rate[0] + " per " + span(r.limit.rate[1]), "num"]],
+        "paused" in s ? toggle : null, "no job name is paused or limited");
+}
 function untaken(s) {
   const box = $("untaken"), found = Object.keys(s.untaken).sort();
   box.hidden = !found.length;
@@ -4406,9 +4440,10 @@ function completions(s) {
         ["took", j => j.started_at ? span(j.finished_at - j.started_at) : "", "num wide"],
         ["finished", j => when(j.finished_at), "num"]]);
 }
-// The overview, one renderer per section.  Schedules, pauses (with their
-// Pause/Resume buttons) and limits add theirs here once the queue stores them.
-const SECTIONS = [header, untaken, counts, owners, chart, running, pending, failures, completions];
+// The overview, one renderer per section; a section whose part /api/stats
+// does not give stays hidden.
+const SECTIONS = [header, untaken, counts, owners, chart, running, pending, failures, completions,
+                  schedules, flow];
 
 function jobs() {
   const q = new URLSearchParams({order: "desc", limit: PAGE});
@@ -4485,6 +4520,10 @@ $("f-name").oninput = filter; $("f-state").onchange = filter;
 $("older").onclick = () => { browse.pages.push(browse.rows[browse.rows.length - 1].id); jobs(); };
 $("newer").onclick = () => { browse.pages.pop(); jobs(); };
 $("retry-all").onclick = () => post("/api/retry", {});
+$("pause-form").onsubmit = e => {
+  e.preventDefault(); const name = $("p-name").value.trim();
+  if (name) post("/api/pause", {name: name}).then(() => { $("p-name").value = ""; });
+};
 window.onhashchange = () => { window.scrollTo(0, 0); refresh(); };
 window.onresize = () => { if (last && route() === null) chart(last); };
 refresh();

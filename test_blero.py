@@ -1313,9 +1313,10 @@ def stop_child(proc):
     if proc.poll() is None:
         proc.kill()
     proc.wait(30)
-    for stream in (proc.stdout, proc.stderr):
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
-            stream.close()
+            with contextlib.suppress(OSError):   # (stdin: its last write may be lost)
+                stream.close()
 
 
 def run_cli(*args, timeout=60):
@@ -6249,3 +6250,45 @@ class OwnersOfAnOlderFileTest(ProcessTest):
         self.addCleanup(db.close)
         self.assertEqual(db.execute("PRAGMA user_version").fetchall(),
                          [(blero._SCHEMA_VERSION,)])
+
+
+@unittest.skipUnless(POSIX and find_chromium(), "Chromium is not installed")
+class DashboardOfProcessesInChromiumTest(TempDirTest):
+    """The page, rendered, with another process running the queue; and its
+    look at a desktop's size and at a phone's (screenshots go to
+    $BLERO_SCREENSHOTS when it is set, to be looked at)."""
+
+    def test_the_page_shows_another_processes_processors_at_any_width(self):
+        child = start_child(_OWNER_CHILD, self.target(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
+        with blero.new(self.target()) as producer:
+            held = producer.enqueue("email", "hold")
+            producer.enqueue("ad", "a typo's job")
+        viewer = blero.new(self.target())
+        wait_until(lambda: viewer.get_job(held).state == "inprogress", message="the child to run it")
+        server = viewer.serve_metrics()
+        self.addCleanup(server.close)
+        shots = os.environ.get("BLERO_SCREENSHOTS") or self.dir
+        text = "document.getElementById('{}').innerText"
+        for width, height in ((1280, 900), (390, 844)):
+            with self.subTest(width=width):
+                browser = DevTools(self, server.url, width, height)
+                browser.wait_for(text.format("owners") + f".includes('{child.pid}')",
+                                 "the other process")
+                owners = browser.evaluate(text.format("owners"))
+                self.assertIn(socket.gethostname(), owners)
+                for shown in ("send \u00d72 takes email", "Mailer.run \u00d71 takes news"):
+                    self.assertIn(shown, " ".join(owners.split()))
+                self.assertIn("1 live", browser.evaluate(text.format("n-owners")))
+                self.assertEqual(browser.evaluate(text.format("untaken")),
+                                 "jobs waiting for a processor: ad (1)")
+                self.assertLessEqual(browser.evaluate("document.documentElement.scrollWidth"),
+                                     width, "the page is wider than the screen")
+                box = "document.getElementById('owners').parentNode"
+                self.assertLessEqual(browser.evaluate(box + ".scrollWidth"),
+                                     browser.evaluate(box + ".clientWidth"),
+                                     "the processes do not fit: they scroll sideways")
+                browser.screenshot(os.path.join(shots, f"dashboard-{width}.png"))
+                browser.close()
