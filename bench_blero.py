@@ -480,7 +480,8 @@ def take_child(path: str) -> None:
         sys.stdin.readline()
 
 
-CHILDREN = {"drain": drain_child, "hold": hold_child, "take": take_child}
+CHILDREN = {"drain": drain_child, "hold": hold_child, "take": take_child,
+            "pgdrain": lambda *a: pg_drain_child(*a)}
 
 
 class Workload(NamedTuple):
@@ -492,6 +493,218 @@ class Workload(NamedTuple):
     params: dict            # the run's keyword arguments; `n` is the jobs timed
     sync: str = "normal"
     target: float | None = None     # blero ÷ raw must be at least this
+    engine: str = "sqlite"  # "postgres": the run gets a fresh schema, not a path
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL (--postgres URL): blero beside raw psycopg on the same tables
+# (blero's, in a fresh schema per run) with the same statements: one insert
+# per transaction; claim-one (FOR UPDATE SKIP LOCKED, in the statement that
+# marks the job running) + ack-one per job, each in a transaction of its
+# own, as the raw sqlite3 side does.  blero records a job and claims the next
+# in one transaction.
+# ---------------------------------------------------------------------------
+
+POSTGRES = None     # the URL given with --postgres
+PG_INSERT = INSERT.replace("?", "%s")
+PG_CLAIM = ("UPDATE blero_jobs SET state = 2, owner = %s, attempt = attempt + 1,"
+            " started_at = %s WHERE id = (SELECT id FROM blero_jobs WHERE state = 0"
+            " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED) AND state = 0"
+            " RETURNING id, name, data")
+PG_ACK = ACK.replace("?", "%s")
+
+
+def pg_queue(schema: str, **settings) -> blero.Blero:
+    return blero.Blero(POSTGRES, schema=schema, **settings).start()
+
+
+def pg_sql(sql: str, schema: str) -> str:
+    return sql.replace("blero_jobs", f'"{schema}".blero_jobs')
+
+
+@contextlib.contextmanager
+def pg_connections(schema: str, count: int = 1):
+    """`count` raw psycopg connections, on a schema blero made (so both
+    sides use the same tables and indexes)."""
+    import psycopg
+    pg_queue(schema).stop()
+    conns = [psycopg.connect(POSTGRES, autocommit=True) for _ in range(count)]
+    try:
+        yield conns
+    finally:
+        for c in conns:
+            c.close()
+
+
+def pg_fill(side: str, schema: str, n: int) -> None:
+    batches = [payloads(min(FILL_BATCH, n - i), i) for i in range(0, n, FILL_BATCH)]
+    if side == BLERO:
+        with pg_queue(schema) as bl:
+            for batch in batches:
+                bl.enqueue_many(("job", p) for p in batch)
+        return
+    with pg_connections(schema) as (conn,):
+        for batch in batches:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(pg_sql(PG_INSERT, schema), [raw_row(p) for p in batch])
+
+
+def pg_raw_worker(conn, schema: str, owner: int) -> int:
+    claim, ack = pg_sql(PG_CLAIM, schema), pg_sql(PG_ACK, schema)
+    done = 0
+    while True:
+        with conn.transaction():
+            row = conn.execute(claim, (owner, time.time())).fetchone()
+        if row is None:
+            return done
+        noop(pickle.loads(row[2]))
+        with conn.transaction():
+            conn.execute(ack, (time.time(), row[0]))
+        done += 1
+
+
+def pg_enqueue_one(side: str, schema: str, sync: str, n: int) -> float:
+    """PG W1: n jobs enqueued one at a time from one thread."""
+    data = payloads(n)
+    if side == BLERO:
+        with pg_queue(schema) as bl:
+            start = time.perf_counter()
+            for p in data:
+                bl.enqueue("job", p)
+            return time.perf_counter() - start
+    with pg_connections(schema) as (conn,):
+        sql = pg_sql(PG_INSERT, schema)
+        start = time.perf_counter()
+        for p in data:
+            with conn.transaction():
+                conn.execute(sql, raw_row(p))
+        return time.perf_counter() - start
+
+
+def pg_enqueue_batches(side: str, schema: str, sync: str, n: int, batch: int) -> float:
+    """PG W2: n jobs enqueued `batch` per call (raw: per transaction)."""
+    batches = [payloads(batch, i) for i in range(0, n, batch)]
+    if side == BLERO:
+        with pg_queue(schema) as bl:
+            start = time.perf_counter()
+            for b in batches:
+                bl.enqueue_many([("job", p) for p in b])
+            return time.perf_counter() - start
+    with pg_connections(schema) as (conn,):
+        sql = pg_sql(PG_INSERT, schema)
+        start = time.perf_counter()
+        for b in batches:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(sql, [raw_row(p) for p in b])
+        return time.perf_counter() - start
+
+
+def pg_drain(side: str, schema: str, sync: str, n: int, workers: int) -> float:
+    """PG W3/W4: n pre-filled jobs run to the end by `workers` processors
+    (raw: threads of claim+ack, a connection each)."""
+    pg_fill(side, schema, n)
+    if side == BLERO:
+        with pg_queue(schema) as bl:
+            start = time.perf_counter()
+            for _ in range(workers):
+                bl.register_processor(noop)
+            bl.join()
+            return time.perf_counter() - start
+    with pg_connections(schema, workers) as conns:
+        start = time.perf_counter()
+        in_threads(workers, lambda k: pg_raw_worker(conns[k], schema, k + 1))
+        return time.perf_counter() - start
+
+
+def pg_drain_processes(side: str, schema: str, sync: str, n: int, procs: int) -> float:
+    """PG W7: as W7, on the server: `procs` processes at once."""
+    pg_fill(side, schema, n)
+    with spawned(*[("pgdrain", side, POSTGRES, schema)] * procs) as children:
+        for c in children:
+            expect(c, "ready")
+        start = time.monotonic_ns()
+        for c in children:
+            tell(c, "go")
+        done = [[int(w) for w in expect(c, "done")] for c in children]
+    if sum(count for count, _ in done) != n:
+        raise RuntimeError(f"PG W7: {n} jobs, but the processes ran {[c for c, _ in done]}")
+    return (max(end for _, end in done) - start) / 1e9
+
+
+def pg_drain_child(side: str, url: str, schema: str) -> None:
+    global POSTGRES
+    POSTGRES = url
+    ends = []
+    if side == BLERO:
+        with blero.Blero(url, schema=schema, on_complete=lambda job, result:
+                         ends.append(time.monotonic_ns())) as bl:
+            say("ready")
+            sys.stdin.readline()
+            for _ in range(PER_PROCESS):
+                bl.register_processor(noop)
+            bl.join()
+        count = len(ends)
+    else:
+        import psycopg
+        conns = [psycopg.connect(url, autocommit=True) for _ in range(PER_PROCESS)]
+        say("ready")
+        sys.stdin.readline()
+        counts = []
+
+        def work(k):
+            counts.append(pg_raw_worker(conns[k], schema, os.getpid() * PER_PROCESS + k))
+            ends.append(time.monotonic_ns())
+        in_threads(PER_PROCESS, work)
+        count = sum(counts)
+    say("done", count, max(ends, default=0))
+
+
+def pg_workloads(size: dict) -> list[Workload]:
+    return [
+        Workload("PG W1", "enqueue, 1 thread", pg_enqueue_one, dict(n=size["enqueue"] // 4),
+                 engine="postgres"),
+        Workload("PG W2", f"enqueue_many, batches of {size['batch']:,}", pg_enqueue_batches,
+                 dict(n=size["many"] // 4, batch=size["batch"]), engine="postgres"),
+        Workload("PG W3", "drain, 1 processor", pg_drain,
+                 dict(n=size["drain"] // 4, workers=1), target=1.0, engine="postgres"),
+        Workload("PG W4", f"end to end, {PROCESSORS} processors", pg_drain,
+                 dict(n=size["drain"] // 4, workers=PROCESSORS), target=1.0, engine="postgres"),
+    ] + [
+        Workload(f"PG W7 {k} proc{'s' if k > 1 else ''}",
+                 f"drain, {k} process{'es' if k > 1 else ''} × {PER_PROCESS} processors",
+                 pg_drain_processes, dict(n=size["drain"] // 4, procs=k), engine="postgres")
+        for k in (1, 2, 4)
+    ]
+
+
+def pg_wake_latency(samples: int) -> dict:
+    """An idle queue (its own owner, its own LISTEN) starts a job another
+    enqueues: milliseconds from the enqueue's return to the job's start."""
+    schema = "bench_" + os.urandom(4).hex()
+    started = []
+    try:
+        with pg_queue(schema) as idle, pg_queue(schema) as producer:
+            got = threading.Event()
+            idle.register_processor(lambda job: (started.append(time.perf_counter()), got.set()))
+            idle.enqueue("warm")
+            got.wait(10)
+            waits = []
+            for _ in range(samples):
+                got.clear()
+                time.sleep(0.05)        # idle again (a benchmark: no test here)
+                t = time.perf_counter()
+                producer.enqueue("x")
+                got.wait(10)
+                waits.append((started[-1] - t) * 1000)
+    finally:
+        pg_drop(schema)
+    return {"samples": samples, "median_ms": statistics.median(waits), "max_ms": max(waits)}
+
+
+def pg_drop(schema: str) -> None:
+    import psycopg
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def workloads(size: dict) -> list[Workload]:
@@ -561,11 +774,18 @@ class Progress:
 
 def run_once(w: Workload, side: str) -> dict:
     """One run of one side in a fresh directory: {part: jobs per second}."""
-    tmp = tempfile.mkdtemp(prefix=f"bench-{side}-")
-    try:
-        seconds = w.run(side, os.path.join(tmp, "jobs.db"), w.sync, **w.params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if w.engine == "postgres":
+        schema = f"bench_{side}_{os.urandom(4).hex()}"
+        try:
+            seconds = w.run(side, schema, w.sync, **w.params)
+        finally:
+            pg_drop(schema)
+    else:
+        tmp = tempfile.mkdtemp(prefix=f"bench-{side}-")
+        try:
+            seconds = w.run(side, os.path.join(tmp, "jobs.db"), w.sync, **w.params)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     parts = seconds if isinstance(seconds, dict) else {"": seconds}
     return {part: w.params["n"] / s for part, s in parts.items()}
 
@@ -780,6 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--svg", metavar="FILE", help="also draw the ratios as an SVG bar chart")
     parser.add_argument("--only", metavar="ID", action="append",
                         help="run only workloads whose id starts with ID (repeatable)")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="run the PostgreSQL workloads on this server (a scratch database:"
+                             " each run makes and drops a schema), beside raw psycopg")
     parser.add_argument("--rss-probe", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -791,6 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     size = QUICK if args.quick else FULL
+    if args.postgres:
+        return postgres_main(args, size)
     picked = lambda wid: not args.only or any(wid.startswith(o) for o in args.only)  # noqa: E731
     chosen = [w for w in workloads(size) if picked(w.id)]
     steps = len(chosen) + picked("W8")
@@ -814,6 +1039,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.svg:
         with open(args.svg, "w") as f:
             f.write(svg(report))
+    return 0
+
+
+def postgres_main(args, size: dict) -> int:
+    """--postgres: the PostgreSQL workloads, and how fast NOTIFY wakes an idle queue."""
+    global POSTGRES
+    POSTGRES = args.postgres
+    picked = lambda wid: not args.only or any(wid.startswith(o) for o in args.only)  # noqa: E731
+    chosen = [w for w in pg_workloads(size) if picked(w.id)]
+    progress = Progress()
+    results = [row for i, w in enumerate(chosen, 1)
+               for row in measure(w, size["reps"], progress, f"[{i}/{len(chosen)}]")]
+    wake = pg_wake_latency(20 if args.quick else 100)
+    report = {"machine": machine(), "mode": "quick" if args.quick else "full",
+              "reps": size["reps"], "sizes": size, "results": results, "depth": [],
+              "takeover": None, "memory": None, "wake": wake}
+    report["seconds"] = time.monotonic() - progress.started
+    progress.done()
+    text = table(report).replace("ratio = blero / raw sqlite3", "ratio = blero / raw psycopg")
+    one = next((r for r in results if r["id"] == "PG W7 1 proc"), None)
+    four = next((r for r in results if r["id"] == "PG W7 4 procs"), None)
+    if one and four:
+        text += (f"\n\nPG W7 scaling: 4 processes ÷ 1 process = "
+                 f"{four['blero_jobs_per_s'] / one['blero_jobs_per_s']:.2f} (blero), "
+                 f"{four['raw_jobs_per_s'] / one['raw_jobs_per_s']:.2f} (raw)")
+    text += (f"\nNOTIFY wake-up: an idle queue starts a job another enqueued in "
+             f"{wake['median_ms']:.1f} ms (median), {wake['max_ms']:.1f} ms at most "
+             f"({wake['samples']} samples)")
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return 0
 
 

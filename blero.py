@@ -25,6 +25,7 @@ import atexit
 import collections
 import contextlib
 import datetime
+import functools
 import heapq
 import http.server
 import inspect
@@ -37,6 +38,7 @@ import pickle
 import random
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -48,6 +50,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import zlib
 from typing import Any, Callable, Iterable, NamedTuple
 
 try:
@@ -99,11 +102,11 @@ class _Settings:
     """The keyword settings of `new`, checked once."""
 
     __slots__ = ("sync", "retries", "backoff_base", "backoff_max", "lease",
-                 "keep_complete", "on_complete", "on_failed", "serializer")
+                 "keep_complete", "on_complete", "on_failed", "serializer", "schema")
 
     def __init__(self, sync="normal", retries=3, backoff_base=1.0,
                  backoff_max=300.0, lease=10.0, keep_complete=None,
-                 on_complete=None, on_failed=None, serializer=pickle):
+                 on_complete=None, on_failed=None, serializer=pickle, schema=None):
         if sync not in ("normal", "full"):
             raise ValueError(f"sync must be 'normal' or 'full', not {sync!r}")
         self.sync = sync
@@ -124,6 +127,13 @@ class _Settings:
                 and callable(getattr(serializer, "loads", None))):
             raise TypeError("serializer needs dumps() and loads(), like pickle or json")
         self.serializer = serializer
+        if schema is not None:
+            if not isinstance(schema, str):
+                raise TypeError(f"schema must be a str, not {type(schema).__name__}")
+            if not _PG_IDENTIFIER.match(schema):
+                raise ValueError(f"schema must be a name of letters, digits and _ (not "
+                                 f"starting with a digit, at most 63), not {schema!r}")
+        self.schema = schema
 
 
 # Every number the API takes goes through one of these, at the call: a value
@@ -457,10 +467,12 @@ class _Storage:
         calls raise BleroError ("the queue is stopped")."""
         raise NotImplementedError
 
-    def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
+    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
         """Store new jobs; return their ids, and for each whether it was
         stored: a job whose key is already stored stores nothing and gets
-        that job's id."""
+        that job's id.  With `connection` (the caller's own, on the same
+        database: else ValueError), write them in the caller's open
+        transaction, committing nothing: they exist once the caller commits."""
         raise NotImplementedError
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
@@ -522,6 +534,12 @@ class _Storage:
         """True or False where the engine can tell at once; None where only
         its heartbeats and the lease can."""
         raise NotImplementedError
+
+    def owner_lost(self, owner: int) -> bool:
+        """True once `owner`, held here, lost its liveness without a
+        release_owner (a server's session ended): other processes may take
+        its jobs now, so it must carry on as a new owner."""
+        return False
 
     def heartbeat(self, owner: int, now: float, takes: frozenset | None,
                   processors: tuple[_ProcessorSeen, ...]) -> None:
@@ -755,7 +773,7 @@ _NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READ
 # A claim is made only while its owner is registered: a claim still under
 # way when its queue stopped (and dropped its owner) then claims nothing.
 _CLAIM_RETURNING = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
-                    " started_at = ? WHERE id = ({next})"
+                    " started_at = ? WHERE id = ({next}) AND state = {state}"
                     " AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?) RETURNING " + _JOB_COLUMNS)
 _CLAIM = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
           " started_at = ? WHERE id = ? AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?)")
@@ -778,7 +796,7 @@ _RUNNING_IDS = "SELECT id FROM blero_jobs WHERE state = 2 AND owner = ?"
 # once (the earliest left is due), but a timeout due meanwhile never waits
 # for 200,000 jobs made due at the same moment.
 _PROMOTE = ("UPDATE blero_jobs SET state = 0 WHERE id IN (SELECT id FROM blero_jobs"
-            " WHERE state = 1 AND run_at <= ? ORDER BY run_at LIMIT 1000)")
+            " WHERE state = 1 AND run_at <= ? ORDER BY run_at LIMIT 1000) AND state = 1")
 _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
 _SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
@@ -787,7 +805,7 @@ _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
-          " WHERE state = 4 AND (? IS NULL OR id = ?)")
+          " WHERE state = 4 AND (CAST(? AS BIGINT) IS NULL OR id = ?)")
 # Sweeping goes a slice at a time, in finish order: it finds a few hundred
 # rows with the read connection, then deletes them in one write transaction,
 # so a big sweep never holds either connection for more than a few ms.
@@ -807,7 +825,7 @@ _INFO_COLUMNS = ", ".join(_Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
-         " AND (? IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
+         " AND (CAST(? AS TEXT) IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
 # Ready (and suspect) jobs may run now, in claim order; delayed ones at run_at.
 _PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -1 AND 1"
                          " ORDER BY CASE state WHEN 1 THEN run_at ELSE 0 END, priority DESC, id"
@@ -821,10 +839,10 @@ _FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, state, count(*)
 # two separate looks would otherwise be seen in neither.
 _OUTSTANDING = (
     "WITH runs AS (SELECT job_id FROM blero_schedules WHERE job_id IS NOT NULL) SELECT"
-    " EXISTS (SELECT 1 FROM blero_jobs WHERE state = 0 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -1 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 1 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN runs)")
+    " EXISTS (SELECT 1 FROM blero_jobs WHERE state = 0 AND id NOT IN (SELECT job_id FROM runs))"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -1 AND id NOT IN (SELECT job_id FROM runs))"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 1 AND id NOT IN (SELECT job_id FROM runs))"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN (SELECT job_id FROM runs))")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
 _HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes, host, processors)"
@@ -834,14 +852,16 @@ _HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, take
 _DROP_OWNER = "DELETE FROM blero_owners WHERE id = ?"
 _OWNER_PIDS = "SELECT id, pid FROM blero_owners"
 _OWNERS = ("SELECT id, heartbeat_at, takes, host, pid, started_at, processors FROM blero_owners"
-           " UNION ALL SELECT DISTINCT owner, NULL, NULL, NULL, NULL, NULL, NULL FROM blero_jobs"
-           " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)")
+           " UNION ALL SELECT owner, NULL, NULL, NULL, NULL, NULL, NULL FROM"
+           " (SELECT DISTINCT owner FROM blero_jobs"
+           " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)) AS unregistered")
 _RUNNING_BY_OWNER = "SELECT owner, count(*) FROM blero_jobs WHERE state = 2 GROUP BY owner"
 _UPSERT_SCHEDULE = (
     "INSERT INTO blero_schedules (key, name, data, interval, next_due, priority, retries, timeout)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
     " name = excluded.name, data = excluded.data, interval = excluded.interval,"
-    " next_due = min(next_due, next_due - interval + excluded.interval),"
+    " next_due = min(blero_schedules.next_due,"
+    " blero_schedules.next_due - blero_schedules.interval + excluded.interval),"
     " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout")
 _DROP_SCHEDULE = "DELETE FROM blero_schedules WHERE key = ?"
 # Schedules whose next run is due and whose previous run is over.
@@ -1139,6 +1159,9 @@ class _SQLiteStorage(_Storage):
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
+
+    _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
+    _no_limit = -1      # LIMIT's "none"
 
     # -- opening and closing ------------------------------------------------
 
@@ -1692,8 +1715,37 @@ class _SQLiteStorage(_Storage):
 
     # -- enqueueing ------------------------------------------------------------
 
-    def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
-        return self._write(self._insert, rows)
+    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+        if connection is None:
+            return self._write(self._insert, rows)
+        self.same_database(connection)
+        if not connection.in_transaction:   # (sqlite3 begins one only before its own DML)
+            connection.execute("BEGIN")
+        # A savepoint: enqueue_many is all or nothing, inside the caller's transaction.
+        connection.execute("SAVEPOINT blero_enqueue")
+        try:
+            found = self._insert(connection, rows)
+        except BaseException:
+            connection.execute("ROLLBACK TO blero_enqueue")
+            raise
+        finally:
+            connection.execute("RELEASE blero_enqueue")
+        return found
+
+    def same_database(self, connection) -> None:
+        """Raise ValueError unless `connection` (sqlite3's) is open on this queue's file."""
+        if not isinstance(connection, sqlite3.Connection):
+            raise ValueError(f"connection must be an sqlite3 connection to {self.path}, "
+                             f"not {type(connection).__name__}")
+        try:
+            files = [row[2] for row in connection.execute("PRAGMA database_list")
+                     if row[1] == "main"]
+            st = os.stat(files[0]) if files and files[0] else None
+        except (sqlite3.Error, OSError) as exc:
+            raise ValueError(f"connection must be open on {self.path}: {exc}") from exc
+        if st is None or (st.st_dev, st.st_ino) != self._identity:
+            raise ValueError(f"connection is open on {files[0] if files and files[0] else 'another database'!r}, "
+                             f"not on the queue file {self.path}")
 
     @staticmethod
     def _insert(db, rows):
@@ -1756,8 +1808,10 @@ class _SQLiteStorage(_Storage):
         sql = self._claim_sql.get((n, suspect))
         if sql is None:
             cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
-            select = _NEXT_READY.format(state=_SUSPECT if suspect else _READY, names=cond)
-            sql = self._claim_sql[n, suspect] = (select, _CLAIM_RETURNING.format(next=select))
+            state = _SUSPECT if suspect else _READY
+            select = _NEXT_READY.format(state=state, names=cond)
+            claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state)
+            sql = self._claim_sql[n, suspect] = (select, claim)
         return sql
 
     def suspect_names(self) -> frozenset:
@@ -1961,7 +2015,7 @@ class _SQLiteStorage(_Storage):
                            beyond="<" if newest_first else ">")
         if beyond is None:
             beyond = _INT_MAX if newest_first else 0
-        params = (lo, hi, name, name, beyond, -1 if limit is None else limit)
+        params = (lo, hi, name, name, beyond, self._no_limit if limit is None else limit)
         return self._read(lambda db: list(map(_Stored._make, db.execute(sql, params))))
 
     def pending_in_run_order(self, limit: int) -> list[_Stored]:
@@ -1984,6 +2038,607 @@ class _SQLiteStorage(_Storage):
 
     def pending_by_name(self) -> dict[str, int]:
         return dict(self._read(lambda db: db.execute(_PENDING_BY_NAME).fetchall()))
+
+
+# -- The PostgreSQL engine: one server that any number of hosts share ---------
+#
+# The same tables and the same statements as the file, in a schema of their
+# own (`schema=`, default "blero"): `_pg_sql` turns each statement above into
+# PostgreSQL's dialect once, so the two engines can never drift, and the
+# SQLite engine's methods that only run statements are this engine's too
+# (`_PG_SHARED`, below the class).  What is PostgreSQL's own lives here:
+# connections, liveness by advisory locks, LISTEN/NOTIFY, claims that skip
+# rows another transaction has locked.
+
+_PG_SCHEMA_VERSION = 2       # blero_meta.version this blero.py writes and reads
+_PG_POOL = 4                 # connections for reads and writes, besides the owner's own
+_PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
+_PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
+_PG_POOL_WAIT = 30.0         # seconds a call waits for a free connection
+_PG_POLL = 0.5               # seconds between looks for other processes' commits, without LISTEN
+_PG_SCHEMES = ("postgresql://", "postgres://")
+_PG_BACKOFF_MAX = 5.0        # seconds between reconnections, at most
+_PG_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
+
+# blero's tables, from the file's: the same columns, in PostgreSQL's types
+# (ids never reused: an identity column never hands a value out twice).
+_PG_TYPES = (("INTEGER PRIMARY KEY", "BIGINT PRIMARY KEY"), ("INTEGER", "BIGINT"),
+             ("REAL", "DOUBLE PRECISION"), ("BLOB", "BYTEA"))
+_PG_META = "CREATE TABLE blero_meta (version INTEGER NOT NULL)"
+_PG_TABLES = _TABLES | {"blero_meta"}
+# Another schema's tables are not ours: nothing is created beside them.
+_PG_SCHEMA_TABLES = ("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                     " WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')")
+_PG_VERSION = "SELECT max(version) FROM blero_meta"
+_PG_SET_VERSION = "UPDATE blero_meta SET version = ?"
+# _PG_UPGRADES[n - 1]: the statements (the file's, in PostgreSQL's dialect)
+# that take a schema from version n to n + 1.  Each only adds what an older
+# blero.py still running on the schema does not read, so it needs no wait.
+_PG_UPGRADES: tuple[tuple[str, ...], ...] = (
+    _OWNERS_PRESENCE,                  # 1 -> 2: each owner's host and processors
+)
+# One statement: tries the owner's lock, and gives it back at once if it got it.
+_PG_OWNER_ALIVE = ("SELECT CASE WHEN pg_try_advisory_lock(%s) THEN NOT pg_advisory_unlock(%s)"
+                   " ELSE true END")
+# What tells two connections are on one database of one server.
+_PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_port()"
+# A key in enqueue_many goes in once: a second one (or one another
+# transaction is inserting) finds the first.
+_PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
+# Statements whose changes other processes act on at once: they NOTIFY.
+_PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM))
+
+
+def _is_server(target) -> bool:
+    """Whether `target` names a PostgreSQL server rather than a file."""
+    return isinstance(target, str) and target.startswith(_PG_SCHEMES)
+
+
+def _masked(url: str) -> str:
+    """`url` as messages show it: without its password."""
+    url = re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
+
+
+def _psycopg():
+    """psycopg 3, imported on first use: blero itself needs only the standard library."""
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise BleroError('the PostgreSQL engine needs psycopg 3: pip install "psycopg[binary]"'
+                         ) from exc
+    return psycopg
+
+
+@functools.lru_cache(maxsize=None)
+def _pg_sql(sql: str, schema: str) -> str:
+    """An SQLite statement of this section as PostgreSQL reads it: %s
+    placeholders, blero's tables in `schema` (quoted), `interval` (a word
+    PostgreSQL reserves) quoted, two-argument min() as LEAST, and CAST to
+    INTEGER as floor (PostgreSQL's rounds); an INSERT of a job returns its id."""
+    out = sql.replace("%", "%%").replace("?", "%s")
+    out = re.sub(r"\bblero_(jobs|owners|schedules|meta)\b", lambda m: f"{schema}.{m.group(0)}", out)
+    out = re.sub(r"\binterval\b", '"interval"', out)
+    out = re.sub(r"\bmin\((?=[^()]*,)", "LEAST(", out)
+    out = re.sub(r"CAST\(([^()]*) AS INTEGER\)", r"floor(\1)", out)
+    if sql in (_INSERT, _PG_INSERT_KEYED):
+        out += " RETURNING id"
+    return out
+
+
+def _bytes(blob):
+    """A serialized value as BYTEA takes it (json's dumps gives a str)."""
+    return blob.encode() if isinstance(blob, str) else blob
+
+
+class _Inserted:
+    """What executing `_INSERT` gives on PostgreSQL, read as sqlite3's cursor is."""
+
+    __slots__ = ("lastrowid", "rowcount")
+
+    def __init__(self, cursor):
+        found = cursor.fetchall()
+        self.lastrowid = found[0][0] if found else None
+        self.rowcount = len(found)
+
+
+class _PGSession:
+    """One transaction (or, for reads, autocommitted statements) on one
+    PostgreSQL connection, with sqlite3's `execute`/`executemany`, so that
+    the SQLite engine's write and read functions run on it unchanged: each
+    statement goes through `_pg_sql`, and serialized values become bytes.
+    It notes whether anything changed that other processes act on at once
+    (new work, a cancel, a hand-back), to NOTIFY them in the same transaction."""
+
+    __slots__ = ("conn", "schema", "wakes", "began")
+
+    def __init__(self, conn, schema: str):
+        self.conn = conn
+        self.schema = schema
+        self.wakes = False
+        self.began = False      # a statement was sent: retrying on another connection is not safe
+
+    def execute(self, sql: str, params=()):
+        params = self._params(sql, params)
+        self.began = True
+        cursor = self.conn.execute(_pg_sql(sql, self.schema), params)
+        if sql in _PG_WAKES:
+            self._note(sql, params, cursor.rowcount)
+            if sql in (_INSERT, _PG_INSERT_KEYED):
+                return _Inserted(cursor)
+        return cursor
+
+    def executemany(self, sql: str, seq):
+        seq = [self._params(sql, p) for p in seq]
+        self.began = True
+        cursor = self.conn.cursor()
+        cursor.executemany(_pg_sql(sql, self.schema), seq)
+        if sql in _PG_WAKES and seq:
+            self._note(sql, seq[0], cursor.rowcount)
+        return cursor
+
+    @staticmethod
+    def _params(sql, params):
+        if sql is _FINISH:
+            return params._replace(result=_bytes(params.result))
+        if sql is _UPSERT_SCHEDULE:
+            return params._replace(data=_bytes(params.data))
+        if sql in (_INSERT, _PG_INSERT_KEYED):
+            return params._replace(data=_bytes(params.data))
+        return params
+
+    def _note(self, sql, params, rowcount):
+        # A finished try concerns others only when it made the job ready
+        # (or delayed) again: a completed one is seen by their waits' polls.
+        if rowcount and (sql is not _FINISH or params[0] < _RUNNING):
+            self.wakes = True
+
+
+class _PostgresStorage(_Storage):
+    """The queue on a PostgreSQL server: blero's tables in one schema, shared
+    by every process (on any host) that opens the same URL and schema.
+
+    Connections: at most `_PG_POOL` (4) for reads and writes, opened as
+    needed and kept, plus, while the queue runs, one of the owner's own that
+    holds its advisory lock and LISTENs: at most 5 per started Blero.  Each
+    has TCP keepalives (from `lease`), a connect timeout and a statement
+    timeout, so that a lost server is an error, never a hang.
+
+    The locking rules, all of them:
+    - `_slots` (a semaphore) bounds the connections in use; a call waits on
+      it for at most `_PG_POOL_WAIT` seconds.  `_mutex` guards `_idle` (the
+      connections not in use) and `_closed`, held for a list operation only;
+      every I/O runs on a connection taken out of `_idle`, owned by one
+      thread until it is put back.
+    - The owner's connection belongs to its listener thread alone once
+      started (`_listen`); other threads talk to it through `_wake_w` and
+      flags (`_changed`, `_lost`), which are plain attributes set in one
+      assignment.  `_owner_lock` guards holding and releasing owners.
+    - `_claims` guards `_claiming`; a release waits on it (see below),
+      holding no other lock and no connection.
+    Nothing is ever waited for while `_mutex` is held.
+    """
+
+    read_only = None
+    _returning = True
+    _skip_locked = " FOR UPDATE SKIP LOCKED"
+    _no_limit = None
+
+    def __init__(self, url: str, schema: str = "blero", lease: float = 10.0):
+        self.url = self.real = url
+        self.path = _masked(url)
+        self.schema = schema
+        self._schema_sql = '"' + schema + '"'
+        self._channel = '"' + ("blero_" + schema)[:63] + '"'
+        self._token = secrets.token_hex(8)   # our own NOTIFYs' payload: not news to us
+        self._lease = lease
+        self._slots = threading.BoundedSemaphore(_PG_POOL)
+        self._mutex = threading.Lock()
+        self._idle: list = []
+        self._closed = False
+        self._owner_lock = threading.Lock()
+        self._owner = None                  # the owner held, with its listener below
+        self._listener: threading.Thread | None = None
+        self._wake_r = self._wake_w = None
+        self._listening = False
+        self._changed = False
+        self._lost = None                   # the owner whose session ended unasked
+        self._next_poll = 0.0
+        self._retry_at = 0.0                # no reconnection before (monotonic)
+        self._backoff = 0.0
+        self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
+        self._claims = threading.Condition()    # guards _claiming
+        self._claiming: dict[int, int] = {}     # owner -> its finish_and_claim calls under way
+
+    # -- connections ---------------------------------------------------------------
+
+    def _connect(self):
+        psycopg = _psycopg()
+        lease = self._lease
+        idle, interval = max(1, round(lease / 2)), max(1, round(lease / 6))
+        extra = {}
+        try:
+            if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.url):
+                extra["application_name"] = f"blero[{os.getpid()}]"
+            conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=_PG_CONNECT_TIMEOUT,
+                keepalives=1, keepalives_idle=idle, keepalives_interval=interval,
+                keepalives_count=3, tcp_user_timeout=int(2000 * lease), **extra)
+        except psycopg.Error as exc:
+            raise BleroError(f"{self.path}: cannot connect to the server: "
+                             f"{str(exc).strip()}") from exc
+        try:
+            # The server's side of the keepalives: the session of a host
+            # that vanished ends, and its owner's lock with it.
+            conn.execute(f"SET statement_timeout = {_PG_STATEMENT_TIMEOUT * 1000};"
+                         f" SET tcp_keepalives_idle = {idle};"
+                         f" SET tcp_keepalives_interval = {interval};"
+                         f" SET tcp_keepalives_count = 3;"
+                         f" SET tcp_user_timeout = {int(2000 * lease)}")
+        except psycopg.Error as exc:
+            conn.close()
+            raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+        return conn
+
+    def _take(self):
+        if not self._slots.acquire(timeout=_PG_POOL_WAIT):
+            raise BleroError(f"{self.path}: all {_PG_POOL} connections stayed busy for "
+                             f"{_PG_POOL_WAIT:.0f} s")
+        try:
+            with self._mutex:
+                if self._closed:
+                    raise BleroError(f"{self.path}: the queue is stopped")
+                conn = self._idle.pop() if self._idle else None
+            return conn if conn is not None else self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _put(self, conn) -> None:
+        try:
+            if conn is not None and not conn.closed and not conn.broken:
+                with self._mutex:
+                    if not self._closed:
+                        self._idle.append(conn)
+                        return
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        finally:
+            self._slots.release()
+
+    def _run(self, write: bool, fn, args):
+        """Run `fn(session, *args)` on a pooled connection: in one
+        transaction (NOTIFYing others if it changed what they act on) when
+        `write`.  A connection found broken before anything was sent on it
+        (the server restarted since it was used) is replaced, once."""
+        psycopg = _psycopg()
+        for again in (True, False):
+            conn = self._take()
+            session = _PGSession(conn, self._schema_sql)
+            try:
+                if not write:
+                    return fn(session, *args)
+                with conn.transaction():
+                    result = fn(session, *args)
+                    if session.wakes:
+                        conn.execute(f"NOTIFY {self._channel}, '{self._token}'")
+                return result
+            except psycopg.Error as exc:
+                broken = conn.broken or conn.closed
+                if broken:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                if again and broken and (not session.began or not write):
+                    continue
+                raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+            finally:
+                self._put(conn)
+
+    def _write(self, fn, *args):
+        return self._run(True, fn, args)
+
+    def _read(self, fn, *args):
+        return self._run(False, fn, args)
+
+    # -- opening and closing ---------------------------------------------------------
+
+    def open(self, create: bool, check: bool = False) -> None:
+        psycopg = _psycopg()
+        with self._mutex:
+            self._closed = False
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                if create:      # processes starting together: one creates, the others wait
+                    self._lock_schema(conn)
+                self._check_or_create(conn, create)
+        except psycopg.Error as exc:
+            conn.close()
+            raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        with self._mutex:
+            self._idle.append(conn)
+
+    def _lock_schema(self, conn) -> None:
+        """Hold, until the transaction ends, the lock that creating or
+        upgrading the schema takes."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
+                     (zlib.crc32(self.schema.encode()) - (1 << 31),))
+
+    def _check_or_create(self, conn, create: bool) -> None:
+        where = f"{self.path}, schema {self.schema!r}"
+        tables = {r[0] for r in conn.execute(_PG_SCHEMA_TABLES, (self.schema,))}
+        foreign = tables - _PG_TABLES
+        if foreign:
+            raise BleroError(f"{where}: holds tables that are not blero's "
+                             f"({', '.join(sorted(foreign)[:5])}): give the queue a schema "
+                             f"of its own (the schema setting)")
+        if not tables:
+            if not create:
+                raise BleroError(f"{where}: no queue there")
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_sql}")
+            for statement in (_SCHEMA + ";" + _PG_META).split(";"):
+                if statement.strip():
+                    for sqlite_type, pg_type in _PG_TYPES:
+                        statement = re.sub(rf"\b{sqlite_type}\b", pg_type, statement)
+                    statement = statement.replace(
+                        "id           BIGINT PRIMARY KEY,\n    state",
+                        "id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,\n"
+                        "    state")
+                    conn.execute(_pg_sql(statement, self._schema_sql))
+            conn.execute(_pg_sql("INSERT INTO blero_meta VALUES (?)", self._schema_sql),
+                         (_PG_SCHEMA_VERSION,))
+            return
+        if "blero_meta" not in tables or not _TABLES <= tables:
+            raise BleroError(f"{where}: a blero queue with tables missing (damaged)")
+        version = conn.execute(_pg_sql(_PG_VERSION, self._schema_sql)).fetchall()[0][0]
+        if version is None or version > _PG_SCHEMA_VERSION:
+            raise BleroError(f"{where}: written by a newer blero (schema {version}; this "
+                             f"blero.py knows up to {_PG_SCHEMA_VERSION})")
+        if version < _PG_SCHEMA_VERSION:
+            # Inspecting upgrades too (as it does a file that can be
+            # written): one process at a time, the others then find it done.
+            self._lock_schema(conn)
+            version = conn.execute(_pg_sql(_PG_VERSION, self._schema_sql)).fetchall()[0][0]
+            for step in _PG_UPGRADES[version - 1:]:
+                for statement in step:
+                    conn.execute(_pg_sql(statement, self._schema_sql))
+            conn.execute(_pg_sql(_PG_SET_VERSION, self._schema_sql), (_PG_SCHEMA_VERSION,))
+
+    def close(self) -> None:
+        self._stop_listener()
+        with self._mutex:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # -- enqueueing ----------------------------------------------------------------
+
+    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+        if connection is None:
+            return self._write(self._insert, rows)
+        self.same_database(connection)
+        psycopg = _psycopg()
+        try:
+            with connection.transaction():      # a savepoint in the caller's transaction
+                session = _PGSession(connection, self._schema_sql)
+                found = self._insert(session, rows)
+                connection.execute(f"NOTIFY {self._channel}, 'x'")   # news to us too
+        except psycopg.Error as exc:
+            raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+        return found
+
+    @staticmethod
+    def _insert(db, rows):
+        ids, stored = [], []
+        keyless = [r for r in rows if r.key is None]
+        if len(keyless) == len(rows) > 1:      # one round trip for the lot
+            cursor = db.conn.cursor()
+            cursor.executemany(_pg_sql(_INSERT, db.schema),
+                               [r._replace(data=_bytes(r.data)) for r in rows], returning=True)
+            while True:
+                ids.append(cursor.fetchone()[0])
+                if not cursor.nextset():
+                    break
+            db.wakes = True
+            return ids, [True] * len(ids)
+        for row in rows:
+            # A key stored already is found first: an insert that conflicts
+            # would use up an id (ids stay dense, as on SQLite).
+            found = [] if row.key is None else db.execute(_FIND_KEY, (row.key,)).fetchall()
+            new = None if found else db.execute(
+                _INSERT if row.key is None else _PG_INSERT_KEYED, row).lastrowid
+            if new is None and not found:   # inserted meanwhile by another transaction
+                found = db.execute(_FIND_KEY, (row.key,)).fetchall()
+            stored.append(new is not None)
+            ids.append(new if new is not None else found[0][0])
+        return ids, stored
+
+    def same_database(self, connection) -> None:
+        """Raise ValueError unless `connection` (psycopg's) is on this queue's database."""
+        psycopg = _psycopg()
+        if not isinstance(connection, psycopg.Connection):
+            raise ValueError(f"connection must be a psycopg connection to {self.path}, "
+                             f"not {type(connection).__name__}")
+        try:
+            theirs = connection.execute(_PG_WHERE).fetchall()[0]
+        except psycopg.Error as exc:
+            raise BleroError(f"{self.path}: cannot use the connection given: "
+                             f"{str(exc).strip()}") from exc
+        ours = self._read(lambda db: db.conn.execute(_PG_WHERE).fetchall()[0])
+        if theirs != ours:
+            raise ValueError(f"connection is to database {theirs[0]!r} of another server "
+                             f"or another database, not the queue's ({self.path})"
+                             if theirs[0] == ours[0] else
+                             f"connection is to database {theirs[0]!r}, not the queue's "
+                             f"{ours[0]!r} ({self.path})")
+
+    # -- claims, and a release that sees them all -----------------------------------
+    #
+    # Transactions here run side by side, unlike the file's: a release must
+    # not miss a claim still under way (it would stay running, its owner
+    # gone).  So a release that drops its owner commits that first (no claim
+    # begun after it can succeed), waits for this owner's claims under way
+    # (only this process makes them), and then hands back what it holds.
+
+    def finish_and_claim(self, finish: _Finish | None, owner: int,
+                         names: frozenset | None, claim: bool, suspect: bool = False
+                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+        with self._claims:
+            self._claiming[owner] = self._claiming.get(owner, 0) + 1
+        try:
+            return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
+        finally:
+            with self._claims:
+                self._claiming[owner] -= 1
+                if not self._claiming[owner]:
+                    del self._claiming[owner]
+                    self._claims.notify_all()
+
+    def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
+                started: set[tuple[int, int]] | None = None,
+                unclaimed: int = _READY) -> tuple[list[_Claim], int]:
+        if drop_owner:
+            self._write(lambda db: db.execute(_DROP_OWNER, (owner,)))
+            with self._claims:
+                while owner in self._claiming:
+                    self._claims.wait()
+        return self._write(self._release, owner, outcome, False, started, unclaimed)
+
+    # -- owners: an advisory lock per owner, held by a session of its own ------------
+
+    def hold_owner(self, owner: int) -> None:
+        psycopg = _psycopg()
+        with self._owner_lock:
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise BleroError(f"{self.path}: cannot reach the server; trying again "
+                                 f"in {self._retry_at - now:.1f} s")
+            try:
+                conn = self._connect()
+            except BleroError:
+                self._backoff = min(_PG_BACKOFF_MAX, max(0.1, 2 * self._backoff))
+                self._retry_at = time.monotonic() + self._backoff
+                raise
+            self._backoff = 0.0
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)", (owner,))
+            except psycopg.Error as exc:
+                conn.close()
+                raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+            try:
+                conn.execute(f"LISTEN {self._channel}")
+                self._listening = True
+            except psycopg.Error as exc:   # a pooler in transaction mode, say: poll
+                log.warning("%s: LISTEN failed (%s): looking for other processes' work "
+                            "every %.1f s instead", self.path, str(exc).strip(), _PG_POLL)
+                self._listening = False
+            self._stop_listener()
+            self._owner, self._lost = owner, None
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._listener = threading.Thread(target=self._listen, name="blero-listener",
+                                              args=(conn, owner, self._wake_r), daemon=True)
+            self._listener.start()
+
+    def _listen(self, conn, owner: int, wake) -> None:
+        """The owner's connection, on a thread of its own: notifications in,
+        and the first to know when the session ends."""
+        pg = conn.pgconn
+        try:
+            while True:
+                ready = select.select([conn.fileno(), wake], [], [])[0]
+                if wake in ready:
+                    return
+                pg.consume_input()
+                while True:
+                    note = pg.notifies()
+                    if note is None:
+                        break
+                    if note.extra.decode() != self._token:
+                        self._changed = True
+                if pg.status != 0:      # CONNECTION_OK
+                    raise BleroError("the connection is lost")
+        except Exception as exc:
+            self._lost = owner
+            self._changed = True
+            log.warning("%s: lost the owner's session (%s): running jobs are cancelled; "
+                        "reconnecting", self.path, str(exc).strip() or type(exc).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+            wake.close()
+
+    def _stop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        listener.join()
+        self._wake_w.close()
+
+    def release_owner(self, owner: int) -> None:
+        with self._owner_lock:
+            if self._owner == owner:
+                self._stop_listener()
+                self._owner = None
+
+    def owner_alive(self, owner: int) -> bool | None:
+        if owner == self._owner and self._lost != owner:
+            return True
+        return self._read(lambda db: db.conn.execute(_PG_OWNER_ALIVE, (owner, owner))
+                          .fetchall()[0][0])
+
+    def owner_lost(self, owner: int) -> bool:
+        return self._lost == owner
+
+    def changed_elsewhere(self) -> bool:
+        if not self._listening:
+            now = time.monotonic()
+            if now >= self._next_poll:
+                self._next_poll = now + _PG_POLL
+                return True
+        changed, self._changed = self._changed, False
+        return changed
+
+    # -- what PostgreSQL does itself -------------------------------------------------
+
+    def sweep_slice(self, before: float, states: tuple[int, ...],
+                    after: tuple[float, int]) -> tuple[int, tuple[float, int] | None]:
+        in_states = ", ".join(str(s) for s in states)
+        params = (before, after[0], after[0], after[1], _SWEEP_SLICE)
+        found = self._read(lambda db: db.execute(
+            _SWEEPABLE.format(states=in_states), params).fetchall())
+        if not found:
+            return 0, None
+        sql = _SWEEP.format(states=in_states)     # (ids are never reused: no tombstone)
+        gone = self._write(lambda db: db.executemany(
+            sql, [(i, _INT_MAX, before) for i, _, _ in found]).rowcount)
+        last_id, _, last_finished = found[-1]
+        return gone, (None if len(found) < _SWEEP_SLICE else (last_finished, last_id))
+
+    def give_back_slice(self) -> bool:
+        return False        # autovacuum's work
+
+    def compact(self) -> None:
+        pass
+
+
+# The SQLite engine's methods that only run its statements, the same here.
+_PG_SHARED = ("_finish_and_claim", "suspect_names", "unclaim",
+              "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
+              "owners", "running_by_owner", "cancel", "_cancel", "retry_failed", "upsert_schedule",
+              "drop_schedule", "run_schedules", "_run_schedules", "get", "outcome",
+              "pending_in_run_order", "counts", "finished_since", "outstanding",
+              "pending_by_name", "_claim_statements", "list")
+for _name in _PG_SHARED:
+    setattr(_PostgresStorage, _name, _SQLiteStorage.__dict__[_name])
+del _name
 
 
 # ---------------------------------------------------------------------------
@@ -2036,7 +2691,7 @@ class _Throttle:
         BleroError), unless the same cause was logged less than a second ago."""
         # The cause, not the message: a message may carry a changing detail
         # (the bytes still free, say).
-        cause = exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error) else exc
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
         key = f"{type(cause).__name__}: {cause}"
         now = time.monotonic()
         with self._lock:
@@ -2565,9 +3220,10 @@ class _Dispatcher:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def enqueue(self, rows: list[_NewJob]) -> list[int]:
-        """Store new jobs and wake the workers that can take them."""
-        ids, stored = self.storage.insert(rows)
+    def enqueue(self, rows: list[_NewJob], connection=None) -> list[int]:
+        """Store new jobs and wake the workers that can take them (those
+        written with the caller's `connection` are seen once committed)."""
+        ids, stored = self.storage.insert(rows, connection)
         rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
@@ -2781,8 +3437,8 @@ class _Dispatcher:
                     self._tick.wait(wake - now)
                     if self._clock_stop:
                         return
-            for duty in (self._expire, self._promote, self._run_schedules, self._poll,
-                         self._reap, self._beat, self._sweep):
+            for duty in (self._expire, self._carry_on, self._promote, self._run_schedules,
+                         self._poll, self._reap, self._beat, self._sweep):
                 try:
                     duty()
                 except Exception as exc:
@@ -2861,6 +3517,28 @@ class _Dispatcher:
         retries = self.settings.retries if sched.retries is None else sched.retries
         return _NewJob(_READY, sched.priority, now, sched.name, sched.data, 1 + retries,
                        sched.timeout, None, now)
+
+    def _carry_on(self) -> None:
+        """When storage lost this owner's liveness (a server's session ended:
+        other processes may be taking its jobs now), cancel the running tries
+        (their late results are ignored: the claims are no longer theirs)
+        and carry on as a new owner, once storage can hold one again (it
+        raises meanwhile, backing off between tries)."""
+        old = self.owner
+        if not self.storage.owner_lost(old):
+            return
+        with self._lock:
+            running = [w.job for w in self._workers if w.job is not None]
+        for job in running:
+            job._cancel()
+        new = _new_owner_id()
+        self.storage.hold_owner(new)
+        with self._beat_lock:
+            self.owner = new
+            self.storage.heartbeat(new, time.time(), *self._presence)
+        self.storage.release_owner(old)
+        log.warning("carrying on as a new owner; %d running job(s) cancelled", len(running))
+        self.work_arrived(None)
 
     def _poll(self) -> None:
         """Notice other processes' commits: new work, cancels, ended jobs."""
@@ -3033,6 +3711,8 @@ def _db_path(path) -> str:
         path = os.fsdecode(path)
     if not path:
         raise ValueError("the queue's path must not be empty")
+    if _is_server(path):
+        return path
     if os.path.isdir(path) or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         return os.path.join(path, "blero.db")
     return path
@@ -3053,12 +3733,15 @@ def _epoch(when) -> float:
 
 
 class Blero:
-    """An embedded, persistent job queue kept in one SQLite file.
+    """An embedded, persistent job queue kept in one SQLite file, or on a
+    PostgreSQL server that many hosts share.
 
-    `Blero(path, **settings)` (or `new`) touches nothing on disk; `start()`
-    opens the file, takes back interrupted jobs and starts the workers.
-    `path` is the database file, or a directory (an existing one, or any
-    path ending in a separator) holding `blero.db`.
+    `Blero(path, **settings)` (or `new`) touches nothing on disk and opens
+    no connection; `start()` opens the queue, takes back interrupted jobs
+    and starts the workers.  `path` is the database file, or a directory
+    (an existing one, or any path ending in a separator) holding
+    `blero.db`, or a `postgresql://` (or `postgres://`) URL: then blero's
+    tables live in the schema `schema` (default "blero").
     """
 
     def __init__(self, path: str | os.PathLike, *, sync: str = "normal",
@@ -3066,10 +3749,13 @@ class Blero:
                  lease: float = 10.0, keep_complete: float | None = None,
                  on_complete: Callable[[Job, Any], Any] | None = None,
                  on_failed: Callable[[Job, BaseException], Any] | None = None,
-                 serializer: Any = pickle):
+                 serializer: Any = pickle, schema: str | None = None):
         self._settings = _Settings(sync, retries, backoff_base, backoff_max, lease,
-                                   keep_complete, on_complete, on_failed, serializer)
+                                   keep_complete, on_complete, on_failed, serializer, schema)
         self.path = _db_path(path)
+        if schema is not None and not _is_server(self.path):
+            raise ValueError(f"schema applies to a PostgreSQL queue (a postgresql:// URL), "
+                             f"not to the file {self.path}")
         self._lock = threading.Lock()        # guards the fields below
         self._storage: _Storage | None = None
         self._dispatcher: _Dispatcher | None = None
@@ -3086,7 +3772,8 @@ class Blero:
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
-        return f"<Blero {self.path!r} {state}, {len(self._processors)} processor(s)>"
+        shown = _masked(self.path) if _is_server(self.path) else self.path
+        return f"<Blero {shown!r} {state}, {len(self._processors)} processor(s)>"
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -3278,6 +3965,9 @@ class Blero:
         """Storage for this queue's target, not yet opened: the file `real`
         names if given, else the running (or stopping) queue's own file,
         whatever a link on its path names now."""
+        if _is_server(self.path):
+            return _PostgresStorage(self.path, self._settings.schema or "blero",
+                                    self._settings.lease)
         if real is None and self._storage is not None:
             real = self._storage.real
         return _SQLiteStorage(self.path, self._settings.sync, real)
@@ -3366,20 +4056,25 @@ class Blero:
     def enqueue(self, name: str, data: Any = None, *, delay: float | None = None,
                 run_at: float | datetime.datetime | None = None, priority: int = 0,
                 retries: int | None = None, timeout: float | None = None,
-                key: str | None = None) -> int:
+                key: str | None = None, connection: Any = None) -> int:
         """Store a job and return its id, once it is committed.
 
         `delay` (seconds) or `run_at` (epoch seconds or datetime): not before
         then.  Higher `priority` runs first.  `retries`: tries after the first.
         `timeout`: seconds a try may take.  `key`: while a job with this key is
-        stored, enqueueing it again returns that job's id and stores nothing."""
+        stored, enqueueing it again returns that job's id and stores nothing.
+        `connection`: the caller's own open connection on the same database
+        (an sqlite3 one on the queue file, a psycopg one on the server):
+        the job is written in the caller's transaction, not committed, so it
+        exists if and when the caller commits."""
         d = self._running()
         row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time())
-        return d.enqueue([row])[0]
+        return d.enqueue([row], connection)[0]
 
-    def enqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
+    def enqueue_many(self, jobs: Iterable[tuple | dict], *, connection: Any = None) -> list[int]:
         """Store many jobs in one transaction, all or nothing; return their ids.
-        Each item is `(name, data)` or a dict of `enqueue`'s arguments."""
+        Each item is `(name, data)` or a dict of `enqueue`'s arguments;
+        `connection` as for `enqueue`."""
         d = self._running()
         now = time.time()
         rows = []
@@ -3401,7 +4096,7 @@ class Blero:
                 rows.append(self._row(item[0], item[1], None, None, 0, None, None, None, now))
             else:
                 raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
-        return d.enqueue(rows) if rows else []
+        return d.enqueue(rows, connection) if rows else []
 
     def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> _NewJob:
         """Check one job's arguments and make its storage row."""
@@ -4542,6 +5237,8 @@ _SERIALIZERS = {"pickle": pickle, "json": json}
 def _cli_queue(args, **settings) -> Blero:
     """The queue a command names, read with the serializer it names (with
     json, nothing in the file is ever unpickled)."""
+    if args.schema is not None:
+        settings["schema"] = args.schema
     return Blero(args.db, serializer=_SERIALIZERS[args.serializer], **settings)
 
 
@@ -4774,6 +5471,8 @@ def _serve(args) -> int:
 def _vacuum(path: str) -> str:
     """`vacuum`: check the file, bring one of an older blero up to date
     (which compacts it) and give its free pages back; say the sizes."""
+    if _is_server(path):
+        return f"{_masked(path)}: nothing to do: the server's autovacuum gives space back"
     storage = _SQLiteStorage(path)
     real = storage.real
     before = os.path.getsize(real) if os.path.isfile(real) else 0
@@ -4802,10 +5501,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--serializer", choices=_SERIALIZERS, default="pickle",
                        help="how the queue's data is written (default pickle); json never "
                             "unpickles anything: the safe way to look at a file you do not trust")
+        p.add_argument("--schema", default=None,
+                       help="with a postgresql:// --db, the schema of the queue's tables "
+                            "(default blero)")
 
     def queue_command(name, help):
         p = commands.add_parser(name, help=help)
-        p.add_argument("--db", required=True, help="the queue file (or its directory)")
+        p.add_argument("--db", required=True, help="the queue file (or its directory), "
+                       "or a postgresql:// URL")
         serializer_option(p)
         return p
 

@@ -97,14 +97,41 @@ def read_lines(path):
         return []
 
 
+# The PostgreSQL twins of the engine-independent tests run where a server
+# and psycopg are there: BLERO_TEST_POSTGRES names a scratch database.
+POSTGRES = os.environ.get("BLERO_TEST_POSTGRES")
+try:
+    import psycopg
+except ImportError:
+    psycopg = None
+POSTGRES_MISSING = (None if POSTGRES and psycopg is not None else
+                    "PostgreSQL tests: set BLERO_TEST_POSTGRES=postgresql://postgres@127.0.0.1/"
+                    'blero_test (a scratch database) and pip install "psycopg[binary]"')
+
+
 def both_engines(cls):
     """Marks a test class whose tests are the engines' common contract: they
-    reach their queues through `target()`/`queue()` only, never a file."""
+    reach their queues through `target()`/`queue()` only, never a file.
+    Defines its twin `<Name>OnPostgres`, the same tests on PostgreSQL (each
+    in a fresh schema), skipped where no server is given."""
+    twin = type(cls.__name__ + "OnPostgres", (OnPostgres, cls),
+                {"__module__": cls.__module__, "__qualname__": cls.__name__ + "OnPostgres"})
+    if POSTGRES_MISSING:
+        twin = unittest.skip(POSTGRES_MISSING)(twin)
+    globals()[twin.__name__] = twin
     return cls
+
+
+def file_only(test):
+    """A test of a decorated class that is about the file: not in its twin."""
+    test.file_only = True
+    return test
 
 
 class TempDirTest(unittest.TestCase):
     """A fresh directory per test, and queues that are always stopped."""
+
+    engine = "sqlite"
 
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory(prefix="blero-test-")
@@ -115,12 +142,69 @@ class TempDirTest(unittest.TestCase):
         """What `blero.new` is given for the queue called `name` of this test."""
         return os.path.join(self.dir, name)
 
+    def settings(self, name="q.db"):
+        """The settings that the queue called `name` needs besides the target."""
+        return {}
+
     def queue(self, name="q.db", start=True, **settings):
-        bl = blero.new(self.target(name), **settings)
+        bl = blero.new(self.target(name), **{**self.settings(name), **settings})
         if start:
             bl.start()
         self.addCleanup(bl.stop, 5)
         return bl
+
+
+# A child's way to open the test's queue (a file, or the test's schema on
+# PostgreSQL: OnPostgres exports it).
+NEW_QUEUE = """
+import os as _os, blero as _blero
+def new_queue(target, **settings):
+    \"\"\"blero.new, in the schema of the test's queue when on PostgreSQL.\"\"\"
+    if target.startswith("postgres") and _os.environ.get("BLERO_TEST_SCHEMA"):
+        settings.setdefault("schema", _os.environ["BLERO_TEST_SCHEMA"])
+    return _blero.new(target, **settings)
+"""
+
+
+def pg_connect(**kwargs):
+    """A connection to the test database (BLERO_TEST_POSTGRES)."""
+    return psycopg.connect(POSTGRES, autocommit=True, **kwargs)
+
+
+def pg_run(sql):
+    """Run one statement on the test database."""
+    with pg_connect() as conn:
+        conn.execute(sql)
+
+
+class OnPostgres:
+    """Mixed into a test class: its queues are schemas of the PostgreSQL test
+    database, made fresh for each test and dropped after it.  Children
+    started meanwhile find the schema of "q.db" in BLERO_TEST_SCHEMA."""
+
+    engine = "postgres"
+
+    def setUp(self):
+        if getattr(getattr(self, self._testMethodName), "file_only", False):
+            self.skipTest("about the file: SQLite only")
+        super().setUp()
+        self.schema = "test_" + os.urandom(5).hex()
+        os.environ["BLERO_TEST_SCHEMA"] = self.schema
+        self.addCleanup(self._drop_schemas)
+        self.addCleanup(os.environ.pop, "BLERO_TEST_SCHEMA", None)
+
+    def target(self, name="q.db"):
+        return POSTGRES
+
+    def settings(self, name="q.db"):
+        slug = re.sub(r"[^a-z0-9]", "_", name.lower())
+        return {"schema": self.schema if name == "q.db" else f"{self.schema}_{slug}"[:63]}
+
+    def _drop_schemas(self):
+        with pg_connect() as conn:
+            for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
+                                        (self.schema + "%",)).fetchall():
+                conn.execute(f'DROP SCHEMA "{name}" CASCADE')
 
     def claimed_in_a_callback(self, processor):
         """A queue whose one worker (running `processor`) recorded job a and,
@@ -249,6 +333,7 @@ class OpeningTest(TempDirTest):
             other.enqueue("y")
 
 
+@both_engines
 class EnqueueTest(TempDirTest):
     """What enqueue stores, refuses, and returns."""
 
@@ -326,6 +411,7 @@ class EnqueueTest(TempDirTest):
         self.assertEqual(bl.sweep(), 1)
         self.assertEqual(bl.enqueue("x"), 7)
 
+    @file_only
     def test_concurrent_enqueues_share_commits(self):
         bl = self.queue()
         storage = bl._storage
@@ -356,6 +442,7 @@ class EnqueueTest(TempDirTest):
         self.assertEqual(db.execute("SELECT count(*) FROM blero_jobs").fetchone()[0], 1600)
         db.close()
 
+    @file_only
     def test_next_job_is_one_index_seek(self):
         bl = self.queue()
         bl.enqueue_many([("a", i) for i in range(50)] + [("b", i) for i in range(50)])
@@ -370,6 +457,7 @@ class EnqueueTest(TempDirTest):
                 self.assertNotIn("TEMP B-TREE", plan, "the claim sorts instead of seeking")
 
 
+@both_engines
 class ProcessingTest(TempDirTest):
     """Jobs run in order, on time, with retries, timeouts and routing."""
 
@@ -592,6 +680,7 @@ class ProcessingTest(TempDirTest):
             bl.enqueue("x", {1, 2})
         self.assertEqual(bl.get_job(job_id).data, {"n": [1, 2, 3]})
 
+    @file_only
     def test_returning_fallback_for_older_sqlite(self):
         bl = self.queue()
         bl._storage._returning = False
@@ -621,6 +710,7 @@ def _refuse_rebuild(n):
     raise ImportError("the class GoneLater was removed")
 
 
+@both_engines
 class OperatingTest(TempDirTest):
     """cancel, retry_failed, sweep, wait, join, stats, jobs, and stop's hand-back."""
 
@@ -962,7 +1052,7 @@ class OperatingTest(TempDirTest):
         self.assertEqual(bl.get_job(job_id).result, "whole")
 
 
-CRASH_CHILD = """
+CRASH_CHILD = NEW_QUEUE + """
 import os, sys, time, blero
 path, log, n, procs, sleep = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -973,7 +1063,7 @@ def process(job):
     time.sleep(sleep)
     note("end", job.id, job.attempt)
     return job.data
-bl = blero.new(path).start()
+bl = new_queue(path).start()
 for _ in range(procs):
     bl.register_processor(process)
 for i in range(n):
@@ -986,6 +1076,7 @@ bl.stop()
 
 
 @unittest.skipUnless(POSIX, "SIGKILL")
+@both_engines
 class CrashTest(TempDirTest):
     """kill -9 at any moment, run again: nothing lost, finished jobs never rerun."""
 
@@ -1001,7 +1092,7 @@ class CrashTest(TempDirTest):
         return read_lines(log)
 
     def test_kill_9_mid_run_then_carry_on(self):
-        path, log = os.path.join(self.dir, "q.db"), os.path.join(self.dir, "log")
+        path, log = self.target(), os.path.join(self.dir, "log")
         lines = self.run_until_killed(
             path, log, 200, 5, 0.002,
             lambda ls: sum(1 for l in ls if l[0] == "end") >= 30)
@@ -1009,7 +1100,7 @@ class CrashTest(TempDirTest):
         ended = {int(l[1]) for l in lines if l[0] == "end"}
         started = {int(l[1]) for l in lines if l[0] == "start"}
         self.assertGreaterEqual(len(ended), 30)
-        bl = blero.new(path)
+        bl = self.queue(start=False)
         # Every enqueue that returned survived the kill.
         self.assertEqual({j.id for j in bl.jobs(limit=None)} >= set(enqueued), True)
         complete = {j.id for j in bl.jobs("complete", limit=None)}
@@ -1343,9 +1434,9 @@ def run_clis(*commands, timeout=60):
 
 # A child that runs one job per processor, each for ever, until it is killed:
 # argv is the queue file and the `retries` of each job, comma-separated.
-_RUN_UNTIL_KILLED = """
+_RUN_UNTIL_KILLED = NEW_QUEUE + textwrap.dedent("""
     import os, sys, threading, blero
-    bl = blero.new(sys.argv[1])
+    bl = new_queue(sys.argv[1])
     retries = [int(r) for r in sys.argv[2].split(",")]
     def run(job):
         os.write(1, f"running {job.id}\\n".encode())     # one write: lines never mix
@@ -1356,7 +1447,7 @@ _RUN_UNTIL_KILLED = """
     for r in retries:
         bl.enqueue("doomed", f"data {r}", retries=r)
     threading.Event().wait()
-"""
+""")
 
 
 def kill_with_running_jobs(test, path, retries):
@@ -1384,6 +1475,7 @@ class Run(NamedTuple):
     others_pending: list    # ids of other pending jobs of the same name, seen during this run
 
 
+@both_engines
 class EveryTest(TempDirTest):
     """every() and unschedule(): stored in the file, restart-safe, one run at a
     time, missed runs collapse into one and the cadence restarts from it."""
@@ -1463,14 +1555,13 @@ class EveryTest(TempDirTest):
         self.assert_one_run_at_a_time(slow + beats)
 
     def test_schedules_are_stored_and_run_after_a_restart(self):
-        path = os.path.join(self.dir, "q.db")
-        child = run_child("""
+        child = run_child(NEW_QUEUE + textwrap.dedent("""
             import sys, blero
-            bl = blero.new(sys.argv[1])
+            bl = new_queue(sys.argv[1])
             bl.start()
             print(bl.every(0.1, "tick", {"from": "child"}, key="ticker", priority=3))
             bl.stop()
-        """, path)
+        """), self.target())
         self.assertEqual((child.returncode, child.stderr), (0, ""))
         self.assertEqual(child.stdout.strip(), "ticker")
         bl = self.queue()           # a new process's view: every() is never called here
@@ -1647,6 +1738,7 @@ class EveryTest(TempDirTest):
 # Callbacks
 # ---------------------------------------------------------------------------
 
+@both_engines
 class CallbacksTest(TempDirTest):
     """on_complete(job, result) and on_failed(job, exc): once per job, at its end."""
 
@@ -1737,7 +1829,7 @@ class CallbacksTest(TempDirTest):
 
     @unittest.skipUnless(POSIX, "kill -9 needs POSIX")
     def test_on_failed_when_crash_recovery_fails_a_job(self):
-        path = os.path.join(self.dir, "q.db")
+        path = self.target()
         out_of_tries, retried = kill_with_running_jobs(self, path, [0, 1])
         failed, completed = [], []
         bl = self.queue(on_failed=lambda job, exc: failed.append((job.id, job.data, exc)),
@@ -1824,7 +1916,7 @@ class LoggingTest(TempDirTest):
 
     @unittest.skipUnless(POSIX, "kill -9 needs POSIX")
     def test_recovery_counts_at_info(self):
-        path = os.path.join(self.dir, "q.db")
+        path = self.target()
         kill_with_running_jobs(self, path, [0, 1, 1])
         bl = self.queue(start=False)
         with self.assertLogs("blero", logging.INFO) as logs:
@@ -1952,6 +2044,7 @@ class LoggingTest(TempDirTest):
 # Metrics
 # ---------------------------------------------------------------------------
 
+@both_engines
 class MetricsTest(TempDirTest):
     """metrics_text() in the Prometheus text format, and serve_metrics()."""
 
@@ -2002,7 +2095,7 @@ class MetricsTest(TempDirTest):
             {"pending": 1, "inprogress": 0, "complete": 4, "failed": 1, "cancelled": 2},
             {"complete": 4, "failed": 1, "retried": 2, "cancelled": 2}), message="the metrics")
         # Counters are this Blero's; gauges are the file's.
-        other = blero.new(bl.path)
+        other = blero.new(bl.path, **self.settings())
         samples, _ = parse_prometheus(self, other.metrics_text())
         self.assertEqual(metric_by_label(samples, "blero_jobs", "state")["complete"], 4)
         self.assertEqual(set(metric_by_label(samples, "blero_jobs_finished_total",
@@ -2503,7 +2596,7 @@ import os, sys, time, json, signal, threading
 import blero
 
 PID = os.getpid()
-
+''' + NEW_QUEUE + r'''
 def open_log(path):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     def log(*fields):
@@ -2558,7 +2651,7 @@ class ProcessTest(TempDirTest):
 
     def setUp(self):
         super().setUp()
-        self.path = os.path.join(self.dir, "q.db")
+        self.path = self.target()
         self.log = os.path.join(self.dir, "log")
         self._children = 0
 
@@ -2616,10 +2709,8 @@ class ProcessTest(TempDirTest):
         return self.lines(*first)
 
     def create(self, **settings):
-        """Make the queue file, so that children only open it."""
-        bl = blero.new(self.path, **settings)
-        bl.start()
-        bl.stop()
+        """Make the queue, so that children only open it."""
+        self.queue(**settings).stop()
 
     def stop_after_failure(self, bl, threads_before):
         """Stop a queue whose storage failed: at once, raising BleroError or
@@ -2670,7 +2761,7 @@ class ProcessTest(TempDirTest):
 MP_SHARE_CHILD = """
 db, log_path, share, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 log = open_log(log_path)
-bl = blero.new(db)
+bl = new_queue(db)
 run = logged(log)
 bl.register_processor(run)
 bl.register_processor(run)
@@ -2689,7 +2780,7 @@ log("exit", PID)
 MP_HOLD_CHILD = """
 db, log_path, lease, total = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 log = open_log(log_path)
-bl = blero.new(db, lease=lease)
+bl = new_queue(db, lease=lease)
 run = logged(log, hold=lambda job: job.data == "hold" and job.attempt == 1)
 bl.register_processor(run)
 bl.register_processor(run)
@@ -2710,7 +2801,7 @@ def run(job):
     log("S", job.id, PID, job.attempt, time.monotonic_ns())
     time.sleep(job.data)      # the job's work
     log("E", job.id, PID, job.attempt, time.monotonic_ns())
-bl = blero.new(db, lease=lease)
+bl = new_queue(db, lease=lease)
 bl.register_processor(run)
 bl.register_processor(run)
 bl.start()
@@ -2720,6 +2811,7 @@ bl.stop()
 """
 
 
+@both_engines
 class MultiProcessTest(ProcessTest):
 
     def test_three_processes_run_3000_jobs_each_exactly_once(self):
@@ -2889,7 +2981,7 @@ class MultiProcessTest(ProcessTest):
         body = """
         db, log_path, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.register_processor(logged(log), names="to-child")
         bl.start()
         log("ready", PID)
@@ -2935,6 +3027,7 @@ class MultiProcessTest(ProcessTest):
         self.assertLess(max(latencies), 0.6, note)
         self.assertLess(statistics.median(latencies), 0.2, note)
 
+    @file_only
     def test_contention_never_shows_database_is_locked(self):
         # Three processes enqueue, inspect and process as hard as they can (one
         # with sync="full"), and a fourth starts in the middle of it: no call
@@ -2956,7 +3049,7 @@ class MultiProcessTest(ProcessTest):
             except Exception as exc:
                 problems.append("%s: %s" % (type(exc).__name__, exc))
 
-        bl = blero.new(db, sync=sync)
+        bl = new_queue(db, sync=sync)
         def run(job):
             log("S", job.id, PID, job.attempt, time.monotonic_ns())
             call(bl.get_job, job.id)
@@ -3001,6 +3094,7 @@ class MultiProcessTest(ProcessTest):
         bl.start()
         self.assertEqual(bl.stats()["complete"], total)
 
+    @file_only
     def test_start_waits_for_another_process_holding_the_write_lock(self):
         # A write transaction of another process that lasts a while (as a
         # big enqueue_many does) makes start() wait, as enqueue() waits; it
@@ -3020,7 +3114,7 @@ class MultiProcessTest(ProcessTest):
         starter = self.spawn("""
         db, log_path, go = sys.argv[1], sys.argv[2], sys.argv[3]
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.register_processor(logged(log))
         log("waiting", PID)
         wait_for(lambda: os.path.exists(go))
@@ -3046,13 +3140,14 @@ class MultiProcessTest(ProcessTest):
         self.finish(starter)
         self.assertEqual(len(self.lines("E")), 1)
 
+    @file_only
     def test_processes_starting_together_on_a_new_file(self):
         # Three processes open a file that does not exist yet at the same
         # moment: all of them start, and share the queue.
         body = """
         db, log_path, go = sys.argv[1], sys.argv[2], sys.argv[3]
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.register_processor(logged(log))
         log("waiting", PID)
         while not os.path.exists(go):
@@ -3088,6 +3183,7 @@ class MultiProcessTest(ProcessTest):
                 self.assertEqual(sorted(int(f[1]) for f in read_lines(log) if f[0] == "E"),
                                  [1, 2, 3])
 
+    @file_only
     def test_two_queues_on_one_file_in_one_process_keep_their_jobs(self):
         # The same file under two spellings in one process: stopping one
         # queue must not make the other look dead to other processes (POSIX
@@ -3097,7 +3193,7 @@ class MultiProcessTest(ProcessTest):
         log = open_log(log_path)
         other = blero.new(os.path.join(os.path.dirname(db), ".", os.path.basename(db)))
         other.start()
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.register_processor(logged(log, hold=lambda job: wait_for(
             lambda: os.path.exists(release))))
         bl.start()
@@ -3141,7 +3237,7 @@ def run(job):
         pass
     log("E", job.id, life, job.attempt, time.monotonic_ns())
 
-bl = blero.new(db, retries=1000, lease=60.0)
+bl = new_queue(db, retries=1000, lease=60.0)
 bl.register_processor(run)
 bl.register_processor(run)
 log("begin", life)
@@ -3274,7 +3370,7 @@ class HardeningTest(ProcessTest):
         import resource
         db, limit = sys.argv[1], int(sys.argv[2])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.start()
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         ids, error, after = [], None, []
@@ -3402,7 +3498,7 @@ class HardeningTest(ProcessTest):
         body = """
         db, log_path = sys.argv[1], sys.argv[2]
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.start()
         for i in range(60):
             log("Q", bl.enqueue("w", {"i": i}))
@@ -3519,7 +3615,7 @@ class HardeningTest(ProcessTest):
         body = """
         os.umask(0)
         db = sys.argv[1]
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.start()
         bl.enqueue("x", 1)
         modes = {suffix: os.stat(db + suffix).st_mode & 0o777
@@ -3554,7 +3650,7 @@ class SerializerAcrossProcessesTest(ProcessTest):
         body = """
         db, log_path, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
         log = open_log(log_path)
-        bl = blero.new(db, serializer=json)
+        bl = new_queue(db, serializer=json)
         def run(job):
             log("S", job.id, PID, job.attempt, time.monotonic_ns())
             log("E", job.id, PID, job.attempt, time.monotonic_ns())
@@ -3615,7 +3711,7 @@ class SerializerAcrossProcessesTest(ProcessTest):
         body = """
         db, log_path = sys.argv[1], sys.argv[2]
         log = open_log(log_path)
-        bl = blero.new(db, serializer=json)
+        bl = new_queue(db, serializer=json)
         bl.register_processor(logged(log))
         bl.start()
         bl.join(30)
@@ -3864,6 +3960,7 @@ class BadValuesTest(TempDirTest):
         self.assertIn(b"limit", body)
 
 
+@both_engines
 class EnqueuedMetricTest(TempDirTest):
     """A user graphing blero_jobs_enqueued_total sees the jobs stored, not
     the enqueue calls a key answered with an existing job."""
@@ -3888,6 +3985,7 @@ class EnqueuedMetricTest(TempDirTest):
         self.assertEqual(self.enqueued(bl), 4)
 
 
+@both_engines
 class UnstorableResultTest(TempDirTest):
     """A processor that did its work but returned what cannot be stored: its
     job ends failed at once, naming the cause, instead of running again."""
@@ -3907,6 +4005,7 @@ class UnstorableResultTest(TempDirTest):
         wait_until(lambda: ended, message="on_failed")
         self.assertIsInstance(ended[0], TypeError)
 
+    @file_only
     def test_a_serializer_giving_what_sqlite_cannot_store(self):
         # Its dumps() returns a dict: enqueue refuses such data, and a result
         # ends its job instead of failing every commit of the worker for ever.
@@ -4625,7 +4724,7 @@ def run(job):
     time.sleep(work)
     log("E", job.id, life, job.attempt, time.monotonic_ns())
 
-bl = blero.new(db, retries=2)
+bl = new_queue(db, retries=2)
 for _ in range(processors):
     bl.register_processor(run)
 bl.start()
@@ -4768,7 +4867,7 @@ class PoisonJobTest(ProcessTest):
 SECOND_HANDLE_CHILD = """
 db, log_path, go = sys.argv[1], sys.argv[2], sys.argv[3]
 log = open_log(log_path)
-bl = blero.new(db)
+bl = new_queue(db)
 bl.start()
 log("Q", *bl.enqueue_many([("before", i) for i in range(3)]))
 blero.new(db).stats()              # a status page, say
@@ -5176,7 +5275,7 @@ class UpgradeTest(ProcessTest):
         body = """
         db, log_path = sys.argv[1], sys.argv[2]
         log = open_log(log_path)
-        bl = blero.new(db)
+        bl = new_queue(db)
         bl.start()
         log("Q", *bl.enqueue_many([("new", PID)] * 20))
         bl.stop()
@@ -6091,6 +6190,198 @@ class DashboardInChromiumTest(TempDirTest):
         self.assertEqual(browser.evaluate(rows), ids[::-1][25:50])
 
 
+# ---------------------------------------------------------------------------
+# Transactional enqueue (connection=), and what only PostgreSQL does
+# ---------------------------------------------------------------------------
+
+class TransactionalEnqueueOnAFileTest(TempDirTest):
+    """enqueue(..., connection=) with the application's own sqlite3
+    connection on the queue file: the job exists iff the caller commits."""
+
+    def test_a_committed_job_runs_and_a_rolled_back_one_never_does(self):
+        bl = self.queue()
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.data))
+        app = sqlite3.connect(bl.path)
+        self.addCleanup(app.close)
+        app.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, what TEXT)")
+        app.commit()
+        app.execute("INSERT INTO orders (what) VALUES ('lost')")
+        lost = bl.enqueue("mail", "lost", connection=app)
+        app.rollback()
+        self.assertIsNone(bl.get_job(lost))
+        app.execute("INSERT INTO orders (what) VALUES ('kept')")
+        kept = bl.enqueue_many([("mail", "kept"), ("mail", "also")], connection=app)
+        self.assertEqual(bl.stats()["pending"], 0, "seen before the caller committed")
+        app.commit()
+        self.assertEqual([bl.wait(i, 10) for i in kept], [None, None])
+        self.assertEqual(sorted(ran), ["also", "kept"])
+        self.assertEqual(app.execute("SELECT what FROM orders").fetchall(), [("kept",)])
+
+    def test_a_connection_to_another_file_is_refused(self):
+        bl = self.queue()
+        other = sqlite3.connect(os.path.join(self.dir, "other.db"))
+        self.addCleanup(other.close)
+        with self.assertRaisesRegex(ValueError, "not on the queue file"):
+            bl.enqueue("x", connection=other)
+        with self.assertRaisesRegex(ValueError, "sqlite3 connection"):
+            bl.enqueue("x", connection=object())
+        self.assertEqual(bl.stats()["pending"], 0)
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING or "")
+class PostgresTest(OnPostgres, ProcessTest):
+    """What only the PostgreSQL engine does: liveness by advisory locks,
+    sessions that end, NOTIFY, the caller's transaction, its errors."""
+
+    def test_a_killed_process_jobs_are_taken_back_within_a_second_not_a_lease(self):
+        lease = 30.0        # a lease would take 30 s: the server says at once
+        bl = self.queue(lease=lease)
+        held = bl.enqueue("hold", "hold")
+        bl.stop()
+        victim = self.spawn(MP_HOLD_CHILD, self.path, self.log, lease, 10 ** 9)
+        self.wait_lines("S", children=[victim])
+        bl = self.queue(lease=lease)
+        started = threading.Event()
+        bl.register_processor(lambda job: started.set())
+        killed = time.monotonic()
+        self.kill(victim)
+        self.assertTrue(started.wait(10))
+        self.assertLess(time.monotonic() - killed, lease / 3)
+        bl.wait(held, 10)
+        info = bl.get_job(held)
+        self.assertEqual((info.state, info.attempt), ("complete", 2))
+
+    def test_a_terminated_session_hands_its_jobs_over_and_its_owner_carries_on(self):
+        bl = self.queue(lease=30.0)
+        mine = f"blero[{os.getpid()}]"
+        # The other owner's sessions carry another application_name.
+        other = blero.new(POSTGRES + "?application_name=other", lease=30.0, **self.settings())
+        other.start()
+        self.addCleanup(other.stop, 5)
+        running, late = threading.Event(), []
+
+        def stubborn(job):
+            running.set()
+            job.cancelled.wait(30)
+            late.append(job.cancelled.is_set())
+            return "late"
+
+        stubborn_id = bl.register_processor(stubborn, names="held")
+        job_id = bl.enqueue("held")
+        self.assertTrue(running.wait(10))
+        bl.unregister_processor(stubborn_id)     # it ends after this try: others take the job
+        with pg_connect() as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                  " WHERE application_name = %s", (mine,)).fetchall()[0][0]
+        self.assertGreater(ended, 0)
+        wait_until(lambda: late, message="the running try cancelled")
+        self.assertEqual(late, [True])
+        other.register_processor(lambda job: "taken over", names="held")
+        self.assertEqual(other.wait(job_id, 20), "taken over")   # the late result is ignored
+        # It reconnected as a new owner, and carries on.
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.id), names="after")
+        after = wait_until(lambda: _enqueued(bl, "after"), message="an enqueue after reconnecting")
+        self.assertEqual(bl.wait(after, 20), None)
+        self.assertEqual(ran, [after])
+        self.assertEqual(bl.get_job(job_id).result, "taken over")
+
+    def test_an_idle_process_is_woken_by_notify(self):
+        idle = self.queue()
+        started = []
+        idle.register_processor(lambda job: started.append(time.monotonic()))
+        idle.enqueue("warm")
+        wait_until(lambda: started, message="the first job")
+        producer = self.queue()     # another owner, another listener
+        enqueued = time.monotonic()
+        producer.enqueue("x")
+        wait_until(lambda: len(started) == 2, message="the job woken by NOTIFY")
+        self.assertLess(started[1] - enqueued, 5.0)   # (the figure is in bench_blero.py)
+
+    def test_a_job_enqueued_in_a_rolled_back_transaction_never_runs(self):
+        bl = self.queue()
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.data))
+        with pg_connect() as app:
+            app.execute("CREATE TABLE public.orders_%s (what TEXT)" % self.schema)
+            self.addCleanup(pg_run, f"DROP TABLE public.orders_{self.schema}")
+            app.autocommit = False
+            app.execute(f"INSERT INTO public.orders_{self.schema} VALUES ('lost')")
+            lost = bl.enqueue("mail", "lost", connection=app)
+            app.rollback()
+            app.execute(f"INSERT INTO public.orders_{self.schema} VALUES ('kept')")
+            kept = bl.enqueue_many([("mail", "kept"), ("mail", "also")], connection=app)
+            self.assertEqual(bl.stats()["pending"], 0, "seen before the caller committed")
+            app.commit()
+        self.assertEqual([bl.wait(i, 10) for i in kept], [None, None])
+        self.assertIsNone(bl.get_job(lost))
+        self.assertEqual(sorted(ran), ["also", "kept"])
+
+    def test_a_connection_to_another_database_is_refused(self):
+        bl = self.queue()
+        with psycopg.connect(POSTGRES, dbname="postgres") as elsewhere:
+            with self.assertRaisesRegex(ValueError, "'postgres'"):
+                bl.enqueue("x", connection=elsewhere)
+        with self.assertRaisesRegex(ValueError, "psycopg connection"):
+            bl.enqueue("x", connection=sqlite3.connect(":memory:"))
+        self.assertEqual(bl.stats()["pending"], 0)
+
+    def test_a_schema_holding_other_tables_is_refused_and_nothing_created(self):
+        schema = self.settings()["schema"]
+        with pg_connect() as admin:
+            admin.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE "{schema}".orders (id int)')
+        bl = self.queue(start=False)
+        with self.assertRaisesRegex(blero.BleroError, "not blero's.*orders"):
+            bl.start()
+        with pg_connect() as admin:
+            tables = admin.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s",
+                                   (schema,)).fetchall()
+        self.assertEqual(tables, [("orders",)])
+
+    def test_unreachable_servers_and_missing_databases_name_the_cause(self):
+        for url, cause in (("postgresql://postgres@127.0.0.1:1/x", "Connection refused"),
+                           (POSTGRES.rsplit("/", 1)[0] + "/no_such_database_here",
+                            "no_such_database_here")):
+            bl = blero.new(url, **self.settings())
+            started = time.monotonic()
+            with self.assertRaisesRegex(blero.BleroError, cause):
+                bl.start()
+            self.assertLess(time.monotonic() - started, 30)
+        with self.assertRaises(blero.BleroError) as caught:
+            blero.new("postgresql://u:secret@127.0.0.1:1/x").start()
+        self.assertNotIn("secret", str(caught.exception))
+        self.assertIn("u:***@127.0.0.1:1", str(caught.exception))
+
+    def test_without_psycopg_start_names_the_package_to_install(self):
+        out = run_child("""
+            import sys, blero
+            sys.modules["psycopg"] = None       # as if not installed
+            try:
+                blero.new(sys.argv[1]).start()
+            except blero.BleroError as exc:
+                print(exc)
+        """, POSTGRES)
+        self.assertIn('pip install "psycopg[binary]"', out.stdout, out.stderr)
+
+    def test_settings_of_one_engine_are_refused_on_the_other(self):
+        with self.assertRaisesRegex(ValueError, "schema"):
+            blero.new(os.path.join(self.dir, "q.db"), schema="blero")
+        for bad in ("1abc", "a-b", "x" * 64, ""):
+            with self.assertRaisesRegex(ValueError, "schema"):
+                blero.new(POSTGRES, schema=bad)
+        with self.assertRaises(TypeError):
+            blero.new(POSTGRES, schema=3)
+
+
+def _enqueued(bl, name):
+    """An enqueue that may meet a connection being replaced: its id, or None."""
+    try:
+        return bl.enqueue(name)
+    except blero.BleroError:
+        return None
+
+
 if __name__ == "__main__":
     unittest.main()
 
@@ -6103,8 +6394,8 @@ if __name__ == "__main__":
 # argv: target.  A queue with two `send` processors taking "email" jobs and a
 # Mailer taking "news"; an email job with data "hold" runs until stdin ends,
 # and then the queue stops.
-_OWNER_CHILD = """
-import sys, threading, blero
+_OWNER_CHILD = NEW_QUEUE + """
+import sys, threading
 ended = threading.Event()
 def send(job):
     if job.data == "hold":
@@ -6112,7 +6403,7 @@ def send(job):
 class Mailer:
     def run(self, job):
         pass
-bl = blero.new(sys.argv[1])
+bl = new_queue(sys.argv[1])
 bl.register_processor(send, names="email")
 bl.register_processor(send, names=["email"])
 bl.register_processor(Mailer(), names="news")
@@ -6165,7 +6456,7 @@ class LiveOwnersTest(TempDirTest):
                    == ["<lambda>", "LiveOwnersTest.get_stats"], message="the new processor")
         here.unregister_processor(more)
         # A viewer that runs nothing shows the same, and a process that stops is gone.
-        viewer = blero.new(self.target())
+        viewer = blero.new(self.target(), **self.settings())
         elsewhere = viewer.serve_metrics()
         self.addCleanup(elsewhere.close)
         self.assertEqual({o["pid"] for o in self.get_stats(elsewhere.port)["owners"]},
@@ -6190,7 +6481,7 @@ class LiveOwnersTest(TempDirTest):
         wait_until(lambda: self.get_stats(server.port)["untaken"] == {"reprot": 1},
                    message="ad taken now")
         bl.stop()
-        viewer = blero.new(self.target())   # no process runs the queue: nothing takes any
+        viewer = blero.new(self.target(), **self.settings())   # no process runs the queue: nothing takes any
         elsewhere = viewer.serve_metrics()
         self.addCleanup(elsewhere.close)
         stats = self.get_stats(elsewhere.port)
@@ -6292,3 +6583,43 @@ class DashboardOfProcessesInChromiumTest(TempDirTest):
                                      "the processes do not fit: they scroll sideways")
                 browser.screenshot(os.path.join(shots, f"dashboard-{width}.png"))
                 browser.close()
+
+
+# The last blero.py whose PostgreSQL schemas are of version 1.
+PG_V1_COMMIT = "addf569"
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
+class OwnersOfAnOlderSchemaOnPostgresTest(OnPostgres, TempDirTest):
+    """A PostgreSQL schema of version 1 is upgraded, when first opened, to
+    tell owners' hosts and processors."""
+
+    def test_a_schema_of_version_1_is_upgraded_when_first_looked_at(self):
+        old = older_blero(os.path.join(self.dir, "pg1"), PG_V1_COMMIT)
+        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import sys, blero
+            bl = blero.new(sys.argv[1], schema=sys.argv[2]).start()
+            bl.enqueue("ad", "x")
+            bl.stop()
+            """), self.target(), self.schema], cwd=old, env=dict(os.environ, PYTHONPATH=old),
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        meta = f'SELECT version FROM "{self.schema}".blero_meta'
+        with pg_connect() as conn:
+            self.assertEqual(conn.execute(meta).fetchall(), [(1,)])
+        viewer = self.queue(start=False)
+        server = viewer.serve_metrics()
+        self.addCleanup(server.close)
+        code, _, body = http_request(server.port, "GET", "/api/stats")
+        self.assertEqual(code, 200, body)
+        self.assertEqual((json.loads(body)["owners"], json.loads(body)["untaken"]),
+                         ([], {"ad": 1}))
+        with pg_connect() as conn:
+            self.assertEqual(conn.execute(meta).fetchall(), [(2,)])
+        bl = self.queue()
+        bl.register_processor(lambda job: None, names="ad")
+        self.assertTrue(bl.join(10))
+        owners = json.loads(http_request(server.port, "GET", "/api/stats")[2])["owners"]
+        self.assertEqual([(o["host"], o["processors"]) for o in owners],
+                         [(socket.gethostname(), [{"name": "<lambda>", "names": ["ad"],
+                                                   "concurrency": 1}])])
