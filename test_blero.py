@@ -153,6 +153,26 @@ class TempDirTest(unittest.TestCase):
         self.addCleanup(bl.stop, 5)
         return bl
 
+    def claimed_in_a_callback(self, processor):
+        """A queue whose one worker (running `processor`) recorded job a and,
+        in the same commit, claimed job b, and is now in a's on_complete until
+        `release` is set: b is inprogress, its try not begun.
+        Returns (queue, processor id, a, b, release)."""
+        in_callback, release = threading.Event(), threading.Event()
+
+        def on_complete(job, result):
+            if job.name == "a":
+                in_callback.set()
+                release.wait(10)
+
+        bl = self.queue(on_complete=on_complete)
+        self.addCleanup(release.set)
+        a, b = bl.enqueue("a"), bl.enqueue("b")
+        pid = bl.register_processor(processor)
+        self.assertTrue(in_callback.wait(10))
+        self.assertEqual(bl.get_job(b).state, "inprogress")
+        return bl, pid, a, b, release
+
 
 # A child's way to open the test's queue (a file, or the test's schema on
 # PostgreSQL: OnPostgres exports it).
@@ -205,26 +225,6 @@ class OnPostgres:
             for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
                                         (self.schema + "%",)).fetchall():
                 conn.execute(f'DROP SCHEMA "{name}" CASCADE')
-
-    def claimed_in_a_callback(self, processor):
-        """A queue whose one worker (running `processor`) recorded job a and,
-        in the same commit, claimed job b, and is now in a's on_complete until
-        `release` is set: b is inprogress, its try not begun.
-        Returns (queue, processor id, a, b, release)."""
-        in_callback, release = threading.Event(), threading.Event()
-
-        def on_complete(job, result):
-            if job.name == "a":
-                in_callback.set()
-                release.wait(10)
-
-        bl = self.queue(on_complete=on_complete)
-        self.addCleanup(release.set)
-        a, b = bl.enqueue("a"), bl.enqueue("b")
-        pid = bl.register_processor(processor)
-        self.assertTrue(in_callback.wait(10))
-        self.assertEqual(bl.get_job(b).state, "inprogress")
-        return bl, pid, a, b, release
 
 
 class Recorder:
@@ -3862,8 +3862,9 @@ class BadValuesTest(TempDirTest):
         checked = {label.split("(")[1].split(")")[0] for label, _, _, _ in cases
                    if label.startswith(("new(", "enqueue("))}
         for fn, not_numbers in ((blero.Blero.__init__, {"self", "path", "sync", "on_complete",
-                                                        "on_failed", "serializer"}),
-                                (blero.Blero.enqueue, {"self", "name", "data", "key"})):
+                                                        "on_failed", "serializer", "schema"}),
+                                (blero.Blero.enqueue, {"self", "name", "data", "key",
+                                                       "connection"})):
             params = set(inspect.signature(fn).parameters)
             self.assertEqual(params - not_numbers - checked, set(), f"{fn.__name__} left out")
         # Refused, the queue was left as it was: still running, as before.
