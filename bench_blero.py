@@ -63,13 +63,15 @@ BLERO, RAW = "blero", "raw"
 # Sizes (jobs) of the full run and of --quick.
 FULL = dict(reps=3, enqueue=20_000, many=100_000, batch=1_000, drain=20_000,
             synced=5_000, shallow=1_000, deep=200_000, finished=200_000, dequeue=5_000,
-            rss_jobs=1_000_000, takeovers=5)
+            rss_jobs=1_000_000, takeovers=5, calls=20_000, awaits=10_000, naps=1_000)
 QUICK = dict(reps=1, enqueue=5_000, many=50_000, batch=1_000, drain=5_000,
              synced=1_000, shallow=1_000, deep=50_000, finished=50_000, dequeue=2_000,
-             rss_jobs=200_000, takeovers=2)
+             rss_jobs=200_000, takeovers=2, calls=5_000, awaits=2_000, naps=1_000)
 PRODUCERS = 4    # threads in W5
 PROCESSORS = 4   # processors (raw: threads) in W4
 PER_PROCESS = 2  # processors (raw: threads) in each process of W7, and jobs held in W8
+TASK_WORKERS = 4     # T1: the task's concurrency, and the plain processors beside it
+EXECUTOR_WORKERS = 5  # T2: max_workers of both executors
 LEASE = blero.Blero.__init__.__kwdefaults__["lease"]   # W8's live process keeps the default
 CHILD_TIMEOUT = 120   # seconds a child may keep the parent waiting before it is killed
 FILL_BATCH = 10_000
@@ -243,6 +245,105 @@ def drain(side: str, path: str, sync: str, n: int, workers: int) -> float:
         start = time.perf_counter()
         in_threads(workers, lambda k: raw_worker(dbs[k], owner=k + 1))
         return time.perf_counter() - start
+
+
+def noop_call(i) -> None:
+    """T1's task: nothing, as `noop` for a processor."""
+
+
+def sleep_1ms(i) -> int:
+    """T2's function: a call that does real work, 1 ms of it."""
+    time.sleep(0.001)
+    return i
+
+
+def task_map(side: str, path: str, sync: str, n: int) -> float:
+    """T1: n calls of a no-op task by task.map (results in order, resumable
+    keys and all) -- against the same work done the lower way, by
+    enqueue_many and as many plain processors, until join()."""
+    with queue(path, sync) as bl:
+        if side == BLERO:
+            task = bl.task(concurrency=TASK_WORKERS)(noop_call)
+            start = time.perf_counter()
+            task.map(range(n))
+            return time.perf_counter() - start
+        start = time.perf_counter()
+        bl.enqueue_many([("noop", ((i,), {})) for i in range(n)])
+        for _ in range(TASK_WORKERS):
+            bl.register_processor(noop)
+        bl.join()
+        return time.perf_counter() - start
+
+
+def executor_map(side: str, path: str, sync: str, n: int) -> float:
+    """T2: n calls of a function sleeping 1 ms, by blero's durable executor
+    against concurrent.futures.ThreadPoolExecutor, both of EXECUTOR_WORKERS."""
+    if side == BLERO:
+        with queue(path, sync) as bl:
+            start = time.perf_counter()
+            with bl.executor(EXECUTOR_WORKERS) as ex:
+                list(ex.map(sleep_1ms, range(n)))
+            return time.perf_counter() - start
+    import concurrent.futures
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(EXECUTOR_WORKERS) as ex:
+        list(ex.map(sleep_1ms, range(n)))
+    return time.perf_counter() - start
+
+
+def awaiting(n: int, naps: int, progress: Progress, step: str) -> dict:
+    """T3: n pending jobs, each awaited (`await bl.future(id)`) by a
+    coroutine of one asyncio loop: the threads that takes (none per waiter),
+    and how long after a result is recorded (on_complete runs right after
+    the commit) its await returns.  T4: `naps` calls of an async task that
+    sleeps 1 s, with concurrency=naps, on the queue's one loop thread."""
+    import asyncio
+    progress.show(f"{step} T3: await bl.future(id) for {n:,} pending jobs")
+    tmp = tempfile.mkdtemp(prefix="bench-await-")
+    recorded = {}
+    try:
+        bl = blero.new(os.path.join(tmp, "jobs.db"),
+                       on_complete=lambda job, result: recorded.__setitem__(
+                           job.id, time.perf_counter()))
+        with bl:
+            ids = bl.enqueue_many([("held", i) for i in range(n)])
+            gate = threading.Event()
+            for _ in range(PROCESSORS):
+                bl.register_processor(lambda job: gate.wait(), names="held")
+            threads_before = threading.active_count()
+
+            async def main():
+                delivered = {}
+
+                async def wait_one(job_id):
+                    await bl.future(job_id)
+                    delivered[job_id] = time.perf_counter()
+                waiters = [asyncio.ensure_future(wait_one(i)) for i in ids]
+                await asyncio.sleep(0.5)
+                during = threading.active_count()
+                gate.set()
+                await asyncio.gather(*waiters)
+                return delivered, during
+
+            delivered, during = asyncio.run(main())
+            lat = sorted((delivered[i] - recorded[i]) * 1000 for i in ids)
+
+            progress.show(f"{step} T4: {naps:,} async calls sleeping 1 s, concurrency {naps:,}")
+
+            @bl.task(name="nap", concurrency=naps)
+            async def nap(i):
+                await asyncio.sleep(1)
+            start = time.perf_counter()
+            nap.map(range(naps))
+            nap_s = time.perf_counter() - start
+            loop_threads = sum(t.name == "blero-loop" for t in threading.enumerate())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"jobs": n, "threads_added": during - threads_before,
+            "latency_ms": {"median": statistics.median(lat), "p99": lat[int(len(lat) * 0.99)],
+                           "max": lat[-1]},
+            "met": during - threads_before <= 1 and lat[int(len(lat) * 0.99)] <= 10,
+            "naps": naps, "nap_seconds": nap_s, "loop_threads": loop_threads}
 
 
 def enqueue_threads(side: str, path: str, sync: str, n: int) -> float:
@@ -734,6 +835,13 @@ def workloads(size: dict) -> list[Workload]:
                  f"drain, {k} process{'es' if k > 1 else ''} × {PER_PROCESS} processors",
                  drain_processes, dict(n=size["drain"], procs=k))
         for k in (1, 2, 3)
+    ] + [
+        # Against another baseline than raw sqlite3 (the "raw" column): the
+        # cost of the task layer, and of durability when the work is real.
+        Workload("T1", f"task.map ÷ enqueue_many+{TASK_WORKERS} processors", task_map,
+                 dict(n=size["calls"]), target=0.80),
+        Workload("T2", f"Executor.map ÷ ThreadPool({EXECUTOR_WORKERS}), 1 ms", executor_map,
+                 dict(n=size["calls"]), target=0.80),
     ]
 
 
@@ -922,6 +1030,15 @@ def table(report: dict) -> str:
     if t:
         lines += ["", f"W8 takeover: a process SIGKILLed while running {t['jobs_per_run']} jobs; "
                   f"another live one starts them", f"  {takeover_text(t)}"]
+    a = report["awaiting"]
+    if a:
+        lat = a["latency_ms"]
+        lines += ["", f"T3 await bl.future(id) for {a['jobs']:,} pending jobs on one asyncio loop:",
+                  f"  threads added {a['threads_added']} (target: none per waiter); from recorded"
+                  f" to delivered: median {lat['median']:.2f} ms, p99 {lat['p99']:.2f} ms,"
+                  f" max {lat['max']:.2f} ms (target p99 <= 10 ms)  {verdict(a['met'])}",
+                  f"T4 {a['naps']:,} async calls of asyncio.sleep(1), concurrency {a['naps']:,}:"
+                  f" {a['nap_seconds']:.2f} s on {a['loop_threads']} loop thread"]
     mem = report["memory"]
     if mem is None:
         return "\n".join(lines)
@@ -1018,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
         return postgres_main(args, size)
     picked = lambda wid: not args.only or any(wid.startswith(o) for o in args.only)  # noqa: E731
     chosen = [w for w in workloads(size) if picked(w.id)]
-    steps = len(chosen) + picked("W8")
+    steps = len(chosen) + picked("W8") + picked("T3")
     progress = Progress()
     # Memory first: a child's peak RSS includes its parent's at the fork.
     mem = None if args.only else memory(size, progress)
@@ -1029,6 +1146,8 @@ def main(argv: list[str] | None = None) -> int:
               "depth": depth_checks(results, size),
               "takeover": (takeover(size["takeovers"], progress, f"[{steps}/{steps}]")
                            if picked("W8") else None),
+              "awaiting": (awaiting(size["awaits"], size["naps"], progress, f"[{steps}/{steps}]")
+                           if picked("T3") else None),
               "memory": mem}
     report["seconds"] = time.monotonic() - progress.started
     progress.done()

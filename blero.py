@@ -21,11 +21,14 @@ metrics server and dashboard, and the command line (`python -m blero`).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import functools
+import hashlib
 import heapq
 import http.server
 import inspect
@@ -61,7 +64,7 @@ except ImportError:  # Windows: liveness falls back to heartbeats and leases
 
 __all__ = [
     "Blero", "new", "Job", "JobInfo", "BleroError", "JobFailed", "JobCancelled",
-    "STATES",
+    "STATES", "Task", "JobFuture", "Executor",
 ]
 __version__ = "1.0.0"
 
@@ -82,12 +85,15 @@ class BleroError(Exception):
 
 
 class JobFailed(BleroError):
-    """Raised by `Blero.wait` for a job that ended `failed`; `.error` is its error text."""
+    """Raised by `Blero.wait` for a job that ended `failed`; `.error` is its
+    error text (with the traceback), `.exception` the processor's original
+    exception when it could be serialized and restored, else None."""
 
-    def __init__(self, job_id: int, error: str | None):
+    def __init__(self, job_id: int, error: str | None, exception: BaseException | None = None):
         super().__init__(f"job {job_id} failed: {error}")
         self.job_id = job_id
         self.error = error
+        self.exception = exception
 
 
 class JobCancelled(BleroError):
@@ -222,7 +228,7 @@ class Job:
     """
 
     __slots__ = ("id", "name", "data", "attempt", "max_attempts", "priority",
-                 "key", "enqueued_at", "timeout", "_event", "_cancelled")
+                 "key", "enqueued_at", "timeout", "_event", "_cancelled", "_on_cancel")
 
     def __init__(self, id, name, data, attempt, max_attempts, priority, key,
                  enqueued_at, timeout=None):
@@ -237,6 +243,7 @@ class Job:
         self.timeout = timeout
         self._event = None      # made on first use: most jobs never need one
         self._cancelled = False
+        self._on_cancel = None  # an async try's: cancels its coroutine
 
     @property
     def cancelled(self) -> threading.Event:
@@ -252,9 +259,11 @@ class Job:
     def _cancel(self) -> None:
         with _cancel_lock:
             self._cancelled = True
-            event = self._event
+            event, on_cancel = self._event, self._on_cancel
         if event is not None:
             event.set()
+        if on_cancel is not None:
+            on_cancel()
 
     def __repr__(self):
         return (f"Job(id={self.id}, name={self.name!r}, data={self.data!r}, "
@@ -476,10 +485,12 @@ class _Storage:
         raise NotImplementedError
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
-                         names: frozenset | None, claim: bool, suspect: bool = False
+                         names: frozenset | None, claim: bool, suspect: bool = False,
+                         exclude: frozenset = frozenset()
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
         """In one transaction, record a finished try and claim the next ready
-        job (or, with `suspect`, the next suspect) this worker accepts.
+        job (or, with `suspect`, the next suspect) this worker accepts: one
+        of `names`, or with None any name but those in `exclude`.
         Returns (whether the finish was recorded, the claim or None, and when
         a suspect was sought and none found, the names of the suspects left)."""
         raise NotImplementedError
@@ -590,9 +601,21 @@ class _Storage:
         (new work, a cancel, an ended job); cheap: the clock asks often."""
         raise NotImplementedError
 
-    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
-        """Cancel a pending or running job; return its (state, owner) before,
-        or None if it had already ended or does not exist."""
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` (from any thread, quickly) as soon as the engine
+        hears of another process's commit, so that changed_elsewhere need
+        not wait for the next poll; engines that only poll ignore it."""
+
+    def cancel(self, job_id: int, now: float,
+               pending_only: bool = False) -> tuple[int, int | None] | None:
+        """Cancel a pending or running job (only a pending one with
+        `pending_only`); return its (state, owner) before, or None if it had
+        already ended (or started) or does not exist."""
+        raise NotImplementedError
+
+    def clear_keys(self, ids: list[int]) -> None:
+        """Take the keys off these jobs: enqueueing with their keys stores
+        new jobs from now on."""
         raise NotImplementedError
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
@@ -652,6 +675,10 @@ class _Storage:
     def outcome(self, job_id: int) -> _Ended | None:
         """What `wait` looks at until the job ends, without reading its
         data; None if there is no such job."""
+        raise NotImplementedError
+
+    def outcomes(self, ids: list[int]) -> dict[int, _Ended]:
+        """`outcome` of many jobs at once, by id; those that do not exist left out."""
         raise NotImplementedError
 
     def list(self, state: str | None, name: str | None, limit: int | None,
@@ -766,6 +793,7 @@ _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in 
 _INSERT = (f"INSERT INTO blero_jobs ({', '.join(_NewJob._fields)})"
            f" VALUES ({', '.join('?' * len(_NewJob._fields))})")
 _FIND_KEY = "SELECT id FROM blero_jobs WHERE key = ?"
+_FIND_KEYS = "SELECT key, id FROM blero_jobs WHERE key IN ({keys})"
 _LAST_ID = "SELECT last_insert_rowid()"
 _JOB_COLUMNS = ", ".join(_Claim._fields)
 _NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READY or SUSPECT
@@ -801,7 +829,8 @@ _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
 _SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
-           " WHERE id = ? AND state IN (-1, 0, 1, 2)")
+           " WHERE id = ? AND state BETWEEN -1 AND ?")     # 2: running ones too
+_CLEAR_KEY = "UPDATE blero_jobs SET key = NULL WHERE id = ?"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
@@ -824,6 +853,9 @@ _TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result =
 _INFO_COLUMNS = ", ".join(_Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
+_OUTCOMES = (f"SELECT id, {', '.join(_Ended._fields)} FROM blero_jobs"
+             " WHERE state < 6 AND id IN ({ids})")
+_IDS_SLICE = 500        # ids a statement names at most (SQLite allows 999 parameters)
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
          " AND (CAST(? AS TEXT) IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
 # Ready (and suspect) jobs may run now, in claim order; delayed ones at run_at.
@@ -1158,7 +1190,7 @@ class _SQLiteStorage(_Storage):
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
-        self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
+        self._claim_sql: dict[tuple[int, bool, int], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
     _no_limit = -1      # LIMIT's "none"
@@ -1751,43 +1783,63 @@ class _SQLiteStorage(_Storage):
     def _insert(db, rows):
         if len(rows) == 1 and rows[0].key is None:
             return [db.execute(_INSERT, rows[0]).lastrowid], [True]
+        # The keys already stored, looked up a slice at a time; then every
+        # row to store goes in by executemany, in runs between the rows a
+        # key answers (a key given twice in one call: the first is stored).
+        keys = list({row.key for row in rows if row.key is not None})
+        found: dict[str, int] = {}
+        for i in range(0, len(keys), _IDS_SLICE):
+            part = keys[i:i + _IDS_SLICE]
+            found.update(db.execute(_FIND_KEYS.format(keys=", ".join("?" * len(part))),
+                                    part).fetchall())
         ids: list[int] = []
         stored: list[bool] = []
-        run: list[_NewJob] = []   # keyless rows go in by executemany
+        run: list[_NewJob] = []
+        running: set[str] = set()   # keys of the rows in `run`
 
         def flush():
             if run:
                 db.executemany(_INSERT, run)
                 last = db.execute(_LAST_ID).fetchall()[0][0]
-                ids.extend(range(last - len(run) + 1, last + 1))
+                first = last - len(run) + 1
+                ids.extend(range(first, last + 1))
                 stored.extend([True] * len(run))
+                found.update((r.key, first + k) for k, r in enumerate(run) if r.key is not None)
                 run.clear()
+                running.clear()
 
         for row in rows:
-            if row.key is None:
-                run.append(row)
+            if row.key in running:
+                flush()
+            if row.key is not None and row.key in found:
+                flush()
+                ids.append(found[row.key])
+                stored.append(False)
                 continue
-            flush()
-            found = db.execute(_FIND_KEY, (row.key,)).fetchall()
-            ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
-            stored.append(not found)
+            run.append(row)
+            if row.key is not None:
+                running.add(row.key)
         flush()
         return ids, stored
 
     # -- claiming and finishing --------------------------------------------------
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
-                         names: frozenset | None, claim: bool, suspect: bool = False
+                         names: frozenset | None, claim: bool, suspect: bool = False,
+                         exclude: frozenset = frozenset()
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
-        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
+        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
+                           exclude)
 
-    def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False):
+    def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
+                          exclude=frozenset()):
         recorded = finish is not None and db.execute(_FINISH, finish).rowcount == 1
         if not claim:
             return recorded, None, None
         n = len(names) if names else 0
-        sql = self._claim_statements(n, suspect)
-        params = tuple(names) if n else ()
+        m = 0 if n else len(exclude)
+        sql = self._claim_statements(n, suspect, m)
+        params = tuple(names) if n else tuple(exclude)
         now = time.time()
         if self._returning:
             rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
@@ -1802,16 +1854,18 @@ class _SQLiteStorage(_Storage):
             left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
         return recorded, row, left
 
-    def _claim_statements(self, n: int, suspect: bool = False) -> tuple[str, str]:
+    def _claim_statements(self, n: int, suspect: bool = False,
+                          m: int = 0) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
-        n names (0: any)."""
-        sql = self._claim_sql.get((n, suspect))
+        n names (0: any name but m others)."""
+        sql = self._claim_sql.get((n, suspect, m))
         if sql is None:
-            cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
+            cond = (f" AND name IN ({', '.join('?' * n)})" if n
+                    else f" AND name NOT IN ({', '.join('?' * m)})" if m else "")
             state = _SUSPECT if suspect else _READY
             select = _NEXT_READY.format(state=state, names=cond)
             claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state)
-            sql = self._claim_sql[n, suspect] = (select, claim)
+            sql = self._claim_sql[n, suspect, m] = (select, claim)
         return sql
 
     def suspect_names(self) -> frozenset:
@@ -1907,15 +1961,19 @@ class _SQLiteStorage(_Storage):
 
     # -- operating on jobs ---------------------------------------------------------
 
-    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
-        return self._write(self._cancel, job_id, now)
+    def cancel(self, job_id: int, now: float,
+               pending_only: bool = False) -> tuple[int, int | None] | None:
+        return self._write(self._cancel, job_id, now, _DELAYED if pending_only else _RUNNING)
 
     @staticmethod
-    def _cancel(db, job_id, now):
+    def _cancel(db, job_id, now, upto):
         found = db.execute(_STATE_OF, (job_id,)).fetchall()
-        if not found or db.execute(_CANCEL, (now, job_id)).rowcount == 0:
+        if not found or db.execute(_CANCEL, (now, job_id, upto)).rowcount == 0:
             return None
         return found[0]
+
+    def clear_keys(self, ids: list[int]) -> None:
+        self._write(lambda db: db.executemany(_CLEAR_KEY, [(i,) for i in ids]))
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
         params = ([(now, retries, None, None)] if ids is None
@@ -2008,6 +2066,16 @@ class _SQLiteStorage(_Storage):
         rows = self._read(lambda db: db.execute(_OUTCOME, (job_id,)).fetchall())
         return _Ended._make(rows[0]) if rows else None
 
+    def outcomes(self, ids: list[int]) -> dict[int, _Ended]:
+        def look(db):
+            found = {}
+            for i in range(0, len(ids), _IDS_SLICE):
+                part = ids[i:i + _IDS_SLICE]
+                sql = _OUTCOMES.format(ids=", ".join("?" * len(part)))
+                found.update((row[0], _Ended._make(row[1:])) for row in db.execute(sql, part))
+            return found
+        return self._read(look)
+
     def list(self, state: str | None, name: str | None, limit: int | None,
              newest_first: bool = False, beyond: int | None = None) -> list[_Stored]:
         lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
@@ -2070,13 +2138,6 @@ _PG_TABLES = _TABLES | {"blero_meta"}
 _PG_SCHEMA_TABLES = ("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                      " WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')")
 _PG_VERSION = "SELECT max(version) FROM blero_meta"
-_PG_SET_VERSION = "UPDATE blero_meta SET version = ?"
-# _PG_UPGRADES[n - 1]: the statements (the file's, in PostgreSQL's dialect)
-# that take a schema from version n to n + 1.  Each only adds what an older
-# blero.py still running on the schema does not read, so it needs no wait.
-_PG_UPGRADES: tuple[tuple[str, ...], ...] = (
-    _OWNERS_PRESENCE,                  # 1 -> 2: each owner's host and processors
-)
 # One statement: tries the owner's lock, and gives it back at once if it got it.
 _PG_OWNER_ALIVE = ("SELECT CASE WHEN pg_try_advisory_lock(%s) THEN NOT pg_advisory_unlock(%s)"
                    " ELSE true END")
@@ -2087,6 +2148,18 @@ _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_
 _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
 # Statements whose changes other processes act on at once: they NOTIFY.
 _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM))
+
+
+# _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
+# function of a _PGSession (so a step of the file's _UPGRADES that only runs
+# statements may serve here too).  The steps a schema needs run in order, in
+# the transaction that records its new version, under the creation lock, the
+# first time this blero.py opens it.  A later schema appends its step and
+# raises _PG_SCHEMA_VERSION with it; a new schema is made from _SCHEMA as it
+# is, at the latest version.
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (
+    _schema_3,      # 1 -> 2: each owner's host and processors
+)
 
 
 def _is_server(target) -> bool:
@@ -2243,10 +2316,11 @@ class _PostgresStorage(_Storage):
         self._listening = False
         self._changed = False
         self._lost = None                   # the owner whose session ended unasked
+        self._callback = None               # on_change's
         self._next_poll = 0.0
         self._retry_at = 0.0                # no reconnection before (monotonic)
         self._backoff = 0.0
-        self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
+        self._claim_sql: dict[tuple[int, bool, int], tuple[str, str]] = {}
         self._claims = threading.Condition()    # guards _claiming
         self._claiming: dict[int, int] = {}     # owner -> its finish_and_claim calls under way
 
@@ -2350,8 +2424,9 @@ class _PostgresStorage(_Storage):
         conn = self._connect()
         try:
             with conn.transaction():
-                if create:      # processes starting together: one creates, the others wait
-                    self._lock_schema(conn)
+                # Processes starting together: one creates (or upgrades), the others wait.
+                conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
+                             (zlib.crc32(self.schema.encode()) - (1 << 31),))
                 self._check_or_create(conn, create)
         except psycopg.Error as exc:
             conn.close()
@@ -2361,12 +2436,6 @@ class _PostgresStorage(_Storage):
             raise
         with self._mutex:
             self._idle.append(conn)
-
-    def _lock_schema(self, conn) -> None:
-        """Hold, until the transaction ends, the lock that creating or
-        upgrading the schema takes."""
-        conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
-                     (zlib.crc32(self.schema.encode()) - (1 << 31),))
 
     def _check_or_create(self, conn, create: bool) -> None:
         where = f"{self.path}, schema {self.schema!r}"
@@ -2399,14 +2468,11 @@ class _PostgresStorage(_Storage):
             raise BleroError(f"{where}: written by a newer blero (schema {version}; this "
                              f"blero.py knows up to {_PG_SCHEMA_VERSION})")
         if version < _PG_SCHEMA_VERSION:
-            # Inspecting upgrades too (as it does a file that can be
-            # written): one process at a time, the others then find it done.
-            self._lock_schema(conn)
-            version = conn.execute(_pg_sql(_PG_VERSION, self._schema_sql)).fetchall()[0][0]
+            session = _PGSession(conn, self._schema_sql)
             for step in _PG_UPGRADES[version - 1:]:
-                for statement in step:
-                    conn.execute(_pg_sql(statement, self._schema_sql))
-            conn.execute(_pg_sql(_PG_SET_VERSION, self._schema_sql), (_PG_SCHEMA_VERSION,))
+                step(session)
+            conn.execute(_pg_sql("UPDATE blero_meta SET version = ?", self._schema_sql),
+                         (_PG_SCHEMA_VERSION,))
 
     def close(self) -> None:
         self._stop_listener()
@@ -2487,12 +2553,14 @@ class _PostgresStorage(_Storage):
     # (only this process makes them), and then hands back what it holds.
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
-                         names: frozenset | None, claim: bool, suspect: bool = False
+                         names: frozenset | None, claim: bool, suspect: bool = False,
+                         exclude: frozenset = frozenset()
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
         with self._claims:
             self._claiming[owner] = self._claiming.get(owner, 0) + 1
         try:
-            return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
+            return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
+                               exclude)
         finally:
             with self._claims:
                 self._claiming[owner] -= 1
@@ -2561,11 +2629,16 @@ class _PostgresStorage(_Storage):
                         break
                     if note.extra.decode() != self._token:
                         self._changed = True
+                        callback = self._callback
+                        if callback is not None:
+                            callback()
                 if pg.status != 0:      # CONNECTION_OK
                     raise BleroError("the connection is lost")
         except Exception as exc:
             self._lost = owner
             self._changed = True
+            if self._callback is not None:
+                self._callback()
             log.warning("%s: lost the owner's session (%s): running jobs are cancelled; "
                         "reconnecting", self.path, str(exc).strip() or type(exc).__name__)
         finally:
@@ -2596,6 +2669,9 @@ class _PostgresStorage(_Storage):
 
     def owner_lost(self, owner: int) -> bool:
         return self._lost == owner
+
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
 
     def changed_elsewhere(self) -> bool:
         if not self._listening:
@@ -2629,13 +2705,15 @@ class _PostgresStorage(_Storage):
         pass
 
 
-# The SQLite engine's methods that only run its statements, the same here.
+# The SQLite engine's methods that only run its statements, the same here
+# (`_read`/`_write` give them a _PGSession for a connection).  A method added
+# to _SQLiteStorage that only runs statements belongs in this list too.
 _PG_SHARED = ("_finish_and_claim", "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "running_by_owner", "cancel", "_cancel", "retry_failed", "upsert_schedule",
               "drop_schedule", "run_schedules", "_run_schedules", "get", "outcome",
               "pending_in_run_order", "counts", "finished_since", "outstanding",
-              "pending_by_name", "_claim_statements", "list")
+              "pending_by_name", "_claim_statements", "list", "clear_keys", "outcomes")
 for _name in _PG_SHARED:
     setattr(_PostgresStorage, _name, _SQLiteStorage.__dict__[_name])
 del _name
@@ -2709,15 +2787,23 @@ class _Throttle:
 
 
 class _Processor:
-    """A registered processor: the callable, and the job names it takes."""
+    """A registered processor: the callable, the job names it takes, how
+    many workers run it (a task's concurrency), and what other processes
+    are told it is (`label`: a task, an executor, or the function's name)."""
 
-    __slots__ = ("id", "fn", "names", "retired")
+    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label")
 
-    def __init__(self, id, fn, names):
+    def __init__(self, id, fn, names, concurrency=1, label=None):
         self.id = id
         self.fn = fn
+        self.label = label or _fn_name(fn)
         self.names = names
-        self.retired = False    # unregistered: its worker ends after its job
+        # With names None: the names it does not take after all, those of
+        # the tasks (a processor of any name takes no task's jobs).
+        self.exclude = frozenset()
+        self.concurrency = concurrency
+        self.is_async = _is_async(fn)   # its workers are coroutines on the event loop
+        self.retired = False    # unregistered: its workers end after their jobs
 
 
 def _takes(processors: Iterable[_Processor]) -> frozenset | None:
@@ -2739,9 +2825,9 @@ class _Presence(NamedTuple):
     @classmethod
     def of(cls, processors: Iterable[_Processor]) -> _Presence:
         processors = list(processors)
-        alike = collections.Counter(
-            (_fn_name(p.fn), None if p.names is None else tuple(sorted(p.names)))
-            for p in processors)
+        alike: collections.Counter = collections.Counter()
+        for p in processors:
+            alike[p.label, None if p.names is None else tuple(sorted(p.names))] += p.concurrency
         return cls(_takes(processors),
                    tuple(_ProcessorSeen(name, names, n) for (name, names), n in alike.items()))
 
@@ -2946,9 +3032,19 @@ class _Worker:
         self.thread = threading.Thread(
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def runs_on(self, thread: threading.Thread) -> bool:
+        """Whether this worker's try is what runs on `thread` now."""
+        return self.thread is thread
+
     def accepts(self, name: str) -> bool:
-        names = self.processor.names
-        return names is None or name in names
+        p = self.processor
+        return name not in p.exclude if p.names is None else name in p.names
 
     def finished_try(self) -> bool:
         """The processor returned: busy settling now; False if abandoned."""
@@ -2993,16 +3089,160 @@ class _Worker:
             d.exited(self)
 
 
+class _LoopEvent:
+    """What an async worker sleeps on: set from any thread (as a
+    threading.Event is), waited for by a coroutine on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._flag = False
+        self._event: asyncio.Event | None = None    # made on the loop (3.9 binds it there)
+
+    def set(self) -> None:
+        self._flag = True
+        with contextlib.suppress(RuntimeError):     # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        """(On the loop.)"""
+        self._flag = False
+        if self._event is not None:
+            self._event.clear()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+        if self._flag:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
+class _AsyncWorker(_Worker):
+    """One of an `async def` processor's workers: a coroutine on the queue's
+    event loop thread, running that processor's jobs one at a time, as a
+    thread worker does (the same dispatcher calls, storage ones on the
+    loop's I/O threads so that the loop never waits for the file).  Each try
+    is a task of its own, cancelled for real when the job is cut short."""
+
+    def __init__(self, dispatcher: _Dispatcher, processor: _Processor,
+                 outcome: _Outcome | None = None):
+        super().__init__(dispatcher, processor, outcome)
+        self.loop = dispatcher.event_loop()
+        self.thread = self.loop.thread
+        self.wake = _LoopEvent(self.loop.loop)
+        self.task: asyncio.Task | None = None       # the worker's own
+        self.try_task: asyncio.Task | None = None   # the try running now
+        self.ended = threading.Event()
+
+    def start(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self._begin)
+
+    def _begin(self) -> None:
+        self.task = self.loop.loop.create_task(self._arun())
+
+    def join(self) -> None:
+        self.ended.wait()
+
+    def runs_on(self, thread: threading.Thread) -> bool:
+        if thread is not self.thread:
+            return False
+        current = asyncio.current_task(self.loop.loop)
+        return current is not None and current in (self.task, self.try_task)
+
+    async def _arun(self) -> None:
+        d = self.dispatcher
+        loop = self.loop.loop
+        outcome, self.outcome = self.outcome, None
+        try:
+            while True:
+                claim = d.claiming(self)
+                seq, cancels = d.seq, d.cancels
+                try:
+                    job = await loop.run_in_executor(self.loop.io, d.finish_and_claim,
+                                                     self, outcome, claim)
+                    if self.settling is not None:
+                        self.settled += 1
+                        self.settling = None
+                except Exception as exc:
+                    self.wake.clear()
+                    if d.stopping:
+                        return
+                    d.throttle.error(exc, "%s; retrying in %.1f s", exc, _STORAGE_RETRY)
+                    await self.wake.wait(_STORAGE_RETRY)
+                    continue
+                outcome = None
+                if job is not None:
+                    outcome = await d.execute_async(self, job, cancels)
+                    if outcome is None:
+                        return
+                elif not claim:
+                    return
+                elif d.going_idle(self, seq):
+                    await self.wake.wait()
+        finally:
+            d.exited(self)
+            self.ended.set()
+
+
+class _EventLoop:
+    """The event loop thread of a running queue, for its `async def`
+    processors and tasks: started with the first of them, stopped at the
+    end of the queue's stop.  Storage calls of its workers run on a few
+    I/O threads beside it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.io = concurrent.futures.ThreadPoolExecutor(_LOOP_IO_THREADS,
+                                                        thread_name_prefix="blero-loop-io")
+        self.thread = threading.Thread(target=self._run, name="blero-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def close(self) -> None:
+        """Cancel what is left (the tries cut short, still unwinding),
+        then stop the loop and its I/O threads."""
+        async def finish():
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in left:
+                t.cancel()
+            if left:
+                await asyncio.wait(left, timeout=_LOOP_CLOSE_WAIT)
+            self.loop.stop()
+        if threading.current_thread() is self.thread:
+            self.loop.stop()
+            return
+        asyncio.run_coroutine_threadsafe(finish(), self.loop)
+        self.thread.join()
+        self.io.shutdown(wait=True)
+
+
+_LOOP_IO_THREADS = 4      # storage calls of async workers at once
+_LOOP_CLOSE_WAIT = 1.0    # seconds a stop lets cancelled tries unwind
+
+
 class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
-                 counters: _Counters, changed: _Changes, presence: _Presence):
+                 counters: _Counters, changed: _Changes, presence: _Presence,
+                 futures: _Futures):
         self.storage = storage
         self.settings = settings
         self.owner = owner
         self.counters = counters
         self.changed = changed     # told whenever a job may have ended
+        self.futures = futures     # told of every job that ends here
         self.throttle = _Throttle()  # logs storage failures, each at most once a second
         self.seq = 0               # bumped whenever new work may be ready
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
@@ -3033,18 +3273,20 @@ class _Dispatcher:
                       "sweep": now if settings.keep_complete is not None else math.inf}
         self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
                                        daemon=True)
+        self._loop: _EventLoop | None = None    # for async processors, once one comes
 
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self, processors: Iterable[_Processor]) -> None:
         self.storage.changed_elsewhere()    # the baseline first: nothing slips between
+        self.storage.on_change(self._look_now)
         self._delayed_due = self.storage.next_delayed() or math.inf
         self._schedule_due = -math.inf      # look at schedules at once
         _guard.join(self)
         try:
             self._look_for_suspects()
             for p in processors:
-                self.spawn(p)
+                self.spawn_all(p)
             self._clock.start()
         except BaseException:
             _guard.leave(self)
@@ -3053,16 +3295,28 @@ class _Dispatcher:
     def spawn(self, processor: _Processor, outcome: _Outcome | None = None) -> bool:
         """Start a worker thread for `processor`, which first records
         `outcome` if given.  False if stopping."""
-        worker = _Worker(self, processor, outcome)
         with self._lock:
             if self.stopping:
                 return False
+            worker = (_AsyncWorker if processor.is_async else _Worker)(self, processor, outcome)
             self._workers.add(worker)
             wake = _guard.workers_changed(self)   # first: it must see suspects it takes
-            worker.thread.start()   # under the lock: stop() joins only started threads
+            worker.start()      # under the lock: stop() joins only started workers
         if wake:
             _guard.wake_all()
         return True
+
+    def spawn_all(self, processor: _Processor) -> None:
+        """Start the workers of a processor: as many as its concurrency."""
+        for _ in range(processor.concurrency):
+            if not self.spawn(processor):
+                return
+
+    def event_loop(self) -> _EventLoop:
+        """The loop thread of async workers, started by the first (under the lock)."""
+        if self._loop is None:
+            self._loop = _EventLoop()
+        return self._loop
 
     def retire(self, processor: _Processor) -> None:
         """Let `processor`'s worker finish its job, then end."""
@@ -3097,12 +3351,13 @@ class _Dispatcher:
             self._gone.notify_all()
 
     def runs_on(self, thread: threading.Thread) -> _Worker | bool:
-        """The worker running on `thread`; True for the clock thread; else False."""
+        """The worker running on `thread`; True for the clock thread (and the
+        event loop's, outside a try); else False."""
         with self._lock:
             for w in self._workers:
-                if w.thread is thread:
+                if w.runs_on(thread):
                     return w
-        return thread is self._clock
+        return thread is self._clock or (self._loop is not None and thread is self._loop.thread)
 
     def stop(self) -> list[Job]:
         """After `begin_stop`: wait for the running tries until they are cut
@@ -3133,12 +3388,13 @@ class _Dispatcher:
             job._cancel()
         for w in workers:
             if w not in cut and not w.abandoned:
-                w.thread.join()     # ended, or about to: nothing of it lingers
+                w.join()            # ended, or about to: nothing of it lingers
         with self._lock:
             self._clock_stop = True
             self._tick.notify()
         if self._clock.is_alive():
             self._clock.join()
+        self.storage.on_change(None)
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.  While
         # a worker of ours holds a suspect, that is the only job ours hold
@@ -3148,6 +3404,8 @@ class _Dispatcher:
                            suspect=any(w.suspect for w in workers))
         finally:
             _guard.leave(self)
+            if self._loop is not None:
+                self._loop.close()
         return late
 
     def exited(self, worker: _Worker) -> None:
@@ -3174,13 +3432,19 @@ class _Dispatcher:
 
     def idle(self, worker: _Worker, seq: int) -> None:
         """Sleep until new work may be there (unless some came since `seq`)."""
+        if self.going_idle(worker, seq):
+            worker.wake.wait()
+
+    def going_idle(self, worker: _Worker, seq: int) -> bool:
+        """Whether the worker should sleep on its `wake` now (no work came
+        since `seq`): it is among the idle ones then."""
         with self._lock:
             if seq != self.seq or not self.claiming(worker):
-                return
+                return False
             worker.wake.clear()
             self._idle.append(worker)
         self.changed.wake()     # join() looks again when workers run dry
-        worker.wake.wait()
+        return True
 
     def work_arrived(self, names: list[str] | None) -> None:
         """Wake idle workers for new ready jobs: one per job that it accepts,
@@ -3220,10 +3484,14 @@ class _Dispatcher:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def enqueue(self, rows: list[_NewJob], connection=None) -> list[int]:
+    def enqueue(self, rows: list[_NewJob],
+                connection=None) -> tuple[list[int], list[bool]]:
         """Store new jobs and wake the workers that can take them (those
-        written with the caller's `connection` are seen once committed)."""
+        written with the caller's `connection` are seen once committed);
+        return their ids, and for each whether it was stored (not answered
+        by a key)."""
         ids, stored = self.storage.insert(rows, connection)
+        answered = stored
         rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
@@ -3231,7 +3499,7 @@ class _Dispatcher:
         if ready:
             self.work_arrived(ready)
         self.counters.stored(len(rows))
-        return ids
+        return ids, answered
 
     def finish_and_claim(self, worker: _Worker, outcome: _Outcome | None,
                          claim: bool) -> Job | None:
@@ -3247,9 +3515,10 @@ class _Dispatcher:
                     claim = suspect = turn
         if outcome is None and not claim:
             return None
+        p = worker.processor
         recorded, row, left = self.storage.finish_and_claim(
-            outcome and outcome.finish(self.owner), self.owner, worker.processor.names,
-            claim, suspect)
+            outcome and outcome.finish(self.owner), self.owner, p.names, claim, suspect,
+            p.exclude)
         worker.suspect = suspect and row is not None
         if row is None:
             worker.holding = False
@@ -3266,6 +3535,40 @@ class _Dispatcher:
     def execute(self, worker: _Worker, job: Job, cancels: int) -> _Outcome | None:
         """Run one try of `job`, claimed when `self.cancels` was `cancels`;
         None if the worker was abandoned meanwhile."""
+        began = self._begin_try(worker, job, cancels)
+        if began is None or isinstance(began, _Outcome):
+            return began
+        exc = result = None
+        try:
+            result = worker.processor.fn(job)
+        except BaseException as e:   # any failure is the job's, never the worker's
+            exc = e
+        return self._end_try(worker, job, began, exc, result)
+
+    async def execute_async(self, worker: _AsyncWorker, job: Job,
+                            cancels: int) -> _Outcome | None:
+        """`execute` for an async worker: the try is a task of its own,
+        cancelled (CancelledError raised in it) when the job is cut short."""
+        began = self._begin_try(worker, job, cancels)
+        if began is None or isinstance(began, _Outcome):
+            return began
+        loop = worker.loop.loop
+        exc = result = None
+        try:
+            task = worker.try_task = asyncio.ensure_future(worker.processor.fn(job))
+            job._on_cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+            if job._cancelled:
+                task.cancel()
+            result = await task
+        except BaseException as e:   # CancelledError too: the try was cut short
+            exc = e
+        finally:
+            job._on_cancel = worker.try_task = None
+        return self._end_try(worker, job, began, exc, result)
+
+    def _begin_try(self, worker: _Worker, job: Job, cancels: int):
+        """Before a try: None if the worker was abandoned, an outcome if the
+        try cannot begin, else (its deadline entry, its start time)."""
         with worker.lock:
             retired = worker.processor.retired and not worker.abandoned
             # Stopping: a job claimed before (in the commit that recorded
@@ -3298,12 +3601,12 @@ class _Dispatcher:
             return self.failure(job, exc, retry=False,
                                 text=f"cannot deserialize the job's data: {_exc_text(exc)}")
         deadline = None if job.timeout is None else self._add_deadline(worker, job)
-        started = time.perf_counter()
-        exc = result = None
-        try:
-            result = worker.processor.fn(job)
-        except BaseException as e:   # any failure is the job's, never the worker's
-            exc = e
+        return deadline, time.perf_counter()
+
+    def _end_try(self, worker: _Worker, job: Job, began: tuple, exc: BaseException | None,
+                 result: Any) -> _Outcome | None:
+        """After a try: its outcome, or None if the worker was abandoned."""
+        deadline, started = began
         seconds = time.perf_counter() - started
         if deadline is not None:
             self._drop_deadline(deadline)
@@ -3322,7 +3625,7 @@ class _Dispatcher:
             if inspect.iscoroutine(result):
                 result.close()      # never awaited, and never warned about
             exc = TypeError(f"the processor returned an awaitable, {result!r}: "
-                            f"async processors are not supported yet")
+                            f"an async processor is an `async def` function")
             return self.failure(job, exc, retry=False, seconds=seconds,
                                 text=f"TypeError: {exc}")
         try:
@@ -3347,7 +3650,8 @@ class _Dispatcher:
             state = _DELAYED if wait > 0 else _READY
             return _Outcome(job, state, run_at=now + wait, error=text, exc=exc,
                             seconds=seconds)
-        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
+        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds,
+                        blob=_restorable(self.settings.serializer, exc))
 
     def interrupted(self, job: Job, exc: BaseException | None = None,
                     text: str = "interrupted", given_back: bool = False,
@@ -3364,8 +3668,9 @@ class _Dispatcher:
                             given_back=True)
         if job.attempt < job.max_attempts:
             return _Outcome(job, state, run_at=now, error=text)
-        return _Outcome(job, _FAILED, finished_at=now, error=text,
-                        exc=BleroError(text) if exc is None else exc)
+        exc = BleroError(text) if exc is None else exc
+        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc,
+                        blob=_restorable(self.settings.serializer, exc))
 
     def settle(self, outcome: _Outcome, recorded: bool) -> None:
         """After an outcome was committed: log, count, call back, wake waiters."""
@@ -3375,6 +3680,7 @@ class _Dispatcher:
         s = self.settings
         if state == _COMPLETE:
             self.counters.add("complete", seconds=outcome.seconds)
+            self.futures.ended(job.id, outcome)
             _call_back(s.on_complete, job, outcome.result)
         else:
             final = state == _FAILED
@@ -3386,6 +3692,7 @@ class _Dispatcher:
                         "" if final else ", will retry", first_line[0])
             log.debug("job %d error:\n%s", job.id, outcome.error)
             if final:
+                self.futures.ended(job.id, outcome)
                 _call_back(s.on_failed, job, outcome.exc)
             elif state == _DELAYED:
                 self.delayed_at(outcome.run_at)
@@ -3540,6 +3847,12 @@ class _Dispatcher:
         log.warning("carrying on as a new owner; %d running job(s) cancelled", len(running))
         self.work_arrived(None)
 
+    def _look_now(self) -> None:
+        """Storage heard of another process's commit: poll at once."""
+        with self._lock:
+            self._next["poll"] = -math.inf
+            self._tick.notify()
+
     def _poll(self) -> None:
         """Notice other processes' commits: new work, cancels, ended jobs."""
         if not self._due("poll", _POLL) or not self.storage.changed_elsewhere():
@@ -3559,6 +3872,7 @@ class _Dispatcher:
                 if job.id not in mine:
                     job._cancel()       # cancelled (or taken back) elsewhere
         self.changed.wake()
+        self.futures.poke()
 
     def _reap(self) -> None:
         """Take back the jobs of owners that died (or went silent past the lease)."""
@@ -3646,6 +3960,7 @@ class _Dispatcher:
         if rows or undone:
             self.work_arrived(None)
             self.changed.wake()
+            self.futures.poke()
         return len(rows) + undone
 
 
@@ -3662,6 +3977,26 @@ def _dumps(serializer, value):
         raise TypeError(f"the serializer's dumps() gave {type(blob).__name__}, "
                         f"not bytes or str")
     return blob
+
+
+def _restorable(serializer, exc: BaseException | None):
+    """`exc` serialized, if it comes back from that as an exception of its
+    class (what `JobFailed.exception` gives back later); else None."""
+    if exc is None:
+        return None
+    try:
+        blob = _dumps(serializer, exc)
+        back = serializer.loads(blob)
+    except Exception:   # unpicklable, or refusing its own arguments when rebuilt
+        return None
+    return blob if type(back) is type(exc) else None
+
+
+def _restored(serializer, blob) -> BaseException | None:
+    """The exception a failed job's result column holds, if it still loads
+    (its class may be gone since)."""
+    exc = _loads_or_none(serializer, blob)
+    return exc if isinstance(exc, BaseException) else None
 
 
 def _loads_or_none(serializer, blob):
@@ -3769,6 +4104,12 @@ class Blero:
         self._counters = _Counters()
         self._changed = _Changes()
         self._untaken_warned: set[str] = set()   # job names join() said no queue takes
+        self._futures = _Futures(self)
+        self._tasks: dict[str, Task] = {}        # by name: the registered tasks
+        # The names of task jobs (tasks', executors' functions), each with how
+        # many registrations take it: processors of any name take none of them.
+        self._task_names: collections.Counter = collections.Counter()
+        self._calls = _Calls()                   # this run's resumable calls
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
@@ -3794,7 +4135,7 @@ class Blero:
                 presence = _Presence.of(self._processors.values())
                 storage.heartbeat(owner, time.time(), *presence)
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed,
-                                presence)
+                                presence, self._futures)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
@@ -3804,6 +4145,7 @@ class Blero:
                     raise BleroError(f"{self.path}-lock: {exc.strerror or exc}") from exc
                 raise
             self._storage, self._dispatcher = storage, d
+            self._calls = _Calls()      # a new run: its calls are counted afresh
         log.info("started on %s; %d interrupted job(s) taken back", self.path, recovered)
         return self
 
@@ -4018,31 +4360,69 @@ class Blero:
         fn = run if callable(run) else processor
         if not callable(fn):
             raise TypeError("a processor is a callable f(job) or an object with .run(job)")
-        if _is_async(fn):   # its try would only make a coroutine, never run it
-            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is async: async processors "
-                            f"are not supported yet; register a plain function")
+        if any(inspect.isasyncgenfunction(f) for f in (fn, getattr(fn, "__call__", None))):
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is an async generator: "
+                            f"a processor returns its result (an async one with `return`)")
         if names is not None:
             names = frozenset([names] if isinstance(names, str) else names)
             if not names or not all(isinstance(n, str) and n for n in names):
                 raise ValueError("names must be one or more non-empty job names")
+        return self._add_processor(fn, names).id
+
+    def _add_processor(self, fn, names: frozenset | None, concurrency: int = 1,
+                       task_names: Iterable[str] = (), replaces: int | None = None,
+                       label: str | None = None) -> _Processor:
+        """Register a processor of `concurrency` workers; `task_names` are
+        the names of task jobs it takes (kept from processors of any name);
+        `replaces`: the id of a processor it takes the place of; `label`:
+        what it is, for other processes to see (default: fn's name)."""
         with self._lock:
-            p = _Processor(self._next_processor, fn, names)
+            p = _Processor(self._next_processor, fn, names, concurrency, label)
             self._next_processor += 1
+            old = self._processors.pop(replaces, None)
             self._processors[p.id] = p
+            self._task_names.update(task_names)
+            self._exclude_task_names()
             d = self._dispatcher
             if d is not None:
                 # Told before its first job: no other process's join() may
                 # see it run one, and yet not take that name.
                 d.processors_changed(_Presence.of(self._processors.values()))
         if d is not None:
-            d.spawn(p)
-        return p.id
+            if old is not None:
+                d.retire(old)
+            d.spawn_all(p)
+        return p
+
+    def _retake(self, p: _Processor, names: frozenset) -> None:
+        """A processor takes `names` from now on: task names, more than before."""
+        with self._lock:
+            self._task_names.update(names - p.names)
+            p.names = names
+            self._exclude_task_names()
+            d = self._dispatcher
+            if d is not None:
+                d.processors_changed(_Presence.of(self._processors.values()))
+        if d is not None:
+            d.work_arrived(None)
+
+    def _exclude_task_names(self) -> None:
+        """Under the lock: processors of any name take no task's jobs."""
+        names = frozenset(n for n, k in self._task_names.items() if k > 0)
+        for p in self._processors.values():
+            if p.names is None:
+                p.exclude = names
 
     def unregister_processor(self, processor_id: int) -> None:
         """Remove a processor at once; its worker finishes its current job, then ends."""
         _integer("processor_id", processor_id, least=1)
+        self._drop_processor(processor_id)
+
+    def _drop_processor(self, processor_id: int, task_names: Iterable[str] = ()) -> None:
         with self._lock:
             p = self._processors.pop(processor_id, None)
+            self._task_names.subtract(task_names)
+            self._exclude_task_names()
             d = self._dispatcher
             if p is not None and d is not None:
                 d.processors_changed(_Presence.of(self._processors.values()))
@@ -4069,7 +4449,7 @@ class Blero:
         exists if and when the caller commits."""
         d = self._running()
         row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time())
-        return d.enqueue([row], connection)[0]
+        return d.enqueue([row], connection)[0][0]
 
     def enqueue_many(self, jobs: Iterable[tuple | dict], *, connection: Any = None) -> list[int]:
         """Store many jobs in one transaction, all or nothing; return their ids.
@@ -4096,7 +4476,7 @@ class Blero:
                 rows.append(self._row(item[0], item[1], None, None, 0, None, None, None, now))
             else:
                 raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
-        return d.enqueue(rows, connection) if rows else []
+        return d.enqueue(rows, connection)[0] if rows else []
 
     def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> _NewJob:
         """Check one job's arguments and make its storage row."""
@@ -4149,7 +4529,7 @@ class Blero:
             raise TimeoutError(f"job {job_id} still {_STATE_NAME[seen[0]]} after {timeout} s")
         state, result, error = row
         if state == _FAILED:
-            raise JobFailed(job_id, error)
+            raise JobFailed(job_id, error, _restored(self._settings.serializer, result))
         if state == _CANCELLED:
             raise JobCancelled(job_id)
         return _loads_or_none(self._settings.serializer, result)
@@ -4225,9 +4605,11 @@ class Blero:
 
     def _info(self, row: _Stored) -> JobInfo:
         loads = self._settings.serializer
+        # A failed job's result column holds its exception (for
+        # JobFailed.exception): it has no result.
+        result = None if row.state == _FAILED else _loads_or_none(loads, row.result)
         return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
-                                      state=_STATE_NAME[row.state],
-                                      result=_loads_or_none(loads, row.result))._asdict())
+                                      state=_STATE_NAME[row.state], result=result)._asdict())
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
@@ -4268,6 +4650,17 @@ class Blero:
         d = self._dispatcher
         if d is not None:
             d.cancelled(job_id)
+        self._futures.cancelled(job_id)
+        return True
+
+    def _cancel_pending(self, job_id: int) -> bool:
+        """Cancel a job that has not started yet (JobFuture.cancel)."""
+        with self._store(operating=True) as storage:
+            before = storage.cancel(job_id, time.time(), pending_only=True)
+        if before is None:
+            return False
+        self._counters.add("cancelled")
+        self._changed.wake()
         return True
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> int:
@@ -4333,6 +4726,168 @@ class Blero:
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         with self._store(operating=True) as storage:
             return storage.drop_schedule(key)
+
+    # -- tasks, futures and executors --------------------------------------------------
+
+    def task(self, name: str | Callable | None = None, *, concurrency: int = 1,
+             retries: int | None = None, timeout: float | None = None,
+             priority: int = 0):
+        """Register a function as a task (`@bl.task` or `@bl.task(...)`) and
+        return its `Task`: its calls are jobs named `name` (by default
+        `module.qualname`), run by `concurrency` workers here (for an `async
+        def` function: that many coroutines on the queue's event loop).
+        Registering a task of a name that exists replaces it."""
+        if callable(name):
+            return self.task()(name)
+        if name is not None:
+            if not isinstance(name, str):
+                raise TypeError(f"a task name must be a str, not {type(name).__name__}")
+            if not name:
+                raise ValueError("a task name must not be empty")
+        _integer("concurrency", concurrency, least=1)
+        options = {"priority": _integer("priority", priority, least=_INT_MIN)}
+        if retries is not None:
+            options["retries"] = _retries("retries", retries)
+        if timeout is not None:
+            options["timeout"] = _seconds("timeout", timeout, positive=True)
+
+        def register(fn) -> Task:
+            if isinstance(fn, Task):
+                fn = fn.fn
+            if not callable(fn):
+                raise TypeError(f"a task is a function, not {type(fn).__name__}")
+            task = Task(self, fn, _function_name(fn) if name is None else name,
+                        concurrency, options)
+            with self._lock:
+                old = self._tasks.get(task.name)
+            replaces = None if old is None else old._processor.id
+            run = task._arun if _is_async(fn) else task._run
+            task._processor = self._add_processor(run, frozenset([task.name]),
+                                                  concurrency, [task.name], replaces, "task")
+            with self._lock:
+                if old is not None:
+                    self._task_names[task.name] -= 1
+                    self._exclude_task_names()
+                self._tasks[task.name] = task
+            return task
+        return register
+
+    def executor(self, max_workers: int = 5) -> Executor:
+        """A `concurrent.futures.Executor` whose calls are jobs of this queue,
+        run by `max_workers` workers: resumable after a crash."""
+        return Executor(self, max_workers)
+
+    def future(self, job_id: int) -> JobFuture:
+        """A JobFuture of any stored job (also one of another run or
+        process), resolved when its outcome is recorded.  KeyError for an
+        unknown id."""
+        _job_id("job_id", job_id)
+        future = JobFuture(self, job_id)
+        self._futures.add([future])     # first: an end from now on resolves it
+        with self._store() as storage:
+            row = storage.outcome(job_id)
+        if row is None:
+            self._futures.forget(future)
+            raise KeyError(job_id)
+        if row.state >= _COMPLETE:
+            self._futures.forget(future)
+            future._stored(row, self._settings.serializer)
+        return future
+
+    async def aenqueue(self, name: str, data: Any = None, **options) -> int:
+        """`enqueue` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.enqueue, name, data,
+                                                                  **options))
+
+    async def aenqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
+        """`enqueue_many` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.enqueue_many, list(jobs))
+
+    def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
+                       resumable: bool = False) -> list[JobFuture]:
+        """Store a job per call (args, kwargs) of the task `name`; return
+        their futures.  `resumable`: each call is matched with the stored
+        job of the same call of a run that did not finish (see _Calls)."""
+        d = self._running()
+        connection = options.get("connection")
+        if resumable and connection is not None:
+            raise ValueError("connection= is for enqueue(): the calls of a map or an "
+                             "executor are committed as they are made")
+        now = time.time()
+        rows = [self._row(name, (args, kwargs), options.get("delay"), options.get("run_at"),
+                          options.get("priority", 0), options.get("retries"),
+                          options.get("timeout"), options.get("key"), now)
+                for args, kwargs in calls]
+        if resumable and options.get("key") is None:
+            rows = [r._replace(key=self._calls.key(name, r.data)) for r in rows]
+        futures: list[JobFuture] = []
+        with self._futures.expecting():
+            # A slice per commit: the workers start on the first while the
+            # rest are stored.  (Every call was checked above: a bad one
+            # stored nothing.)
+            for i in range(0, len(rows), _CALLS_SLICE):
+                futures += self._enqueue_slice(d, rows[i:i + _CALLS_SLICE], connection)
+        return futures
+
+    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob],
+                       connection: Any = None) -> list[JobFuture]:
+        """Store these calls' jobs (under `_futures.expecting()`); their futures."""
+        ids, stored = d.enqueue(rows, connection)
+        futures = [JobFuture(self, i) for i in ids]
+        self._futures.add([f for f, new in zip(futures, stored) if new])
+        matched = [k for k, new in enumerate(stored) if not new]
+        if not matched:
+            return futures
+        # Calls a stored job answered: a complete one gives its result,
+        # a pending or running one goes on, a failed or cancelled one
+        # (or one swept meanwhile) runs again as a new job.
+        found = d.storage.outcomes([ids[k] for k in matched])
+        again, going = [], []
+        for k in matched:
+            row = found.get(ids[k])
+            if row is None or row.state in (_FAILED, _CANCELLED):
+                again.append(k)
+            elif row.state == _COMPLETE:
+                futures[k]._stored(row, self._settings.serializer)
+            else:
+                going.append(futures[k])
+        self._futures.add(going)
+        if again:
+            d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
+            new_ids, _ = d.enqueue([rows[k] for k in again])
+            renewed = [JobFuture(self, i) for i in new_ids]
+            for k, f in zip(again, renewed):
+                futures[k] = f
+            self._futures.add(renewed)
+        return futures
+
+    def _wait_all(self, futures: list[JobFuture]) -> None:
+        """Wait until every future is done; BleroError if the queue stops first."""
+        if not futures:
+            return
+        d = self._dispatcher
+        left = [len(futures)]
+        lock, done = threading.Lock(), threading.Event()
+
+        def one_done(_):
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+        for f in futures:
+            f.add_done_callback(one_done)
+        while not done.wait(_FUTURES_LOOK):
+            if self._dispatcher is not d or d is None:
+                raise BleroError(f"{self.path}: the queue stopped with {left[0]} "
+                                 f"call(s) not ended; a later run carries on with them")
+
+    def _release(self, ids: list[int]) -> None:
+        """Clear the keys of these calls' jobs: a later run computes them afresh."""
+        if ids:
+            with self._store(operating=True) as storage:
+                storage.clear_keys(ids)
 
     # -- metrics ---------------------------------------------------------------------
 
@@ -4511,6 +5066,518 @@ class _SignalStop:
 def new(path: str | os.PathLike, **settings) -> Blero:
     """Make a queue on `path` (Goblero's New); nothing touches the disk until `start()`."""
     return Blero(path, **settings)
+
+
+# ---------------------------------------------------------------------------
+# Tasks, futures and the executor
+# ---------------------------------------------------------------------------
+#
+# The Python way onto the same jobs: a task call is a job whose data is the
+# serialized (args, kwargs) and whose result is the return value.  A call
+# made through `Task.map` or an `Executor` is resumable: its job gets the key
+# "blero.call:<name>:<blake2b of its data>:<n>", n counting the identical
+# calls of this run, so that the same program run again after a crash meets
+# the jobs of the run that did not finish (a key answers with the stored
+# job); once the map or executor is done with them, their keys are cleared,
+# and the next run computes them afresh.
+
+_CALL_KEY = "blero.call:{name}:{digest}:{n}"
+_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "connection")
+
+
+class _Calls:
+    """The resumable calls of one run: how many times each was made."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: collections.Counter = collections.Counter()
+
+    def key(self, name: str, blob) -> str:
+        """The key of the next identical call of `name` with data `blob`."""
+        data = blob.encode() if isinstance(blob, str) else bytes(blob or b"")
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        with self._lock:
+            self._seen[name, digest] += 1
+            n = self._seen[name, digest]
+        return _CALL_KEY.format(name=name, digest=digest, n=n)
+
+
+def _call_args(job: Job) -> tuple[tuple, dict]:
+    """The (args, kwargs) a task call's job carries."""
+    data = job.data
+    if (not isinstance(data, (tuple, list)) or len(data) != 2
+            or not isinstance(data[0], (tuple, list)) or not isinstance(data[1], dict)):
+        raise TypeError(f"job {job.id} ({job.name}) is not a task call: its data is "
+                        f"{_shown(data)}, not (args, kwargs)")
+    return tuple(data[0]), data[1]
+
+
+def _function_name(fn, what: str = "a task") -> str:
+    """`module.qualname` of a function that can be found again by that
+    name after a restart; TypeError naming why for anything else."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise TypeError(f"{fn!r} has no qualified name: {what} needs a module-level "
+                        f"function (or give the task a name)")
+    if "<lambda>" in qualname:
+        raise TypeError(f"{module}.{qualname} is a lambda: {what} needs a function "
+                        f"that can be imported by its name (or give the task a name)")
+    if "<locals>" in qualname:
+        raise TypeError(f"{module}.{qualname} is a nested function: {what} needs a "
+                        f"module-level function (or give the task a name)")
+    return f"{module}.{qualname}"
+
+
+def _importable(fn) -> str:
+    """The name of a function an executor runs: it must be what that name
+    imports (so that a later run finds the same function by it)."""
+    name = _function_name(fn, "an executor")
+    obj = sys.modules.get(fn.__module__)
+    for part in fn.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    if obj is not fn and getattr(obj, "fn", None) is not fn:
+        raise TypeError(f"{name} does not import as {fn!r}: an executor needs a function "
+                        f"that can be imported by its qualified name")
+    return name
+
+
+def _check_options(options: dict) -> dict:
+    unknown = set(options) - set(_JOB_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+    return options
+
+
+class JobFuture(concurrent.futures.Future):
+    """The outcome of a job, as a `concurrent.futures.Future` (so it works
+    with `concurrent.futures.wait` and `as_completed`), and awaitable.
+
+    `result()` returns the job's result once recorded, or raises the job's
+    own exception (the original one when it could be restored, else
+    JobFailed), JobCancelled for a cancelled job.  `cancel()` cancels only a
+    job not started yet, as concurrent.futures does."""
+
+    def __init__(self, blero: Blero, job_id: int):
+        super().__init__()
+        self.id = job_id
+        self._blero = blero
+        self._cancelling = False    # cancel() under way: outcomes wait for it
+
+    def __repr__(self):
+        return f"<JobFuture job {self.id} {self._state.lower()}>"
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started: True if it is cancelled."""
+        if self.cancelled():
+            return True
+        if self.done():
+            return False
+        futures = self._blero._futures
+        futures.cancelling(self, True)
+        try:
+            cancelled = self._blero._cancel_pending(self.id)
+        finally:
+            futures.cancelling(self, False)
+        if not cancelled:
+            futures.look_now(self)  # it may have ended while its outcome waited
+            return False
+        futures.forget(self)
+        super().cancel()
+        self.set_running_or_notify_cancel()     # waiters of wait()/as_completed see it now
+        return True
+
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+    def _deliver(self, result: Any = None, exc: BaseException | None = None) -> None:
+        """Resolve it, unless it is resolved (or cancelled) already."""
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if exc is None:
+                self.set_result(result)
+            else:
+                self.set_exception(exc)
+
+    def _stored(self, row: _Ended, serializer) -> None:
+        """Resolve it from the stored outcome of its job, which has ended."""
+        if row.state == _COMPLETE:
+            self._deliver(_loads_or_none(serializer, row.result))
+        elif row.state == _FAILED:
+            self._deliver(exc=_restored(serializer, row.result)
+                          or JobFailed(self.id, row.error))
+        else:
+            self._deliver(exc=JobCancelled(self.id))
+
+
+class _Futures:
+    """The JobFutures of one Blero not yet resolved, by job id.
+
+    A job that ends in this process resolves its futures at once, from the
+    dispatcher's record of it (`ended`, with the result as returned, even if
+    a sweep removes the job right after).  For jobs that other processes or
+    earlier runs own, one watcher thread (started with the first future
+    waiting, ended with the last) looks at their stored outcomes whenever
+    the queue may have changed: never a thread per future.
+
+    `_lock` guards `_waiting`, `_early` and `_expecting`; no I/O and no
+    future's callbacks run under it."""
+
+    def __init__(self, blero: Blero):
+        self._blero = blero
+        self._lock = threading.Lock()
+        self._waiting: dict[int, list[JobFuture]] = {}
+        # While calls are being enqueued (`expecting`), a job that ends
+        # before its future is added leaves its outcome here for it.
+        self._expecting = 0
+        self._early: dict[int, _Outcome | None] = {}
+        self._watcher: threading.Thread | None = None
+        self._poked = threading.Event()     # other processes committed: look now
+        self._missing: set[int] = set()     # ids the watcher's last look did not find
+
+    @contextlib.contextmanager
+    def expecting(self):
+        with self._lock:
+            self._expecting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._expecting -= 1
+                if not self._expecting:
+                    self._early.clear()
+
+    def add(self, futures: list[JobFuture]) -> None:
+        early = []
+        with self._lock:
+            for f in futures:
+                if f.id in self._early:
+                    early.append((f, self._early[f.id]))
+                else:
+                    self._waiting.setdefault(f.id, []).append(f)
+            if self._watcher is None and self._waiting:
+                self._watcher = threading.Thread(target=self._watch, name="blero-futures",
+                                                 daemon=True)
+                self._watcher.start()
+        for f, outcome in early:
+            self._resolve(f, outcome)
+
+    def forget(self, future: JobFuture) -> None:
+        with self._lock:
+            waiting = self._waiting.get(future.id, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiting.pop(future.id, None)
+
+    def cancelling(self, future: JobFuture, on: bool) -> None:
+        with self._lock:
+            future._cancelling = on
+
+    def ended(self, job_id: int, outcome: _Outcome | None) -> None:
+        """The job ended here (None: cancelled): resolve its futures."""
+        if not self._waiting and not self._expecting:
+            return      # the workers' hot path: nothing to look up
+        with self._lock:
+            futures = self._waiting.pop(job_id, ())
+            keep = [f for f in futures if f._cancelling]
+            if keep:
+                self._waiting[job_id] = keep
+            if self._expecting:
+                self._early[job_id] = outcome
+        for f in futures:
+            if not f._cancelling:
+                self._resolve(f, outcome)
+
+    def cancelled(self, job_id: int) -> None:
+        self.ended(job_id, None)
+
+    def poke(self) -> None:
+        """Jobs may have ended where `ended` does not see (another process,
+        a dead owner's jobs handed back out of tries)."""
+        if self._waiting:
+            self._poked.set()
+
+    def _resolve(self, f: JobFuture, outcome: _Outcome | None) -> None:
+        if outcome is None:
+            f._deliver(exc=JobCancelled(f.id))
+        elif outcome.state == _COMPLETE:
+            f._deliver(outcome.result)
+        elif outcome.blob is not None:      # restorable: the original itself
+            f._deliver(exc=outcome.exc)
+        else:
+            f._deliver(exc=JobFailed(f.id, outcome.error))
+
+    def look_now(self, future: JobFuture) -> None:
+        """Resolve `future` now if its job has ended."""
+        with self._blero._store() as storage:
+            row = storage.outcome(future.id)
+        if row is not None and row.state >= _COMPLETE:
+            self.forget(future)
+            future._stored(row, self._blero._settings.serializer)
+
+    def _watch(self) -> None:
+        blero = self._blero
+        next_look = 0.0
+        while True:
+            with self._lock:
+                ids = list(self._waiting)
+                if not ids:
+                    self._watcher = None
+                    return
+            now = time.monotonic()
+            if now >= next_look:
+                try:
+                    with blero._store() as storage:
+                        found = storage.outcomes(ids)
+                except BleroError as exc:
+                    found = None
+                    log.debug("futures: cannot look at the queue: %s", exc)
+                # A look reads every waiting job: with very many it is made at
+                # most 2% of the time.
+                next_look = time.monotonic() + max(_POLL, 50 * (time.monotonic() - now))
+                if found is not None:
+                    self._found(ids, found)
+            # Running, the queue pokes it when other processes commit (and it
+            # looks now and then for what nobody tells); stopped, only the
+            # file tells.
+            running = blero._dispatcher is not None
+            self._poked.wait(_FUTURES_LOOK if running else _FUTURES_STOPPED_LOOK)
+            self._poked.clear()
+            pause = next_look - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)   # (the 2% bound above)
+
+    def _found(self, ids: list[int], found: dict[int, _Ended]) -> None:
+        resolved = []
+        missing, self._missing = self._missing, {i for i in ids if i not in found}
+        with self._lock:
+            for i in ids:
+                row = found.get(i)
+                if row is not None and row.state < _COMPLETE:
+                    continue
+                if row is None and i not in missing:
+                    # Swept, maybe, right after it ended here: its end, on
+                    # its way, resolves it; gone at the next look too, it is.
+                    continue
+                futures = [f for f in self._waiting.get(i, ()) if not f._cancelling]
+                if futures:
+                    left = [f for f in self._waiting[i] if f._cancelling]
+                    if left:
+                        self._waiting[i] = left
+                    else:
+                        del self._waiting[i]
+                    resolved.append((futures, row, i))
+        serializer = self._blero._settings.serializer
+        for futures, row, i in resolved:
+            for f in futures:
+                if row is None:
+                    f._deliver(exc=BleroError(f"job {i} is gone (swept) before its "
+                                              f"outcome was seen"))
+                else:
+                    f._stored(row, serializer)
+
+
+_FUTURES_LOOK = 1.0             # seconds between looks at most, while running
+_CALLS_SLICE = 500              # calls of a map stored per commit
+_FUTURES_STOPPED_LOOK = 0.25    # and on a stopped queue (its file may change)
+
+
+class Task:
+    """A function whose calls are jobs, made by `Blero.task`.
+
+    Calling it runs the function directly; `enqueue(*args, **kwargs)` makes
+    a job of the call and returns its JobFuture; `map(*iterables)` runs one
+    job per call, resumably, and returns the results in order; `using(...)`
+    gives a copy with other job options."""
+
+    def __init__(self, blero: Blero, fn: Callable, name: str, concurrency: int,
+                 options: dict):
+        self.fn = fn
+        self.name = name
+        self.concurrency = concurrency
+        self._blero = blero
+        self._options = options
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self):
+        return f"<blero.Task {self.name!r}>"
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def using(self, **options) -> Task:
+        """A copy of this task whose jobs get these options (`delay`,
+        `run_at`, `priority`, `retries`, `timeout`, `key`, `connection`), as
+        `Blero.enqueue` takes them."""
+        copy = Task.__new__(Task)
+        copy.__dict__.update(self.__dict__)
+        copy._options = {**self._options, **_check_options(options)}
+        return copy
+
+    def enqueue(self, *args, **kwargs) -> JobFuture:
+        """Make a job of this call; return its future."""
+        return self._blero._enqueue_calls(self.name, [(args, kwargs)], self._options)[0]
+
+    async def aenqueue(self, *args, **kwargs) -> JobFuture:
+        """`enqueue` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.enqueue, *args,
+                                                                  **kwargs))
+
+    def map(self, *iterables) -> list:
+        """One job per call `fn(*items)`, with the task's concurrency; the
+        results in order.  The first failure is raised once every job has
+        ended.  Resumable: run again after a crash, the calls that completed
+        return their stored results without running again."""
+        calls = [(args, {}) for args in zip(*iterables)]
+        blero = self._blero
+        futures = blero._enqueue_calls(self.name, calls, self._options, resumable=True)
+        blero._wait_all(futures)
+        blero._release([f.id for f in futures])
+        return [f.result() for f in futures]
+
+    def _run(self, job: Job):
+        args, kwargs = _call_args(job)
+        return self.fn(*args, **kwargs)
+
+    async def _arun(self, job: Job):
+        args, kwargs = _call_args(job)
+        return await self.fn(*args, **kwargs)
+
+
+class Executor(concurrent.futures.Executor):
+    """A `concurrent.futures.Executor` whose calls are jobs, made by
+    `Blero.executor`: a drop-in for ThreadPoolExecutor whose work survives
+    crashes.  `fn` is a Task (run by its own workers) or a function that
+    can be imported by its qualified name (run by this executor's
+    `max_workers` workers).  Calls are resumable, as `Task.map`'s are, and
+    released once the executor is shut down with all of them ended."""
+
+    def __init__(self, blero: Blero, max_workers: int = 5):
+        if isinstance(max_workers, int) and not isinstance(max_workers, bool) \
+                and max_workers <= 0:
+            raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
+        self._max_workers = _integer("max_workers", max_workers, least=1)
+        self._blero = blero
+        self._lock = threading.Lock()   # guards everything below
+        self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
+        self._processor: _Processor | None = None
+        # Its calls' job ids (released at the end), and the futures not done
+        # yet: a done one is the caller's alone (its result may be big).
+        self._ids: list[int] = []
+        self._pending: set[JobFuture] = set()
+        self._shutdown = False
+        self._released = False
+
+    def __repr__(self):
+        return f"<blero.Executor max_workers={self._max_workers}>"
+
+    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple]:
+        """The job name, options and arguments of a call of `fn`."""
+        if isinstance(fn, Task):
+            return fn.name, fn._options, args
+        if inspect.ismethod(fn):      # its object travels with the arguments
+            fn, args = fn.__func__, (fn.__self__,) + args
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        name = _importable(fn)
+        if _is_async(fn):
+            raise TypeError(f"{name} is an async function: make it a task (bl.task) "
+                            f"to run its calls on the queue's event loop")
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            known = name in self._fns
+            self._fns.setdefault(name, fn)
+            p = self._processor
+        if p is None:
+            p = self._blero._add_processor(self._run, frozenset([name]), self._max_workers,
+                                           task_names=[name], label="executor")
+            with self._lock:
+                self._processor = p
+        elif not known:
+            self._blero._retake(p, p.names | {name})
+        return name, {}, args
+
+    def submit(self, fn, /, *args, **kwargs) -> JobFuture:
+        """Run `fn(*args, **kwargs)` as a job; return its future."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        name, options, args = self._target(fn, args)
+        future = self._blero._enqueue_calls(name, [(args, kwargs)], options,
+                                            resumable=True)[0]
+        self._track([future])
+        return future
+
+    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1):
+        """`fn` over the iterables, a job per call: an iterator of the
+        results in order, as `concurrent.futures.Executor.map`."""
+        timeout = _seconds("timeout", timeout, optional=True)
+        _integer("chunksize", chunksize, least=1)    # (every call is a job of its own)
+        end = None if timeout is None else time.monotonic() + timeout
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        calls = list(zip(*iterables))
+        futures = []
+        if calls:
+            name, options, first = self._target(fn, calls[0])
+            extra = len(first) - len(calls[0])      # a bound method's object
+            calls = [(first[:extra] + args, {}) for args in calls]
+            futures = self._blero._enqueue_calls(name, calls, options, resumable=True)
+            self._track(futures)
+        return self._results(futures, end)
+
+    @staticmethod
+    def _results(futures: list[JobFuture], end: float | None):
+        futures.reverse()
+        try:
+            while futures:
+                # (no name holds the future while its result is yielded)
+                yield _result_of(futures.pop(), end)
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more calls; with `cancel_futures` cancel those not
+        started; with `wait`, return once every call has ended.  Once they
+        all have, the calls are released and the workers go."""
+        with self._lock:
+            self._shutdown = True
+            futures = list(self._pending)
+        if cancel_futures:
+            for f in futures:
+                f.cancel()
+        if wait:
+            concurrent.futures.wait(futures)
+        self._ended_one(None)
+
+    def _track(self, futures: list[JobFuture]) -> None:
+        with self._lock:
+            self._ids.extend(f.id for f in futures)
+            self._pending.update(futures)
+        for f in futures:
+            f.add_done_callback(self._ended_one)
+
+    def _ended_one(self, future: JobFuture | None) -> None:
+        with self._lock:
+            self._pending.discard(future)
+            if not self._shutdown or self._pending or self._released:
+                return
+            self._released = True
+            ids, self._ids = self._ids, []
+            p = self._processor
+        self._blero._release(ids)
+        if p is not None:
+            self._blero._drop_processor(p.id, task_names=p.names)
+
+    def _run(self, job: Job):
+        args, kwargs = _call_args(job)
+        return self._fns[job.name](*args, **kwargs)
+
+
+def _result_of(future: JobFuture, end: float | None):
+    return future.result(None if end is None else max(0.0, end - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------
