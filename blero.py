@@ -6180,7 +6180,7 @@ function flow(s) {
   $("pause-one").disabled = readOnly() || !("paused" in s);
   const toggle = r => r.paused ? button("Resume", "retry", () => post("/api/resume", {name: r.name}))
                                : button("Pause", "cancel", () => post("/api/pause", {name: r.name}));
-  table("flow", rows, [NAME, ["state", r => r.paused ? "paused" : "running"],
+  table("flow", rows, [NAME, ["state", r => r.paused ? "paused" : "not paused"],
         ["in progress", r => r.limit.running == null ? "" : r.limit.running, "num"],
         ["at most at once", r => r.limit.concurrency == null ? "" : r.limit.concurrency, "num"],
         ["at most started", r => r.limit.rate == null ? "" : r.limit.rate[0] + " per " + span(r.limit.rate[1]), "num"]],
