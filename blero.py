@@ -5869,7 +5869,7 @@ border-top:3px solid var(--c);cursor:pointer;color:var(--ink)}
 section{background:var(--card);border-radius:8px;padding:12px 16px;box-shadow:0 1px 2px #0001,0 0 0 1px #0000000a;min-width:0}
 h2{font-size:15px;margin:0 0 8px;display:flex;gap:8px;align-items:center;flex-wrap:wrap}
 h2 small{font-weight:normal;color:var(--muted)} h2 button{margin-left:auto}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%}
 td,th{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:baseline}
@@ -5903,7 +5903,8 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 @media (max-width:640px){
  header{padding:8px 12px} main{padding:10px;gap:10px} section{padding:10px}
  .cards{gap:6px} .card{padding:5px 7px} .card b{font-size:19px} .card span{font-size:11px;display:block;line-height:1.2}
- .wide{display:none} td.val{max-width:9em} .procs li{white-space:normal} td.num{white-space:normal} #chart{height:160px}}
+ .wide{display:none} td.val{max-width:9em} .procs li{white-space:normal}
+ td,th{padding:5px 5px} th{white-space:normal} td.num{white-space:normal} #chart{height:160px}}
 </style></head><body>
 <header><h1><a href="#">blero</a></h1><span id="target"></span><span id="badges"></span>
 <span id="updated"></span></header>
@@ -5919,7 +5920,6 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 <section><h2>Pending <small>in the order they may run</small></h2><div class="scroll"><table id="pending"></table></div></section>
 <section><h2>Recently completed</h2><div class="scroll"><table id="completions"></table></div></section>
 </div>
-<div class="grid">
 <section id="schedules-box" hidden><h2>Schedules <small>by when they run next</small></h2>
 <div class="scroll"><table id="schedules"></table></div></section>
 <section id="flow-box" hidden><h2>Pauses and limits <small id="all-paused"></small>
@@ -5927,7 +5927,6 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 <div class="scroll"><table id="flow"></table></div>
 <form class="filter" id="pause-form"><label>jobs named <input id="p-name" size="14" required></label>
 <button type="submit" id="pause-one">Pause</button></form></section>
-</div>
 <section><h2>Failures <small>newest first</small><button id="retry-all">Retry all failed</button></h2>
 <div class="scroll"><table id="failures"></table></div></section>
 <section id="browse"><h2>Jobs <small>newest first</small></h2>
@@ -6180,10 +6179,10 @@ function flow(s) {
   $("pause-one").disabled = readOnly() || !("paused" in s);
   const toggle = r => r.paused ? button("Resume", "retry", () => post("/api/resume", {name: r.name}))
                                : button("Pause", "cancel", () => post("/api/pause", {name: r.name}));
-  table("flow", rows, [NAME, ["state", r => r.paused ? "paused" : "not paused"],
-        ["in progress", r => r.limit.running == null ? "" : r.limit.running, "num"],
-        ["at most at once", r => r.limit.concurrency == null ? "" : r.limit.concurrency, "num"],
-        ["at most started", r => r.limit.rate == null ? "" : r.limit.rate[0] + " per " + span(r.limit.rate[1]), "num"]],
+  table("flow", rows, [NAME, ["state", r => r.paused ? "paused" : ""],
+        ["in progress", r => r.limit.running == null ? "" : r.limit.running, "num wide"],
+        ["max at once", r => r.limit.concurrency == null ? "" : r.limit.concurrency, "num"],
+        ["max rate", r => r.limit.rate == null ? "" : r.limit.rate[0] + " per " + span(r.limit.rate[1]), "num"]],
         "paused" in s ? toggle : null, "no job name is paused or limited");
 }
 function untaken(s) {
