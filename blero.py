@@ -830,7 +830,7 @@ _SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
            " WHERE id = ? AND state BETWEEN -1 AND ?")     # 2: running ones too
-_CLEAR_KEY = "UPDATE blero_jobs SET key = NULL WHERE id = ?"
+_CLEAR_KEYS = "UPDATE blero_jobs SET key = NULL WHERE id BETWEEN ? AND ?"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
@@ -1973,7 +1973,15 @@ class _SQLiteStorage(_Storage):
         return found[0]
 
     def clear_keys(self, ids: list[int]) -> None:
-        self._write(lambda db: db.executemany(_CLEAR_KEY, [(i,) for i in ids]))
+        # By runs of consecutive ids (a map's jobs mostly are one): each
+        # run in one statement.
+        runs: list[list[int]] = []
+        for i in sorted(set(ids)):
+            if runs and runs[-1][1] == i - 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        self._write(lambda db: db.executemany(_CLEAR_KEYS, runs))
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
         params = ([(now, retries, None, None)] if ids is None
@@ -2141,6 +2149,7 @@ _PG_VERSION = "SELECT max(version) FROM blero_meta"
 # One statement: tries the owner's lock, and gives it back at once if it got it.
 _PG_OWNER_ALIVE = ("SELECT CASE WHEN pg_try_advisory_lock(%s) THEN NOT pg_advisory_unlock(%s)"
                    " ELSE true END")
+_PG_LISTEN = "LISTEN {channel}"
 # What tells two connections are on one database of one server.
 _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_port()"
 # A key in enqueue_many goes in once: a second one (or one another
@@ -2600,7 +2609,7 @@ class _PostgresStorage(_Storage):
                 conn.close()
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
             try:
-                conn.execute(f"LISTEN {self._channel}")
+                conn.execute(_PG_LISTEN.format(channel=self._channel))
                 self._listening = True
             except psycopg.Error as exc:   # a pooler in transaction mode, say: poll
                 log.warning("%s: LISTEN failed (%s): looking for other processes' work "
@@ -4806,36 +4815,55 @@ class Blero:
         return await loop.run_in_executor(None, self.enqueue_many, list(jobs))
 
     def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
-                       resumable: bool = False) -> list[JobFuture]:
+                       resumable: bool = False, waiter: Callable | None = None
+                       ) -> list[JobFuture]:
         """Store a job per call (args, kwargs) of the task `name`; return
-        their futures.  `resumable`: each call is matched with the stored
-        job of the same call of a run that did not finish (see _Calls)."""
+        their futures (or what `waiter(job_id)` makes for each, Task.map's
+        lighter `_MapCall`s).  `resumable`: each call is matched with the
+        stored job of the same call of a run that did not finish (see _Calls)."""
         d = self._running()
         connection = options.get("connection")
         if resumable and connection is not None:
             raise ValueError("connection= is for enqueue(): the calls of a map or an "
                              "executor are committed as they are made")
-        now = time.time()
-        rows = [self._row(name, (args, kwargs), options.get("delay"), options.get("run_at"),
+        if resumable and options.get("key") is not None:
+            raise ValueError("key= is for enqueue(): each call of a map or an executor "
+                             "gets a key of its own")
+        if not calls:
+            return []
+        # The options are checked once, with the first call; each call's
+        # own is its data.
+        first = self._row(name, calls[0], options.get("delay"), options.get("run_at"),
                           options.get("priority", 0), options.get("retries"),
-                          options.get("timeout"), options.get("key"), now)
-                for args, kwargs in calls]
-        if resumable and options.get("key") is None:
-            rows = [r._replace(key=self._calls.key(name, r.data)) for r in rows]
+                          options.get("timeout"), options.get("key"), time.time())
+        blobs = [first.data]
+        serializer = self._settings.serializer
+        for call in calls[1:]:
+            try:
+                blobs.append(_dumps(serializer, call))
+            except Exception as exc:
+                raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
+        keys = self._calls.keys(name, blobs) if resumable else [first.key] * len(blobs)
+        state, priority, run_at, _, _, attempts, timeout, _, now = first
+        rows = [_NewJob(state, priority, run_at, name, blob, attempts, timeout, key, now)
+                for blob, key in zip(blobs, keys)]
         futures: list[JobFuture] = []
         with self._futures.expecting():
-            # A slice per commit: the workers start on the first while the
-            # rest are stored.  (Every call was checked above: a bad one
-            # stored nothing.)
-            for i in range(0, len(rows), _CALLS_SLICE):
-                futures += self._enqueue_slice(d, rows[i:i + _CALLS_SLICE], connection)
+            # Slices of growing size, a commit each: the workers start on the
+            # first while the rest are stored.  (Every call was checked
+            # above: a bad one stored nothing.)
+            i, size = 0, _CALLS_SLICE
+            while i < len(rows):
+                futures += self._enqueue_slice(d, rows[i:i + size], connection,
+                                               waiter or functools.partial(JobFuture, self))
+                i, size = i + size, min(size * 2, _CALLS_SLICE_MAX)
         return futures
 
-    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob],
-                       connection: Any = None) -> list[JobFuture]:
+    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob], connection: Any,
+                       waiter: Callable) -> list[JobFuture]:
         """Store these calls' jobs (under `_futures.expecting()`); their futures."""
         ids, stored = d.enqueue(rows, connection)
-        futures = [JobFuture(self, i) for i in ids]
+        futures = [waiter(i) for i in ids]
         self._futures.add([f for f, new in zip(futures, stored) if new])
         matched = [k for k, new in enumerate(stored) if not new]
         if not matched:
@@ -4857,30 +4885,19 @@ class Blero:
         if again:
             d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
             new_ids, _ = d.enqueue([rows[k] for k in again])
-            renewed = [JobFuture(self, i) for i in new_ids]
+            renewed = [waiter(i) for i in new_ids]
             for k, f in zip(again, renewed):
                 futures[k] = f
             self._futures.add(renewed)
         return futures
 
-    def _wait_all(self, futures: list[JobFuture]) -> None:
-        """Wait until every future is done; BleroError if the queue stops first."""
-        if not futures:
-            return
+    def _wait_all(self, calls: _MapCalls) -> None:
+        """Wait until every call of a map has ended; BleroError if the queue
+        stops first."""
         d = self._dispatcher
-        left = [len(futures)]
-        lock, done = threading.Lock(), threading.Event()
-
-        def one_done(_):
-            with lock:
-                left[0] -= 1
-                if not left[0]:
-                    done.set()
-        for f in futures:
-            f.add_done_callback(one_done)
-        while not done.wait(_FUTURES_LOOK):
+        while not calls.done.wait(_FUTURES_LOOK):
             if self._dispatcher is not d or d is None:
-                raise BleroError(f"{self.path}: the queue stopped with {left[0]} "
+                raise BleroError(f"{self.path}: the queue stopped with {calls.left} "
                                  f"call(s) not ended; a later run carries on with them")
 
     def _release(self, ids: list[int]) -> None:
@@ -5081,7 +5098,6 @@ def new(path: str | os.PathLike, **settings) -> Blero:
 # job); once the map or executor is done with them, their keys are cleared,
 # and the next run computes them afresh.
 
-_CALL_KEY = "blero.call:{name}:{digest}:{n}"
 _JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "connection")
 
 
@@ -5092,14 +5108,19 @@ class _Calls:
         self._lock = threading.Lock()
         self._seen: collections.Counter = collections.Counter()
 
-    def key(self, name: str, blob) -> str:
-        """The key of the next identical call of `name` with data `blob`."""
-        data = blob.encode() if isinstance(blob, str) else bytes(blob or b"")
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    def keys(self, name: str, blobs: list) -> list[str]:
+        """The keys of the next calls of `name` with data `blobs` (each
+        serialized), in order."""
+        digests = [hashlib.blake2b(b.encode() if isinstance(b, str) else bytes(b or b""),
+                                   digest_size=16).hexdigest() for b in blobs]
+        prefix = f"blero.call:{name}:"
+        seen = self._seen
+        keys = []
         with self._lock:
-            self._seen[name, digest] += 1
-            n = self._seen[name, digest]
-        return _CALL_KEY.format(name=name, digest=digest, n=n)
+            for digest in digests:
+                n = seen[name, digest] = seen.get((name, digest), 0) + 1
+                keys.append(f"{prefix}{digest}:{n}")
+        return keys
 
 
 def _call_args(job: Job) -> tuple[tuple, dict]:
@@ -5207,6 +5228,49 @@ class JobFuture(concurrent.futures.Future):
                           or JobFailed(self.id, row.error))
         else:
             self._deliver(exc=JobCancelled(self.id))
+
+
+class _MapCall:
+    """A call of `Task.map` waiting for its job's outcome: what `_Futures`
+    resolves, as a JobFuture, without a Future's Condition each (a map of
+    20,000 calls makes 20,000); its map's `_MapCalls` counts them down."""
+
+    __slots__ = ("id", "_cancelling", "_calls", "_result", "_exc", "_done")
+
+    def __init__(self, calls: _MapCalls, job_id: int):
+        self.id = job_id
+        self._cancelling = False
+        self._calls = calls
+        self._result = self._exc = None
+        self._done = False
+
+    _stored = JobFuture._stored
+
+    def _deliver(self, result: Any = None, exc: BaseException | None = None) -> None:
+        calls = self._calls
+        with calls.lock:
+            if self._done:
+                return
+            self._result, self._exc, self._done = result, exc, True
+            calls.left -= 1
+            if not calls.left:
+                calls.done.set()
+
+    def result(self):
+        if self._exc is not None:
+            raise self._exc
+        return self._result
+
+
+class _MapCalls:
+    """The calls of one `Task.map`, and how many have not ended."""
+
+    def __init__(self, n: int):
+        self.lock = threading.Lock()
+        self.left = n
+        self.done = threading.Event()
+        if not n:
+            self.done.set()
 
 
 class _Futures:
@@ -5378,7 +5442,8 @@ class _Futures:
 
 
 _FUTURES_LOOK = 1.0             # seconds between looks at most, while running
-_CALLS_SLICE = 500              # calls of a map stored per commit
+_CALLS_SLICE = 256              # calls of a map stored by its first commit
+_CALLS_SLICE_MAX = 8192         # and by any later one
 _FUTURES_STOPPED_LOOK = 0.25    # and on a stopped queue (its file may change)
 
 
@@ -5431,10 +5496,12 @@ class Task:
         return their stored results without running again."""
         calls = [(args, {}) for args in zip(*iterables)]
         blero = self._blero
-        futures = blero._enqueue_calls(self.name, calls, self._options, resumable=True)
-        blero._wait_all(futures)
-        blero._release([f.id for f in futures])
-        return [f.result() for f in futures]
+        group = _MapCalls(len(calls))
+        waiting = blero._enqueue_calls(self.name, calls, self._options, resumable=True,
+                                       waiter=functools.partial(_MapCall, group))
+        blero._wait_all(group)
+        blero._release([c.id for c in waiting])
+        return [c.result() for c in waiting]
 
     def _run(self, job: Job):
         args, kwargs = _call_args(job)
