@@ -6697,8 +6697,11 @@ function span(seconds) {
   const s = Math.abs(seconds);
   if (s < 60) return Math.round(s) + " s";
   if (s < 3600) return Math.round(s / 60) + " min";
-  if (s < 86400) return (s / 3600).toFixed(s < 36000 ? 1 : 0) + " h";
-  return (s / 86400).toFixed(1) + " days";
+  // one decimal at most, and none when it is 0: "1 h", "1.5 h", "2 days"
+  const short = (v, digits) => v.toFixed(digits).replace(/[.]0$/, "");
+  if (s < 86400) return short(s / 3600, s < 36000 ? 1 : 0) + " h";
+  const days = s / 86400;
+  return short(days, 1) + (short(days, 1) === "1" ? " day" : " days");
 }
 function runs(j, now) { return j.run_at <= now ? "now" : when(j.run_at) + " (in " + span(j.run_at - now) + ")"; }
 function stateTag(s) { return el("span", LABEL[s] || s, {"class": "state", style: "--c:var(--" + s + ")"}); }
