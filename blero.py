@@ -515,9 +515,9 @@ class _Storage:
         """Store new jobs; return their ids, and for each whether it was
         stored: a job whose key is already stored stores nothing and gets
         that job's id.  `after`, if given, holds for each row the ids of the
-        jobs it waits on (most often none).  A job with some waits until those jobs are all
-        complete (one swept counts as complete), and is cancelled at once if
-        one of them ended failed or cancelled; an id never given raises
+        jobs it waits on (most often none): such a job waits until they are
+        all complete (one swept counts as complete), and is cancelled at once
+        if one of them ended failed or cancelled; an id never given raises
         ValueError, and then nothing is stored.  With `connection` (the
         caller's own, on the same database: else ValueError), write them in
         the caller's open transaction, committing nothing: they exist once
@@ -1028,7 +1028,8 @@ _ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
 # A finish that completes a job with dependants marks it (see _watch_completions).
 _WATCH_COMPLETIONS = (
     "CREATE TEMP TABLE blero_completed (id INTEGER)",
-    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF state ON blero_jobs"
+    # (OF finished_at: a finish sets it, a claim does not, so claims never fire it)
+    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF finished_at ON blero_jobs"
     " WHEN new.state = 3 AND old.state = 2 AND new.dependants"
     " BEGIN INSERT INTO blero_completed (id) VALUES (new.id); END")
 _CLEAR_COMPLETED = "DELETE FROM temp.blero_completed"
