@@ -25,6 +25,7 @@ import atexit
 import collections
 import contextlib
 import datetime
+import functools
 import heapq
 import http.server
 import inspect
@@ -48,6 +49,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import zoneinfo
 from typing import Any, Callable, Iterable, NamedTuple
 
 try:
@@ -57,8 +59,8 @@ except ImportError:  # Windows: liveness falls back to heartbeats and leases
     fcntl = resource = None
 
 __all__ = [
-    "Blero", "new", "Job", "JobInfo", "BleroError", "JobFailed", "JobCancelled",
-    "STATES",
+    "Blero", "new", "Job", "JobInfo", "ScheduleInfo", "BleroError", "JobFailed",
+    "JobCancelled", "STATES",
 ]
 __version__ = "1.0.0"
 
@@ -275,6 +277,217 @@ class JobInfo(NamedTuple):
     finished_at: float | None
 
 
+class ScheduleInfo(NamedTuple):
+    """A recurring job as stored: what `schedules` returns.
+
+    Either `interval` (seconds, of `every`) or `cron` (the expression, with
+    `tz` its zone name, None for local time) is set, the other None.
+    `next_due` is when the next run is due (epoch seconds); `job_id` is the
+    last run's id, None before the first."""
+
+    key: str
+    name: str
+    data: Any
+    interval: float | None
+    cron: str | None
+    tz: str | None
+    next_due: float
+    job_id: int | None
+
+
+# ---------------------------------------------------------------------------
+# Cron expressions: when a cron schedule is due
+# ---------------------------------------------------------------------------
+#
+# Five fields, read as Vixie cron reads them.  Due times are found on the
+# wall clock of the schedule's zone, a day at a time, and each is turned into
+# an instant: a wall time that a DST change skips runs at the first minute
+# after the gap, and one that it repeats runs once, at its first occurrence
+# (a wall time maps to its instant with fold=0, so the second pass of a
+# repeated hour maps to instants already past).
+
+_CRON_FIELDS = (   # (name, least, most, the names of its values from `least` on)
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP",
+                      "OCT", "NOV", "DEC")),
+    ("day of week", 0, 7, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")),
+)
+_CRON_ALIASES = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+                 "@annually": "0 0 1 1 *"}
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # at most, by month
+_MINUTE = datetime.timedelta(minutes=1)
+_DAY = datetime.timedelta(days=1)
+
+
+class _Cron(NamedTuple):
+    """A parsed cron expression: the values each field matches."""
+
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days: frozenset
+    months: frozenset
+    weekdays: frozenset         # 0 is Sunday
+    # Vixie cron: a day field that starts with "*" does not restrict; when
+    # both restrict, a day matching either matches.
+    either_day: bool
+
+
+def _cron_field(text: str, name: str, least: int, most: int, names: tuple) -> set[int]:
+    """The values one field matches; ValueError naming the field."""
+
+    def value(word: str) -> int:
+        if word.isascii() and word.isdigit():
+            n = int(word)
+            if not least <= n <= most:
+                raise ValueError(f"{name} must be {least} to {most}, not {n}")
+            return n
+        if word.upper() in names:
+            return least + names.index(word.upper())
+        if not word:
+            raise ValueError(f"{name}: {text!r} is incomplete")
+        raise ValueError(f"{name}: {word!r} is not a number"
+                         f"{' or a name (' + ', '.join(names[:3]) + ', ...)' if names else ''}")
+
+    values: set[int] = set()
+    for part in text.split(","):
+        span, slash, step_text = part.partition("/")
+        step = 1
+        if slash:
+            if not (step_text.isascii() and step_text.isdigit()):
+                raise ValueError(f"{name}: the step of {part!r} must be a number")
+            step = int(step_text)
+            if step < 1:
+                raise ValueError(f"{name}: the step of {part!r} must be 1 or more")
+        if span == "*":
+            first, last = least, most
+        else:
+            start, dash, end = span.partition("-")
+            if slash and not dash:
+                raise ValueError(f"{name}: a step goes with * or a range (a-b/n), "
+                                 f"not {part!r}")
+            first = value(start)
+            last = value(end) if dash else first
+            if first > last:
+                raise ValueError(f"{name}: the range {span!r} goes backwards")
+        values.update(range(first, last + 1, step))
+    return values
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cron(expr: str) -> _Cron:
+    """Parse a cron expression; ValueError naming the field at fault."""
+    if not isinstance(expr, str):
+        raise TypeError(f"a cron expression must be a str, not {type(expr).__name__}")
+    text = expr.strip()
+    if text.startswith("@"):
+        if text.lower() not in _CRON_ALIASES:
+            raise ValueError(f"cron expression {expr!r}: unknown alias (known: "
+                             f"{', '.join(_CRON_ALIASES)})")
+        text = _CRON_ALIASES[text.lower()]
+    fields = text.split()
+    if not fields:
+        raise ValueError("a cron expression must not be empty")
+    if len(fields) != 5:
+        raise ValueError(f"cron expression {expr!r}: {len(fields)} fields, not 5 "
+                         f"(minute, hour, day of month, month, day of week)")
+    try:
+        sets = [_cron_field(f, *spec) for f, spec in zip(fields, _CRON_FIELDS)]
+    except ValueError as exc:
+        raise ValueError(f"cron expression {expr!r}: {exc}") from None
+    minutes, hours, days, months, weekdays = sets
+    weekdays = {d % 7 for d in weekdays}
+    either = not fields[2].startswith("*") and not fields[4].startswith("*")
+    if not either and min(days) > max(_MONTH_DAYS[m - 1] for m in months):
+        raise ValueError(f"cron expression {expr!r}: never due (day of month "
+                         f"{min(days)} is past the end of every month it names)")
+    return _Cron(tuple(sorted(minutes)), tuple(sorted(hours)), frozenset(days),
+                 frozenset(months), frozenset(weekdays), either)
+
+
+def _wall(t: float, tz: datetime.tzinfo | None) -> datetime.datetime:
+    """The wall-clock time (naive) of instant `t` in `tz` (None: local time)."""
+    return datetime.datetime.fromtimestamp(t, tz).replace(tzinfo=None)
+
+
+def _instant(wall: datetime.datetime, tz: datetime.tzinfo | None) -> float:
+    """When wall time `wall` of `tz` is due: its first occurrence, or the
+    first minute after it if a DST change skips it."""
+    t = wall.replace(tzinfo=tz).timestamp()
+    while _wall(t, tz) != wall:     # skipped: the first minute that exists after it
+        wall += _MINUTE
+        t = wall.replace(tzinfo=tz).timestamp()
+    return t
+
+
+def _cron_next(expr: str, after: float, tz: datetime.tzinfo | None) -> float:
+    """The first due time of a cron expression after instant `after`."""
+    cron = _parse_cron(expr)
+    start = _wall(after, tz).replace(second=0, microsecond=0) + _MINUTE
+    day = start.date()
+    for _ in range(366 * 50):   # any expression _parse_cron takes is due well within
+        if day.month in cron.months:
+            in_days = day.day in cron.days
+            in_weekdays = day.isoweekday() % 7 in cron.weekdays
+            if (in_days or in_weekdays) if cron.either_day else (in_days and in_weekdays):
+                for hour in cron.hours:
+                    for minute in cron.minutes:
+                        wall = datetime.datetime(day.year, day.month, day.day, hour, minute)
+                        if wall >= start:
+                            t = _instant(wall, tz)
+                            if t > after:
+                                return t
+        day += _DAY
+    raise ValueError(f"cron expression {expr!r}: not due within 50 years")
+
+
+_OFFSET = re.compile(r"([+-])(\d\d):(\d\d)")   # a fixed zone, as stored
+
+
+def _zone_name(tz) -> str | None:
+    """What a cron schedule stores of `tz` (None: local time): an IANA zone
+    name, or a fixed offset `+HH:MM`.  ValueError for a zone that does not
+    exist, TypeError for a tzinfo that names no zone."""
+    if tz is None:
+        return None
+    if isinstance(tz, datetime.timezone):
+        offset = tz.utcoffset(None)
+        sign = "-" if offset < datetime.timedelta(0) else "+"
+        minutes = abs(offset) // _MINUTE
+        if abs(offset) % _MINUTE:
+            raise ValueError(f"tz: an offset of whole minutes, not {offset}")
+        return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+    if isinstance(tz, datetime.tzinfo):
+        name = getattr(tz, "key", None) or getattr(tz, "zone", None)   # zoneinfo, pytz
+        if not isinstance(name, str):
+            raise TypeError(f"tz: {tz!r} names no IANA zone; give a zone name, a "
+                            f"zoneinfo.ZoneInfo or a datetime.timezone")
+        tz = name
+    if not isinstance(tz, str):
+        raise TypeError(f"tz must be a zone name or a tzinfo, not {type(tz).__name__}")
+    _zone(tz)
+    return tz
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str | None) -> datetime.tzinfo | None:
+    """The tzinfo of a stored zone name (None: local time)."""
+    if name is None:
+        return None
+    fixed = _OFFSET.fullmatch(name)
+    if fixed:
+        sign, hours, minutes = fixed.groups()
+        offset = datetime.timedelta(hours=int(hours), minutes=int(minutes))
+        return datetime.timezone(-offset if sign == "-" else offset)
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except Exception as exc:    # not found, a malformed key, no tz database
+        raise ValueError(f"tz: no time zone named {name!r} ({type(exc).__name__}: "
+                         f"{exc}; an IANA name such as 'Europe/Berlin')") from None
+
+
 # ---------------------------------------------------------------------------
 # Storage: the queue file, and every SQL statement blero runs
 # ---------------------------------------------------------------------------
@@ -376,11 +589,13 @@ class _Schedule(NamedTuple):
     key: str
     name: str
     data: Any               # serialized
-    interval: float
+    interval: float         # 0 for a cron schedule
     next_due: float
     priority: int
     retries: int | None     # None: the queue's setting at each run
     timeout: float | None
+    cron: str | None        # a cron schedule's expression
+    tz: str | None          # and its zone (`_zone_name`); None: local time
 
 
 class _DueSchedule(NamedTuple):
@@ -395,9 +610,22 @@ class _DueSchedule(NamedTuple):
     priority: int
     retries: int | None
     timeout: float | None
+    cron: str | None
+    tz: str | None
     job_id: int | None          # its last run
     last_created: float | None
     last_started: float | None
+
+    def following(self, t: float) -> float:
+        """When this schedule is next due after a run due at `t`."""
+        if self.cron is None:
+            return t + self.interval
+        return _cron_next(self.cron, t, _zone(self.tz))
+
+
+# A stored schedule, ScheduleInfo's fields (`_SCHEDULES`'s columns), its
+# data serialized and its interval 0 for a cron schedule.
+_StoredSchedule = collections.namedtuple("_StoredSchedule", ScheduleInfo._fields)
 
 
 _SWEEP_START = (-math.inf, 0)   # where a sweep starts: the (finished_at, id) seen last
@@ -599,6 +827,10 @@ class _Storage:
         """Remove a schedule; False if there was none."""
         raise NotImplementedError
 
+    def schedules(self) -> list[_StoredSchedule]:
+        """Every schedule, by key."""
+        raise NotImplementedError
+
     def run_schedules(self, now: float, make_row: Callable[[_DueSchedule, float], _NewJob],
                       since: float) -> tuple[list[str], float | None]:
         """Enqueue one run of each schedule that is due and has none
@@ -643,7 +875,7 @@ class _Storage:
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 2            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 3            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -651,6 +883,10 @@ _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes 
 _OWNERS_TAKES = "ALTER TABLE blero_owners ADD COLUMN takes TEXT"
 _SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
+# New in schema 3 (see _schema_3): a job's progress and checkpoint, a
+# schedule's cron expression and zone.
+_FLOW_COLUMNS = (("blero_jobs", "progress", "BLOB"), ("blero_jobs", "checkpoint", "BLOB"),
+                 ("blero_schedules", "cron", "TEXT"), ("blero_schedules", "tz", "TEXT"))
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -669,7 +905,9 @@ CREATE TABLE blero_jobs (
     started_at   REAL,
     finished_at  REAL,
     result       BLOB,
-    error        TEXT
+    error        TEXT,
+    progress     BLOB,
+    checkpoint   BLOB
 );
 CREATE INDEX blero_jobs_ready ON blero_jobs (priority DESC, id) WHERE state = 0;
 CREATE INDEX blero_jobs_delayed ON blero_jobs (run_at) WHERE state = 1;
@@ -693,7 +931,9 @@ CREATE TABLE blero_schedules (
     priority     INTEGER NOT NULL,
     retries      INTEGER,
     timeout      REAL,
-    job_id       INTEGER
+    job_id       INTEGER,
+    cron         TEXT,
+    tz           TEXT
 );
 """
 # blero_owners.takes: the job names the owner's processors take, a JSON array
@@ -791,21 +1031,30 @@ _OWNER_PIDS = "SELECT id, pid FROM blero_owners"
 _OWNERS = ("SELECT id, heartbeat_at, takes FROM blero_owners UNION ALL"
            " SELECT DISTINCT owner, NULL, NULL FROM blero_jobs"
            " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)")
+# An `every` schedule updated keeps its cadence (sooner if the interval
+# shrank); a cron one keeps its next slot while its times stay the same, so
+# a program calling cron() at each start neither repeats nor skips a slot.
 _UPSERT_SCHEDULE = (
-    "INSERT INTO blero_schedules (key, name, data, interval, next_due, priority, retries, timeout)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    f"INSERT INTO blero_schedules ({', '.join(_Schedule._fields)})"
+    f" VALUES ({', '.join('?' * len(_Schedule._fields))}) ON CONFLICT (key) DO UPDATE SET"
     " name = excluded.name, data = excluded.data, interval = excluded.interval,"
-    " next_due = min(next_due, next_due - interval + excluded.interval),"
-    " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout")
+    " next_due = CASE"
+    " WHEN cron IS NULL AND excluded.cron IS NULL"
+    " THEN min(next_due, next_due - interval + excluded.interval)"
+    " WHEN cron = excluded.cron AND tz IS excluded.tz THEN next_due"
+    " ELSE excluded.next_due END,"
+    " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout,"
+    " cron = excluded.cron, tz = excluded.tz")
 _DROP_SCHEDULE = "DELETE FROM blero_schedules WHERE key = ?"
 # Schedules whose next run is due and whose previous run is over.
 _DUE_SCHEDULES = (
     "SELECT s.key, s.name, s.data, s.interval, s.next_due, s.priority, s.retries,"
-    " s.timeout, s.job_id, j.created_at, j.started_at"
+    " s.timeout, s.cron, s.tz, s.job_id, j.created_at, j.started_at"
     " FROM blero_schedules s LEFT JOIN blero_jobs j ON j.id = s.job_id"
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
+_SCHEDULES = f"SELECT {', '.join(_StoredSchedule._fields)} FROM blero_schedules ORDER BY key"
 # Free pages go back one per statement: Pythons differ in whether they step
 # an incremental_vacuum on past its first page.
 _FREE_PAGES = "PRAGMA freelist_count"
@@ -841,7 +1090,13 @@ def _schema_2(db: sqlite3.Connection) -> None:
     db.execute(_SUSPECT_INDEX)
 
 
-_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2,)
+def _schema_3(db: sqlite3.Connection) -> None:
+    """2 -> 3: progress and checkpoints of jobs, cron schedules."""
+    for table, column, kind in _FLOW_COLUMNS:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -855,7 +1110,22 @@ def _schema_2_views(db: sqlite3.Connection) -> None:
         db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT *{more} FROM main.{table}")
 
 
-_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,)
+def _schema_3_views(db: sqlite3.Connection) -> None:
+    """2 as 3: no progress, no checkpoints, no cron schedules (over the views
+    of 1 as 2, if this file is of schema 1)."""
+    for table in ("blero_jobs", "blero_schedules"):
+        more = "".join(f", NULL AS {c}" for t, c, _ in _FLOW_COLUMNS if t == table)
+        view = db.execute("SELECT sql FROM temp.sqlite_master WHERE name = ?",
+                          (table,)).fetchall()
+        source = f"main.{table}"
+        if view:
+            source = f"({view[0][0].split(' AS ', 1)[1]})"
+            db.execute(f"DROP VIEW temp.{table}")
+        db.execute(f"CREATE TEMP VIEW {table} AS SELECT *{more} FROM {source}")
+
+
+_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
+                                                                     _schema_3_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -1851,6 +2121,9 @@ class _SQLiteStorage(_Storage):
     def drop_schedule(self, key: str) -> bool:
         return self._write(lambda db: db.execute(_DROP_SCHEDULE, (key,)).rowcount == 1)
 
+    def schedules(self) -> list[_StoredSchedule]:
+        return self._read(lambda db: list(map(_StoredSchedule._make, db.execute(_SCHEDULES))))
+
     def run_schedules(self, now: float, make_row: Callable[[_DueSchedule, float], _NewJob],
                       since: float) -> tuple[list[str], float | None]:
         if not self._read(lambda db: db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
@@ -1861,19 +2134,21 @@ class _SQLiteStorage(_Storage):
     def _run_schedules(db, now, make_row, since):
         names = []
         for sched in map(_DueSchedule._make, db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
-            key, interval, due = sched.key, sched.interval, sched.next_due
+            key, due = sched.key, sched.next_due
             last_id, last_made, last_start = sched.job_id, sched.last_created, sched.last_started
             if last_start is not None and last_made < since and last_start >= due:
                 # The last run was left pending over downtime, and ran after
                 # it: it was the run at once, and the cadence restarts from it.
-                due = last_start + interval
+                due = sched.following(last_start)
                 if due > now:
                     db.execute(_SCHEDULED_RUN, (due, last_id, key))
                     continue
             job_id = db.execute(_INSERT, make_row(sched, now)).lastrowid
-            after = due + interval
+            after = sched.following(due)
             if after <= now:        # runs were missed: one now, and count from it
-                after = now + interval
+                after = sched.following(now)
+            # In the transaction that enqueued the run: no other process
+            # sees this slot due once it is committed.
             db.execute(_SCHEDULED_RUN, (after, job_id, key))
             names.append(sched.name)
         return names, db.execute(_NEXT_SCHEDULE).fetchall()[0][0]
@@ -3513,28 +3788,61 @@ class Blero:
         stored in the file; return the schedule's key (default: `name`).
         Calling it again with the same key updates the schedule."""
         interval = _seconds("interval", interval, positive=True)
-        unknown = set(options) - {"delay", "run_at", "priority", "retries", "timeout"}
+        return self._schedule("every", name, data, key, options, float(interval), None, None)
+
+    def cron(self, expr: str, name: str, data: Any = None, *, key: str | None = None,
+             tz: str | datetime.tzinfo | None = None, **options) -> str:
+        """Run a job at the times cron expression `expr` names (five fields,
+        or an alias such as "@daily"), on the wall clock of `tz` (an IANA zone
+        name or a tzinfo; None: local time), stored in the file; return the
+        schedule's key (default: `name`).  Options: priority, retries, timeout.
+        Calling it again with the same key updates the schedule."""
+        if not isinstance(expr, str):
+            raise TypeError(f"a cron expression must be a str, not {type(expr).__name__}")
+        _parse_cron(expr)
+        zone = _zone_name(tz)
+        return self._schedule("cron", name, data, key, options, 0.0, expr.strip(), zone)
+
+    def _schedule(self, kind, name, data, key, options, interval, cron, tz) -> str:
+        """Check and store a schedule of `every` or `cron` (`kind`)."""
+        allowed = {"priority", "retries", "timeout"} | ({"delay", "run_at"} if cron is None
+                                                      else set())
+        unknown = set(options) - allowed
         if unknown:
-            raise TypeError(f"unknown option(s) for every(): {', '.join(sorted(unknown))}")
+            raise TypeError(f"unknown option(s) for {kind}(): {', '.join(sorted(unknown))}")
+        now = time.time()
         row = self._row(name, data, options.get("delay"), options.get("run_at"),
                         options.get("priority", 0), options.get("retries"),
-                        options.get("timeout"), None, time.time())
+                        options.get("timeout"), None, now)
         key = name if key is None else key
         if not isinstance(key, str):
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         if not key:
             raise ValueError("a schedule key must not be empty")
-        retries = options.get("retries")
+        first = row.run_at if cron is None else _cron_next(cron, now, _zone(tz))
         with self._store(operating=True) as storage:
-            storage.upsert_schedule(_Schedule(key, name, row.data, float(interval), row.run_at,
-                                              row.priority, retries, row.timeout))
+            storage.upsert_schedule(_Schedule(key, name, row.data, interval, first,
+                                              row.priority, options.get("retries"),
+                                              row.timeout, cron, tz))
         d = self._dispatcher
         if d is not None:
             d.schedules_changed()
         return key
 
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every recurring job (of `every` and `cron`), by key."""
+        with self._store() as storage:
+            return self._schedule_infos(storage.schedules())
+
+    def _schedule_infos(self, rows: list[_StoredSchedule]) -> list[ScheduleInfo]:
+        loads = self._settings.serializer
+        return [ScheduleInfo(**row._replace(
+            data=_loads_or_none(loads, row.data),
+            interval=None if row.cron is not None else row.interval)._asdict())
+            for row in rows]
+
     def unschedule(self, key: str) -> bool:
-        """Remove a recurring job; False if there was none.  A run already
+        """Remove a recurring job (of `every` or `cron`); False if there was none.  A run already
         enqueued stays, as an ordinary job."""
         if not isinstance(key, str):
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
@@ -3752,6 +4060,11 @@ def _job_json(info: JobInfo, shorten: bool = False) -> dict:
     return out
 
 
+def _schedule_json(info: ScheduleInfo) -> dict:
+    """A ScheduleInfo as JSON, its data a JSON value where it can be, else its repr."""
+    return info._replace(data=_json_value(info.data))._asdict()
+
+
 class _DashboardHandler(http.server.BaseHTTPRequestHandler):
     """One request to the metrics server (`self.server` is a `_HTTPServer`)."""
 
@@ -3849,6 +4162,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                     "failures": storage.list("failed", None, 20, newest_first=True)}
             ended = {(at, state): n for at, state, n in storage.finished_since(start, step)}
             counts, read_only = storage.counts(), storage.read_only is not None
+            schedules = storage.schedules()
         steps = [start + i * step for i in range(span // step + 1)]
         out = {"queue": {"path": bl.path, "read_only": read_only},
                # who answers: a process that may or may not run the queue itself
@@ -3862,6 +4176,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                               "failed": [ended.get((at, "failed"), 0) for at in steps]}}
         # Schedules, pauses and limits join the overview here once the queue
         # stores them, each as a list the page renders in a section of its own.
+        out["schedules"] = [_schedule_json(info) for info in bl._schedule_infos(schedules)]
         for part, found in rows.items():
             out[part] = [_job_json(bl._info(r), shorten=True) for r in found]
         return out
@@ -4038,6 +4353,8 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 <section><h2>Pending <small>in the order they may run</small></h2><div class="scroll"><table id="pending"></table></div></section>
 <section><h2>Recently completed</h2><div class="scroll"><table id="completions"></table></div></section>
 </div>
+<section><h2>Schedules <small>recurring jobs, by key</small></h2>
+<div class="scroll"><table id="schedules"></table></div></section>
 <section><h2>Failures <small>newest first</small><button id="retry-all">Retry all failed</button></h2>
 <div class="scroll"><table id="failures"></table></div></section>
 <section id="browse"><h2>Jobs <small>newest first</small></h2>
@@ -4242,9 +4559,15 @@ function completions(s) {
         ["took", j => j.started_at ? span(j.finished_at - j.started_at) : "", "num wide"],
         ["finished", j => when(j.finished_at), "num"]]);
 }
-// The overview, one renderer per section.  Schedules, pauses (with their
-// Pause/Resume buttons) and limits add theirs here once the queue stores them.
-const SECTIONS = [header, counts, chart, running, pending, failures, completions];
+function schedules(s) {
+  table("schedules", s.schedules, [["key", c => c.key], NAME,
+        ["when", c => c.cron === null ? "every " + span(c.interval) : c.cron + " " + (c.tz || "local time")],
+        ["next", c => c.next_due <= s.time ? "due now" : when(c.next_due) + " (in " + span(c.next_due - s.time) + ")", "num"],
+        ["last run", c => c.job_id === null ? "" : jobLink(c.job_id), "num"]], null, "no schedules");
+}
+// The overview, one renderer per section.  Pauses (with their Pause/Resume
+// buttons) and limits add theirs here once the queue stores them.
+const SECTIONS = [header, counts, chart, running, pending, schedules, failures, completions];
 
 function jobs() {
   const q = new URLSearchParams({order: "desc", limit: PAGE});
@@ -4515,6 +4838,23 @@ def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
               f"\tdata={data}" + (f"\terror={error[0]}" if j.error else ""))
 
 
+def _print_schedules(schedules: list[ScheduleInfo], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([_schedule_json(s) for s in schedules], indent=1))
+        return
+    for s in schedules:
+        when = (f"every {s.interval:g} s" if s.cron is None
+                else f"cron {s.cron!r}" + (f" {s.tz}" if s.tz else " (local time)"))
+        try:        # a cron schedule's time on its own clock
+            zone = _zone(s.tz) if s.cron is not None else None
+        except ValueError:      # a zone this machine does not know
+            zone = None
+        due = datetime.datetime.fromtimestamp(s.next_due, zone).astimezone(zone).isoformat(
+            sep=" ", timespec="seconds")
+        last = "" if s.job_id is None else f"\tlast run {s.job_id}"
+        print(f"{s.key}\t{s.name}\t{when}\tnext {due}{last}")
+
+
 def _cli_type(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
     """An argparse type: `parse(text)`, through the API's own checks; a
     value they refuse is a usage error (exit 2) saying what was expected."""
@@ -4616,6 +4956,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=_cli_limit, default=100,
                    help="at most N jobs (default 100; all: every one)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
+    p = queue_command("schedules", "list the recurring jobs (every, cron) and when they are due")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
     p = queue_command("retry", "send failed jobs back to pending")
     p.add_argument("ids", nargs="*", type=_cli_job_id, metavar="ID",
                    help="(default: all failed)")
@@ -4647,6 +4989,8 @@ def main(argv: list[str] | None = None) -> int:
                   else "\n".join(f"{s} {n}" for s, n in counts.items()))
         elif args.command == "jobs":
             _print_jobs(bl.jobs(args.state, args.name, args.limit), args.json)
+        elif args.command == "schedules":
+            _print_schedules(bl.schedules(), args.json)
         elif args.command == "retry":
             missed = [_why_not(bl, i, "is not failed") for i in args.ids
                       if bl.retry_failed([i]) == 0]

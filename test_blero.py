@@ -28,6 +28,7 @@ import signal
 import socket
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -5092,7 +5093,7 @@ class UpgradeTest(ProcessTest):
         with blero.new(path) as bl:
             self.assertEqual(bl.stats()["pending"], 3000)
             self.assertEqual(bl.get_job(3000).data, b"x" * 200)
-        self.assertEqual(self.layout(path), (2, 2))
+        self.assertEqual(self.layout(path), (blero._SCHEMA_VERSION, 2))
 
     def layout(self, path):
         """(user_version, auto_vacuum) of a file."""
@@ -5104,9 +5105,9 @@ class UpgradeTest(ProcessTest):
             db.close()
 
     def assert_upgraded(self, path, theirs=()):
-        """Schema 2, incremental auto_vacuum, blero's names blero_*; of the
+        """The current schema, incremental auto_vacuum, blero's names blero_*; of the
         old names, only the application's tables `theirs`."""
-        self.assertEqual(self.layout(path), (2, 2))
+        self.assertEqual(self.layout(path), (blero._SCHEMA_VERSION, 2))
         db = sqlite3.connect(path)
         try:
             names = {r[0] for r in db.execute("SELECT name FROM sqlite_master"
@@ -5718,6 +5719,7 @@ class ReadOnlyStorageTest(ProcessTest):
         self.assertEqual([(j.name, j.state) for j in q.jobs()],
                          [("double", "complete"), ("later", "pending")])
         self.assertEqual(q.wait(1), 42)
+        self.assertEqual(q.schedules(), [])
         self.assertFalse(q.join(0.1))
         with self.assertRaises(blero.BleroError) as cm:
             q.cancel(2)
@@ -6078,3 +6080,431 @@ class DashboardInChromiumTest(TempDirTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------------------
+# Cron schedules and schedules() (issue 11)
+# ---------------------------------------------------------------------------
+
+def cron_times(expr, after, tz, n):
+    """The next `n` due times of `expr` after ISO time `after` in zone `tz`,
+    as ISO strings with their offsets."""
+    zone = blero._zone(tz)
+    t = datetime.datetime.fromisoformat(after).timestamp()
+    out = []
+    for _ in range(n):
+        t = blero._cron_next(expr, t, zone)
+        out.append(datetime.datetime.fromtimestamp(t, zone).isoformat(timespec="minutes"))
+    return out
+
+
+# (expression, zone, after, the next due times): worked out by hand from the
+# calendars; DST in 2026: Europe/Berlin 29 Mar 02:00 -> 03:00 and 25 Oct
+# 03:00 -> 02:00; America/New_York 8 Mar 02:00 -> 03:00 and 1 Nov 02:00 -> 01:00.
+CRON_ANSWERS = [
+    # a time the spring change skips runs at the first minute after the gap
+    ("30 2 * * *", "Europe/Berlin", "2026-03-28T12:00+01:00",
+     ["2026-03-29T03:00+02:00", "2026-03-30T02:30+02:00"]),
+    ("0 * * * *", "Europe/Berlin", "2026-03-29T01:30+01:00",
+     ["2026-03-29T03:00+02:00", "2026-03-29T04:00+02:00"]),
+    ("*/20 2 * * *", "Europe/Berlin", "2026-03-29T00:00+01:00",     # all skipped: one run
+     ["2026-03-29T03:00+02:00", "2026-03-30T02:00+02:00"]),
+    # a time the autumn change repeats runs once, at its first occurrence
+    ("30 2 * * *", "Europe/Berlin", "2026-10-24T12:00+02:00",
+     ["2026-10-25T02:30+02:00", "2026-10-26T02:30+01:00"]),
+    ("0 * * * *", "Europe/Berlin", "2026-10-25T01:30+02:00",
+     ["2026-10-25T02:00+02:00", "2026-10-25T03:00+01:00", "2026-10-25T04:00+01:00"]),
+    ("0 * * * *", "Europe/Berlin", "2026-10-25T02:10+01:00",       # in the second pass
+     ["2026-10-25T03:00+01:00"]),
+    ("30 2 * * *", "America/New_York", "2026-03-07T12:00-05:00",
+     ["2026-03-08T03:00-04:00", "2026-03-09T02:30-04:00"]),
+    ("15 2 * * SUN", "America/New_York", "2026-03-01T03:00-05:00",
+     ["2026-03-08T03:00-04:00", "2026-03-15T02:15-04:00"]),
+    ("30 1 * * *", "America/New_York", "2026-10-31T12:00-04:00",
+     ["2026-11-01T01:30-04:00", "2026-11-02T01:30-05:00"]),
+    # leap days, and 2100, which has none
+    ("0 0 29 2 *", "UTC", "2026-01-01T00:00+00:00",
+     ["2028-02-29T00:00+00:00", "2032-02-29T00:00+00:00"]),
+    ("0 12 29 FEB *", "UTC", "2097-01-01T00:00+00:00", ["2104-02-29T12:00+00:00"]),
+    ("0 0 28-29 2 *", "UTC", "2027-02-28T00:00+00:00",
+     ["2028-02-28T00:00+00:00", "2028-02-29T00:00+00:00", "2029-02-28T00:00+00:00"]),
+    # day of month and day of week both restricted: either matches (13 Apr
+    # 2026 is a Monday; the Fridays are 3, 10, 17, 24, 1 May)
+    ("0 0 13 * 5", "UTC", "2026-04-01T00:00+00:00",
+     ["2026-04-03T00:00+00:00", "2026-04-10T00:00+00:00", "2026-04-13T00:00+00:00",
+      "2026-04-17T00:00+00:00", "2026-04-24T00:00+00:00", "2026-05-01T00:00+00:00"]),
+    # ... but a day field starting with * restricts nothing: both must match
+    ("0 0 */10 * MON", "UTC", "2026-04-01T00:00+00:00",
+     ["2026-05-11T00:00+00:00", "2026-06-01T00:00+00:00"]),
+    ("0 0 * * 7", "UTC", "2026-04-01T00:00+00:00", ["2026-04-05T00:00+00:00"]),
+    ("0 9 * jan-MAR Mon-Fri", "UTC", "2026-03-31T09:00+00:00",
+     ["2027-01-01T09:00+00:00", "2027-01-04T09:00+00:00"]),
+    ("10-50/20 8-18/5 * * *", "UTC", "2026-04-01T00:00+00:00",
+     ["2026-04-01T08:10+00:00", "2026-04-01T08:30+00:00", "2026-04-01T08:50+00:00",
+      "2026-04-01T13:10+00:00"]),
+    ("0,30 0 1,15 * *", "UTC", "2026-04-01T00:00+00:00",
+     ["2026-04-01T00:30+00:00", "2026-04-15T00:00+00:00"]),
+    ("* * * * *", "UTC", "2026-04-01T12:00+00:00",        # strictly after
+     ["2026-04-01T12:01+00:00", "2026-04-01T12:02+00:00"]),
+    ("@hourly", "UTC", "2026-04-01T12:00+00:00", ["2026-04-01T13:00+00:00"]),
+    ("@daily", "Asia/Kolkata", "2026-04-01T12:00+05:30", ["2026-04-02T00:00+05:30"]),
+    ("@midnight", "UTC", "2026-04-01T12:00+00:00", ["2026-04-02T00:00+00:00"]),
+    ("@weekly", "UTC", "2026-04-01T12:00+00:00", ["2026-04-05T00:00+00:00"]),
+    ("@monthly", "UTC", "2026-01-31T00:00+00:00", ["2026-02-01T00:00+00:00"]),
+    ("@yearly", "UTC", "2026-04-01T12:00+00:00", ["2027-01-01T00:00+00:00"]),
+    ("@annually", "+05:30", "2026-04-01T12:00+05:30", ["2027-01-01T00:00+05:30"]),
+]
+
+CRON_REFUSED = [   # (expression, the field the error names)
+    ("61 * * * *", "minute"), ("-1 * * * *", "minute"), ("*/0 * * * *", "minute"),
+    ("5-1 * * * *", "minute"), ("a * * * *", "minute"), ("5/15 * * * *", "minute"),
+    ("1,,2 * * * *", "minute"), ("1.5 * * * *", "minute"),
+    ("* 24 * * *", "hour"), ("* */x * * *", "hour"),
+    ("* * 0 * *", "day of month"), ("* * 32 * *", "day of month"),
+    ("* * * 13 *", "month"), ("* * * FOO *", "month"), ("* * * DEC-JAN *", "month"),
+    ("* * * * 8", "day of week"), ("* * * * MON-", "day of week"),
+    ("* * * * -MON", "day of week"), ("* * * * SUNDAY", "day of week"),
+    ("* * * * * *", "fields"), ("* * * *", "fields"), ("", "empty"), ("   ", "empty"),
+    ("0 0 31 2 *", "never"), ("0 0 30 2 *", "never"), ("0 0 31 4,6,9,11 *", "never"),
+    ("@reboot", "alias"), ("@every 5m", "alias"),
+]
+
+
+@both_engines
+class CronTest(TempDirTest):
+    """cron(): the grammar, the zones, the table of known due times, and
+    schedules() / unschedule() for both kinds."""
+
+    def test_next_due_times_match_the_table_of_known_answers(self):
+        for expr, tz, after, expected in CRON_ANSWERS:
+            with self.subTest(expr=expr, tz=tz, after=after):
+                self.assertEqual(cron_times(expr, after, tz, len(expected)), expected)
+
+    def test_local_time_is_the_default_zone(self):
+        # A process whose local time is New York's, tz=None: the same
+        # answers as the zone's own, DST days included.
+        code = """
+            import datetime, sys, blero
+            t = datetime.datetime.fromisoformat(sys.argv[1]).timestamp()
+            for _ in range(2):
+                t = blero._cron_next(sys.argv[2], t, None)
+                print(datetime.datetime.fromtimestamp(t).isoformat(timespec="minutes"))
+        """
+        for expr, tz, after, expected in CRON_ANSWERS:
+            if tz != "America/New_York":
+                continue
+            out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), after, expr],
+                                 cwd=HERE, env=dict(child_env(), TZ="America/New_York"),
+                                 capture_output=True, text=True, timeout=60)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            naive = [datetime.datetime.fromisoformat(e).replace(tzinfo=None).isoformat(
+                timespec="minutes") for e in expected]
+            self.assertEqual(out.stdout.split()[:len(naive)], naive, expr)
+
+    def test_invalid_expressions_name_the_field_and_store_nothing(self):
+        bl = self.queue()
+        for expr, field in CRON_REFUSED:
+            with self.subTest(expr=expr):
+                with self.assertRaises(ValueError) as cm:
+                    bl.cron(expr, "tick")
+                self.assertIn(field, str(cm.exception))
+        for bad in (None, 5, ["* * * * *"]):
+            with self.assertRaises(TypeError):
+                bl.cron(bad, "tick")
+        self.assertEqual(bl.schedules(), [], "a refused cron() stores nothing")
+
+    def test_zones(self):
+        bl = self.queue()
+        for tz in ("Nowhere/Atlantis", "Europe/Berlinn", "", "../../etc/passwd"):
+            with self.subTest(tz=tz):
+                with self.assertRaises(ValueError) as cm:
+                    bl.cron("0 * * * *", "tick", tz=tz)
+                self.assertIn("tz", str(cm.exception))
+        with self.assertRaises(TypeError):
+            bl.cron("0 * * * *", "tick", tz=5)
+        self.assertEqual(bl.schedules(), [])
+        import zoneinfo
+        given = {"a": "Europe/Berlin", "b": zoneinfo.ZoneInfo("America/New_York"),
+                 "c": datetime.timezone.utc, "d": datetime.timezone(datetime.timedelta(hours=-3)),
+                 "e": None}
+        for key, tz in given.items():
+            self.assertEqual(bl.cron("0 12 * * *", "tick", key=key, tz=tz), key)
+        found = {s.key: s for s in bl.schedules()}
+        self.assertEqual({k: s.tz for k, s in found.items()},
+                         {"a": "Europe/Berlin", "b": "America/New_York", "c": "+00:00",
+                          "d": "-03:00", "e": None})
+        for key, tz in given.items():
+            due = datetime.datetime.fromtimestamp(found[key].next_due, blero._zone(found[key].tz))
+            self.assertEqual((due.hour, due.minute, due.second), (12, 0, 0), key)
+            self.assertLess(found[key].next_due - time.time(), 86400 + 3600)
+
+    def test_schedules_lists_both_kinds(self):
+        bl = self.queue()
+        bl.stop()       # a stopped queue whose file exists
+        self.assertEqual(bl.every(30, "beat", {"n": 1}), "beat")
+        before = time.time()
+        self.assertEqual(bl.cron("*/5 * * * *", "report", [1, 2], key="r", tz="UTC",
+                                 priority=3, retries=0, timeout=5), "r")
+        s = {s.key: s for s in bl.schedules()}
+        self.assertEqual(list(s), ["beat", "r"], "by key")
+        self.assertIsInstance(s["r"], blero.ScheduleInfo)
+        self.assertEqual(blero.ScheduleInfo._fields, ("key", "name", "data", "interval", "cron",
+                                                      "tz", "next_due", "job_id"))
+        beat, report = s["beat"], s["r"]
+        self.assertEqual((beat.name, beat.data, beat.interval, beat.cron, beat.tz, beat.job_id),
+                         ("beat", {"n": 1}, 30.0, None, None, None))
+        self.assertEqual((report.name, report.data, report.interval, report.cron, report.tz,
+                          report.job_id), ("report", [1, 2], None, "*/5 * * * *", "UTC", None))
+        self.assertEqual(report.next_due % 300, 0)
+        self.assertTrue(before < report.next_due <= before + 300)
+        self.assertLessEqual(beat.next_due, time.time(), "an every schedule is due at once")
+        with self.assertRaises(TypeError):
+            bl.cron("* * * * *", "x", delay=5)      # cron says when: no delay nor run_at
+        ran = threading.Event()
+        bl.register_processor(lambda job: ran.set(), names="beat")
+        bl.start()
+        self.assertTrue(ran.wait(10))
+        last = wait_until(lambda: bl.schedules()[0].job_id, message="the first run's id")
+        self.assertEqual(bl.get_job(last).name, "beat")
+        self.assertGreater(bl.schedules()[0].next_due, beat.next_due)
+        self.assertTrue(bl.unschedule("r"))
+        self.assertFalse(bl.unschedule("r"))
+        self.assertTrue(bl.unschedule("beat"))
+        self.assertEqual(bl.schedules(), [])
+
+    def test_cron_again_keeps_its_slot_and_an_update_takes_effect(self):
+        bl = self.queue()
+        bl.cron("0 3 * * *", "nightly", tz="UTC")
+        first = bl.schedules()[0]
+        bl.cron("0 3 * * *", "nightly", {"v": 2}, tz="UTC")       # as each start of a program does
+        again = bl.schedules()[0]
+        self.assertEqual((again.next_due, again.data), (first.next_due, {"v": 2}))
+        bl.cron("30 4 * * *", "nightly", tz="UTC")
+        changed = bl.schedules()[0]
+        self.assertEqual(datetime.datetime.fromtimestamp(changed.next_due, datetime.timezone.utc)
+                         .strftime("%H:%M"), "04:30")
+        bl.cron("30 4 * * *", "nightly", tz="Asia/Tokyo")         # same times, another zone
+        self.assertEqual(datetime.datetime.fromtimestamp(
+            bl.schedules()[0].next_due, blero._zone("Asia/Tokyo")).strftime("%H:%M"), "04:30")
+        bl.every(60, "nightly")                                   # now an every schedule
+        now = bl.schedules()[0]
+        self.assertEqual((now.interval, now.cron, now.tz), (60.0, None, None))
+        self.assertLessEqual(now.next_due, time.time())
+        bl.cron("@hourly", "nightly")                             # and back
+        back = bl.schedules()[0]
+        self.assertEqual((back.interval, back.cron), (None, "@hourly"))
+        self.assertEqual(back.next_due % 3600, 0)     # (every zone on a whole hour? most)
+
+    def test_schedules_and_cron_on_a_stopped_queue(self):
+        bl = self.queue()
+        bl.stop()
+        self.assertEqual(bl.cron("@daily", "d"), "d")
+        self.assertEqual([s.key for s in bl.schedules()], ["d"])
+        self.assertTrue(bl.unschedule("d"))
+
+
+# argv: db, clock file, log.  A process on a moved clock: blero's time.time()
+# reads the clock file, which the test sets (monotonic time stays real).
+# It runs the cron schedule "tick" ("* * * * *", set again at each start).
+CRON_CLOCK_CHILD = """
+import mmap, struct, types
+db, clock_path, log_path = sys.argv[1:4]
+clock_file = open(clock_path, "r+b")
+clock = mmap.mmap(clock_file.fileno(), 8)
+moved = types.ModuleType("time")
+moved.__dict__.update(time.__dict__)
+moved.time = lambda: struct.unpack("d", clock[:8])[0]
+blero.time = moved
+log = open_log(log_path)
+
+def tick(job):
+    log("T", job.id, PID, moved.time())
+
+bl = blero.new(db)
+bl.register_processor(tick, names="tick")
+bl.start()
+bl.cron("* * * * *", "tick", tz="UTC")
+log("ready", PID)
+sys.stdin.read()
+bl.stop()
+"""
+
+
+class CronAcrossProcessesTest(ProcessTest):
+    """Two processes running one cron schedule, on a clock the test moves
+    a minute at a time: each due time runs exactly once, across a kill -9
+    and a restart too; missed times collapse into one run."""
+
+    T0 = 1_900_000_020.0 - 1_900_000_020.0 % 60 + 60     # a whole minute
+
+    def set_clock(self, t):
+        with open(self.clock, "r+b") as f:
+            f.write(struct.pack("d", t))
+
+    def child(self):
+        self._children += 1
+        out = os.path.join(self.dir, f"child{self._children}.out")
+        with open(out, "w") as f:
+            p = start_child(mp_child(CRON_CLOCK_CHILD), self.path, self.clock, self.log,
+                            stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT,
+                            text=True)
+        p.out_path = out
+        self.addCleanup(lambda: (p.poll() is None and p.kill(), p.wait(), p.stdin.close()))
+        wait_until(lambda: [f for f in self.lines("ready") if int(f[1]) == p.pid] or
+                   p.poll() is not None, timeout=30, message="the child ready")
+        if p.poll() is not None:
+            self.fail(f"child exited:\n{self.output(p)}")
+        return p
+
+    def runs(self):
+        """{slot (minutes from T0): [(job id, pid), ...]} from the processors' own log."""
+        slots = collections.defaultdict(list)
+        for f in self.lines("T"):
+            slots[int((float(f[3]) - self.T0) // 60)].append((int(f[1]), int(f[2])))
+        return slots
+
+    def advance_through(self, minutes):
+        """Move the clock into each minute in turn, waiting for its run."""
+        for m in minutes:
+            self.set_clock(self.T0 + 60 * m + 1)
+            wait_until(lambda: m in self.runs(), timeout=20, message=f"the run of minute {m}")
+
+    def test_each_due_time_runs_exactly_once_across_processes_and_restarts(self):
+        self.clock = os.path.join(self.dir, "clock")
+        with open(self.clock, "wb") as f:
+            f.write(struct.pack("d", self.T0 - 30))
+        blero.new(self.path).start().stop()
+        a, b = self.child(), self.child()
+        self.assertEqual(blero.new(self.path).schedules()[0].next_due, self.T0)
+        self.advance_through(range(0, 30))
+        self.kill(a)                        # a kill -9, and a new process in its place
+        a = self.child()                    # (it calls cron() again: no slot repeated)
+        self.advance_through(range(30, 50))
+        # Ten minutes pass at once (downtime, say): one run for all of them.
+        self.set_clock(self.T0 + 60 * 60 + 1)
+        wait_until(lambda: 60 in self.runs(), timeout=20, message="the collapsed run")
+        self.advance_through(range(61, 64))
+        for p in (a, b):
+            p.stdin.close()
+            self.finish(p)
+        runs = self.runs()
+        self.assertEqual(sorted(runs), list(range(50)) + list(range(60, 64)))
+        self.assertEqual({m: len(r) for m, r in runs.items() if len(r) != 1}, {},
+                         "a due time ran more than once")
+        jobs = blero.new(self.path).jobs(name="tick", limit=None)
+        self.assertEqual(len(jobs), 54, "one job per due time")
+        self.assertEqual({j.state for j in jobs}, {"complete"})
+        self.assertEqual(blero.new(self.path).schedules()[0].next_due, self.T0 + 64 * 60)
+
+
+@both_engines
+class SchedulesShownTest(TempDirTest):
+    """python -m blero schedules [--json] and the dashboard list the
+    schedules with their next due times."""
+
+    def make(self):
+        bl = self.queue()
+        bl.every(90, "beat", {"n": 1})
+        bl.cron("0 3 * * MON", "weekly", key="w", tz="Europe/Berlin")
+        bl.cron("@hourly", "hourly", object)       # data JSON cannot carry
+        bl.stop()
+        return bl
+
+    def test_command_line(self):
+        bl = self.make()
+        out = run_cli("schedules", "--db", self.target(), "--json")
+        self.assertEqual((out.returncode, out.stderr), (0, ""))
+        listed = json.loads(out.stdout)
+        self.assertEqual([s["key"] for s in listed], ["beat", "hourly", "w"])
+        for s, info in zip(listed, bl.schedules()):
+            self.assertEqual(set(s), set(blero.ScheduleInfo._fields))
+            self.assertEqual(s["next_due"], info.next_due)
+        self.assertEqual((listed[0]["data"], listed[0]["interval"], listed[0]["cron"]),
+                         ({"n": 1}, 90.0, None))
+        self.assertEqual(listed[1]["data"], repr(object))
+        self.assertEqual((listed[2]["cron"], listed[2]["tz"], listed[2]["interval"]),
+                         ("0 3 * * MON", "Europe/Berlin", None))
+        text = run_cli("schedules", "--db", self.target(), "--serializer", "json")
+        self.assertEqual(text.returncode, 0, text.stderr)
+        lines = text.stdout.splitlines()
+        self.assertEqual(len(lines), 3)
+        self.assertIn("every 90 s", lines[0])
+        self.assertIn("cron '0 3 * * MON' Europe/Berlin", lines[2])
+        due = datetime.datetime.fromtimestamp(listed[2]["next_due"], blero._zone("Europe/Berlin"))
+        self.assertIn(f"next {due.isoformat(sep=' ', timespec='seconds')}", lines[2])
+        self.assertIn("schedules", run_cli("--help").stdout)
+        self.assertEqual(run_cli("schedules", "--db", self.target("missing.db")).returncode, 1)
+
+    def test_dashboard(self):
+        bl = self.make()
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        status, _, body = http_request(server.port, "GET", "/api/stats")
+        self.assertEqual(status, 200)
+        shown = json.loads(body)["schedules"]
+        self.assertEqual([(s["key"], s["next_due"]) for s in shown],
+                         [(s.key, s.next_due) for s in bl.schedules()])
+        status, _, page = http_request(server.port, "GET", "/")
+        self.assertIn(b'id="schedules"', page)
+
+
+# The last blero.py of schema 2, and what a file of it holds.
+V2_COMMIT = "39c00f9"
+V2_CHILD = """
+import sys, blero
+bl = blero.new(sys.argv[1])
+bl.register_processor(lambda job: job.data * 2, names="double")
+bl.start()
+bl.wait(bl.enqueue("double", 21), 30)
+bl.enqueue("later", "x")
+bl.every(3600, "hourly", {"n": 1})
+bl.stop()
+"""
+
+
+class FlowUpgradeTest(ProcessTest):
+    """A file of schema 2 (before progress, checkpoints and cron) is
+    upgraded in place at its first start, and inspected as it is where it
+    cannot be."""
+
+    def v2_file(self):
+        old = os.path.join(self.dir, "v2")
+        os.mkdir(old)
+        try:
+            source = subprocess.run(["git", "-C", HERE, "show", f"{V2_COMMIT}:blero.py"],
+                                    capture_output=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            self.skipTest(f"needs git and commit {V2_COMMIT}, whose blero.py writes v2 files")
+        with open(os.path.join(old, "blero.py"), "wb") as f:
+            f.write(source)
+        made = subprocess.run([sys.executable, "-c", V2_CHILD, self.path], cwd=old,
+                              env=dict(os.environ, PYTHONPATH=old), capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        self.assertEqual(UpgradeTest.layout(self, self.path), (2, 2))
+
+    def check(self, q):
+        self.assertEqual([(j.name, j.state) for j in q.jobs(name="double")],
+                         [("double", "complete")])
+        self.assertEqual(q.wait(1), 42)
+        (hourly,) = q.schedules()
+        self.assertEqual((hourly.key, hourly.data, hourly.interval, hourly.cron, hourly.tz),
+                         ("hourly", {"n": 1}, 3600.0, None, None))
+
+    def test_upgraded_at_its_first_start(self):
+        self.v2_file()
+        with blero.new(self.path) as bl:
+            self.check(bl)
+            bl.cron("@daily", "daily")
+            bl.register_processor(lambda job: job.data * 2, names="later")
+            self.assertEqual(bl.wait(2, 10), "xx")
+        self.assertEqual(UpgradeTest.layout(self, self.path), (blero._SCHEMA_VERSION, 2))
+        self.assertEqual([s.key for s in blero.new(self.path).schedules()], ["daily", "hourly"])
+
+    def test_inspected_as_it_is_on_read_only_storage(self):
+        self.v2_file()
+        path = ReadOnlyStorageTest.read_only_copy(self, self.path)
+        before = dir_state(os.path.dirname(path))
+        q = blero.new(path)
+        self.check(q)
+        self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only copy changed")
