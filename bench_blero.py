@@ -63,13 +63,15 @@ BLERO, RAW = "blero", "raw"
 # Sizes (jobs) of the full run and of --quick.
 FULL = dict(reps=3, enqueue=20_000, many=100_000, batch=1_000, drain=20_000,
             synced=5_000, shallow=1_000, deep=200_000, finished=200_000, dequeue=5_000,
-            rss_jobs=1_000_000, takeovers=5)
+            rss_jobs=1_000_000, takeovers=5, calls=20_000, awaits=10_000, naps=1_000)
 QUICK = dict(reps=1, enqueue=5_000, many=50_000, batch=1_000, drain=5_000,
              synced=1_000, shallow=1_000, deep=50_000, finished=50_000, dequeue=2_000,
-             rss_jobs=200_000, takeovers=2)
+             rss_jobs=200_000, takeovers=2, calls=5_000, awaits=2_000, naps=1_000)
 PRODUCERS = 4    # threads in W5
 PROCESSORS = 4   # processors (raw: threads) in W4
 PER_PROCESS = 2  # processors (raw: threads) in each process of W7, and jobs held in W8
+TASK_WORKERS = 4     # T1: the task's concurrency, and the plain processors beside it
+EXECUTOR_WORKERS = 5  # T2: max_workers of both executors
 LEASE = blero.Blero.__init__.__kwdefaults__["lease"]   # W8's live process keeps the default
 CHILD_TIMEOUT = 120   # seconds a child may keep the parent waiting before it is killed
 FILL_BATCH = 10_000
@@ -243,6 +245,105 @@ def drain(side: str, path: str, sync: str, n: int, workers: int) -> float:
         start = time.perf_counter()
         in_threads(workers, lambda k: raw_worker(dbs[k], owner=k + 1))
         return time.perf_counter() - start
+
+
+def noop_call(i) -> None:
+    """T1's task: nothing, as `noop` for a processor."""
+
+
+def sleep_1ms(i) -> int:
+    """T2's function: a call that does real work, 1 ms of it."""
+    time.sleep(0.001)
+    return i
+
+
+def task_map(side: str, path: str, sync: str, n: int) -> float:
+    """T1: n calls of a no-op task by task.map (results in order, resumable
+    keys and all) -- against the same work done the lower way, by
+    enqueue_many and as many plain processors, until join()."""
+    with queue(path, sync) as bl:
+        if side == BLERO:
+            task = bl.task(concurrency=TASK_WORKERS)(noop_call)
+            start = time.perf_counter()
+            task.map(range(n))
+            return time.perf_counter() - start
+        start = time.perf_counter()
+        bl.enqueue_many([("noop", ((i,), {})) for i in range(n)])
+        for _ in range(TASK_WORKERS):
+            bl.register_processor(noop)
+        bl.join()
+        return time.perf_counter() - start
+
+
+def executor_map(side: str, path: str, sync: str, n: int) -> float:
+    """T2: n calls of a function sleeping 1 ms, by blero's durable executor
+    against concurrent.futures.ThreadPoolExecutor, both of EXECUTOR_WORKERS."""
+    if side == BLERO:
+        with queue(path, sync) as bl:
+            start = time.perf_counter()
+            with bl.executor(EXECUTOR_WORKERS) as ex:
+                list(ex.map(sleep_1ms, range(n)))
+            return time.perf_counter() - start
+    import concurrent.futures
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(EXECUTOR_WORKERS) as ex:
+        list(ex.map(sleep_1ms, range(n)))
+    return time.perf_counter() - start
+
+
+def awaiting(n: int, naps: int, progress: Progress, step: str) -> dict:
+    """T3: n pending jobs, each awaited (`await bl.future(id)`) by a
+    coroutine of one asyncio loop: the threads that takes (none per waiter),
+    and how long after a result is recorded (on_complete runs right after
+    the commit) its await returns.  T4: `naps` calls of an async task that
+    sleeps 1 s, with concurrency=naps, on the queue's one loop thread."""
+    import asyncio
+    progress.show(f"{step} T3: await bl.future(id) for {n:,} pending jobs")
+    tmp = tempfile.mkdtemp(prefix="bench-await-")
+    recorded = {}
+    try:
+        bl = blero.new(os.path.join(tmp, "jobs.db"),
+                       on_complete=lambda job, result: recorded.__setitem__(
+                           job.id, time.perf_counter()))
+        with bl:
+            ids = bl.enqueue_many([("held", i) for i in range(n)])
+            gate = threading.Event()
+            for _ in range(PROCESSORS):
+                bl.register_processor(lambda job: gate.wait(), names="held")
+            threads_before = threading.active_count()
+
+            async def main():
+                delivered = {}
+
+                async def wait_one(job_id):
+                    await bl.future(job_id)
+                    delivered[job_id] = time.perf_counter()
+                waiters = [asyncio.ensure_future(wait_one(i)) for i in ids]
+                await asyncio.sleep(0.5)
+                during = threading.active_count()
+                gate.set()
+                await asyncio.gather(*waiters)
+                return delivered, during
+
+            delivered, during = asyncio.run(main())
+            lat = sorted((delivered[i] - recorded[i]) * 1000 for i in ids)
+
+            progress.show(f"{step} T4: {naps:,} async calls sleeping 1 s, concurrency {naps:,}")
+
+            @bl.task(name="nap", concurrency=naps)
+            async def nap(i):
+                await asyncio.sleep(1)
+            start = time.perf_counter()
+            nap.map(range(naps))
+            nap_s = time.perf_counter() - start
+            loop_threads = sum(t.name == "blero-loop" for t in threading.enumerate())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"jobs": n, "threads_added": during - threads_before,
+            "latency_ms": {"median": statistics.median(lat), "p99": lat[int(len(lat) * 0.99)],
+                           "max": lat[-1]},
+            "met": during - threads_before <= 1 and lat[int(len(lat) * 0.99)] <= 10,
+            "naps": naps, "nap_seconds": nap_s, "loop_threads": loop_threads}
 
 
 def enqueue_threads(side: str, path: str, sync: str, n: int) -> float:
@@ -480,7 +581,8 @@ def take_child(path: str) -> None:
         sys.stdin.readline()
 
 
-CHILDREN = {"drain": drain_child, "hold": hold_child, "take": take_child}
+CHILDREN = {"drain": drain_child, "hold": hold_child, "take": take_child,
+            "pgdrain": lambda *a: pg_drain_child(*a)}
 
 
 class Workload(NamedTuple):
@@ -492,6 +594,218 @@ class Workload(NamedTuple):
     params: dict            # the run's keyword arguments; `n` is the jobs timed
     sync: str = "normal"
     target: float | None = None     # blero ÷ raw must be at least this
+    engine: str = "sqlite"  # "postgres": the run gets a fresh schema, not a path
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL (--postgres URL): blero beside raw psycopg on the same tables
+# (blero's, in a fresh schema per run) with the same statements: one insert
+# per transaction; claim-one (FOR UPDATE SKIP LOCKED, in the statement that
+# marks the job running) + ack-one per job, each in a transaction of its
+# own, as the raw sqlite3 side does.  blero records a job and claims the next
+# in one transaction.
+# ---------------------------------------------------------------------------
+
+POSTGRES = None     # the URL given with --postgres
+PG_INSERT = INSERT.replace("?", "%s")
+PG_CLAIM = ("UPDATE blero_jobs SET state = 2, owner = %s, attempt = attempt + 1,"
+            " started_at = %s WHERE id = (SELECT id FROM blero_jobs WHERE state = 0"
+            " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED) AND state = 0"
+            " RETURNING id, name, data")
+PG_ACK = ACK.replace("?", "%s")
+
+
+def pg_queue(schema: str, **settings) -> blero.Blero:
+    return blero.Blero(POSTGRES, schema=schema, **settings).start()
+
+
+def pg_sql(sql: str, schema: str) -> str:
+    return sql.replace("blero_jobs", f'"{schema}".blero_jobs')
+
+
+@contextlib.contextmanager
+def pg_connections(schema: str, count: int = 1):
+    """`count` raw psycopg connections, on a schema blero made (so both
+    sides use the same tables and indexes)."""
+    import psycopg
+    pg_queue(schema).stop()
+    conns = [psycopg.connect(POSTGRES, autocommit=True) for _ in range(count)]
+    try:
+        yield conns
+    finally:
+        for c in conns:
+            c.close()
+
+
+def pg_fill(side: str, schema: str, n: int) -> None:
+    batches = [payloads(min(FILL_BATCH, n - i), i) for i in range(0, n, FILL_BATCH)]
+    if side == BLERO:
+        with pg_queue(schema) as bl:
+            for batch in batches:
+                bl.enqueue_many(("job", p) for p in batch)
+        return
+    with pg_connections(schema) as (conn,):
+        for batch in batches:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(pg_sql(PG_INSERT, schema), [raw_row(p) for p in batch])
+
+
+def pg_raw_worker(conn, schema: str, owner: int) -> int:
+    claim, ack = pg_sql(PG_CLAIM, schema), pg_sql(PG_ACK, schema)
+    done = 0
+    while True:
+        with conn.transaction():
+            row = conn.execute(claim, (owner, time.time())).fetchone()
+        if row is None:
+            return done
+        noop(pickle.loads(row[2]))
+        with conn.transaction():
+            conn.execute(ack, (time.time(), row[0]))
+        done += 1
+
+
+def pg_enqueue_one(side: str, schema: str, sync: str, n: int) -> float:
+    """PG W1: n jobs enqueued one at a time from one thread."""
+    data = payloads(n)
+    if side == BLERO:
+        with pg_queue(schema) as bl:
+            start = time.perf_counter()
+            for p in data:
+                bl.enqueue("job", p)
+            return time.perf_counter() - start
+    with pg_connections(schema) as (conn,):
+        sql = pg_sql(PG_INSERT, schema)
+        start = time.perf_counter()
+        for p in data:
+            with conn.transaction():
+                conn.execute(sql, raw_row(p))
+        return time.perf_counter() - start
+
+
+def pg_enqueue_batches(side: str, schema: str, sync: str, n: int, batch: int) -> float:
+    """PG W2: n jobs enqueued `batch` per call (raw: per transaction)."""
+    batches = [payloads(batch, i) for i in range(0, n, batch)]
+    if side == BLERO:
+        with pg_queue(schema) as bl:
+            start = time.perf_counter()
+            for b in batches:
+                bl.enqueue_many([("job", p) for p in b])
+            return time.perf_counter() - start
+    with pg_connections(schema) as (conn,):
+        sql = pg_sql(PG_INSERT, schema)
+        start = time.perf_counter()
+        for b in batches:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(sql, [raw_row(p) for p in b])
+        return time.perf_counter() - start
+
+
+def pg_drain(side: str, schema: str, sync: str, n: int, workers: int) -> float:
+    """PG W3/W4: n pre-filled jobs run to the end by `workers` processors
+    (raw: threads of claim+ack, a connection each)."""
+    pg_fill(side, schema, n)
+    if side == BLERO:
+        with pg_queue(schema) as bl:
+            start = time.perf_counter()
+            for _ in range(workers):
+                bl.register_processor(noop)
+            bl.join()
+            return time.perf_counter() - start
+    with pg_connections(schema, workers) as conns:
+        start = time.perf_counter()
+        in_threads(workers, lambda k: pg_raw_worker(conns[k], schema, k + 1))
+        return time.perf_counter() - start
+
+
+def pg_drain_processes(side: str, schema: str, sync: str, n: int, procs: int) -> float:
+    """PG W7: as W7, on the server: `procs` processes at once."""
+    pg_fill(side, schema, n)
+    with spawned(*[("pgdrain", side, POSTGRES, schema)] * procs) as children:
+        for c in children:
+            expect(c, "ready")
+        start = time.monotonic_ns()
+        for c in children:
+            tell(c, "go")
+        done = [[int(w) for w in expect(c, "done")] for c in children]
+    if sum(count for count, _ in done) != n:
+        raise RuntimeError(f"PG W7: {n} jobs, but the processes ran {[c for c, _ in done]}")
+    return (max(end for _, end in done) - start) / 1e9
+
+
+def pg_drain_child(side: str, url: str, schema: str) -> None:
+    global POSTGRES
+    POSTGRES = url
+    ends = []
+    if side == BLERO:
+        with blero.Blero(url, schema=schema, on_complete=lambda job, result:
+                         ends.append(time.monotonic_ns())) as bl:
+            say("ready")
+            sys.stdin.readline()
+            for _ in range(PER_PROCESS):
+                bl.register_processor(noop)
+            bl.join()
+        count = len(ends)
+    else:
+        import psycopg
+        conns = [psycopg.connect(url, autocommit=True) for _ in range(PER_PROCESS)]
+        say("ready")
+        sys.stdin.readline()
+        counts = []
+
+        def work(k):
+            counts.append(pg_raw_worker(conns[k], schema, os.getpid() * PER_PROCESS + k))
+            ends.append(time.monotonic_ns())
+        in_threads(PER_PROCESS, work)
+        count = sum(counts)
+    say("done", count, max(ends, default=0))
+
+
+def pg_workloads(size: dict) -> list[Workload]:
+    return [
+        Workload("PG W1", "enqueue, 1 thread", pg_enqueue_one, dict(n=size["enqueue"] // 4),
+                 engine="postgres"),
+        Workload("PG W2", f"enqueue_many, batches of {size['batch']:,}", pg_enqueue_batches,
+                 dict(n=size["many"] // 4, batch=size["batch"]), engine="postgres"),
+        Workload("PG W3", "drain, 1 processor", pg_drain,
+                 dict(n=size["drain"] // 4, workers=1), target=1.0, engine="postgres"),
+        Workload("PG W4", f"end to end, {PROCESSORS} processors", pg_drain,
+                 dict(n=size["drain"] // 4, workers=PROCESSORS), target=1.0, engine="postgres"),
+    ] + [
+        Workload(f"PG W7 {k} proc{'s' if k > 1 else ''}",
+                 f"drain, {k} process{'es' if k > 1 else ''} × {PER_PROCESS} processors",
+                 pg_drain_processes, dict(n=size["drain"] // 4, procs=k), engine="postgres")
+        for k in (1, 2, 4)
+    ]
+
+
+def pg_wake_latency(samples: int) -> dict:
+    """An idle queue (its own owner, its own LISTEN) starts a job another
+    enqueues: milliseconds from the enqueue's return to the job's start."""
+    schema = "bench_" + os.urandom(4).hex()
+    started = []
+    try:
+        with pg_queue(schema) as idle, pg_queue(schema) as producer:
+            got = threading.Event()
+            idle.register_processor(lambda job: (started.append(time.perf_counter()), got.set()))
+            idle.enqueue("warm")
+            got.wait(10)
+            waits = []
+            for _ in range(samples):
+                got.clear()
+                time.sleep(0.05)        # idle again (a benchmark: no test here)
+                t = time.perf_counter()
+                producer.enqueue("x")
+                got.wait(10)
+                waits.append((started[-1] - t) * 1000)
+    finally:
+        pg_drop(schema)
+    return {"samples": samples, "median_ms": statistics.median(waits), "max_ms": max(waits)}
+
+
+def pg_drop(schema: str) -> None:
+    import psycopg
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def workloads(size: dict) -> list[Workload]:
@@ -521,6 +835,13 @@ def workloads(size: dict) -> list[Workload]:
                  f"drain, {k} process{'es' if k > 1 else ''} × {PER_PROCESS} processors",
                  drain_processes, dict(n=size["drain"], procs=k))
         for k in (1, 2, 3)
+    ] + [
+        # Against another baseline than raw sqlite3 (the "raw" column): the
+        # cost of the task layer, and of durability when the work is real.
+        Workload("T1", f"task.map ÷ enqueue_many+{TASK_WORKERS} processors", task_map,
+                 dict(n=size["calls"]), target=0.80),
+        Workload("T2", f"Executor.map ÷ ThreadPool({EXECUTOR_WORKERS}), 1 ms", executor_map,
+                 dict(n=size["calls"]), target=0.80),
     ]
 
 
@@ -561,11 +882,18 @@ class Progress:
 
 def run_once(w: Workload, side: str) -> dict:
     """One run of one side in a fresh directory: {part: jobs per second}."""
-    tmp = tempfile.mkdtemp(prefix=f"bench-{side}-")
-    try:
-        seconds = w.run(side, os.path.join(tmp, "jobs.db"), w.sync, **w.params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if w.engine == "postgres":
+        schema = f"bench_{side}_{os.urandom(4).hex()}"
+        try:
+            seconds = w.run(side, schema, w.sync, **w.params)
+        finally:
+            pg_drop(schema)
+    else:
+        tmp = tempfile.mkdtemp(prefix=f"bench-{side}-")
+        try:
+            seconds = w.run(side, os.path.join(tmp, "jobs.db"), w.sync, **w.params)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     parts = seconds if isinstance(seconds, dict) else {"": seconds}
     return {part: w.params["n"] / s for part, s in parts.items()}
 
@@ -702,6 +1030,15 @@ def table(report: dict) -> str:
     if t:
         lines += ["", f"W8 takeover: a process SIGKILLed while running {t['jobs_per_run']} jobs; "
                   f"another live one starts them", f"  {takeover_text(t)}"]
+    a = report["awaiting"]
+    if a:
+        lat = a["latency_ms"]
+        lines += ["", f"T3 await bl.future(id) for {a['jobs']:,} pending jobs on one asyncio loop:",
+                  f"  threads added {a['threads_added']} (target: none per waiter); from recorded"
+                  f" to delivered: median {lat['median']:.2f} ms, p99 {lat['p99']:.2f} ms,"
+                  f" max {lat['max']:.2f} ms (target p99 <= 10 ms)  {verdict(a['met'])}",
+                  f"T4 {a['naps']:,} async calls of asyncio.sleep(1), concurrency {a['naps']:,}:"
+                  f" {a['nap_seconds']:.2f} s on {a['loop_threads']} loop thread"]
     mem = report["memory"]
     if mem is None:
         return "\n".join(lines)
@@ -780,6 +1117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--svg", metavar="FILE", help="also draw the ratios as an SVG bar chart")
     parser.add_argument("--only", metavar="ID", action="append",
                         help="run only workloads whose id starts with ID (repeatable)")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="run the PostgreSQL workloads on this server (a scratch database:"
+                             " each run makes and drops a schema), beside raw psycopg")
     parser.add_argument("--rss-probe", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -791,9 +1131,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     size = QUICK if args.quick else FULL
+    if args.postgres:
+        return postgres_main(args, size)
     picked = lambda wid: not args.only or any(wid.startswith(o) for o in args.only)  # noqa: E731
     chosen = [w for w in workloads(size) if picked(w.id)]
-    steps = len(chosen) + picked("W8")
+    steps = len(chosen) + picked("W8") + picked("T3")
     progress = Progress()
     # Memory first: a child's peak RSS includes its parent's at the fork.
     mem = None if args.only else memory(size, progress)
@@ -804,6 +1146,8 @@ def main(argv: list[str] | None = None) -> int:
               "depth": depth_checks(results, size),
               "takeover": (takeover(size["takeovers"], progress, f"[{steps}/{steps}]")
                            if picked("W8") else None),
+              "awaiting": (awaiting(size["awaits"], size["naps"], progress, f"[{steps}/{steps}]")
+                           if picked("T3") else None),
               "memory": mem}
     report["seconds"] = time.monotonic() - progress.started
     progress.done()
@@ -814,6 +1158,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.svg:
         with open(args.svg, "w") as f:
             f.write(svg(report))
+    return 0
+
+
+def postgres_main(args, size: dict) -> int:
+    """--postgres: the PostgreSQL workloads, and how fast NOTIFY wakes an idle queue."""
+    global POSTGRES
+    POSTGRES = args.postgres
+    picked = lambda wid: not args.only or any(wid.startswith(o) for o in args.only)  # noqa: E731
+    chosen = [w for w in pg_workloads(size) if picked(w.id)]
+    progress = Progress()
+    results = [row for i, w in enumerate(chosen, 1)
+               for row in measure(w, size["reps"], progress, f"[{i}/{len(chosen)}]")]
+    wake = pg_wake_latency(20 if args.quick else 100)
+    report = {"machine": machine(), "mode": "quick" if args.quick else "full",
+              "reps": size["reps"], "sizes": size, "results": results, "depth": [],
+              "takeover": None, "memory": None, "wake": wake}
+    report["seconds"] = time.monotonic() - progress.started
+    progress.done()
+    text = table(report).replace("ratio = blero / raw sqlite3", "ratio = blero / raw psycopg")
+    one = next((r for r in results if r["id"] == "PG W7 1 proc"), None)
+    four = next((r for r in results if r["id"] == "PG W7 4 procs"), None)
+    if one and four:
+        text += (f"\n\nPG W7 scaling: 4 processes ÷ 1 process = "
+                 f"{four['blero_jobs_per_s'] / one['blero_jobs_per_s']:.2f} (blero), "
+                 f"{four['raw_jobs_per_s'] / one['raw_jobs_per_s']:.2f} (raw)")
+    text += (f"\nNOTIFY wake-up: an idle queue starts a job another enqueued in "
+             f"{wake['median_ms']:.1f} ms (median), {wake['max_ms']:.1f} ms at most "
+             f"({wake['samples']} samples)")
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return 0
 
 

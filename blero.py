@@ -21,11 +21,14 @@ metrics server and dashboard, and the command line (`python -m blero`).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import functools
+import hashlib
 import heapq
 import http.server
 import inspect
@@ -38,6 +41,7 @@ import pickle
 import random
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -49,6 +53,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import zlib
 import zoneinfo
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -60,7 +65,7 @@ except ImportError:  # Windows: liveness falls back to heartbeats and leases
 
 __all__ = [
     "Blero", "new", "Job", "JobInfo", "ScheduleInfo", "BleroError", "JobFailed",
-    "JobCancelled", "STATES",
+    "JobCancelled", "STATES", "Task", "JobFuture", "Executor",
 ]
 __version__ = "1.0.0"
 
@@ -81,12 +86,15 @@ class BleroError(Exception):
 
 
 class JobFailed(BleroError):
-    """Raised by `Blero.wait` for a job that ended `failed`; `.error` is its error text."""
+    """Raised by `Blero.wait` for a job that ended `failed`; `.error` is its
+    error text (with the traceback), `.exception` the processor's original
+    exception when it could be serialized and restored, else None."""
 
-    def __init__(self, job_id: int, error: str | None):
+    def __init__(self, job_id: int, error: str | None, exception: BaseException | None = None):
         super().__init__(f"job {job_id} failed: {error}")
         self.job_id = job_id
         self.error = error
+        self.exception = exception
 
 
 class JobCancelled(BleroError):
@@ -101,11 +109,11 @@ class _Settings:
     """The keyword settings of `new`, checked once."""
 
     __slots__ = ("sync", "retries", "backoff_base", "backoff_max", "lease",
-                 "keep_complete", "on_complete", "on_failed", "serializer")
+                 "keep_complete", "on_complete", "on_failed", "serializer", "schema")
 
     def __init__(self, sync="normal", retries=3, backoff_base=1.0,
                  backoff_max=300.0, lease=10.0, keep_complete=None,
-                 on_complete=None, on_failed=None, serializer=pickle):
+                 on_complete=None, on_failed=None, serializer=pickle, schema=None):
         if sync not in ("normal", "full"):
             raise ValueError(f"sync must be 'normal' or 'full', not {sync!r}")
         self.sync = sync
@@ -126,6 +134,13 @@ class _Settings:
                 and callable(getattr(serializer, "loads", None))):
             raise TypeError("serializer needs dumps() and loads(), like pickle or json")
         self.serializer = serializer
+        if schema is not None:
+            if not isinstance(schema, str):
+                raise TypeError(f"schema must be a str, not {type(schema).__name__}")
+            if not _PG_IDENTIFIER.match(schema):
+                raise ValueError(f"schema must be a name of letters, digits and _ (not "
+                                 f"starting with a digit, at most 63), not {schema!r}")
+        self.schema = schema
 
 
 # Every number the API takes goes through one of these, at the call: a value
@@ -214,7 +229,7 @@ class Job:
     """
 
     __slots__ = ("id", "name", "data", "attempt", "max_attempts", "priority",
-                 "key", "enqueued_at", "timeout", "_event", "_cancelled")
+                 "key", "enqueued_at", "timeout", "_event", "_cancelled", "_on_cancel")
 
     def __init__(self, id, name, data, attempt, max_attempts, priority, key,
                  enqueued_at, timeout=None):
@@ -229,6 +244,7 @@ class Job:
         self.timeout = timeout
         self._event = None      # made on first use: most jobs never need one
         self._cancelled = False
+        self._on_cancel = None  # an async try's: cancels its coroutine
 
     @property
     def cancelled(self) -> threading.Event:
@@ -244,9 +260,11 @@ class Job:
     def _cancel(self) -> None:
         with _cancel_lock:
             self._cancelled = True
-            event = self._event
+            event, on_cancel = self._event, self._on_cancel
         if event is not None:
             event.set()
+        if on_cancel is not None:
+            on_cancel()
 
     def __repr__(self):
         return (f"Job(id={self.id}, name={self.name!r}, data={self.data!r}, "
@@ -670,17 +688,21 @@ class _Storage:
         calls raise BleroError ("the queue is stopped")."""
         raise NotImplementedError
 
-    def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
+    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
         """Store new jobs; return their ids, and for each whether it was
         stored: a job whose key is already stored stores nothing and gets
-        that job's id."""
+        that job's id.  With `connection` (the caller's own, on the same
+        database: else ValueError), write them in the caller's open
+        transaction, committing nothing: they exist once the caller commits."""
         raise NotImplementedError
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
-                         names: frozenset | None, claim: bool, suspect: bool = False
+                         names: frozenset | None, claim: bool, suspect: bool = False,
+                         exclude: frozenset = frozenset()
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
         """In one transaction, record a finished try and claim the next ready
-        job (or, with `suspect`, the next suspect) this worker accepts.
+        job (or, with `suspect`, the next suspect) this worker accepts: one
+        of `names`, or with None any name but those in `exclude`.
         Returns (whether the finish was recorded, the claim or None, and when
         a suspect was sought and none found, the names of the suspects left)."""
         raise NotImplementedError
@@ -736,6 +758,12 @@ class _Storage:
         its heartbeats and the lease can."""
         raise NotImplementedError
 
+    def owner_lost(self, owner: int) -> bool:
+        """True once `owner`, held here, lost its liveness without a
+        release_owner (a server's session ended): other processes may take
+        its jobs now, so it must carry on as a new owner."""
+        return False
+
     def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
         """Register `owner` as alive, or renew it: tell other processes, which
         may not see its liveness, that it is alive; its claims need it too.
@@ -779,9 +807,21 @@ class _Storage:
         (new work, a cancel, an ended job); cheap: the clock asks often."""
         raise NotImplementedError
 
-    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
-        """Cancel a pending or running job; return its (state, owner) before,
-        or None if it had already ended or does not exist."""
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` (from any thread, quickly) as soon as the engine
+        hears of another process's commit, so that changed_elsewhere need
+        not wait for the next poll; engines that only poll ignore it."""
+
+    def cancel(self, job_id: int, now: float,
+               pending_only: bool = False) -> tuple[int, int | None] | None:
+        """Cancel a pending or running job (only a pending one with
+        `pending_only`); return its (state, owner) before, or None if it had
+        already ended (or started) or does not exist."""
+        raise NotImplementedError
+
+    def clear_keys(self, ids: list[int]) -> None:
+        """Take the keys off these jobs: enqueueing with their keys stores
+        new jobs from now on."""
         raise NotImplementedError
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
@@ -845,6 +885,10 @@ class _Storage:
     def outcome(self, job_id: int) -> _Ended | None:
         """What `wait` looks at until the job ends, without reading its
         data; None if there is no such job."""
+        raise NotImplementedError
+
+    def outcomes(self, ids: list[int]) -> dict[int, _Ended]:
+        """`outcome` of many jobs at once, by id; those that do not exist left out."""
         raise NotImplementedError
 
     def list(self, state: str | None, name: str | None, limit: int | None,
@@ -944,6 +988,7 @@ _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in 
 _INSERT = (f"INSERT INTO blero_jobs ({', '.join(_NewJob._fields)})"
            f" VALUES ({', '.join('?' * len(_NewJob._fields))})")
 _FIND_KEY = "SELECT id FROM blero_jobs WHERE key = ?"
+_FIND_KEYS = "SELECT key, id FROM blero_jobs WHERE key IN ({keys})"
 _LAST_ID = "SELECT last_insert_rowid()"
 _JOB_COLUMNS = ", ".join(_Claim._fields)
 _NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READY or SUSPECT
@@ -951,7 +996,7 @@ _NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READ
 # A claim is made only while its owner is registered: a claim still under
 # way when its queue stopped (and dropped its owner) then claims nothing.
 _CLAIM_RETURNING = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
-                    " started_at = ? WHERE id = ({next})"
+                    " started_at = ? WHERE id = ({next}) AND state = {state}"
                     " AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?) RETURNING " + _JOB_COLUMNS)
 _CLAIM = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
           " started_at = ? WHERE id = ? AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?)")
@@ -974,16 +1019,17 @@ _RUNNING_IDS = "SELECT id FROM blero_jobs WHERE state = 2 AND owner = ?"
 # once (the earliest left is due), but a timeout due meanwhile never waits
 # for 200,000 jobs made due at the same moment.
 _PROMOTE = ("UPDATE blero_jobs SET state = 0 WHERE id IN (SELECT id FROM blero_jobs"
-            " WHERE state = 1 AND run_at <= ? ORDER BY run_at LIMIT 1000)")
+            " WHERE state = 1 AND run_at <= ? ORDER BY run_at LIMIT 1000) AND state = 1")
 _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
 _SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
-           " WHERE id = ? AND state IN (-1, 0, 1, 2)")
+           " WHERE id = ? AND state BETWEEN -1 AND ?")     # 2: running ones too
+_CLEAR_KEY = "UPDATE blero_jobs SET key = NULL WHERE id = ?"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
-          " WHERE state = 4 AND (? IS NULL OR id = ?)")
+          " WHERE state = 4 AND (CAST(? AS BIGINT) IS NULL OR id = ?)")
 # Sweeping goes a slice at a time, in finish order: it finds a few hundred
 # rows with the read connection, then deletes them in one write transaction,
 # so a big sweep never holds either connection for more than a few ms.
@@ -1002,8 +1048,11 @@ _TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result =
 _INFO_COLUMNS = ", ".join(_Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
+_OUTCOMES = (f"SELECT id, {', '.join(_Ended._fields)} FROM blero_jobs"
+             " WHERE state < 6 AND id IN ({ids})")
+_IDS_SLICE = 500        # ids a statement names at most (SQLite allows 999 parameters)
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
-         " AND (? IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
+         " AND (CAST(? AS TEXT) IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
 # Ready (and suspect) jobs may run now, in claim order; delayed ones at run_at.
 _PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -1 AND 1"
                          " ORDER BY CASE state WHEN 1 THEN run_at ELSE 0 END, priority DESC, id"
@@ -1017,10 +1066,10 @@ _FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, state, count(*)
 # two separate looks would otherwise be seen in neither.
 _OUTSTANDING = (
     "WITH runs AS (SELECT job_id FROM blero_schedules WHERE job_id IS NOT NULL) SELECT"
-    " EXISTS (SELECT 1 FROM blero_jobs WHERE state = 0 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -1 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 1 AND id NOT IN runs)"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN runs)")
+    " EXISTS (SELECT 1 FROM blero_jobs WHERE state = 0 AND id NOT IN (SELECT job_id FROM runs))"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -1 AND id NOT IN (SELECT job_id FROM runs))"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 1 AND id NOT IN (SELECT job_id FROM runs))"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN (SELECT job_id FROM runs))")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
 _HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes)"
@@ -1029,8 +1078,8 @@ _HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, take
 _DROP_OWNER = "DELETE FROM blero_owners WHERE id = ?"
 _OWNER_PIDS = "SELECT id, pid FROM blero_owners"
 _OWNERS = ("SELECT id, heartbeat_at, takes FROM blero_owners UNION ALL"
-           " SELECT DISTINCT owner, NULL, NULL FROM blero_jobs"
-           " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)")
+           " SELECT owner, NULL, NULL FROM (SELECT DISTINCT owner FROM blero_jobs"
+           " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)) AS unregistered")
 # An `every` schedule updated keeps its cadence (sooner if the interval
 # shrank); a cron one keeps its next slot while its times stay the same, so
 # a program calling cron() at each start neither repeats nor skips a slot.
@@ -1039,9 +1088,12 @@ _UPSERT_SCHEDULE = (
     f" VALUES ({', '.join('?' * len(_Schedule._fields))}) ON CONFLICT (key) DO UPDATE SET"
     " name = excluded.name, data = excluded.data, interval = excluded.interval,"
     " next_due = CASE"
-    " WHEN cron IS NULL AND excluded.cron IS NULL"
-    " THEN min(next_due, next_due - interval + excluded.interval)"
-    " WHEN cron = excluded.cron AND tz IS excluded.tz THEN next_due"
+    " WHEN blero_schedules.cron IS NULL AND excluded.cron IS NULL"
+    " THEN min(blero_schedules.next_due,"
+    " blero_schedules.next_due - blero_schedules.interval + excluded.interval)"
+    " WHEN blero_schedules.cron = excluded.cron"
+    " AND coalesce(blero_schedules.tz, '') = coalesce(excluded.tz, '')"
+    " THEN blero_schedules.next_due"
     " ELSE excluded.next_due END,"
     " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout,"
     " cron = excluded.cron, tz = excluded.tz")
@@ -1343,7 +1395,11 @@ class _SQLiteStorage(_Storage):
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
-        self._claim_sql: dict[tuple[int, bool], tuple[str, str]] = {}
+        self._claim_sql: dict[tuple[int, bool, int], tuple[str, str]] = {}
+
+    _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
+    _due_schedules = _DUE_SCHEDULES     # the same, locking the schedules it runs
+    _no_limit = -1      # LIMIT's "none"
 
     # -- opening and closing ------------------------------------------------
 
@@ -1897,50 +1953,99 @@ class _SQLiteStorage(_Storage):
 
     # -- enqueueing ------------------------------------------------------------
 
-    def insert(self, rows: list[_NewJob]) -> tuple[list[int], list[bool]]:
-        return self._write(self._insert, rows)
+    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+        if connection is None:
+            return self._write(self._insert, rows)
+        self.same_database(connection)
+        if not connection.in_transaction:   # (sqlite3 begins one only before its own DML)
+            connection.execute("BEGIN")
+        # A savepoint: enqueue_many is all or nothing, inside the caller's transaction.
+        connection.execute("SAVEPOINT blero_enqueue")
+        try:
+            found = self._insert(connection, rows)
+        except BaseException:
+            connection.execute("ROLLBACK TO blero_enqueue")
+            raise
+        finally:
+            connection.execute("RELEASE blero_enqueue")
+        return found
+
+    def same_database(self, connection) -> None:
+        """Raise ValueError unless `connection` (sqlite3's) is open on this queue's file."""
+        if not isinstance(connection, sqlite3.Connection):
+            raise ValueError(f"connection must be an sqlite3 connection to {self.path}, "
+                             f"not {type(connection).__name__}")
+        try:
+            files = [row[2] for row in connection.execute("PRAGMA database_list")
+                     if row[1] == "main"]
+            st = os.stat(files[0]) if files and files[0] else None
+        except (sqlite3.Error, OSError) as exc:
+            raise ValueError(f"connection must be open on {self.path}: {exc}") from exc
+        if st is None or (st.st_dev, st.st_ino) != self._identity:
+            raise ValueError(f"connection is open on {files[0] if files and files[0] else 'another database'!r}, "
+                             f"not on the queue file {self.path}")
 
     @staticmethod
     def _insert(db, rows):
         if len(rows) == 1 and rows[0].key is None:
             return [db.execute(_INSERT, rows[0]).lastrowid], [True]
+        # The keys already stored, looked up a slice at a time; then every
+        # row to store goes in by executemany, in runs between the rows a
+        # key answers (a key given twice in one call: the first is stored).
+        keys = list({row.key for row in rows if row.key is not None})
+        found: dict[str, int] = {}
+        for i in range(0, len(keys), _IDS_SLICE):
+            part = keys[i:i + _IDS_SLICE]
+            found.update(db.execute(_FIND_KEYS.format(keys=", ".join("?" * len(part))),
+                                    part).fetchall())
         ids: list[int] = []
         stored: list[bool] = []
-        run: list[_NewJob] = []   # keyless rows go in by executemany
+        run: list[_NewJob] = []
+        running: set[str] = set()   # keys of the rows in `run`
 
         def flush():
             if run:
                 db.executemany(_INSERT, run)
                 last = db.execute(_LAST_ID).fetchall()[0][0]
-                ids.extend(range(last - len(run) + 1, last + 1))
+                first = last - len(run) + 1
+                ids.extend(range(first, last + 1))
                 stored.extend([True] * len(run))
+                found.update((r.key, first + k) for k, r in enumerate(run) if r.key is not None)
                 run.clear()
+                running.clear()
 
         for row in rows:
-            if row.key is None:
-                run.append(row)
+            if row.key in running:
+                flush()
+            if row.key is not None and row.key in found:
+                flush()
+                ids.append(found[row.key])
+                stored.append(False)
                 continue
-            flush()
-            found = db.execute(_FIND_KEY, (row.key,)).fetchall()
-            ids.append(found[0][0] if found else db.execute(_INSERT, row).lastrowid)
-            stored.append(not found)
+            run.append(row)
+            if row.key is not None:
+                running.add(row.key)
         flush()
         return ids, stored
 
     # -- claiming and finishing --------------------------------------------------
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
-                         names: frozenset | None, claim: bool, suspect: bool = False
+                         names: frozenset | None, claim: bool, suspect: bool = False,
+                         exclude: frozenset = frozenset()
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
-        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect)
+        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
+                           exclude)
 
-    def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False):
+    def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
+                          exclude=frozenset()):
         recorded = finish is not None and db.execute(_FINISH, finish).rowcount == 1
         if not claim:
             return recorded, None, None
         n = len(names) if names else 0
-        sql = self._claim_statements(n, suspect)
-        params = tuple(names) if n else ()
+        m = 0 if n else len(exclude)
+        sql = self._claim_statements(n, suspect, m)
+        params = tuple(names) if n else tuple(exclude)
         now = time.time()
         if self._returning:
             rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
@@ -1955,14 +2060,18 @@ class _SQLiteStorage(_Storage):
             left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
         return recorded, row, left
 
-    def _claim_statements(self, n: int, suspect: bool = False) -> tuple[str, str]:
+    def _claim_statements(self, n: int, suspect: bool = False,
+                          m: int = 0) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
-        n names (0: any)."""
-        sql = self._claim_sql.get((n, suspect))
+        n names (0: any name but m others)."""
+        sql = self._claim_sql.get((n, suspect, m))
         if sql is None:
-            cond = f" AND name IN ({', '.join('?' * n)})" if n else ""
-            select = _NEXT_READY.format(state=_SUSPECT if suspect else _READY, names=cond)
-            sql = self._claim_sql[n, suspect] = (select, _CLAIM_RETURNING.format(next=select))
+            cond = (f" AND name IN ({', '.join('?' * n)})" if n
+                    else f" AND name NOT IN ({', '.join('?' * m)})" if m else "")
+            state = _SUSPECT if suspect else _READY
+            select = _NEXT_READY.format(state=state, names=cond)
+            claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state)
+            sql = self._claim_sql[n, suspect, m] = (select, claim)
         return sql
 
     def suspect_names(self) -> frozenset:
@@ -2057,15 +2166,19 @@ class _SQLiteStorage(_Storage):
 
     # -- operating on jobs ---------------------------------------------------------
 
-    def cancel(self, job_id: int, now: float) -> tuple[int, int | None] | None:
-        return self._write(self._cancel, job_id, now)
+    def cancel(self, job_id: int, now: float,
+               pending_only: bool = False) -> tuple[int, int | None] | None:
+        return self._write(self._cancel, job_id, now, _DELAYED if pending_only else _RUNNING)
 
     @staticmethod
-    def _cancel(db, job_id, now):
+    def _cancel(db, job_id, now, upto):
         found = db.execute(_STATE_OF, (job_id,)).fetchall()
-        if not found or db.execute(_CANCEL, (now, job_id)).rowcount == 0:
+        if not found or db.execute(_CANCEL, (now, job_id, upto)).rowcount == 0:
             return None
         return found[0]
+
+    def clear_keys(self, ids: list[int]) -> None:
+        self._write(lambda db: db.executemany(_CLEAR_KEY, [(i,) for i in ids]))
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
         params = ([(now, retries, None, None)] if ids is None
@@ -2130,10 +2243,9 @@ class _SQLiteStorage(_Storage):
             return [], self._read(lambda db: db.execute(_NEXT_SCHEDULE).fetchall()[0][0])
         return self._write(self._run_schedules, now, make_row, since)
 
-    @staticmethod
-    def _run_schedules(db, now, make_row, since):
+    def _run_schedules(self, db, now, make_row, since):
         names = []
-        for sched in map(_DueSchedule._make, db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
+        for sched in map(_DueSchedule._make, db.execute(self._due_schedules, (now,)).fetchall()):
             key, due = sched.key, sched.next_due
             last_id, last_made, last_start = sched.job_id, sched.last_created, sched.last_started
             if last_start is not None and last_made < since and last_start >= due:
@@ -2163,6 +2275,16 @@ class _SQLiteStorage(_Storage):
         rows = self._read(lambda db: db.execute(_OUTCOME, (job_id,)).fetchall())
         return _Ended._make(rows[0]) if rows else None
 
+    def outcomes(self, ids: list[int]) -> dict[int, _Ended]:
+        def look(db):
+            found = {}
+            for i in range(0, len(ids), _IDS_SLICE):
+                part = ids[i:i + _IDS_SLICE]
+                sql = _OUTCOMES.format(ids=", ".join("?" * len(part)))
+                found.update((row[0], _Ended._make(row[1:])) for row in db.execute(sql, part))
+            return found
+        return self._read(look)
+
     def list(self, state: str | None, name: str | None, limit: int | None,
              newest_first: bool = False, beyond: int | None = None) -> list[_Stored]:
         lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
@@ -2170,7 +2292,7 @@ class _SQLiteStorage(_Storage):
                            beyond="<" if newest_first else ">")
         if beyond is None:
             beyond = _INT_MAX if newest_first else 0
-        params = (lo, hi, name, name, beyond, -1 if limit is None else limit)
+        params = (lo, hi, name, name, beyond, self._no_limit if limit is None else limit)
         return self._read(lambda db: list(map(_Stored._make, db.execute(sql, params))))
 
     def pending_in_run_order(self, limit: int) -> list[_Stored]:
@@ -2193,6 +2315,625 @@ class _SQLiteStorage(_Storage):
 
     def pending_by_name(self) -> dict[str, int]:
         return dict(self._read(lambda db: db.execute(_PENDING_BY_NAME).fetchall()))
+
+
+# -- The PostgreSQL engine: one server that any number of hosts share ---------
+#
+# The same tables and the same statements as the file, in a schema of their
+# own (`schema=`, default "blero"): `_pg_sql` turns each statement above into
+# PostgreSQL's dialect once, so the two engines can never drift, and the
+# SQLite engine's methods that only run statements are this engine's too
+# (`_PG_SHARED`, below the class).  What is PostgreSQL's own lives here:
+# connections, liveness by advisory locks, LISTEN/NOTIFY, claims that skip
+# rows another transaction has locked.
+
+_PG_SCHEMA_VERSION = 2       # blero_meta.version this blero.py writes and reads
+_PG_POOL = 4                 # connections for reads and writes, besides the owner's own
+_PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
+_PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
+_PG_POOL_WAIT = 30.0         # seconds a call waits for a free connection
+_PG_POLL = 0.5               # seconds between looks for other processes' commits, without LISTEN
+_PG_SCHEMES = ("postgresql://", "postgres://")
+_PG_BACKOFF_MAX = 5.0        # seconds between reconnections, at most
+_PG_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
+
+# blero's tables, from the file's: the same columns, in PostgreSQL's types
+# (ids never reused: an identity column never hands a value out twice).
+_PG_TYPES = (("INTEGER PRIMARY KEY", "BIGINT PRIMARY KEY"), ("INTEGER", "BIGINT"),
+             ("REAL", "DOUBLE PRECISION"), ("BLOB", "BYTEA"))
+_PG_META = "CREATE TABLE blero_meta (version INTEGER NOT NULL)"
+_PG_TABLES = _TABLES | {"blero_meta"}
+# Another schema's tables are not ours: nothing is created beside them.
+_PG_SCHEMA_TABLES = ("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                     " WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')")
+_PG_VERSION = "SELECT max(version) FROM blero_meta"
+# One statement: tries the owner's lock, and gives it back at once if it got it.
+_PG_OWNER_ALIVE = ("SELECT CASE WHEN pg_try_advisory_lock(%s) THEN NOT pg_advisory_unlock(%s)"
+                   " ELSE true END")
+# What tells two connections are on one database of one server.
+_PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_port()"
+# A key in enqueue_many goes in once: a second one (or one another
+# transaction is inserting) finds the first.
+_PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
+# Statements whose changes other processes act on at once: they NOTIFY.
+_PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM))
+
+
+# _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
+# function of a _PGSession (so a step of the file's _UPGRADES that only runs
+# statements may serve here too).  The steps a schema needs run in order, in
+# the transaction that records its new version, under the creation lock, the
+# first time this blero.py opens it.  A later schema appends its step and
+# raises _PG_SCHEMA_VERSION with it; a new schema is made from _SCHEMA as it
+# is, at the latest version.
+def _pg_schema_2(session) -> None:
+    """1 -> 2: the file's schema 3 (`_schema_3`), in PostgreSQL's types."""
+    types = dict(_PG_TYPES)
+    for table, column, kind in _FLOW_COLUMNS:
+        session.execute(f"ALTER TABLE {table} ADD COLUMN {column} {types.get(kind, kind)}")
+
+
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2,)
+
+
+def _is_server(target) -> bool:
+    """Whether `target` names a PostgreSQL server rather than a file."""
+    return isinstance(target, str) and target.startswith(_PG_SCHEMES)
+
+
+def _masked(url: str) -> str:
+    """`url` as messages show it: without its password."""
+    url = re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
+
+
+def _psycopg():
+    """psycopg 3, imported on first use: blero itself needs only the standard library."""
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise BleroError('the PostgreSQL engine needs psycopg 3: pip install "psycopg[binary]"'
+                         ) from exc
+    return psycopg
+
+
+@functools.lru_cache(maxsize=None)
+def _pg_sql(sql: str, schema: str) -> str:
+    """An SQLite statement of this section as PostgreSQL reads it: %s
+    placeholders, blero's tables in `schema` (quoted), `interval` (a word
+    PostgreSQL reserves) quoted, two-argument min() as LEAST, and CAST to
+    INTEGER as floor (PostgreSQL's rounds); an INSERT of a job returns its id."""
+    out = sql.replace("%", "%%").replace("?", "%s")
+    out = re.sub(r"\bblero_(jobs|owners|schedules|meta)\b", lambda m: f"{schema}.{m.group(0)}", out)
+    out = re.sub(r"\binterval\b", '"interval"', out)
+    out = re.sub(r"\bmin\((?=[^()]*,)", "LEAST(", out)
+    out = re.sub(r"CAST\(([^()]*) AS INTEGER\)", r"floor(\1)", out)
+    if sql in (_INSERT, _PG_INSERT_KEYED):
+        out += " RETURNING id"
+    return out
+
+
+def _bytes(blob):
+    """A serialized value as BYTEA takes it (json's dumps gives a str)."""
+    return blob.encode() if isinstance(blob, str) else blob
+
+
+class _Inserted:
+    """What executing `_INSERT` gives on PostgreSQL, read as sqlite3's cursor is."""
+
+    __slots__ = ("lastrowid", "rowcount")
+
+    def __init__(self, cursor):
+        found = cursor.fetchall()
+        self.lastrowid = found[0][0] if found else None
+        self.rowcount = len(found)
+
+
+class _PGSession:
+    """One transaction (or, for reads, autocommitted statements) on one
+    PostgreSQL connection, with sqlite3's `execute`/`executemany`, so that
+    the SQLite engine's write and read functions run on it unchanged: each
+    statement goes through `_pg_sql`, and serialized values become bytes.
+    It notes whether anything changed that other processes act on at once
+    (new work, a cancel, a hand-back), to NOTIFY them in the same transaction."""
+
+    __slots__ = ("conn", "schema", "wakes", "began")
+
+    def __init__(self, conn, schema: str):
+        self.conn = conn
+        self.schema = schema
+        self.wakes = False
+        self.began = False      # a statement was sent: retrying on another connection is not safe
+
+    def execute(self, sql: str, params=()):
+        params = self._params(sql, params)
+        self.began = True
+        cursor = self.conn.execute(_pg_sql(sql, self.schema), params)
+        if sql in _PG_WAKES:
+            self._note(sql, params, cursor.rowcount)
+            if sql in (_INSERT, _PG_INSERT_KEYED):
+                return _Inserted(cursor)
+        return cursor
+
+    def executemany(self, sql: str, seq):
+        seq = [self._params(sql, p) for p in seq]
+        self.began = True
+        cursor = self.conn.cursor()
+        cursor.executemany(_pg_sql(sql, self.schema), seq)
+        if sql in _PG_WAKES and seq:
+            self._note(sql, seq[0], cursor.rowcount)
+        return cursor
+
+    @staticmethod
+    def _params(sql, params):
+        if sql is _FINISH:
+            return params._replace(result=_bytes(params.result))
+        if sql is _UPSERT_SCHEDULE:
+            return params._replace(data=_bytes(params.data))
+        if sql in (_INSERT, _PG_INSERT_KEYED):
+            return params._replace(data=_bytes(params.data))
+        return params
+
+    def _note(self, sql, params, rowcount):
+        # A finished try concerns others only when it made the job ready
+        # (or delayed) again: a completed one is seen by their waits' polls.
+        if rowcount and (sql is not _FINISH or params[0] < _RUNNING):
+            self.wakes = True
+
+
+class _PostgresStorage(_Storage):
+    """The queue on a PostgreSQL server: blero's tables in one schema, shared
+    by every process (on any host) that opens the same URL and schema.
+
+    Connections: at most `_PG_POOL` (4) for reads and writes, opened as
+    needed and kept, plus, while the queue runs, one of the owner's own that
+    holds its advisory lock and LISTENs: at most 5 per started Blero.  Each
+    has TCP keepalives (from `lease`), a connect timeout and a statement
+    timeout, so that a lost server is an error, never a hang.
+
+    The locking rules, all of them:
+    - `_slots` (a semaphore) bounds the connections in use; a call waits on
+      it for at most `_PG_POOL_WAIT` seconds.  `_mutex` guards `_idle` (the
+      connections not in use) and `_closed`, held for a list operation only;
+      every I/O runs on a connection taken out of `_idle`, owned by one
+      thread until it is put back.
+    - The owner's connection belongs to its listener thread alone once
+      started (`_listen`); other threads talk to it through `_wake_w` and
+      flags (`_changed`, `_lost`), which are plain attributes set in one
+      assignment.  `_owner_lock` guards holding and releasing owners.
+    - `_claims` guards `_claiming`; a release waits on it (see below),
+      holding no other lock and no connection.
+    Nothing is ever waited for while `_mutex` is held.
+    """
+
+    read_only = None
+    _returning = True
+    _skip_locked = " FOR UPDATE SKIP LOCKED"
+    # Two processes never run one due slot: the second skips the schedule
+    # the first is running, and sees its next slot once that commits.
+    _due_schedules = _DUE_SCHEDULES + " FOR UPDATE OF s SKIP LOCKED"
+    _no_limit = None
+
+    def __init__(self, url: str, schema: str = "blero", lease: float = 10.0):
+        self.url = self.real = url
+        self.path = _masked(url)
+        self.schema = schema
+        self._schema_sql = '"' + schema + '"'
+        self._channel = '"' + ("blero_" + schema)[:63] + '"'
+        self._token = secrets.token_hex(8)   # our own NOTIFYs' payload: not news to us
+        self._lease = lease
+        self._slots = threading.BoundedSemaphore(_PG_POOL)
+        self._mutex = threading.Lock()
+        self._idle: list = []
+        self._closed = False
+        self._owner_lock = threading.Lock()
+        self._owner = None                  # the owner held, with its listener below
+        self._listener: threading.Thread | None = None
+        self._wake_r = self._wake_w = None
+        self._listening = False
+        self._changed = False
+        self._lost = None                   # the owner whose session ended unasked
+        self._callback = None               # on_change's
+        self._next_poll = 0.0
+        self._retry_at = 0.0                # no reconnection before (monotonic)
+        self._backoff = 0.0
+        self._claim_sql: dict[tuple[int, bool, int], tuple[str, str]] = {}
+        self._claims = threading.Condition()    # guards _claiming
+        self._claiming: dict[int, int] = {}     # owner -> its finish_and_claim calls under way
+
+    # -- connections ---------------------------------------------------------------
+
+    def _connect(self):
+        psycopg = _psycopg()
+        lease = self._lease
+        idle, interval = max(1, round(lease / 2)), max(1, round(lease / 6))
+        extra = {}
+        try:
+            if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.url):
+                extra["application_name"] = f"blero[{os.getpid()}]"
+            conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=_PG_CONNECT_TIMEOUT,
+                keepalives=1, keepalives_idle=idle, keepalives_interval=interval,
+                keepalives_count=3, tcp_user_timeout=int(2000 * lease), **extra)
+        except psycopg.Error as exc:
+            raise BleroError(f"{self.path}: cannot connect to the server: "
+                             f"{str(exc).strip()}") from exc
+        try:
+            # The server's side of the keepalives: the session of a host
+            # that vanished ends, and its owner's lock with it.
+            conn.execute(f"SET statement_timeout = {_PG_STATEMENT_TIMEOUT * 1000};"
+                         f" SET tcp_keepalives_idle = {idle};"
+                         f" SET tcp_keepalives_interval = {interval};"
+                         f" SET tcp_keepalives_count = 3;"
+                         f" SET tcp_user_timeout = {int(2000 * lease)}")
+        except psycopg.Error as exc:
+            conn.close()
+            raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+        return conn
+
+    def _take(self):
+        if not self._slots.acquire(timeout=_PG_POOL_WAIT):
+            raise BleroError(f"{self.path}: all {_PG_POOL} connections stayed busy for "
+                             f"{_PG_POOL_WAIT:.0f} s")
+        try:
+            with self._mutex:
+                if self._closed:
+                    raise BleroError(f"{self.path}: the queue is stopped")
+                conn = self._idle.pop() if self._idle else None
+            return conn if conn is not None else self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _put(self, conn) -> None:
+        try:
+            if conn is not None and not conn.closed and not conn.broken:
+                with self._mutex:
+                    if not self._closed:
+                        self._idle.append(conn)
+                        return
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        finally:
+            self._slots.release()
+
+    def _run(self, write: bool, fn, args):
+        """Run `fn(session, *args)` on a pooled connection: in one
+        transaction (NOTIFYing others if it changed what they act on) when
+        `write`.  A connection found broken before anything was sent on it
+        (the server restarted since it was used) is replaced, once."""
+        psycopg = _psycopg()
+        for again in (True, False):
+            conn = self._take()
+            session = _PGSession(conn, self._schema_sql)
+            try:
+                if not write:
+                    return fn(session, *args)
+                with conn.transaction():
+                    result = fn(session, *args)
+                    if session.wakes:
+                        conn.execute(f"NOTIFY {self._channel}, '{self._token}'")
+                return result
+            except psycopg.Error as exc:
+                broken = conn.broken or conn.closed
+                if broken:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                if again and broken and (not session.began or not write):
+                    continue
+                raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+            finally:
+                self._put(conn)
+
+    def _write(self, fn, *args):
+        return self._run(True, fn, args)
+
+    def _read(self, fn, *args):
+        return self._run(False, fn, args)
+
+    # -- opening and closing ---------------------------------------------------------
+
+    def open(self, create: bool, check: bool = False) -> None:
+        psycopg = _psycopg()
+        with self._mutex:
+            self._closed = False
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                # Processes starting together: one creates (or upgrades), the others wait.
+                conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
+                             (zlib.crc32(self.schema.encode()) - (1 << 31),))
+                self._check_or_create(conn, create)
+        except psycopg.Error as exc:
+            conn.close()
+            raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        with self._mutex:
+            self._idle.append(conn)
+
+    def _check_or_create(self, conn, create: bool) -> None:
+        where = f"{self.path}, schema {self.schema!r}"
+        tables = {r[0] for r in conn.execute(_PG_SCHEMA_TABLES, (self.schema,))}
+        foreign = tables - _PG_TABLES
+        if foreign:
+            raise BleroError(f"{where}: holds tables that are not blero's "
+                             f"({', '.join(sorted(foreign)[:5])}): give the queue a schema "
+                             f"of its own (the schema setting)")
+        if not tables:
+            if not create:
+                raise BleroError(f"{where}: no queue there")
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_sql}")
+            for statement in (_SCHEMA + ";" + _PG_META).split(";"):
+                if statement.strip():
+                    for sqlite_type, pg_type in _PG_TYPES:
+                        statement = re.sub(rf"\b{sqlite_type}\b", pg_type, statement)
+                    statement = statement.replace(
+                        "id           BIGINT PRIMARY KEY,\n    state",
+                        "id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,\n"
+                        "    state")
+                    conn.execute(_pg_sql(statement, self._schema_sql))
+            conn.execute(_pg_sql("INSERT INTO blero_meta VALUES (?)", self._schema_sql),
+                         (_PG_SCHEMA_VERSION,))
+            return
+        if "blero_meta" not in tables or not _TABLES <= tables:
+            raise BleroError(f"{where}: a blero queue with tables missing (damaged)")
+        version = conn.execute(_pg_sql(_PG_VERSION, self._schema_sql)).fetchall()[0][0]
+        if version is None or version > _PG_SCHEMA_VERSION:
+            raise BleroError(f"{where}: written by a newer blero (schema {version}; this "
+                             f"blero.py knows up to {_PG_SCHEMA_VERSION})")
+        if version < _PG_SCHEMA_VERSION:
+            session = _PGSession(conn, self._schema_sql)
+            for step in _PG_UPGRADES[version - 1:]:
+                step(session)
+            conn.execute(_pg_sql("UPDATE blero_meta SET version = ?", self._schema_sql),
+                         (_PG_SCHEMA_VERSION,))
+
+    def close(self) -> None:
+        self._stop_listener()
+        with self._mutex:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # -- enqueueing ----------------------------------------------------------------
+
+    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+        if connection is None:
+            return self._write(self._insert, rows)
+        self.same_database(connection)
+        psycopg = _psycopg()
+        try:
+            with connection.transaction():      # a savepoint in the caller's transaction
+                session = _PGSession(connection, self._schema_sql)
+                found = self._insert(session, rows)
+                connection.execute(f"NOTIFY {self._channel}, 'x'")   # news to us too
+        except psycopg.Error as exc:
+            raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+        return found
+
+    @staticmethod
+    def _insert(db, rows):
+        ids, stored = [], []
+        keyless = [r for r in rows if r.key is None]
+        if len(keyless) == len(rows) > 1:      # one round trip for the lot
+            cursor = db.conn.cursor()
+            cursor.executemany(_pg_sql(_INSERT, db.schema),
+                               [r._replace(data=_bytes(r.data)) for r in rows], returning=True)
+            while True:
+                ids.append(cursor.fetchone()[0])
+                if not cursor.nextset():
+                    break
+            db.wakes = True
+            return ids, [True] * len(ids)
+        for row in rows:
+            # A key stored already is found first: an insert that conflicts
+            # would use up an id (ids stay dense, as on SQLite).
+            found = [] if row.key is None else db.execute(_FIND_KEY, (row.key,)).fetchall()
+            new = None if found else db.execute(
+                _INSERT if row.key is None else _PG_INSERT_KEYED, row).lastrowid
+            if new is None and not found:   # inserted meanwhile by another transaction
+                found = db.execute(_FIND_KEY, (row.key,)).fetchall()
+            stored.append(new is not None)
+            ids.append(new if new is not None else found[0][0])
+        return ids, stored
+
+    def same_database(self, connection) -> None:
+        """Raise ValueError unless `connection` (psycopg's) is on this queue's database."""
+        psycopg = _psycopg()
+        if not isinstance(connection, psycopg.Connection):
+            raise ValueError(f"connection must be a psycopg connection to {self.path}, "
+                             f"not {type(connection).__name__}")
+        try:
+            theirs = connection.execute(_PG_WHERE).fetchall()[0]
+        except psycopg.Error as exc:
+            raise BleroError(f"{self.path}: cannot use the connection given: "
+                             f"{str(exc).strip()}") from exc
+        ours = self._read(lambda db: db.conn.execute(_PG_WHERE).fetchall()[0])
+        if theirs != ours:
+            raise ValueError(f"connection is to database {theirs[0]!r} of another server "
+                             f"or another database, not the queue's ({self.path})"
+                             if theirs[0] == ours[0] else
+                             f"connection is to database {theirs[0]!r}, not the queue's "
+                             f"{ours[0]!r} ({self.path})")
+
+    # -- claims, and a release that sees them all -----------------------------------
+    #
+    # Transactions here run side by side, unlike the file's: a release must
+    # not miss a claim still under way (it would stay running, its owner
+    # gone).  So a release that drops its owner commits that first (no claim
+    # begun after it can succeed), waits for this owner's claims under way
+    # (only this process makes them), and then hands back what it holds.
+
+    def finish_and_claim(self, finish: _Finish | None, owner: int,
+                         names: frozenset | None, claim: bool, suspect: bool = False,
+                         exclude: frozenset = frozenset()
+                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+        with self._claims:
+            self._claiming[owner] = self._claiming.get(owner, 0) + 1
+        try:
+            return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
+                               exclude)
+        finally:
+            with self._claims:
+                self._claiming[owner] -= 1
+                if not self._claiming[owner]:
+                    del self._claiming[owner]
+                    self._claims.notify_all()
+
+    def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
+                started: set[tuple[int, int]] | None = None,
+                unclaimed: int = _READY) -> tuple[list[_Claim], int]:
+        if drop_owner:
+            self._write(lambda db: db.execute(_DROP_OWNER, (owner,)))
+            with self._claims:
+                while owner in self._claiming:
+                    self._claims.wait()
+        return self._write(self._release, owner, outcome, False, started, unclaimed)
+
+    # -- owners: an advisory lock per owner, held by a session of its own ------------
+
+    def hold_owner(self, owner: int) -> None:
+        psycopg = _psycopg()
+        with self._owner_lock:
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise BleroError(f"{self.path}: cannot reach the server; trying again "
+                                 f"in {self._retry_at - now:.1f} s")
+            try:
+                conn = self._connect()
+            except BleroError:
+                self._backoff = min(_PG_BACKOFF_MAX, max(0.1, 2 * self._backoff))
+                self._retry_at = time.monotonic() + self._backoff
+                raise
+            self._backoff = 0.0
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)", (owner,))
+            except psycopg.Error as exc:
+                conn.close()
+                raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+            try:
+                conn.execute(f"LISTEN {self._channel}")
+                self._listening = True
+            except psycopg.Error as exc:   # a pooler in transaction mode, say: poll
+                log.warning("%s: LISTEN failed (%s): looking for other processes' work "
+                            "every %.1f s instead", self.path, str(exc).strip(), _PG_POLL)
+                self._listening = False
+            self._stop_listener()
+            self._owner, self._lost = owner, None
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._listener = threading.Thread(target=self._listen, name="blero-listener",
+                                              args=(conn, owner, self._wake_r), daemon=True)
+            self._listener.start()
+
+    def _listen(self, conn, owner: int, wake) -> None:
+        """The owner's connection, on a thread of its own: notifications in,
+        and the first to know when the session ends."""
+        pg = conn.pgconn
+        try:
+            while True:
+                ready = select.select([conn.fileno(), wake], [], [])[0]
+                if wake in ready:
+                    return
+                pg.consume_input()
+                while True:
+                    note = pg.notifies()
+                    if note is None:
+                        break
+                    if note.extra.decode() != self._token:
+                        self._changed = True
+                        callback = self._callback
+                        if callback is not None:
+                            callback()
+                if pg.status != 0:      # CONNECTION_OK
+                    raise BleroError("the connection is lost")
+        except Exception as exc:
+            self._lost = owner
+            self._changed = True
+            if self._callback is not None:
+                self._callback()
+            log.warning("%s: lost the owner's session (%s): running jobs are cancelled; "
+                        "reconnecting", self.path, str(exc).strip() or type(exc).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+            wake.close()
+
+    def _stop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        listener.join()
+        self._wake_w.close()
+
+    def release_owner(self, owner: int) -> None:
+        with self._owner_lock:
+            if self._owner == owner:
+                self._stop_listener()
+                self._owner = None
+
+    def owner_alive(self, owner: int) -> bool | None:
+        if owner == self._owner and self._lost != owner:
+            return True
+        return self._read(lambda db: db.conn.execute(_PG_OWNER_ALIVE, (owner, owner))
+                          .fetchall()[0][0])
+
+    def owner_lost(self, owner: int) -> bool:
+        return self._lost == owner
+
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
+
+    def changed_elsewhere(self) -> bool:
+        if not self._listening:
+            now = time.monotonic()
+            if now >= self._next_poll:
+                self._next_poll = now + _PG_POLL
+                return True
+        changed, self._changed = self._changed, False
+        return changed
+
+    # -- what PostgreSQL does itself -------------------------------------------------
+
+    def sweep_slice(self, before: float, states: tuple[int, ...],
+                    after: tuple[float, int]) -> tuple[int, tuple[float, int] | None]:
+        in_states = ", ".join(str(s) for s in states)
+        params = (before, after[0], after[0], after[1], _SWEEP_SLICE)
+        found = self._read(lambda db: db.execute(
+            _SWEEPABLE.format(states=in_states), params).fetchall())
+        if not found:
+            return 0, None
+        sql = _SWEEP.format(states=in_states)     # (ids are never reused: no tombstone)
+        gone = self._write(lambda db: db.executemany(
+            sql, [(i, _INT_MAX, before) for i, _, _ in found]).rowcount)
+        last_id, _, last_finished = found[-1]
+        return gone, (None if len(found) < _SWEEP_SLICE else (last_finished, last_id))
+
+    def give_back_slice(self) -> bool:
+        return False        # autovacuum's work
+
+    def compact(self) -> None:
+        pass
+
+
+# The SQLite engine's methods that only run its statements, the same here
+# (`_read`/`_write` give them a _PGSession for a connection).  A method added
+# to _SQLiteStorage that only runs statements belongs in this list too.
+_PG_SHARED = ("_finish_and_claim", "suspect_names", "unclaim",
+              "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
+              "owners", "cancel", "_cancel", "retry_failed", "upsert_schedule",
+              "drop_schedule", "schedules", "run_schedules", "_run_schedules", "get", "outcome",
+              "pending_in_run_order", "counts", "finished_since", "outstanding",
+              "pending_by_name", "_claim_statements", "list", "clear_keys", "outcomes")
+for _name in _PG_SHARED:
+    setattr(_PostgresStorage, _name, _SQLiteStorage.__dict__[_name])
+del _name
 
 
 # ---------------------------------------------------------------------------
@@ -2245,7 +2986,7 @@ class _Throttle:
         BleroError), unless the same cause was logged less than a second ago."""
         # The cause, not the message: a message may carry a changing detail
         # (the bytes still free, say).
-        cause = exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error) else exc
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
         key = f"{type(cause).__name__}: {cause}"
         now = time.monotonic()
         with self._lock:
@@ -2263,15 +3004,21 @@ class _Throttle:
 
 
 class _Processor:
-    """A registered processor: the callable, and the job names it takes."""
+    """A registered processor: the callable, the job names it takes, and
+    how many workers run it (a task's concurrency)."""
 
-    __slots__ = ("id", "fn", "names", "retired")
+    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired")
 
-    def __init__(self, id, fn, names):
+    def __init__(self, id, fn, names, concurrency=1):
         self.id = id
         self.fn = fn
         self.names = names
-        self.retired = False    # unregistered: its worker ends after its job
+        # With names None: the names it does not take after all, those of
+        # the tasks (a processor of any name takes no task's jobs).
+        self.exclude = frozenset()
+        self.concurrency = concurrency
+        self.is_async = _is_async(fn)   # its workers are coroutines on the event loop
+        self.retired = False    # unregistered: its workers end after their jobs
 
 
 def _takes(processors: Iterable[_Processor]) -> frozenset | None:
@@ -2477,9 +3224,19 @@ class _Worker:
         self.thread = threading.Thread(
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def runs_on(self, thread: threading.Thread) -> bool:
+        """Whether this worker's try is what runs on `thread` now."""
+        return self.thread is thread
+
     def accepts(self, name: str) -> bool:
-        names = self.processor.names
-        return names is None or name in names
+        p = self.processor
+        return name not in p.exclude if p.names is None else name in p.names
 
     def finished_try(self) -> bool:
         """The processor returned: busy settling now; False if abandoned."""
@@ -2524,16 +3281,160 @@ class _Worker:
             d.exited(self)
 
 
+class _LoopEvent:
+    """What an async worker sleeps on: set from any thread (as a
+    threading.Event is), waited for by a coroutine on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._flag = False
+        self._event: asyncio.Event | None = None    # made on the loop (3.9 binds it there)
+
+    def set(self) -> None:
+        self._flag = True
+        with contextlib.suppress(RuntimeError):     # the loop is closed: nobody waits
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        """(On the loop.)"""
+        self._flag = False
+        if self._event is not None:
+            self._event.clear()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+        if self._flag:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
+class _AsyncWorker(_Worker):
+    """One of an `async def` processor's workers: a coroutine on the queue's
+    event loop thread, running that processor's jobs one at a time, as a
+    thread worker does (the same dispatcher calls, storage ones on the
+    loop's I/O threads so that the loop never waits for the file).  Each try
+    is a task of its own, cancelled for real when the job is cut short."""
+
+    def __init__(self, dispatcher: _Dispatcher, processor: _Processor,
+                 outcome: _Outcome | None = None):
+        super().__init__(dispatcher, processor, outcome)
+        self.loop = dispatcher.event_loop()
+        self.thread = self.loop.thread
+        self.wake = _LoopEvent(self.loop.loop)
+        self.task: asyncio.Task | None = None       # the worker's own
+        self.try_task: asyncio.Task | None = None   # the try running now
+        self.ended = threading.Event()
+
+    def start(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self._begin)
+
+    def _begin(self) -> None:
+        self.task = self.loop.loop.create_task(self._arun())
+
+    def join(self) -> None:
+        self.ended.wait()
+
+    def runs_on(self, thread: threading.Thread) -> bool:
+        if thread is not self.thread:
+            return False
+        current = asyncio.current_task(self.loop.loop)
+        return current is not None and current in (self.task, self.try_task)
+
+    async def _arun(self) -> None:
+        d = self.dispatcher
+        loop = self.loop.loop
+        outcome, self.outcome = self.outcome, None
+        try:
+            while True:
+                claim = d.claiming(self)
+                seq, cancels = d.seq, d.cancels
+                try:
+                    job = await loop.run_in_executor(self.loop.io, d.finish_and_claim,
+                                                     self, outcome, claim)
+                    if self.settling is not None:
+                        self.settled += 1
+                        self.settling = None
+                except Exception as exc:
+                    self.wake.clear()
+                    if d.stopping:
+                        return
+                    d.throttle.error(exc, "%s; retrying in %.1f s", exc, _STORAGE_RETRY)
+                    await self.wake.wait(_STORAGE_RETRY)
+                    continue
+                outcome = None
+                if job is not None:
+                    outcome = await d.execute_async(self, job, cancels)
+                    if outcome is None:
+                        return
+                elif not claim:
+                    return
+                elif d.going_idle(self, seq):
+                    await self.wake.wait()
+        finally:
+            d.exited(self)
+            self.ended.set()
+
+
+class _EventLoop:
+    """The event loop thread of a running queue, for its `async def`
+    processors and tasks: started with the first of them, stopped at the
+    end of the queue's stop.  Storage calls of its workers run on a few
+    I/O threads beside it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.io = concurrent.futures.ThreadPoolExecutor(_LOOP_IO_THREADS,
+                                                        thread_name_prefix="blero-loop-io")
+        self.thread = threading.Thread(target=self._run, name="blero-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def close(self) -> None:
+        """Cancel what is left (the tries cut short, still unwinding),
+        then stop the loop and its I/O threads."""
+        async def finish():
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in left:
+                t.cancel()
+            if left:
+                await asyncio.wait(left, timeout=_LOOP_CLOSE_WAIT)
+            self.loop.stop()
+        if threading.current_thread() is self.thread:
+            self.loop.stop()
+            return
+        asyncio.run_coroutine_threadsafe(finish(), self.loop)
+        self.thread.join()
+        self.io.shutdown(wait=True)
+
+
+_LOOP_IO_THREADS = 4      # storage calls of async workers at once
+_LOOP_CLOSE_WAIT = 1.0    # seconds a stop lets cancelled tries unwind
+
+
 class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
-                 counters: _Counters, changed: _Changes, takes: frozenset | None):
+                 counters: _Counters, changed: _Changes, takes: frozenset | None,
+                 futures: _Futures):
         self.storage = storage
         self.settings = settings
         self.owner = owner
         self.counters = counters
         self.changed = changed     # told whenever a job may have ended
+        self.futures = futures     # told of every job that ends here
         self.throttle = _Throttle()  # logs storage failures, each at most once a second
         self.seq = 0               # bumped whenever new work may be ready
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
@@ -2564,18 +3465,20 @@ class _Dispatcher:
                       "sweep": now if settings.keep_complete is not None else math.inf}
         self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
                                        daemon=True)
+        self._loop: _EventLoop | None = None    # for async processors, once one comes
 
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self, processors: Iterable[_Processor]) -> None:
         self.storage.changed_elsewhere()    # the baseline first: nothing slips between
+        self.storage.on_change(self._look_now)
         self._delayed_due = self.storage.next_delayed() or math.inf
         self._schedule_due = -math.inf      # look at schedules at once
         _guard.join(self)
         try:
             self._look_for_suspects()
             for p in processors:
-                self.spawn(p)
+                self.spawn_all(p)
             self._clock.start()
         except BaseException:
             _guard.leave(self)
@@ -2584,16 +3487,28 @@ class _Dispatcher:
     def spawn(self, processor: _Processor, outcome: _Outcome | None = None) -> bool:
         """Start a worker thread for `processor`, which first records
         `outcome` if given.  False if stopping."""
-        worker = _Worker(self, processor, outcome)
         with self._lock:
             if self.stopping:
                 return False
+            worker = (_AsyncWorker if processor.is_async else _Worker)(self, processor, outcome)
             self._workers.add(worker)
             wake = _guard.workers_changed(self)   # first: it must see suspects it takes
-            worker.thread.start()   # under the lock: stop() joins only started threads
+            worker.start()      # under the lock: stop() joins only started workers
         if wake:
             _guard.wake_all()
         return True
+
+    def spawn_all(self, processor: _Processor) -> None:
+        """Start the workers of a processor: as many as its concurrency."""
+        for _ in range(processor.concurrency):
+            if not self.spawn(processor):
+                return
+
+    def event_loop(self) -> _EventLoop:
+        """The loop thread of async workers, started by the first (under the lock)."""
+        if self._loop is None:
+            self._loop = _EventLoop()
+        return self._loop
 
     def retire(self, processor: _Processor) -> None:
         """Let `processor`'s worker finish its job, then end."""
@@ -2628,12 +3543,13 @@ class _Dispatcher:
             self._gone.notify_all()
 
     def runs_on(self, thread: threading.Thread) -> _Worker | bool:
-        """The worker running on `thread`; True for the clock thread; else False."""
+        """The worker running on `thread`; True for the clock thread (and the
+        event loop's, outside a try); else False."""
         with self._lock:
             for w in self._workers:
-                if w.thread is thread:
+                if w.runs_on(thread):
                     return w
-        return thread is self._clock
+        return thread is self._clock or (self._loop is not None and thread is self._loop.thread)
 
     def stop(self) -> list[Job]:
         """After `begin_stop`: wait for the running tries until they are cut
@@ -2664,12 +3580,13 @@ class _Dispatcher:
             job._cancel()
         for w in workers:
             if w not in cut and not w.abandoned:
-                w.thread.join()     # ended, or about to: nothing of it lingers
+                w.join()            # ended, or about to: nothing of it lingers
         with self._lock:
             self._clock_stop = True
             self._tick.notify()
         if self._clock.is_alive():
             self._clock.join()
+        self.storage.on_change(None)
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.  While
         # a worker of ours holds a suspect, that is the only job ours hold
@@ -2679,6 +3596,8 @@ class _Dispatcher:
                            suspect=any(w.suspect for w in workers))
         finally:
             _guard.leave(self)
+            if self._loop is not None:
+                self._loop.close()
         return late
 
     def exited(self, worker: _Worker) -> None:
@@ -2705,13 +3624,19 @@ class _Dispatcher:
 
     def idle(self, worker: _Worker, seq: int) -> None:
         """Sleep until new work may be there (unless some came since `seq`)."""
+        if self.going_idle(worker, seq):
+            worker.wake.wait()
+
+    def going_idle(self, worker: _Worker, seq: int) -> bool:
+        """Whether the worker should sleep on its `wake` now (no work came
+        since `seq`): it is among the idle ones then."""
         with self._lock:
             if seq != self.seq or not self.claiming(worker):
-                return
+                return False
             worker.wake.clear()
             self._idle.append(worker)
         self.changed.wake()     # join() looks again when workers run dry
-        worker.wake.wait()
+        return True
 
     def work_arrived(self, names: list[str] | None) -> None:
         """Wake idle workers for new ready jobs: one per job that it accepts,
@@ -2751,9 +3676,14 @@ class _Dispatcher:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def enqueue(self, rows: list[_NewJob]) -> list[int]:
-        """Store new jobs and wake the workers that can take them."""
-        ids, stored = self.storage.insert(rows)
+    def enqueue(self, rows: list[_NewJob],
+                connection=None) -> tuple[list[int], list[bool]]:
+        """Store new jobs and wake the workers that can take them (those
+        written with the caller's `connection` are seen once committed);
+        return their ids, and for each whether it was stored (not answered
+        by a key)."""
+        ids, stored = self.storage.insert(rows, connection)
+        answered = stored
         rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
@@ -2761,7 +3691,7 @@ class _Dispatcher:
         if ready:
             self.work_arrived(ready)
         self.counters.stored(len(rows))
-        return ids
+        return ids, answered
 
     def finish_and_claim(self, worker: _Worker, outcome: _Outcome | None,
                          claim: bool) -> Job | None:
@@ -2777,9 +3707,10 @@ class _Dispatcher:
                     claim = suspect = turn
         if outcome is None and not claim:
             return None
+        p = worker.processor
         recorded, row, left = self.storage.finish_and_claim(
-            outcome and outcome.finish(self.owner), self.owner, worker.processor.names,
-            claim, suspect)
+            outcome and outcome.finish(self.owner), self.owner, p.names, claim, suspect,
+            p.exclude)
         worker.suspect = suspect and row is not None
         if row is None:
             worker.holding = False
@@ -2796,6 +3727,40 @@ class _Dispatcher:
     def execute(self, worker: _Worker, job: Job, cancels: int) -> _Outcome | None:
         """Run one try of `job`, claimed when `self.cancels` was `cancels`;
         None if the worker was abandoned meanwhile."""
+        began = self._begin_try(worker, job, cancels)
+        if began is None or isinstance(began, _Outcome):
+            return began
+        exc = result = None
+        try:
+            result = worker.processor.fn(job)
+        except BaseException as e:   # any failure is the job's, never the worker's
+            exc = e
+        return self._end_try(worker, job, began, exc, result)
+
+    async def execute_async(self, worker: _AsyncWorker, job: Job,
+                            cancels: int) -> _Outcome | None:
+        """`execute` for an async worker: the try is a task of its own,
+        cancelled (CancelledError raised in it) when the job is cut short."""
+        began = self._begin_try(worker, job, cancels)
+        if began is None or isinstance(began, _Outcome):
+            return began
+        loop = worker.loop.loop
+        exc = result = None
+        try:
+            task = worker.try_task = asyncio.ensure_future(worker.processor.fn(job))
+            job._on_cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+            if job._cancelled:
+                task.cancel()
+            result = await task
+        except BaseException as e:   # CancelledError too: the try was cut short
+            exc = e
+        finally:
+            job._on_cancel = worker.try_task = None
+        return self._end_try(worker, job, began, exc, result)
+
+    def _begin_try(self, worker: _Worker, job: Job, cancels: int):
+        """Before a try: None if the worker was abandoned, an outcome if the
+        try cannot begin, else (its deadline entry, its start time)."""
         with worker.lock:
             retired = worker.processor.retired and not worker.abandoned
             # Stopping: a job claimed before (in the commit that recorded
@@ -2828,12 +3793,12 @@ class _Dispatcher:
             return self.failure(job, exc, retry=False,
                                 text=f"cannot deserialize the job's data: {_exc_text(exc)}")
         deadline = None if job.timeout is None else self._add_deadline(worker, job)
-        started = time.perf_counter()
-        exc = result = None
-        try:
-            result = worker.processor.fn(job)
-        except BaseException as e:   # any failure is the job's, never the worker's
-            exc = e
+        return deadline, time.perf_counter()
+
+    def _end_try(self, worker: _Worker, job: Job, began: tuple, exc: BaseException | None,
+                 result: Any) -> _Outcome | None:
+        """After a try: its outcome, or None if the worker was abandoned."""
+        deadline, started = began
         seconds = time.perf_counter() - started
         if deadline is not None:
             self._drop_deadline(deadline)
@@ -2852,7 +3817,7 @@ class _Dispatcher:
             if inspect.iscoroutine(result):
                 result.close()      # never awaited, and never warned about
             exc = TypeError(f"the processor returned an awaitable, {result!r}: "
-                            f"async processors are not supported yet")
+                            f"an async processor is an `async def` function")
             return self.failure(job, exc, retry=False, seconds=seconds,
                                 text=f"TypeError: {exc}")
         try:
@@ -2877,7 +3842,8 @@ class _Dispatcher:
             state = _DELAYED if wait > 0 else _READY
             return _Outcome(job, state, run_at=now + wait, error=text, exc=exc,
                             seconds=seconds)
-        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds)
+        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds,
+                        blob=_restorable(self.settings.serializer, exc))
 
     def interrupted(self, job: Job, exc: BaseException | None = None,
                     text: str = "interrupted", given_back: bool = False,
@@ -2894,8 +3860,9 @@ class _Dispatcher:
                             given_back=True)
         if job.attempt < job.max_attempts:
             return _Outcome(job, state, run_at=now, error=text)
-        return _Outcome(job, _FAILED, finished_at=now, error=text,
-                        exc=BleroError(text) if exc is None else exc)
+        exc = BleroError(text) if exc is None else exc
+        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc,
+                        blob=_restorable(self.settings.serializer, exc))
 
     def settle(self, outcome: _Outcome, recorded: bool) -> None:
         """After an outcome was committed: log, count, call back, wake waiters."""
@@ -2905,6 +3872,7 @@ class _Dispatcher:
         s = self.settings
         if state == _COMPLETE:
             self.counters.add("complete", seconds=outcome.seconds)
+            self.futures.ended(job.id, outcome)
             _call_back(s.on_complete, job, outcome.result)
         else:
             final = state == _FAILED
@@ -2916,6 +3884,7 @@ class _Dispatcher:
                         "" if final else ", will retry", first_line[0])
             log.debug("job %d error:\n%s", job.id, outcome.error)
             if final:
+                self.futures.ended(job.id, outcome)
                 _call_back(s.on_failed, job, outcome.exc)
             elif state == _DELAYED:
                 self.delayed_at(outcome.run_at)
@@ -2967,8 +3936,8 @@ class _Dispatcher:
                     self._tick.wait(wake - now)
                     if self._clock_stop:
                         return
-            for duty in (self._expire, self._promote, self._run_schedules, self._poll,
-                         self._reap, self._beat, self._sweep):
+            for duty in (self._expire, self._carry_on, self._promote, self._run_schedules,
+                         self._poll, self._reap, self._beat, self._sweep):
                 try:
                     duty()
                 except Exception as exc:
@@ -3048,6 +4017,34 @@ class _Dispatcher:
         return _NewJob(_READY, sched.priority, now, sched.name, sched.data, 1 + retries,
                        sched.timeout, None, now)
 
+    def _carry_on(self) -> None:
+        """When storage lost this owner's liveness (a server's session ended:
+        other processes may be taking its jobs now), cancel the running tries
+        (their late results are ignored: the claims are no longer theirs)
+        and carry on as a new owner, once storage can hold one again (it
+        raises meanwhile, backing off between tries)."""
+        old = self.owner
+        if not self.storage.owner_lost(old):
+            return
+        with self._lock:
+            running = [w.job for w in self._workers if w.job is not None]
+        for job in running:
+            job._cancel()
+        new = _new_owner_id()
+        self.storage.hold_owner(new)
+        with self._beat_lock:
+            self.owner = new
+            self.storage.heartbeat(new, time.time(), self._takes)
+        self.storage.release_owner(old)
+        log.warning("carrying on as a new owner; %d running job(s) cancelled", len(running))
+        self.work_arrived(None)
+
+    def _look_now(self) -> None:
+        """Storage heard of another process's commit: poll at once."""
+        with self._lock:
+            self._next["poll"] = -math.inf
+            self._tick.notify()
+
     def _poll(self) -> None:
         """Notice other processes' commits: new work, cancels, ended jobs."""
         if not self._due("poll", _POLL) or not self.storage.changed_elsewhere():
@@ -3067,6 +4064,7 @@ class _Dispatcher:
                 if job.id not in mine:
                     job._cancel()       # cancelled (or taken back) elsewhere
         self.changed.wake()
+        self.futures.poke()
 
     def _reap(self) -> None:
         """Take back the jobs of owners that died (or went silent past the lease)."""
@@ -3154,6 +4152,7 @@ class _Dispatcher:
         if rows or undone:
             self.work_arrived(None)
             self.changed.wake()
+            self.futures.poke()
         return len(rows) + undone
 
 
@@ -3170,6 +4169,26 @@ def _dumps(serializer, value):
         raise TypeError(f"the serializer's dumps() gave {type(blob).__name__}, "
                         f"not bytes or str")
     return blob
+
+
+def _restorable(serializer, exc: BaseException | None):
+    """`exc` serialized, if it comes back from that as an exception of its
+    class (what `JobFailed.exception` gives back later); else None."""
+    if exc is None:
+        return None
+    try:
+        blob = _dumps(serializer, exc)
+        back = serializer.loads(blob)
+    except Exception:   # unpicklable, or refusing its own arguments when rebuilt
+        return None
+    return blob if type(back) is type(exc) else None
+
+
+def _restored(serializer, blob) -> BaseException | None:
+    """The exception a failed job's result column holds, if it still loads
+    (its class may be gone since)."""
+    exc = _loads_or_none(serializer, blob)
+    return exc if isinstance(exc, BaseException) else None
 
 
 def _loads_or_none(serializer, blob):
@@ -3203,6 +4222,8 @@ def _db_path(path) -> str:
         path = os.fsdecode(path)
     if not path:
         raise ValueError("the queue's path must not be empty")
+    if _is_server(path):
+        return path
     if os.path.isdir(path) or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         return os.path.join(path, "blero.db")
     return path
@@ -3223,12 +4244,15 @@ def _epoch(when) -> float:
 
 
 class Blero:
-    """An embedded, persistent job queue kept in one SQLite file.
+    """An embedded, persistent job queue kept in one SQLite file, or on a
+    PostgreSQL server that many hosts share.
 
-    `Blero(path, **settings)` (or `new`) touches nothing on disk; `start()`
-    opens the file, takes back interrupted jobs and starts the workers.
-    `path` is the database file, or a directory (an existing one, or any
-    path ending in a separator) holding `blero.db`.
+    `Blero(path, **settings)` (or `new`) touches nothing on disk and opens
+    no connection; `start()` opens the queue, takes back interrupted jobs
+    and starts the workers.  `path` is the database file, or a directory
+    (an existing one, or any path ending in a separator) holding
+    `blero.db`, or a `postgresql://` (or `postgres://`) URL: then blero's
+    tables live in the schema `schema` (default "blero").
     """
 
     def __init__(self, path: str | os.PathLike, *, sync: str = "normal",
@@ -3236,10 +4260,13 @@ class Blero:
                  lease: float = 10.0, keep_complete: float | None = None,
                  on_complete: Callable[[Job, Any], Any] | None = None,
                  on_failed: Callable[[Job, BaseException], Any] | None = None,
-                 serializer: Any = pickle):
+                 serializer: Any = pickle, schema: str | None = None):
         self._settings = _Settings(sync, retries, backoff_base, backoff_max, lease,
-                                   keep_complete, on_complete, on_failed, serializer)
+                                   keep_complete, on_complete, on_failed, serializer, schema)
         self.path = _db_path(path)
+        if schema is not None and not _is_server(self.path):
+            raise ValueError(f"schema applies to a PostgreSQL queue (a postgresql:// URL), "
+                             f"not to the file {self.path}")
         self._lock = threading.Lock()        # guards the fields below
         self._storage: _Storage | None = None
         self._dispatcher: _Dispatcher | None = None
@@ -3253,10 +4280,17 @@ class Blero:
         self._counters = _Counters()
         self._changed = _Changes()
         self._untaken_warned: set[str] = set()   # job names join() said no queue takes
+        self._futures = _Futures(self)
+        self._tasks: dict[str, Task] = {}        # by name: the registered tasks
+        # The names of task jobs (tasks', executors' functions), each with how
+        # many registrations take it: processors of any name take none of them.
+        self._task_names: collections.Counter = collections.Counter()
+        self._calls = _Calls()                   # this run's resumable calls
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
-        return f"<Blero {self.path!r} {state}, {len(self._processors)} processor(s)>"
+        shown = _masked(self.path) if _is_server(self.path) else self.path
+        return f"<Blero {shown!r} {state}, {len(self._processors)} processor(s)>"
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -3277,7 +4311,7 @@ class Blero:
                 takes = _takes(self._processors.values())
                 storage.heartbeat(owner, time.time(), takes)
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed,
-                                takes)
+                                takes, self._futures)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
@@ -3287,6 +4321,7 @@ class Blero:
                     raise BleroError(f"{self.path}-lock: {exc.strerror or exc}") from exc
                 raise
             self._storage, self._dispatcher = storage, d
+            self._calls = _Calls()      # a new run: its calls are counted afresh
         log.info("started on %s; %d interrupted job(s) taken back", self.path, recovered)
         return self
 
@@ -3448,6 +4483,9 @@ class Blero:
         """Storage for this queue's target, not yet opened: the file `real`
         names if given, else the running (or stopping) queue's own file,
         whatever a link on its path names now."""
+        if _is_server(self.path):
+            return _PostgresStorage(self.path, self._settings.schema or "blero",
+                                    self._settings.lease)
         if real is None and self._storage is not None:
             real = self._storage.real
         return _SQLiteStorage(self.path, self._settings.sync, real)
@@ -3498,31 +4536,68 @@ class Blero:
         fn = run if callable(run) else processor
         if not callable(fn):
             raise TypeError("a processor is a callable f(job) or an object with .run(job)")
-        if _is_async(fn):   # its try would only make a coroutine, never run it
-            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is async: async processors "
-                            f"are not supported yet; register a plain function")
+        if any(inspect.isasyncgenfunction(f) for f in (fn, getattr(fn, "__call__", None))):
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is an async generator: "
+                            f"a processor returns its result (an async one with `return`)")
         if names is not None:
             names = frozenset([names] if isinstance(names, str) else names)
             if not names or not all(isinstance(n, str) and n for n in names):
                 raise ValueError("names must be one or more non-empty job names")
+        return self._add_processor(fn, names).id
+
+    def _add_processor(self, fn, names: frozenset | None, concurrency: int = 1,
+                       task_names: Iterable[str] = (), replaces: int | None = None
+                       ) -> _Processor:
+        """Register a processor of `concurrency` workers; `task_names` are
+        the names of task jobs it takes (kept from processors of any name);
+        `replaces`: the id of a processor it takes the place of."""
         with self._lock:
-            p = _Processor(self._next_processor, fn, names)
+            p = _Processor(self._next_processor, fn, names, concurrency)
             self._next_processor += 1
+            old = self._processors.pop(replaces, None)
             self._processors[p.id] = p
+            self._task_names.update(task_names)
+            self._exclude_task_names()
             d = self._dispatcher
             if d is not None:
                 # Told before its first job: no other process's join() may
                 # see it run one, and yet not take that name.
                 d.processors_changed(_takes(self._processors.values()))
         if d is not None:
-            d.spawn(p)
-        return p.id
+            if old is not None:
+                d.retire(old)
+            d.spawn_all(p)
+        return p
+
+    def _retake(self, p: _Processor, names: frozenset) -> None:
+        """A processor takes `names` from now on: task names, more than before."""
+        with self._lock:
+            self._task_names.update(names - p.names)
+            p.names = names
+            self._exclude_task_names()
+            d = self._dispatcher
+            if d is not None:
+                d.processors_changed(_takes(self._processors.values()))
+        if d is not None:
+            d.work_arrived(None)
+
+    def _exclude_task_names(self) -> None:
+        """Under the lock: processors of any name take no task's jobs."""
+        names = frozenset(n for n, k in self._task_names.items() if k > 0)
+        for p in self._processors.values():
+            if p.names is None:
+                p.exclude = names
 
     def unregister_processor(self, processor_id: int) -> None:
         """Remove a processor at once; its worker finishes its current job, then ends."""
         _integer("processor_id", processor_id, least=1)
+        self._drop_processor(processor_id)
+
+    def _drop_processor(self, processor_id: int, task_names: Iterable[str] = ()) -> None:
         with self._lock:
             p = self._processors.pop(processor_id, None)
+            self._task_names.subtract(task_names)
+            self._exclude_task_names()
             d = self._dispatcher
             if p is not None and d is not None:
                 d.processors_changed(_takes(self._processors.values()))
@@ -3536,20 +4611,25 @@ class Blero:
     def enqueue(self, name: str, data: Any = None, *, delay: float | None = None,
                 run_at: float | datetime.datetime | None = None, priority: int = 0,
                 retries: int | None = None, timeout: float | None = None,
-                key: str | None = None) -> int:
+                key: str | None = None, connection: Any = None) -> int:
         """Store a job and return its id, once it is committed.
 
         `delay` (seconds) or `run_at` (epoch seconds or datetime): not before
         then.  Higher `priority` runs first.  `retries`: tries after the first.
         `timeout`: seconds a try may take.  `key`: while a job with this key is
-        stored, enqueueing it again returns that job's id and stores nothing."""
+        stored, enqueueing it again returns that job's id and stores nothing.
+        `connection`: the caller's own open connection on the same database
+        (an sqlite3 one on the queue file, a psycopg one on the server):
+        the job is written in the caller's transaction, not committed, so it
+        exists if and when the caller commits."""
         d = self._running()
         row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time())
-        return d.enqueue([row])[0]
+        return d.enqueue([row], connection)[0][0]
 
-    def enqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
+    def enqueue_many(self, jobs: Iterable[tuple | dict], *, connection: Any = None) -> list[int]:
         """Store many jobs in one transaction, all or nothing; return their ids.
-        Each item is `(name, data)` or a dict of `enqueue`'s arguments."""
+        Each item is `(name, data)` or a dict of `enqueue`'s arguments;
+        `connection` as for `enqueue`."""
         d = self._running()
         now = time.time()
         rows = []
@@ -3571,7 +4651,7 @@ class Blero:
                 rows.append(self._row(item[0], item[1], None, None, 0, None, None, None, now))
             else:
                 raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
-        return d.enqueue(rows) if rows else []
+        return d.enqueue(rows, connection)[0] if rows else []
 
     def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> _NewJob:
         """Check one job's arguments and make its storage row."""
@@ -3624,7 +4704,7 @@ class Blero:
             raise TimeoutError(f"job {job_id} still {_STATE_NAME[seen[0]]} after {timeout} s")
         state, result, error = row
         if state == _FAILED:
-            raise JobFailed(job_id, error)
+            raise JobFailed(job_id, error, _restored(self._settings.serializer, result))
         if state == _CANCELLED:
             raise JobCancelled(job_id)
         return _loads_or_none(self._settings.serializer, result)
@@ -3707,9 +4787,11 @@ class Blero:
 
     def _info(self, row: _Stored) -> JobInfo:
         loads = self._settings.serializer
+        # A failed job's result column holds its exception (for
+        # JobFailed.exception): it has no result.
+        result = None if row.state == _FAILED else _loads_or_none(loads, row.result)
         return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
-                                      state=_STATE_NAME[row.state],
-                                      result=_loads_or_none(loads, row.result))._asdict())
+                                      state=_STATE_NAME[row.state], result=result)._asdict())
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
@@ -3750,6 +4832,17 @@ class Blero:
         d = self._dispatcher
         if d is not None:
             d.cancelled(job_id)
+        self._futures.cancelled(job_id)
+        return True
+
+    def _cancel_pending(self, job_id: int) -> bool:
+        """Cancel a job that has not started yet (JobFuture.cancel)."""
+        with self._store(operating=True) as storage:
+            before = storage.cancel(job_id, time.time(), pending_only=True)
+        if before is None:
+            return False
+        self._counters.add("cancelled")
+        self._changed.wake()
         return True
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> int:
@@ -3848,6 +4941,168 @@ class Blero:
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         with self._store(operating=True) as storage:
             return storage.drop_schedule(key)
+
+    # -- tasks, futures and executors --------------------------------------------------
+
+    def task(self, name: str | Callable | None = None, *, concurrency: int = 1,
+             retries: int | None = None, timeout: float | None = None,
+             priority: int = 0):
+        """Register a function as a task (`@bl.task` or `@bl.task(...)`) and
+        return its `Task`: its calls are jobs named `name` (by default
+        `module.qualname`), run by `concurrency` workers here (for an `async
+        def` function: that many coroutines on the queue's event loop).
+        Registering a task of a name that exists replaces it."""
+        if callable(name):
+            return self.task()(name)
+        if name is not None:
+            if not isinstance(name, str):
+                raise TypeError(f"a task name must be a str, not {type(name).__name__}")
+            if not name:
+                raise ValueError("a task name must not be empty")
+        _integer("concurrency", concurrency, least=1)
+        options = {"priority": _integer("priority", priority, least=_INT_MIN)}
+        if retries is not None:
+            options["retries"] = _retries("retries", retries)
+        if timeout is not None:
+            options["timeout"] = _seconds("timeout", timeout, positive=True)
+
+        def register(fn) -> Task:
+            if isinstance(fn, Task):
+                fn = fn.fn
+            if not callable(fn):
+                raise TypeError(f"a task is a function, not {type(fn).__name__}")
+            task = Task(self, fn, _function_name(fn) if name is None else name,
+                        concurrency, options)
+            with self._lock:
+                old = self._tasks.get(task.name)
+            replaces = None if old is None else old._processor.id
+            run = task._arun if _is_async(fn) else task._run
+            task._processor = self._add_processor(run, frozenset([task.name]),
+                                                  concurrency, [task.name], replaces)
+            with self._lock:
+                if old is not None:
+                    self._task_names[task.name] -= 1
+                    self._exclude_task_names()
+                self._tasks[task.name] = task
+            return task
+        return register
+
+    def executor(self, max_workers: int = 5) -> Executor:
+        """A `concurrent.futures.Executor` whose calls are jobs of this queue,
+        run by `max_workers` workers: resumable after a crash."""
+        return Executor(self, max_workers)
+
+    def future(self, job_id: int) -> JobFuture:
+        """A JobFuture of any stored job (also one of another run or
+        process), resolved when its outcome is recorded.  KeyError for an
+        unknown id."""
+        _job_id("job_id", job_id)
+        future = JobFuture(self, job_id)
+        self._futures.add([future])     # first: an end from now on resolves it
+        with self._store() as storage:
+            row = storage.outcome(job_id)
+        if row is None:
+            self._futures.forget(future)
+            raise KeyError(job_id)
+        if row.state >= _COMPLETE:
+            self._futures.forget(future)
+            future._stored(row, self._settings.serializer)
+        return future
+
+    async def aenqueue(self, name: str, data: Any = None, **options) -> int:
+        """`enqueue` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.enqueue, name, data,
+                                                                  **options))
+
+    async def aenqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
+        """`enqueue_many` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.enqueue_many, list(jobs))
+
+    def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
+                       resumable: bool = False) -> list[JobFuture]:
+        """Store a job per call (args, kwargs) of the task `name`; return
+        their futures.  `resumable`: each call is matched with the stored
+        job of the same call of a run that did not finish (see _Calls)."""
+        d = self._running()
+        connection = options.get("connection")
+        if resumable and connection is not None:
+            raise ValueError("connection= is for enqueue(): the calls of a map or an "
+                             "executor are committed as they are made")
+        now = time.time()
+        rows = [self._row(name, (args, kwargs), options.get("delay"), options.get("run_at"),
+                          options.get("priority", 0), options.get("retries"),
+                          options.get("timeout"), options.get("key"), now)
+                for args, kwargs in calls]
+        if resumable and options.get("key") is None:
+            rows = [r._replace(key=self._calls.key(name, r.data)) for r in rows]
+        futures: list[JobFuture] = []
+        with self._futures.expecting():
+            # A slice per commit: the workers start on the first while the
+            # rest are stored.  (Every call was checked above: a bad one
+            # stored nothing.)
+            for i in range(0, len(rows), _CALLS_SLICE):
+                futures += self._enqueue_slice(d, rows[i:i + _CALLS_SLICE], connection)
+        return futures
+
+    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob],
+                       connection: Any = None) -> list[JobFuture]:
+        """Store these calls' jobs (under `_futures.expecting()`); their futures."""
+        ids, stored = d.enqueue(rows, connection)
+        futures = [JobFuture(self, i) for i in ids]
+        self._futures.add([f for f, new in zip(futures, stored) if new])
+        matched = [k for k, new in enumerate(stored) if not new]
+        if not matched:
+            return futures
+        # Calls a stored job answered: a complete one gives its result,
+        # a pending or running one goes on, a failed or cancelled one
+        # (or one swept meanwhile) runs again as a new job.
+        found = d.storage.outcomes([ids[k] for k in matched])
+        again, going = [], []
+        for k in matched:
+            row = found.get(ids[k])
+            if row is None or row.state in (_FAILED, _CANCELLED):
+                again.append(k)
+            elif row.state == _COMPLETE:
+                futures[k]._stored(row, self._settings.serializer)
+            else:
+                going.append(futures[k])
+        self._futures.add(going)
+        if again:
+            d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
+            new_ids, _ = d.enqueue([rows[k] for k in again])
+            renewed = [JobFuture(self, i) for i in new_ids]
+            for k, f in zip(again, renewed):
+                futures[k] = f
+            self._futures.add(renewed)
+        return futures
+
+    def _wait_all(self, futures: list[JobFuture]) -> None:
+        """Wait until every future is done; BleroError if the queue stops first."""
+        if not futures:
+            return
+        d = self._dispatcher
+        left = [len(futures)]
+        lock, done = threading.Lock(), threading.Event()
+
+        def one_done(_):
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+        for f in futures:
+            f.add_done_callback(one_done)
+        while not done.wait(_FUTURES_LOOK):
+            if self._dispatcher is not d or d is None:
+                raise BleroError(f"{self.path}: the queue stopped with {left[0]} "
+                                 f"call(s) not ended; a later run carries on with them")
+
+    def _release(self, ids: list[int]) -> None:
+        """Clear the keys of these calls' jobs: a later run computes them afresh."""
+        if ids:
+            with self._store(operating=True) as storage:
+                storage.clear_keys(ids)
 
     # -- metrics ---------------------------------------------------------------------
 
@@ -4026,6 +5281,518 @@ class _SignalStop:
 def new(path: str | os.PathLike, **settings) -> Blero:
     """Make a queue on `path` (Goblero's New); nothing touches the disk until `start()`."""
     return Blero(path, **settings)
+
+
+# ---------------------------------------------------------------------------
+# Tasks, futures and the executor
+# ---------------------------------------------------------------------------
+#
+# The Python way onto the same jobs: a task call is a job whose data is the
+# serialized (args, kwargs) and whose result is the return value.  A call
+# made through `Task.map` or an `Executor` is resumable: its job gets the key
+# "blero.call:<name>:<blake2b of its data>:<n>", n counting the identical
+# calls of this run, so that the same program run again after a crash meets
+# the jobs of the run that did not finish (a key answers with the stored
+# job); once the map or executor is done with them, their keys are cleared,
+# and the next run computes them afresh.
+
+_CALL_KEY = "blero.call:{name}:{digest}:{n}"
+_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "connection")
+
+
+class _Calls:
+    """The resumable calls of one run: how many times each was made."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: collections.Counter = collections.Counter()
+
+    def key(self, name: str, blob) -> str:
+        """The key of the next identical call of `name` with data `blob`."""
+        data = blob.encode() if isinstance(blob, str) else bytes(blob or b"")
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        with self._lock:
+            self._seen[name, digest] += 1
+            n = self._seen[name, digest]
+        return _CALL_KEY.format(name=name, digest=digest, n=n)
+
+
+def _call_args(job: Job) -> tuple[tuple, dict]:
+    """The (args, kwargs) a task call's job carries."""
+    data = job.data
+    if (not isinstance(data, (tuple, list)) or len(data) != 2
+            or not isinstance(data[0], (tuple, list)) or not isinstance(data[1], dict)):
+        raise TypeError(f"job {job.id} ({job.name}) is not a task call: its data is "
+                        f"{_shown(data)}, not (args, kwargs)")
+    return tuple(data[0]), data[1]
+
+
+def _function_name(fn, what: str = "a task") -> str:
+    """`module.qualname` of a function that can be found again by that
+    name after a restart; TypeError naming why for anything else."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise TypeError(f"{fn!r} has no qualified name: {what} needs a module-level "
+                        f"function (or give the task a name)")
+    if "<lambda>" in qualname:
+        raise TypeError(f"{module}.{qualname} is a lambda: {what} needs a function "
+                        f"that can be imported by its name (or give the task a name)")
+    if "<locals>" in qualname:
+        raise TypeError(f"{module}.{qualname} is a nested function: {what} needs a "
+                        f"module-level function (or give the task a name)")
+    return f"{module}.{qualname}"
+
+
+def _importable(fn) -> str:
+    """The name of a function an executor runs: it must be what that name
+    imports (so that a later run finds the same function by it)."""
+    name = _function_name(fn, "an executor")
+    obj = sys.modules.get(fn.__module__)
+    for part in fn.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+    if obj is not fn and getattr(obj, "fn", None) is not fn:
+        raise TypeError(f"{name} does not import as {fn!r}: an executor needs a function "
+                        f"that can be imported by its qualified name")
+    return name
+
+
+def _check_options(options: dict) -> dict:
+    unknown = set(options) - set(_JOB_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+    return options
+
+
+class JobFuture(concurrent.futures.Future):
+    """The outcome of a job, as a `concurrent.futures.Future` (so it works
+    with `concurrent.futures.wait` and `as_completed`), and awaitable.
+
+    `result()` returns the job's result once recorded, or raises the job's
+    own exception (the original one when it could be restored, else
+    JobFailed), JobCancelled for a cancelled job.  `cancel()` cancels only a
+    job not started yet, as concurrent.futures does."""
+
+    def __init__(self, blero: Blero, job_id: int):
+        super().__init__()
+        self.id = job_id
+        self._blero = blero
+        self._cancelling = False    # cancel() under way: outcomes wait for it
+
+    def __repr__(self):
+        return f"<JobFuture job {self.id} {self._state.lower()}>"
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started: True if it is cancelled."""
+        if self.cancelled():
+            return True
+        if self.done():
+            return False
+        futures = self._blero._futures
+        futures.cancelling(self, True)
+        try:
+            cancelled = self._blero._cancel_pending(self.id)
+        finally:
+            futures.cancelling(self, False)
+        if not cancelled:
+            futures.look_now(self)  # it may have ended while its outcome waited
+            return False
+        futures.forget(self)
+        super().cancel()
+        self.set_running_or_notify_cancel()     # waiters of wait()/as_completed see it now
+        return True
+
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+    def _deliver(self, result: Any = None, exc: BaseException | None = None) -> None:
+        """Resolve it, unless it is resolved (or cancelled) already."""
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if exc is None:
+                self.set_result(result)
+            else:
+                self.set_exception(exc)
+
+    def _stored(self, row: _Ended, serializer) -> None:
+        """Resolve it from the stored outcome of its job, which has ended."""
+        if row.state == _COMPLETE:
+            self._deliver(_loads_or_none(serializer, row.result))
+        elif row.state == _FAILED:
+            self._deliver(exc=_restored(serializer, row.result)
+                          or JobFailed(self.id, row.error))
+        else:
+            self._deliver(exc=JobCancelled(self.id))
+
+
+class _Futures:
+    """The JobFutures of one Blero not yet resolved, by job id.
+
+    A job that ends in this process resolves its futures at once, from the
+    dispatcher's record of it (`ended`, with the result as returned, even if
+    a sweep removes the job right after).  For jobs that other processes or
+    earlier runs own, one watcher thread (started with the first future
+    waiting, ended with the last) looks at their stored outcomes whenever
+    the queue may have changed: never a thread per future.
+
+    `_lock` guards `_waiting`, `_early` and `_expecting`; no I/O and no
+    future's callbacks run under it."""
+
+    def __init__(self, blero: Blero):
+        self._blero = blero
+        self._lock = threading.Lock()
+        self._waiting: dict[int, list[JobFuture]] = {}
+        # While calls are being enqueued (`expecting`), a job that ends
+        # before its future is added leaves its outcome here for it.
+        self._expecting = 0
+        self._early: dict[int, _Outcome | None] = {}
+        self._watcher: threading.Thread | None = None
+        self._poked = threading.Event()     # other processes committed: look now
+        self._missing: set[int] = set()     # ids the watcher's last look did not find
+
+    @contextlib.contextmanager
+    def expecting(self):
+        with self._lock:
+            self._expecting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._expecting -= 1
+                if not self._expecting:
+                    self._early.clear()
+
+    def add(self, futures: list[JobFuture]) -> None:
+        early = []
+        with self._lock:
+            for f in futures:
+                if f.id in self._early:
+                    early.append((f, self._early[f.id]))
+                else:
+                    self._waiting.setdefault(f.id, []).append(f)
+            if self._watcher is None and self._waiting:
+                self._watcher = threading.Thread(target=self._watch, name="blero-futures",
+                                                 daemon=True)
+                self._watcher.start()
+        for f, outcome in early:
+            self._resolve(f, outcome)
+
+    def forget(self, future: JobFuture) -> None:
+        with self._lock:
+            waiting = self._waiting.get(future.id, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiting.pop(future.id, None)
+
+    def cancelling(self, future: JobFuture, on: bool) -> None:
+        with self._lock:
+            future._cancelling = on
+
+    def ended(self, job_id: int, outcome: _Outcome | None) -> None:
+        """The job ended here (None: cancelled): resolve its futures."""
+        if not self._waiting and not self._expecting:
+            return      # the workers' hot path: nothing to look up
+        with self._lock:
+            futures = self._waiting.pop(job_id, ())
+            keep = [f for f in futures if f._cancelling]
+            if keep:
+                self._waiting[job_id] = keep
+            if self._expecting:
+                self._early[job_id] = outcome
+        for f in futures:
+            if not f._cancelling:
+                self._resolve(f, outcome)
+
+    def cancelled(self, job_id: int) -> None:
+        self.ended(job_id, None)
+
+    def poke(self) -> None:
+        """Jobs may have ended where `ended` does not see (another process,
+        a dead owner's jobs handed back out of tries)."""
+        if self._waiting:
+            self._poked.set()
+
+    def _resolve(self, f: JobFuture, outcome: _Outcome | None) -> None:
+        if outcome is None:
+            f._deliver(exc=JobCancelled(f.id))
+        elif outcome.state == _COMPLETE:
+            f._deliver(outcome.result)
+        elif outcome.blob is not None:      # restorable: the original itself
+            f._deliver(exc=outcome.exc)
+        else:
+            f._deliver(exc=JobFailed(f.id, outcome.error))
+
+    def look_now(self, future: JobFuture) -> None:
+        """Resolve `future` now if its job has ended."""
+        with self._blero._store() as storage:
+            row = storage.outcome(future.id)
+        if row is not None and row.state >= _COMPLETE:
+            self.forget(future)
+            future._stored(row, self._blero._settings.serializer)
+
+    def _watch(self) -> None:
+        blero = self._blero
+        next_look = 0.0
+        while True:
+            with self._lock:
+                ids = list(self._waiting)
+                if not ids:
+                    self._watcher = None
+                    return
+            now = time.monotonic()
+            if now >= next_look:
+                try:
+                    with blero._store() as storage:
+                        found = storage.outcomes(ids)
+                except BleroError as exc:
+                    found = None
+                    log.debug("futures: cannot look at the queue: %s", exc)
+                # A look reads every waiting job: with very many it is made at
+                # most 2% of the time.
+                next_look = time.monotonic() + max(_POLL, 50 * (time.monotonic() - now))
+                if found is not None:
+                    self._found(ids, found)
+            # Running, the queue pokes it when other processes commit (and it
+            # looks now and then for what nobody tells); stopped, only the
+            # file tells.
+            running = blero._dispatcher is not None
+            self._poked.wait(_FUTURES_LOOK if running else _FUTURES_STOPPED_LOOK)
+            self._poked.clear()
+            pause = next_look - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)   # (the 2% bound above)
+
+    def _found(self, ids: list[int], found: dict[int, _Ended]) -> None:
+        resolved = []
+        missing, self._missing = self._missing, {i for i in ids if i not in found}
+        with self._lock:
+            for i in ids:
+                row = found.get(i)
+                if row is not None and row.state < _COMPLETE:
+                    continue
+                if row is None and i not in missing:
+                    # Swept, maybe, right after it ended here: its end, on
+                    # its way, resolves it; gone at the next look too, it is.
+                    continue
+                futures = [f for f in self._waiting.get(i, ()) if not f._cancelling]
+                if futures:
+                    left = [f for f in self._waiting[i] if f._cancelling]
+                    if left:
+                        self._waiting[i] = left
+                    else:
+                        del self._waiting[i]
+                    resolved.append((futures, row, i))
+        serializer = self._blero._settings.serializer
+        for futures, row, i in resolved:
+            for f in futures:
+                if row is None:
+                    f._deliver(exc=BleroError(f"job {i} is gone (swept) before its "
+                                              f"outcome was seen"))
+                else:
+                    f._stored(row, serializer)
+
+
+_FUTURES_LOOK = 1.0             # seconds between looks at most, while running
+_CALLS_SLICE = 500              # calls of a map stored per commit
+_FUTURES_STOPPED_LOOK = 0.25    # and on a stopped queue (its file may change)
+
+
+class Task:
+    """A function whose calls are jobs, made by `Blero.task`.
+
+    Calling it runs the function directly; `enqueue(*args, **kwargs)` makes
+    a job of the call and returns its JobFuture; `map(*iterables)` runs one
+    job per call, resumably, and returns the results in order; `using(...)`
+    gives a copy with other job options."""
+
+    def __init__(self, blero: Blero, fn: Callable, name: str, concurrency: int,
+                 options: dict):
+        self.fn = fn
+        self.name = name
+        self.concurrency = concurrency
+        self._blero = blero
+        self._options = options
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self):
+        return f"<blero.Task {self.name!r}>"
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def using(self, **options) -> Task:
+        """A copy of this task whose jobs get these options (`delay`,
+        `run_at`, `priority`, `retries`, `timeout`, `key`, `connection`), as
+        `Blero.enqueue` takes them."""
+        copy = Task.__new__(Task)
+        copy.__dict__.update(self.__dict__)
+        copy._options = {**self._options, **_check_options(options)}
+        return copy
+
+    def enqueue(self, *args, **kwargs) -> JobFuture:
+        """Make a job of this call; return its future."""
+        return self._blero._enqueue_calls(self.name, [(args, kwargs)], self._options)[0]
+
+    async def aenqueue(self, *args, **kwargs) -> JobFuture:
+        """`enqueue` from async code, without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.enqueue, *args,
+                                                                  **kwargs))
+
+    def map(self, *iterables) -> list:
+        """One job per call `fn(*items)`, with the task's concurrency; the
+        results in order.  The first failure is raised once every job has
+        ended.  Resumable: run again after a crash, the calls that completed
+        return their stored results without running again."""
+        calls = [(args, {}) for args in zip(*iterables)]
+        blero = self._blero
+        futures = blero._enqueue_calls(self.name, calls, self._options, resumable=True)
+        blero._wait_all(futures)
+        blero._release([f.id for f in futures])
+        return [f.result() for f in futures]
+
+    def _run(self, job: Job):
+        args, kwargs = _call_args(job)
+        return self.fn(*args, **kwargs)
+
+    async def _arun(self, job: Job):
+        args, kwargs = _call_args(job)
+        return await self.fn(*args, **kwargs)
+
+
+class Executor(concurrent.futures.Executor):
+    """A `concurrent.futures.Executor` whose calls are jobs, made by
+    `Blero.executor`: a drop-in for ThreadPoolExecutor whose work survives
+    crashes.  `fn` is a Task (run by its own workers) or a function that
+    can be imported by its qualified name (run by this executor's
+    `max_workers` workers).  Calls are resumable, as `Task.map`'s are, and
+    released once the executor is shut down with all of them ended."""
+
+    def __init__(self, blero: Blero, max_workers: int = 5):
+        if isinstance(max_workers, int) and not isinstance(max_workers, bool) \
+                and max_workers <= 0:
+            raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
+        self._max_workers = _integer("max_workers", max_workers, least=1)
+        self._blero = blero
+        self._lock = threading.Lock()   # guards everything below
+        self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
+        self._processor: _Processor | None = None
+        # Its calls' job ids (released at the end), and the futures not done
+        # yet: a done one is the caller's alone (its result may be big).
+        self._ids: list[int] = []
+        self._pending: set[JobFuture] = set()
+        self._shutdown = False
+        self._released = False
+
+    def __repr__(self):
+        return f"<blero.Executor max_workers={self._max_workers}>"
+
+    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple]:
+        """The job name, options and arguments of a call of `fn`."""
+        if isinstance(fn, Task):
+            return fn.name, fn._options, args
+        if inspect.ismethod(fn):      # its object travels with the arguments
+            fn, args = fn.__func__, (fn.__self__,) + args
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        name = _importable(fn)
+        if _is_async(fn):
+            raise TypeError(f"{name} is an async function: make it a task (bl.task) "
+                            f"to run its calls on the queue's event loop")
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            known = name in self._fns
+            self._fns.setdefault(name, fn)
+            p = self._processor
+        if p is None:
+            p = self._blero._add_processor(self._run, frozenset([name]), self._max_workers,
+                                           task_names=[name])
+            with self._lock:
+                self._processor = p
+        elif not known:
+            self._blero._retake(p, p.names | {name})
+        return name, {}, args
+
+    def submit(self, fn, /, *args, **kwargs) -> JobFuture:
+        """Run `fn(*args, **kwargs)` as a job; return its future."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        name, options, args = self._target(fn, args)
+        future = self._blero._enqueue_calls(name, [(args, kwargs)], options,
+                                            resumable=True)[0]
+        self._track([future])
+        return future
+
+    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1):
+        """`fn` over the iterables, a job per call: an iterator of the
+        results in order, as `concurrent.futures.Executor.map`."""
+        timeout = _seconds("timeout", timeout, optional=True)
+        _integer("chunksize", chunksize, least=1)    # (every call is a job of its own)
+        end = None if timeout is None else time.monotonic() + timeout
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        calls = list(zip(*iterables))
+        futures = []
+        if calls:
+            name, options, first = self._target(fn, calls[0])
+            extra = len(first) - len(calls[0])      # a bound method's object
+            calls = [(first[:extra] + args, {}) for args in calls]
+            futures = self._blero._enqueue_calls(name, calls, options, resumable=True)
+            self._track(futures)
+        return self._results(futures, end)
+
+    @staticmethod
+    def _results(futures: list[JobFuture], end: float | None):
+        futures.reverse()
+        try:
+            while futures:
+                # (no name holds the future while its result is yielded)
+                yield _result_of(futures.pop(), end)
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more calls; with `cancel_futures` cancel those not
+        started; with `wait`, return once every call has ended.  Once they
+        all have, the calls are released and the workers go."""
+        with self._lock:
+            self._shutdown = True
+            futures = list(self._pending)
+        if cancel_futures:
+            for f in futures:
+                f.cancel()
+        if wait:
+            concurrent.futures.wait(futures)
+        self._ended_one(None)
+
+    def _track(self, futures: list[JobFuture]) -> None:
+        with self._lock:
+            self._ids.extend(f.id for f in futures)
+            self._pending.update(futures)
+        for f in futures:
+            f.add_done_callback(self._ended_one)
+
+    def _ended_one(self, future: JobFuture | None) -> None:
+        with self._lock:
+            self._pending.discard(future)
+            if not self._shutdown or self._pending or self._released:
+                return
+            self._released = True
+            ids, self._ids = self._ids, []
+            p = self._processor
+        self._blero._release(ids)
+        if p is not None:
+            self._blero._drop_processor(p.id, task_names=p.names)
+
+    def _run(self, job: Job):
+        args, kwargs = _call_args(job)
+        return self._fns[job.name](*args, **kwargs)
+
+
+def _result_of(future: JobFuture, end: float | None):
+    return future.result(None if end is None else max(0.0, end - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------
@@ -4662,6 +6429,8 @@ _SERIALIZERS = {"pickle": pickle, "json": json}
 def _cli_queue(args, **settings) -> Blero:
     """The queue a command names, read with the serializer it names (with
     json, nothing in the file is ever unpickled)."""
+    if args.schema is not None:
+        settings["schema"] = args.schema
     return Blero(args.db, serializer=_SERIALIZERS[args.serializer], **settings)
 
 
@@ -4911,6 +6680,8 @@ def _serve(args) -> int:
 def _vacuum(path: str) -> str:
     """`vacuum`: check the file, bring one of an older blero up to date
     (which compacts it) and give its free pages back; say the sizes."""
+    if _is_server(path):
+        return f"{_masked(path)}: nothing to do: the server's autovacuum gives space back"
     storage = _SQLiteStorage(path)
     real = storage.real
     before = os.path.getsize(real) if os.path.isfile(real) else 0
@@ -4939,10 +6710,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--serializer", choices=_SERIALIZERS, default="pickle",
                        help="how the queue's data is written (default pickle); json never "
                             "unpickles anything: the safe way to look at a file you do not trust")
+        p.add_argument("--schema", default=None,
+                       help="with a postgresql:// --db, the schema of the queue's tables "
+                            "(default blero)")
 
     def queue_command(name, help):
         p = commands.add_parser(name, help=help)
-        p.add_argument("--db", required=True, help="the queue file (or its directory)")
+        p.add_argument("--db", required=True, help="the queue file (or its directory), "
+                       "or a postgresql:// URL")
         serializer_option(p)
         return p
 
