@@ -7666,7 +7666,7 @@ log = open_log(log_path)
 def tick(job):
     log("T", job.id, PID, moved.time())
 
-bl = blero.new(db)
+bl = new_queue(db)
 bl.register_processor(tick, names="tick")
 bl.start()
 bl.cron("* * * * *", "tick", tz="UTC")
@@ -7676,6 +7676,7 @@ bl.stop()
 """
 
 
+@both_engines
 class CronAcrossProcessesTest(ProcessTest):
     """Two processes running one cron schedule, on a clock the test moves
     a minute at a time: each due time runs exactly once, across a kill -9
@@ -7719,9 +7720,10 @@ class CronAcrossProcessesTest(ProcessTest):
         self.clock = os.path.join(self.dir, "clock")
         with open(self.clock, "wb") as f:
             f.write(struct.pack("d", self.T0 - 30))
-        blero.new(self.path).start().stop()
+        self.create()
+        look = self.queue(start=False)
         a, b = self.child(), self.child()
-        self.assertEqual(blero.new(self.path).schedules()[0].next_due, self.T0)
+        self.assertEqual(look.schedules()[0].next_due, self.T0)
         self.advance_through(range(0, 30))
         self.kill(a)                        # a kill -9, and a new process in its place
         a = self.child()                    # (it calls cron() again: no slot repeated)
@@ -7737,10 +7739,10 @@ class CronAcrossProcessesTest(ProcessTest):
         self.assertEqual(sorted(runs), list(range(50)) + list(range(60, 64)))
         self.assertEqual({m: len(r) for m, r in runs.items() if len(r) != 1}, {},
                          "a due time ran more than once")
-        jobs = blero.new(self.path).jobs(name="tick", limit=None)
+        jobs = look.jobs(name="tick", limit=None)
         self.assertEqual(len(jobs), 54, "one job per due time")
         self.assertEqual({j.state for j in jobs}, {"complete"})
-        self.assertEqual(blero.new(self.path).schedules()[0].next_due, self.T0 + 64 * 60)
+        self.assertEqual(look.schedules()[0].next_due, self.T0 + 64 * 60)
 
 
 @both_engines
