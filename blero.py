@@ -65,7 +65,7 @@ except ImportError:  # Windows: liveness falls back to heartbeats and leases
 
 __all__ = [
     "Blero", "new", "Job", "JobInfo", "ScheduleInfo", "BleroError", "JobFailed",
-    "JobCancelled", "STATES", "Task", "JobFuture", "Executor",
+    "JobCancelled", "Snooze", "STATES", "Task", "JobFuture", "Executor",
 ]
 __version__ = "1.0.0"
 
@@ -103,6 +103,16 @@ class JobCancelled(BleroError):
     def __init__(self, job_id: int):
         super().__init__(f"job {job_id} was cancelled")
         self.job_id = job_id
+
+
+class Snooze(Exception):
+    """Raised by a processor: put the job back to pending, due in `seconds`.
+
+    The try counts in `attempt` but uses up none of the job's tries."""
+
+    def __init__(self, seconds: float | datetime.timedelta):
+        self.seconds = _seconds("seconds", seconds)
+        super().__init__(f"snoozed for {self.seconds:g} s")
 
 
 class _Settings:
@@ -229,10 +239,11 @@ class Job:
     """
 
     __slots__ = ("id", "name", "data", "attempt", "max_attempts", "priority",
-                 "key", "enqueued_at", "timeout", "_event", "_cancelled", "_on_cancel")
+                 "key", "enqueued_at", "timeout", "checkpointed", "_event", "_cancelled",
+                 "_on_cancel", "_flow", "_progress")
 
     def __init__(self, id, name, data, attempt, max_attempts, priority, key,
-                 enqueued_at, timeout=None):
+                 enqueued_at, timeout=None, checkpointed=None):
         self.id = id
         self.name = name
         self.data = data
@@ -245,6 +256,11 @@ class Job:
         self._event = None      # made on first use: most jobs never need one
         self._cancelled = False
         self._on_cancel = None  # an async try's: cancels its coroutine
+        # The last value checkpoint() stored, by this try or an earlier one
+        # (serialized until the try begins).
+        self.checkpointed = checkpointed
+        self._flow = None       # the dispatcher running this try
+        self._progress = None   # the latest progress() value, serialized
 
     @property
     def cancelled(self) -> threading.Event:
@@ -256,6 +272,23 @@ class Job:
                     if self._cancelled:
                         self._event.set()
         return self._event
+
+    def progress(self, value: Any) -> None:
+        """Report how far this try has got: a number from 0 to 1, or any
+        value the serializer takes.  Cheap: the latest value is stored at
+        least once a second, and when the try ends (`JobInfo.progress`)."""
+        self._running().progress(self, value)
+
+    def checkpoint(self, value: Any) -> None:
+        """Store `value` durably (it returns once committed): every later
+        try of this job finds it as `checkpointed`, to resume from there."""
+        self._running().checkpoint(self, value)
+
+    def _running(self):
+        if self._flow is None:
+            raise BleroError(f"job {self.id}: progress() and checkpoint() are for a "
+                             f"processor, during its try")
+        return self._flow
 
     def _cancel(self) -> None:
         with _cancel_lock:
@@ -293,6 +326,7 @@ class JobInfo(NamedTuple):
     run_at: float
     started_at: float | None
     finished_at: float | None
+    progress: Any           # what the processor last reported by job.progress(), or None
 
 
 class ScheduleInfo(NamedTuple):
@@ -562,6 +596,7 @@ class _Claim(NamedTuple):
     key: str | None
     created_at: float
     timeout: float | None
+    checkpoint: Any         # serialized
 
 
 class _Finish(NamedTuple):
@@ -574,6 +609,7 @@ class _Finish(NamedTuple):
     result: Any             # serialized
     error: str | None
     given_back: int         # 1: cut short by a deliberate stop, no try used up
+    progress: Any           # serialized; None: as stored
     id: int
     owner: int
     attempt: int
@@ -583,6 +619,16 @@ class _Finish(NamedTuple):
 # state as stored (a code) and its data and result serialized: JobInfo's
 # fields, so that the two never drift.
 _Stored = collections.namedtuple("_Stored", JobInfo._fields)
+
+
+class _Mark(NamedTuple):
+    """A running try's progress or checkpoint, to store (`_PROGRESS`'s and
+    `_SAVE_CHECKPOINT`'s parameters)."""
+
+    value: Any              # serialized
+    id: int
+    owner: int
+    attempt: int
 
 
 class _Ended(NamedTuple):
@@ -705,6 +751,14 @@ class _Storage:
         of `names`, or with None any name but those in `exclude`.
         Returns (whether the finish was recorded, the claim or None, and when
         a suspect was sought and none found, the names of the suspects left)."""
+        raise NotImplementedError
+
+    def progress(self, marks: list[_Mark]) -> None:
+        """Store running tries' progress (of those whose claims still hold)."""
+        raise NotImplementedError
+
+    def checkpoint(self, mark: _Mark) -> bool:
+        """Store a running try's checkpoint; False if its claim no longer holds."""
         raise NotImplementedError
 
     def record(self, finish: _Finish) -> bool:
@@ -1006,8 +1060,15 @@ _JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM blero_jobs WHERE id = ?"
 # result can never overwrite what happened since.  A try given back (cut
 # short by a deliberate stop) adds one to max_attempts: it used up no try.
 _FINISH = ("UPDATE blero_jobs SET state = ?, run_at = coalesce(?, run_at), finished_at = ?,"
-           " result = ?, error = ?, max_attempts = max_attempts + ?, owner = NULL"
+           " result = ?, error = ?, max_attempts = max_attempts + ?,"
+           " progress = coalesce(?, progress), owner = NULL"
            " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
+# A running try's progress, or its checkpoint (a `_Mark`): stored only while
+# its claim holds.
+_PROGRESS = ("UPDATE blero_jobs SET progress = ?"
+             " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
+_SAVE_CHECKPOINT = ("UPDATE blero_jobs SET checkpoint = ?"
+                    " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM blero_jobs WHERE state = 2 AND owner = ?"
 # Undo a claim whose try never began: ready (or suspect) again, its attempt
 # not counted.
@@ -2074,6 +2135,12 @@ class _SQLiteStorage(_Storage):
             sql = self._claim_sql[n, suspect, m] = (select, claim)
         return sql
 
+    def progress(self, marks: list[_Mark]) -> None:
+        self._write(lambda db: db.executemany(_PROGRESS, marks))
+
+    def checkpoint(self, mark: _Mark) -> bool:
+        return self._write(lambda db: db.execute(_SAVE_CHECKPOINT, mark).rowcount == 1)
+
     def suspect_names(self) -> frozenset:
         return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
 
@@ -2467,7 +2534,10 @@ class _PGSession:
     @staticmethod
     def _params(sql, params):
         if sql is _FINISH:
-            return params._replace(result=_bytes(params.result))
+            return params._replace(result=_bytes(params.result),
+                                   progress=_bytes(params.progress))
+        if sql is _PROGRESS or sql is _SAVE_CHECKPOINT:
+            return params._replace(value=_bytes(params.value))
         if sql is _UPSERT_SCHEDULE:
             return params._replace(data=_bytes(params.data))
         if sql in (_INSERT, _PG_INSERT_KEYED):
@@ -2925,7 +2995,7 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "suspect_names", "unclaim",
+_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "cancel", "_cancel", "retry_failed", "upsert_schedule",
               "drop_schedule", "schedules", "run_schedules", "_run_schedules", "get", "outcome",
@@ -2950,6 +3020,7 @@ del _name
 # happens on a timer.
 
 _POLL = 0.05           # seconds between looks for other processes' commits
+_PROGRESS_EVERY = 0.5  # seconds between stores of the running tries' progress
 _STORAGE_RETRY = 0.5   # seconds a worker waits after a storage failure
 
 
@@ -3043,13 +3114,14 @@ class _Outcome(NamedTuple):
     error: str | None = None
     exc: BaseException | None = None
     seconds: float = 0.0
-    given_back: bool = False    # cut short by a deliberate stop: uses up no try
+    given_back: bool = False    # cut short by a deliberate stop (or snoozed): uses up no try
+    snoozed: bool = False       # the processor raised Snooze
 
     def finish(self, owner: int) -> _Finish:
         """What storage records of this outcome of `owner`'s try."""
         job = self.job
         return _Finish(self.state, self.run_at, self.finished_at, self.blob, self.error,
-                       int(self.given_back), job.id, owner, job.attempt)
+                       int(self.given_back), job._progress, job.id, owner, job.attempt)
 
 
 class _Counters:
@@ -3461,8 +3533,12 @@ class _Dispatcher:
         self._sweeping = None
         now = time.monotonic()
         self._next = {"poll": now + _POLL, "reap": now + min(0.5, settings.lease / 4),
-                      "beat": now + settings.lease / 3,
+                      "beat": now + settings.lease / 3, "progress": now + _PROGRESS_EVERY,
                       "sweep": now if settings.keep_complete is not None else math.inf}
+        # Running tries whose progress() changed since it was last stored, by
+        # id; guarded by _progress_lock, held for a dict operation only.
+        self._progressed: dict[int, Job] = {}
+        self._progress_lock = threading.Lock()
         self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
                                        daemon=True)
         self._loop: _EventLoop | None = None    # for async processors, once one comes
@@ -3722,7 +3798,44 @@ class _Dispatcher:
             self.settle(outcome, recorded)
         if row is None:
             return None
-        return Job(*row)
+        job = Job(*row)
+        job._flow = self
+        return job
+
+    def progress(self, job: Job, value: Any) -> None:
+        """job.progress(value): noted, for the clock to store (or the try's end)."""
+        try:
+            job._progress = _dumps(self.settings.serializer, value)
+        except Exception as exc:
+            raise TypeError(f"job {job.id}: cannot serialize its progress: {exc}") from exc
+        with self._progress_lock:
+            self._progressed[job.id] = job
+
+    def _store_progress(self) -> None:
+        """Store the progress noted since the last time, in one commit."""
+        if not self._progressed or not self._due("progress", _PROGRESS_EVERY):
+            return
+        with self._progress_lock:
+            jobs, self._progressed = self._progressed, {}
+        try:
+            self.storage.progress([_Mark(j._progress, j.id, self.owner, j.attempt)
+                                   for j in jobs.values()])
+        except BaseException:
+            with self._progress_lock:       # again next time, unless newer is noted
+                self._progressed = {**jobs, **self._progressed}
+            raise
+
+    def checkpoint(self, job: Job, value: Any) -> None:
+        """job.checkpoint(value): stored and committed before it returns."""
+        try:
+            blob = _dumps(self.settings.serializer, value)
+        except Exception as exc:
+            raise TypeError(f"job {job.id}: cannot serialize its checkpoint: {exc}") from exc
+        if not self.storage.checkpoint(_Mark(blob, job.id, self.owner, job.attempt)):
+            job._cancel()
+            raise BleroError(f"job {job.id}: checkpoint not stored: this try no longer "
+                             f"holds the job (cancelled, timed out or taken back)")
+        job.checkpointed = value
 
     def execute(self, worker: _Worker, job: Job, cancels: int) -> _Outcome | None:
         """Run one try of `job`, claimed when `self.cancels` was `cancels`;
@@ -3786,6 +3899,7 @@ class _Dispatcher:
                 if job.id not in self.storage.running_ids(self.owner):
                     job._cancel()
         blob, job.data = job.data, None
+        job.checkpointed = _loads_or_none(self.settings.serializer, job.checkpointed)
         try:
             job.data = None if blob is None else self.settings.serializer.loads(blob)
         except Exception as exc:
@@ -3808,6 +3922,11 @@ class _Dispatcher:
             log.error("job %d: processor raised %r; handed back as interrupted", job.id, exc)
             return self.interrupted(job, exc, f"interrupted: the processor raised {exc!r}\n"
                                     f"{_exc_text(exc, exc.__traceback__.tb_next)}")
+        if isinstance(exc, Snooze):
+            # Back to pending, due then; the try counts, but uses up no try.
+            run_at = time.time() + exc.seconds
+            return _Outcome(job, _DELAYED if exc.seconds > 0 else _READY, run_at=run_at,
+                            seconds=seconds, given_back=True, snoozed=True)
         if exc is not None:   # the traceback starts in the processor, not here
             return self.failure(job, exc, seconds=seconds,
                                 text=_exc_text(exc, exc.__traceback__.tb_next))
@@ -3870,7 +3989,13 @@ class _Dispatcher:
             return      # cancelled or handed back meanwhile: the result is dropped
         job, state = outcome.job, outcome.state
         s = self.settings
-        if state == _COMPLETE:
+        if outcome.snoozed:
+            log.debug("job %d (%s) snoozed until %s", job.id, job.name, outcome.run_at)
+            if state == _DELAYED:
+                self.delayed_at(outcome.run_at)
+            else:
+                self.work_arrived([job.name])
+        elif state == _COMPLETE:
             self.counters.add("complete", seconds=outcome.seconds)
             self.futures.ended(job.id, outcome)
             _call_back(s.on_complete, job, outcome.result)
@@ -3937,7 +4062,8 @@ class _Dispatcher:
                     if self._clock_stop:
                         return
             for duty in (self._expire, self._carry_on, self._promote, self._run_schedules,
-                         self._poll, self._reap, self._beat, self._sweep):
+                         self._poll, self._reap, self._beat, self._store_progress,
+                         self._sweep):
                 try:
                     duty()
                 except Exception as exc:
@@ -4791,7 +4917,8 @@ class Blero:
         # JobFailed.exception): it has no result.
         result = None if row.state == _FAILED else _loads_or_none(loads, row.result)
         return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
-                                      state=_STATE_NAME[row.state], result=result)._asdict())
+                                      state=_STATE_NAME[row.state], result=result,
+                                      progress=_loads_or_none(loads, row.progress))._asdict())
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
@@ -5824,6 +5951,7 @@ def _job_json(info: JobInfo, shorten: bool = False) -> dict:
             out[field] = text[:297] + "..." if len(text) > 300 else text
         else:
             out[field] = _json_value(out[field])
+    out["progress"] = _json_value(info.progress)   # a number stays one: the page draws a bar
     return out
 
 

@@ -7832,8 +7832,8 @@ class FlowUpgradeTest(ProcessTest):
         self.assertEqual(UpgradeTest.layout(self, self.path), (2, 2))
 
     def check(self, q):
-        self.assertEqual([(j.name, j.state) for j in q.jobs(name="double")],
-                         [("double", "complete")])
+        self.assertEqual([(j.name, j.state, j.progress) for j in q.jobs(name="double")],
+                         [("double", "complete", None)])
         self.assertEqual(q.wait(1), 42)
         (hourly,) = q.schedules()
         self.assertEqual((hourly.key, hourly.data, hourly.interval, hourly.cron, hourly.tz),
@@ -7844,8 +7844,14 @@ class FlowUpgradeTest(ProcessTest):
         with blero.new(self.path) as bl:
             self.check(bl)
             bl.cron("@daily", "daily")
-            bl.register_processor(lambda job: job.data * 2, names="later")
+
+            def run(job):
+                job.checkpoint("half")
+                job.progress(0.5)
+                return job.data * 2
+            bl.register_processor(run, names="later")
             self.assertEqual(bl.wait(2, 10), "xx")
+            self.assertEqual(bl.get_job(2).progress, 0.5)
         self.assertEqual(UpgradeTest.layout(self, self.path), (blero._SCHEMA_VERSION, 2))
         self.assertEqual([s.key for s in blero.new(self.path).schedules()], ["daily", "hourly"])
 
@@ -7856,3 +7862,224 @@ class FlowUpgradeTest(ProcessTest):
         q = blero.new(path)
         self.check(q)
         self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only copy changed")
+
+
+# ---------------------------------------------------------------------------
+# Flow control: Snooze, progress, checkpoints (issue 11)
+# ---------------------------------------------------------------------------
+
+@both_engines
+class FlowTest(TempDirTest):
+    """Snooze(seconds), job.progress(value) and job.checkpoint(value)."""
+
+    def test_snooze_puts_the_job_back_without_using_up_a_try(self):
+        bl = self.queue(on_failed=lambda job, exc: failed.append(job.id))
+        failed, tries = [], []
+
+        def run(job):
+            tries.append((job.attempt, job.max_attempts, time.monotonic()))
+            if job.attempt < 3:
+                raise blero.Snooze(0.3 if job.attempt == 1 else datetime.timedelta(0))
+            return "awake"
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("nap", retries=0)       # one try only, yet three run
+        self.assertEqual(bl.wait(job_id, 20), "awake")
+        self.assertEqual([t[:2] for t in tries], [(1, 1), (2, 2), (3, 3)])
+        self.assertGreaterEqual(tries[1][2] - tries[0][2], 0.3 - 0.01, "due after its seconds")
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.attempt, info.max_attempts, info.error),
+                         ("complete", 3, 3, None))
+        self.assertEqual(failed, [])
+        self.assertIn('outcome="retried"} 0', bl.metrics_text(), "a snooze is no failed try")
+
+    def test_a_snoozed_job_is_pending_until_due(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: (_ for _ in ()).throw(blero.Snooze(3600)))
+        job_id = bl.enqueue("later")
+        wait_until(lambda: bl.get_job(job_id).attempt == 1 and
+                   bl.get_job(job_id).state == "pending", message="snoozed")
+        info = bl.get_job(job_id)
+        self.assertGreater(info.run_at, time.time() + 3000)
+        self.assertTrue(bl.cancel(job_id))
+
+    def test_bad_snooze(self):
+        for bad in (-1, math.nan, math.inf):
+            with self.assertRaises(ValueError):
+                blero.Snooze(bad)
+        for bad in ("1", None):
+            with self.assertRaises(TypeError):
+                blero.Snooze(bad)
+        self.assertEqual(blero.Snooze(2).seconds, 2.0)
+
+    def test_progress_is_stored_while_running_and_at_the_end(self):
+        bl = self.queue()
+        reported, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def run(job):
+            for i in range(1, 1001):
+                job.progress(i / 2000)
+            reported.set()
+            release.wait(30)
+            job.progress({"done": 10, "of": 10})
+            return "ok"
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("long")
+        self.assertIsNone(bl.get_job(job_id).progress)
+        self.assertTrue(reported.wait(10))
+        wait_until(lambda: bl.get_job(job_id).progress == 0.5, timeout=10,
+                   message="the latest progress stored while the job runs")
+        self.assertEqual(bl.get_job(job_id).state, "inprogress")
+        release.set()
+        self.assertEqual(bl.wait(job_id, 10), "ok")
+        self.assertEqual(bl.get_job(job_id).progress, {"done": 10, "of": 10},
+                         "the last value, stored with the end of the try")
+        out = run_cli("jobs", *self.cli_queue(), "--json")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(json.loads(out.stdout)[0]["progress"], {"done": 10, "of": 10})
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        status, _, body = http_request(server.port, "GET", f"/api/job?id={job_id}")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["progress"], {"done": 10, "of": 10})
+
+    def test_progress_the_serializer_refuses_is_a_type_error_at_the_call(self):
+        bl = self.queue(serializer=json)
+        raised = []
+
+        def run(job):
+            try:
+                job.progress(object())
+            except TypeError as exc:
+                raised.append(str(exc))
+            job.progress(0.25)
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("x")
+        bl.wait(job_id, 10)
+        self.assertEqual(len(raised), 1)
+        self.assertIn("progress", raised[0])
+        self.assertEqual(bl.get_job(job_id).progress, 0.25)
+
+    def test_checkpoints_come_back_on_every_later_try(self):
+        bl = self.queue(backoff_base=0, retries=3)
+        seen = []
+
+        def run(job):
+            seen.append((job.attempt, job.checkpointed))
+            start = job.checkpointed or 0
+            for step in range(start + 1, start + 3):
+                job.checkpoint(step)
+                self.assertEqual(job.checkpointed, step)
+            if job.attempt < 3:
+                raise RuntimeError("crashes after two steps")
+            return start
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("resumable")
+        self.assertEqual(bl.wait(job_id, 20), 4)
+        self.assertEqual(seen, [(1, None), (2, 2), (3, 4)])
+        # a retry of a failed job resumes too
+        other = bl.enqueue("resumable", retries=0)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(other, 20)
+        self.assertEqual(bl.retry_failed([other]), 1)
+        self.assertEqual(bl.wait(other, 20), 4)
+        self.assertEqual(seen[-3:], [(1, None), (2, 2), (3, 4)])
+
+    def test_a_checkpoint_of_a_try_cancelled_meanwhile_is_not_stored(self):
+        bl = self.queue()
+        started, go, outcome = threading.Event(), threading.Event(), []
+        self.addCleanup(go.set)
+
+        def run(job):
+            started.set()
+            go.wait(30)
+            try:
+                job.checkpoint("late")
+            except blero.BleroError as exc:
+                outcome.append((str(exc), job.cancelled.is_set()))
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("x")
+        self.assertTrue(started.wait(10))
+        self.assertTrue(bl.cancel(job_id))
+        go.set()
+        wait_until(lambda: outcome, message="the checkpoint refused")
+        self.assertIn("no longer holds the job", outcome[0][0])
+        self.assertTrue(outcome[0][1])
+
+
+# argv: db, log.  A long job that checkpoints after each of its 10 steps,
+# logging "C step"; it never gets past step 3 on its first try (the test
+# kills it there), and logs "R checkpointed" at each try's start.
+CHECKPOINT_CHILD = """
+db, log_path = sys.argv[1], sys.argv[2]
+log = open_log(log_path)
+
+def run(job):
+    log("R", job.attempt, job.checkpointed)
+    for step in range((job.checkpointed or 0) + 1, 11):
+        job.checkpoint(step)
+        log("C", step)
+        if step == 3 and job.attempt == 1:
+            time.sleep(600)
+    return "done"
+
+bl = new_queue(db)
+bl.register_processor(run)
+bl.start()
+job_id = bl.enqueue("long", key="the long job")
+log("W", job_id, bl.wait(job_id, 120))
+bl.stop()
+"""
+
+
+@both_engines
+class CheckpointKillTest(ProcessTest):
+
+    def test_a_job_killed_after_its_third_checkpoint_resumes_from_the_third(self):
+        self.create()
+        first = self.spawn(CHECKPOINT_CHILD, self.path, self.log)
+        self.wait_lines("C", "3", children=[first], timeout=30)
+        self.kill(first)
+        self.assertEqual(self.lines("C"), [["C", str(i), "."] for i in (1, 2, 3)])
+        second = self.spawn(CHECKPOINT_CHILD, self.path, self.log)
+        self.finish(second)
+        self.assertEqual([f[1:3] for f in self.lines("R")], [["1", "None"], ["2", "3"]])
+        self.assertEqual([int(f[1]) for f in self.lines("C")], [1, 2, 3] + list(range(4, 11)),
+                         "resumed from the 3rd checkpoint, not from the start")
+        self.assertEqual(self.lines("W")[0][2], "done")
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING or "")
+class PostgresFlowUpgradeTest(OnPostgres, ProcessTest):
+    """A PostgreSQL queue of schema 1 (before progress, checkpoints and
+    cron) is upgraded in place at its first start."""
+
+    def test_a_schema_1_queue_is_upgraded(self):
+        bl = self.queue()
+        bl.every(3600, "hourly")
+        done = bl.enqueue("old")
+        bl.stop()
+        with pg_connect() as admin:      # as a blero.py of schema 1 left it
+            for table, column, _ in blero._FLOW_COLUMNS:
+                admin.execute(f'ALTER TABLE "{self.schema}".{table} DROP COLUMN {column}')
+            admin.execute(f'UPDATE "{self.schema}".blero_meta SET version = 1')
+        bl = self.queue(start=False)
+
+        def run(job):
+            job.checkpoint(1)
+            job.progress(1.0)
+        bl.register_processor(run)
+        bl.start()
+        self.assertIsNone(bl.wait(done, 10))
+        self.assertEqual(bl.get_job(done).progress, 1.0)
+        bl.cron("@daily", "daily")
+        self.assertEqual([(s.key, s.cron) for s in bl.schedules()],
+                         [("daily", "@daily"), ("hourly", None)])
+        with pg_connect() as admin:
+            self.assertEqual(admin.execute(f'SELECT version FROM "{self.schema}".blero_meta')
+                             .fetchall(), [(blero._PG_SCHEMA_VERSION,)])
