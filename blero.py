@@ -5766,6 +5766,29 @@ class Task:
         return await loop.run_in_executor(None, functools.partial(self.enqueue, *args,
                                                                   **kwargs))
 
+    def every(self, interval: float, *args, **kwargs) -> str:
+        """Call this task every `interval` seconds with these arguments, as
+        `Blero.every` schedules a job (the schedule's key: the task's name,
+        or its `using(key=...)`); return the key."""
+        return self._blero.every(interval, self.name, (args, kwargs), **self._schedule_options())
+
+    def cron(self, expr: str, *args, tz: str | datetime.tzinfo | None = None,
+             **kwargs) -> str:
+        """Call this task at the times cron expression `expr` names, with
+        these arguments, as `Blero.cron` schedules a job (`tz` is the
+        schedule's zone, not an argument); return the schedule's key."""
+        return self._blero.cron(expr, self.name, (args, kwargs), tz=tz,
+                                **self._schedule_options())
+
+    def _schedule_options(self) -> dict:
+        options = {k: v for k, v in self._options.items()
+                   if k in ("key", "priority", "retries", "timeout")}
+        others = set(self._options) - set(options)
+        if others:
+            raise TypeError(f"a schedule takes no {', '.join(sorted(others))} "
+                            f"(of using()): its runs are due when it says")
+        return options
+
     def map(self, *iterables) -> list:
         """One job per call `fn(*items)`, with the task's concurrency; the
         results in order.  The first failure is raised once every job has

@@ -8083,3 +8083,31 @@ class PostgresFlowUpgradeTest(OnPostgres, ProcessTest):
         with pg_connect() as admin:
             self.assertEqual(admin.execute(f'SELECT version FROM "{self.schema}".blero_meta')
                              .fetchall(), [(blero._PG_SCHEMA_VERSION,)])
+
+
+@both_engines
+class TaskScheduleTest(TempDirTest):
+    """task.every(interval, *args) and task.cron(expr, *args)."""
+
+    def test_a_task_on_a_schedule(self):
+        bl = self.queue()
+        calls = []
+
+        @bl.task(name="beat")
+        def beat(n, word="hi"):
+            calls.append((n, word))
+            return n
+
+        self.assertEqual(beat.every(0.1, 7, word="yo"), "beat")
+        wait_until(lambda: len(calls) >= 2, message="two scheduled calls")
+        self.assertEqual(calls[:2], [(7, "yo"), (7, "yo")])
+        self.assertEqual(beat.using(key="nightly", priority=2).cron("0 3 * * *", 1,
+                                                                     tz="UTC"), "nightly")
+        nightly = {s.key: s for s in bl.schedules()}["nightly"]
+        self.assertEqual((nightly.name, nightly.data, nightly.cron, nightly.tz),
+                         ("beat", ((1,), {}), "0 3 * * *", "UTC"))
+        with self.assertRaises(TypeError):
+            beat.using(delay=5).cron("0 3 * * *")
+        with self.assertRaises(ValueError):
+            beat.cron("0 3 * * * *")
+        self.assertTrue(bl.unschedule("beat"))
