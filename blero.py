@@ -3533,12 +3533,15 @@ class _Dispatcher:
         self._sweeping = None
         now = time.monotonic()
         self._next = {"poll": now + _POLL, "reap": now + min(0.5, settings.lease / 4),
-                      "beat": now + settings.lease / 3, "progress": now + _PROGRESS_EVERY,
+                      "beat": now + settings.lease / 3,
                       "sweep": now if settings.keep_complete is not None else math.inf}
         # Running tries whose progress() changed since it was last stored, by
         # id; guarded by _progress_lock, held for a dict operation only.
         self._progressed: dict[int, Job] = {}
         self._progress_lock = threading.Lock()
+        # Not one of _next's duties: those wake the clock when due, and this
+        # one is due only when there is progress (the clock wakes every _POLL).
+        self._progress_at = now + _PROGRESS_EVERY
         self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
                                        daemon=True)
         self._loop: _EventLoop | None = None    # for async processors, once one comes
@@ -3813,8 +3816,10 @@ class _Dispatcher:
 
     def _store_progress(self) -> None:
         """Store the progress noted since the last time, in one commit."""
-        if not self._progressed or not self._due("progress", _PROGRESS_EVERY):
+        now = time.monotonic()
+        if not self._progressed or now < self._progress_at:
             return
+        self._progress_at = now + _PROGRESS_EVERY
         with self._progress_lock:
             jobs, self._progressed = self._progressed, {}
         try:
