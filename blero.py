@@ -309,7 +309,8 @@ class JobInfo(NamedTuple):
 
     Times are epoch seconds; `run_at` is when the job may next run, and
     `started_at`/`finished_at` are None until then.  `error` is the text of
-    the last failure, with its traceback.
+    the last failure, with its traceback.  `after` holds the ids of the
+    jobs it waits on (`enqueue(after=...)`), in the order given.
     """
 
     id: int
@@ -327,6 +328,7 @@ class JobInfo(NamedTuple):
     started_at: float | None
     finished_at: float | None
     progress: Any           # what the processor last reported by job.progress(), or None
+    after: tuple[int, ...] = ()
 
 
 class ScheduleInfo(NamedTuple):
@@ -549,16 +551,18 @@ def _zone(name: str | None) -> datetime.tzinfo | None:
 # READY jobs by (priority, id) for "next job", DELAYED ones (waiting for a time,
 # or to retry) by run_at, SUSPECT ones (handed back because their process
 # died, so perhaps what killed it: run alone, see _CrashGuard) by (priority,
-# id), RUNNING ones by the owner that claimed them.  The finished ones are
+# id), RUNNING ones by the owner that claimed them, WAITING ones (on the jobs
+# their `after=` names, listed in blero_deps) by id.  The finished ones are
 # only in an index by finish time, for sweeping and for the dashboard's
 # throughput, so keeping millions of them slows no claim.
 
 _READY, _DELAYED, _RUNNING, _COMPLETE, _FAILED, _CANCELLED, _SWEPT = range(7)
 _SUSPECT = -1       # below READY, so that "state >= 3" still means finished
-_STATE_NAME = {_SUSPECT: "pending", _READY: "pending", _DELAYED: "pending",
+_WAITING = -2       # on its `after=` jobs; below the rest, so "state < 3" still means not ended
+_STATE_NAME = {_WAITING: "pending", _SUSPECT: "pending", _READY: "pending", _DELAYED: "pending",
                _RUNNING: "inprogress", _COMPLETE: "complete", _FAILED: "failed",
                _CANCELLED: "cancelled"}
-_STATE_CODES = {"pending": (_SUSPECT, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
+_STATE_CODES = {"pending": (_WAITING, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
                 "complete": (_COMPLETE, _COMPLETE), "failed": (_FAILED, _FAILED),
                 "cancelled": (_CANCELLED, _CANCELLED)}
 
@@ -629,6 +633,20 @@ class _Mark(NamedTuple):
     id: int
     owner: int
     attempt: int
+class _Claimed(NamedTuple):
+    """What `finish_and_claim` did, in one transaction."""
+
+    recorded: bool                      # the finished try was recorded
+    claim: _Claim | None                # the job claimed, if any
+    suspects_left: frozenset | None     # a suspect sought, none found: the names left
+    # Names of jobs the finish made ready (their last `after=` job completed),
+    # and, while pauses or limits are stored, the finished job's own name (a
+    # slot of its limit came free): idle workers that take them look again.
+    wake: tuple[str, ...] = ()
+    delayed: float | None = None        # when the first job it made ready but delayed is due
+    held: bool = False                  # pauses or limits are stored
+    due: float | None = None            # when a rate limit lets one more job start
+    cancelled: int = 0                  # jobs cancelled down the chain of a failed one
 
 
 class _Ended(NamedTuple):
@@ -639,12 +657,27 @@ class _Ended(NamedTuple):
     error: str | None
 
 
+class _ProcessorSeen(NamedTuple):
+    """What an owner tells other processes of its processors, alike ones
+    together: what runs the jobs, the job names it takes (None: any) and how
+    many jobs it runs at once."""
+
+    name: str                    # the function's (or object's) name
+    names: tuple | None          # sorted
+    concurrency: int
+
+
 class _OwnerSeen(NamedTuple):
-    """An owner registered, or holding jobs though unregistered (`_OWNERS`)."""
+    """An owner registered, or holding jobs though unregistered (`_OWNERS`;
+    all but `id` None then)."""
 
     id: int
     heartbeat_at: float | None   # None: not registered
     takes: frozenset | None      # the job names its processors take; None: any name
+    host: str | None             # None also for an owner that a blero.py of schema 2 wrote
+    pid: int | None
+    started_at: float | None
+    processors: tuple[_ProcessorSeen, ...] | None   # None: not told (schema 2)
 
 
 class _Schedule(NamedTuple):
@@ -695,6 +728,20 @@ _StoredSchedule = collections.namedtuple("_StoredSchedule", ScheduleInfo._fields
 _SWEEP_START = (-math.inf, 0)   # where a sweep starts: the (finished_at, id) seen last
 
 
+def _chain_error(dep: int, how: str) -> str:
+    """The error of a job cancelled because job `dep`, which it waits on, ended `how`."""
+    return f"cancelled: job {dep}, which it waits on (after=), ended {how}"
+
+
+def _rate_window(per: float) -> float:
+    """How long a rate limit of n starts per `per` seconds counts each start:
+    a little longer than `per` (10%, at most 0.1 s), because a try begins a
+    moment after its claim (after the commit; on a server, a round trip
+    later): so the limit holds by the processors' own clocks too, not only
+    by the claims', unless one try begins over 0.1 s later than another."""
+    return per + min(0.1, per / 10)
+
+
 class _Storage:
     """Where the jobs live: the interface the dispatcher and `Blero` use, in
     their words, with named tuples in and out.  One subclass per engine
@@ -734,23 +781,32 @@ class _Storage:
         calls raise BleroError ("the queue is stopped")."""
         raise NotImplementedError
 
-    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+    def insert(self, rows: list[_NewJob], connection=None,
+               after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         """Store new jobs; return their ids, and for each whether it was
         stored: a job whose key is already stored stores nothing and gets
-        that job's id.  With `connection` (the caller's own, on the same
-        database: else ValueError), write them in the caller's open
-        transaction, committing nothing: they exist once the caller commits."""
+        that job's id.  `after`, if given, holds for each row the ids of the
+        jobs it waits on (most often none).  A job with some waits until those jobs are all
+        complete (one swept counts as complete), and is cancelled at once if
+        one of them ended failed or cancelled; an id never given raises
+        ValueError, and then nothing is stored.  With `connection` (the
+        caller's own, on the same database: else ValueError), write them in
+        the caller's open transaction, committing nothing: they exist once
+        the caller commits."""
         raise NotImplementedError
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()
-                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+                         exclude: frozenset = frozenset()) -> _Claimed:
         """In one transaction, record a finished try and claim the next ready
         job (or, with `suspect`, the next suspect) this worker accepts: one
-        of `names`, or with None any name but those in `exclude`.
-        Returns (whether the finish was recorded, the claim or None, and when
-        a suspect was sought and none found, the names of the suspects left)."""
+        of `names`, or with None any name but those in `exclude`.  A finish
+        that completes a job makes ready its dependants whose `after` jobs
+        are all complete now; one that ends it failed cancels its
+        dependants, and theirs, down the chain.  The claim obeys the pauses
+        and limits stored, checked in the same transaction: it never takes
+        a job of a paused name, nor one over a limit, not even for an
+        instant, whatever other processes claim meanwhile."""
         raise NotImplementedError
 
     def progress(self, marks: list[_Mark]) -> None:
@@ -763,7 +819,7 @@ class _Storage:
 
     def record(self, finish: _Finish) -> bool:
         """Record the end of one try; False if its claim no longer holds."""
-        return self.finish_and_claim(finish, 0, None, False)[0]
+        return self.finish_and_claim(finish, 0, None, False).recorded
 
     def suspect_names(self) -> frozenset:
         """The names of the suspect jobs (see _CrashGuard)."""
@@ -818,16 +874,22 @@ class _Storage:
         its jobs now, so it must carry on as a new owner."""
         return False
 
-    def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
+    def heartbeat(self, owner: int, now: float, takes: frozenset | None,
+                  processors: tuple[_ProcessorSeen, ...]) -> None:
         """Register `owner` as alive, or renew it: tell other processes, which
         may not see its liveness, that it is alive; its claims need it too.
-        Store with it the job names its processors take now (`takes`; None:
-        any name), for other processes to see in `owners()`."""
+        Store with it this host's name, this process's id, the job names its
+        processors take now (`takes`; None: any name) and its processors, for
+        other processes to see in `owners()`."""
         raise NotImplementedError
 
     def owners(self) -> list[_OwnerSeen]:
         """Every owner registered or holding jobs, with its last heartbeat
-        and the job names it takes."""
+        and what it told of itself."""
+        raise NotImplementedError
+
+    def running_by_owner(self) -> dict[int, int]:
+        """How many jobs each owner holds now."""
         raise NotImplementedError
 
     def alive(self, seen: _OwnerSeen, lease: float, now: float) -> bool:
@@ -867,10 +929,11 @@ class _Storage:
         not wait for the next poll; engines that only poll ignore it."""
 
     def cancel(self, job_id: int, now: float,
-               pending_only: bool = False) -> tuple[int, int | None] | None:
+               pending_only: bool = False) -> tuple[int, int | None, int] | None:
         """Cancel a pending or running job (only a pending one with
-        `pending_only`); return its (state, owner) before, or None if it had
-        already ended (or started) or does not exist."""
+        `pending_only`), and its dependants down the chain; return its
+        (state, owner) before and how many dependants were cancelled, or
+        None if it had already ended (or started) or does not exist."""
         raise NotImplementedError
 
     def clear_keys(self, ids: list[int]) -> None:
@@ -932,6 +995,38 @@ class _Storage:
         names, when to look next)."""
         raise NotImplementedError
 
+    def set_paused(self, name: str | None, paused: bool) -> None:
+        """Pause or resume jobs of `name` (None: every name; resuming None
+        resumes every name)."""
+        raise NotImplementedError
+
+    def paused(self) -> set[str | None]:
+        """The names paused (None: every name is)."""
+        raise NotImplementedError
+
+    def set_limit(self, name: str, concurrency: int | None,
+                  rate: tuple[int, float] | None) -> None:
+        """Store the limit of jobs named `name` (neither: remove it)."""
+        raise NotImplementedError
+
+    def limits(self) -> dict[str, tuple[int | None, tuple[int, float] | None]]:
+        """Every limit stored: name -> (concurrency, rate)."""
+        raise NotImplementedError
+
+    def claims_settled(self) -> None:
+        """Return once every claim begun before a pause or limit change that
+        returned has been committed (or given up)."""
+        raise NotImplementedError
+
+    def running_by_name(self) -> dict[str, int]:
+        """How many jobs of each name are in progress."""
+        raise NotImplementedError
+
+    def last_claim(self, name: str | None) -> float | None:
+        """When the newest try of `name` (None: any) still in progress was
+        claimed, or None."""
+        raise NotImplementedError
+
     def get(self, job_id: int) -> _Stored | None:
         """A stored job, or None."""
         raise NotImplementedError
@@ -970,10 +1065,27 @@ class _Storage:
         raise NotImplementedError
 
 
+# What an owner tells of itself, in the same JSON on every engine.
+_HOST = socket.gethostname()
+
+
+def _takes_json(takes: frozenset | None) -> str | None:
+    return None if takes is None else json.dumps(sorted(takes))
+
+
+def _owner_seen(id, heartbeat_at, takes, host, pid, started_at, processors) -> _OwnerSeen:
+    """An `_OWNERS` row, its JSON read."""
+    if processors is not None:
+        processors = tuple(_ProcessorSeen(name, None if names is None else tuple(names), n)
+                           for name, names, n in json.loads(processors))
+    return _OwnerSeen(id, heartbeat_at, None if takes is None else frozenset(json.loads(takes)),
+                      host, pid, started_at, processors)
+
+
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 3            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 5            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -981,7 +1093,42 @@ _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes 
 _OWNERS_TAKES = "ALTER TABLE blero_owners ADD COLUMN takes TEXT"
 _SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
-# New in schema 3 (see _schema_3): a job's progress and checkpoint, a
+# New in schema 3 (see _schema_3): what `after=`, pauses and limits store.
+# blero_jobs.dependants is 1 once a job was named in another's `after=`
+# while it had not ended: the finish of a job reads it (on a server, its
+# latest version, after waiting for the enqueue that set it), and so never
+# misses a dependant enqueued at the same moment.
+_DEPENDANTS_COLUMN = "ALTER TABLE blero_jobs ADD COLUMN dependants INTEGER NOT NULL DEFAULT 0"
+# blero_deps: one row per (job, job it waits on), `seq` its place in the list; kept
+# until the job itself is swept (JobInfo.after shows them).  blero_controls:
+# one row per name paused or limited ('' : every name, paused), none when
+# nothing is, so a claim tells "nothing held" from one look at an empty
+# table.  blero_starts: when each recent try of a rate-limited name began.
+_FLOW_SCHEMA = """
+CREATE TABLE blero_deps (
+    job_id       INTEGER NOT NULL,
+    seq          INTEGER NOT NULL,
+    dep_id       INTEGER NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX blero_deps_dep ON blero_deps (dep_id);
+CREATE INDEX blero_jobs_waiting ON blero_jobs (id) WHERE state = -2;
+CREATE TABLE blero_controls (
+    name         TEXT PRIMARY KEY,
+    paused       INTEGER NOT NULL DEFAULT 0,
+    concurrency  INTEGER,
+    rate         INTEGER,
+    per          REAL
+);
+CREATE TABLE blero_starts (
+    name         TEXT NOT NULL,
+    began        REAL NOT NULL
+);
+CREATE INDEX blero_starts_name ON blero_starts (name, began)"""
+# New in schema 4: the upgrade from 3 adds them (see _schema_4).
+_OWNERS_PRESENCE = ("ALTER TABLE blero_owners ADD COLUMN host TEXT",
+                    "ALTER TABLE blero_owners ADD COLUMN processors TEXT")
+# New in schema 5 (see _schema_5): a job's progress and checkpoint, a
 # schedule's cron expression and zone.
 _FLOW_COLUMNS = (("blero_jobs", "progress", "BLOB"), ("blero_jobs", "checkpoint", "BLOB"),
                  ("blero_schedules", "cron", "TEXT"), ("blero_schedules", "tz", "TEXT"))
@@ -1004,6 +1151,7 @@ CREATE TABLE blero_jobs (
     finished_at  REAL,
     result       BLOB,
     error        TEXT,
+    dependants   INTEGER NOT NULL DEFAULT 0,
     progress     BLOB,
     checkpoint   BLOB
 );
@@ -1018,7 +1166,9 @@ CREATE TABLE blero_owners (
     pid          INTEGER NOT NULL,
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
-    takes        TEXT
+    takes        TEXT,
+    host         TEXT,
+    processors   TEXT
 );
 CREATE TABLE blero_schedules (
     key          TEXT PRIMARY KEY,
@@ -1033,9 +1183,10 @@ CREATE TABLE blero_schedules (
     cron         TEXT,
     tz           TEXT
 );
-"""
+""" + _FLOW_SCHEMA + ";"
 # blero_owners.takes: the job names the owner's processors take, a JSON array
-# (NULL: any name), kept up to date as processors come and go.
+# (NULL: any name), kept up to date as processors come and go; processors:
+# those processors, for the dashboard, a JSON array of _ProcessorSeen arrays.
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
 
 # Column lists come from the named tuples, so a row and its tuple never drift.
@@ -1045,8 +1196,12 @@ _FIND_KEY = "SELECT id FROM blero_jobs WHERE key = ?"
 _FIND_KEYS = "SELECT key, id FROM blero_jobs WHERE key IN ({keys})"
 _LAST_ID = "SELECT last_insert_rowid()"
 _JOB_COLUMNS = ", ".join(_Claim._fields)
-_NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READY or SUSPECT
+_NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}{held}"   # READY or SUSPECT
                " ORDER BY priority DESC, id LIMIT 1")
+# The claim's first look takes a job only while nothing is paused or limited
+# (one probe of an empty table, made once per statement); else the claim
+# looks at what is held (_claim_held) and leaves out the names it must.
+_NOTHING_HELD = " AND NOT EXISTS (SELECT 1 FROM blero_controls)"
 # A claim is made only while its owner is registered: a claim still under
 # way when its queue stopped (and dropped its owner) then claims nothing.
 _CLAIM_RETURNING = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
@@ -1085,8 +1240,8 @@ _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
 _SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
-           " WHERE id = ? AND state BETWEEN -1 AND ?")     # 2: running ones too
-_CLEAR_KEY = "UPDATE blero_jobs SET key = NULL WHERE id = ?"
+           " WHERE id = ? AND state BETWEEN -2 AND ?")     # 2: running ones too
+_CLEAR_KEYS = "UPDATE blero_jobs SET key = NULL WHERE id BETWEEN ? AND ?"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
@@ -1106,7 +1261,10 @@ _SWEEP = ("DELETE FROM blero_jobs WHERE id = ? AND id < ?"
 _TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result = NULL,"
               " error = NULL, key = NULL WHERE id = ? AND state IN ({states})"
               " AND finished_at <= ?")
-_INFO_COLUMNS = ", ".join(_Stored._fields)
+# JobInfo.after is no column: the ids a job waits on, "3,5", from blero_deps
+# (in `seq` order: the order of its primary key).
+_AFTER_IDS = "(SELECT group_concat(dep_id) FROM blero_deps d WHERE d.job_id = blero_jobs.id)"
+_INFO_COLUMNS = ", ".join(_AFTER_IDS if f == "after" else f for f in _Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOMES = (f"SELECT id, {', '.join(_Ended._fields)} FROM blero_jobs"
@@ -1115,11 +1273,13 @@ _IDS_SLICE = 500        # ids a statement names at most (SQLite allows 999 param
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
          " AND (CAST(? AS TEXT) IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
 # Ready (and suspect) jobs may run now, in claim order; delayed ones at run_at.
-_PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -1 AND 1"
-                         " ORDER BY CASE state WHEN 1 THEN run_at ELSE 0 END, priority DESC, id"
+# Those waiting on other jobs come last.
+_PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -2 AND 1"
+                         " ORDER BY CASE state WHEN 1 THEN run_at WHEN -2 THEN 1e308 ELSE 0 END,"
+                         " priority DESC, id"
                          " LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM blero_jobs GROUP BY state"
-_PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -1 AND 1"
+_PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -2 AND 1"
                     " GROUP BY name")
 _FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, state, count(*) FROM blero_jobs"
                    " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1, 2")
@@ -1130,17 +1290,21 @@ _OUTSTANDING = (
     " EXISTS (SELECT 1 FROM blero_jobs WHERE state = 0 AND id NOT IN (SELECT job_id FROM runs))"
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -1 AND id NOT IN (SELECT job_id FROM runs))"
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 1 AND id NOT IN (SELECT job_id FROM runs))"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN (SELECT job_id FROM runs))")
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN (SELECT job_id FROM runs))"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -2 AND id NOT IN (SELECT job_id FROM runs))")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
-_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes)"
-              " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-              " heartbeat_at = excluded.heartbeat_at, takes = excluded.takes")
+_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes, host, processors)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+              " heartbeat_at = excluded.heartbeat_at, takes = excluded.takes,"
+              " processors = excluded.processors")
 _DROP_OWNER = "DELETE FROM blero_owners WHERE id = ?"
 _OWNER_PIDS = "SELECT id, pid FROM blero_owners"
-_OWNERS = ("SELECT id, heartbeat_at, takes FROM blero_owners UNION ALL"
-           " SELECT owner, NULL, NULL FROM (SELECT DISTINCT owner FROM blero_jobs"
+_OWNERS = ("SELECT id, heartbeat_at, takes, host, pid, started_at, processors FROM blero_owners"
+           " UNION ALL SELECT owner, NULL, NULL, NULL, NULL, NULL, NULL FROM"
+           " (SELECT DISTINCT owner FROM blero_jobs"
            " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)) AS unregistered")
+_RUNNING_BY_OWNER = "SELECT owner, count(*) FROM blero_jobs WHERE state = 2 GROUP BY owner"
 # An `every` schedule updated keeps its cadence (sooner if the interval
 # shrank); a cron one keeps its next slot while its times stay the same, so
 # a program calling cron() at each start neither repeats nor skips a slot.
@@ -1168,6 +1332,69 @@ _DUE_SCHEDULES = (
 _SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
 _SCHEDULES = f"SELECT {', '.join(_StoredSchedule._fields)} FROM blero_schedules ORDER BY key"
+# -- after=: a job waits (state -2) until the jobs it names are complete --
+_ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
+# A finish that completes a job with dependants marks it (see _watch_completions).
+_WATCH_COMPLETIONS = (
+    "CREATE TEMP TABLE blero_completed (id INTEGER)",
+    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF state ON blero_jobs"
+    " WHEN new.state = 3 AND old.state = 2 AND new.dependants"
+    " BEGIN INSERT INTO blero_completed (id) VALUES (new.id); END")
+_CLEAR_COMPLETED = "DELETE FROM temp.blero_completed"
+# Where no trigger can mark it (a server's engine), the finish tells itself.
+_FINISH_RETURNING = _FINISH + " RETURNING dependants"
+# A job named in `after=` is marked first (on a server: waiting for a finish
+# of it under way), then its state read afresh.
+_MARK_DEPENDED_ON = "UPDATE blero_jobs SET dependants = 1 WHERE id = ? AND state < 3"
+# The jobs waiting on this one (locked, on a server: two of their `after`
+# jobs completing at once are then looked at one after the other) ...
+_WAITING_ON = ("SELECT j.id FROM blero_deps d JOIN blero_jobs j ON j.id = d.job_id"
+               " WHERE d.dep_id = ? AND j.state = -2{lock}")
+# ... and, in a statement of its own (which sees what was committed before
+# the lock was had), those whose every `after` job is complete now (a swept
+# one, gone or a tombstone, was complete: only ended jobs are swept).
+_RELEASABLE = ("SELECT j.id, j.name, j.run_at FROM blero_jobs j WHERE j.id IN ({ids})"
+               " AND j.state = -2 AND NOT EXISTS (SELECT 1 FROM blero_deps e"
+               " JOIN blero_jobs k ON k.id = e.dep_id WHERE e.job_id = j.id AND k.state < 3)")
+_RELEASE = "UPDATE blero_jobs SET state = ? WHERE id = ? AND state = -2"
+# Every job waiting on this one, directly or down a chain, each with the
+# job it waits on that ends it (all of them end cancelled, the first failed).
+_DOWN_THE_CHAIN = (
+    "WITH RECURSIVE down(id, dep) AS (SELECT job_id, dep_id FROM blero_deps WHERE dep_id = ?"
+    " UNION SELECT d.job_id, d.dep_id FROM blero_deps d JOIN down ON d.dep_id = down.id)"
+    " SELECT down.id, min(down.dep) FROM down JOIN blero_jobs j ON j.id = down.id"
+    " WHERE j.state = -2 GROUP BY down.id")
+_CANCEL_WAITING = ("UPDATE blero_jobs SET state = 5, finished_at = ?, error = ?"
+                   " WHERE id = ? AND state = -2")
+_ANY_DEPS = "SELECT EXISTS (SELECT 1 FROM blero_deps)"
+# A swept job's own list goes with it (the lists naming it stay: JobInfo.after).
+_SWEEP_DEPS = ("DELETE FROM blero_deps WHERE job_id = ?"
+               " AND NOT EXISTS (SELECT 1 FROM blero_jobs WHERE id = ? AND state < 6)")
+# -- pauses and limits ------------------------------------------------------
+_CONTROLS = "SELECT name, paused, concurrency, rate, per FROM blero_controls"
+_PAUSE = ("INSERT INTO blero_controls (name, paused) VALUES (?, 1)"
+          " ON CONFLICT (name) DO UPDATE SET paused = 1")
+_RESUME = "UPDATE blero_controls SET paused = 0 WHERE name = ?"
+_RESUME_ALL = "UPDATE blero_controls SET paused = 0"
+_SET_LIMIT = ("INSERT INTO blero_controls (name, concurrency, rate, per) VALUES (?, ?, ?, ?)"
+              " ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency,"
+              " rate = excluded.rate, per = excluded.per")
+_DROP_IDLE_CONTROLS = ("DELETE FROM blero_controls"
+                       " WHERE paused = 0 AND concurrency IS NULL AND rate IS NULL")
+_PAUSED = "SELECT name FROM blero_controls WHERE paused = 1"
+_LIMITS = ("SELECT name, concurrency, rate, per FROM blero_controls"
+           " WHERE concurrency IS NOT NULL OR rate IS NOT NULL ORDER BY name")
+# (by the running jobs' index: a few rows, one per worker at most)
+_RUNNING_NAMED = "SELECT count(*) FROM blero_jobs WHERE state = 2 AND name = ?"
+_RUNNING_BY_NAME = "SELECT name, count(*) FROM blero_jobs WHERE state = 2 GROUP BY name"
+_LAST_CLAIM = ("SELECT max(started_at) FROM blero_jobs WHERE state = 2"
+               " AND (? OR name = ?)")
+_STARTS_SINCE = "SELECT count(*) FROM blero_starts WHERE name = ? AND began > ?"
+_NTH_START = ("SELECT began FROM blero_starts WHERE name = ? AND began > ? ORDER BY began"
+              " LIMIT 1 OFFSET ?")
+_ADD_START = "INSERT INTO blero_starts (name, began) VALUES (?, ?)"
+_PRUNE_STARTS = "DELETE FROM blero_starts WHERE name = ? AND began <= ?"
+_DROP_STARTS = "DELETE FROM blero_starts WHERE name = ?"
 # Free pages go back one per statement: Pythons differ in whether they step
 # an incremental_vacuum on past its first page.
 _FREE_PAGES = "PRAGMA freelist_count"
@@ -1204,12 +1431,25 @@ def _schema_2(db: sqlite3.Connection) -> None:
 
 
 def _schema_3(db: sqlite3.Connection) -> None:
-    """2 -> 3: progress and checkpoints of jobs, cron schedules."""
+    """2 -> 3: what `after=`, pauses and limits store (_FLOW_SCHEMA)."""
+    for statement in (_DEPENDANTS_COLUMN + ";" + _FLOW_SCHEMA).split(";"):
+        db.execute(statement)
+
+
+def _schema_4(db: sqlite3.Connection) -> None:
+    """3 -> 4: each owner's host and processors, for the dashboard."""
+    for statement in _OWNERS_PRESENCE:
+        db.execute(statement)
+
+
+def _schema_5(db: sqlite3.Connection) -> None:
+    """4 -> 5: progress and checkpoints of jobs, cron schedules."""
     for table, column, kind in _FLOW_COLUMNS:
         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
-_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3)
+_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3,
+                                                              _schema_4, _schema_5)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -1224,8 +1464,29 @@ def _schema_2_views(db: sqlite3.Connection) -> None:
 
 
 def _schema_3_views(db: sqlite3.Connection) -> None:
-    """2 as 3: no progress, no checkpoints, no cron schedules (over the views
-    of 1 as 2, if this file is of schema 1)."""
+    """2 as 3: nothing waits on other jobs, nothing is paused or limited."""
+    for table, columns in (("deps", "0 AS job_id, 0 AS seq, 0 AS dep_id"),
+                           ("controls", "'' AS name, 0 AS paused, NULL AS concurrency,"
+                                        " NULL AS rate, NULL AS per"),
+                           ("starts", "'' AS name, 0.0 AS began")):
+        db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT {columns} WHERE 0")
+
+
+def _schema_4_views(db: sqlite3.Connection) -> None:
+    """3 as 4: owners with no host or processors told (a file of schema 1
+    comes here with blero_owners a view already: this one replaces it)."""
+    made = db.execute("SELECT sql FROM sqlite_temp_master WHERE name = 'blero_owners'").fetchone()
+    source = "main.blero_owners"
+    if made is not None:
+        source = "(" + made[0].split(" AS ", 1)[1] + ")"
+        db.execute("DROP VIEW temp.blero_owners")
+    db.execute(f"CREATE TEMP VIEW blero_owners AS SELECT *, NULL AS host, NULL AS processors"
+               f" FROM {source}")
+
+
+def _schema_5_views(db: sqlite3.Connection) -> None:
+    """4 as 5: no progress, no checkpoints, no cron schedules (over the views
+    of older schemas, where a file of one shows these tables as views)."""
     for table in ("blero_jobs", "blero_schedules"):
         more = "".join(f", NULL AS {c}" for t, c, _ in _FLOW_COLUMNS if t == table)
         view = db.execute("SELECT sql FROM temp.sqlite_master WHERE name = ?",
@@ -1238,7 +1499,9 @@ def _schema_3_views(db: sqlite3.Connection) -> None:
 
 
 _READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
-                                                                     _schema_3_views)
+                                                                      _schema_3_views,
+                                                                      _schema_4_views,
+                                                                      _schema_5_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -1431,6 +1694,11 @@ class _SQLiteStorage(_Storage):
     in a circle.
     """
 
+    _last_given = _MAX_ID    # the newest id given (kept as a tombstone once swept)
+    _lock_rows = ""          # no row locks: a transaction holds the file's one write lock
+    _nothing_held = _NOTHING_HELD
+    _held_lock = _change_lock = None    # (see _PostgresStorage)
+
     def __init__(self, path: str, sync: str = "normal", real: str | None = None):
         self.path = path    # as given: what messages name
         # Every file operation uses the real path resolved here, once (or
@@ -1456,7 +1724,8 @@ class _SQLiteStorage(_Storage):
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
-        self._claim_sql: dict[tuple[int, bool, int], tuple[str, str]] = {}
+        self._watching = True     # completions are marked by a trigger (_watch_completions)
+        self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
     _due_schedules = _DUE_SCHEDULES     # the same, locking the schedules it runs
@@ -1512,6 +1781,7 @@ class _SQLiteStorage(_Storage):
                 made = True
                 os.chmod(real, 0o600)   # while still empty; -wal and -shm take its mode
             self._init(version)
+            self._watch_completions()
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
@@ -1699,6 +1969,16 @@ class _SQLiteStorage(_Storage):
                             "%s%s", self.path, exc, self._space_hint(exc))
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
+
+    def _watch_completions(self) -> None:
+        """Mark, on the write connection alone (a TEMP trigger, in memory,
+        never in the file), each completion of a job that others wait on:
+        a finish then tells by the connection's change count whether it has
+        dependants to make ready, at no cost to the finishes that have none
+        (a RETURNING would cost every finish a few microseconds)."""
+        self._db.execute("PRAGMA temp_store = MEMORY")
+        for statement in _WATCH_COMPLETIONS:
+            self._db.execute(statement)
 
     def _upgrade(self, version: int) -> None:
         """Bring a file of schema `version` up to date, in one transaction;
@@ -2014,16 +2294,17 @@ class _SQLiteStorage(_Storage):
 
     # -- enqueueing ------------------------------------------------------------
 
-    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+    def insert(self, rows: list[_NewJob], connection=None,
+               after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         if connection is None:
-            return self._write(self._insert, rows)
+            return self._write(self._insert, rows, after)
         self.same_database(connection)
         if not connection.in_transaction:   # (sqlite3 begins one only before its own DML)
             connection.execute("BEGIN")
         # A savepoint: enqueue_many is all or nothing, inside the caller's transaction.
         connection.execute("SAVEPOINT blero_enqueue")
         try:
-            found = self._insert(connection, rows)
+            found = self._insert(connection, rows, after)
         except BaseException:
             connection.execute("ROLLBACK TO blero_enqueue")
             raise
@@ -2046,8 +2327,10 @@ class _SQLiteStorage(_Storage):
             raise ValueError(f"connection is open on {files[0] if files and files[0] else 'another database'!r}, "
                              f"not on the queue file {self.path}")
 
-    @staticmethod
-    def _insert(db, rows):
+    @classmethod
+    def _insert(cls, db, rows, after=None):
+        if after is not None:
+            return cls._insert_each(db, rows, after)
         if len(rows) == 1 and rows[0].key is None:
             return [db.execute(_INSERT, rows[0]).lastrowid], [True]
         # The keys already stored, looked up a slice at a time; then every
@@ -2089,50 +2372,171 @@ class _SQLiteStorage(_Storage):
         flush()
         return ids, stored
 
+    @classmethod
+    def _insert_each(cls, db, rows, after):
+        """Store jobs one by one, those with ids in `after` as _insert_after
+        says; an id never given raises ValueError before anything is stored
+        (on a server, before any id is used up)."""
+        highest = max((dep for deps in after for dep in deps), default=0)
+        if highest > (db.execute(cls._last_given).fetchall()[0][0] or 0):
+            raise ValueError(f"after: there is no job {highest}")   # (every lower id was given)
+        ids: list[int] = []
+        stored: list[bool] = []
+        for row, deps in zip(rows, after):
+            found = row.key is not None and db.execute(_FIND_KEY, (row.key,)).fetchall()
+            if found:
+                ids.append(found[0][0])
+            elif deps:
+                ids.append(cls._insert_after(db, row, deps))
+            else:
+                ids.append(db.execute(_INSERT, row).lastrowid)
+            stored.append(not found)
+        return ids, stored
+
+    @staticmethod
+    def _insert_after(db, row, after):
+        """Store a job that waits on the jobs `after` names: waiting, unless
+        every one is complete; cancelled at once if one ended otherwise."""
+        waits, ended = False, None
+        for dep in after:   # (each was given: see _insert_each; gone: swept once ended)
+            db.execute(_MARK_DEPENDED_ON, (dep,))
+            found = db.execute(_STATE_OF, (dep,)).fetchall()
+            state = found[0][0] if found else _SWEPT
+            if state == _SWEPT:
+                continue
+            if state < _COMPLETE:
+                waits = True
+            elif state != _COMPLETE and ended is None:
+                ended = (dep, _STATE_NAME[state])
+        if waits or ended:
+            row = row._replace(state=_WAITING)
+        job_id = db.execute(_INSERT, row).lastrowid
+        db.executemany(_ADD_DEP, [(job_id, seq, dep) for seq, dep in enumerate(after)])
+        if ended:
+            db.execute(_CANCEL_WAITING, (row.created_at, _chain_error(*ended), job_id))
+        return job_id
+
     # -- claiming and finishing --------------------------------------------------
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()
-                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+                         exclude: frozenset = frozenset()) -> _Claimed:
         return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
                            exclude)
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
                           exclude=frozenset()):
-        recorded = finish is not None and db.execute(_FINISH, finish).rowcount == 1
-        if not claim:
-            return recorded, None, None
-        n = len(names) if names else 0
-        m = 0 if n else len(exclude)
-        sql = self._claim_statements(n, suspect, m)
-        params = tuple(names) if n else tuple(exclude)
         now = time.time()
-        if self._returning:
-            rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
-            row = _Claim._make(rows[0]) if rows else None
-        else:
-            found = db.execute(sql[0], params).fetchall()
-            row = None
-            if found and db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
-                row = _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
+        recorded, wake, delayed, due, cancelled = False, (), None, None, 0
+        if finish is not None:
+            if self._watching:
+                before = db.total_changes
+                recorded = db.execute(_FINISH, finish).rowcount == 1
+                chained = recorded and db.total_changes - before > 1    # marked
+                if chained:
+                    db.execute(_CLEAR_COMPLETED)
+            else:
+                found = db.execute(_FINISH_RETURNING, finish).fetchall()
+                recorded, chained = bool(found), bool(found) and found[0][0]
+            if recorded and finish.state == _FAILED:
+                chained = True      # (rare: the chain below it, if any, is looked for)
+            if chained and finish.state in (_COMPLETE, _FAILED):
+                wake, delayed, cancelled = self._ended(db, finish.id, finish.state, now)
+        if not claim:
+            return _Claimed(recorded, None, None, wake, delayed, False, None, cancelled)
+        row, held, blocked = self._claim(db, owner, names, suspect, now, exclude), False, ()
+        if row is None:
+            controls = db.execute(_CONTROLS).fetchall()
+            if controls:
+                held = True
+                row, due, blocked = self._claim_held(db, owner, names, suspect, now, exclude,
+                                                     controls)
         left = None
         if suspect and row is None:
-            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
-        return recorded, row, left
+            # Suspects held back by a pause or a limit hold nothing else up
+            # (see _CrashGuard): they are run alone once they may run.
+            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)
+                             if blocked is not None and r[0] not in blocked)
+        return _Claimed(recorded, row, left, wake, delayed, held, due, cancelled)
 
-    def _claim_statements(self, n: int, suspect: bool = False,
-                          m: int = 0) -> tuple[str, str]:
+    def _claim(self, db, owner, names, suspect, now, exclude, blocked=None) -> _Claim | None:
+        """Claim the next job of `names` (None: any but those in `exclude`)
+        while nothing is held, or, given the names `blocked` (paused or at a
+        limit), one of another."""
+        n = len(names) if names else 0
+        m = 0 if n else len(exclude)
+        params = tuple(names) if n else tuple(exclude)
+        if blocked is None:
+            sql = self._claim_statements(n, suspect, m)
+        else:
+            sql = self._claim_statements(n, suspect, m, len(blocked))
+            params += tuple(blocked)
+        if self._returning:
+            rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
+            return _Claim._make(rows[0]) if rows else None
+        found = db.execute(sql[0], params).fetchall()
+        if found and db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
+            return _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
+        return None
+
+    def _claim_held(self, db, owner, names, suspect, now, exclude, controls):
+        """The claim while pauses or limits are stored: the names paused or at
+        their limit are left out.  (The transaction holds SQLite's one write
+        lock, so no other claim comes between the counts and the claim.)
+        On a server, claims under pauses or limits take turns on a lock, and
+        look at them afresh once they hold it (see _PostgresStorage).
+        Returns the claim or None, when a rate limit lets one more start, and
+        the names left out (None: all of them, everything is paused)."""
+        if self._held_lock is not None:    # on a server: the counts and the claim, alone
+            db.execute(self._held_lock)
+            controls = db.execute(_CONTROLS).fetchall()     # as they are now
+            now = time.time()       # (a rate counts from when the claim is made)
+        blocked, windows, until = [], {}, None
+        for name, paused, concurrency, rate, per in controls:
+            if name == "":
+                if paused:
+                    return None, None, None
+                continue
+            if names is not None and name not in names:
+                continue
+            if paused or concurrency is not None and db.execute(
+                    _RUNNING_NAMED, (name,)).fetchall()[0][0] >= concurrency:
+                blocked.append(name)
+            elif rate is not None:
+                window = _rate_window(per)
+                started = db.execute(_STARTS_SINCE, (name, now - window)).fetchall()[0][0]
+                if started >= rate:
+                    blocked.append(name)
+                    first = db.execute(_NTH_START, (name, now - window, started - rate)
+                                       ).fetchall()[0][0]
+                    until = first + window if until is None else min(until, first + window)
+                else:
+                    windows[name] = window
+        if names is not None and names <= set(blocked):
+            return None, until, blocked
+        row = self._claim(db, owner, names, suspect, now, exclude, blocked)
+        if row is not None and row.name in windows:
+            db.execute(_PRUNE_STARTS, (row.name, now - windows[row.name]))
+            db.execute(_ADD_START, (row.name, now))
+        return row, until, blocked
+
+    def _claim_statements(self, n: int, suspect: bool = False, m: int = 0,
+                          blocked: int | None = None) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
-        n names (0: any name but m others)."""
-        sql = self._claim_sql.get((n, suspect, m))
+        n names (0: any name but m others): while nothing is held (`blocked`
+        None), or leaving out `blocked` names."""
+        sql = self._claim_sql.get((n, suspect, m, blocked))
         if sql is None:
             cond = (f" AND name IN ({', '.join('?' * n)})" if n
                     else f" AND name NOT IN ({', '.join('?' * m)})" if m else "")
+            held = (self._nothing_held if blocked is None else
+                    f" AND name NOT IN ({', '.join('?' * blocked)})" if blocked else "")
             state = _SUSPECT if suspect else _READY
-            select = _NEXT_READY.format(state=state, names=cond)
+            select = _NEXT_READY.format(state=state, names=cond, held=held)
             claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state)
-            sql = self._claim_sql[n, suspect, m] = (select, claim)
+            sql = (select, claim)
+            if blocked is None or blocked < 8:      # (more are rare: not kept)
+                self._claim_sql[n, suspect, m, blocked] = sql
         return sql
 
     def progress(self, marks: list[_Mark]) -> None:
@@ -2140,6 +2544,35 @@ class _SQLiteStorage(_Storage):
 
     def checkpoint(self, mark: _Mark) -> bool:
         return self._write(lambda db: db.execute(_SAVE_CHECKPOINT, mark).rowcount == 1)
+    @classmethod
+    def _ended(cls, db, job_id: int, state: int, now: float):
+        """A job with dependants ended `state`: when complete, make ready
+        those whose `after` jobs are all complete now; else cancel them, and
+        theirs, down the chain.  Returns (names made ready, when the first
+        made delayed is due, how many cancelled)."""
+        if state != _COMPLETE:
+            return (), None, cls._cancel_down(db, job_id, state, now)
+        waiting = [r[0] for r in db.execute(_WAITING_ON.format(lock=cls._lock_rows),
+                                            (job_id,)).fetchall()]
+        if not waiting:
+            return (), None, 0
+        found = db.execute(_RELEASABLE.format(ids=", ".join("?" * len(waiting))),
+                           waiting).fetchall()
+        db.executemany(_RELEASE, [(_DELAYED if run_at > now else _READY, i)
+                                  for i, _, run_at in found])
+        later = [run_at for _, _, run_at in found if run_at > now]
+        return (tuple(name for _, name, run_at in found if run_at <= now),
+                min(later) if later else None, 0)
+
+    @staticmethod
+    def _cancel_down(db, job_id: int, state: int, now: float) -> int:
+        """Cancel every job waiting on `job_id` (which ended `state`), and on
+        those, down the chain; return how many."""
+        found = db.execute(_DOWN_THE_CHAIN, (job_id,)).fetchall()
+        db.executemany(_CANCEL_WAITING, [
+            (now, _chain_error(dep, _STATE_NAME[state] if dep == job_id else "cancelled"), i)
+            for i, dep in found])
+        return len(found)
 
     def suspect_names(self) -> frozenset:
         return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
@@ -2152,14 +2585,18 @@ class _SQLiteStorage(_Storage):
     def unclaim(self, job_id: int, owner: int, attempt: int, state: int = _READY) -> None:
         self._write(lambda db: db.execute(_UNCLAIM, (state, job_id, owner, attempt)))
 
-    @staticmethod
-    def _release(db, owner, outcome, drop_owner, started, unclaimed):
+    @classmethod
+    def _release(cls, db, owner, outcome, drop_owner, started, unclaimed):
         done, undone = [], 0
         for row in map(_Claim._make, db.execute(_RUNNING_OF, (owner,)).fetchall()):
             if started is not None and (row.id, row.attempt) not in started:
                 undone += db.execute(_UNCLAIM, (unclaimed, row.id, owner, row.attempt)).rowcount
-            elif db.execute(_FINISH, outcome(row)).rowcount == 1:
+                continue
+            finish = outcome(row)
+            if db.execute(_FINISH, finish).rowcount == 1:
                 done.append(row)
+                if finish.state == _FAILED:
+                    cls._cancel_down(db, row.id, _FAILED, time.time())
         if drop_owner:
             db.execute(_DROP_OWNER, (owner,))
         return done, undone
@@ -2189,15 +2626,16 @@ class _SQLiteStorage(_Storage):
     def owner_alive(self, owner: int) -> bool | None:
         return _owner_alive(self.real, owner)
 
-    def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
-        names = None if takes is None else json.dumps(sorted(takes))
-        self._write(lambda db: db.execute(_HEARTBEAT, (owner, os.getpid(), now, now, names)))
+    def heartbeat(self, owner: int, now: float, takes: frozenset | None,
+                  processors: tuple[_ProcessorSeen, ...]) -> None:
+        row = (owner, os.getpid(), now, now, _takes_json(takes), _HOST, json.dumps(processors))
+        self._write(lambda db: db.execute(_HEARTBEAT, row))
 
     def owners(self) -> list[_OwnerSeen]:
-        rows = self._read(lambda db: db.execute(_OWNERS).fetchall())
-        return [_OwnerSeen(owner, heartbeat,
-                           None if names is None else frozenset(json.loads(names)))
-                for owner, heartbeat, names in rows]
+        return [_owner_seen(*row) for row in self._read(lambda db: db.execute(_OWNERS).fetchall())]
+
+    def running_by_owner(self) -> dict[int, int]:
+        return dict(self._read(lambda db: db.execute(_RUNNING_BY_OWNER).fetchall()))
 
     def changed_elsewhere(self) -> bool:
         # Never waits for a write under way (waking a waiter on every commit
@@ -2234,18 +2672,26 @@ class _SQLiteStorage(_Storage):
     # -- operating on jobs ---------------------------------------------------------
 
     def cancel(self, job_id: int, now: float,
-               pending_only: bool = False) -> tuple[int, int | None] | None:
+               pending_only: bool = False) -> tuple[int, int | None, int] | None:
         return self._write(self._cancel, job_id, now, _DELAYED if pending_only else _RUNNING)
 
-    @staticmethod
-    def _cancel(db, job_id, now, upto):
+    @classmethod
+    def _cancel(cls, db, job_id, now, upto):
         found = db.execute(_STATE_OF, (job_id,)).fetchall()
         if not found or db.execute(_CANCEL, (now, job_id, upto)).rowcount == 0:
             return None
-        return found[0]
+        return found[0] + (cls._cancel_down(db, job_id, _CANCELLED, now),)
 
     def clear_keys(self, ids: list[int]) -> None:
-        self._write(lambda db: db.executemany(_CLEAR_KEY, [(i,) for i in ids]))
+        # By runs of consecutive ids (a map's jobs mostly are one): each
+        # run in one statement.
+        runs: list[list[int]] = []
+        for i in sorted(set(ids)):
+            if runs and runs[-1][1] == i - 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        self._write(lambda db: db.executemany(_CLEAR_KEYS, runs))
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
         params = ([(now, retries, None, None)] if ids is None
@@ -2273,6 +2719,8 @@ class _SQLiteStorage(_Storage):
         db.executemany(sql[0], [(i, newest, before) for i, state, _ in found if state == _SWEPT])
         if any(i == newest for i, _, _ in jobs):
             gone += db.execute(sql[1], (newest, before)).rowcount
+        if db.execute(_ANY_DEPS).fetchall()[0][0]:
+            db.executemany(_SWEEP_DEPS, [(i, i) for i, _, _ in found])
         return gone
 
     def give_back_slice(self) -> bool:
@@ -2332,6 +2780,59 @@ class _SQLiteStorage(_Storage):
             names.append(sched.name)
         return names, db.execute(_NEXT_SCHEDULE).fetchall()[0][0]
 
+    # -- pauses and limits ---------------------------------------------------------
+
+    def set_paused(self, name: str | None, paused: bool) -> None:
+        def change(db):
+            self._lock_claims(db)
+            if paused:
+                db.execute(_PAUSE, ("" if name is None else name,))
+            elif name is None:
+                db.execute(_RESUME_ALL)
+            else:
+                db.execute(_RESUME, (name,))
+            db.execute(_DROP_IDLE_CONTROLS)
+        self._write(change)
+
+    def paused(self) -> set[str | None]:
+        return {name or None for (name,) in self._read(lambda db: db.execute(_PAUSED).fetchall())}
+
+    def set_limit(self, name: str, concurrency: int | None,
+                  rate: tuple[int, float] | None) -> None:
+        n, per = (None, None) if rate is None else rate
+
+        def change(db):
+            self._lock_claims(db)
+            db.execute(_SET_LIMIT, (name, concurrency, n, per))
+            if rate is None:
+                db.execute(_DROP_STARTS, (name,))
+            db.execute(_DROP_IDLE_CONTROLS)
+        self._write(change)
+
+    def limits(self) -> dict[str, tuple[int | None, tuple[int, float] | None]]:
+        rows = self._read(lambda db: db.execute(_LIMITS).fetchall())
+        return {name: (concurrency, None if n is None else (n, per))
+                for name, concurrency, n, per in rows}
+
+    def _lock_claims(self, db) -> None:
+        """Before a pause or limit changes: on a server, wait for the claims
+        under way and hold off those to come until this commits (the file's
+        write lock does that already)."""
+        for lock in (self._change_lock, self._held_lock):
+            if lock is not None:
+                db.execute(lock)
+
+    def claims_settled(self) -> None:
+        if self._change_lock is not None:
+            self._write(lambda db: db.execute(self._change_lock))
+
+    def running_by_name(self) -> dict[str, int]:
+        return dict(self._read(lambda db: db.execute(_RUNNING_BY_NAME).fetchall()))
+
+    def last_claim(self, name: str | None) -> float | None:
+        return self._read(lambda db: db.execute(
+            _LAST_CLAIM, (name is None, name or "")).fetchall()[0][0])
+
     # -- inspecting ------------------------------------------------------------------
 
     def get(self, job_id: int) -> _Stored | None:
@@ -2354,7 +2855,7 @@ class _SQLiteStorage(_Storage):
 
     def list(self, state: str | None, name: str | None, limit: int | None,
              newest_first: bool = False, beyond: int | None = None) -> list[_Stored]:
-        lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
+        lo, hi = _STATE_CODES[state] if state else (_WAITING, _CANCELLED)
         sql = _LIST.format(order="DESC" if newest_first else "ASC",
                            beyond="<" if newest_first else ">")
         if beyond is None:
@@ -2394,7 +2895,7 @@ class _SQLiteStorage(_Storage):
 # connections, liveness by advisory locks, LISTEN/NOTIFY, claims that skip
 # rows another transaction has locked.
 
-_PG_SCHEMA_VERSION = 2       # blero_meta.version this blero.py writes and reads
+_PG_SCHEMA_VERSION = 4       # blero_meta.version this blero.py writes and reads
 _PG_POOL = 4                 # connections for reads and writes, besides the owner's own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
@@ -2417,13 +2918,17 @@ _PG_VERSION = "SELECT max(version) FROM blero_meta"
 # One statement: tries the owner's lock, and gives it back at once if it got it.
 _PG_OWNER_ALIVE = ("SELECT CASE WHEN pg_try_advisory_lock(%s) THEN NOT pg_advisory_unlock(%s)"
                    " ELSE true END")
+# The newest id the jobs' identity gave (the newest job may have been swept).
+_PG_LAST_GIVEN = "SELECT pg_sequence_last_value(pg_get_serial_sequence('blero_jobs', 'id'))"
+_PG_LISTEN = "LISTEN {channel}"
 # What tells two connections are on one database of one server.
 _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_port()"
 # A key in enqueue_many goes in once: a second one (or one another
 # transaction is inserting) finds the first.
 _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
 # Statements whose changes other processes act on at once: they NOTIFY.
-_PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM))
+_PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM,
+                       _FINISH_RETURNING, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
 
 
 # _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
@@ -2433,14 +2938,34 @@ _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FI
 # first time this blero.py opens it.  A later schema appends its step and
 # raises _PG_SCHEMA_VERSION with it; a new schema is made from _SCHEMA as it
 # is, at the latest version.
-def _pg_schema_2(session) -> None:
-    """1 -> 2: the file's schema 3 (`_schema_3`), in PostgreSQL's types."""
-    types = dict(_PG_TYPES)
+def _pg_ddl(statement: str) -> str:
+    """A CREATE (or ALTER) statement of the file's schema in PostgreSQL's types."""
+    for sqlite_type, pg_type in _PG_TYPES:
+        statement = re.sub(rf"\b{sqlite_type}\b", pg_type, statement)
+    return statement.replace("id           BIGINT PRIMARY KEY,\n    state",
+                             "id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,\n"
+                             "    state")
+
+
+def _pg_schema_2(db) -> None:
+    """1 -> 2: what `after=`, pauses and limits store, as the file's schema 3 has it."""
+    for statement in (_DEPENDANTS_COLUMN + ";" + _FLOW_SCHEMA).split(";"):
+        db.execute(_pg_ddl(statement))
+
+
+def _pg_schema_3(db) -> None:
+    """2 -> 3: each owner's host and processors, as the file's schema 4 has them."""
+    for statement in _OWNERS_PRESENCE:
+        db.execute(_pg_ddl(statement))
+
+
+def _pg_schema_4(db) -> None:
+    """3 -> 4: progress and checkpoints of jobs, cron schedules, as the file's schema 5."""
     for table, column, kind in _FLOW_COLUMNS:
-        session.execute(f"ALTER TABLE {table} ADD COLUMN {column} {types.get(kind, kind)}")
+        db.execute(_pg_ddl(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
 
 
-_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2,)
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2, _pg_schema_3, _pg_schema_4)
 
 
 def _is_server(target) -> bool:
@@ -2469,12 +2994,16 @@ def _pg_sql(sql: str, schema: str) -> str:
     """An SQLite statement of this section as PostgreSQL reads it: %s
     placeholders, blero's tables in `schema` (quoted), `interval` (a word
     PostgreSQL reserves) quoted, two-argument min() as LEAST, and CAST to
-    INTEGER as floor (PostgreSQL's rounds); an INSERT of a job returns its id."""
+    INTEGER as floor (PostgreSQL's rounds), group_concat as string_agg; an
+    INSERT of a job returns its id."""
     out = sql.replace("%", "%%").replace("?", "%s")
-    out = re.sub(r"\bblero_(jobs|owners|schedules|meta)\b", lambda m: f"{schema}.{m.group(0)}", out)
+    out = re.sub(r"\bblero_(jobs|owners|schedules|meta|deps|controls|starts)\b",
+                 lambda m: f"{schema}.{m.group(0)}", out)
     out = re.sub(r"\binterval\b", '"interval"', out)
     out = re.sub(r"\bmin\((?=[^()]*,)", "LEAST(", out)
     out = re.sub(r"CAST\(([^()]*) AS INTEGER\)", r"floor(\1)", out)
+    out = out.replace(" WITHOUT ROWID", "").replace(       # (a job's list, in its order)
+        "group_concat(dep_id)", "string_agg(CAST(dep_id AS TEXT), ',' ORDER BY seq)")
     if sql in (_INSERT, _PG_INSERT_KEYED):
         out += " RETURNING id"
     return out
@@ -2533,7 +3062,7 @@ class _PGSession:
 
     @staticmethod
     def _params(sql, params):
-        if sql is _FINISH:
+        if sql is _FINISH or sql is _FINISH_RETURNING:
             return params._replace(result=_bytes(params.result),
                                    progress=_bytes(params.progress))
         if sql is _PROGRESS or sql is _SAVE_CHECKPOINT:
@@ -2547,7 +3076,7 @@ class _PGSession:
     def _note(self, sql, params, rowcount):
         # A finished try concerns others only when it made the job ready
         # (or delayed) again: a completed one is seen by their waits' polls.
-        if rowcount and (sql is not _FINISH or params[0] < _RUNNING):
+        if rowcount and (sql not in (_FINISH, _FINISH_RETURNING) or params[0] < _RUNNING):
             self.wakes = True
 
 
@@ -2578,6 +3107,9 @@ class _PostgresStorage(_Storage):
 
     read_only = None
     _returning = True
+    _watching = False       # no trigger marks completions: the finish tells (_FINISH_RETURNING)
+    _last_given = _PG_LAST_GIVEN
+    _lock_rows = " FOR UPDATE OF j"
     _skip_locked = " FOR UPDATE SKIP LOCKED"
     # Two processes never run one due slot: the second skips the schedule
     # the first is running, and sees its next slot once that commits.
@@ -2607,7 +3139,17 @@ class _PostgresStorage(_Storage):
         self._next_poll = 0.0
         self._retry_at = 0.0                # no reconnection before (monotonic)
         self._backoff = 0.0
-        self._claim_sql: dict[tuple[int, bool, int], tuple[str, str]] = {}
+        self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
+        # Pauses and limits: a claim that finds nothing held holds this
+        # schema's lock 2 shared (tried, never waited for: a change holding
+        # it sends the claim the held way); a change (pause, limit) takes it
+        # exclusive, so it waits for those claims and holds off the next; and
+        # claims under pauses or limits, and changes, take turns on lock 1,
+        # then count and claim: never over a limit, even for an instant.
+        key = zlib.crc32(schema.encode()) - (1 << 31)
+        self._nothing_held = _NOTHING_HELD + f" AND pg_try_advisory_xact_lock_shared({key}, 2)"
+        self._change_lock = f"SELECT pg_advisory_xact_lock({key}, 2)"
+        self._held_lock = f"SELECT pg_advisory_xact_lock({key}, 1)"
         self._claims = threading.Condition()    # guards _claiming
         self._claiming: dict[int, int] = {}     # owner -> its finish_and_claim calls under way
 
@@ -2738,22 +3280,19 @@ class _PostgresStorage(_Storage):
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_sql}")
             for statement in (_SCHEMA + ";" + _PG_META).split(";"):
                 if statement.strip():
-                    for sqlite_type, pg_type in _PG_TYPES:
-                        statement = re.sub(rf"\b{sqlite_type}\b", pg_type, statement)
-                    statement = statement.replace(
-                        "id           BIGINT PRIMARY KEY,\n    state",
-                        "id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,\n"
-                        "    state")
-                    conn.execute(_pg_sql(statement, self._schema_sql))
+                    conn.execute(_pg_sql(_pg_ddl(statement), self._schema_sql))
             conn.execute(_pg_sql("INSERT INTO blero_meta VALUES (?)", self._schema_sql),
                          (_PG_SCHEMA_VERSION,))
             return
-        if "blero_meta" not in tables or not _TABLES <= tables:
-            raise BleroError(f"{where}: a blero queue with tables missing (damaged)")
+        damaged = BleroError(f"{where}: a blero queue with tables missing (damaged)")
+        if "blero_meta" not in tables:
+            raise damaged
         version = conn.execute(_pg_sql(_PG_VERSION, self._schema_sql)).fetchall()[0][0]
         if version is None or version > _PG_SCHEMA_VERSION:
             raise BleroError(f"{where}: written by a newer blero (schema {version}; this "
                              f"blero.py knows up to {_PG_SCHEMA_VERSION})")
+        if version == _PG_SCHEMA_VERSION and not _TABLES <= tables:
+            raise damaged
         if version < _PG_SCHEMA_VERSION:
             session = _PGSession(conn, self._schema_sql)
             for step in _PG_UPGRADES[version - 1:]:
@@ -2772,22 +3311,26 @@ class _PostgresStorage(_Storage):
 
     # -- enqueueing ----------------------------------------------------------------
 
-    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+    def insert(self, rows: list[_NewJob], connection=None,
+               after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         if connection is None:
-            return self._write(self._insert, rows)
+            return self._write(self._insert, rows, after)
         self.same_database(connection)
         psycopg = _psycopg()
         try:
             with connection.transaction():      # a savepoint in the caller's transaction
                 session = _PGSession(connection, self._schema_sql)
-                found = self._insert(session, rows)
+                found = self._insert(session, rows, after)
                 connection.execute(f"NOTIFY {self._channel}, 'x'")   # news to us too
         except psycopg.Error as exc:
             raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
         return found
 
-    @staticmethod
-    def _insert(db, rows):
+    @classmethod
+    def _insert(cls, db, rows, after=None):
+        if after is not None:
+            db.wakes = True
+            return cls._insert_each(db, rows, after)
         ids, stored = [], []
         keyless = [r for r in rows if r.key is None]
         if len(keyless) == len(rows) > 1:      # one round trip for the lot
@@ -2887,7 +3430,7 @@ class _PostgresStorage(_Storage):
                 conn.close()
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
             try:
-                conn.execute(f"LISTEN {self._channel}")
+                conn.execute(_PG_LISTEN.format(channel=self._channel))
                 self._listening = True
             except psycopg.Error as exc:   # a pooler in transaction mode, say: poll
                 log.warning("%s: LISTEN failed (%s): looking for other processes' work "
@@ -2995,9 +3538,12 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "suspect_names", "unclaim",
+_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended", "_cancel_down",
+              "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
+              "_lock_claims", "claims_settled", "running_by_name", "last_claim",
+              "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
-              "owners", "cancel", "_cancel", "retry_failed", "upsert_schedule",
+              "owners", "running_by_owner", "cancel", "_cancel", "retry_failed", "upsert_schedule",
               "drop_schedule", "schedules", "run_schedules", "_run_schedules", "get", "outcome",
               "pending_in_run_order", "counts", "finished_since", "outstanding",
               "pending_by_name", "_claim_statements", "list", "clear_keys", "outcomes")
@@ -3075,14 +3621,16 @@ class _Throttle:
 
 
 class _Processor:
-    """A registered processor: the callable, the job names it takes, and
-    how many workers run it (a task's concurrency)."""
+    """A registered processor: the callable, the job names it takes, how
+    many workers run it (a task's concurrency), and what other processes
+    are told it is (`label`: a task, an executor, or the function's name)."""
 
-    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired")
+    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label")
 
-    def __init__(self, id, fn, names, concurrency=1):
+    def __init__(self, id, fn, names, concurrency=1, label=None):
         self.id = id
         self.fn = fn
+        self.label = label or _fn_name(fn)
         self.names = names
         # With names None: the names it does not take after all, those of
         # the tasks (a processor of any name takes no task's jobs).
@@ -3100,6 +3648,29 @@ def _takes(processors: Iterable[_Processor]) -> frozenset | None:
             return None
         names |= p.names
     return frozenset(names)
+
+
+class _Presence(NamedTuple):
+    """What an owner's heartbeat tells other processes of its processors."""
+
+    takes: frozenset | None
+    processors: tuple[_ProcessorSeen, ...]
+
+    @classmethod
+    def of(cls, processors: Iterable[_Processor]) -> _Presence:
+        processors = list(processors)
+        alike: collections.Counter = collections.Counter()
+        for p in processors:
+            alike[p.label, None if p.names is None else tuple(sorted(p.names))] += p.concurrency
+        return cls(_takes(processors),
+                   tuple(_ProcessorSeen(name, names, n) for (name, names), n in alike.items()))
+
+
+def _fn_name(fn) -> str:
+    """A processor's name as an operator knows it: `process`, `Mailer.run`
+    (a function defined inside another goes by its own name)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return name.rsplit(".<locals>.", 1)[-1]
 
 
 class _Outcome(NamedTuple):
@@ -3134,9 +3705,9 @@ class _Counters:
         self.seconds_sum = 0.0
         self.seconds_count = 0
 
-    def add(self, outcome: str, seconds: float | None = None) -> None:
+    def add(self, outcome: str, seconds: float | None = None, count: int = 1) -> None:
         with self.lock:
-            self.finished[outcome] += 1
+            self.finished[outcome] += count
             if seconds is not None:
                 self.seconds_sum += seconds
                 self.seconds_count += 1
@@ -3499,7 +4070,7 @@ class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
-                 counters: _Counters, changed: _Changes, takes: frozenset | None,
+                 counters: _Counters, changed: _Changes, presence: _Presence,
                  futures: _Futures):
         self.storage = storage
         self.settings = settings
@@ -3512,8 +4083,8 @@ class _Dispatcher:
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
         self.started_at = time.time()
         self.stopping = False
-        self._takes = takes             # the job names its processors take; None: any
-        self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _takes
+        self._presence = presence       # what its heartbeats tell of its processors
+        self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _presence
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
         self._gone = threading.Condition(self._lock)   # notified as workers leave
@@ -3528,6 +4099,8 @@ class _Dispatcher:
         self._deadline_n = 0
         self._delayed_due = math.inf        # epoch time of the next delayed job
         self._schedule_due = math.inf       # epoch time of the next schedule run
+        self._held_due = math.inf           # epoch time a rate limit lets a job start
+        self.suspects_held = False          # a pause or limit held back a suspect, maybe
         self._clock_stop = False
         # (before, after) of a sweep under way; after None: its space going back
         self._sweeping = None
@@ -3755,14 +4328,18 @@ class _Dispatcher:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def enqueue(self, rows: list[_NewJob],
-                connection=None) -> tuple[list[int], list[bool]]:
-        """Store new jobs and wake the workers that can take them (those
-        written with the caller's `connection` are seen once committed);
-        return their ids, and for each whether it was stored (not answered
-        by a key)."""
-        ids, stored = self.storage.insert(rows, connection)
+    def enqueue(self, rows: list[_NewJob], connection=None,
+                after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
+        """Store new jobs (each waiting on the ids `after` gives it, if
+        given) and wake the workers that can take them (those written with
+        the caller's `connection` are seen once committed); return their
+        ids, and for each whether it was stored (not answered by a key)."""
+        ids, stored = self.storage.insert(rows, connection, after)
         answered = stored
+        if after is not None:
+            # On a server, marking the jobs they wait on locked those rows
+            # for a moment: a claim meanwhile skipped them, so look again.
+            self.work_arrived(None)
         rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
@@ -3787,9 +4364,14 @@ class _Dispatcher:
         if outcome is None and not claim:
             return None
         p = worker.processor
-        recorded, row, left = self.storage.finish_and_claim(
+        done = self.storage.finish_and_claim(
             outcome and outcome.finish(self.owner), self.owner, p.names, claim, suspect,
             p.exclude)
+        recorded, row, left = done.recorded, done.claim, done.suspects_left
+        if done.wake or done.held or done.delayed is not None or done.cancelled:
+            if suspect and row is None and done.held:
+                self.suspects_held = True   # some may be held back: see flow()
+            self.flow(done, outcome and outcome.job.name)
         worker.suspect = suspect and row is not None
         if row is None:
             worker.holding = False
@@ -3841,6 +4423,28 @@ class _Dispatcher:
             raise BleroError(f"job {job.id}: checkpoint not stored: this try no longer "
                              f"holds the job (cancelled, timed out or taken back)")
         job.checkpointed = value
+
+    def flow(self, done: _Claimed, finished: str | None) -> None:
+        """Act on what a finish and claim did besides (nearly all do nothing
+        more, and are not brought here): wake workers for the
+        jobs it made ready (and, while pauses or limits are stored, for the
+        name of the job that finished: a slot of its limit came free), and
+        look again when a rate limit lets one more job start."""
+        wake = list(done.wake)
+        if done.held and finished is not None:
+            wake.append(finished)
+            self.held_changed()
+        if wake:
+            self.work_arrived(wake)
+        if done.delayed is not None:
+            self.delayed_at(done.delayed)
+        if done.due is not None:
+            with self._lock:
+                if done.due < self._held_due:
+                    self._held_due = done.due
+                    self._tick.notify()
+        if done.cancelled:
+            self.counters.add("cancelled", count=done.cancelled)
 
     def execute(self, worker: _Worker, job: Job, cancels: int) -> _Outcome | None:
         """Run one try of `job`, claimed when `self.cancels` was `cancels`;
@@ -4061,14 +4665,14 @@ class _Dispatcher:
                 if self._deadlines:
                     wake = min(wake, self._deadlines[0][0])
                 wake = min(wake, now + (self._delayed_due - epoch),
-                           now + (self._schedule_due - epoch))
+                           now + (self._schedule_due - epoch), now + (self._held_due - epoch))
                 if wake > now and self._sweeping is None:
                     self._tick.wait(wake - now)
                     if self._clock_stop:
                         return
-            for duty in (self._expire, self._carry_on, self._promote, self._run_schedules,
-                         self._poll, self._reap, self._beat, self._store_progress,
-                         self._sweep):
+            for duty in (self._expire, self._carry_on, self._promote, self._unhold,
+                         self._run_schedules, self._poll, self._reap, self._beat,
+                         self._store_progress, self._sweep):
                 try:
                     duty()
                 except Exception as exc:
@@ -4112,6 +4716,26 @@ class _Dispatcher:
         count = self._look_and_rearm("_delayed_due", self.storage.promote)
         if count:
             self.work_arrived(None)
+
+    def _unhold(self) -> None:
+        """A rate limit lets another job start now: the idle workers look."""
+        with self._lock:
+            if time.time() < self._held_due:
+                return
+            self._held_due = math.inf
+        self.held_changed()
+        self.work_arrived(None)
+
+    def held_changed(self) -> None:
+        """A pause or limit may hold back fewer jobs now: suspects that one
+        held back are looked for again (see _CrashGuard), to run alone."""
+        if self.suspects_held:
+            self.suspects_held = False
+            try:
+                self._look_for_suspects()
+            except BleroError as exc:   # the next poll looks again
+                self.suspects_held = True
+                self.throttle.error(exc, "looking for suspects failed: %s; will try again", exc)
 
     def _run_schedules(self) -> None:
         if time.time() < self._schedule_due:
@@ -4165,7 +4789,7 @@ class _Dispatcher:
         self.storage.hold_owner(new)
         with self._beat_lock:
             self.owner = new
-            self.storage.heartbeat(new, time.time(), self._takes)
+            self.storage.heartbeat(new, time.time(), *self._presence)
         self.storage.release_owner(old)
         log.warning("carrying on as a new owner; %d running job(s) cancelled", len(running))
         self.work_arrived(None)
@@ -4206,21 +4830,21 @@ class _Dispatcher:
     def _beat(self) -> None:
         if self._due("beat", self.settings.lease / 3):
             with self._beat_lock:
-                self.storage.heartbeat(self.owner, time.time(), self._takes)
+                self.storage.heartbeat(self.owner, time.time(), *self._presence)
 
-    def processors_changed(self, takes: frozenset | None) -> None:
-        """The job names this queue's processors take are now `takes`: tell
-        other processes at once (their join() warns of names that no live
-        queue takes).  Not once the queue is stopping: its stop drops the
+    def processors_changed(self, presence: _Presence) -> None:
+        """This queue's processors are now as `presence` says: tell other
+        processes at once (their join() warns of names that no live queue
+        takes, and their dashboards show them).  Not once the queue is stopping: its stop drops the
         owner's registration, and a heartbeat after that would register it
         again, letting a claim still on its way succeed with nobody left to
         hand its job back.  (Called under the Blero's lock, as begin_stop is.)"""
         with self._beat_lock:
-            self._takes = takes
+            self._presence = presence
             if self.stopping:
                 return
             try:
-                self.storage.heartbeat(self.owner, time.time(), takes)
+                self.storage.heartbeat(self.owner, time.time(), *presence)
             except BleroError as exc:   # the next heartbeat tells them
                 if not self.stopping:
                     self.throttle.error(exc, "heartbeat failed: %s; will try again", exc)
@@ -4347,6 +4971,22 @@ def _call_back(fn, job, value) -> None:
 # The public Blero class
 # ---------------------------------------------------------------------------
 
+class _Sparingly:
+    """A look that is costly on a big queue (counting pending jobs by name
+    reads them all), taken at most 2% of the time and at most once a
+    second; in between, the last answer."""
+
+    def __init__(self):
+        self._next, self._last = -math.inf, None
+
+    def look(self, fn: Callable[..., Any], *args) -> Any:
+        began = time.monotonic()
+        if began >= self._next:
+            self._last = fn(*args)
+            self._next = began + max(1.0, 50 * (time.monotonic() - began))
+        return self._last
+
+
 def _db_path(path) -> str:
     path = os.fspath(path)
     if not isinstance(path, str):
@@ -4358,6 +4998,38 @@ def _db_path(path) -> str:
     if os.path.isdir(path) or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         return os.path.join(path, "blero.db")
     return path
+
+
+_PAUSE_GRACE = 0.1   # seconds pause() lets a try claimed just before it begin
+
+
+def _flow_name(name, optional: bool = False) -> None:
+    """Check the job name given to pause, resume or limit (None: every name)."""
+    if name is None and optional:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"a job name must be a str{' or None' if optional else ''}, "
+                        f"not {type(name).__name__}")
+    if not name:
+        raise ValueError("a job name must not be empty")
+
+
+def _after(after) -> tuple[int, ...]:
+    """`after` as job ids, each once, in the order given: an id, a future (or
+    anything with an int `.id` or `.job_id`), or a collection of them."""
+    if after is None:
+        return ()
+    if isinstance(after, (str, bytes)) or not hasattr(after, "__iter__"):
+        after = (after,)
+    ids = []
+    for item in after:
+        job_id = item
+        if not isinstance(item, int) or isinstance(item, bool):
+            job_id = getattr(item, "id", getattr(item, "job_id", None))
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise TypeError(f"after: a job id, or a future with an .id, not {item!r}")
+        ids.append(_job_id("after", job_id))
+    return tuple(dict.fromkeys(ids))
 
 
 def _epoch(when) -> float:
@@ -4439,10 +5111,10 @@ class Blero:
             owner = _new_owner_id()
             try:
                 storage.hold_owner(owner)
-                takes = _takes(self._processors.values())
-                storage.heartbeat(owner, time.time(), takes)
+                presence = _Presence.of(self._processors.values())
+                storage.heartbeat(owner, time.time(), *presence)
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed,
-                                takes, self._futures)
+                                presence, self._futures)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
@@ -4677,13 +5349,14 @@ class Blero:
         return self._add_processor(fn, names).id
 
     def _add_processor(self, fn, names: frozenset | None, concurrency: int = 1,
-                       task_names: Iterable[str] = (), replaces: int | None = None
-                       ) -> _Processor:
+                       task_names: Iterable[str] = (), replaces: int | None = None,
+                       label: str | None = None) -> _Processor:
         """Register a processor of `concurrency` workers; `task_names` are
         the names of task jobs it takes (kept from processors of any name);
-        `replaces`: the id of a processor it takes the place of."""
+        `replaces`: the id of a processor it takes the place of; `label`:
+        what it is, for other processes to see (default: fn's name)."""
         with self._lock:
-            p = _Processor(self._next_processor, fn, names, concurrency)
+            p = _Processor(self._next_processor, fn, names, concurrency, label)
             self._next_processor += 1
             old = self._processors.pop(replaces, None)
             self._processors[p.id] = p
@@ -4693,7 +5366,7 @@ class Blero:
             if d is not None:
                 # Told before its first job: no other process's join() may
                 # see it run one, and yet not take that name.
-                d.processors_changed(_takes(self._processors.values()))
+                d.processors_changed(_Presence.of(self._processors.values()))
         if d is not None:
             if old is not None:
                 d.retire(old)
@@ -4708,7 +5381,7 @@ class Blero:
             self._exclude_task_names()
             d = self._dispatcher
             if d is not None:
-                d.processors_changed(_takes(self._processors.values()))
+                d.processors_changed(_Presence.of(self._processors.values()))
         if d is not None:
             d.work_arrived(None)
 
@@ -4731,7 +5404,7 @@ class Blero:
             self._exclude_task_names()
             d = self._dispatcher
             if p is not None and d is not None:
-                d.processors_changed(_takes(self._processors.values()))
+                d.processors_changed(_Presence.of(self._processors.values()))
         if p is None:
             raise KeyError(processor_id)
         if d is not None:
@@ -4742,20 +5415,24 @@ class Blero:
     def enqueue(self, name: str, data: Any = None, *, delay: float | None = None,
                 run_at: float | datetime.datetime | None = None, priority: int = 0,
                 retries: int | None = None, timeout: float | None = None,
-                key: str | None = None, connection: Any = None) -> int:
+                key: str | None = None, after: Any = None, connection: Any = None) -> int:
         """Store a job and return its id, once it is committed.
 
         `delay` (seconds) or `run_at` (epoch seconds or datetime): not before
         then.  Higher `priority` runs first.  `retries`: tries after the first.
         `timeout`: seconds a try may take.  `key`: while a job with this key is
         stored, enqueueing it again returns that job's id and stores nothing.
-        `connection`: the caller's own open connection on the same database
-        (an sqlite3 one on the queue file, a psycopg one on the server):
-        the job is written in the caller's transaction, not committed, so it
-        exists if and when the caller commits."""
+        `after`: job ids (or futures, anything with an `.id`) this job waits
+        for: it runs once they are all complete, and ends cancelled if one
+        of them ends failed or cancelled.  `connection`: the caller's own
+        open connection on the same database (an sqlite3 one on the queue
+        file, a psycopg one on the server): the job is written in the
+        caller's transaction, not committed, so it exists if and when the
+        caller commits."""
         d = self._running()
         row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time())
-        return d.enqueue([row], connection)[0][0]
+        deps = _after(after)
+        return d.enqueue([row], connection, [deps] if deps else None)[0][0]
 
     def enqueue_many(self, jobs: Iterable[tuple | dict], *, connection: Any = None) -> list[int]:
         """Store many jobs in one transaction, all or nothing; return their ids.
@@ -4763,7 +5440,7 @@ class Blero:
         `connection` as for `enqueue`."""
         d = self._running()
         now = time.time()
-        rows = []
+        rows, after = [], []
         for item in jobs:
             if isinstance(item, dict):
                 item = dict(item)
@@ -4772,17 +5449,20 @@ class Blero:
                 except KeyError:
                     raise TypeError("a job given as a dict needs a 'name'") from None
                 data = item.pop("data", None)
-                unknown = set(item) - {"delay", "run_at", "priority", "retries", "timeout", "key"}
+                unknown = set(item) - {"delay", "run_at", "priority", "retries", "timeout", "key",
+                                       "after"}
                 if unknown:
                     raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
                 rows.append(self._row(name, data, item.get("delay"), item.get("run_at"),
                                       item.get("priority", 0), item.get("retries"),
                                       item.get("timeout"), item.get("key"), now))
+                after.append(_after(item.get("after")))
             elif isinstance(item, (tuple, list)) and len(item) == 2:
                 rows.append(self._row(item[0], item[1], None, None, 0, None, None, None, now))
+                after.append(())
             else:
                 raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
-        return d.enqueue(rows, connection)[0] if rows else []
+        return d.enqueue(rows, connection, after if any(after) else None)[0] if rows else []
 
     def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> _NewJob:
         """Check one job's arguments and make its storage row."""
@@ -4846,13 +5526,13 @@ class Blero:
         Pending jobs that no live queue's processors take (here or in another
         process) are logged at WARNING meanwhile, once per name."""
         timeout = _seconds("timeout", timeout, optional=True)
-        next_look = [0.0]
+        untaken = _Sparingly()
 
         def done(storage):
             d = self._dispatcher
             before = d.activity() if d is not None else (False, 0)
             if before[0] or storage.outstanding():
-                self._warn_untaken(storage, next_look)
+                self._warn_untaken(untaken.look(storage.untaken, self._settings.lease))
                 return None
             # A job may have been claimed, run and recorded since `before`,
             # its on_complete still enqueueing more: then look again.
@@ -4860,16 +5540,9 @@ class Blero:
 
         return bool(self._until(done, timeout))
 
-    def _warn_untaken(self, storage: _Storage, next_look: list[float]) -> None:
+    def _warn_untaken(self, untaken: dict[str, int]) -> None:
         """Log each name of pending jobs that no live queue takes, once: a
-        typo in a name would otherwise make join() wait for ever in silence.
-        Counting pending jobs by name reads them all: on a big queue it is
-        done at most 2% of the time (and at most once a second)."""
-        began = time.monotonic()
-        if began < next_look[0]:
-            return
-        untaken = storage.untaken(self._settings.lease)
-        next_look[0] = began + max(1.0, 50 * (time.monotonic() - began))
+        typo in a name would otherwise make join() wait for ever in silence."""
         for name, n in sorted(untaken.items()):
             if name not in self._untaken_warned:
                 self._untaken_warned.add(name)
@@ -4923,7 +5596,9 @@ class Blero:
         result = None if row.state == _FAILED else _loads_or_none(loads, row.result)
         return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
                                       state=_STATE_NAME[row.state], result=result,
-                                      progress=_loads_or_none(loads, row.progress))._asdict())
+                                      progress=_loads_or_none(loads, row.progress),
+                                      after=tuple(map(int, row.after.split(",")))
+                                      if row.after else ())._asdict())
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
@@ -4960,7 +5635,7 @@ class Blero:
             before = storage.cancel(job_id, time.time())
         if before is None:
             return False
-        self._counters.add("cancelled")
+        self._counters.add("cancelled", count=1 + before[2])
         d = self._dispatcher
         if d is not None:
             d.cancelled(job_id)
@@ -5074,6 +5749,73 @@ class Blero:
         with self._store(operating=True) as storage:
             return storage.drop_schedule(key)
 
+    # -- flow control ----------------------------------------------------------------
+
+    def pause(self, name: str | None = None) -> None:
+        """Start no job named `name` (None: no job at all), in any process
+        sharing the queue, until `resume`; running jobs finish.  Stored in
+        the queue: it lasts across restarts.  When it returns, no try of
+        that name begins any more: a try claimed just before is given a
+        moment (at most 0.1 s) to begin first."""
+        _flow_name(name, optional=True)
+        with self._store(operating=True) as storage:
+            storage.set_paused(name, True)
+            storage.claims_settled()
+            # A try is claimed a moment before its processor is called: let
+            # those claimed just before the pause begin before returning.
+            last = storage.last_claim(name)
+        if last is not None:
+            wait = min(_PAUSE_GRACE, last + _PAUSE_GRACE - time.time())
+            if wait > 0:
+                time.sleep(wait)
+
+    def resume(self, name: str | None = None) -> None:
+        """Undo `pause(name)`; `resume()` (None) resumes every name.  Idle
+        workers of every process take the jobs again within 0.1 s."""
+        _flow_name(name, optional=True)
+        with self._store(operating=True) as storage:
+            storage.set_paused(name, False)
+        d = self._dispatcher
+        if d is not None:
+            d.held_changed()
+            d.work_arrived(None)
+
+    def paused(self) -> set[str | None]:
+        """The names paused; None among them when everything is."""
+        with self._store() as storage:
+            return storage.paused()
+
+    def limit(self, name: str, *, concurrency: int | None = None,
+              rate: tuple[int, float] | None = None) -> None:
+        """Limit the jobs named `name`, across every process sharing the
+        queue: at most `concurrency` in progress at once, and with
+        `rate=(n, seconds)` at most n started in any window of that many
+        seconds.  Never exceeded; the jobs over it wait, and jobs of other
+        names do not.  Stored in the queue; replaces the name's limit, and
+        with neither removes it."""
+        _flow_name(name)
+        if concurrency is not None:
+            concurrency = _integer("concurrency", concurrency, least=1)
+        if rate is not None:
+            if not isinstance(rate, tuple) or len(rate) != 2:
+                raise TypeError(f"rate must be a pair (n, seconds), not {rate!r}")
+            rate = (_integer("rate's n", rate[0], least=1),
+                    float(_seconds("rate's seconds", rate[1], positive=True)))
+        with self._store(operating=True) as storage:
+            storage.set_limit(name, concurrency, rate)
+        d = self._dispatcher
+        if d is not None:
+            d.held_changed()
+            d.work_arrived(None)
+
+    def limits(self) -> dict[str, dict]:
+        """Every limit stored: name -> {"concurrency": n or None, "rate":
+        (n, seconds) or None}."""
+        with self._store() as storage:
+            found = storage.limits()
+        return {name: {"concurrency": concurrency, "rate": rate}
+                for name, (concurrency, rate) in found.items()}
+
     # -- tasks, futures and executors --------------------------------------------------
 
     def task(self, name: str | Callable | None = None, *, concurrency: int = 1,
@@ -5110,7 +5852,7 @@ class Blero:
             replaces = None if old is None else old._processor.id
             run = task._arun if _is_async(fn) else task._run
             task._processor = self._add_processor(run, frozenset([task.name]),
-                                                  concurrency, [task.name], replaces)
+                                                  concurrency, [task.name], replaces, "task")
             with self._lock:
                 if old is not None:
                     self._task_names[task.name] -= 1
@@ -5153,36 +5895,58 @@ class Blero:
         return await loop.run_in_executor(None, self.enqueue_many, list(jobs))
 
     def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
-                       resumable: bool = False) -> list[JobFuture]:
+                       resumable: bool = False, waiter: Callable | None = None
+                       ) -> list[JobFuture]:
         """Store a job per call (args, kwargs) of the task `name`; return
-        their futures.  `resumable`: each call is matched with the stored
-        job of the same call of a run that did not finish (see _Calls)."""
+        their futures (or what `waiter(job_id)` makes for each, Task.map's
+        lighter `_MapCall`s).  `resumable`: each call is matched with the
+        stored job of the same call of a run that did not finish (see _Calls)."""
         d = self._running()
         connection = options.get("connection")
         if resumable and connection is not None:
             raise ValueError("connection= is for enqueue(): the calls of a map or an "
                              "executor are committed as they are made")
-        now = time.time()
-        rows = [self._row(name, (args, kwargs), options.get("delay"), options.get("run_at"),
+        if resumable and options.get("key") is not None:
+            raise ValueError("key= is for enqueue(): each call of a map or an executor "
+                             "gets a key of its own")
+        if not calls:
+            return []
+        # The options are checked once, with the first call; each call's
+        # own is its data.
+        first = self._row(name, calls[0], options.get("delay"), options.get("run_at"),
                           options.get("priority", 0), options.get("retries"),
-                          options.get("timeout"), options.get("key"), now)
-                for args, kwargs in calls]
-        if resumable and options.get("key") is None:
-            rows = [r._replace(key=self._calls.key(name, r.data)) for r in rows]
+                          options.get("timeout"), options.get("key"), time.time())
+        blobs = [first.data]
+        serializer = self._settings.serializer
+        for call in calls[1:]:
+            try:
+                blobs.append(_dumps(serializer, call))
+            except Exception as exc:
+                raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
+        keys = self._calls.keys(name, blobs) if resumable else [first.key] * len(blobs)
+        state, priority, run_at, _, _, attempts, timeout, _, now = first
+        rows = [_NewJob(state, priority, run_at, name, blob, attempts, timeout, key, now)
+                for blob, key in zip(blobs, keys)]
+        deps = _after(options.get("after"))
         futures: list[JobFuture] = []
         with self._futures.expecting():
-            # A slice per commit: the workers start on the first while the
-            # rest are stored.  (Every call was checked above: a bad one
-            # stored nothing.)
-            for i in range(0, len(rows), _CALLS_SLICE):
-                futures += self._enqueue_slice(d, rows[i:i + _CALLS_SLICE], connection)
+            # Slices of growing size, a commit each: the workers start on the
+            # first while the rest are stored.  (Every call was checked
+            # above: a bad one stored nothing.)
+            i, size = 0, _CALLS_SLICE
+            while i < len(rows):
+                futures += self._enqueue_slice(d, rows[i:i + size], connection,
+                                               waiter or functools.partial(JobFuture, self),
+                                               deps)
+                i, size = i + size, min(size * 2, _CALLS_SLICE_MAX)
         return futures
 
-    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob],
-                       connection: Any = None) -> list[JobFuture]:
-        """Store these calls' jobs (under `_futures.expecting()`); their futures."""
-        ids, stored = d.enqueue(rows, connection)
-        futures = [JobFuture(self, i) for i in ids]
+    def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob], connection: Any,
+                       waiter: Callable, deps: tuple[int, ...] = ()) -> list[JobFuture]:
+        """Store these calls' jobs (under `_futures.expecting()`), each
+        waiting on the jobs `deps` names; their futures."""
+        ids, stored = d.enqueue(rows, connection, [deps] * len(rows) if deps else None)
+        futures = [waiter(i) for i in ids]
         self._futures.add([f for f, new in zip(futures, stored) if new])
         matched = [k for k, new in enumerate(stored) if not new]
         if not matched:
@@ -5203,31 +5967,21 @@ class Blero:
         self._futures.add(going)
         if again:
             d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
-            new_ids, _ = d.enqueue([rows[k] for k in again])
-            renewed = [JobFuture(self, i) for i in new_ids]
+            new_ids, _ = d.enqueue([rows[k] for k in again], None,
+                                   [deps] * len(again) if deps else None)
+            renewed = [waiter(i) for i in new_ids]
             for k, f in zip(again, renewed):
                 futures[k] = f
             self._futures.add(renewed)
         return futures
 
-    def _wait_all(self, futures: list[JobFuture]) -> None:
-        """Wait until every future is done; BleroError if the queue stops first."""
-        if not futures:
-            return
+    def _wait_all(self, calls: _MapCalls) -> None:
+        """Wait until every call of a map has ended; BleroError if the queue
+        stops first."""
         d = self._dispatcher
-        left = [len(futures)]
-        lock, done = threading.Lock(), threading.Event()
-
-        def one_done(_):
-            with lock:
-                left[0] -= 1
-                if not left[0]:
-                    done.set()
-        for f in futures:
-            f.add_done_callback(one_done)
-        while not done.wait(_FUTURES_LOOK):
+        while not calls.done.wait(_FUTURES_LOOK):
             if self._dispatcher is not d or d is None:
-                raise BleroError(f"{self.path}: the queue stopped with {left[0]} "
+                raise BleroError(f"{self.path}: the queue stopped with {calls.left} "
                                  f"call(s) not ended; a later run carries on with them")
 
     def _release(self, ids: list[int]) -> None:
@@ -5428,8 +6182,8 @@ def new(path: str | os.PathLike, **settings) -> Blero:
 # job); once the map or executor is done with them, their keys are cleared,
 # and the next run computes them afresh.
 
-_CALL_KEY = "blero.call:{name}:{digest}:{n}"
-_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "connection")
+_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "after",
+                "connection")
 
 
 class _Calls:
@@ -5439,14 +6193,19 @@ class _Calls:
         self._lock = threading.Lock()
         self._seen: collections.Counter = collections.Counter()
 
-    def key(self, name: str, blob) -> str:
-        """The key of the next identical call of `name` with data `blob`."""
-        data = blob.encode() if isinstance(blob, str) else bytes(blob or b"")
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    def keys(self, name: str, blobs: list) -> list[str]:
+        """The keys of the next calls of `name` with data `blobs` (each
+        serialized), in order."""
+        digests = [hashlib.blake2b(b.encode() if isinstance(b, str) else bytes(b or b""),
+                                   digest_size=16).hexdigest() for b in blobs]
+        prefix = f"blero.call:{name}:"
+        seen = self._seen
+        keys = []
         with self._lock:
-            self._seen[name, digest] += 1
-            n = self._seen[name, digest]
-        return _CALL_KEY.format(name=name, digest=digest, n=n)
+            for digest in digests:
+                n = seen[name, digest] = seen.get((name, digest), 0) + 1
+                keys.append(f"{prefix}{digest}:{n}")
+        return keys
 
 
 def _call_args(job: Job) -> tuple[tuple, dict]:
@@ -5554,6 +6313,49 @@ class JobFuture(concurrent.futures.Future):
                           or JobFailed(self.id, row.error))
         else:
             self._deliver(exc=JobCancelled(self.id))
+
+
+class _MapCall:
+    """A call of `Task.map` waiting for its job's outcome: what `_Futures`
+    resolves, as a JobFuture, without a Future's Condition each (a map of
+    20,000 calls makes 20,000); its map's `_MapCalls` counts them down."""
+
+    __slots__ = ("id", "_cancelling", "_calls", "_result", "_exc", "_done")
+
+    def __init__(self, calls: _MapCalls, job_id: int):
+        self.id = job_id
+        self._cancelling = False
+        self._calls = calls
+        self._result = self._exc = None
+        self._done = False
+
+    _stored = JobFuture._stored
+
+    def _deliver(self, result: Any = None, exc: BaseException | None = None) -> None:
+        calls = self._calls
+        with calls.lock:
+            if self._done:
+                return
+            self._result, self._exc, self._done = result, exc, True
+            calls.left -= 1
+            if not calls.left:
+                calls.done.set()
+
+    def result(self):
+        if self._exc is not None:
+            raise self._exc
+        return self._result
+
+
+class _MapCalls:
+    """The calls of one `Task.map`, and how many have not ended."""
+
+    def __init__(self, n: int):
+        self.lock = threading.Lock()
+        self.left = n
+        self.done = threading.Event()
+        if not n:
+            self.done.set()
 
 
 class _Futures:
@@ -5725,7 +6527,8 @@ class _Futures:
 
 
 _FUTURES_LOOK = 1.0             # seconds between looks at most, while running
-_CALLS_SLICE = 500              # calls of a map stored per commit
+_CALLS_SLICE = 256              # calls of a map stored by its first commit
+_CALLS_SLICE_MAX = 8192         # and by any later one
 _FUTURES_STOPPED_LOOK = 0.25    # and on a stopped queue (its file may change)
 
 
@@ -5754,8 +6557,8 @@ class Task:
 
     def using(self, **options) -> Task:
         """A copy of this task whose jobs get these options (`delay`,
-        `run_at`, `priority`, `retries`, `timeout`, `key`, `connection`), as
-        `Blero.enqueue` takes them."""
+        `run_at`, `priority`, `retries`, `timeout`, `key`, `after`,
+        `connection`), as `Blero.enqueue` takes them."""
         copy = Task.__new__(Task)
         copy.__dict__.update(self.__dict__)
         copy._options = {**self._options, **_check_options(options)}
@@ -5801,10 +6604,12 @@ class Task:
         return their stored results without running again."""
         calls = [(args, {}) for args in zip(*iterables)]
         blero = self._blero
-        futures = blero._enqueue_calls(self.name, calls, self._options, resumable=True)
-        blero._wait_all(futures)
-        blero._release([f.id for f in futures])
-        return [f.result() for f in futures]
+        group = _MapCalls(len(calls))
+        waiting = blero._enqueue_calls(self.name, calls, self._options, resumable=True,
+                                       waiter=functools.partial(_MapCall, group))
+        blero._wait_all(group)
+        blero._release([c.id for c in waiting])
+        return [c.result() for c in waiting]
 
     def _run(self, job: Job):
         args, kwargs = _call_args(job)
@@ -5862,7 +6667,7 @@ class Executor(concurrent.futures.Executor):
             p = self._processor
         if p is None:
             p = self._blero._add_processor(self._run, frozenset([name]), self._max_workers,
-                                           task_names=[name])
+                                           task_names=[name], label="executor")
             with self._lock:
                 self._processor = p
         elif not known:
@@ -6048,6 +6853,12 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                 self._json(200, {"retried": self.server.blero.retry_failed(body.get("ids"))})
             elif path == "/api/cancel":
                 self._json(200, {"cancelled": self.server.blero.cancel(body["id"])})
+            elif path in ("/api/pause", "/api/resume"):
+                # {"name": "x"}, or {} / {"name": null} for every name
+                bl = self.server.blero
+                getattr(bl, path[5:])(body.get("name"))
+                self._json(200, {"paused": sorted(bl.paused(),
+                                                  key=lambda n: (n is not None, n or ""))})
             else:
                 self._json(404, {"error": f"no such action: {path}"})
         except (ValueError, TypeError, KeyError) as exc:
@@ -6075,6 +6886,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         none of it from this process's counters (which know only its own
         work), so any process serving a queue shows the same."""
         bl = self.server.blero
+        d = bl._dispatcher
         now = time.time()
         step, span = 10, 300
         start = (now - span) // step * step
@@ -6086,20 +6898,40 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             ended = {(at, state): n for at, state, n in storage.finished_since(start, step)}
             counts, read_only = storage.counts(), storage.read_only is not None
             schedules = storage.schedules()
+            paused, limits = storage.paused(), storage.limits()
+            by_name = storage.running_by_name() if limits else {}
+            owners = [o for o in storage.owners() if o.heartbeat_at is not None
+                      and storage.alive(o, bl._settings.lease, now)]
+            by_owner = storage.running_by_owner()
+            untaken = self.server.untaken.look(storage.untaken, bl._settings.lease)
         steps = [start + i * step for i in range(span // step + 1)]
         out = {"queue": {"path": bl.path, "read_only": read_only},
                # who answers: a process that may or may not run the queue itself
-               "served_by": {"pid": os.getpid(), "running": bl._dispatcher is not None,
+               "served_by": {"pid": os.getpid(), "running": d is not None,
                              "processors": len(bl._processors)},
                "time": now, "counts": counts,
                # jobs that ended in each `step` seconds of the last 5 minutes,
                # oldest first; the last step is still under way
                "throughput": {"step": step, "start": start,
                               "complete": [ended.get((at, "complete"), 0) for at in steps],
-                              "failed": [ended.get((at, "failed"), 0) for at in steps]}}
-        # Schedules, pauses and limits join the overview here once the queue
-        # stores them, each as a list the page renders in a section of its own.
+                              "failed": [ended.get((at, "failed"), 0) for at in steps]},
+               # every live process running the queue, as it told of itself
+               "owners": [{"id": o.id, "serving": d is not None and o.id == d.owner,
+                           "host": o.host, "pid": o.pid, "started_at": o.started_at,
+                           "last_seen": o.heartbeat_at, "running": by_owner.get(o.id, 0),
+                           "processors": None if o.processors is None else [
+                               p._asdict() for p in o.processors]}
+                          for o in sorted(owners, key=lambda o: o.started_at)],
+               # pending jobs, by name, that no live process takes
+               "untaken": untaken}
         out["schedules"] = [_schedule_json(info) for info in bl._schedule_infos(schedules)]
+        # Pauses: the names paused, sorted, null first for "everything";
+        # limits: each with how many of its jobs are in progress now.
+        out["paused"] = sorted(paused, key=lambda n: (n is not None, n or ""))
+        out["limits"] = {name: {"concurrency": concurrency,
+                                "rate": None if rate is None else list(rate),
+                                "running": by_name.get(name, 0)}
+                         for name, (concurrency, rate) in limits.items()}
         for part, found in rows.items():
             out[part] = [_job_json(bl._info(r), shorten=True) for r in found]
         return out
@@ -6172,6 +7004,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         # the names a Host header may give this server by (besides IP addresses)
         self.names = frozenset(n.lower() for n in (
             host, "localhost", socket.gethostname(), socket.getfqdn()))
+        self.untaken = _Sparingly()     # storage.untaken, as join() looks at it
 
     def handle_error(self, request, client_address):
         # a client that hangs up early is its own business: never print
@@ -6220,6 +7053,10 @@ header h1{font-size:18px;margin:0;letter-spacing:.5px} header h1 a{color:#fff}
 .badge{display:inline-block;font-size:12px;padding:1px 8px;border-radius:10px;background:#ffffff22;white-space:nowrap}
 .badge.warn{background:#f5b94a;color:#3a2600}
 #msg:empty{display:none} #msg{background:#fde8e8;color:#8a1c1c;padding:8px 20px;border-bottom:1px solid #f5c2c2}
+.note{background:#fff4dc;color:#5c3c00;border-radius:8px;padding:8px 14px;box-shadow:0 0 0 1px #f0d9a8}
+.procs{margin:0;padding:0;list-style:none} .procs li{white-space:nowrap}
+.procs code,.names code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#f1f3f6;border-radius:3px;padding:0 4px}
+.x{color:var(--muted)}
 main{padding:16px 20px;max-width:1280px;margin:0 auto;display:grid;gap:16px}
 .cards{display:grid;grid-template-columns:repeat(5,1fr);gap:12px}
 .card{background:var(--card);border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px #0001,0 0 0 1px #0000000a;
@@ -6229,11 +7066,12 @@ border-top:3px solid var(--c);cursor:pointer;color:var(--ink)}
 section{background:var(--card);border-radius:8px;padding:12px 16px;box-shadow:0 1px 2px #0001,0 0 0 1px #0000000a;min-width:0}
 h2{font-size:15px;margin:0 0 8px;display:flex;gap:8px;align-items:center;flex-wrap:wrap}
 h2 small{font-weight:normal;color:var(--muted)} h2 button{margin-left:auto}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%}
 td,th{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:baseline}
 th{font-size:12px;font-weight:600;color:var(--muted);white-space:nowrap}
+tr.has-detail td{border-bottom:0} tr.detail td{padding-top:0}
 td.num{font-variant-numeric:tabular-nums;white-space:nowrap} td.none{color:var(--muted);font-style:italic}
 td.val{max-width:18em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font:12px ui-monospace,Menlo,Consolas,monospace}
 pre{margin:0;max-height:9em;overflow:auto;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;
@@ -6262,13 +7100,16 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 @media (max-width:640px){
  header{padding:8px 12px} main{padding:10px;gap:10px} section{padding:10px}
  .cards{gap:6px} .card{padding:5px 7px} .card b{font-size:19px} .card span{font-size:11px;display:block;line-height:1.2}
- .wide{display:none} td.val{max-width:9em} td.num{white-space:normal} #chart{height:160px}}
+ .wide{display:none} td.val{max-width:9em} .procs li{white-space:normal}
+ td,th{padding:5px 5px} th{white-space:normal} td.num{white-space:normal} #chart{height:160px}}
 </style></head><body>
 <header><h1><a href="#">blero</a></h1><span id="target"></span><span id="badges"></span>
 <span id="updated"></span></header>
 <div id="msg" role="alert"></div>
 <main id="overview">
+<div class="note" id="untaken" hidden></div>
 <div class="cards" id="counts"></div>
+<section><h2>Processes <small id="n-owners"></small></h2><div class="scroll"><table id="owners"></table></div></section>
 <section><h2>Throughput <small>jobs per second, last 5 minutes, from the stored jobs</small></h2>
 <div class="legend" id="rates"></div><svg id="chart" role="img" aria-label="jobs per second"></svg></section>
 <section><h2>Running <small id="n-inprogress"></small></h2><div class="scroll"><table id="inprogress"></table></div></section>
@@ -6276,8 +7117,13 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 <section><h2>Pending <small>in the order they may run</small></h2><div class="scroll"><table id="pending"></table></div></section>
 <section><h2>Recently completed</h2><div class="scroll"><table id="completions"></table></div></section>
 </div>
-<section><h2>Schedules <small>recurring jobs, by key</small></h2>
+<section id="schedules-box" hidden><h2>Schedules <small>by when they run next</small></h2>
 <div class="scroll"><table id="schedules"></table></div></section>
+<section id="flow-box" hidden><h2>Pauses and limits <small id="all-paused"></small>
+<button type="button" id="pause-all">Pause everything</button></h2>
+<div class="scroll"><table id="flow"></table></div>
+<form class="filter" id="pause-form"><label>jobs named <input id="p-name" size="14" required></label>
+<button type="submit" id="pause-one">Pause</button></form></section>
 <section><h2>Failures <small>newest first</small><button id="retry-all">Retry all failed</button></h2>
 <div class="scroll"><table id="failures"></table></div></section>
 <section id="browse"><h2>Jobs <small>newest first</small></h2>
@@ -6352,8 +7198,9 @@ function button(label, cls, act) {
 const retry = j => button("Retry", "retry", () => post("/api/retry", {ids: [j.id]}));
 const cancel = j => button("Cancel", "cancel", () => post("/api/cancel", {id: j.id}));
 
-// columns: [heading, value(job) -> text or node, class]; the class "wide" is hidden on a phone
-function table(id, jobs, columns, action, empty) {
+// columns: [heading, value(job) -> text or node, class]; the class "wide" is hidden on a phone.
+// detail(job): a node shown in a row of its own under the job's, the whole width of the table.
+function table(id, jobs, columns, action, empty, detail) {
   const t = $(id);
   t.replaceChildren();
   const head = el("tr");
@@ -6370,6 +7217,12 @@ function table(id, jobs, columns, action, empty) {
     }
     if (action) { const td = el("td"); td.appendChild(action(j)); row.appendChild(td); }
     t.appendChild(row);
+    if (detail) {
+      row.className = "has-detail";
+      const td = el("td", undefined, {colspan: columns.length + (action ? 1 : 0)});
+      td.appendChild(detail(j));
+      t.appendChild(el("tr", undefined, {"class": "detail"})).appendChild(td);
+    }
   }
   if (!jobs.length) {
     const td = el("td", empty || "none", {"class": "none", colspan: columns.length + (action ? 1 : 0)});
@@ -6465,32 +7318,91 @@ function pending(s) {
   table("pending", s.pending, [ID, NAME, DATA, ["priority", j => j.priority, "num wide"],
         ["runs", j => runs(j, s.time), "num"]], cancel);
 }
+// the exception's own line, where the eye looks; the traceback in a row under it
 function error(j) {
-  // the exception's own line first, where the eye looks; the traceback under it
-  const box = el("div"), lines = (j.error || "").trim().split(String.fromCharCode(10));
-  box.appendChild(el("div", lines[lines.length - 1], {"class": "err"}));
-  box.appendChild(el("pre", j.error || ""));
+  const lines = (j.error || "").trim().split(String.fromCharCode(10));
+  return el("div", lines[lines.length - 1], {"class": "err"});
+}
+// A list of job names, or "any name".
+function names(list) {
+  const box = el("span", undefined, {"class": "names"});
+  if (list === null) { box.appendChild(el("span", "any name", {"class": "x"})); return box; }
+  list.forEach((n, i) => { if (i) box.append(" "); box.appendChild(el("code", n)); });
   return box;
+}
+function processors(o) {
+  if (o.processors === null) return el("span", "not told (an older blero.py)", {"class": "x"});
+  if (!o.processors.length) return el("span", "none", {"class": "x"});
+  const ul = el("ul", undefined, {"class": "procs"});
+  for (const p of o.processors) {
+    const li = el("li"); li.appendChild(el("code", p.name));
+    li.append(" " + String.fromCharCode(215) + p.concurrency + " ");
+    li.appendChild(el("span", "takes ", {"class": "x"})); li.appendChild(names(p.names));
+    ul.appendChild(li);
+  }
+  return ul;
+}
+function owners(s) {
+  $("n-owners").textContent = s.owners.length ? s.owners.length + " live, running the queue"
+                                              : "no process is running the queue now";
+  const here = o => o.serving ? " (serving this page)" : "";
+  table("owners", s.owners, [["host", o => o.host === null ? "?" : o.host], ["pid", o => o.pid + here(o), "num"],
+        ["processors", processors], ["running", o => o.running, "num"],
+        ["started", o => when(o.started_at), "num wide"], ["last seen", o => when(o.last_seen), "num wide"]],
+        null, "none");
+}
+function schedules(s) {
+  $("schedules-box").hidden = !("schedules" in s);
+  if (!("schedules" in s)) return;
+  const sorted = s.schedules.slice().sort((a, b) => a.next_due - b.next_due);
+  table("schedules", sorted, [["key", j => j.key], NAME,
+        ["runs", j => j.cron !== null ? j.cron + (j.tz ? " (" + j.tz + ")" : "") : "every " + span(j.interval)],
+        ["next", j => runs({run_at: j.next_due}, s.time), "num"],
+        ["last run", j => j.job_id === null ? "none yet" : jobLink(j.job_id), "num wide"]], null, "no schedules");
+}
+// Pauses and limits, by job name; null in s.paused: everything is paused.
+function flow(s) {
+  const shown = "paused" in s || "limits" in s;
+  $("flow-box").hidden = !shown;
+  if (!shown) return;
+  const paused = s.paused || [], limits = s.limits || {}, all = paused.includes(null);
+  const names = [...new Set([...paused.filter(n => n !== null), ...Object.keys(limits)])].sort();
+  const rows = names.map(n => ({id: n, name: n, paused: paused.includes(n), limit: limits[n] || {}}));
+  $("all-paused").textContent = all ? "everything is paused" : "";
+  const whole = $("pause-all");
+  whole.textContent = all ? "Resume everything" : "Pause everything";
+  whole.disabled = readOnly() || !("paused" in s);
+  whole.onclick = () => post(all ? "/api/resume" : "/api/pause", {name: null});
+  $("pause-one").disabled = readOnly() || !("paused" in s);
+  const toggle = r => r.paused ? button("Resume", "retry", () => post("/api/resume", {name: r.name}))
+                               : button("Pause", "cancel", () => post("/api/pause", {name: r.name}));
+  table("flow", rows, [NAME, ["state", r => r.paused ? "paused" : ""],
+        ["in progress", r => r.limit.running == null ? "" : r.limit.running, "num wide"],
+        ["max at once", r => r.limit.concurrency == null ? "" : r.limit.concurrency, "num"],
+        ["max rate", r => r.limit.rate == null ? "" : r.limit.rate[0] + " per " + span(r.limit.rate[1]), "num"]],
+        "paused" in s ? toggle : null, "no job name is paused or limited");
+}
+function untaken(s) {
+  const box = $("untaken"), found = Object.keys(s.untaken).sort();
+  box.hidden = !found.length;
+  box.textContent = "jobs waiting for a processor: " + found.map(n => n + " (" + s.untaken[n] + ")").join(", ");
+  box.title = "no live process takes jobs of these names: a typo in a name, or a worker that is not running";
 }
 function failures(s) {
   $("retry-all").disabled = readOnly() || !s.counts.failed;
   table("failures", s.failures, [ID, NAME, ["tries", j => j.attempt, "num wide"],
-        ["failed", j => when(j.finished_at), "num"], ["error", error]], retry);
+        ["failed", j => when(j.finished_at), "num"], ["error", error]], retry, undefined,
+        j => el("pre", j.error || ""));
 }
 function completions(s) {
   table("completions", s.completions, [ID, NAME, ["result", j => j.result, "val"],
         ["took", j => j.started_at ? span(j.finished_at - j.started_at) : "", "num wide"],
         ["finished", j => when(j.finished_at), "num"]]);
 }
-function schedules(s) {
-  table("schedules", s.schedules, [["key", c => c.key], NAME,
-        ["when", c => c.cron === null ? "every " + span(c.interval) : c.cron + " " + (c.tz || "local time")],
-        ["next", c => c.next_due <= s.time ? "due now" : when(c.next_due) + " (in " + span(c.next_due - s.time) + ")", "num"],
-        ["last run", c => c.job_id === null ? "" : jobLink(c.job_id), "num"]], null, "no schedules");
-}
-// The overview, one renderer per section.  Pauses (with their Pause/Resume
-// buttons) and limits add theirs here once the queue stores them.
-const SECTIONS = [header, counts, chart, running, pending, schedules, failures, completions];
+// The overview, one renderer per section; a section whose part /api/stats
+// does not give stays hidden.
+const SECTIONS = [header, untaken, counts, owners, chart, running, pending, failures, completions,
+                  schedules, flow];
 
 function jobs() {
   const q = new URLSearchParams({order: "desc", limit: PAGE});
@@ -6567,6 +7479,10 @@ $("f-name").oninput = filter; $("f-state").onchange = filter;
 $("older").onclick = () => { browse.pages.push(browse.rows[browse.rows.length - 1].id); jobs(); };
 $("newer").onclick = () => { browse.pages.pop(); jobs(); };
 $("retry-all").onclick = () => post("/api/retry", {});
+$("pause-form").onsubmit = e => {
+  e.preventDefault(); const name = $("p-name").value.trim();
+  if (name) post("/api/pause", {name: name}).then(() => { $("p-name").value = ""; });
+};
 window.onhashchange = () => { window.scrollTo(0, 0); refresh(); };
 window.onresize = () => { if (last && route() === null) chart(last); };
 refresh();
@@ -6800,6 +7716,7 @@ _cli_limit = _cli_type(lambda text: None if text == "all" else _integer("--limit
                        "a number of jobs (0 or more) or all")
 _cli_processors = _cli_type(lambda text: _integer("-n", int(text), least=1),
                             "a number of processors (1 or more)")
+_cli_name = _cli_type(lambda text: _flow_name(text) or text, "a job name (not empty)")
 
 
 def _why_not(bl: Blero, job_id: int, wanted: str) -> str:
@@ -6831,6 +7748,10 @@ def _serve(args) -> int:
         signal.signal(signal.SIGTERM, previous)
         server.close()
     return 0
+
+
+def _paused_text(paused: set) -> str:
+    return ", ".join(["everything"] * (None in paused) + sorted(n for n in paused if n))
 
 
 def _vacuum(path: str) -> str:
@@ -6899,6 +7820,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="only jobs that finished at least this long ago (default 0)")
     p.add_argument("--state", action="append", choices=("complete", "failed", "cancelled"),
                    help="state to sweep (repeatable; default complete)")
+    for name, what in (("pause", "start no more jobs (of one name, or none at all), in any process"),
+                       ("resume", "start jobs again (of one name, or every name)")):
+        p = queue_command(name, what)
+        p.add_argument("--name", type=_cli_name,
+                       help="only jobs of this name (default: every name)")
     queue_command("vacuum", "give the file's free space back (files of older blero too)")
     p = queue_command("serve", "serve the live dashboard and /metrics for a queue file")
     p.add_argument("--port", type=_cli_port, default=0, help="port (default: any free one)")
@@ -6942,6 +7868,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.command == "sweep":
             print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")
+        elif args.command in ("pause", "resume"):
+            getattr(bl, args.command)(args.name)
+            what = "every job" if args.name is None else f"jobs named {args.name!r}"
+            print(f"{what} {args.command}d" + ("" if args.command == "resume" else
+                  f" (paused now: {_paused_text(bl.paused())})"))
         elif args.command == "vacuum":
             print(_vacuum(bl.path))
     except BleroError as exc:
