@@ -8958,19 +8958,7 @@ class ProgressCronUpgradeTest(ProcessTest):
     cannot be."""
 
     def v2_file(self):
-        old = os.path.join(self.dir, "v2")
-        os.mkdir(old)
-        try:
-            source = subprocess.run(["git", "-C", HERE, "show", f"{V2_COMMIT}:blero.py"],
-                                    capture_output=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            self.skipTest(f"needs git and commit {V2_COMMIT}, whose blero.py writes v2 files")
-        with open(os.path.join(old, "blero.py"), "wb") as f:
-            f.write(source)
-        made = subprocess.run([sys.executable, "-c", V2_SCHEDULE_CHILD, self.path], cwd=old,
-                              env=dict(os.environ, PYTHONPATH=old), capture_output=True,
-                              text=True, timeout=60)
-        self.assertEqual(made.returncode, 0, made.stderr)
+        with_old_blero(self, V2_COMMIT, V2_SCHEDULE_CHILD, self.path)
         self.assertEqual(UpgradeTest.layout(self, self.path), (2, 2))
 
     def check(self, q):
