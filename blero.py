@@ -7102,7 +7102,7 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
  header{padding:8px 12px} main{padding:10px;gap:10px} section{padding:10px}
  .cards{gap:6px} .card{padding:5px 7px} .card b{font-size:19px} .card span{font-size:11px;display:block;line-height:1.2}
  .wide{display:none} td.val{max-width:9em} .procs li{white-space:normal}
- td,th{padding:5px 5px} th{white-space:normal} td.num{white-space:normal} #chart{height:160px}}
+ td,th{padding:5px 5px} th{white-space:normal} .bar{width:48px} td.num{white-space:normal} #chart{height:160px}}
 </style></head><body>
 <header><h1><a href="#">blero</a></h1><span id="target"></span><span id="badges"></span>
 <span id="updated"></span></header>
@@ -7189,7 +7189,8 @@ function progress(p) {
   if (typeof p === "number" && p >= 0 && p <= 1) {
     const bar = el("span", undefined, {"class": "bar", title: Math.round(p * 100) + "%"});
     bar.appendChild(el("i", undefined, {style: "width:" + (p * 100).toFixed(1) + "%"}));
-    const box = el("span"); box.append(bar, " " + Math.round(p * 100) + "%"); return box;
+    const box = el("span", undefined, {style: "white-space:nowrap"});
+    box.append(bar, " " + Math.round(p * 100) + "%"); return box;
   }
   return p === null || p === undefined ? "" : (typeof p === "string" ? p : JSON.stringify(p));
 }
