@@ -275,7 +275,8 @@ class JobInfo(NamedTuple):
 
     Times are epoch seconds; `run_at` is when the job may next run, and
     `started_at`/`finished_at` are None until then.  `error` is the text of
-    the last failure, with its traceback.
+    the last failure, with its traceback.  `after` holds the ids of the
+    jobs it waits on (`enqueue(after=...)`), in the order given.
     """
 
     id: int
@@ -292,6 +293,7 @@ class JobInfo(NamedTuple):
     run_at: float
     started_at: float | None
     finished_at: float | None
+    after: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -303,16 +305,18 @@ class JobInfo(NamedTuple):
 # READY jobs by (priority, id) for "next job", DELAYED ones (waiting for a time,
 # or to retry) by run_at, SUSPECT ones (handed back because their process
 # died, so perhaps what killed it: run alone, see _CrashGuard) by (priority,
-# id), RUNNING ones by the owner that claimed them.  The finished ones are
+# id), RUNNING ones by the owner that claimed them, WAITING ones (on the jobs
+# their `after=` names, listed in blero_deps) by id.  The finished ones are
 # only in an index by finish time, for sweeping and for the dashboard's
 # throughput, so keeping millions of them slows no claim.
 
 _READY, _DELAYED, _RUNNING, _COMPLETE, _FAILED, _CANCELLED, _SWEPT = range(7)
 _SUSPECT = -1       # below READY, so that "state >= 3" still means finished
-_STATE_NAME = {_SUSPECT: "pending", _READY: "pending", _DELAYED: "pending",
+_WAITING = -2       # on its `after=` jobs; below the rest, so "state < 3" still means not ended
+_STATE_NAME = {_WAITING: "pending", _SUSPECT: "pending", _READY: "pending", _DELAYED: "pending",
                _RUNNING: "inprogress", _COMPLETE: "complete", _FAILED: "failed",
                _CANCELLED: "cancelled"}
-_STATE_CODES = {"pending": (_SUSPECT, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
+_STATE_CODES = {"pending": (_WAITING, _DELAYED), "inprogress": (_RUNNING, _RUNNING),
                 "complete": (_COMPLETE, _COMPLETE), "failed": (_FAILED, _FAILED),
                 "cancelled": (_CANCELLED, _CANCELLED)}
 
@@ -373,6 +377,22 @@ class _Finish(NamedTuple):
 _Stored = collections.namedtuple("_Stored", JobInfo._fields)
 
 
+class _Claimed(NamedTuple):
+    """What `finish_and_claim` did, in one transaction."""
+
+    recorded: bool                      # the finished try was recorded
+    claim: _Claim | None                # the job claimed, if any
+    suspects_left: frozenset | None     # a suspect sought, none found: the names left
+    # Names of jobs the finish made ready (their last `after=` job completed),
+    # and, while pauses or limits are stored, the finished job's own name (a
+    # slot of its limit came free): idle workers that take them look again.
+    wake: tuple[str, ...] = ()
+    delayed: float | None = None        # when the first job it made ready but delayed is due
+    held: bool = False                  # pauses or limits are stored
+    due: float | None = None            # when a rate limit lets one more job start
+    cancelled: int = 0                  # jobs cancelled down the chain of a failed one
+
+
 class _Ended(NamedTuple):
     """What `wait` reads of a job until it ends (`_OUTCOME`'s columns)."""
 
@@ -422,6 +442,20 @@ class _DueSchedule(NamedTuple):
 _SWEEP_START = (-math.inf, 0)   # where a sweep starts: the (finished_at, id) seen last
 
 
+def _chain_error(dep: int, how: str) -> str:
+    """The error of a job cancelled because job `dep`, which it waits on, ended `how`."""
+    return f"cancelled: job {dep}, which it waits on (after=), ended {how}"
+
+
+def _rate_window(per: float) -> float:
+    """How long a rate limit of n starts per `per` seconds counts each start:
+    a little longer than `per` (10%, at most 0.1 s), because a try begins a
+    moment after its claim (after the commit; on a server, a round trip
+    later): so the limit holds by the processors' own clocks too, not only
+    by the claims', unless one try begins over 0.1 s later than another."""
+    return per + min(0.1, per / 10)
+
+
 class _Storage:
     """Where the jobs live: the interface the dispatcher and `Blero` use, in
     their words, with named tuples in and out.  One subclass per engine
@@ -461,28 +495,37 @@ class _Storage:
         calls raise BleroError ("the queue is stopped")."""
         raise NotImplementedError
 
-    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+    def insert(self, rows: list[_NewJob], connection=None,
+               after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         """Store new jobs; return their ids, and for each whether it was
         stored: a job whose key is already stored stores nothing and gets
-        that job's id.  With `connection` (the caller's own, on the same
-        database: else ValueError), write them in the caller's open
-        transaction, committing nothing: they exist once the caller commits."""
+        that job's id.  `after`, if given, holds for each row the ids of the
+        jobs it waits on (most often none).  A job with some waits until those jobs are all
+        complete (one swept counts as complete), and is cancelled at once if
+        one of them ended failed or cancelled; an id never given raises
+        ValueError, and then nothing is stored.  With `connection` (the
+        caller's own, on the same database: else ValueError), write them in
+        the caller's open transaction, committing nothing: they exist once
+        the caller commits."""
         raise NotImplementedError
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()
-                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+                         exclude: frozenset = frozenset()) -> _Claimed:
         """In one transaction, record a finished try and claim the next ready
         job (or, with `suspect`, the next suspect) this worker accepts: one
-        of `names`, or with None any name but those in `exclude`.
-        Returns (whether the finish was recorded, the claim or None, and when
-        a suspect was sought and none found, the names of the suspects left)."""
+        of `names`, or with None any name but those in `exclude`.  A finish
+        that completes a job makes ready its dependants whose `after` jobs
+        are all complete now; one that ends it failed cancels its
+        dependants, and theirs, down the chain.  The claim obeys the pauses
+        and limits stored, checked in the same transaction: it never takes
+        a job of a paused name, nor one over a limit, not even for an
+        instant, whatever other processes claim meanwhile."""
         raise NotImplementedError
 
     def record(self, finish: _Finish) -> bool:
         """Record the end of one try; False if its claim no longer holds."""
-        return self.finish_and_claim(finish, 0, None, False)[0]
+        return self.finish_and_claim(finish, 0, None, False).recorded
 
     def suspect_names(self) -> frozenset:
         """The names of the suspect jobs (see _CrashGuard)."""
@@ -586,10 +629,11 @@ class _Storage:
         not wait for the next poll; engines that only poll ignore it."""
 
     def cancel(self, job_id: int, now: float,
-               pending_only: bool = False) -> tuple[int, int | None] | None:
+               pending_only: bool = False) -> tuple[int, int | None, int] | None:
         """Cancel a pending or running job (only a pending one with
-        `pending_only`); return its (state, owner) before, or None if it had
-        already ended (or started) or does not exist."""
+        `pending_only`), and its dependants down the chain; return its
+        (state, owner) before and how many dependants were cancelled, or
+        None if it had already ended (or started) or does not exist."""
         raise NotImplementedError
 
     def clear_keys(self, ids: list[int]) -> None:
@@ -647,6 +691,38 @@ class _Storage:
         names, when to look next)."""
         raise NotImplementedError
 
+    def set_paused(self, name: str | None, paused: bool) -> None:
+        """Pause or resume jobs of `name` (None: every name; resuming None
+        resumes every name)."""
+        raise NotImplementedError
+
+    def paused(self) -> set[str | None]:
+        """The names paused (None: every name is)."""
+        raise NotImplementedError
+
+    def set_limit(self, name: str, concurrency: int | None,
+                  rate: tuple[int, float] | None) -> None:
+        """Store the limit of jobs named `name` (neither: remove it)."""
+        raise NotImplementedError
+
+    def limits(self) -> dict[str, tuple[int | None, tuple[int, float] | None]]:
+        """Every limit stored: name -> (concurrency, rate)."""
+        raise NotImplementedError
+
+    def claims_settled(self) -> None:
+        """Return once every claim begun before a pause or limit change that
+        returned has been committed (or given up)."""
+        raise NotImplementedError
+
+    def running_by_name(self) -> dict[str, int]:
+        """How many jobs of each name are in progress."""
+        raise NotImplementedError
+
+    def last_claim(self, name: str | None) -> float | None:
+        """When the newest try of `name` (None: any) still in progress was
+        claimed, or None."""
+        raise NotImplementedError
+
     def get(self, job_id: int) -> _Stored | None:
         """A stored job, or None."""
         raise NotImplementedError
@@ -688,7 +764,7 @@ class _Storage:
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 2            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 3            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -696,6 +772,38 @@ _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes 
 _OWNERS_TAKES = "ALTER TABLE blero_owners ADD COLUMN takes TEXT"
 _SUSPECT_INDEX = ("CREATE INDEX blero_jobs_suspect ON blero_jobs (priority DESC, id)"
                   " WHERE state = -1")
+# New in schema 3 (see _schema_3): what `after=`, pauses and limits store.
+# blero_jobs.dependants is 1 once a job was named in another's `after=`
+# while it had not ended: the finish of a job reads it (on a server, its
+# latest version, after waiting for the enqueue that set it), and so never
+# misses a dependant enqueued at the same moment.
+_DEPENDANTS_COLUMN = "ALTER TABLE blero_jobs ADD COLUMN dependants INTEGER NOT NULL DEFAULT 0"
+# blero_deps: one row per (job, job it waits on), `seq` its place in the list; kept
+# until the job itself is swept (JobInfo.after shows them).  blero_controls:
+# one row per name paused or limited ('' : every name, paused), none when
+# nothing is, so a claim tells "nothing held" from one look at an empty
+# table.  blero_starts: when each recent try of a rate-limited name began.
+_FLOW_SCHEMA = """
+CREATE TABLE blero_deps (
+    job_id       INTEGER NOT NULL,
+    seq          INTEGER NOT NULL,
+    dep_id       INTEGER NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX blero_deps_dep ON blero_deps (dep_id);
+CREATE INDEX blero_jobs_waiting ON blero_jobs (id) WHERE state = -2;
+CREATE TABLE blero_controls (
+    name         TEXT PRIMARY KEY,
+    paused       INTEGER NOT NULL DEFAULT 0,
+    concurrency  INTEGER,
+    rate         INTEGER,
+    per          REAL
+);
+CREATE TABLE blero_starts (
+    name         TEXT NOT NULL,
+    began        REAL NOT NULL
+);
+CREATE INDEX blero_starts_name ON blero_starts (name, began)"""
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -714,7 +822,8 @@ CREATE TABLE blero_jobs (
     started_at   REAL,
     finished_at  REAL,
     result       BLOB,
-    error        TEXT
+    error        TEXT,
+    dependants   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX blero_jobs_ready ON blero_jobs (priority DESC, id) WHERE state = 0;
 CREATE INDEX blero_jobs_delayed ON blero_jobs (run_at) WHERE state = 1;
@@ -740,7 +849,7 @@ CREATE TABLE blero_schedules (
     timeout      REAL,
     job_id       INTEGER
 );
-"""
+""" + _FLOW_SCHEMA + ";"
 # blero_owners.takes: the job names the owner's processors take, a JSON array
 # (NULL: any name), kept up to date as processors come and go.
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
@@ -752,8 +861,12 @@ _FIND_KEY = "SELECT id FROM blero_jobs WHERE key = ?"
 _FIND_KEYS = "SELECT key, id FROM blero_jobs WHERE key IN ({keys})"
 _LAST_ID = "SELECT last_insert_rowid()"
 _JOB_COLUMNS = ", ".join(_Claim._fields)
-_NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}"   # READY or SUSPECT
+_NEXT_READY = ("SELECT id FROM blero_jobs WHERE state = {state}{names}{held}"   # READY or SUSPECT
                " ORDER BY priority DESC, id LIMIT 1")
+# The claim's first look takes a job only while nothing is paused or limited
+# (one probe of an empty table, made once per statement); else the claim
+# looks at what is held (_claim_held) and leaves out the names it must.
+_NOTHING_HELD = " AND NOT EXISTS (SELECT 1 FROM blero_controls)"
 # A claim is made only while its owner is registered: a claim still under
 # way when its queue stopped (and dropped its owner) then claims nothing.
 _CLAIM_RETURNING = ("UPDATE blero_jobs SET state = 2, owner = ?, attempt = attempt + 1,"
@@ -785,7 +898,7 @@ _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
 _SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
-           " WHERE id = ? AND state BETWEEN -1 AND ?")     # 2: running ones too
+           " WHERE id = ? AND state BETWEEN -2 AND ?")     # 2: running ones too
 _CLEAR_KEYS = "UPDATE blero_jobs SET key = NULL WHERE id BETWEEN ? AND ?"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
@@ -806,7 +919,10 @@ _SWEEP = ("DELETE FROM blero_jobs WHERE id = ? AND id < ?"
 _TOMBSTONE = ("UPDATE blero_jobs SET state = 6, name = '', data = NULL, result = NULL,"
               " error = NULL, key = NULL WHERE id = ? AND state IN ({states})"
               " AND finished_at <= ?")
-_INFO_COLUMNS = ", ".join(_Stored._fields)
+# JobInfo.after is no column: the ids a job waits on, "3,5", from blero_deps
+# (in `seq` order: the order of its primary key).
+_AFTER_IDS = "(SELECT group_concat(dep_id) FROM blero_deps d WHERE d.job_id = blero_jobs.id)"
+_INFO_COLUMNS = ", ".join(_AFTER_IDS if f == "after" else f for f in _Stored._fields)
 _GET = "SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOME = f"SELECT {', '.join(_Ended._fields)} FROM blero_jobs WHERE id = ? AND state < 6"
 _OUTCOMES = (f"SELECT id, {', '.join(_Ended._fields)} FROM blero_jobs"
@@ -815,11 +931,13 @@ _IDS_SLICE = 500        # ids a statement names at most (SQLite allows 999 param
 _LIST = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN ? AND ?"
          " AND (CAST(? AS TEXT) IS NULL OR name = ?) AND id {beyond} ? ORDER BY id {order} LIMIT ?")
 # Ready (and suspect) jobs may run now, in claim order; delayed ones at run_at.
-_PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -1 AND 1"
-                         " ORDER BY CASE state WHEN 1 THEN run_at ELSE 0 END, priority DESC, id"
+# Those waiting on other jobs come last.
+_PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE state BETWEEN -2 AND 1"
+                         " ORDER BY CASE state WHEN 1 THEN run_at WHEN -2 THEN 1e308 ELSE 0 END,"
+                         " priority DESC, id"
                          " LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM blero_jobs GROUP BY state"
-_PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -1 AND 1"
+_PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -2 AND 1"
                     " GROUP BY name")
 _FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, state, count(*) FROM blero_jobs"
                    " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1, 2")
@@ -830,7 +948,8 @@ _OUTSTANDING = (
     " EXISTS (SELECT 1 FROM blero_jobs WHERE state = 0 AND id NOT IN (SELECT job_id FROM runs))"
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -1 AND id NOT IN (SELECT job_id FROM runs))"
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 1 AND id NOT IN (SELECT job_id FROM runs))"
-    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN (SELECT job_id FROM runs))")
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = 2 AND id NOT IN (SELECT job_id FROM runs))"
+    " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -2 AND id NOT IN (SELECT job_id FROM runs))")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
 _HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes)"
@@ -857,6 +976,69 @@ _DUE_SCHEDULES = (
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
+# -- after=: a job waits (state -2) until the jobs it names are complete --
+_ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
+# A finish that completes a job with dependants marks it (see _watch_completions).
+_WATCH_COMPLETIONS = (
+    "CREATE TEMP TABLE blero_completed (id INTEGER)",
+    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF state ON blero_jobs"
+    " WHEN new.state = 3 AND old.state = 2 AND new.dependants"
+    " BEGIN INSERT INTO blero_completed (id) VALUES (new.id); END")
+_CLEAR_COMPLETED = "DELETE FROM temp.blero_completed"
+# Where no trigger can mark it (a server's engine), the finish tells itself.
+_FINISH_RETURNING = _FINISH + " RETURNING dependants"
+# A job named in `after=` is marked first (on a server: waiting for a finish
+# of it under way), then its state read afresh.
+_MARK_DEPENDED_ON = "UPDATE blero_jobs SET dependants = 1 WHERE id = ? AND state < 3"
+# The jobs waiting on this one (locked, on a server: two of their `after`
+# jobs completing at once are then looked at one after the other) ...
+_WAITING_ON = ("SELECT j.id FROM blero_deps d JOIN blero_jobs j ON j.id = d.job_id"
+               " WHERE d.dep_id = ? AND j.state = -2{lock}")
+# ... and, in a statement of its own (which sees what was committed before
+# the lock was had), those whose every `after` job is complete now (a swept
+# one, gone or a tombstone, was complete: only ended jobs are swept).
+_RELEASABLE = ("SELECT j.id, j.name, j.run_at FROM blero_jobs j WHERE j.id IN ({ids})"
+               " AND j.state = -2 AND NOT EXISTS (SELECT 1 FROM blero_deps e"
+               " JOIN blero_jobs k ON k.id = e.dep_id WHERE e.job_id = j.id AND k.state < 3)")
+_RELEASE = "UPDATE blero_jobs SET state = ? WHERE id = ? AND state = -2"
+# Every job waiting on this one, directly or down a chain, each with the
+# job it waits on that ends it (all of them end cancelled, the first failed).
+_DOWN_THE_CHAIN = (
+    "WITH RECURSIVE down(id, dep) AS (SELECT job_id, dep_id FROM blero_deps WHERE dep_id = ?"
+    " UNION SELECT d.job_id, d.dep_id FROM blero_deps d JOIN down ON d.dep_id = down.id)"
+    " SELECT down.id, min(down.dep) FROM down JOIN blero_jobs j ON j.id = down.id"
+    " WHERE j.state = -2 GROUP BY down.id")
+_CANCEL_WAITING = ("UPDATE blero_jobs SET state = 5, finished_at = ?, error = ?"
+                   " WHERE id = ? AND state = -2")
+_ANY_DEPS = "SELECT EXISTS (SELECT 1 FROM blero_deps)"
+# A swept job's own list goes with it (the lists naming it stay: JobInfo.after).
+_SWEEP_DEPS = ("DELETE FROM blero_deps WHERE job_id = ?"
+               " AND NOT EXISTS (SELECT 1 FROM blero_jobs WHERE id = ? AND state < 6)")
+# -- pauses and limits ------------------------------------------------------
+_CONTROLS = "SELECT name, paused, concurrency, rate, per FROM blero_controls"
+_PAUSE = ("INSERT INTO blero_controls (name, paused) VALUES (?, 1)"
+          " ON CONFLICT (name) DO UPDATE SET paused = 1")
+_RESUME = "UPDATE blero_controls SET paused = 0 WHERE name = ?"
+_RESUME_ALL = "UPDATE blero_controls SET paused = 0"
+_SET_LIMIT = ("INSERT INTO blero_controls (name, concurrency, rate, per) VALUES (?, ?, ?, ?)"
+              " ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency,"
+              " rate = excluded.rate, per = excluded.per")
+_DROP_IDLE_CONTROLS = ("DELETE FROM blero_controls"
+                       " WHERE paused = 0 AND concurrency IS NULL AND rate IS NULL")
+_PAUSED = "SELECT name FROM blero_controls WHERE paused = 1"
+_LIMITS = ("SELECT name, concurrency, rate, per FROM blero_controls"
+           " WHERE concurrency IS NOT NULL OR rate IS NOT NULL ORDER BY name")
+# (by the running jobs' index: a few rows, one per worker at most)
+_RUNNING_NAMED = "SELECT count(*) FROM blero_jobs WHERE state = 2 AND name = ?"
+_RUNNING_BY_NAME = "SELECT name, count(*) FROM blero_jobs WHERE state = 2 GROUP BY name"
+_LAST_CLAIM = ("SELECT max(started_at) FROM blero_jobs WHERE state = 2"
+               " AND (? OR name = ?)")
+_STARTS_SINCE = "SELECT count(*) FROM blero_starts WHERE name = ? AND began > ?"
+_NTH_START = ("SELECT began FROM blero_starts WHERE name = ? AND began > ? ORDER BY began"
+              " LIMIT 1 OFFSET ?")
+_ADD_START = "INSERT INTO blero_starts (name, began) VALUES (?, ?)"
+_PRUNE_STARTS = "DELETE FROM blero_starts WHERE name = ? AND began <= ?"
+_DROP_STARTS = "DELETE FROM blero_starts WHERE name = ?"
 # Free pages go back one per statement: Pythons differ in whether they step
 # an incremental_vacuum on past its first page.
 _FREE_PAGES = "PRAGMA freelist_count"
@@ -892,7 +1074,13 @@ def _schema_2(db: sqlite3.Connection) -> None:
     db.execute(_SUSPECT_INDEX)
 
 
-_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2,)
+def _schema_3(db: sqlite3.Connection) -> None:
+    """2 -> 3: what `after=`, pauses and limits store (_FLOW_SCHEMA)."""
+    for statement in (_DEPENDANTS_COLUMN + ";" + _FLOW_SCHEMA).split(";"):
+        db.execute(statement)
+
+
+_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -906,7 +1094,17 @@ def _schema_2_views(db: sqlite3.Connection) -> None:
         db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT *{more} FROM main.{table}")
 
 
-_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,)
+def _schema_3_views(db: sqlite3.Connection) -> None:
+    """2 as 3: nothing waits on other jobs, nothing is paused or limited."""
+    for table, columns in (("deps", "0 AS job_id, 0 AS seq, 0 AS dep_id"),
+                           ("controls", "'' AS name, 0 AS paused, NULL AS concurrency,"
+                                        " NULL AS rate, NULL AS per"),
+                           ("starts", "'' AS name, 0.0 AS began")):
+        db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT {columns} WHERE 0")
+
+
+_READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
+                                                                      _schema_3_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -1099,6 +1297,11 @@ class _SQLiteStorage(_Storage):
     in a circle.
     """
 
+    _last_given = _MAX_ID    # the newest id given (kept as a tombstone once swept)
+    _lock_rows = ""          # no row locks: a transaction holds the file's one write lock
+    _nothing_held = _NOTHING_HELD
+    _held_lock = _change_lock = None    # (see _PostgresStorage)
+
     def __init__(self, path: str, sync: str = "normal", real: str | None = None):
         self.path = path    # as given: what messages name
         # Every file operation uses the real path resolved here, once (or
@@ -1124,7 +1327,8 @@ class _SQLiteStorage(_Storage):
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
-        self._claim_sql: dict[tuple[int, bool, int], tuple[str, str]] = {}
+        self._watching = True     # completions are marked by a trigger (_watch_completions)
+        self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
     _no_limit = -1      # LIMIT's "none"
@@ -1179,6 +1383,7 @@ class _SQLiteStorage(_Storage):
                 made = True
                 os.chmod(real, 0o600)   # while still empty; -wal and -shm take its mode
             self._init(version)
+            self._watch_completions()
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
@@ -1366,6 +1571,16 @@ class _SQLiteStorage(_Storage):
                             "%s%s", self.path, exc, self._space_hint(exc))
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
+
+    def _watch_completions(self) -> None:
+        """Mark, on the write connection alone (a TEMP trigger, in memory,
+        never in the file), each completion of a job that others wait on:
+        a finish then tells by the connection's change count whether it has
+        dependants to make ready, at no cost to the finishes that have none
+        (a RETURNING would cost every finish a few microseconds)."""
+        self._db.execute("PRAGMA temp_store = MEMORY")
+        for statement in _WATCH_COMPLETIONS:
+            self._db.execute(statement)
 
     def _upgrade(self, version: int) -> None:
         """Bring a file of schema `version` up to date, in one transaction;
@@ -1681,16 +1896,17 @@ class _SQLiteStorage(_Storage):
 
     # -- enqueueing ------------------------------------------------------------
 
-    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+    def insert(self, rows: list[_NewJob], connection=None,
+               after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         if connection is None:
-            return self._write(self._insert, rows)
+            return self._write(self._insert, rows, after)
         self.same_database(connection)
         if not connection.in_transaction:   # (sqlite3 begins one only before its own DML)
             connection.execute("BEGIN")
         # A savepoint: enqueue_many is all or nothing, inside the caller's transaction.
         connection.execute("SAVEPOINT blero_enqueue")
         try:
-            found = self._insert(connection, rows)
+            found = self._insert(connection, rows, after)
         except BaseException:
             connection.execute("ROLLBACK TO blero_enqueue")
             raise
@@ -1713,8 +1929,10 @@ class _SQLiteStorage(_Storage):
             raise ValueError(f"connection is open on {files[0] if files and files[0] else 'another database'!r}, "
                              f"not on the queue file {self.path}")
 
-    @staticmethod
-    def _insert(db, rows):
+    @classmethod
+    def _insert(cls, db, rows, after=None):
+        if after is not None:
+            return cls._insert_each(db, rows, after)
         if len(rows) == 1 and rows[0].key is None:
             return [db.execute(_INSERT, rows[0]).lastrowid], [True]
         # The keys already stored, looked up a slice at a time; then every
@@ -1756,51 +1974,202 @@ class _SQLiteStorage(_Storage):
         flush()
         return ids, stored
 
+    @classmethod
+    def _insert_each(cls, db, rows, after):
+        """Store jobs one by one, those with ids in `after` as _insert_after
+        says; an id never given raises ValueError before anything is stored
+        (on a server, before any id is used up)."""
+        highest = max((dep for deps in after for dep in deps), default=0)
+        if highest > (db.execute(cls._last_given).fetchall()[0][0] or 0):
+            raise ValueError(f"after: there is no job {highest}")   # (every lower id was given)
+        ids: list[int] = []
+        stored: list[bool] = []
+        for row, deps in zip(rows, after):
+            found = row.key is not None and db.execute(_FIND_KEY, (row.key,)).fetchall()
+            if found:
+                ids.append(found[0][0])
+            elif deps:
+                ids.append(cls._insert_after(db, row, deps))
+            else:
+                ids.append(db.execute(_INSERT, row).lastrowid)
+            stored.append(not found)
+        return ids, stored
+
+    @staticmethod
+    def _insert_after(db, row, after):
+        """Store a job that waits on the jobs `after` names: waiting, unless
+        every one is complete; cancelled at once if one ended otherwise."""
+        waits, ended = False, None
+        for dep in after:   # (each was given: see _insert_each; gone: swept once ended)
+            db.execute(_MARK_DEPENDED_ON, (dep,))
+            found = db.execute(_STATE_OF, (dep,)).fetchall()
+            state = found[0][0] if found else _SWEPT
+            if state == _SWEPT:
+                continue
+            if state < _COMPLETE:
+                waits = True
+            elif state != _COMPLETE and ended is None:
+                ended = (dep, _STATE_NAME[state])
+        if waits or ended:
+            row = row._replace(state=_WAITING)
+        job_id = db.execute(_INSERT, row).lastrowid
+        db.executemany(_ADD_DEP, [(job_id, seq, dep) for seq, dep in enumerate(after)])
+        if ended:
+            db.execute(_CANCEL_WAITING, (row.created_at, _chain_error(*ended), job_id))
+        return job_id
+
     # -- claiming and finishing --------------------------------------------------
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()
-                         ) -> tuple[bool, _Claim | None, frozenset | None]:
+                         exclude: frozenset = frozenset()) -> _Claimed:
         return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
                            exclude)
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
                           exclude=frozenset()):
-        recorded = finish is not None and db.execute(_FINISH, finish).rowcount == 1
-        if not claim:
-            return recorded, None, None
-        n = len(names) if names else 0
-        m = 0 if n else len(exclude)
-        sql = self._claim_statements(n, suspect, m)
-        params = tuple(names) if n else tuple(exclude)
         now = time.time()
-        if self._returning:
-            rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
-            row = _Claim._make(rows[0]) if rows else None
-        else:
-            found = db.execute(sql[0], params).fetchall()
-            row = None
-            if found and db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
-                row = _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
+        recorded, wake, delayed, due, cancelled = False, (), None, None, 0
+        if finish is not None:
+            if self._watching:
+                before = db.total_changes
+                recorded = db.execute(_FINISH, finish).rowcount == 1
+                chained = recorded and db.total_changes - before > 1    # marked
+                if chained:
+                    db.execute(_CLEAR_COMPLETED)
+            else:
+                found = db.execute(_FINISH_RETURNING, finish).fetchall()
+                recorded, chained = bool(found), bool(found) and found[0][0]
+            if recorded and finish.state == _FAILED:
+                chained = True      # (rare: the chain below it, if any, is looked for)
+            if chained and finish.state in (_COMPLETE, _FAILED):
+                wake, delayed, cancelled = self._ended(db, finish.id, finish.state, now)
+        if not claim:
+            return _Claimed(recorded, None, None, wake, delayed, False, None, cancelled)
+        row, held, blocked = self._claim(db, owner, names, suspect, now, exclude), False, ()
+        if row is None:
+            controls = db.execute(_CONTROLS).fetchall()
+            if controls:
+                held = True
+                row, due, blocked = self._claim_held(db, owner, names, suspect, now, exclude,
+                                                     controls)
         left = None
         if suspect and row is None:
-            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES))
-        return recorded, row, left
+            # Suspects held back by a pause or a limit hold nothing else up
+            # (see _CrashGuard): they are run alone once they may run.
+            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)
+                             if blocked is not None and r[0] not in blocked)
+        return _Claimed(recorded, row, left, wake, delayed, held, due, cancelled)
 
-    def _claim_statements(self, n: int, suspect: bool = False,
-                          m: int = 0) -> tuple[str, str]:
+    def _claim(self, db, owner, names, suspect, now, exclude, blocked=None) -> _Claim | None:
+        """Claim the next job of `names` (None: any but those in `exclude`)
+        while nothing is held, or, given the names `blocked` (paused or at a
+        limit), one of another."""
+        n = len(names) if names else 0
+        m = 0 if n else len(exclude)
+        params = tuple(names) if n else tuple(exclude)
+        if blocked is None:
+            sql = self._claim_statements(n, suspect, m)
+        else:
+            sql = self._claim_statements(n, suspect, m, len(blocked))
+            params += tuple(blocked)
+        if self._returning:
+            rows = db.execute(sql[1], (owner, now) + params + (owner,)).fetchall()
+            return _Claim._make(rows[0]) if rows else None
+        found = db.execute(sql[0], params).fetchall()
+        if found and db.execute(_CLAIM, (owner, now, found[0][0], owner)).rowcount:
+            return _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
+        return None
+
+    def _claim_held(self, db, owner, names, suspect, now, exclude, controls):
+        """The claim while pauses or limits are stored: the names paused or at
+        their limit are left out.  (The transaction holds SQLite's one write
+        lock, so no other claim comes between the counts and the claim.)
+        On a server, claims under pauses or limits take turns on a lock, and
+        look at them afresh once they hold it (see _PostgresStorage).
+        Returns the claim or None, when a rate limit lets one more start, and
+        the names left out (None: all of them, everything is paused)."""
+        if self._held_lock is not None:    # on a server: the counts and the claim, alone
+            db.execute(self._held_lock)
+            controls = db.execute(_CONTROLS).fetchall()     # as they are now
+            now = time.time()       # (a rate counts from when the claim is made)
+        blocked, windows, until = [], {}, None
+        for name, paused, concurrency, rate, per in controls:
+            if name == "":
+                if paused:
+                    return None, None, None
+                continue
+            if names is not None and name not in names:
+                continue
+            if paused or concurrency is not None and db.execute(
+                    _RUNNING_NAMED, (name,)).fetchall()[0][0] >= concurrency:
+                blocked.append(name)
+            elif rate is not None:
+                window = _rate_window(per)
+                started = db.execute(_STARTS_SINCE, (name, now - window)).fetchall()[0][0]
+                if started >= rate:
+                    blocked.append(name)
+                    first = db.execute(_NTH_START, (name, now - window, started - rate)
+                                       ).fetchall()[0][0]
+                    until = first + window if until is None else min(until, first + window)
+                else:
+                    windows[name] = window
+        if names is not None and names <= set(blocked):
+            return None, until, blocked
+        row = self._claim(db, owner, names, suspect, now, exclude, blocked)
+        if row is not None and row.name in windows:
+            db.execute(_PRUNE_STARTS, (row.name, now - windows[row.name]))
+            db.execute(_ADD_START, (row.name, now))
+        return row, until, blocked
+
+    def _claim_statements(self, n: int, suspect: bool = False, m: int = 0,
+                          blocked: int | None = None) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
-        n names (0: any name but m others)."""
-        sql = self._claim_sql.get((n, suspect, m))
+        n names (0: any name but m others): while nothing is held (`blocked`
+        None), or leaving out `blocked` names."""
+        sql = self._claim_sql.get((n, suspect, m, blocked))
         if sql is None:
             cond = (f" AND name IN ({', '.join('?' * n)})" if n
                     else f" AND name NOT IN ({', '.join('?' * m)})" if m else "")
+            held = (self._nothing_held if blocked is None else
+                    f" AND name NOT IN ({', '.join('?' * blocked)})" if blocked else "")
             state = _SUSPECT if suspect else _READY
-            select = _NEXT_READY.format(state=state, names=cond)
+            select = _NEXT_READY.format(state=state, names=cond, held=held)
             claim = _CLAIM_RETURNING.format(next=select + self._skip_locked, state=state)
-            sql = self._claim_sql[n, suspect, m] = (select, claim)
+            sql = (select, claim)
+            if blocked is None or blocked < 8:      # (more are rare: not kept)
+                self._claim_sql[n, suspect, m, blocked] = sql
         return sql
+
+    @classmethod
+    def _ended(cls, db, job_id: int, state: int, now: float):
+        """A job with dependants ended `state`: when complete, make ready
+        those whose `after` jobs are all complete now; else cancel them, and
+        theirs, down the chain.  Returns (names made ready, when the first
+        made delayed is due, how many cancelled)."""
+        if state != _COMPLETE:
+            return (), None, cls._cancel_down(db, job_id, state, now)
+        waiting = [r[0] for r in db.execute(_WAITING_ON.format(lock=cls._lock_rows),
+                                            (job_id,)).fetchall()]
+        if not waiting:
+            return (), None, 0
+        found = db.execute(_RELEASABLE.format(ids=", ".join("?" * len(waiting))),
+                           waiting).fetchall()
+        db.executemany(_RELEASE, [(_DELAYED if run_at > now else _READY, i)
+                                  for i, _, run_at in found])
+        later = [run_at for _, _, run_at in found if run_at > now]
+        return (tuple(name for _, name, run_at in found if run_at <= now),
+                min(later) if later else None, 0)
+
+    @staticmethod
+    def _cancel_down(db, job_id: int, state: int, now: float) -> int:
+        """Cancel every job waiting on `job_id` (which ended `state`), and on
+        those, down the chain; return how many."""
+        found = db.execute(_DOWN_THE_CHAIN, (job_id,)).fetchall()
+        db.executemany(_CANCEL_WAITING, [
+            (now, _chain_error(dep, _STATE_NAME[state] if dep == job_id else "cancelled"), i)
+            for i, dep in found])
+        return len(found)
 
     def suspect_names(self) -> frozenset:
         return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
@@ -1813,14 +2182,18 @@ class _SQLiteStorage(_Storage):
     def unclaim(self, job_id: int, owner: int, attempt: int, state: int = _READY) -> None:
         self._write(lambda db: db.execute(_UNCLAIM, (state, job_id, owner, attempt)))
 
-    @staticmethod
-    def _release(db, owner, outcome, drop_owner, started, unclaimed):
+    @classmethod
+    def _release(cls, db, owner, outcome, drop_owner, started, unclaimed):
         done, undone = [], 0
         for row in map(_Claim._make, db.execute(_RUNNING_OF, (owner,)).fetchall()):
             if started is not None and (row.id, row.attempt) not in started:
                 undone += db.execute(_UNCLAIM, (unclaimed, row.id, owner, row.attempt)).rowcount
-            elif db.execute(_FINISH, outcome(row)).rowcount == 1:
+                continue
+            finish = outcome(row)
+            if db.execute(_FINISH, finish).rowcount == 1:
                 done.append(row)
+                if finish.state == _FAILED:
+                    cls._cancel_down(db, row.id, _FAILED, time.time())
         if drop_owner:
             db.execute(_DROP_OWNER, (owner,))
         return done, undone
@@ -1895,15 +2268,15 @@ class _SQLiteStorage(_Storage):
     # -- operating on jobs ---------------------------------------------------------
 
     def cancel(self, job_id: int, now: float,
-               pending_only: bool = False) -> tuple[int, int | None] | None:
+               pending_only: bool = False) -> tuple[int, int | None, int] | None:
         return self._write(self._cancel, job_id, now, _DELAYED if pending_only else _RUNNING)
 
-    @staticmethod
-    def _cancel(db, job_id, now, upto):
+    @classmethod
+    def _cancel(cls, db, job_id, now, upto):
         found = db.execute(_STATE_OF, (job_id,)).fetchall()
         if not found or db.execute(_CANCEL, (now, job_id, upto)).rowcount == 0:
             return None
-        return found[0]
+        return found[0] + (cls._cancel_down(db, job_id, _CANCELLED, now),)
 
     def clear_keys(self, ids: list[int]) -> None:
         # By runs of consecutive ids (a map's jobs mostly are one): each
@@ -1942,6 +2315,8 @@ class _SQLiteStorage(_Storage):
         db.executemany(sql[0], [(i, newest, before) for i, state, _ in found if state == _SWEPT])
         if any(i == newest for i, _, _ in jobs):
             gone += db.execute(sql[1], (newest, before)).rowcount
+        if db.execute(_ANY_DEPS).fetchall()[0][0]:
+            db.executemany(_SWEEP_DEPS, [(i, i) for i, _, _ in found])
         return gone
 
     def give_back_slice(self) -> bool:
@@ -1997,6 +2372,59 @@ class _SQLiteStorage(_Storage):
             names.append(sched.name)
         return names, db.execute(_NEXT_SCHEDULE).fetchall()[0][0]
 
+    # -- pauses and limits ---------------------------------------------------------
+
+    def set_paused(self, name: str | None, paused: bool) -> None:
+        def change(db):
+            self._lock_claims(db)
+            if paused:
+                db.execute(_PAUSE, ("" if name is None else name,))
+            elif name is None:
+                db.execute(_RESUME_ALL)
+            else:
+                db.execute(_RESUME, (name,))
+            db.execute(_DROP_IDLE_CONTROLS)
+        self._write(change)
+
+    def paused(self) -> set[str | None]:
+        return {name or None for (name,) in self._read(lambda db: db.execute(_PAUSED).fetchall())}
+
+    def set_limit(self, name: str, concurrency: int | None,
+                  rate: tuple[int, float] | None) -> None:
+        n, per = (None, None) if rate is None else rate
+
+        def change(db):
+            self._lock_claims(db)
+            db.execute(_SET_LIMIT, (name, concurrency, n, per))
+            if rate is None:
+                db.execute(_DROP_STARTS, (name,))
+            db.execute(_DROP_IDLE_CONTROLS)
+        self._write(change)
+
+    def limits(self) -> dict[str, tuple[int | None, tuple[int, float] | None]]:
+        rows = self._read(lambda db: db.execute(_LIMITS).fetchall())
+        return {name: (concurrency, None if n is None else (n, per))
+                for name, concurrency, n, per in rows}
+
+    def _lock_claims(self, db) -> None:
+        """Before a pause or limit changes: on a server, wait for the claims
+        under way and hold off those to come until this commits (the file's
+        write lock does that already)."""
+        for lock in (self._change_lock, self._held_lock):
+            if lock is not None:
+                db.execute(lock)
+
+    def claims_settled(self) -> None:
+        if self._change_lock is not None:
+            self._write(lambda db: db.execute(self._change_lock))
+
+    def running_by_name(self) -> dict[str, int]:
+        return dict(self._read(lambda db: db.execute(_RUNNING_BY_NAME).fetchall()))
+
+    def last_claim(self, name: str | None) -> float | None:
+        return self._read(lambda db: db.execute(
+            _LAST_CLAIM, (name is None, name or "")).fetchall()[0][0])
+
     # -- inspecting ------------------------------------------------------------------
 
     def get(self, job_id: int) -> _Stored | None:
@@ -2019,7 +2447,7 @@ class _SQLiteStorage(_Storage):
 
     def list(self, state: str | None, name: str | None, limit: int | None,
              newest_first: bool = False, beyond: int | None = None) -> list[_Stored]:
-        lo, hi = _STATE_CODES[state] if state else (_SUSPECT, _CANCELLED)
+        lo, hi = _STATE_CODES[state] if state else (_WAITING, _CANCELLED)
         sql = _LIST.format(order="DESC" if newest_first else "ASC",
                            beyond="<" if newest_first else ">")
         if beyond is None:
@@ -2059,7 +2487,7 @@ class _SQLiteStorage(_Storage):
 # connections, liveness by advisory locks, LISTEN/NOTIFY, claims that skip
 # rows another transaction has locked.
 
-_PG_SCHEMA_VERSION = 1       # blero_meta.version this blero.py writes and reads
+_PG_SCHEMA_VERSION = 2       # blero_meta.version this blero.py writes and reads
 _PG_POOL = 4                 # connections for reads and writes, besides the owner's own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
@@ -2082,6 +2510,8 @@ _PG_VERSION = "SELECT max(version) FROM blero_meta"
 # One statement: tries the owner's lock, and gives it back at once if it got it.
 _PG_OWNER_ALIVE = ("SELECT CASE WHEN pg_try_advisory_lock(%s) THEN NOT pg_advisory_unlock(%s)"
                    " ELSE true END")
+# The newest id the jobs' identity gave (the newest job may have been swept).
+_PG_LAST_GIVEN = "SELECT pg_sequence_last_value(pg_get_serial_sequence('blero_jobs', 'id'))"
 _PG_LISTEN = "LISTEN {channel}"
 # What tells two connections are on one database of one server.
 _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_port()"
@@ -2089,7 +2519,8 @@ _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_
 # transaction is inserting) finds the first.
 _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
 # Statements whose changes other processes act on at once: they NOTIFY.
-_PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM))
+_PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM,
+                       _FINISH_RETURNING, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
 
 
 # _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
@@ -2099,7 +2530,22 @@ _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FI
 # first time this blero.py opens it.  A later schema appends its step and
 # raises _PG_SCHEMA_VERSION with it; a new schema is made from _SCHEMA as it
 # is, at the latest version.
-_PG_UPGRADES: tuple[Callable[[Any], None], ...] = ()
+def _pg_ddl(statement: str) -> str:
+    """A CREATE (or ALTER) statement of the file's schema in PostgreSQL's types."""
+    for sqlite_type, pg_type in _PG_TYPES:
+        statement = re.sub(rf"\b{sqlite_type}\b", pg_type, statement)
+    return statement.replace("id           BIGINT PRIMARY KEY,\n    state",
+                             "id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,\n"
+                             "    state")
+
+
+def _pg_schema_2(db) -> None:
+    """1 -> 2: what `after=`, pauses and limits store, as the file's schema 3 has it."""
+    for statement in (_DEPENDANTS_COLUMN + ";" + _FLOW_SCHEMA).split(";"):
+        db.execute(_pg_ddl(statement))
+
+
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2,)
 
 
 def _is_server(target) -> bool:
@@ -2128,12 +2574,16 @@ def _pg_sql(sql: str, schema: str) -> str:
     """An SQLite statement of this section as PostgreSQL reads it: %s
     placeholders, blero's tables in `schema` (quoted), `interval` (a word
     PostgreSQL reserves) quoted, two-argument min() as LEAST, and CAST to
-    INTEGER as floor (PostgreSQL's rounds); an INSERT of a job returns its id."""
+    INTEGER as floor (PostgreSQL's rounds), group_concat as string_agg; an
+    INSERT of a job returns its id."""
     out = sql.replace("%", "%%").replace("?", "%s")
-    out = re.sub(r"\bblero_(jobs|owners|schedules|meta)\b", lambda m: f"{schema}.{m.group(0)}", out)
+    out = re.sub(r"\bblero_(jobs|owners|schedules|meta|deps|controls|starts)\b",
+                 lambda m: f"{schema}.{m.group(0)}", out)
     out = re.sub(r"\binterval\b", '"interval"', out)
     out = re.sub(r"\bmin\((?=[^()]*,)", "LEAST(", out)
     out = re.sub(r"CAST\(([^()]*) AS INTEGER\)", r"floor(\1)", out)
+    out = out.replace(" WITHOUT ROWID", "").replace(       # (a job's list, in its order)
+        "group_concat(dep_id)", "string_agg(CAST(dep_id AS TEXT), ',' ORDER BY seq)")
     if sql in (_INSERT, _PG_INSERT_KEYED):
         out += " RETURNING id"
     return out
@@ -2192,7 +2642,7 @@ class _PGSession:
 
     @staticmethod
     def _params(sql, params):
-        if sql is _FINISH:
+        if sql is _FINISH or sql is _FINISH_RETURNING:
             return params._replace(result=_bytes(params.result))
         if sql is _UPSERT_SCHEDULE:
             return params._replace(data=_bytes(params.data))
@@ -2203,7 +2653,7 @@ class _PGSession:
     def _note(self, sql, params, rowcount):
         # A finished try concerns others only when it made the job ready
         # (or delayed) again: a completed one is seen by their waits' polls.
-        if rowcount and (sql is not _FINISH or params[0] < _RUNNING):
+        if rowcount and (sql not in (_FINISH, _FINISH_RETURNING) or params[0] < _RUNNING):
             self.wakes = True
 
 
@@ -2234,6 +2684,9 @@ class _PostgresStorage(_Storage):
 
     read_only = None
     _returning = True
+    _watching = False       # no trigger marks completions: the finish tells (_FINISH_RETURNING)
+    _last_given = _PG_LAST_GIVEN
+    _lock_rows = " FOR UPDATE OF j"
     _skip_locked = " FOR UPDATE SKIP LOCKED"
     _no_limit = None
 
@@ -2260,7 +2713,17 @@ class _PostgresStorage(_Storage):
         self._next_poll = 0.0
         self._retry_at = 0.0                # no reconnection before (monotonic)
         self._backoff = 0.0
-        self._claim_sql: dict[tuple[int, bool, int], tuple[str, str]] = {}
+        self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
+        # Pauses and limits: a claim that finds nothing held holds this
+        # schema's lock 2 shared (tried, never waited for: a change holding
+        # it sends the claim the held way); a change (pause, limit) takes it
+        # exclusive, so it waits for those claims and holds off the next; and
+        # claims under pauses or limits, and changes, take turns on lock 1,
+        # then count and claim: never over a limit, even for an instant.
+        key = zlib.crc32(schema.encode()) - (1 << 31)
+        self._nothing_held = _NOTHING_HELD + f" AND pg_try_advisory_xact_lock_shared({key}, 2)"
+        self._change_lock = f"SELECT pg_advisory_xact_lock({key}, 2)"
+        self._held_lock = f"SELECT pg_advisory_xact_lock({key}, 1)"
         self._claims = threading.Condition()    # guards _claiming
         self._claiming: dict[int, int] = {}     # owner -> its finish_and_claim calls under way
 
@@ -2391,22 +2854,19 @@ class _PostgresStorage(_Storage):
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_sql}")
             for statement in (_SCHEMA + ";" + _PG_META).split(";"):
                 if statement.strip():
-                    for sqlite_type, pg_type in _PG_TYPES:
-                        statement = re.sub(rf"\b{sqlite_type}\b", pg_type, statement)
-                    statement = statement.replace(
-                        "id           BIGINT PRIMARY KEY,\n    state",
-                        "id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,\n"
-                        "    state")
-                    conn.execute(_pg_sql(statement, self._schema_sql))
+                    conn.execute(_pg_sql(_pg_ddl(statement), self._schema_sql))
             conn.execute(_pg_sql("INSERT INTO blero_meta VALUES (?)", self._schema_sql),
                          (_PG_SCHEMA_VERSION,))
             return
-        if "blero_meta" not in tables or not _TABLES <= tables:
-            raise BleroError(f"{where}: a blero queue with tables missing (damaged)")
+        damaged = BleroError(f"{where}: a blero queue with tables missing (damaged)")
+        if "blero_meta" not in tables:
+            raise damaged
         version = conn.execute(_pg_sql(_PG_VERSION, self._schema_sql)).fetchall()[0][0]
         if version is None or version > _PG_SCHEMA_VERSION:
             raise BleroError(f"{where}: written by a newer blero (schema {version}; this "
                              f"blero.py knows up to {_PG_SCHEMA_VERSION})")
+        if version == _PG_SCHEMA_VERSION and not _TABLES <= tables:
+            raise damaged
         if version < _PG_SCHEMA_VERSION:
             session = _PGSession(conn, self._schema_sql)
             for step in _PG_UPGRADES[version - 1:]:
@@ -2425,22 +2885,26 @@ class _PostgresStorage(_Storage):
 
     # -- enqueueing ----------------------------------------------------------------
 
-    def insert(self, rows: list[_NewJob], connection=None) -> tuple[list[int], list[bool]]:
+    def insert(self, rows: list[_NewJob], connection=None,
+               after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         if connection is None:
-            return self._write(self._insert, rows)
+            return self._write(self._insert, rows, after)
         self.same_database(connection)
         psycopg = _psycopg()
         try:
             with connection.transaction():      # a savepoint in the caller's transaction
                 session = _PGSession(connection, self._schema_sql)
-                found = self._insert(session, rows)
+                found = self._insert(session, rows, after)
                 connection.execute(f"NOTIFY {self._channel}, 'x'")   # news to us too
         except psycopg.Error as exc:
             raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
         return found
 
-    @staticmethod
-    def _insert(db, rows):
+    @classmethod
+    def _insert(cls, db, rows, after=None):
+        if after is not None:
+            db.wakes = True
+            return cls._insert_each(db, rows, after)
         ids, stored = [], []
         keyless = [r for r in rows if r.key is None]
         if len(keyless) == len(rows) > 1:      # one round trip for the lot
@@ -2648,7 +3112,10 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "suspect_names", "unclaim",
+_PG_SHARED = ("_finish_and_claim", "_claim", "_claim_held", "_ended", "_cancel_down",
+              "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
+              "_lock_claims", "claims_settled", "running_by_name", "last_claim",
+              "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "cancel", "_cancel", "retry_failed", "upsert_schedule",
               "drop_schedule", "run_schedules", "_run_schedules", "get", "outcome",
@@ -2785,9 +3252,9 @@ class _Counters:
         self.seconds_sum = 0.0
         self.seconds_count = 0
 
-    def add(self, outcome: str, seconds: float | None = None) -> None:
+    def add(self, outcome: str, seconds: float | None = None, count: int = 1) -> None:
         with self.lock:
-            self.finished[outcome] += 1
+            self.finished[outcome] += count
             if seconds is not None:
                 self.seconds_sum += seconds
                 self.seconds_count += 1
@@ -3179,6 +3646,8 @@ class _Dispatcher:
         self._deadline_n = 0
         self._delayed_due = math.inf        # epoch time of the next delayed job
         self._schedule_due = math.inf       # epoch time of the next schedule run
+        self._held_due = math.inf           # epoch time a rate limit lets a job start
+        self.suspects_held = False          # a pause or limit held back a suspect, maybe
         self._clock_stop = False
         # (before, after) of a sweep under way; after None: its space going back
         self._sweeping = None
@@ -3399,14 +3868,18 @@ class _Dispatcher:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def enqueue(self, rows: list[_NewJob],
-                connection=None) -> tuple[list[int], list[bool]]:
-        """Store new jobs and wake the workers that can take them (those
-        written with the caller's `connection` are seen once committed);
-        return their ids, and for each whether it was stored (not answered
-        by a key)."""
-        ids, stored = self.storage.insert(rows, connection)
+    def enqueue(self, rows: list[_NewJob], connection=None,
+                after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
+        """Store new jobs (each waiting on the ids `after` gives it, if
+        given) and wake the workers that can take them (those written with
+        the caller's `connection` are seen once committed); return their
+        ids, and for each whether it was stored (not answered by a key)."""
+        ids, stored = self.storage.insert(rows, connection, after)
         answered = stored
+        if after is not None:
+            # On a server, marking the jobs they wait on locked those rows
+            # for a moment: a claim meanwhile skipped them, so look again.
+            self.work_arrived(None)
         rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
@@ -3431,9 +3904,14 @@ class _Dispatcher:
         if outcome is None and not claim:
             return None
         p = worker.processor
-        recorded, row, left = self.storage.finish_and_claim(
+        done = self.storage.finish_and_claim(
             outcome and outcome.finish(self.owner), self.owner, p.names, claim, suspect,
             p.exclude)
+        recorded, row, left = done.recorded, done.claim, done.suspects_left
+        if done.wake or done.held or done.delayed is not None or done.cancelled:
+            if suspect and row is None and done.held:
+                self.suspects_held = True   # some may be held back: see flow()
+            self.flow(done, outcome and outcome.job.name)
         worker.suspect = suspect and row is not None
         if row is None:
             worker.holding = False
@@ -3446,6 +3924,28 @@ class _Dispatcher:
         if row is None:
             return None
         return Job(*row)
+
+    def flow(self, done: _Claimed, finished: str | None) -> None:
+        """Act on what a finish and claim did besides (nearly all do nothing
+        more, and are not brought here): wake workers for the
+        jobs it made ready (and, while pauses or limits are stored, for the
+        name of the job that finished: a slot of its limit came free), and
+        look again when a rate limit lets one more job start."""
+        wake = list(done.wake)
+        if done.held and finished is not None:
+            wake.append(finished)
+            self.held_changed()
+        if wake:
+            self.work_arrived(wake)
+        if done.delayed is not None:
+            self.delayed_at(done.delayed)
+        if done.due is not None:
+            with self._lock:
+                if done.due < self._held_due:
+                    self._held_due = done.due
+                    self._tick.notify()
+        if done.cancelled:
+            self.counters.add("cancelled", count=done.cancelled)
 
     def execute(self, worker: _Worker, job: Job, cancels: int) -> _Outcome | None:
         """Run one try of `job`, claimed when `self.cancels` was `cancels`;
@@ -3654,13 +4154,13 @@ class _Dispatcher:
                 if self._deadlines:
                     wake = min(wake, self._deadlines[0][0])
                 wake = min(wake, now + (self._delayed_due - epoch),
-                           now + (self._schedule_due - epoch))
+                           now + (self._schedule_due - epoch), now + (self._held_due - epoch))
                 if wake > now and self._sweeping is None:
                     self._tick.wait(wake - now)
                     if self._clock_stop:
                         return
-            for duty in (self._expire, self._carry_on, self._promote, self._run_schedules,
-                         self._poll, self._reap, self._beat, self._sweep):
+            for duty in (self._expire, self._carry_on, self._promote, self._unhold,
+                         self._run_schedules, self._poll, self._reap, self._beat, self._sweep):
                 try:
                     duty()
                 except Exception as exc:
@@ -3704,6 +4204,26 @@ class _Dispatcher:
         count = self._look_and_rearm("_delayed_due", self.storage.promote)
         if count:
             self.work_arrived(None)
+
+    def _unhold(self) -> None:
+        """A rate limit lets another job start now: the idle workers look."""
+        with self._lock:
+            if time.time() < self._held_due:
+                return
+            self._held_due = math.inf
+        self.held_changed()
+        self.work_arrived(None)
+
+    def held_changed(self) -> None:
+        """A pause or limit may hold back fewer jobs now: suspects that one
+        held back are looked for again (see _CrashGuard), to run alone."""
+        if self.suspects_held:
+            self.suspects_held = False
+            try:
+                self._look_for_suspects()
+            except BleroError as exc:   # the next poll looks again
+                self.suspects_held = True
+                self.throttle.error(exc, "looking for suspects failed: %s; will try again", exc)
 
     def _run_schedules(self) -> None:
         if time.time() < self._schedule_due:
@@ -3950,6 +4470,38 @@ def _db_path(path) -> str:
     if os.path.isdir(path) or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         return os.path.join(path, "blero.db")
     return path
+
+
+_PAUSE_GRACE = 0.1   # seconds pause() lets a try claimed just before it begin
+
+
+def _flow_name(name, optional: bool = False) -> None:
+    """Check the job name given to pause, resume or limit (None: every name)."""
+    if name is None and optional:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"a job name must be a str{' or None' if optional else ''}, "
+                        f"not {type(name).__name__}")
+    if not name:
+        raise ValueError("a job name must not be empty")
+
+
+def _after(after) -> tuple[int, ...]:
+    """`after` as job ids, each once, in the order given: an id, a future (or
+    anything with an int `.id` or `.job_id`), or a collection of them."""
+    if after is None:
+        return ()
+    if isinstance(after, (str, bytes)) or not hasattr(after, "__iter__"):
+        after = (after,)
+    ids = []
+    for item in after:
+        job_id = item
+        if not isinstance(item, int) or isinstance(item, bool):
+            job_id = getattr(item, "id", getattr(item, "job_id", None))
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise TypeError(f"after: a job id, or a future with an .id, not {item!r}")
+        ids.append(_job_id("after", job_id))
+    return tuple(dict.fromkeys(ids))
 
 
 def _epoch(when) -> float:
@@ -4334,20 +4886,24 @@ class Blero:
     def enqueue(self, name: str, data: Any = None, *, delay: float | None = None,
                 run_at: float | datetime.datetime | None = None, priority: int = 0,
                 retries: int | None = None, timeout: float | None = None,
-                key: str | None = None, connection: Any = None) -> int:
+                key: str | None = None, after: Any = None, connection: Any = None) -> int:
         """Store a job and return its id, once it is committed.
 
         `delay` (seconds) or `run_at` (epoch seconds or datetime): not before
         then.  Higher `priority` runs first.  `retries`: tries after the first.
         `timeout`: seconds a try may take.  `key`: while a job with this key is
         stored, enqueueing it again returns that job's id and stores nothing.
-        `connection`: the caller's own open connection on the same database
-        (an sqlite3 one on the queue file, a psycopg one on the server):
-        the job is written in the caller's transaction, not committed, so it
-        exists if and when the caller commits."""
+        `after`: job ids (or futures, anything with an `.id`) this job waits
+        for: it runs once they are all complete, and ends cancelled if one
+        of them ends failed or cancelled.  `connection`: the caller's own
+        open connection on the same database (an sqlite3 one on the queue
+        file, a psycopg one on the server): the job is written in the
+        caller's transaction, not committed, so it exists if and when the
+        caller commits."""
         d = self._running()
         row = self._row(name, data, delay, run_at, priority, retries, timeout, key, time.time())
-        return d.enqueue([row], connection)[0][0]
+        deps = _after(after)
+        return d.enqueue([row], connection, [deps] if deps else None)[0][0]
 
     def enqueue_many(self, jobs: Iterable[tuple | dict], *, connection: Any = None) -> list[int]:
         """Store many jobs in one transaction, all or nothing; return their ids.
@@ -4355,7 +4911,7 @@ class Blero:
         `connection` as for `enqueue`."""
         d = self._running()
         now = time.time()
-        rows = []
+        rows, after = [], []
         for item in jobs:
             if isinstance(item, dict):
                 item = dict(item)
@@ -4364,17 +4920,20 @@ class Blero:
                 except KeyError:
                     raise TypeError("a job given as a dict needs a 'name'") from None
                 data = item.pop("data", None)
-                unknown = set(item) - {"delay", "run_at", "priority", "retries", "timeout", "key"}
+                unknown = set(item) - {"delay", "run_at", "priority", "retries", "timeout", "key",
+                                       "after"}
                 if unknown:
                     raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
                 rows.append(self._row(name, data, item.get("delay"), item.get("run_at"),
                                       item.get("priority", 0), item.get("retries"),
                                       item.get("timeout"), item.get("key"), now))
+                after.append(_after(item.get("after")))
             elif isinstance(item, (tuple, list)) and len(item) == 2:
                 rows.append(self._row(item[0], item[1], None, None, 0, None, None, None, now))
+                after.append(())
             else:
                 raise TypeError(f"each job is a (name, data) pair or a dict, not {item!r}")
-        return d.enqueue(rows, connection)[0] if rows else []
+        return d.enqueue(rows, connection, after if any(after) else None)[0] if rows else []
 
     def _row(self, name, data, delay, run_at, priority, retries, timeout, key, now) -> _NewJob:
         """Check one job's arguments and make its storage row."""
@@ -4514,7 +5073,9 @@ class Blero:
         # JobFailed.exception): it has no result.
         result = None if row.state == _FAILED else _loads_or_none(loads, row.result)
         return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
-                                      state=_STATE_NAME[row.state], result=result)._asdict())
+                                      state=_STATE_NAME[row.state], result=result,
+                                      after=tuple(map(int, row.after.split(",")))
+                                      if row.after else ())._asdict())
 
     def get_job(self, job_id: int) -> JobInfo | None:
         """The stored job with this id, or None."""
@@ -4551,7 +5112,7 @@ class Blero:
             before = storage.cancel(job_id, time.time())
         if before is None:
             return False
-        self._counters.add("cancelled")
+        self._counters.add("cancelled", count=1 + before[2])
         d = self._dispatcher
         if d is not None:
             d.cancelled(job_id)
@@ -4631,6 +5192,73 @@ class Blero:
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         with self._store(operating=True) as storage:
             return storage.drop_schedule(key)
+
+    # -- flow control ----------------------------------------------------------------
+
+    def pause(self, name: str | None = None) -> None:
+        """Start no job named `name` (None: no job at all), in any process
+        sharing the queue, until `resume`; running jobs finish.  Stored in
+        the queue: it lasts across restarts.  When it returns, no try of
+        that name begins any more: a try claimed just before is given a
+        moment (at most 0.1 s) to begin first."""
+        _flow_name(name, optional=True)
+        with self._store(operating=True) as storage:
+            storage.set_paused(name, True)
+            storage.claims_settled()
+            # A try is claimed a moment before its processor is called: let
+            # those claimed just before the pause begin before returning.
+            last = storage.last_claim(name)
+        if last is not None:
+            wait = min(_PAUSE_GRACE, last + _PAUSE_GRACE - time.time())
+            if wait > 0:
+                time.sleep(wait)
+
+    def resume(self, name: str | None = None) -> None:
+        """Undo `pause(name)`; `resume()` (None) resumes every name.  Idle
+        workers of every process take the jobs again within 0.1 s."""
+        _flow_name(name, optional=True)
+        with self._store(operating=True) as storage:
+            storage.set_paused(name, False)
+        d = self._dispatcher
+        if d is not None:
+            d.held_changed()
+            d.work_arrived(None)
+
+    def paused(self) -> set[str | None]:
+        """The names paused; None among them when everything is."""
+        with self._store() as storage:
+            return storage.paused()
+
+    def limit(self, name: str, *, concurrency: int | None = None,
+              rate: tuple[int, float] | None = None) -> None:
+        """Limit the jobs named `name`, across every process sharing the
+        queue: at most `concurrency` in progress at once, and with
+        `rate=(n, seconds)` at most n started in any window of that many
+        seconds.  Never exceeded; the jobs over it wait, and jobs of other
+        names do not.  Stored in the queue; replaces the name's limit, and
+        with neither removes it."""
+        _flow_name(name)
+        if concurrency is not None:
+            concurrency = _integer("concurrency", concurrency, least=1)
+        if rate is not None:
+            if not isinstance(rate, tuple) or len(rate) != 2:
+                raise TypeError(f"rate must be a pair (n, seconds), not {rate!r}")
+            rate = (_integer("rate's n", rate[0], least=1),
+                    float(_seconds("rate's seconds", rate[1], positive=True)))
+        with self._store(operating=True) as storage:
+            storage.set_limit(name, concurrency, rate)
+        d = self._dispatcher
+        if d is not None:
+            d.held_changed()
+            d.work_arrived(None)
+
+    def limits(self) -> dict[str, dict]:
+        """Every limit stored: name -> {"concurrency": n or None, "rate":
+        (n, seconds) or None}."""
+        with self._store() as storage:
+            found = storage.limits()
+        return {name: {"concurrency": concurrency, "rate": rate}
+                for name, (concurrency, rate) in found.items()}
 
     # -- tasks, futures and executors --------------------------------------------------
 
@@ -4743,6 +5371,7 @@ class Blero:
         state, priority, run_at, _, _, attempts, timeout, _, now = first
         rows = [_NewJob(state, priority, run_at, name, blob, attempts, timeout, key, now)
                 for blob, key in zip(blobs, keys)]
+        deps = _after(options.get("after"))
         futures: list[JobFuture] = []
         with self._futures.expecting():
             # Slices of growing size, a commit each: the workers start on the
@@ -4751,14 +5380,16 @@ class Blero:
             i, size = 0, _CALLS_SLICE
             while i < len(rows):
                 futures += self._enqueue_slice(d, rows[i:i + size], connection,
-                                               waiter or functools.partial(JobFuture, self))
+                                               waiter or functools.partial(JobFuture, self),
+                                               deps)
                 i, size = i + size, min(size * 2, _CALLS_SLICE_MAX)
         return futures
 
     def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob], connection: Any,
-                       waiter: Callable) -> list[JobFuture]:
-        """Store these calls' jobs (under `_futures.expecting()`); their futures."""
-        ids, stored = d.enqueue(rows, connection)
+                       waiter: Callable, deps: tuple[int, ...] = ()) -> list[JobFuture]:
+        """Store these calls' jobs (under `_futures.expecting()`), each
+        waiting on the jobs `deps` names; their futures."""
+        ids, stored = d.enqueue(rows, connection, [deps] * len(rows) if deps else None)
         futures = [waiter(i) for i in ids]
         self._futures.add([f for f, new in zip(futures, stored) if new])
         matched = [k for k, new in enumerate(stored) if not new]
@@ -4780,7 +5411,8 @@ class Blero:
         self._futures.add(going)
         if again:
             d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
-            new_ids, _ = d.enqueue([rows[k] for k in again])
+            new_ids, _ = d.enqueue([rows[k] for k in again], None,
+                                   [deps] * len(again) if deps else None)
             renewed = [waiter(i) for i in new_ids]
             for k, f in zip(again, renewed):
                 futures[k] = f
@@ -4994,7 +5626,8 @@ def new(path: str | os.PathLike, **settings) -> Blero:
 # job); once the map or executor is done with them, their keys are cleared,
 # and the next run computes them afresh.
 
-_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "connection")
+_JOB_OPTIONS = ("delay", "run_at", "priority", "retries", "timeout", "key", "after",
+                "connection")
 
 
 class _Calls:
@@ -5369,8 +6002,8 @@ class Task:
 
     def using(self, **options) -> Task:
         """A copy of this task whose jobs get these options (`delay`,
-        `run_at`, `priority`, `retries`, `timeout`, `key`, `connection`), as
-        `Blero.enqueue` takes them."""
+        `run_at`, `priority`, `retries`, `timeout`, `key`, `after`,
+        `connection`), as `Blero.enqueue` takes them."""
         copy = Task.__new__(Task)
         copy.__dict__.update(self.__dict__)
         copy._options = {**self._options, **_check_options(options)}
@@ -5640,6 +6273,12 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                 self._json(200, {"retried": self.server.blero.retry_failed(body.get("ids"))})
             elif path == "/api/cancel":
                 self._json(200, {"cancelled": self.server.blero.cancel(body["id"])})
+            elif path in ("/api/pause", "/api/resume"):
+                # {"name": "x"}, or {} / {"name": null} for every name
+                bl = self.server.blero
+                getattr(bl, path[5:])(body.get("name"))
+                self._json(200, {"paused": sorted(bl.paused(),
+                                                  key=lambda n: (n is not None, n or ""))})
             else:
                 self._json(404, {"error": f"no such action: {path}"})
         except (ValueError, TypeError, KeyError) as exc:
@@ -5677,6 +6316,8 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                     "failures": storage.list("failed", None, 20, newest_first=True)}
             ended = {(at, state): n for at, state, n in storage.finished_since(start, step)}
             counts, read_only = storage.counts(), storage.read_only is not None
+            paused, limits = storage.paused(), storage.limits()
+            running = storage.running_by_name() if limits else {}
         steps = [start + i * step for i in range(span // step + 1)]
         out = {"queue": {"path": bl.path, "read_only": read_only},
                # who answers: a process that may or may not run the queue itself
@@ -5688,8 +6329,14 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                "throughput": {"step": step, "start": start,
                               "complete": [ended.get((at, "complete"), 0) for at in steps],
                               "failed": [ended.get((at, "failed"), 0) for at in steps]}}
-        # Schedules, pauses and limits join the overview here once the queue
-        # stores them, each as a list the page renders in a section of its own.
+        # Schedules join the overview here once the queue stores them.
+        # Pauses: the names paused, sorted, null first for "everything";
+        # limits: each with how many of its jobs are in progress now.
+        out["paused"] = sorted(paused, key=lambda n: (n is not None, n or ""))
+        out["limits"] = {name: {"concurrency": concurrency,
+                                "rate": None if rate is None else list(rate),
+                                "running": running.get(name, 0)}
+                         for name, (concurrency, rate) in limits.items()}
         for part, found in rows.items():
             out[part] = [_job_json(bl._info(r), shorten=True) for r in found]
         return out
@@ -6365,6 +7012,7 @@ _cli_limit = _cli_type(lambda text: None if text == "all" else _integer("--limit
                        "a number of jobs (0 or more) or all")
 _cli_processors = _cli_type(lambda text: _integer("-n", int(text), least=1),
                             "a number of processors (1 or more)")
+_cli_name = _cli_type(lambda text: _flow_name(text) or text, "a job name (not empty)")
 
 
 def _why_not(bl: Blero, job_id: int, wanted: str) -> str:
@@ -6396,6 +7044,10 @@ def _serve(args) -> int:
         signal.signal(signal.SIGTERM, previous)
         server.close()
     return 0
+
+
+def _paused_text(paused: set) -> str:
+    return ", ".join(["everything"] * (None in paused) + sorted(n for n in paused if n))
 
 
 def _vacuum(path: str) -> str:
@@ -6462,6 +7114,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="only jobs that finished at least this long ago (default 0)")
     p.add_argument("--state", action="append", choices=("complete", "failed", "cancelled"),
                    help="state to sweep (repeatable; default complete)")
+    for name, what in (("pause", "start no more jobs (of one name, or none at all), in any process"),
+                       ("resume", "start jobs again (of one name, or every name)")):
+        p = queue_command(name, what)
+        p.add_argument("--name", type=_cli_name,
+                       help="only jobs of this name (default: every name)")
     queue_command("vacuum", "give the file's free space back (files of older blero too)")
     p = queue_command("serve", "serve the live dashboard and /metrics for a queue file")
     p.add_argument("--port", type=_cli_port, default=0, help="port (default: any free one)")
@@ -6503,6 +7160,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.command == "sweep":
             print(f"{bl.sweep(args.older_than, args.state or ('complete',))} job(s) deleted")
+        elif args.command in ("pause", "resume"):
+            getattr(bl, args.command)(args.name)
+            what = "every job" if args.name is None else f"jobs named {args.name!r}"
+            print(f"{what} {args.command}d" + ("" if args.command == "resume" else
+                  f" (paused now: {_paused_text(bl.paused())})"))
         elif args.command == "vacuum":
             print(_vacuum(bl.path))
     except BleroError as exc:

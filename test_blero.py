@@ -3861,6 +3861,21 @@ class BadValuesTest(TempDirTest):
         add("jobs(name)", "name", [(BIG, TypeError)], lambda v: bl.jobs(name=v))
         add("sweep(older_than)", "older_than", bad_seconds(), bl.sweep)
         add("unschedule", "key", [(BIG, TypeError)], bl.unschedule)
+        after = [(v, e) for v, e in bad_ids()] + [(1.5, TypeError), ([2.0], TypeError)]
+        add("enqueue(after)", "after", after, lambda v: bl.enqueue("x", after=v))
+        add("enqueue_many(after)", "after", after,
+            lambda v: bl.enqueue_many([("ok", 1), {"name": "x", "after": v}]))
+        for label, call in (("pause", bl.pause), ("resume", bl.resume),
+                            ("limit", lambda v: bl.limit(v, concurrency=1))):
+            add(label, "name", [(BIG, TypeError)], call)
+        add("limit(concurrency)", "concurrency", [(0, ValueError), (BIG, ValueError),
+                                                  (1.5, TypeError), (True, TypeError)],
+            lambda v: bl.limit("x", concurrency=v))
+        add("limit(rate)", "rate", [((0, 1), ValueError), ((BIG, 1), ValueError),
+                                    ((1, math.nan), ValueError), ((1, -1), ValueError),
+                                    ((1, math.inf), ValueError), ((True, 1), TypeError),
+                                    (5, TypeError)],
+            lambda v: bl.limit("x", rate=v))
         add("unregister_processor", "processor_id",
             [(True, TypeError), (1.0, TypeError), (0, ValueError)], bl.unregister_processor)
         add("serve_metrics(port)", "port", [(-1, ValueError), (65536, ValueError),
@@ -3889,7 +3904,8 @@ class BadValuesTest(TempDirTest):
         # Every public method, setting and job option is in the table.
         called = {label.split("(")[0].split("=")[0] for label, _, _, _ in cases}
         public = {name for name in dir(blero.Blero) if not name.startswith("_")}
-        takes_no_number = {"start", "stats", "metrics_text", "register_processor"}
+        takes_no_number = {"start", "stats", "metrics_text", "register_processor", "paused",
+                           "limits"}
         self.assertEqual(public - takes_no_number - called, set(), "methods left out")
         checked = {label.split("(")[1].split(")")[0] for label, _, _, _ in cases
                    if label.startswith(("new(", "enqueue("))}
@@ -5241,7 +5257,7 @@ class UpgradeTest(ProcessTest):
         with blero.new(path) as bl:
             self.assertEqual(bl.stats()["pending"], 3000)
             self.assertEqual(bl.get_job(3000).data, b"x" * 200)
-        self.assertEqual(self.layout(path), (2, 2))
+        self.assertEqual(self.layout(path), (blero._SCHEMA_VERSION, 2))
 
     def layout(self, path):
         """(user_version, auto_vacuum) of a file."""
@@ -5253,9 +5269,9 @@ class UpgradeTest(ProcessTest):
             db.close()
 
     def assert_upgraded(self, path, theirs=()):
-        """Schema 2, incremental auto_vacuum, blero's names blero_*; of the
-        old names, only the application's tables `theirs`."""
-        self.assertEqual(self.layout(path), (2, 2))
+        """The latest schema, incremental auto_vacuum, blero's names blero_*;
+        of the old names, only the application's tables `theirs`."""
+        self.assertEqual(self.layout(path), (blero._SCHEMA_VERSION, 2))
         db = sqlite3.connect(path)
         try:
             names = {r[0] for r in db.execute("SELECT name FROM sqlite_master"
@@ -5266,7 +5282,9 @@ class UpgradeTest(ProcessTest):
         self.assertEqual({n for n in names if n.startswith("blero_")},
                          {"blero_jobs", "blero_owners", "blero_schedules", "blero_jobs_ready",
                           "blero_jobs_delayed", "blero_jobs_running", "blero_jobs_finished",
-                          "blero_jobs_key", "blero_jobs_suspect"})
+                          "blero_jobs_key", "blero_jobs_suspect", "blero_deps",
+                          "blero_deps_dep", "blero_jobs_waiting",
+                          "blero_controls", "blero_starts", "blero_starts_name"})
         self.assertEqual({"jobs", "owners", "schedules"} & names, set(theirs))
         self.assertEqual(schedules, [("hourly",)])
 
@@ -5740,6 +5758,26 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+def with_old_blero(test, commit, code, *args):
+    """Run `code` (with `args`) in a Python that imports the blero.py of
+    `commit`, to make a file of its layout; return what it printed.  The
+    test is skipped without git or that commit."""
+    old = os.path.join(test.dir, f"blero-{commit}")
+    os.makedirs(old, exist_ok=True)
+    try:
+        source = subprocess.run(["git", "-C", HERE, "show", f"{commit}:blero.py"],
+                                capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        test.skipTest(f"needs git and commit {commit}, whose blero.py writes such files")
+    with open(os.path.join(old, "blero.py"), "wb") as f:
+        f.write(source)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                         cwd=old, env=dict(os.environ, PYTHONPATH=old), capture_output=True,
+                         text=True, timeout=120)
+    test.assertEqual(out.returncode, 0, out.stderr)
+    return out.stdout
+
+
 class ReadOnlyStorageTest(ProcessTest):
     """A queue file on read-only storage (a snapshot, a backup, a read-only
     mount): inspecting it works and writes nothing at all, not even a -lock,
@@ -5839,16 +5877,7 @@ class ReadOnlyStorageTest(ProcessTest):
     def test_a_file_of_the_old_layout_is_inspected_where_it_cannot_be_upgraded(self):
         """A backup of a queue an older blero.py wrote (schema 1): it shows
         its jobs as it is, since an upgrade would be a write."""
-        old = os.path.join(self.dir, "v1")
-        os.mkdir(old)
-        try:
-            source = subprocess.run(["git", "-C", HERE, "show", f"{V1_COMMIT}:blero.py"],
-                                    capture_output=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            self.skipTest(f"needs git and commit {V1_COMMIT}, whose blero.py writes v1 files")
-        with open(os.path.join(old, "blero.py"), "wb") as f:
-            f.write(source)
-        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        with_old_blero(self, V1_COMMIT, """
             import sys, blero
             bl = blero.new(sys.argv[1])
             bl.register_processor(lambda job: job.data * 2, names="double")
@@ -5856,9 +5885,7 @@ class ReadOnlyStorageTest(ProcessTest):
             bl.wait(bl.enqueue("double", 21), 30)
             bl.enqueue("later", "x")
             bl.stop()
-            """), self.path], cwd=old, env=dict(os.environ, PYTHONPATH=old),
-            capture_output=True, text=True, timeout=60)
-        self.assertEqual(made.returncode, 0, made.stderr)
+            """, self.path)
         path = self.read_only_copy(self.path)
         before = dir_state(os.path.dirname(path))
         q = blero.new(path)
@@ -6046,7 +6073,8 @@ class DashboardOfTheQueueTest(TempDirTest):
         job = self.get_json(port, f"/api/job?id={failed[0]}")
         self.assertLessEqual(set(blero.JobInfo._fields), set(job))
         info = worker.get_job(failed[0])
-        self.assertEqual({k: job[k] for k in blero.JobInfo._fields}, info._asdict())
+        self.assertEqual({k: job[k] for k in blero.JobInfo._fields},
+                         json.loads(json.dumps(info._asdict())))
         self.assertIn("Traceback (most recent call last)", job["error"])
         done = worker.jobs("complete")[0]
         self.assertEqual(self.get_json(port, f"/api/job?id={done.id}")["result"],
@@ -7223,6 +7251,765 @@ class ResumableTest(TempDirTest):
         self.run_killed_then_again("executor")
 
 # ---------------------------------------------------------------------------
+# Flow control (issue 11): after= dependencies, pause/resume, limits
+# ---------------------------------------------------------------------------
+
+class FutureLike:
+    """What `after` takes besides ids: anything with an int `.id` (JobFuture)."""
+
+    def __init__(self, id):
+        self.id = id
+
+
+class JobIdLike:
+    def __init__(self, job_id):
+        self.job_id = job_id
+
+
+def gate(events):
+    """A processor whose job with data d blocks until `events[d]` is set."""
+    def run(job):
+        if job.data in events:
+            events[job.data].wait(30)
+        return job.data
+    return run
+
+
+@both_engines
+class AfterTest(TempDirTest):
+    """enqueue(after=...): a job waits until the jobs it names are complete."""
+
+    def test_waits_for_every_job_named_then_runs(self):
+        bl = self.queue()
+        events = {"a": threading.Event(), "b": threading.Event()}
+        self.addCleanup(lambda: [e.set() for e in events.values()])
+        a, b = bl.enqueue("x", "a"), bl.enqueue("x", "b")
+        c = bl.enqueue("x", "c", after=[b, a])
+        for _ in range(3):
+            bl.register_processor(gate(events))
+        wait_until(lambda: bl.stats()["inprogress"] == 2, message="a and b running")
+        info = bl.get_job(c)
+        self.assertEqual((info.state, info.after), ("pending", (b, a)))
+        self.assertEqual(bl.get_job(a).after, ())
+        self.assertEqual(bl.stats()["pending"], 1)
+        self.assertEqual([j.id for j in bl.jobs(state="pending")], [c])
+        self.assertEqual([j.id for j in bl.jobs()], [a, b, c])
+        events["a"].set()
+        self.assertEqual(bl.wait(a, 10), "a")
+        self.assertFalse(bl.join(0.2), "join() ended with a job still waiting")
+        self.assertEqual(bl.get_job(c).state, "pending")
+        events["b"].set()
+        self.assertEqual(bl.wait(c, 10), "c")
+        self.assertGreaterEqual(bl.get_job(c).started_at, bl.get_job(b).finished_at)
+        self.assertTrue(bl.join(10))
+
+    def test_ids_futures_and_a_single_id(self):
+        bl = self.queue()
+        a, b = bl.enqueue("x"), bl.enqueue("x")
+        self.assertEqual(bl.get_job(bl.enqueue("x", after=a)).after, (a,))
+        self.assertEqual(bl.get_job(bl.enqueue("x", after=FutureLike(a))).after, (a,))
+        self.assertEqual(bl.get_job(bl.enqueue("x", after=[JobIdLike(b), FutureLike(a), a]))
+                         .after, (b, a))
+        self.assertEqual(bl.get_job(bl.enqueue("x", after=())).after, ())
+        ids = bl.enqueue_many([{"name": "x", "after": [a, b]}, ("y", None),
+                               {"name": "z", "after": b}])
+        self.assertEqual([bl.get_job(i).after for i in ids], [(a, b), (), (b,)])
+        bl.register_processor(lambda job: job.id)
+        self.assertTrue(bl.join(10))
+        self.assertEqual(bl.stats()["complete"], 9)
+
+    def test_a_task_waits_on_the_futures_it_is_given(self):
+        bl = self.queue()
+        order = []
+
+        @bl.task(name="flow.add")
+        def add(a, b):
+            order.append((a, b))
+            return a + b
+        first = add.enqueue(1, 2)
+        second = add.using(after=first).enqueue(3, 4)
+        third = add.using(after=[first, second]).enqueue(5, 6)
+        self.assertEqual(bl.get_job(third.id).after, (first.id, second.id))
+        self.assertEqual([f.result(10) for f in (first, second, third)], [3, 7, 11])
+        self.assertEqual(order, [(1, 2), (3, 4), (5, 6)])
+
+    def test_bad_after_raises_and_stores_nothing(self):
+        bl = self.queue()
+        a = bl.enqueue("x")
+        for bad, error in (([a, a + 1000], ValueError), (0, ValueError), ([-1], ValueError),
+                           ("1", TypeError), ([1.0], TypeError), (True, TypeError),
+                           ([None], TypeError), (FutureLike("1"), TypeError),
+                           (object(), TypeError)):
+            with self.assertRaises(error, msg=repr(bad)):
+                bl.enqueue("x", after=bad)
+            with self.assertRaises(error, msg=repr(bad)):
+                bl.enqueue_many([("x", 1), {"name": "x", "after": bad}])
+        with self.assertRaises(ValueError) as cm:
+            bl.enqueue("x", after=[a, a + 7])
+        self.assertIn(str(a + 7), str(cm.exception))
+        self.assertEqual(bl.stats()["pending"], 1, "a refused enqueue stored something")
+        self.assertEqual(bl.enqueue("x"), a + 1)
+
+    def test_a_failure_cancels_the_chain_below_it_not_its_siblings(self):
+        bl = self.queue(retries=0)
+
+        def run(job):
+            if job.data == "fails":
+                raise RuntimeError("the middle fails")
+            return job.data
+        first = bl.enqueue("x", "first")
+        middle = bl.enqueue("x", "fails", after=first)
+        below = bl.enqueue("x", "below", after=middle)
+        further = bl.enqueue("x", "further", after=[below, first])
+        sibling = bl.enqueue("x", "sibling", after=first)
+        nephew = bl.enqueue("x", "nephew", after=sibling)
+        bl.register_processor(run)
+        bl.register_processor(run)
+        self.assertTrue(bl.join(10))
+        self.assertEqual(bl.get_job(middle).state, "failed")
+        for job_id, dep in ((below, middle), (further, below)):
+            info = bl.get_job(job_id)
+            self.assertEqual(info.state, "cancelled")
+            self.assertIsNone(info.started_at, "a cancelled dependant ran")
+            self.assertIn(f"job {dep}", info.error)
+            with self.assertRaises(blero.JobCancelled):
+                bl.wait(job_id, 5)
+        self.assertIn("failed", bl.get_job(below).error)
+        self.assertEqual([bl.wait(i, 5) for i in (first, sibling, nephew)],
+                         ["first", "sibling", "nephew"])
+
+    def test_cancelling_a_job_cancels_those_waiting_on_it(self):
+        bl = self.queue()
+        a = bl.enqueue("x", delay=3600)
+        b = bl.enqueue("x", after=a)
+        c = bl.enqueue("x", after=b)
+        other = bl.enqueue("x", after=bl.enqueue("x"))
+        self.assertTrue(bl.cancel(b))
+        self.assertEqual([bl.get_job(i).state for i in (a, b, c)],
+                         ["pending", "cancelled", "cancelled"])
+        self.assertIn(f"job {b}", bl.get_job(c).error)
+        self.assertIn("cancelled", bl.get_job(c).error)
+        bl.register_processor(lambda job: "ran")
+        self.assertEqual(bl.wait(other, 10), "ran")
+        self.assertTrue(bl.cancel(a))
+        self.assertTrue(bl.join(10))
+
+    def test_after_jobs_already_ended(self):
+        bl = self.queue(retries=0)
+
+        def run(job):
+            if job.data == "fails":
+                raise RuntimeError("fails")
+        bl.register_processor(run)
+        ok, bad = bl.enqueue("x"), bl.enqueue("x", "fails")
+        self.assertIsNone(bl.wait(ok, 10))
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(bad, 10)
+        self.assertEqual(bl.wait(bl.enqueue("x", "runs", after=ok), 10), None)
+        late = bl.enqueue("x", after=[ok, bad])
+        info = bl.get_job(late)
+        self.assertEqual(info.state, "cancelled")
+        self.assertIn(f"job {bad}", info.error)
+        self.assertIn("failed", info.error)
+
+    def test_a_dependency_swept_after_completing_counts_as_complete(self):
+        bl = self.queue()
+        events = {"slow": threading.Event()}
+        self.addCleanup(events["slow"].set)
+        bl.register_processor(gate(events))
+        bl.register_processor(gate(events))
+        done, slow = bl.enqueue("x", "done"), bl.enqueue("x", "slow")
+        both = bl.enqueue("x", "both", after=[done, slow])
+        self.assertEqual(bl.wait(done, 10), "done")
+        self.assertEqual(bl.sweep(), 1)
+        self.assertIsNone(bl.get_job(done))
+        later = bl.enqueue("x", "later", after=done)
+        self.assertEqual(bl.wait(later, 10), "later")
+        self.assertEqual(bl.get_job(both).state, "pending")
+        events["slow"].set()
+        self.assertEqual(bl.wait(both, 10), "both")
+        self.assertEqual(bl.get_job(both).after, (done, slow))
+        self.assertEqual(bl.sweep(), 3)
+        # ids are never reused, so a swept id is told from one never given
+        with self.assertRaises(ValueError):
+            bl.enqueue("x", after=both + 10)
+
+    def test_a_chain_of_a_thousand_runs_in_order(self):
+        bl = self.queue()
+        order = []
+        lock = threading.Lock()
+
+        def run(job):
+            with lock:
+                order.append(job.id)
+        ids, last = [], None
+        for i in range(1000):
+            last = bl.enqueue("chain", i, after=last)
+            ids.append(last)
+        for _ in range(4):
+            bl.register_processor(run)
+        self.assertTrue(bl.join(120))
+        self.assertEqual(order, ids)
+        self.assertEqual(bl.stats()["complete"], 1000)
+
+    def test_a_delayed_dependant_waits_for_its_time_too(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: time.time())
+        a = bl.enqueue("x")
+        b = bl.enqueue("x", after=a, delay=0.3)
+        began = bl.get_job(b).created_at
+        self.assertGreaterEqual(bl.wait(b, 10), began + 0.3)
+
+    def test_waiting_lasts_across_a_restart(self):
+        bl = self.queue(start=False)
+        bl.start()
+        a = bl.enqueue("x", delay=0.5)
+        b = bl.enqueue("x", after=a)
+        bl.stop()
+        bl.start()
+        bl.register_processor(lambda job: job.id)
+        self.assertEqual(bl.wait(b, 10), b)
+        self.assertLess(bl.get_job(a).finished_at, bl.get_job(b).started_at)
+
+
+# The last blero.py whose files are of schema 2 (before after=, pauses and
+# limits): the test of that upgrade runs it to make such a file.
+V2_COMMIT = "39c00f9"
+# The last blero.py whose PostgreSQL schemas are of version 1.
+PG_V1_COMMIT = "addf569"
+
+# argv: db.  With the v2 blero.py: 2 jobs done, 3 left pending.
+V2_CHILD = """
+import sys, json, blero
+bl = blero.new(sys.argv[1])
+bl.register_processor(lambda job: job.data * 2, names=["done"])
+bl.start()
+done = bl.enqueue_many([("done", b"done %d" % i) for i in range(2)])
+bl.wait(done[-1], 60)
+waiting = bl.enqueue_many([("waiting", b"waits %d" % i) for i in range(3)])
+bl.stop()
+print(json.dumps({"done": done, "waiting": waiting}))
+"""
+
+
+class FlowUpgradeTest(ProcessTest):
+    """A file of schema 2 gets what after=, pauses and limits store at its
+    first start, and is read as if it had them on read-only storage."""
+
+    def v2_file(self, path):
+        made = json.loads(with_old_blero(self, V2_COMMIT, V2_CHILD, path))
+        self.assertEqual(UpgradeTest.layout(self, path), (2, 2))
+        return made
+
+    def test_a_file_of_schema_2_is_upgraded_in_place(self):
+        made = self.v2_file(self.path)
+        bl = blero.new(self.path)
+        bl.start()
+        self.assertEqual(UpgradeTest.layout(self, self.path), (blero._SCHEMA_VERSION, 2))
+        self.assertEqual((bl.paused(), bl.limits()), (set(), {}))
+        self.assertEqual(bl.get_job(made["done"][0]).after, ())
+        first = made["waiting"][0]
+        then = bl.enqueue("waiting", b"then", after=made["waiting"])
+        bl.pause("waiting")
+        bl.limit("waiting", concurrency=1)
+        bl.register_processor(lambda job: job.data.upper(), names=["waiting"])
+        bl.register_processor(lambda job: job.data.upper(), names=["waiting"])
+        self.assertFalse(bl.join(0.3))
+        self.assertEqual(bl.get_job(first).state, "pending")
+        bl.resume("waiting")
+        self.assertEqual(bl.wait(then, 10), b"THEN")
+        self.assertEqual(bl.get_job(then).after, tuple(made["waiting"]))
+        bl.stop()
+        bl = blero.new(self.path)
+        self.assertEqual(bl.limits(), {"waiting": {"concurrency": 1, "rate": None}})
+        self.assertEqual(bl.stats()["complete"], 6)
+
+    @unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
+    def test_a_postgresql_schema_of_version_1_is_upgraded_in_place(self):
+        schema = "test_" + os.urandom(5).hex()
+        self.addCleanup(pg_run, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        made = json.loads(with_old_blero(self, PG_V1_COMMIT, """
+            import sys, json, blero
+            bl = blero.new(sys.argv[1], schema=sys.argv[2])
+            bl.register_processor(lambda job: job.data, names="done")
+            bl.start()
+            done = bl.enqueue("done", "d")
+            bl.wait(done, 60)
+            waiting = bl.enqueue("waiting", "w")
+            bl.stop()
+            print(json.dumps([done, waiting]))
+            """, POSTGRES, schema))
+        bl = blero.new(POSTGRES, schema=schema)
+        self.assertEqual(bl.stats()["pending"], 1)     # (an inspection upgrades it too)
+        bl.register_processor(lambda job: job.data)
+        bl.start()
+        self.addCleanup(bl.stop, 5)
+        then = bl.enqueue("then", "t", after=made)
+        bl.limit("waiting", concurrency=1)
+        self.assertEqual(bl.wait(then, 10), "t")
+        self.assertEqual(bl.get_job(then).after, tuple(made))
+        with pg_connect() as conn:
+            versions = [r[0] for r in conn.execute(f'SELECT version FROM "{schema}".blero_meta')]
+        self.assertEqual(max(versions), blero._PG_SCHEMA_VERSION)
+
+    def test_a_file_of_schema_2_on_read_only_storage_is_read_as_the_latest(self):
+        made = self.v2_file(self.path)
+        copy = ReadOnlyStorageTest.read_only_copy(self, self.path)
+        bl = blero.new(copy)
+        self.assertEqual((bl.paused(), bl.limits()), (set(), {}))
+        self.assertEqual([bl.get_job(i).after for i in made["waiting"]], [()] * 3)
+        self.assertEqual(bl.stats()["pending"], 3)
+        self.assertTrue(bl.jobs(state="pending"))
+        for operate in (bl.pause, lambda: bl.limit("x", concurrency=1), bl.resume):
+            with self.assertRaises(blero.BleroError):
+                operate()
+
+
+
+def held_until(test, bl, job_id, release):
+    """Job `job_id` stays pending (and join() waits) until `release()`; then
+    it runs: its result."""
+    test.assertFalse(bl.join(0.3))
+    test.assertEqual(bl.get_job(job_id).state, "pending")
+    release()
+    return bl.wait(job_id, 10)
+
+
+@both_engines
+class PauseTest(TempDirTest):
+    """pause(name=None), resume(name=None), paused(): stored in the queue."""
+
+    def test_a_paused_name_starts_no_job_until_resumed_others_go_on(self):
+        bl = self.queue()
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.name))
+        bl.register_processor(lambda job: ran.append(job.name))
+        self.assertIsNone(bl.pause("x"))
+        self.assertEqual(bl.paused(), {"x"})
+        xs = [bl.enqueue("x", i) for i in range(5)]
+        ys = [bl.enqueue("y", i) for i in range(5)]
+        for i in ys:
+            bl.wait(i, 10)
+        self.assertFalse(bl.join(0.3))
+        self.assertEqual([bl.get_job(i).state for i in xs], ["pending"] * 5)
+        self.assertNotIn("x", ran)
+        bl.resume("x")
+        self.assertEqual(bl.paused(), set())
+        self.assertTrue(bl.join(10))
+        self.assertEqual(ran.count("x"), 5)
+
+    def test_pause_of_everything_and_resume_of_everything(self):
+        bl = self.queue()
+        bl.pause("x")
+        bl.pause()
+        self.assertEqual(bl.paused(), {None, "x"})
+        bl.register_processor(lambda job: job.name)
+        ids = [bl.enqueue(name) for name in "xyz"]
+        self.assertFalse(bl.join(0.3))
+        self.assertEqual(bl.stats()["pending"], 3)
+        bl.resume("x")      # everything is still paused
+        self.assertEqual(bl.paused(), {None})
+        self.assertFalse(bl.join(0.2))
+        bl.pause("x")
+        bl.resume()         # resumes every name
+        self.assertEqual(bl.paused(), set())
+        self.assertEqual([bl.wait(i, 10) for i in ids], list("xyz"))
+        bl.resume()         # nothing paused: nothing to do
+        bl.resume("never paused")
+
+    def test_running_jobs_finish_when_paused(self):
+        bl = self.queue()
+        release = threading.Event()
+        self.addCleanup(release.set)
+        bl.register_processor(gate({"hold": release}))
+        held = bl.enqueue("x", "hold")
+        wait_until(lambda: bl.get_job(held).state == "inprogress")
+        waiting = bl.enqueue("x", "next")
+        bl.pause("x")
+        release.set()
+        self.assertEqual(bl.wait(held, 10), "hold")
+        self.assertEqual(held_until(self, bl, waiting, lambda: bl.resume("x")), "next")
+
+    def test_a_pause_lasts_across_restarts_and_is_seen_by_every_handle(self):
+        bl = self.queue(start=False)
+        bl.start()
+        bl.pause("x")
+        job = bl.enqueue("x")
+        bl.stop()
+        other = blero.new(self.target(), **self.settings())
+        self.assertEqual(other.paused(), {"x"})
+        bl.register_processor(lambda job: "ran")
+        bl.start()
+        self.assertFalse(bl.join(0.3))
+        other.resume("x")       # a stopped handle operates on the stored queue
+        self.assertEqual(bl.wait(job, 10), "ran")
+
+    def test_bad_names(self):
+        bl = self.queue()
+        for call in (bl.pause, bl.resume):
+            for bad, error in ((b"x", TypeError), (1, TypeError), ("", ValueError)):
+                with self.assertRaises(error):
+                    call(bad)
+        self.assertEqual(bl.paused(), set())
+
+
+def concurrent_peak(spans):
+    """The most spans (start, end) open at one instant."""
+    edges = sorted([(start, 1) for start, end in spans] + [(end, -1) for start, end in spans],
+                   key=lambda e: (e[0], e[1]))     # an end before a start at the same instant
+    peak = n = 0
+    for _, step in edges:
+        n += step
+        peak = max(peak, n)
+    return peak
+
+
+def most_in_a_window(times, window):
+    """The most of `times` within any `window` (a span shorter than window)."""
+    times = sorted(times)
+    most, first = 0, 0
+    for last, t in enumerate(times):
+        while t - times[first] >= window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+@both_engines
+class LimitTest(TempDirTest):
+    """limit(name, concurrency=, rate=) and limits()."""
+
+    def test_concurrency_is_never_exceeded_and_other_names_go_on(self):
+        bl = self.queue()
+        lock, spans, others = threading.Lock(), [], []
+        go = threading.Event()
+        self.addCleanup(go.set)
+
+        def run(job):
+            if job.name == "free":
+                with lock:
+                    others.append(job.id)
+                return
+            start = time.monotonic()
+            go.wait(30)
+            time.sleep(0.01)        # the job's work
+            with lock:
+                spans.append((start, time.monotonic()))
+        bl.limit("lim", concurrency=2)
+        self.assertEqual(bl.limits(), {"lim": {"concurrency": 2, "rate": None}})
+        limited = [bl.enqueue("lim", i) for i in range(12)]
+        for _ in range(6):
+            bl.register_processor(run)
+        wait_until(lambda: bl.stats()["inprogress"] == 2, message="two limited jobs running")
+        free = [bl.enqueue("free", i) for i in range(50)]
+        for i in free:
+            bl.wait(i, 30)          # while the limited name holds its two slots
+        self.assertEqual(bl.stats()["inprogress"], 2)
+        self.assertEqual(sum(bl.get_job(i).state == "pending" for i in limited), 10)
+        go.set()
+        self.assertTrue(bl.join(30))
+        self.assertEqual(len(spans), 12)
+        self.assertEqual(concurrent_peak(spans), 2)
+
+    def test_a_rate_is_never_exceeded(self):
+        bl = self.queue()
+        starts = []
+        bl.limit("r", rate=(5, 0.5))
+        self.assertEqual(bl.limits(), {"r": {"concurrency": None, "rate": (5, 0.5)}})
+        for _ in range(4):
+            bl.register_processor(lambda job: job.name == "r" and starts.append(time.monotonic()))
+        ids = [bl.enqueue("r", i) for i in range(16)]
+        other = bl.enqueue("other")
+        self.assertFalse(bl.wait(other, 10))    # not held up by the rate of another name
+        self.assertTrue(bl.join(30))
+        self.assertEqual(len(starts), 16)
+        self.assertLessEqual(most_in_a_window(starts, 0.5), 5)
+        self.assertGreaterEqual(starts[-1] - starts[0], 1.0, "16 starts at 5 per 0.5 s")
+        self.assertEqual([bl.get_job(i).state for i in ids], ["complete"] * 16)
+
+    def test_changing_and_removing_a_limit(self):
+        bl = self.queue()
+        bl.limit("a", concurrency=1)
+        bl.limit("b", concurrency=3, rate=(10, 60))
+        bl.limit("a", rate=(2, 1.5))     # replaces a's limit
+        self.assertEqual(bl.limits(), {"a": {"concurrency": None, "rate": (2, 1.5)},
+                                       "b": {"concurrency": 3, "rate": (10, 60.0)}})
+        bl.limit("b")
+        self.assertEqual(list(bl.limits()), ["a"])
+        bl.pause("a")
+        bl.limit("a")
+        self.assertEqual((bl.limits(), bl.paused()), ({}, {"a"}))
+        bl.resume("a")
+        bl.limit("gone")        # no limit to remove: nothing happens
+        self.assertEqual(bl.limits(), {})
+
+    def test_jobs_over_the_limit_run_once_the_limit_allows(self):
+        bl = self.queue()
+        bl.limit("x", concurrency=1)
+        bl.register_processor(lambda job: job.data)
+        bl.register_processor(lambda job: job.data)
+        ids = [bl.enqueue("x", i) for i in range(20)]
+        self.assertEqual([bl.wait(i, 10) for i in ids], list(range(20)))
+        bl.limit("x", rate=(1, 3600))
+        first, second = bl.enqueue("x", "first"), bl.enqueue("x", "second")
+        self.assertEqual(bl.wait(first, 10), "first")
+        self.assertEqual(held_until(self, bl, second, lambda: bl.limit("x")), "second")
+
+    def test_bad_limits(self):
+        bl = self.queue()
+        for kwargs, error in (({"concurrency": 0}, ValueError), ({"concurrency": -1}, ValueError),
+                              ({"concurrency": 1.5}, TypeError), ({"concurrency": "2"}, TypeError),
+                              ({"rate": (0, 1)}, ValueError), ({"rate": (1, 0)}, ValueError),
+                              ({"rate": (1, -1)}, ValueError), ({"rate": (1, math.inf)}, ValueError),
+                              ({"rate": (1, math.nan)}, ValueError), ({"rate": 5}, TypeError),
+                              ({"rate": (1,)}, TypeError), ({"rate": (1.5, 1)}, TypeError),
+                              ({"rate": [1, 1]}, TypeError)):
+            with self.assertRaises(error, msg=repr(kwargs)):
+                bl.limit("x", **kwargs)
+        with self.assertRaises(TypeError):
+            bl.limit(None, concurrency=1)
+        with self.assertRaises(ValueError):
+            bl.limit("", concurrency=1)
+        with self.assertRaises(TypeError):
+            bl.limit("x", 2)    # keyword-only
+        self.assertEqual(bl.limits(), {})
+
+
+
+@both_engines
+class FlowCommandLineTest(TempDirTest):
+    """python -m blero pause|resume [--name N], and after in jobs --json."""
+
+    def db(self):
+        """The --db (and on PostgreSQL --schema) that name the test's queue."""
+        return ["--db", self.target()] + (["--schema", self.settings()["schema"]]
+                                          if self.engine == "postgres" else [])
+
+    def test_pause_and_resume(self):
+        bl = self.queue()
+        a = bl.enqueue("x")
+        b = bl.enqueue("y", after=a)
+        target = self.db()
+        out = run_cli("pause", "--name", "x", *target)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("'x' paused", out.stdout)
+        self.assertEqual(bl.paused(), {"x"})
+        out = run_cli("pause", *target)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("everything, x", out.stdout)
+        self.assertEqual(bl.paused(), {None, "x"})
+        out = run_cli("resume", "--name", "x", *target)
+        self.assertEqual((out.returncode, bl.paused()), (0, {None}))
+        out = run_cli("resume", *target)
+        self.assertEqual((out.returncode, bl.paused()), (0, set()))
+        self.assertIn("every job resumed", out.stdout)
+        out = run_cli("jobs", "--json", *target)
+        self.assertEqual([j["after"] for j in json.loads(out.stdout)], [[], [a]])
+        del b
+
+    def test_bad_usage(self):
+        self.queue()
+        out = run_cli("pause", "--name", "", *self.db())
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("not a job name", out.stderr)
+
+    @file_only
+    def test_a_missing_file_is_an_error(self):
+        missing = self.target("missing.db")
+        out = run_cli("resume", "--db", missing)
+        self.assertEqual(out.returncode, 1)
+        self.assertFalse(os.path.exists(missing))
+
+
+# argv: db, log, processors, go file, done file.  Each processor logs "S name
+# id pid t" as its try begins and "E name id pid t" as it ends (t: monotonic
+# ns, one clock for every process); a job whose data is "hold" waits for the
+# go file first; a job's work takes 5 ms.  The child stops once the done file is there.
+FLOW_CHILD = """
+db, log_path, n, go_path, done_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+log = open_log(log_path)
+def run(job):
+    log("S", job.name, job.id, PID, time.monotonic_ns())
+    if job.data == "hold":
+        wait_for(lambda: os.path.exists(go_path))
+    time.sleep(0.005)       # the job's work
+    log("E", job.name, job.id, PID, time.monotonic_ns())
+bl = new_queue(db)
+for _ in range(n):
+    bl.register_processor(run)
+bl.start()
+log("ready", PID)
+wait_for(lambda: os.path.exists(done_path), timeout=300)
+bl.stop()
+"""
+
+
+@both_engines
+class FlowAcrossProcessesTest(ProcessTest):
+    """Pauses, limits and after= hold across processes sharing the queue,
+    as the processors' own logs show."""
+
+    def children(self, count, processors):
+        self.go, self.done = os.path.join(self.dir, "go"), os.path.join(self.dir, "done")
+        self.addCleanup(lambda: open(self.done, "a").close())
+        kids = [self.spawn(FLOW_CHILD, self.target(), self.log, processors, self.go, self.done)
+                for _ in range(count)]
+        self.wait_lines("ready", count=count, children=kids)
+        return kids
+
+    def end(self, kids):
+        open(self.done, "a").close()
+        for p in kids:
+            self.finish(p)
+
+    def spans(self, name):
+        """{job id: (start, end)} of the tries of jobs named `name` (ns)."""
+        starts = {int(f[2]): int(f[4]) for f in self.lines("S", name)}
+        ends = {int(f[2]): int(f[4]) for f in self.lines("E", name)}
+        return {i: (t, ends.get(i)) for i, t in starts.items()}
+
+    def test_concurrency_across_three_processes_of_four_workers(self):
+        bl = self.queue()
+        bl.limit("lim", concurrency=2)
+        limited = bl.enqueue_many([("lim", "hold" if i < 2 else i) for i in range(30)])
+        kids = self.children(3, 4)
+        self.wait_lines("S", "lim", count=2, children=kids)
+        # The two slots are held: the other name runs on the ten other
+        # workers, and no process starts a third limited job meanwhile
+        # (each finished job's worker claims the next in the same commit,
+        # so afterwards the slots tend to stay in the process that has them).
+        free = bl.enqueue_many([("free", i) for i in range(200)])
+        for i in free:
+            bl.wait(i, 60)
+        self.assertEqual(len(self.lines("S", "lim")), 2, "a third limited job started")
+        self.assertEqual(bl.stats()["inprogress"], 2)
+        open(self.go, "w").close()
+        for i in limited:
+            bl.wait(i, 60)
+        self.end(kids)
+        spans = self.spans("lim")
+        self.assertEqual(sorted(spans), limited)
+        self.assertEqual(concurrent_peak(list(spans.values())), 2)
+
+    def test_rate_across_three_processes_over_five_seconds(self):
+        bl = self.queue()
+        bl.limit("r", rate=(10, 1))
+        ids = bl.enqueue_many([("r", i) for i in range(60)])
+        kids = self.children(3, 4)
+        for i in ids:
+            bl.wait(i, 60)
+        self.end(kids)
+        starts = sorted(start for start, _ in self.spans("r").values())
+        self.assertEqual(len(starts), 60)
+        self.assertLessEqual(most_in_a_window(starts, 10 ** 9), 10)
+        self.assertGreaterEqual(starts[-1] - starts[0], 5 * 10 ** 9)
+
+    def test_after_pause_returns_no_job_of_the_name_starts_in_any_process(self):
+        bl = self.queue()
+        bl.enqueue_many([("p", i) for i in range(5000)])
+        kids = self.children(3, 2)
+        for cycle, name in enumerate(["p", None, "p"]):
+            seen = len(self.lines("S"))
+            self.wait_lines("S", count=seen + 10, children=kids)
+            bl.pause(name)
+            paused_at = time.monotonic_ns()
+            self.assertFalse(bl.join(0.5))
+            late = [f for f in self.lines("S") if int(f[4]) > paused_at]
+            self.assertEqual(late, [], f"started after pause({name!r}) returned")
+            bl.resume(name)
+            resumed_at = time.monotonic_ns()
+            self.wait_lines("S", count=len(self.lines("S")) + 1, children=kids)
+            first = min(int(f[4]) for f in self.lines("S") if int(f[4]) > resumed_at)
+            self.assertLess(first - resumed_at, 5 * 10 ** 9)
+        bl.pause()
+        self.end(kids)
+        self.assertEqual(bl.paused(), {None})
+
+    def test_a_chain_runs_in_order_across_processes(self):
+        bl = self.queue()
+        ids, last = [], None
+        for i in range(300):
+            last = bl.enqueue("chain", i, after=last)
+            ids.append(last)
+        kids = self.children(3, 2)
+        bl.wait(ids[-1], 120)
+        self.end(kids)
+        spans = self.spans("chain")
+        self.assertEqual(sorted(spans, key=lambda i: spans[i][0]), ids)
+        for a, b in zip(ids, ids[1:]):
+            self.assertLess(spans[a][1], spans[b][0], f"job {b} began before job {a} ended")
+
+
+
+@both_engines
+class FlowDashboardTest(TempDirTest):
+    """/api/stats shows the pauses and limits, with the jobs of each limited
+    name in progress; POST /api/pause and /api/resume."""
+
+    def test_pauses_and_limits_in_the_overview(self):
+        bl = self.queue()
+        release = threading.Event()
+        self.addCleanup(release.set)
+        bl.register_processor(gate({"hold": release}))
+        bl.limit("x", concurrency=2, rate=(100, 60))
+        bl.limit("y", concurrency=1)
+        bl.pause("z")
+        bl.pause()
+        bl.resume()
+        bl.pause("z")
+        held = bl.enqueue("x", "hold")
+        wait_until(lambda: bl.get_job(held).state == "inprogress")
+        server = blero.new(self.target(), **self.settings()).serve_metrics()
+        self.addCleanup(server.close)
+        port, own = server.port, {"Origin": f"http://127.0.0.1:{server.port}"}
+        code, _, body = http_request(port, "GET", "/api/stats")
+        self.assertEqual(code, 200, body)
+        stats = json.loads(body)
+        self.assertEqual(stats["paused"], ["z"])
+        self.assertEqual(stats["limits"], {
+            "x": {"concurrency": 2, "rate": [100, 60.0], "running": 1},
+            "y": {"concurrency": 1, "rate": None, "running": 0}})
+        code, _, body = http_request(port, "POST", "/api/pause", {}, own)
+        self.assertEqual((code, json.loads(body)), (200, {"paused": [None, "z"]}))
+        code, _, body = http_request(port, "POST", "/api/resume", {"name": "z"}, own)
+        self.assertEqual((code, json.loads(body)), (200, {"paused": [None]}))
+        self.assertEqual(bl.paused(), {None})
+        code, _, body = http_request(port, "POST", "/api/pause", {"name": ""}, own)
+        self.assertEqual(code, 400, body)
+        code, _, _ = http_request(port, "POST", "/api/resume", {})
+        self.assertEqual(code, 403, "a resume from another origin was taken")
+        self.assertEqual(bl.paused(), {None})
+
+
+
+class HeldSuspectTest(TempDirTest):
+    """A job handed back after a crash (a suspect, run alone before the
+    rest) whose name is paused holds nothing else up, and runs once resumed."""
+
+    def test_a_paused_suspect_holds_nothing_up(self):
+        path = self.target()
+        suspect, = kill_with_running_jobs(self, path, [3])
+        bl = self.queue(start=False)
+        bl.pause("doomed")
+        bl.register_processor(lambda job: job.name)
+        bl.start()
+        self.assertEqual(bl.wait(bl.enqueue("other"), 10), "other")
+        calls = []
+        claim = bl._storage.finish_and_claim
+
+        def counted(*args):
+            calls.append(args)
+            return claim(*args)
+        bl._storage.finish_and_claim = counted
+        self.assertFalse(bl.join(0.5))
+        self.assertLess(len(calls), 10, "the workers spin on the paused suspect")
+        self.assertEqual(bl.get_job(suspect).state, "pending")
+        bl.resume("doomed")
+        self.assertEqual(bl.wait(suspect, 10), "doomed")
+        self.assertEqual(bl.get_job(suspect).attempt, 2)
+
+
+# ---------------------------------------------------------------------------
 # Transactional enqueue (connection=), and what only PostgreSQL does
 # ---------------------------------------------------------------------------
 
@@ -7249,6 +8036,24 @@ class TransactionalEnqueueOnAFileTest(TempDirTest):
         self.assertEqual([bl.wait(i, 10) for i in kept], [None, None])
         self.assertEqual(sorted(ran), ["also", "kept"])
         self.assertEqual(app.execute("SELECT what FROM orders").fetchall(), [("kept",)])
+
+    def test_after_in_the_callers_transaction(self):
+        bl = self.queue()
+        first = bl.enqueue("x", "first", delay=0.2)
+        app = sqlite3.connect(bl.path)
+        self.addCleanup(app.close)
+        app.execute("BEGIN")
+        bl.enqueue("x", "lost", after=first, connection=app)
+        app.rollback()
+        with self.assertRaises(ValueError):     # the savepoint goes back; the rest stays
+            bl.enqueue_many([("x", 1), {"name": "x", "after": first + 99}], connection=app)
+        kept = bl.enqueue("x", "kept", after=first, connection=app)
+        app.commit()
+        self.assertEqual([j.data for j in bl.jobs()], ["first", "kept"])   # not "lost", nor 1
+        self.assertEqual(bl.get_job(kept).after, (first,))
+        bl.register_processor(lambda job: job.data)
+        self.assertEqual(bl.wait(kept, 10), "kept")
+        self.assertLess(bl.get_job(first).finished_at, bl.get_job(kept).started_at)
 
     def test_a_connection_to_another_file_is_refused(self):
         bl = self.queue()
@@ -7347,6 +8152,12 @@ class PostgresTest(OnPostgres, ProcessTest):
             job_id = producer.enqueue("x")
             idle.wait(job_id, 10)
             self.assertLess(started[-1] - enqueued, 5.0)
+
+    def test_another_schema_is_another_queue(self):
+        one, other = self.queue(), self.queue("other")
+        one.enqueue("x")
+        self.assertEqual(other.stats()["pending"], 0)
+        self.assertEqual(self.queue(start=False).stats()["pending"], 1)   # the same schema
 
     def test_a_cancel_from_another_process_reaches_the_running_try(self):
         runner, other = self.queue(), self.queue()    # two owners, two sessions
