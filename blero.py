@@ -401,12 +401,27 @@ class _Ended(NamedTuple):
     error: str | None
 
 
+class _ProcessorSeen(NamedTuple):
+    """What an owner tells other processes of its processors, alike ones
+    together: what runs the jobs, the job names it takes (None: any) and how
+    many jobs it runs at once."""
+
+    name: str                    # the function's (or object's) name
+    names: tuple | None          # sorted
+    concurrency: int
+
+
 class _OwnerSeen(NamedTuple):
-    """An owner registered, or holding jobs though unregistered (`_OWNERS`)."""
+    """An owner registered, or holding jobs though unregistered (`_OWNERS`;
+    all but `id` None then)."""
 
     id: int
     heartbeat_at: float | None   # None: not registered
     takes: frozenset | None      # the job names its processors take; None: any name
+    host: str | None             # None also for an owner that a blero.py of schema 2 wrote
+    pid: int | None
+    started_at: float | None
+    processors: tuple[_ProcessorSeen, ...] | None   # None: not told (schema 2)
 
 
 class _Schedule(NamedTuple):
@@ -580,16 +595,22 @@ class _Storage:
         its jobs now, so it must carry on as a new owner."""
         return False
 
-    def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
+    def heartbeat(self, owner: int, now: float, takes: frozenset | None,
+                  processors: tuple[_ProcessorSeen, ...]) -> None:
         """Register `owner` as alive, or renew it: tell other processes, which
         may not see its liveness, that it is alive; its claims need it too.
-        Store with it the job names its processors take now (`takes`; None:
-        any name), for other processes to see in `owners()`."""
+        Store with it this host's name, this process's id, the job names its
+        processors take now (`takes`; None: any name) and its processors, for
+        other processes to see in `owners()`."""
         raise NotImplementedError
 
     def owners(self) -> list[_OwnerSeen]:
         """Every owner registered or holding jobs, with its last heartbeat
-        and the job names it takes."""
+        and what it told of itself."""
+        raise NotImplementedError
+
+    def running_by_owner(self) -> dict[int, int]:
+        """How many jobs each owner holds now."""
         raise NotImplementedError
 
     def alive(self, seen: _OwnerSeen, lease: float, now: float) -> bool:
@@ -761,10 +782,27 @@ class _Storage:
         raise NotImplementedError
 
 
+# What an owner tells of itself, in the same JSON on every engine.
+_HOST = socket.gethostname()
+
+
+def _takes_json(takes: frozenset | None) -> str | None:
+    return None if takes is None else json.dumps(sorted(takes))
+
+
+def _owner_seen(id, heartbeat_at, takes, host, pid, started_at, processors) -> _OwnerSeen:
+    """An `_OWNERS` row, its JSON read."""
+    if processors is not None:
+        processors = tuple(_ProcessorSeen(name, None if names is None else tuple(names), n)
+                           for name, names, n in json.loads(processors))
+    return _OwnerSeen(id, heartbeat_at, None if takes is None else frozenset(json.loads(takes)),
+                      host, pid, started_at, processors)
+
+
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 3            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 4            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -804,6 +842,9 @@ CREATE TABLE blero_starts (
     began        REAL NOT NULL
 );
 CREATE INDEX blero_starts_name ON blero_starts (name, began)"""
+# New in schema 4: the upgrade from 3 adds them (see _schema_4).
+_OWNERS_PRESENCE = ("ALTER TABLE blero_owners ADD COLUMN host TEXT",
+                    "ALTER TABLE blero_owners ADD COLUMN processors TEXT")
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -836,7 +877,9 @@ CREATE TABLE blero_owners (
     pid          INTEGER NOT NULL,
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
-    takes        TEXT
+    takes        TEXT,
+    host         TEXT,
+    processors   TEXT
 );
 CREATE TABLE blero_schedules (
     key          TEXT PRIMARY KEY,
@@ -851,7 +894,8 @@ CREATE TABLE blero_schedules (
 );
 """ + _FLOW_SCHEMA + ";"
 # blero_owners.takes: the job names the owner's processors take, a JSON array
-# (NULL: any name), kept up to date as processors come and go.
+# (NULL: any name), kept up to date as processors come and go; processors:
+# those processors, for the dashboard, a JSON array of _ProcessorSeen arrays.
 _TABLES = frozenset(re.findall(r"CREATE TABLE (\w+)", _SCHEMA))   # blero's, in the file
 
 # Column lists come from the named tuples, so a row and its tuple never drift.
@@ -952,14 +996,17 @@ _OUTSTANDING = (
     " OR EXISTS (SELECT 1 FROM blero_jobs WHERE state = -2 AND id NOT IN (SELECT job_id FROM runs))")
 # Registers an owner, or renews it.  An owner judged dead by the lease while
 # alive (its process was suspended, say) so registers again, and can claim again.
-_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes)"
-              " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-              " heartbeat_at = excluded.heartbeat_at, takes = excluded.takes")
+_HEARTBEAT = ("INSERT INTO blero_owners (id, pid, started_at, heartbeat_at, takes, host, processors)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+              " heartbeat_at = excluded.heartbeat_at, takes = excluded.takes,"
+              " processors = excluded.processors")
 _DROP_OWNER = "DELETE FROM blero_owners WHERE id = ?"
 _OWNER_PIDS = "SELECT id, pid FROM blero_owners"
-_OWNERS = ("SELECT id, heartbeat_at, takes FROM blero_owners UNION ALL"
-           " SELECT owner, NULL, NULL FROM (SELECT DISTINCT owner FROM blero_jobs"
+_OWNERS = ("SELECT id, heartbeat_at, takes, host, pid, started_at, processors FROM blero_owners"
+           " UNION ALL SELECT owner, NULL, NULL, NULL, NULL, NULL, NULL FROM"
+           " (SELECT DISTINCT owner FROM blero_jobs"
            " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)) AS unregistered")
+_RUNNING_BY_OWNER = "SELECT owner, count(*) FROM blero_jobs WHERE state = 2 GROUP BY owner"
 _UPSERT_SCHEDULE = (
     "INSERT INTO blero_schedules (key, name, data, interval, next_due, priority, retries, timeout)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
@@ -1080,7 +1127,14 @@ def _schema_3(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3)
+def _schema_4(db: sqlite3.Connection) -> None:
+    """3 -> 4: each owner's host and processors, for the dashboard."""
+    for statement in _OWNERS_PRESENCE:
+        db.execute(statement)
+
+
+_UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3,
+                                                              _schema_4)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -1103,8 +1157,21 @@ def _schema_3_views(db: sqlite3.Connection) -> None:
         db.execute(f"CREATE TEMP VIEW blero_{table} AS SELECT {columns} WHERE 0")
 
 
+def _schema_4_views(db: sqlite3.Connection) -> None:
+    """3 as 4: owners with no host or processors told (a file of schema 1
+    comes here with blero_owners a view already: this one replaces it)."""
+    made = db.execute("SELECT sql FROM sqlite_temp_master WHERE name = 'blero_owners'").fetchone()
+    source = "main.blero_owners"
+    if made is not None:
+        source = "(" + made[0].split(" AS ", 1)[1] + ")"
+        db.execute("DROP VIEW temp.blero_owners")
+    db.execute(f"CREATE TEMP VIEW blero_owners AS SELECT *, NULL AS host, NULL AS processors"
+               f" FROM {source}")
+
+
 _READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
-                                                                      _schema_3_views)
+                                                                      _schema_3_views,
+                                                                      _schema_4_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -2223,15 +2290,16 @@ class _SQLiteStorage(_Storage):
     def owner_alive(self, owner: int) -> bool | None:
         return _owner_alive(self.real, owner)
 
-    def heartbeat(self, owner: int, now: float, takes: frozenset | None) -> None:
-        names = None if takes is None else json.dumps(sorted(takes))
-        self._write(lambda db: db.execute(_HEARTBEAT, (owner, os.getpid(), now, now, names)))
+    def heartbeat(self, owner: int, now: float, takes: frozenset | None,
+                  processors: tuple[_ProcessorSeen, ...]) -> None:
+        row = (owner, os.getpid(), now, now, _takes_json(takes), _HOST, json.dumps(processors))
+        self._write(lambda db: db.execute(_HEARTBEAT, row))
 
     def owners(self) -> list[_OwnerSeen]:
-        rows = self._read(lambda db: db.execute(_OWNERS).fetchall())
-        return [_OwnerSeen(owner, heartbeat,
-                           None if names is None else frozenset(json.loads(names)))
-                for owner, heartbeat, names in rows]
+        return [_owner_seen(*row) for row in self._read(lambda db: db.execute(_OWNERS).fetchall())]
+
+    def running_by_owner(self) -> dict[int, int]:
+        return dict(self._read(lambda db: db.execute(_RUNNING_BY_OWNER).fetchall()))
 
     def changed_elsewhere(self) -> bool:
         # Never waits for a write under way (waking a waiter on every commit
@@ -2487,7 +2555,7 @@ class _SQLiteStorage(_Storage):
 # connections, liveness by advisory locks, LISTEN/NOTIFY, claims that skip
 # rows another transaction has locked.
 
-_PG_SCHEMA_VERSION = 2       # blero_meta.version this blero.py writes and reads
+_PG_SCHEMA_VERSION = 3       # blero_meta.version this blero.py writes and reads
 _PG_POOL = 4                 # connections for reads and writes, besides the owner's own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
@@ -2545,7 +2613,13 @@ def _pg_schema_2(db) -> None:
         db.execute(_pg_ddl(statement))
 
 
-_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2,)
+def _pg_schema_3(db) -> None:
+    """2 -> 3: each owner's host and processors, as the file's schema 4 has them."""
+    for statement in _OWNERS_PRESENCE:
+        db.execute(_pg_ddl(statement))
+
+
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2, _pg_schema_3)
 
 
 def _is_server(target) -> bool:
@@ -3117,7 +3191,7 @@ _PG_SHARED = ("_finish_and_claim", "_claim", "_claim_held", "_ended", "_cancel_d
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
               "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
-              "owners", "cancel", "_cancel", "retry_failed", "upsert_schedule",
+              "owners", "running_by_owner", "cancel", "_cancel", "retry_failed", "upsert_schedule",
               "drop_schedule", "run_schedules", "_run_schedules", "get", "outcome",
               "pending_in_run_order", "counts", "finished_since", "outstanding",
               "pending_by_name", "_claim_statements", "list", "clear_keys", "outcomes")
@@ -3194,14 +3268,16 @@ class _Throttle:
 
 
 class _Processor:
-    """A registered processor: the callable, the job names it takes, and
-    how many workers run it (a task's concurrency)."""
+    """A registered processor: the callable, the job names it takes, how
+    many workers run it (a task's concurrency), and what other processes
+    are told it is (`label`: a task, an executor, or the function's name)."""
 
-    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired")
+    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label")
 
-    def __init__(self, id, fn, names, concurrency=1):
+    def __init__(self, id, fn, names, concurrency=1, label=None):
         self.id = id
         self.fn = fn
+        self.label = label or _fn_name(fn)
         self.names = names
         # With names None: the names it does not take after all, those of
         # the tasks (a processor of any name takes no task's jobs).
@@ -3219,6 +3295,29 @@ def _takes(processors: Iterable[_Processor]) -> frozenset | None:
             return None
         names |= p.names
     return frozenset(names)
+
+
+class _Presence(NamedTuple):
+    """What an owner's heartbeat tells other processes of its processors."""
+
+    takes: frozenset | None
+    processors: tuple[_ProcessorSeen, ...]
+
+    @classmethod
+    def of(cls, processors: Iterable[_Processor]) -> _Presence:
+        processors = list(processors)
+        alike: collections.Counter = collections.Counter()
+        for p in processors:
+            alike[p.label, None if p.names is None else tuple(sorted(p.names))] += p.concurrency
+        return cls(_takes(processors),
+                   tuple(_ProcessorSeen(name, names, n) for (name, names), n in alike.items()))
+
+
+def _fn_name(fn) -> str:
+    """A processor's name as an operator knows it: `process`, `Mailer.run`
+    (a function defined inside another goes by its own name)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return name.rsplit(".<locals>.", 1)[-1]
 
 
 class _Outcome(NamedTuple):
@@ -3617,7 +3716,7 @@ class _Dispatcher:
     """Runs the jobs of one started Blero: its workers and its clock thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
-                 counters: _Counters, changed: _Changes, takes: frozenset | None,
+                 counters: _Counters, changed: _Changes, presence: _Presence,
                  futures: _Futures):
         self.storage = storage
         self.settings = settings
@@ -3630,8 +3729,8 @@ class _Dispatcher:
         self.cancels = 0           # bumped (locked) before looking for tries to cancel
         self.started_at = time.time()
         self.stopping = False
-        self._takes = takes             # the job names its processors take; None: any
-        self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _takes
+        self._presence = presence       # what its heartbeats tell of its processors
+        self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _presence
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
         self._gone = threading.Condition(self._lock)   # notified as workers leave
@@ -4277,7 +4376,7 @@ class _Dispatcher:
         self.storage.hold_owner(new)
         with self._beat_lock:
             self.owner = new
-            self.storage.heartbeat(new, time.time(), self._takes)
+            self.storage.heartbeat(new, time.time(), *self._presence)
         self.storage.release_owner(old)
         log.warning("carrying on as a new owner; %d running job(s) cancelled", len(running))
         self.work_arrived(None)
@@ -4318,21 +4417,21 @@ class _Dispatcher:
     def _beat(self) -> None:
         if self._due("beat", self.settings.lease / 3):
             with self._beat_lock:
-                self.storage.heartbeat(self.owner, time.time(), self._takes)
+                self.storage.heartbeat(self.owner, time.time(), *self._presence)
 
-    def processors_changed(self, takes: frozenset | None) -> None:
-        """The job names this queue's processors take are now `takes`: tell
-        other processes at once (their join() warns of names that no live
-        queue takes).  Not once the queue is stopping: its stop drops the
+    def processors_changed(self, presence: _Presence) -> None:
+        """This queue's processors are now as `presence` says: tell other
+        processes at once (their join() warns of names that no live queue
+        takes, and their dashboards show them).  Not once the queue is stopping: its stop drops the
         owner's registration, and a heartbeat after that would register it
         again, letting a claim still on its way succeed with nobody left to
         hand its job back.  (Called under the Blero's lock, as begin_stop is.)"""
         with self._beat_lock:
-            self._takes = takes
+            self._presence = presence
             if self.stopping:
                 return
             try:
-                self.storage.heartbeat(self.owner, time.time(), takes)
+                self.storage.heartbeat(self.owner, time.time(), *presence)
             except BleroError as exc:   # the next heartbeat tells them
                 if not self.stopping:
                     self.throttle.error(exc, "heartbeat failed: %s; will try again", exc)
@@ -4459,6 +4558,22 @@ def _call_back(fn, job, value) -> None:
 # The public Blero class
 # ---------------------------------------------------------------------------
 
+class _Sparingly:
+    """A look that is costly on a big queue (counting pending jobs by name
+    reads them all), taken at most 2% of the time and at most once a
+    second; in between, the last answer."""
+
+    def __init__(self):
+        self._next, self._last = -math.inf, None
+
+    def look(self, fn: Callable[..., Any], *args) -> Any:
+        began = time.monotonic()
+        if began >= self._next:
+            self._last = fn(*args)
+            self._next = began + max(1.0, 50 * (time.monotonic() - began))
+        return self._last
+
+
 def _db_path(path) -> str:
     path = os.fspath(path)
     if not isinstance(path, str):
@@ -4583,10 +4698,10 @@ class Blero:
             owner = _new_owner_id()
             try:
                 storage.hold_owner(owner)
-                takes = _takes(self._processors.values())
-                storage.heartbeat(owner, time.time(), takes)
+                presence = _Presence.of(self._processors.values())
+                storage.heartbeat(owner, time.time(), *presence)
                 d = _Dispatcher(storage, self._settings, owner, self._counters, self._changed,
-                                takes, self._futures)
+                                presence, self._futures)
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
@@ -4821,13 +4936,14 @@ class Blero:
         return self._add_processor(fn, names).id
 
     def _add_processor(self, fn, names: frozenset | None, concurrency: int = 1,
-                       task_names: Iterable[str] = (), replaces: int | None = None
-                       ) -> _Processor:
+                       task_names: Iterable[str] = (), replaces: int | None = None,
+                       label: str | None = None) -> _Processor:
         """Register a processor of `concurrency` workers; `task_names` are
         the names of task jobs it takes (kept from processors of any name);
-        `replaces`: the id of a processor it takes the place of."""
+        `replaces`: the id of a processor it takes the place of; `label`:
+        what it is, for other processes to see (default: fn's name)."""
         with self._lock:
-            p = _Processor(self._next_processor, fn, names, concurrency)
+            p = _Processor(self._next_processor, fn, names, concurrency, label)
             self._next_processor += 1
             old = self._processors.pop(replaces, None)
             self._processors[p.id] = p
@@ -4837,7 +4953,7 @@ class Blero:
             if d is not None:
                 # Told before its first job: no other process's join() may
                 # see it run one, and yet not take that name.
-                d.processors_changed(_takes(self._processors.values()))
+                d.processors_changed(_Presence.of(self._processors.values()))
         if d is not None:
             if old is not None:
                 d.retire(old)
@@ -4852,7 +4968,7 @@ class Blero:
             self._exclude_task_names()
             d = self._dispatcher
             if d is not None:
-                d.processors_changed(_takes(self._processors.values()))
+                d.processors_changed(_Presence.of(self._processors.values()))
         if d is not None:
             d.work_arrived(None)
 
@@ -4875,7 +4991,7 @@ class Blero:
             self._exclude_task_names()
             d = self._dispatcher
             if p is not None and d is not None:
-                d.processors_changed(_takes(self._processors.values()))
+                d.processors_changed(_Presence.of(self._processors.values()))
         if p is None:
             raise KeyError(processor_id)
         if d is not None:
@@ -4997,13 +5113,13 @@ class Blero:
         Pending jobs that no live queue's processors take (here or in another
         process) are logged at WARNING meanwhile, once per name."""
         timeout = _seconds("timeout", timeout, optional=True)
-        next_look = [0.0]
+        untaken = _Sparingly()
 
         def done(storage):
             d = self._dispatcher
             before = d.activity() if d is not None else (False, 0)
             if before[0] or storage.outstanding():
-                self._warn_untaken(storage, next_look)
+                self._warn_untaken(untaken.look(storage.untaken, self._settings.lease))
                 return None
             # A job may have been claimed, run and recorded since `before`,
             # its on_complete still enqueueing more: then look again.
@@ -5011,16 +5127,9 @@ class Blero:
 
         return bool(self._until(done, timeout))
 
-    def _warn_untaken(self, storage: _Storage, next_look: list[float]) -> None:
+    def _warn_untaken(self, untaken: dict[str, int]) -> None:
         """Log each name of pending jobs that no live queue takes, once: a
-        typo in a name would otherwise make join() wait for ever in silence.
-        Counting pending jobs by name reads them all: on a big queue it is
-        done at most 2% of the time (and at most once a second)."""
-        began = time.monotonic()
-        if began < next_look[0]:
-            return
-        untaken = storage.untaken(self._settings.lease)
-        next_look[0] = began + max(1.0, 50 * (time.monotonic() - began))
+        typo in a name would otherwise make join() wait for ever in silence."""
         for name, n in sorted(untaken.items()):
             if name not in self._untaken_warned:
                 self._untaken_warned.add(name)
@@ -5296,7 +5405,7 @@ class Blero:
             replaces = None if old is None else old._processor.id
             run = task._arun if _is_async(fn) else task._run
             task._processor = self._add_processor(run, frozenset([task.name]),
-                                                  concurrency, [task.name], replaces)
+                                                  concurrency, [task.name], replaces, "task")
             with self._lock:
                 if old is not None:
                     self._task_names[task.name] -= 1
@@ -6093,7 +6202,8 @@ class Executor(concurrent.futures.Executor):
                 p = self._processor
             if p is None:
                 p = self._blero._add_processor(self._run, frozenset([name]),
-                                               self._max_workers, task_names=[name])
+                                               self._max_workers, task_names=[name],
+                                               label="executor")
                 with self._lock:
                     self._processor = p
             elif not known:
@@ -6306,6 +6416,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
         none of it from this process's counters (which know only its own
         work), so any process serving a queue shows the same."""
         bl = self.server.blero
+        d = bl._dispatcher
         now = time.time()
         step, span = 10, 300
         start = (now - span) // step * step
@@ -6317,25 +6428,38 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             ended = {(at, state): n for at, state, n in storage.finished_since(start, step)}
             counts, read_only = storage.counts(), storage.read_only is not None
             paused, limits = storage.paused(), storage.limits()
-            running = storage.running_by_name() if limits else {}
+            by_name = storage.running_by_name() if limits else {}
+            owners = [o for o in storage.owners() if o.heartbeat_at is not None
+                      and storage.alive(o, bl._settings.lease, now)]
+            by_owner = storage.running_by_owner()
+            untaken = self.server.untaken.look(storage.untaken, bl._settings.lease)
         steps = [start + i * step for i in range(span // step + 1)]
         out = {"queue": {"path": bl.path, "read_only": read_only},
                # who answers: a process that may or may not run the queue itself
-               "served_by": {"pid": os.getpid(), "running": bl._dispatcher is not None,
+               "served_by": {"pid": os.getpid(), "running": d is not None,
                              "processors": len(bl._processors)},
                "time": now, "counts": counts,
                # jobs that ended in each `step` seconds of the last 5 minutes,
                # oldest first; the last step is still under way
                "throughput": {"step": step, "start": start,
                               "complete": [ended.get((at, "complete"), 0) for at in steps],
-                              "failed": [ended.get((at, "failed"), 0) for at in steps]}}
+                              "failed": [ended.get((at, "failed"), 0) for at in steps]},
+               # every live process running the queue, as it told of itself
+               "owners": [{"id": o.id, "serving": d is not None and o.id == d.owner,
+                           "host": o.host, "pid": o.pid, "started_at": o.started_at,
+                           "last_seen": o.heartbeat_at, "running": by_owner.get(o.id, 0),
+                           "processors": None if o.processors is None else [
+                               p._asdict() for p in o.processors]}
+                          for o in sorted(owners, key=lambda o: o.started_at)],
+               # pending jobs, by name, that no live process takes
+               "untaken": untaken}
         # Schedules join the overview here once the queue stores them.
         # Pauses: the names paused, sorted, null first for "everything";
         # limits: each with how many of its jobs are in progress now.
         out["paused"] = sorted(paused, key=lambda n: (n is not None, n or ""))
         out["limits"] = {name: {"concurrency": concurrency,
                                 "rate": None if rate is None else list(rate),
-                                "running": running.get(name, 0)}
+                                "running": by_name.get(name, 0)}
                          for name, (concurrency, rate) in limits.items()}
         for part, found in rows.items():
             out[part] = [_job_json(bl._info(r), shorten=True) for r in found]
@@ -6409,6 +6533,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         # the names a Host header may give this server by (besides IP addresses)
         self.names = frozenset(n.lower() for n in (
             host, "localhost", socket.gethostname(), socket.getfqdn()))
+        self.untaken = _Sparingly()     # storage.untaken, as join() looks at it
 
     def handle_error(self, request, client_address):
         # a client that hangs up early is its own business: never print
@@ -6457,6 +6582,10 @@ header h1{font-size:18px;margin:0;letter-spacing:.5px} header h1 a{color:#fff}
 .badge{display:inline-block;font-size:12px;padding:1px 8px;border-radius:10px;background:#ffffff22;white-space:nowrap}
 .badge.warn{background:#f5b94a;color:#3a2600}
 #msg:empty{display:none} #msg{background:#fde8e8;color:#8a1c1c;padding:8px 20px;border-bottom:1px solid #f5c2c2}
+.note{background:#fff4dc;color:#5c3c00;border-radius:8px;padding:8px 14px;box-shadow:0 0 0 1px #f0d9a8}
+.procs{margin:0;padding:0;list-style:none} .procs li{white-space:nowrap}
+.procs code,.names code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#f1f3f6;border-radius:3px;padding:0 4px}
+.x{color:var(--muted)}
 main{padding:16px 20px;max-width:1280px;margin:0 auto;display:grid;gap:16px}
 .cards{display:grid;grid-template-columns:repeat(5,1fr);gap:12px}
 .card{background:var(--card);border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px #0001,0 0 0 1px #0000000a;
@@ -6466,11 +6595,12 @@ border-top:3px solid var(--c);cursor:pointer;color:var(--ink)}
 section{background:var(--card);border-radius:8px;padding:12px 16px;box-shadow:0 1px 2px #0001,0 0 0 1px #0000000a;min-width:0}
 h2{font-size:15px;margin:0 0 8px;display:flex;gap:8px;align-items:center;flex-wrap:wrap}
 h2 small{font-weight:normal;color:var(--muted)} h2 button{margin-left:auto}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%}
 td,th{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:baseline}
 th{font-size:12px;font-weight:600;color:var(--muted);white-space:nowrap}
+tr.has-detail td{border-bottom:0} tr.detail td{padding-top:0}
 td.num{font-variant-numeric:tabular-nums;white-space:nowrap} td.none{color:var(--muted);font-style:italic}
 td.val{max-width:18em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font:12px ui-monospace,Menlo,Consolas,monospace}
 pre{margin:0;max-height:9em;overflow:auto;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;
@@ -6499,13 +6629,16 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 @media (max-width:640px){
  header{padding:8px 12px} main{padding:10px;gap:10px} section{padding:10px}
  .cards{gap:6px} .card{padding:5px 7px} .card b{font-size:19px} .card span{font-size:11px;display:block;line-height:1.2}
- .wide{display:none} td.val{max-width:9em} td.num{white-space:normal} #chart{height:160px}}
+ .wide{display:none} td.val{max-width:9em} .procs li{white-space:normal}
+ td,th{padding:5px 5px} th{white-space:normal} td.num{white-space:normal} #chart{height:160px}}
 </style></head><body>
 <header><h1><a href="#">blero</a></h1><span id="target"></span><span id="badges"></span>
 <span id="updated"></span></header>
 <div id="msg" role="alert"></div>
 <main id="overview">
+<div class="note" id="untaken" hidden></div>
 <div class="cards" id="counts"></div>
+<section><h2>Processes <small id="n-owners"></small></h2><div class="scroll"><table id="owners"></table></div></section>
 <section><h2>Throughput <small>jobs per second, last 5 minutes, from the stored jobs</small></h2>
 <div class="legend" id="rates"></div><svg id="chart" role="img" aria-label="jobs per second"></svg></section>
 <section><h2>Running <small id="n-inprogress"></small></h2><div class="scroll"><table id="inprogress"></table></div></section>
@@ -6513,6 +6646,13 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
 <section><h2>Pending <small>in the order they may run</small></h2><div class="scroll"><table id="pending"></table></div></section>
 <section><h2>Recently completed</h2><div class="scroll"><table id="completions"></table></div></section>
 </div>
+<section id="schedules-box" hidden><h2>Schedules <small>by when they run next</small></h2>
+<div class="scroll"><table id="schedules"></table></div></section>
+<section id="flow-box" hidden><h2>Pauses and limits <small id="all-paused"></small>
+<button type="button" id="pause-all">Pause everything</button></h2>
+<div class="scroll"><table id="flow"></table></div>
+<form class="filter" id="pause-form"><label>jobs named <input id="p-name" size="14" required></label>
+<button type="submit" id="pause-one">Pause</button></form></section>
 <section><h2>Failures <small>newest first</small><button id="retry-all">Retry all failed</button></h2>
 <div class="scroll"><table id="failures"></table></div></section>
 <section id="browse"><h2>Jobs <small>newest first</small></h2>
@@ -6587,8 +6727,9 @@ function button(label, cls, act) {
 const retry = j => button("Retry", "retry", () => post("/api/retry", {ids: [j.id]}));
 const cancel = j => button("Cancel", "cancel", () => post("/api/cancel", {id: j.id}));
 
-// columns: [heading, value(job) -> text or node, class]; the class "wide" is hidden on a phone
-function table(id, jobs, columns, action, empty) {
+// columns: [heading, value(job) -> text or node, class]; the class "wide" is hidden on a phone.
+// detail(job): a node shown in a row of its own under the job's, the whole width of the table.
+function table(id, jobs, columns, action, empty, detail) {
   const t = $(id);
   t.replaceChildren();
   const head = el("tr");
@@ -6605,6 +6746,12 @@ function table(id, jobs, columns, action, empty) {
     }
     if (action) { const td = el("td"); td.appendChild(action(j)); row.appendChild(td); }
     t.appendChild(row);
+    if (detail) {
+      row.className = "has-detail";
+      const td = el("td", undefined, {colspan: columns.length + (action ? 1 : 0)});
+      td.appendChild(detail(j));
+      t.appendChild(el("tr", undefined, {"class": "detail"})).appendChild(td);
+    }
   }
   if (!jobs.length) {
     const td = el("td", empty || "none", {"class": "none", colspan: columns.length + (action ? 1 : 0)});
@@ -6700,26 +6847,91 @@ function pending(s) {
   table("pending", s.pending, [ID, NAME, DATA, ["priority", j => j.priority, "num wide"],
         ["runs", j => runs(j, s.time), "num"]], cancel);
 }
+// the exception's own line, where the eye looks; the traceback in a row under it
 function error(j) {
-  // the exception's own line first, where the eye looks; the traceback under it
-  const box = el("div"), lines = (j.error || "").trim().split(String.fromCharCode(10));
-  box.appendChild(el("div", lines[lines.length - 1], {"class": "err"}));
-  box.appendChild(el("pre", j.error || ""));
+  const lines = (j.error || "").trim().split(String.fromCharCode(10));
+  return el("div", lines[lines.length - 1], {"class": "err"});
+}
+// A list of job names, or "any name".
+function names(list) {
+  const box = el("span", undefined, {"class": "names"});
+  if (list === null) { box.appendChild(el("span", "any name", {"class": "x"})); return box; }
+  list.forEach((n, i) => { if (i) box.append(" "); box.appendChild(el("code", n)); });
   return box;
+}
+function processors(o) {
+  if (o.processors === null) return el("span", "not told (an older blero.py)", {"class": "x"});
+  if (!o.processors.length) return el("span", "none", {"class": "x"});
+  const ul = el("ul", undefined, {"class": "procs"});
+  for (const p of o.processors) {
+    const li = el("li"); li.appendChild(el("code", p.name));
+    li.append(" " + String.fromCharCode(215) + p.concurrency + " ");
+    li.appendChild(el("span", "takes ", {"class": "x"})); li.appendChild(names(p.names));
+    ul.appendChild(li);
+  }
+  return ul;
+}
+function owners(s) {
+  $("n-owners").textContent = s.owners.length ? s.owners.length + " live, running the queue"
+                                              : "no process is running the queue now";
+  const here = o => o.serving ? " (serving this page)" : "";
+  table("owners", s.owners, [["host", o => o.host === null ? "?" : o.host], ["pid", o => o.pid + here(o), "num"],
+        ["processors", processors], ["running", o => o.running, "num"],
+        ["started", o => when(o.started_at), "num wide"], ["last seen", o => when(o.last_seen), "num wide"]],
+        null, "none");
+}
+function schedules(s) {
+  $("schedules-box").hidden = !("schedules" in s);
+  if (!("schedules" in s)) return;
+  const sorted = s.schedules.slice().sort((a, b) => a.next_due - b.next_due);
+  table("schedules", sorted, [["key", j => j.key], NAME,
+        ["runs", j => j.cron !== null ? j.cron + (j.tz ? " (" + j.tz + ")" : "") : "every " + span(j.interval)],
+        ["next", j => runs({run_at: j.next_due}, s.time), "num"],
+        ["last run", j => j.job_id === null ? "none yet" : jobLink(j.job_id), "num wide"]], null, "no schedules");
+}
+// Pauses and limits, by job name; null in s.paused: everything is paused.
+function flow(s) {
+  const shown = "paused" in s || "limits" in s;
+  $("flow-box").hidden = !shown;
+  if (!shown) return;
+  const paused = s.paused || [], limits = s.limits || {}, all = paused.includes(null);
+  const names = [...new Set([...paused.filter(n => n !== null), ...Object.keys(limits)])].sort();
+  const rows = names.map(n => ({id: n, name: n, paused: paused.includes(n), limit: limits[n] || {}}));
+  $("all-paused").textContent = all ? "everything is paused" : "";
+  const whole = $("pause-all");
+  whole.textContent = all ? "Resume everything" : "Pause everything";
+  whole.disabled = readOnly() || !("paused" in s);
+  whole.onclick = () => post(all ? "/api/resume" : "/api/pause", {name: null});
+  $("pause-one").disabled = readOnly() || !("paused" in s);
+  const toggle = r => r.paused ? button("Resume", "retry", () => post("/api/resume", {name: r.name}))
+                               : button("Pause", "cancel", () => post("/api/pause", {name: r.name}));
+  table("flow", rows, [NAME, ["state", r => r.paused ? "paused" : ""],
+        ["in progress", r => r.limit.running == null ? "" : r.limit.running, "num wide"],
+        ["max at once", r => r.limit.concurrency == null ? "" : r.limit.concurrency, "num"],
+        ["max rate", r => r.limit.rate == null ? "" : r.limit.rate[0] + " per " + span(r.limit.rate[1]), "num"]],
+        "paused" in s ? toggle : null, "no job name is paused or limited");
+}
+function untaken(s) {
+  const box = $("untaken"), found = Object.keys(s.untaken).sort();
+  box.hidden = !found.length;
+  box.textContent = "jobs waiting for a processor: " + found.map(n => n + " (" + s.untaken[n] + ")").join(", ");
+  box.title = "no live process takes jobs of these names: a typo in a name, or a worker that is not running";
 }
 function failures(s) {
   $("retry-all").disabled = readOnly() || !s.counts.failed;
   table("failures", s.failures, [ID, NAME, ["tries", j => j.attempt, "num wide"],
-        ["failed", j => when(j.finished_at), "num"], ["error", error]], retry);
+        ["failed", j => when(j.finished_at), "num"], ["error", error]], retry, undefined,
+        j => el("pre", j.error || ""));
 }
 function completions(s) {
   table("completions", s.completions, [ID, NAME, ["result", j => j.result, "val"],
         ["took", j => j.started_at ? span(j.finished_at - j.started_at) : "", "num wide"],
         ["finished", j => when(j.finished_at), "num"]]);
 }
-// The overview, one renderer per section.  Schedules, pauses (with their
-// Pause/Resume buttons) and limits add theirs here once the queue stores them.
-const SECTIONS = [header, counts, chart, running, pending, failures, completions];
+// The overview, one renderer per section; a section whose part /api/stats
+// does not give stays hidden.
+const SECTIONS = [header, untaken, counts, owners, chart, running, pending, failures, completions,
+                  schedules, flow];
 
 function jobs() {
   const q = new URLSearchParams({order: "desc", limit: PAGE});
@@ -6796,6 +7008,10 @@ $("f-name").oninput = filter; $("f-state").onchange = filter;
 $("older").onclick = () => { browse.pages.push(browse.rows[browse.rows.length - 1].id); jobs(); };
 $("newer").onclick = () => { browse.pages.pop(); jobs(); };
 $("retry-all").onclick = () => post("/api/retry", {});
+$("pause-form").onsubmit = e => {
+  e.preventDefault(); const name = $("p-name").value.trim();
+  if (name) post("/api/pause", {name: name}).then(() => { $("p-name").value = ""; });
+};
 window.onhashchange = () => { window.scrollTo(0, 0); refresh(); };
 window.onresize = () => { if (last && route() === null) chart(last); };
 refresh();

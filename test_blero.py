@@ -6,6 +6,7 @@ with a bare sleep: every wait is for a condition, with a deadline.
 """
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -1422,9 +1423,10 @@ def stop_child(proc):
     if proc.poll() is None:
         proc.kill()
     proc.wait(30)
-    for stream in (proc.stdout, proc.stderr):
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
-            stream.close()
+            with contextlib.suppress(OSError):   # (stdin: its last write may be lost)
+                stream.close()
 
 
 def run_cli(*args, timeout=60):
@@ -5152,6 +5154,22 @@ class SpaceTest(ProcessTest):
 # auto_vacuum): the tests of upgrades run it to make such files.
 V1_COMMIT = "f38829e"
 
+def older_blero(directory, commit):
+    """Make `directory`, holding the blero.py of `commit` (which writes files
+    of an older schema); return it.  Skips the test where git or the commit
+    is missing."""
+    try:
+        source = subprocess.run(["git", "-C", HERE, "show", f"{commit}:blero.py"],
+                                capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        raise unittest.SkipTest(f"needs git and commit {commit}, whose blero.py writes "
+                                f"files of an older schema")
+    os.mkdir(directory)
+    with open(os.path.join(directory, "blero.py"), "wb") as f:
+        f.write(source)
+    return directory
+
+
 # argv: db.  With the v1 blero.py: 3,000 jobs done and swept (the file
 # keeps their space), then 2 done and kept, and 3 left pending.
 V1_CHILD = """
@@ -5199,15 +5217,7 @@ class UpgradeTest(ProcessTest):
         """One file made with the v1 blero.py (V1_CHILD), copied by each test."""
         cls._made = tempfile.TemporaryDirectory(prefix="blero-v1-")
         cls.addClassCleanup(cls._made.cleanup)
-        old = cls._made.name
-        try:
-            source = subprocess.run(["git", "-C", HERE, "show", f"{V1_COMMIT}:blero.py"],
-                                    capture_output=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            raise unittest.SkipTest(f"needs git and commit {V1_COMMIT}, whose blero.py "
-                                    f"writes v1 files")
-        with open(os.path.join(old, "blero.py"), "wb") as f:
-            f.write(source)
+        old = older_blero(os.path.join(cls._made.name, "v1"), V1_COMMIT)
         cls.v1_dir = old
         cls.v1_path = os.path.join(old, "q.db")
         out = subprocess.run([sys.executable, "-c", V1_CHILD, cls.v1_path], cwd=old,
@@ -6136,6 +6146,19 @@ class DevTools:
                                    if t["type"] == "page"], timeout=60, message="a page")[0]
         self._session = self.call("Target.attachToTarget", targetId=page["targetId"],
                                   flatten=True)["sessionId"]
+        # A window is at least 500 px wide: a phone's width is emulated.
+        self.width = width
+        self.call("Emulation.setDeviceMetricsOverride", self._session, width=width,
+                  height=height, deviceScaleFactor=1, mobile=width < 600)
+
+    def screenshot(self, path):
+        """The whole page, as PNG, into `path`."""
+        height = self.evaluate("document.documentElement.scrollHeight")
+        shot = self.call("Page.captureScreenshot", self._session, format="png",
+                         captureBeyondViewport=True,
+                         clip={"x": 0, "y": 0, "width": self.width, "height": height, "scale": 1})
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
 
     def call(self, method, session=None, **params):
         """Send one command; return its result (events on the way are dropped)."""
@@ -8286,3 +8309,250 @@ def _enqueued(bl, name):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------------------
+# The live owners and their processors, on the dashboard of any process
+# (issue 12)
+# ---------------------------------------------------------------------------
+
+# argv: target.  A queue with two `send` processors taking "email" jobs and a
+# Mailer taking "news"; an email job with data "hold" runs until stdin ends,
+# and then the queue stops.
+_OWNER_CHILD = NEW_QUEUE + """
+import sys, threading
+ended = threading.Event()
+def send(job):
+    if job.data == "hold":
+        ended.wait(60)
+class Mailer:
+    def run(self, job):
+        pass
+bl = new_queue(sys.argv[1])
+bl.register_processor(send, names="email")
+bl.register_processor(send, names=["email"])
+bl.register_processor(Mailer(), names="news")
+bl.start()
+print("ready", flush=True)
+sys.stdin.read()
+ended.set()
+bl.stop()
+"""
+
+
+@both_engines
+class LiveOwnersTest(TempDirTest):
+    """Every process running a queue tells, in the queue, who it is and what
+    its processors take, so that a dashboard served by any process shows it."""
+
+    def get_stats(self, port):
+        code, _, body = http_request(port, "GET", "/api/stats")
+        self.assertEqual(code, 200, body)
+        return json.loads(body)
+
+    def test_a_dashboard_shows_every_live_process_and_its_processors(self):
+        child = start_child(_OWNER_CHILD, self.target(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
+        here = self.queue()
+        here.register_processor(lambda job: None, names="local")
+        server = here.serve_metrics()
+        self.addCleanup(server.close)
+        held = here.enqueue("email", "hold")
+        wait_until(lambda: here.get_job(held).state == "inprogress", message="the child to run it")
+        owners = wait_until(lambda: len(self.get_stats(server.port)["owners"]) == 2
+                            and self.get_stats(server.port)["owners"], message="two owners")
+        theirs, ours = sorted(owners, key=lambda o: o["pid"] != child.pid)
+        self.assertEqual((theirs["pid"], theirs["host"], theirs["serving"], theirs["running"]),
+                         (child.pid, socket.gethostname(), False, 1))
+        self.assertEqual(theirs["processors"], [
+            {"name": "send", "names": ["email"], "concurrency": 2},
+            {"name": "Mailer.run", "names": ["news"], "concurrency": 1}])
+        self.assertLessEqual(theirs["started_at"], theirs["last_seen"])
+        self.assertLessEqual(theirs["last_seen"], time.time() + 1)
+        self.assertEqual((ours["pid"], ours["serving"], ours["running"]), (os.getpid(), True, 0))
+        self.assertEqual(ours["processors"], [{"name": "<lambda>", "names": ["local"],
+                                               "concurrency": 1}])
+        # A processor or task registered, or removed, is told at once, not
+        # at the next heartbeat; a task with its concurrency.
+        more = here.register_processor(self.get_stats, names=["a", "b"])
+        here.task(name="resize", concurrency=3)(len)
+
+        def ours_now():
+            return [p for o in self.get_stats(server.port)["owners"] if o["serving"]
+                    for p in o["processors"]]
+        wait_until(lambda: ours_now() == [
+            {"name": "<lambda>", "names": ["local"], "concurrency": 1},
+            {"name": "LiveOwnersTest.get_stats", "names": ["a", "b"], "concurrency": 1},
+            {"name": "task", "names": ["resize"], "concurrency": 3}], message="the new ones")
+        here.unregister_processor(more)
+        wait_until(lambda: len(ours_now()) == 2, message="the processor gone")
+        # A viewer that runs nothing shows the same, and a process that stops is gone.
+        viewer = blero.new(self.target(), **self.settings())
+        elsewhere = viewer.serve_metrics()
+        self.addCleanup(elsewhere.close)
+        self.assertEqual({o["pid"] for o in self.get_stats(elsewhere.port)["owners"]},
+                         {child.pid, os.getpid()})
+        child.stdin.close()
+        self.assertEqual(child.wait(30), 0)
+        wait_until(lambda: [o["pid"] for o in self.get_stats(elsewhere.port)["owners"]]
+                   == [os.getpid()], message="the stopped process to go")
+        self.assertEqual(here.get_job(held).state, "complete")
+
+    def test_jobs_no_live_process_takes_are_shown_by_name(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: None, names="report")
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        for name in ("ad", "ad", "reprot"):
+            bl.enqueue(name, delay=3600)
+        bl.enqueue("report", delay=3600)
+        wait_until(lambda: self.get_stats(server.port)["untaken"] == {"ad": 2, "reprot": 1},
+                   message="the untaken names")
+        bl.register_processor(lambda job: None, names="ad")
+        wait_until(lambda: self.get_stats(server.port)["untaken"] == {"reprot": 1},
+                   message="ad taken now")
+        bl.stop()
+        viewer = blero.new(self.target(), **self.settings())   # no process runs the queue: nothing takes any
+        elsewhere = viewer.serve_metrics()
+        self.addCleanup(elsewhere.close)
+        stats = self.get_stats(elsewhere.port)
+        self.assertEqual((stats["owners"], stats["untaken"]),
+                         ([], {"ad": 2, "reprot": 1, "report": 1}))
+
+
+# The last blero.py whose files are of schema 2 (owners tell no host, nor
+# their processors).
+V2_COMMIT = "39c00f9"
+
+
+class OwnersOfAnOlderFileTest(ProcessTest):
+    """A file of schema 2 is upgraded to tell owners' hosts and processors,
+    and is inspected as it is where it cannot be upgraded."""
+
+    read_only_copy = ReadOnlyStorageTest.read_only_copy
+
+    def v2_file(self):
+        old = older_blero(os.path.join(self.dir, "v2"), V2_COMMIT)
+        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import sys, blero
+            bl = blero.new(sys.argv[1]).start()
+            bl.enqueue("ad", "x")
+            bl.stop()
+            """), self.path], cwd=old, env=dict(os.environ, PYTHONPATH=old),
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        db = sqlite3.connect(self.path)
+        try:
+            self.assertEqual(db.execute("PRAGMA user_version").fetchall(), [(2,)])
+        finally:
+            db.close()
+
+    def served_stats(self, path):
+        viewer = blero.new(path)
+        server = viewer.serve_metrics()
+        self.addCleanup(server.close)
+        code, _, body = http_request(server.port, "GET", "/api/stats")
+        self.assertEqual(code, 200, body)
+        return json.loads(body)
+
+    def test_a_file_of_schema_2_is_shown_read_only_and_upgraded_where_it_can_be(self):
+        self.v2_file()
+        stats = self.served_stats(self.read_only_copy(self.path))
+        self.assertEqual((stats["owners"], stats["untaken"]), ([], {"ad": 1}))
+        self.assertTrue(stats["queue"]["read_only"])
+        bl = blero.new(self.path).start()
+        self.addCleanup(bl.stop)
+        bl.register_processor(lambda job: None, names="report")
+        stats = self.served_stats(self.path)
+        self.assertEqual([(o["pid"], o["processors"]) for o in stats["owners"]],
+                         [(os.getpid(), [{"name": "<lambda>", "names": ["report"],
+                                          "concurrency": 1}])])
+        self.assertEqual(stats["untaken"], {"ad": 1})
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchall(),
+                         [(blero._SCHEMA_VERSION,)])
+
+
+@unittest.skipUnless(POSIX and find_chromium(), "Chromium is not installed")
+class DashboardOfProcessesInChromiumTest(TempDirTest):
+    """The page, rendered, with another process running the queue; and its
+    look at a desktop's size and at a phone's (screenshots go to
+    $BLERO_SCREENSHOTS when it is set, to be looked at)."""
+
+    def test_the_page_shows_another_processes_processors_at_any_width(self):
+        child = start_child(_OWNER_CHILD, self.target(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
+        with blero.new(self.target()) as producer:
+            held = producer.enqueue("email", "hold")
+            producer.enqueue("ad", "a typo's job")
+        viewer = blero.new(self.target())
+        wait_until(lambda: viewer.get_job(held).state == "inprogress", message="the child to run it")
+        server = viewer.serve_metrics()
+        self.addCleanup(server.close)
+        shots = os.environ.get("BLERO_SCREENSHOTS") or self.dir
+        text = "document.getElementById('{}').innerText"
+        for width, height in ((1280, 900), (390, 844)):
+            with self.subTest(width=width):
+                browser = DevTools(self, server.url, width, height)
+                browser.wait_for(text.format("owners") + f".includes('{child.pid}')",
+                                 "the other process")
+                owners = browser.evaluate(text.format("owners"))
+                self.assertIn(socket.gethostname(), owners)
+                for shown in ("send \u00d72 takes email", "Mailer.run \u00d71 takes news"):
+                    self.assertIn(shown, " ".join(owners.split()))
+                self.assertIn("1 live", browser.evaluate(text.format("n-owners")))
+                self.assertEqual(browser.evaluate(text.format("untaken")),
+                                 "jobs waiting for a processor: ad (1)")
+                self.assertLessEqual(browser.evaluate("document.documentElement.scrollWidth"),
+                                     width, "the page is wider than the screen")
+                sideways = browser.evaluate(
+                    "[...document.querySelectorAll('.scroll')].filter(b => b.offsetParent"
+                    " && b.scrollWidth > b.clientWidth + 1).map(b => b.firstChild.id)")
+                self.assertEqual(sideways, [], "tables that do not fit: they scroll sideways")
+                browser.screenshot(os.path.join(shots, f"dashboard-{width}.png"))
+                browser.close()
+
+
+# The last blero.py whose PostgreSQL schemas are of version 1.
+PG_V1_COMMIT = "addf569"
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
+class OwnersOfAnOlderSchemaOnPostgresTest(OnPostgres, TempDirTest):
+    """A PostgreSQL schema of version 1 is upgraded, when first opened, to
+    tell owners' hosts and processors."""
+
+    def test_a_schema_of_version_1_is_upgraded_when_first_looked_at(self):
+        old = older_blero(os.path.join(self.dir, "pg1"), PG_V1_COMMIT)
+        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import sys, blero
+            bl = blero.new(sys.argv[1], schema=sys.argv[2]).start()
+            bl.enqueue("ad", "x")
+            bl.stop()
+            """), self.target(), self.schema], cwd=old, env=dict(os.environ, PYTHONPATH=old),
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        meta = f'SELECT version FROM "{self.schema}".blero_meta'
+        with pg_connect() as conn:
+            self.assertEqual(conn.execute(meta).fetchall(), [(1,)])
+        viewer = self.queue(start=False)
+        server = viewer.serve_metrics()
+        self.addCleanup(server.close)
+        code, _, body = http_request(server.port, "GET", "/api/stats")
+        self.assertEqual(code, 200, body)
+        self.assertEqual((json.loads(body)["owners"], json.loads(body)["untaken"]),
+                         ([], {"ad": 1}))
+        with pg_connect() as conn:
+            self.assertEqual(conn.execute(meta).fetchall(), [(blero._PG_SCHEMA_VERSION,)])
+        bl = self.queue()
+        bl.register_processor(lambda job: None, names="ad")
+        self.assertTrue(bl.join(10))
+        owners = json.loads(http_request(server.port, "GET", "/api/stats")[2])["owners"]
+        self.assertEqual([(o["host"], o["processors"]) for o in owners],
+                         [(socket.gethostname(), [{"name": "<lambda>", "names": ["ad"],
+                                                   "concurrency": 1}])])
