@@ -4514,7 +4514,7 @@ class _Dispatcher:
             job.data = None if blob is None else self.settings.serializer.loads(blob)
         except Exception as exc:
             worker.finished_try()
-            return self.failure(job, exc, retry=False,
+            return self.failure(job, exc, retry=False, raised=False,
                                 text=f"cannot deserialize the job's data: {_exc_text(exc)}")
         deadline = None if job.timeout is None else self._add_deadline(worker, job)
         return deadline, time.perf_counter()
@@ -4547,19 +4547,24 @@ class _Dispatcher:
                 result.close()      # never awaited, and never warned about
             exc = TypeError(f"the processor returned an awaitable, {result!r}: "
                             f"an async processor is an `async def` function")
-            return self.failure(job, exc, retry=False, seconds=seconds,
+            return self.failure(job, exc, retry=False, seconds=seconds, raised=False,
                                 text=f"TypeError: {exc}")
         try:
             out = None if result is None else _dumps(self.settings.serializer, result)
         except Exception as e:
-            return self.failure(job, e, retry=False, seconds=seconds,
+            return self.failure(job, e, retry=False, seconds=seconds, raised=False,
                                 text=f"cannot serialize the job's result: {_exc_text(e)}")
         return _Outcome(job, _COMPLETE, finished_at=time.time(), result=result,
                         blob=out, seconds=seconds)
 
     def failure(self, job: Job, exc: BaseException, retry: bool = True,
-                text: str | None = None, seconds: float = 0.0) -> _Outcome:
-        """The outcome of a failed try: retried after a backoff while tries remain."""
+                text: str | None = None, seconds: float = 0.0,
+                raised: bool = True) -> _Outcome:
+        """The outcome of a failed try: retried after a backoff while tries
+        remain.  Only an exception the processor `raised` is stored to be
+        restored (futures raise it, JobFailed carries it); one blero made
+        (a timeout, data it cannot read or a result it cannot store) is not,
+        so that futures raise JobFailed for it."""
         if text is None:
             text = _exc_text(exc)
         now = time.time()
@@ -4572,7 +4577,7 @@ class _Dispatcher:
             return _Outcome(job, state, run_at=now + wait, error=text, exc=exc,
                             seconds=seconds)
         return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc, seconds=seconds,
-                        blob=_restorable(self.settings.serializer, exc))
+                        blob=_restorable(self.settings.serializer, exc) if raised else None)
 
     def interrupted(self, job: Job, exc: BaseException | None = None,
                     text: str = "interrupted", given_back: bool = False,
@@ -4589,9 +4594,11 @@ class _Dispatcher:
                             given_back=True)
         if job.attempt < job.max_attempts:
             return _Outcome(job, state, run_at=now, error=text)
-        exc = BleroError(text) if exc is None else exc
-        return _Outcome(job, _FAILED, finished_at=now, error=text, exc=exc,
-                        blob=_restorable(self.settings.serializer, exc))
+        # (an end blero made, its owner gone or stopped, is no exception to
+        # restore: futures raise JobFailed for it)
+        blob = None if exc is None else _restorable(self.settings.serializer, exc)
+        return _Outcome(job, _FAILED, finished_at=now, error=text,
+                        exc=BleroError(text) if exc is None else exc, blob=blob)
 
     def settle(self, outcome: _Outcome, recorded: bool) -> None:
         """After an outcome was committed: log, count, call back, wake waiters."""
@@ -4705,7 +4712,7 @@ class _Dispatcher:
             job._cancel()
             exc = TimeoutError(f"job {job.id} timed out after {job.timeout:g} s")
             outcome = self.failure(job, exc, text=f"TimeoutError: {exc}",
-                                   seconds=job.timeout)
+                                   seconds=job.timeout, raised=False)
             # A new worker records it (and runs the callbacks, off this
             # thread), then goes on with the processor's jobs unless retired.
             if not self.spawn(worker.processor, outcome):

@@ -6609,6 +6609,46 @@ class TaskTest(TempDirTest):
         self.assertEqual(future.result(10), 42)
 
 
+    def test_an_end_blero_made_raises_job_failed_from_the_future(self):
+        # Only the processor's own exception is restored: a timeout, or a
+        # result the serializer refuses, is blero's, so result() raises
+        # JobFailed for it as wait() does (never a bare TimeoutError that
+        # reads as "the wait ran out").
+        bl = self.queue()
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        @bl.task(name="slow", timeout=0.3, retries=0)
+        def slow():
+            release.wait(30)
+
+        @bl.task(name="unstorable")
+        def unstorable():
+            return threading.Lock()
+
+        @bl.task(name="raiser", retries=0)
+        def raiser():
+            raise TimeoutError("the processor's own")
+
+        for future, text in ((slow.enqueue(), "timed out"),
+                             (unstorable.enqueue(), "cannot serialize the job's result")):
+            with self.assertRaises(blero.JobFailed) as cm:
+                future.result()
+            self.assertIn(text, cm.exception.error)
+            self.assertIsNone(cm.exception.exception)
+            with self.assertRaises(blero.JobFailed) as cm:
+                bl.wait(future.id, 10)
+            self.assertIsNone(cm.exception.exception)
+            with self.assertRaises(blero.JobFailed):
+                bl.future(future.id).result(10)     # from the stored outcome too
+        future = raiser.enqueue()
+        with self.assertRaisesRegex(TimeoutError, "the processor's own"):
+            future.result(10)
+        with self.assertRaises(blero.JobFailed) as cm:
+            bl.wait(future.id, 10)
+        self.assertIsInstance(cm.exception.exception, TimeoutError)
+
+
 def mul(x, y):
     return x * y
 
@@ -6828,6 +6868,20 @@ class CPythonExecutorTest(TempDirTest):
         self.assertEqual(i.__next__(), (0, 1))
         with self.assertRaises(ZeroDivisionError):
             i.__next__()
+
+    def test_map_tells_a_job_timeout_from_its_own_wait_running_out(self):
+        self.executor   # (stopped after the worker below is released)
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        @self.bl.task(name="slow", timeout=0.3, retries=0)
+        def slow(_):
+            release.wait(30)
+
+        results = self.executor.map(slow, [1], timeout=30)
+        with self.assertRaises(blero.JobFailed) as cm:     # the job's, not the wait's
+            next(results)
+        self.assertIn("timed out", cm.exception.error)
 
     def test_map_timeout(self):
         results = []
@@ -7098,8 +7152,9 @@ class AsyncioTest(TempDirTest):
                 raise
 
         timed = sleeper.using(timeout=0.2).enqueue("timeout")
-        with self.assertRaises(TimeoutError):
+        with self.assertRaises(blero.JobFailed) as cm:   # blero's timeout, not the coroutine's
             timed.result(10)
+        self.assertIn("timed out", cm.exception.error)
         wait_until(lambda: "timeout" in cancelled, message="the timed-out coroutine cancelled")
         f = sleeper.enqueue("cancel")
         wait_until(lambda: "cancel" in started)
