@@ -5891,16 +5891,23 @@ class Blero:
             future._stored(row, self._settings.serializer)
         return future
 
-    async def aenqueue(self, name: str, data: Any = None, **options) -> int:
+    async def aenqueue(self, name: str, data: Any = None, *, delay: float | None = None,
+                       run_at: float | datetime.datetime | None = None, priority: int = 0,
+                       retries: int | None = None, timeout: float | None = None,
+                       key: str | None = None, after: Any = None,
+                       connection: Any = None) -> int:
         """`enqueue` from async code, without blocking the caller's loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(self.enqueue, name, data,
-                                                                  **options))
+        return await loop.run_in_executor(None, functools.partial(
+            self.enqueue, name, data, delay=delay, run_at=run_at, priority=priority,
+            retries=retries, timeout=timeout, key=key, after=after, connection=connection))
 
-    async def aenqueue_many(self, jobs: Iterable[tuple | dict]) -> list[int]:
+    async def aenqueue_many(self, jobs: Iterable[tuple | dict], *,
+                            connection: Any = None) -> list[int]:
         """`enqueue_many` from async code, without blocking the caller's loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.enqueue_many, list(jobs))
+        return await loop.run_in_executor(None, functools.partial(
+            self.enqueue_many, list(jobs), connection=connection))
 
     def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
                        resumable: bool = False, waiter: Callable | None = None

@@ -7205,7 +7205,8 @@ class AsyncioTest(TempDirTest):
                     await asyncio.sleep(0.001)
             t = asyncio.ensure_future(ticker())
             futures = [await task.aenqueue(i) for i in range(20)]
-            ids = await bl.aenqueue_many([("test_blero.async_double", ((5,), {}))])
+            ids = await bl.aenqueue_many([("test_blero.async_double", ((5,), {}))],
+                                         connection=None)
             job = await bl.aenqueue("test_blero.async_double", ((6,), {}))
             results = [await f for f in futures]
             results += [await bl.future(ids[0]), await bl.future(job)]
@@ -7214,6 +7215,15 @@ class AsyncioTest(TempDirTest):
 
         results, ticks = asyncio.run(main())
         self.assertEqual(results, [2 * i for i in range(20)] + [10, 12])
+        # the async twins take what the sync ones take
+        for sync, coro in ((blero.Blero.enqueue, blero.Blero.aenqueue),
+                           (blero.Blero.enqueue_many, blero.Blero.aenqueue_many)):
+            self.assertEqual(inspect.signature(sync), inspect.signature(coro))
+        first = asyncio.run(bl.aenqueue("test_blero.async_double", ((1,), {}), priority=2))
+        second = asyncio.run(bl.aenqueue("test_blero.async_double", ((2,), {}), after=[first],
+                                         connection=None))
+        self.assertEqual(bl.wait(second, 10), 4)
+        self.assertEqual(bl.get_job(second).after, (first,))
         self.assertGreater(ticks, 0)
         self.assertTrue(enqueued_on)
         self.assertNotIn(threading.main_thread(), enqueued_on)
