@@ -6233,10 +6233,22 @@ def _call_args(job: Job) -> tuple[tuple, dict]:
     return tuple(data[0]), data[1]
 
 
+def _module_of(fn) -> str | None:
+    """The module a function's qualified name is in: a builtin method's
+    (`str.upper`, `dict.fromkeys`) has none of its own, its class's is it."""
+    module = getattr(fn, "__module__", None)
+    if isinstance(module, str):
+        return module
+    owner = getattr(fn, "__objclass__", None)      # a method descriptor: str.upper
+    if owner is None:
+        owner = getattr(fn, "__self__", None)       # a builtin class method: dict.fromkeys
+    return owner.__module__ if isinstance(owner, type) else None
+
+
 def _function_name(fn, what: str = "a task") -> str:
     """`module.qualname` of a function that can be found again by that
     name after a restart; TypeError naming why for anything else."""
-    module = getattr(fn, "__module__", None)
+    module = _module_of(fn)
     qualname = getattr(fn, "__qualname__", None)
     hint = "give the task a name" if what == "a task" else "or make it a task with a name"
     if not isinstance(module, str) or not isinstance(qualname, str):
@@ -6255,10 +6267,11 @@ def _importable(fn) -> str:
     """The name of a function an executor runs: it must be what that name
     imports (so that a later run finds the same function by it)."""
     name = _function_name(fn, "an executor")
-    obj = sys.modules.get(fn.__module__)
+    obj = sys.modules.get(_module_of(fn))
     for part in fn.__qualname__.split("."):
         obj = getattr(obj, part, None)
-    if obj is not fn and getattr(obj, "fn", None) is not fn:
+    # (a builtin class method is made anew at each look: equal, not the same)
+    if obj is not fn and obj != fn and getattr(obj, "fn", None) is not fn:
         raise TypeError(f"{name} does not import as {fn!r}: an executor needs a function "
                         f"that can be imported by its qualified name")
     return name
@@ -6670,6 +6683,13 @@ class Executor(concurrent.futures.Executor):
             return fn.name, fn._options, args
         if inspect.ismethod(fn):      # its object travels with the arguments
             fn, args = fn.__func__, (fn.__self__,) + args
+        elif inspect.isbuiltin(fn) and _module_of(fn) is None:
+            # A builtin bound to an object ("a".upper): its class's method
+            # descriptor, called with the object, as a bound method above.
+            owner = getattr(fn, "__self__", None)
+            unbound = getattr(type(owner), getattr(fn, "__name__", ""), None)
+            if getattr(unbound, "__objclass__", None) is not None:
+                fn, args = unbound, (owner,) + args
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         name = _importable(fn)

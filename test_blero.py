@@ -6869,6 +6869,21 @@ class CPythonExecutorTest(TempDirTest):
         with self.assertRaises(ZeroDivisionError):
             i.__next__()
 
+    def test_builtins_and_builtin_methods_run_as_thread_pool_executor_runs_them(self):
+        for fn, args, expected, name in (
+                (len, ("abc",), 3, "builtins.len"),
+                (math.sqrt, (16,), 4.0, "math.sqrt"),
+                (str.upper, ("a",), "A", "builtins.str.upper"),
+                (dict.fromkeys, ("ab",), {"a": None, "b": None}, "builtins.dict.fromkeys"),
+                (datetime.date.fromordinal, (1,), datetime.date(1, 1, 1),
+                 "datetime.date.fromordinal"),
+                ("ab".upper, (), "AB", "builtins.str.upper")):
+            future = self.executor.submit(fn, *args)
+            self.assertEqual(future.result(10), expected, name)
+            self.assertEqual(self.bl.get_job(future.id).name, name)
+        self.assertEqual(list(self.executor.map(str.upper, ["a", "b"])), ["A", "B"])
+        self.assertEqual(list(self.executor.map("-".join, [["a", "b"], "cd"])), ["a-b", "c-d"])
+
     def test_map_tells_a_job_timeout_from_its_own_wait_running_out(self):
         self.executor   # (stopped after the worker below is released)
         release = threading.Event()
