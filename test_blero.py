@@ -7011,15 +7011,27 @@ class CPythonExecutorTest(TempDirTest):
             f.result()
 
     def test_cancel_futures(self):
-        fs = [self.executor.submit(time.sleep, .1) for _ in range(50)]
+        # (CPython's calls sleep 0.1 s and count on 50 submits being quicker
+        # than ten rounds of its workers, which one commit per submit on a
+        # loaded machine is not: here the calls wait until shutdown has
+        # cancelled what had not started, so the counts are exact.)
+        fs = [self.executor.submit(wait_event, "go") for _ in range(50)]
+        wait_until(lambda: self.bl.stats()["inprogress"] == self.worker_count,
+                   message="every worker holds a call")
+
+        def go_once_the_rest_are_cancelled():
+            wait_until(lambda: sum(f.cancelled() for f in fs) == 50 - self.worker_count,
+                       timeout=30, message="the calls not started cancelled")
+            EVENTS["go"].set()
+        threading.Thread(target=go_once_the_rest_are_cancelled, daemon=True).start()
         self.executor.shutdown(cancel_futures=True)
         cancelled = [fut for fut in fs if fut.cancelled()]
-        self.assertGreater(len(cancelled), 20)
+        self.assertEqual(len(cancelled), 50 - self.worker_count)
         others = [fut for fut in fs if not fut.cancelled()]
         for fut in others:
             self.assertTrue(fut.done())
             self.assertIsNone(fut.exception())
-        self.assertGreater(len(others), 0)
+        self.assertEqual(len(others), self.worker_count)
 
     def test_hang_gh94440(self):
         executor = self.bl.executor(max_workers=1)
