@@ -7757,6 +7757,10 @@ class LimitTest(TempDirTest):
         self.assertFalse(bl.wait(other, 10))    # not held up by the rate of another name
         self.assertTrue(bl.join(30))
         self.assertEqual(len(starts), 16)
+        # Counted as the queue counts them, by each try's recorded start (its
+        # claim): a processor's own clock reads a moment later, by as much as
+        # the scheduler likes on a loaded machine.
+        starts = sorted(bl.get_job(i).started_at for i in ids)
         self.assertLessEqual(most_in_a_window(starts, 0.5), 5)
         self.assertGreaterEqual(starts[-1] - starts[0], 1.0, "16 starts at 5 per 0.5 s")
         self.assertEqual([bl.get_job(i).state for i in ids], ["complete"] * 16)
@@ -7933,10 +7937,12 @@ class FlowAcrossProcessesTest(ProcessTest):
         for i in ids:
             bl.wait(i, 60)
         self.end(kids)
-        starts = sorted(start for start, _ in self.spans("r").values())
-        self.assertEqual(len(starts), 60)
-        self.assertLessEqual(most_in_a_window(starts, 10 ** 9), 10)
-        self.assertGreaterEqual(starts[-1] - starts[0], 5 * 10 ** 9)
+        self.assertEqual(len(self.spans("r")), 60)
+        # (by the tries' recorded starts, their claims, as the queue counts
+        # them: a processor's clock reads a moment later, as load decides)
+        starts = sorted(bl.get_job(i).started_at for i in ids)
+        self.assertLessEqual(most_in_a_window(starts, 1), 10)
+        self.assertGreaterEqual(starts[-1] - starts[0], 5)
 
     def test_after_pause_returns_no_job_of_the_name_starts_in_any_process(self):
         bl = self.queue()
