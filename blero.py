@@ -6192,7 +6192,7 @@ class _Calls:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._seen: collections.Counter = collections.Counter()
+        self._seen: dict[tuple[str, str], int] = {}    # (name, digest) -> calls so far
 
     def keys(self, name: str, blobs: list) -> list[str]:
         """The keys of the next calls of `name` with data `blobs` (each
@@ -6224,15 +6224,16 @@ def _function_name(fn, what: str = "a task") -> str:
     name after a restart; TypeError naming why for anything else."""
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", None)
+    hint = "give the task a name" if what == "a task" else "or make it a task with a name"
     if not isinstance(module, str) or not isinstance(qualname, str):
         raise TypeError(f"{fn!r} has no qualified name: {what} needs a module-level "
-                        f"function (or give the task a name)")
+                        f"function ({hint})")
     if "<lambda>" in qualname:
         raise TypeError(f"{module}.{qualname} is a lambda: {what} needs a function "
-                        f"that can be imported by its name (or give the task a name)")
+                        f"that can be imported by its name ({hint})")
     if "<locals>" in qualname:
         raise TypeError(f"{module}.{qualname} is a nested function: {what} needs a "
-                        f"module-level function (or give the task a name)")
+                        f"module-level function ({hint})")
     return f"{module}.{qualname}"
 
 
@@ -6635,7 +6636,8 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
         self._max_workers = _integer("max_workers", max_workers, least=1)
         self._blero = blero
-        self._lock = threading.Lock()   # guards everything below
+        self._setting_up = threading.Lock()     # held while its workers are set up
+        self._lock = threading.Lock()   # guards everything below; held for no I/O
         self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
         self._processor: _Processor | None = None
         # Its calls' job ids (released at the end), and the futures not done
@@ -6660,19 +6662,23 @@ class Executor(concurrent.futures.Executor):
         if _is_async(fn):
             raise TypeError(f"{name} is an async function: make it a task (bl.task) "
                             f"to run its calls on the queue's event loop")
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            known = name in self._fns
-            self._fns.setdefault(name, fn)
-            p = self._processor
-        if p is None:
-            p = self._blero._add_processor(self._run, frozenset([name]), self._max_workers,
-                                           task_names=[name], label="executor")
+        # One submitter at a time sets the workers up (registering them
+        # writes): not under `_lock`, which the workers' callbacks take.
+        with self._setting_up:
             with self._lock:
-                self._processor = p
-        elif not known:
-            self._blero._retake(p, p.names | {name})
+                if self._shutdown:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                known = name in self._fns
+                self._fns.setdefault(name, fn)
+                p = self._processor
+            if p is None:
+                p = self._blero._add_processor(self._run, frozenset([name]),
+                                               self._max_workers, task_names=[name],
+                                               label="executor")
+                with self._lock:
+                    self._processor = p
+            elif not known:
+                self._blero._retake(p, p.names | {name})
         return name, {}, args
 
     def submit(self, fn, /, *args, **kwargs) -> JobFuture:
