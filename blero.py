@@ -41,7 +41,7 @@ import pickle
 import random
 import re
 import secrets
-import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -3094,35 +3094,51 @@ class _PostgresStorage(_Storage):
     def _listen(self, conn, owner: int, wake) -> None:
         """The owner's connection, on a thread of its own: notifications in,
         and the first to know when the session ends."""
+        psycopg = _psycopg()
         pg = conn.pgconn
+        # A selector, not select.select(): that fails on a descriptor past
+        # FD_SETSIZE (1023), common in a program with many files open.
+        watch = selectors.DefaultSelector()
         try:
+            watch.register(conn.fileno(), selectors.EVENT_READ)
+            watch.register(wake, selectors.EVENT_READ, "wake")
             while True:
-                ready = select.select([conn.fileno(), wake], [], [])[0]
-                if wake in ready:
+                ready = watch.select()
+                if any(key.data == "wake" for key, _ in ready):
                     return
                 pg.consume_input()
+                changed = False
                 while True:
                     note = pg.notifies()
                     if note is None:
                         break
-                    if note.extra.decode() != self._token:
-                        self._changed = True
-                        callback = self._callback
-                        if callback is not None:
-                            callback()
+                    changed = changed or note.extra.decode() != self._token
+                if changed:
+                    self._changed = True
+                    self._changed_callback()
                 if pg.status != 0:      # CONNECTION_OK
-                    raise BleroError("the connection is lost")
+                    raise psycopg.OperationalError("the connection is lost")
         except Exception as exc:
+            # The session's end (or, never expected, this thread's: closing
+            # the connection below ends the session, and its lock, too).
             self._lost = owner
             self._changed = True
-            if self._callback is not None:
-                self._callback()
+            self._changed_callback()
             log.warning("%s: lost the owner's session (%s): running jobs are cancelled; "
                         "reconnecting", self.path, str(exc).strip() or type(exc).__name__)
         finally:
+            watch.close()
             with contextlib.suppress(Exception):
                 conn.close()
             wake.close()
+
+    def _changed_callback(self) -> None:
+        callback = self._callback
+        if callback is not None:
+            try:
+                callback()
+            except Exception:   # the dispatcher's: never taken for a lost session
+                log.exception("%s: on_change callback failed", self.path)
 
     def _stop_listener(self) -> None:
         listener, self._listener = self._listener, None

@@ -8556,3 +8556,27 @@ class OwnersOfAnOlderSchemaOnPostgresTest(OnPostgres, TempDirTest):
         self.assertEqual([(o["host"], o["processors"]) for o in owners],
                          [(socket.gethostname(), [{"name": "<lambda>", "names": ["ad"],
                                                    "concurrency": 1}])])
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
+class PostgresSessionTest(OnPostgres, TempDirTest):
+    """The owner's session and the pool on a server: what a lost, stalled or
+    restarted server, or a busy process, does to them."""
+
+    def test_a_process_with_many_files_open_keeps_its_session(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            self.skipTest("cannot open descriptors past 1023 here")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        opened = []
+        self.addCleanup(lambda: [os.close(fd) for fd in opened])
+        while not opened or opened[-1] < 1100:      # the next ones are past FD_SETSIZE
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+        bl = self.queue()
+        flags = []
+        bl.register_processor(lambda job: flags.append(job.cancelled.wait(1.0)))
+        job_id = bl.enqueue("x")
+        bl.wait(job_id, 20)
+        self.assertEqual((flags, bl.get_job(job_id).attempt), ([False], 1))
