@@ -4670,6 +4670,8 @@ class Blero:
         self._settings = _Settings(sync, retries, backoff_base, backoff_max, lease,
                                    keep_complete, on_complete, on_failed, serializer, schema)
         self.path = _db_path(path)
+        # What messages, logs and pages name: a server's URL without its password.
+        self._where = _masked(self.path) if _is_server(self.path) else self.path
         if schema is not None and not _is_server(self.path):
             raise ValueError(f"schema applies to a PostgreSQL queue (a postgresql:// URL), "
                              f"not to the file {self.path}")
@@ -4695,8 +4697,7 @@ class Blero:
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
-        shown = _masked(self.path) if _is_server(self.path) else self.path
-        return f"<Blero {shown!r} {state}, {len(self._processors)} processor(s)>"
+        return f"<Blero {self._where!r} {state}, {len(self._processors)} processor(s)>"
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -4706,9 +4707,9 @@ class Blero:
         be used; the file is then left as it was."""
         with self._lock:
             if self._stop is not None:
-                raise BleroError(f"{self.path}: still stopping (stop() waits until it is done)")
+                raise BleroError(f"{self._where}: still stopping (stop() waits until it is done)")
             if self._dispatcher is not None:
-                raise BleroError(f"{self.path}: already started")
+                raise BleroError(f"{self._where}: already started")
             storage = self._new_storage()
             storage.open(create=True, check=True)
             owner = _new_owner_id()
@@ -4728,7 +4729,7 @@ class Blero:
                 raise
             self._storage, self._dispatcher = storage, d
             self._calls = _Calls()      # a new run: its calls are counted afresh
-        log.info("started on %s; %d interrupted job(s) taken back", self.path, recovered)
+        log.info("started on %s; %d interrupted job(s) taken back", self._where, recovered)
         return self
 
     def stop(self, timeout: float | None = None) -> None:
@@ -4816,7 +4817,7 @@ class Blero:
             try:
                 storage.compact()   # the space of what was swept goes back
             except BleroError as exc:   # the queue stops all the same
-                log.warning("%s: free space not given back: %s", self.path, exc)
+                log.warning("%s: free space not given back: %s", self._where, exc)
         for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
                      self._no_borrowers, give_back,
                      lambda: storage.release_owner(d.owner), storage.close):
@@ -4833,7 +4834,7 @@ class Blero:
             if not d.stop_awaited:  # begun by a processor: no caller to raise it to
                 log.error("stopping the queue failed: %s", errors[0])
         else:
-            log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
+            log.info("stopped on %s; %d running job(s) handed back", self._where, len(late))
         d.stopped.set()
         self._changed.wake()
 
@@ -4899,7 +4900,7 @@ class Blero:
     def _running(self) -> _Dispatcher:
         d = self._dispatcher
         if d is None:
-            raise BleroError(f"{self.path}: the queue is not started (call start() first)")
+            raise BleroError(f"{self._where}: the queue is not started (call start() first)")
         return d
 
     def _store(self, operating: bool = False):
@@ -5550,7 +5551,7 @@ class Blero:
         d = self._dispatcher
         while not calls.done.wait(_FUTURES_LOOK):
             if self._dispatcher is not d or d is None:
-                raise BleroError(f"{self.path}: the queue stopped with {calls.left} "
+                raise BleroError(f"{self._where}: the queue stopped with {calls.left} "
                                  f"call(s) not ended; a later run carries on with them")
 
     def _release(self, ids: list[int]) -> None:
@@ -6444,7 +6445,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             by_owner = storage.running_by_owner()
             untaken = self.server.untaken.look(storage.untaken, bl._settings.lease)
         steps = [start + i * step for i in range(span // step + 1)]
-        out = {"queue": {"path": bl.path, "read_only": read_only},
+        out = {"queue": {"path": bl._where, "read_only": read_only},
                # who answers: a process that may or may not run the queue itself
                "served_by": {"pid": os.getpid(), "running": d is not None,
                              "processors": len(bl._processors)},
@@ -7148,6 +7149,8 @@ def _nothing_to_do(given: str, path: str, counts: dict) -> str:
     else:
         ended = f"{what} {'has' if one else 'have'} ended, " + ", ".join(
             f"{n} {state}" for state, n in counts.items() if n)
+    if _is_server(path):    # (dropping the schema starts over: no command to give)
+        return f"nothing to do: {ended}"
     base = os.path.basename(path)
     own = {base + suffix for suffix in ("", "-lock", "-wal", "-shm")}
     if os.path.isdir(given) and set(os.listdir(given)) <= own:
@@ -7262,7 +7265,7 @@ def _serve(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        print(f"Serving the dashboard of {bl.path} at {server.url} (Ctrl-C to stop)", flush=True)
+        print(f"Serving the dashboard of {bl._where} at {server.url} (Ctrl-C to stop)", flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass

@@ -39,6 +39,7 @@ import threading
 import time
 import traceback
 import unittest
+import urllib.parse
 import weakref
 from typing import NamedTuple
 
@@ -8580,3 +8581,29 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         job_id = bl.enqueue("x")
         bl.wait(job_id, 20)
         self.assertEqual((flags, bl.get_job(job_id).attempt), ([False], 1))
+
+    def test_the_password_is_never_shown(self):
+        secret = "s3cr3t-pw"
+        parts = urllib.parse.urlsplit(POSTGRES)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        user = parts.username or "postgres"
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}"))
+        bl = blero.new(url, **self.settings())
+        shown = [repr(bl)]
+        with self.assertRaises(blero.BleroError) as raised:
+            bl.enqueue("x")             # not started
+        shown.append(str(raised.exception))
+        with self.assertLogs("blero", logging.INFO) as logs:
+            bl.start()                  # trust auth: any password does
+            self.addCleanup(bl.stop, 5)
+            with self.assertRaises(blero.BleroError) as raised:
+                bl.start()
+            shown.append(str(raised.exception))
+            server = bl.serve_metrics()
+            self.addCleanup(server.close)
+            shown.append(http_request(server.port, "GET", "/api/stats")[2].decode())
+            shown.append(bl.metrics_text())
+            bl.stop()
+        shown += logs.output
+        self.assertTrue(any(f"{user}:***@{host}" in text for text in shown), shown)
+        self.assertFalse([text for text in shown if secret in text])
