@@ -2862,7 +2862,9 @@ class _PostgresStorage(_Storage):
         """Run `fn(session, *args)` on a pooled connection: in one
         transaction (NOTIFYing others if it changed what they act on) when
         `write`.  A connection found broken before anything was sent on it
-        (the server restarted since it was used) is replaced, once."""
+        (the server restarted, or ended our sessions, since it was used) is
+        replaced, once, by a new one: the idle ones are closed with it, as
+        they most likely ended together."""
         psycopg = _psycopg()
         for again in (True, False):
             conn = self._take()
@@ -2878,8 +2880,11 @@ class _PostgresStorage(_Storage):
             except psycopg.Error as exc:
                 broken = conn.broken or conn.closed
                 if broken:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+                    with self._mutex:
+                        stale, self._idle = self._idle, []
+                    for dead in [conn] + stale:
+                        with contextlib.suppress(Exception):
+                            dead.close()
                 if again and broken and (not session.began or not write):
                     continue
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc

@@ -8607,3 +8607,17 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         shown += logs.output
         self.assertTrue(any(f"{user}:***@{host}" in text for text in shown), shown)
         self.assertFalse([text for text in shown if secret in text])
+
+    def test_calls_carry_on_at_once_after_the_server_ended_every_session(self):
+        bl = self.queue(lease=30.0)
+        bl.register_processor(lambda job: None)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:    # several pooled connections
+            wait_until(lambda: len(list(pool.map(lambda _: bl.stats(), range(8)))) and
+                       len(bl._storage._idle) >= 3, message="connections in the pool")
+        with pg_connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE application_name = %s", (f"blero[{os.getpid()}]",))
+        self.assertEqual(bl.stats()["pending"], 0)      # no BleroError: the server is there
+        job_id = bl.enqueue("x")
+        self.assertEqual(bl.get_job(job_id).name, "x")
+        self.assertIsNone(bl.wait(job_id, 20))
