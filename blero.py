@@ -228,7 +228,8 @@ class Job:
     """
 
     __slots__ = ("id", "name", "data", "attempt", "max_attempts", "priority",
-                 "key", "enqueued_at", "timeout", "_event", "_cancelled", "_on_cancel")
+                 "key", "enqueued_at", "timeout", "_event", "_cancelled", "_on_cancel",
+                 "_owner")
 
     def __init__(self, id, name, data, attempt, max_attempts, priority, key,
                  enqueued_at, timeout=None):
@@ -244,6 +245,7 @@ class Job:
         self._event = None      # made on first use: most jobs never need one
         self._cancelled = False
         self._on_cancel = None  # an async try's: cancels its coroutine
+        self._owner = None      # the owner that claimed this try: it records its outcome
 
     @property
     def cancelled(self) -> threading.Event:
@@ -3742,6 +3744,7 @@ class _Dispatcher:
         self.storage = storage
         self.settings = settings
         self.owner = owner
+        self._lost_owner = None    # an owner whose session ended: see live_owner()
         self.counters = counters
         self.changed = changed     # told whenever a job may have ended
         self.futures = futures     # told of every job that ends here
@@ -4014,6 +4017,12 @@ class _Dispatcher:
         """Record `outcome` and claim the worker's next job, in one commit:
         while suspects wait (see _CrashGuard), a suspect on its turn, else none."""
         suspect = False
+        owner = self.live_owner()
+        if outcome is not None and outcome.job._owner != owner:
+            self.settle(outcome, False)     # a try of a lost owner: its result is ignored
+            outcome = None
+        if owner is None:
+            claim = False       # nothing claimed under a lost owner: after _carry_on
         if claim:
             if not _guard.active:
                 worker.holding = True   # then `active` is read again: see _CrashGuard
@@ -4025,8 +4034,7 @@ class _Dispatcher:
             return None
         p = worker.processor
         done = self.storage.finish_and_claim(
-            outcome and outcome.finish(self.owner), self.owner, p.names, claim, suspect,
-            p.exclude)
+            outcome and outcome.finish(owner), owner, p.names, claim, suspect, p.exclude)
         recorded, row, left = done.recorded, done.claim, done.suspects_left
         if done.wake or done.held or done.delayed is not None or done.cancelled:
             if suspect and row is None and done.held:
@@ -4043,7 +4051,18 @@ class _Dispatcher:
             self.settle(outcome, recorded)
         if row is None:
             return None
-        return Job(*row)
+        job = Job(*row)
+        job._owner = owner
+        return job
+
+    def live_owner(self) -> int | None:
+        """This process's owner, or None while its session is lost (until
+        _carry_on holds a new one): tries claimed by a lost owner may be
+        taken over elsewhere, so nothing is recorded or claimed under it."""
+        owner = self.owner
+        if owner == self._lost_owner or self.storage.owner_lost(owner):
+            return None
+        return owner
 
     def flow(self, done: _Claimed, finished: str | None) -> None:
         """Act on what a finish and claim did besides (nearly all do nothing
@@ -4116,7 +4135,7 @@ class _Dispatcher:
         if worker.abandoned:
             if retired:     # unregistered while claiming: not its job to start
                 try:
-                    self.storage.unclaim(job.id, self.owner, job.attempt,
+                    self.storage.unclaim(job.id, job._owner, job.attempt,
                                          _SUSPECT if worker.suspect else _READY)
                 except Exception as exc:    # stop() hands it back then
                     log.error("job %d: %s", job.id, exc)
@@ -4316,7 +4335,9 @@ class _Dispatcher:
             # A new worker records it (and runs the callbacks, off this
             # thread), then goes on with the processor's jobs unless retired.
             if not self.spawn(worker.processor, outcome):
-                self.settle(outcome, self.storage.record(outcome.finish(self.owner)))
+                owner = job._owner
+                self.settle(outcome, owner == self.live_owner() and
+                            self.storage.record(outcome.finish(owner)))
 
     def _promote(self) -> None:
         if time.time() < self._delayed_due:
@@ -4389,6 +4410,9 @@ class _Dispatcher:
         old = self.owner
         if not self.storage.owner_lost(old):
             return
+        # Before cancelling: a try ending from now on records nothing, and
+        # its worker claims nothing, until self.owner is the new one.
+        self._lost_owner = old
         with self._lock:
             running = [w.job for w in self._workers if w.job is not None]
         for job in running:

@@ -8621,3 +8621,30 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         job_id = bl.enqueue("x")
         self.assertEqual(bl.get_job(job_id).name, "x")
         self.assertIsNone(bl.wait(job_id, 20))
+
+    def test_a_lost_owners_late_results_are_ignored_and_it_claims_nothing(self):
+        bl = self.queue(lease=2.0)
+        tries, lock = [], threading.Lock()
+
+        def stubborn(job):
+            with lock:
+                tries.append((job.id, job.attempt))
+            # Returns as soon as cancelled: the race with the new owner's takeover.
+            return ("cancelled" if job.cancelled.wait(0.3) else "ran", job.attempt)
+
+        for _ in range(3):
+            bl.register_processor(stubborn)
+        ids = [bl.enqueue("x", i) for i in range(12)]
+        wait_until(lambda: len(tries) >= 3, message="tries running")
+        with pg_connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE application_name = %s", (f"blero[{os.getpid()}]",))
+
+        def ended():
+            with contextlib.suppress(blero.BleroError):
+                return all(bl.get_job(i).state == "complete" for i in ids)
+
+        wait_until(ended, timeout=40, message="every job complete")
+        results = [bl.get_job(i).result for i in ids]
+        self.assertEqual([r for r in results if r[0] == "cancelled"], [])
+        self.assertTrue(all(r[0] == "ran" for r in results), results)
