@@ -2562,6 +2562,7 @@ _PG_POOL = 4                 # connections for reads and writes, besides the own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
 _PG_POOL_WAIT = 30.0         # seconds a call waits for a free connection
+_PG_ANSWER_MARGIN = 5.0      # seconds past the statement timeout a call waits for an answer
 _PG_POLL = 0.5               # seconds between looks for other processes' commits, without LISTEN
 _PG_SCHEMES = ("postgresql://", "postgres://")
 _PG_BACKOFF_MAX = 5.0        # seconds between reconnections, at most
@@ -2733,6 +2734,81 @@ class _PGSession:
             self.wakes = True
 
 
+class _Unanswered:
+    """One thread, for every PostgreSQL connection of the process, that cuts
+    a connection whose call got no answer for `_PG_STATEMENT_TIMEOUT` +
+    `_PG_ANSWER_MARGIN` seconds: a stalled server (or pooler, or network
+    that keeps the TCP connection up) is an error then, never a hang.  The
+    server's statement timeout ends what is merely slow before that.
+    Cutting shuts the socket down (the waiting call gets an error at once):
+    a cancel request (PQcancel) would itself wait on the stalled server.
+
+    A call costs one dict entry, added and removed under `_lock`; the
+    thread sleeps until the oldest entry's deadline.  All deadlines are the
+    same length from their start, so the dict's order is theirs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._due = threading.Condition(self._lock)
+        self._calls: dict[int, tuple[float, Any, list]] = {}    # guarded by _lock
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(self, conn):
+        """Cut `conn` if what runs in this block gets no answer in time;
+        yields a list that holds True once it was cut."""
+        cut: list = []
+        deadline = time.monotonic() + _PG_STATEMENT_TIMEOUT + _PG_ANSWER_MARGIN
+        with self._lock:
+            self._next += 1
+            key = self._next
+            self._calls[key] = (deadline, conn, cut)
+            if len(self._calls) == 1:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name="blero-pg-deadlines")
+                    self._thread.start()
+                self._due.notify()
+        try:
+            yield cut
+        finally:
+            with self._lock:
+                self._calls.pop(key, None)      # (gone already if cut)
+
+    def _run(self) -> None:
+        while True:
+            late = []
+            with self._lock:
+                while not late:
+                    now = time.monotonic()
+                    for key, (deadline, conn, cut) in self._calls.items():
+                        if deadline > now:
+                            break
+                        late.append((key, conn, cut))
+                    if not late:
+                        first = next(iter(self._calls.values()), None)
+                        self._due.wait(None if first is None else first[0] - now)
+                for key, _, cut in late:
+                    del self._calls[key]
+                    cut.append(True)
+            for _, conn, _ in late:      # outside the lock: calls come and go meanwhile
+                self.cut(conn)
+
+    @staticmethod
+    def cut(conn) -> None:
+        """End `conn`'s session from this side, whatever the server does."""
+        with contextlib.suppress(Exception):
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+
+_unanswered = _Unanswered()
+
+
 class _PostgresStorage(_Storage):
     """The queue on a PostgreSQL server: blero's tables in one schema, shared
     by every process (on any host) that opens the same URL and schema.
@@ -2823,11 +2899,12 @@ class _PostgresStorage(_Storage):
         try:
             # The server's side of the keepalives: the session of a host
             # that vanished ends, and its owner's lock with it.
-            conn.execute(f"SET statement_timeout = {_PG_STATEMENT_TIMEOUT * 1000};"
-                         f" SET tcp_keepalives_idle = {idle};"
-                         f" SET tcp_keepalives_interval = {interval};"
-                         f" SET tcp_keepalives_count = 3;"
-                         f" SET tcp_user_timeout = {int(2000 * lease)}")
+            with _unanswered.watch(conn):
+                conn.execute(f"SET statement_timeout = {_PG_STATEMENT_TIMEOUT * 1000};"
+                             f" SET tcp_keepalives_idle = {idle};"
+                             f" SET tcp_keepalives_interval = {interval};"
+                             f" SET tcp_keepalives_count = 3;"
+                             f" SET tcp_user_timeout = {int(2000 * lease)}")
         except psycopg.Error as exc:
             conn.close()
             raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
@@ -2866,20 +2943,28 @@ class _PostgresStorage(_Storage):
         `write`.  A connection found broken before anything was sent on it
         (the server restarted, or ended our sessions, since it was used) is
         replaced, once, by a new one: the idle ones are closed with it, as
-        they most likely ended together."""
+        they most likely ended together.  One the server left unanswered
+        (see _Unanswered) is an error at once."""
         psycopg = _psycopg()
         for again in (True, False):
             conn = self._take()
             session = _PGSession(conn, self._schema_sql)
             try:
-                if not write:
-                    return fn(session, *args)
-                with conn.transaction():
-                    result = fn(session, *args)
-                    if session.wakes:
-                        conn.execute(f"NOTIFY {self._channel}, '{self._token}'")
-                return result
+                with _unanswered.watch(conn) as cut:
+                    if not write:
+                        return fn(session, *args)
+                    with conn.transaction():
+                        result = fn(session, *args)
+                        if session.wakes:
+                            conn.execute(f"NOTIFY {self._channel}, '{self._token}'")
+                    return result
             except psycopg.Error as exc:
+                if cut:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    raise BleroError(f"{self.path}: the server did not answer for "
+                                     f"{_PG_STATEMENT_TIMEOUT + _PG_ANSWER_MARGIN:g} s"
+                                     ) from exc
                 broken = conn.broken or conn.closed
                 if broken:
                     with self._mutex:
@@ -2907,7 +2992,7 @@ class _PostgresStorage(_Storage):
             self._closed = False
         conn = self._connect()
         try:
-            with conn.transaction():
+            with _unanswered.watch(conn), conn.transaction():
                 # Processes starting together: one creates (or upgrades), the others wait.
                 conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
                              (zlib.crc32(self.schema.encode()) - (1 << 31),))
@@ -3080,12 +3165,14 @@ class _PostgresStorage(_Storage):
                 raise
             self._backoff = 0.0
             try:
-                conn.execute("SELECT pg_advisory_lock(%s)", (owner,))
+                with _unanswered.watch(conn):
+                    conn.execute("SELECT pg_advisory_lock(%s)", (owner,))
             except psycopg.Error as exc:
                 conn.close()
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
             try:
-                conn.execute(_PG_LISTEN.format(channel=self._channel))
+                with _unanswered.watch(conn):
+                    conn.execute(_PG_LISTEN.format(channel=self._channel))
                 self._listening = True
             except psycopg.Error as exc:   # a pooler in transaction mode, say: poll
                 log.warning("%s: LISTEN failed (%s): looking for other processes' work "

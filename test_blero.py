@@ -8648,3 +8648,85 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         results = [bl.get_job(i).result for i in ids]
         self.assertEqual([r for r in results if r[0] == "cancelled"], [])
         self.assertTrue(all(r[0] == "ran" for r in results), results)
+
+    def test_a_stalled_server_makes_calls_fail_and_stop_return(self):
+        # A server (or pooler, or network) that keeps the TCP connection up
+        # and answers nothing: no keepalive fails, only a deadline helps.
+        for name, value in (("_PG_STATEMENT_TIMEOUT", 2), ("_PG_ANSWER_MARGIN", 1.0)):
+            self.addCleanup(setattr, blero, name, getattr(blero, name, value))
+            setattr(blero, name, value)
+        proxy = StallingProxy(urllib.parse.urlsplit(POSTGRES).port or 5432)
+        self.addCleanup(proxy.close)
+        parts = urllib.parse.urlsplit(POSTGRES)
+        url = urllib.parse.urlunsplit(parts._replace(
+            netloc=parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{proxy.port}"
+            if "@" in parts.netloc else f"127.0.0.1:{proxy.port}"))
+        bl = blero.new(url, **self.settings())
+        bl.start()
+        bl.register_processor(lambda job: "ok")
+        self.assertEqual(bl.wait(bl.enqueue("x"), 10), "ok")
+        proxy.stalled = True
+
+        def in_thread(call):
+            out = []
+            thread = threading.Thread(target=lambda: out.append(_raised(call)), daemon=True)
+            thread.start()
+            thread.join(40)
+            self.assertFalse(thread.is_alive(), f"{call} still waits on the stalled server")
+            return out[0]
+
+        self.assertIsInstance(in_thread(lambda: bl.enqueue("x")), blero.BleroError)
+        self.assertIsInstance(in_thread(bl.stats), blero.BleroError)
+        in_thread(bl.stop)      # (an error, or none: it returns)
+        with self.assertRaises(blero.BleroError):
+            bl.enqueue("x")     # stopped
+
+
+def _raised(call):
+    """What `call()` raised, or returned."""
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+class StallingProxy:
+    """A TCP proxy to 127.0.0.1:`port`; once `stalled`, it forwards nothing
+    (and new connections get nothing), while every connection stays up."""
+
+    def __init__(self, port):
+        self.target = port
+        self.stalled = False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+                self.sockets += [client, server]
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b):
+        with contextlib.suppress(OSError):
+            while True:
+                if self.stalled:
+                    time.sleep(0.05)        # (a proxy's idling, not a test's synchronisation)
+                    continue
+                if select.select([a], [], [], 0.05)[0]:
+                    data = a.recv(65536)
+                    if not data:
+                        break
+                    b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self):
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.close()
