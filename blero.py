@@ -2562,7 +2562,8 @@ _PG_POOL = 4                 # connections for reads and writes, besides the own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
 _PG_POOL_WAIT = 30.0         # seconds a call waits for a free connection
-_PG_ANSWER_MARGIN = 5.0      # seconds past the statement timeout a call waits for an answer
+_PG_ANSWER_MARGIN = 5.0      # seconds past the statement timeout a statement waits for an answer
+_PG_ROW_TIME = 0.01          # seconds more a statement run for many rows at once may take per row
 _PG_POLL = 0.5               # seconds between looks for other processes' commits, without LISTEN
 _PG_SCHEMES = ("postgresql://", "postgres://")
 _PG_BACKOFF_MAX = 5.0        # seconds between reconnections, at most
@@ -2690,17 +2691,20 @@ class _PGSession:
     It notes whether anything changed that other processes act on at once
     (new work, a cancel, a hand-back), to NOTIFY them in the same transaction."""
 
-    __slots__ = ("conn", "schema", "wakes", "began")
+    __slots__ = ("conn", "schema", "wakes", "began", "watched")
 
     def __init__(self, conn, schema: str):
         self.conn = conn
         self.schema = schema
         self.wakes = False
         self.began = False      # a statement was sent: retrying on another connection is not safe
+        self.watched = None     # the call's _Watched: each statement has the whole time
 
     def execute(self, sql: str, params=()):
         params = self._params(sql, params)
         self.began = True
+        if self.watched is not None:
+            _unanswered.renew(self.watched)
         cursor = self.conn.execute(_pg_sql(sql, self.schema), params)
         if sql in _PG_WAKES:
             self._note(sql, params, cursor.rowcount)
@@ -2711,6 +2715,8 @@ class _PGSession:
     def executemany(self, sql: str, seq):
         seq = [self._params(sql, p) for p in seq]
         self.began = True
+        if self.watched is not None:    # (a statement per row, each quick)
+            _unanswered.renew(self.watched, _PG_ROW_TIME * len(seq))
         cursor = self.conn.cursor()
         cursor.executemany(_pg_sql(sql, self.schema), seq)
         if sql in _PG_WAKES and seq:
@@ -2736,64 +2742,74 @@ class _PGSession:
 
 class _Unanswered:
     """One thread, for every PostgreSQL connection of the process, that cuts
-    a connection whose call got no answer for `_PG_STATEMENT_TIMEOUT` +
-    `_PG_ANSWER_MARGIN` seconds: a stalled server (or pooler, or network
+    a connection whose statement got no answer for `_PG_STATEMENT_TIMEOUT`
+    + `_PG_ANSWER_MARGIN` seconds: a stalled server (or pooler, or network
     that keeps the TCP connection up) is an error then, never a hang.  The
     server's statement timeout ends what is merely slow before that.
     Cutting shuts the socket down (the waiting call gets an error at once):
     a cancel request (PQcancel) would itself wait on the stalled server.
 
-    A call costs one dict entry, added and removed under `_lock`; the
-    thread sleeps until the oldest entry's deadline.  All deadlines are the
-    same length from their start, so the dict's order is theirs."""
+    A call is one `_Watched` in `_calls`, added and removed under `_lock`,
+    its deadline renewed by each statement (see _PGSession); the thread
+    sleeps until the earliest deadline (`_wake_at`), and is woken for an
+    earlier one only."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._due = threading.Condition(self._lock)
-        self._calls: dict[int, tuple[float, Any, list]] = {}    # guarded by _lock
+        self._calls: dict[int, _Watched] = {}      # guarded by _lock, as all below
         self._next = 0
+        self._wake_at = math.inf
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
     def watch(self, conn):
-        """Cut `conn` if what runs in this block gets no answer in time;
-        yields a list that holds True once it was cut."""
-        cut: list = []
-        deadline = time.monotonic() + _PG_STATEMENT_TIMEOUT + _PG_ANSWER_MARGIN
+        """Cut `conn` if a statement in this block gets no answer in time;
+        yields its `_Watched` (`cut` is True once it was cut)."""
+        call = _Watched(conn)
         with self._lock:
             self._next += 1
-            key = self._next
-            self._calls[key] = (deadline, conn, cut)
-            if len(self._calls) == 1:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, daemon=True,
-                                                    name="blero-pg-deadlines")
-                    self._thread.start()
-                self._due.notify()
+            call.key = self._next
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="blero-pg-deadlines")
+                self._thread.start()
+            self._add(call, 0.0)
         try:
-            yield cut
+            yield call
         finally:
             with self._lock:
-                self._calls.pop(key, None)      # (gone already if cut)
+                self._calls.pop(call.key, None)     # (gone already if cut)
+
+    def renew(self, call: _Watched, extra: float = 0.0) -> None:
+        """A statement of `call` begins: it has the whole time (and `extra` seconds)."""
+        with self._lock:
+            if call.key in self._calls:
+                self._add(call, extra)
+
+    def _add(self, call: _Watched, extra: float) -> None:
+        call.deadline = time.monotonic() + _PG_STATEMENT_TIMEOUT + _PG_ANSWER_MARGIN + extra
+        self._calls[call.key] = call
+        if call.deadline < self._wake_at:
+            self._due.notify()
 
     def _run(self) -> None:
         while True:
-            late = []
             with self._lock:
-                while not late:
+                while True:
                     now = time.monotonic()
-                    for key, (deadline, conn, cut) in self._calls.items():
-                        if deadline > now:
-                            break
-                        late.append((key, conn, cut))
-                    if not late:
-                        first = next(iter(self._calls.values()), None)
-                        self._due.wait(None if first is None else first[0] - now)
-                for key, _, cut in late:
-                    del self._calls[key]
-                    cut.append(True)
-            for _, conn, _ in late:      # outside the lock: calls come and go meanwhile
-                self.cut(conn)
+                    late = [c for c in self._calls.values() if c.deadline <= now]
+                    if late:
+                        break
+                    self._wake_at = min((c.deadline for c in self._calls.values()),
+                                        default=math.inf)
+                    self._due.wait(None if self._wake_at == math.inf else self._wake_at - now)
+                self._wake_at = -math.inf   # busy: no need to notify
+                for call in late:
+                    del self._calls[call.key]
+                    call.cut = True
+            for call in late:       # outside the lock: calls come and go meanwhile
+                self.cut(call.conn)
 
     @staticmethod
     def cut(conn) -> None:
@@ -2804,6 +2820,18 @@ class _Unanswered:
                 sock.shutdown(socket.SHUT_RDWR)
             finally:
                 sock.close()
+
+
+class _Watched:
+    """One call on a connection, as _Unanswered watches it."""
+
+    __slots__ = ("conn", "key", "deadline", "cut")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.key = 0
+        self.deadline = math.inf
+        self.cut = False
 
 
 _unanswered = _Unanswered()
@@ -2950,7 +2978,7 @@ class _PostgresStorage(_Storage):
             conn = self._take()
             session = _PGSession(conn, self._schema_sql)
             try:
-                with _unanswered.watch(conn) as cut:
+                with _unanswered.watch(conn) as session.watched:
                     if not write:
                         return fn(session, *args)
                     with conn.transaction():
@@ -2959,7 +2987,7 @@ class _PostgresStorage(_Storage):
                             conn.execute(f"NOTIFY {self._channel}, '{self._token}'")
                     return result
             except psycopg.Error as exc:
-                if cut:
+                if session.watched is not None and session.watched.cut:
                     with contextlib.suppress(Exception):
                         conn.close()
                     raise BleroError(f"{self.path}: the server did not answer for "
@@ -3074,6 +3102,8 @@ class _PostgresStorage(_Storage):
         ids, stored = [], []
         keyless = [r for r in rows if r.key is None]
         if len(keyless) == len(rows) > 1:      # one round trip for the lot
+            if db.watched is not None:
+                _unanswered.renew(db.watched, _PG_ROW_TIME * len(rows))
             cursor = db.conn.cursor()
             cursor.executemany(_pg_sql(_INSERT, db.schema),
                                [r._replace(data=_bytes(r.data)) for r in rows], returning=True)

@@ -8681,6 +8681,18 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         with self.assertRaises(blero.BleroError):
             bl.enqueue("x")     # stopped
 
+    def test_a_call_of_many_slow_statements_is_not_cut(self):
+        for name, value in (("_PG_STATEMENT_TIMEOUT", 2), ("_PG_ANSWER_MARGIN", 1.0)):
+            self.addCleanup(setattr, blero, name, getattr(blero, name, value))
+            setattr(blero, name, value)
+        bl = self.queue()
+        # Each statement answers within the deadline; the call as a whole takes longer.
+        slow = bl._storage._read(lambda db: [db.execute("SELECT pg_sleep(1.2), 1").fetchall()
+                                             for _ in range(4)])
+        self.assertEqual(len(slow), 4)
+        self.assertEqual(bl.stats()["pending"], 0)
+
+
 
 def _raised(call):
     """What `call()` raised, or returned."""
