@@ -4136,10 +4136,11 @@ class _Dispatcher:
         suspect = False
         owner = self.live_owner()
         if outcome is not None and outcome.job._owner != owner:
-            self.settle(outcome, False)     # a try of a lost owner: its result is ignored
-            outcome = None
-        if owner is None:
-            claim = False       # nothing claimed under a lost owner: after _carry_on
+            outcome = None      # a try of a lost owner: its result is ignored
+        if owner is None:       # nothing claimed under a lost owner: after _carry_on
+            claim = worker.holding = False
+            if _guard.active:
+                _guard.wake_all()   # a turn may have waited for this try
         if claim:
             if not _guard.active:
                 worker.holding = True   # then `active` is read again: see _CrashGuard
