@@ -2752,7 +2752,11 @@ class _Unanswered:
     A call is one `_Watched` in `_calls`, added and removed under `_lock`,
     its deadline renewed by each statement (see _PGSession); the thread
     sleeps until the earliest deadline (`_wake_at`), and is woken for an
-    earlier one only."""
+    earlier one only.  It ends once no call was watched for `_LINGER`
+    seconds (no thread outlives the queues' use), and the next call starts
+    it again."""
+
+    _LINGER = 0.5
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -2803,7 +2807,12 @@ class _Unanswered:
                         break
                     self._wake_at = min((c.deadline for c in self._calls.values()),
                                         default=math.inf)
-                    self._due.wait(None if self._wake_at == math.inf else self._wake_at - now)
+                    if self._wake_at == math.inf:
+                        if not self._due.wait(self._LINGER) and not self._calls:
+                            self._thread = None
+                            return
+                    else:       # (a look each _LINGER: have the calls all gone?)
+                        self._due.wait(min(self._wake_at - now, self._LINGER))
                 self._wake_at = -math.inf   # busy: no need to notify
                 for call in late:
                     del self._calls[call.key]
