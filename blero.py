@@ -54,6 +54,7 @@ import time
 import traceback
 import urllib.parse
 import zlib
+import zoneinfo
 from typing import Any, Callable, Iterable, NamedTuple
 
 try:
@@ -63,8 +64,8 @@ except ImportError:  # Windows: liveness falls back to heartbeats and leases
     fcntl = resource = None
 
 __all__ = [
-    "Blero", "new", "Job", "JobInfo", "BleroError", "JobFailed", "JobCancelled",
-    "STATES", "Task", "JobFuture", "Executor",
+    "Blero", "new", "Job", "JobInfo", "ScheduleInfo", "BleroError", "JobFailed",
+    "JobCancelled", "Snooze", "STATES", "Task", "JobFuture", "Executor",
 ]
 __version__ = "1.0.0"
 
@@ -102,6 +103,16 @@ class JobCancelled(BleroError):
     def __init__(self, job_id: int):
         super().__init__(f"job {job_id} was cancelled")
         self.job_id = job_id
+
+
+class Snooze(Exception):
+    """Raised by a processor: put the job back to pending, due in `seconds`.
+
+    The try counts in `attempt` but uses up none of the job's tries."""
+
+    def __init__(self, seconds: float | datetime.timedelta):
+        self.seconds = _seconds("seconds", seconds)
+        super().__init__(f"snoozed for {self.seconds:g} s")
 
 
 class _Settings:
@@ -228,11 +239,11 @@ class Job:
     """
 
     __slots__ = ("id", "name", "data", "attempt", "max_attempts", "priority",
-                 "key", "enqueued_at", "timeout", "_event", "_cancelled", "_on_cancel",
-                 "_owner")
+                 "key", "enqueued_at", "timeout", "checkpointed", "_event", "_cancelled",
+                 "_on_cancel", "_flow", "_progress", "_owner")
 
     def __init__(self, id, name, data, attempt, max_attempts, priority, key,
-                 enqueued_at, timeout=None):
+                 enqueued_at, timeout=None, checkpointed=None):
         self.id = id
         self.name = name
         self.data = data
@@ -245,6 +256,11 @@ class Job:
         self._event = None      # made on first use: most jobs never need one
         self._cancelled = False
         self._on_cancel = None  # an async try's: cancels its coroutine
+        # The last value checkpoint() stored, by this try or an earlier one
+        # (serialized until the try begins).
+        self.checkpointed = checkpointed
+        self._flow = None       # the dispatcher running this try
+        self._progress = None   # the latest progress() value, serialized
         self._owner = None      # the owner that claimed this try: it records its outcome
 
     @property
@@ -257,6 +273,23 @@ class Job:
                     if self._cancelled:
                         self._event.set()
         return self._event
+
+    def progress(self, value: Any) -> None:
+        """Report how far this try has got: a number from 0 to 1, or any
+        value the serializer takes.  Cheap: the latest value is stored at
+        least once a second, and when the try ends (`JobInfo.progress`)."""
+        self._running().progress(self, value)
+
+    def checkpoint(self, value: Any) -> None:
+        """Store `value` durably (it returns once committed): every later
+        try of this job finds it as `checkpointed`, to resume from there."""
+        self._running().checkpoint(self, value)
+
+    def _running(self):
+        if self._flow is None:
+            raise BleroError(f"job {self.id}: progress() and checkpoint() are for a "
+                             f"processor, during its try")
+        return self._flow
 
     def _cancel(self) -> None:
         with _cancel_lock:
@@ -295,7 +328,219 @@ class JobInfo(NamedTuple):
     run_at: float
     started_at: float | None
     finished_at: float | None
+    progress: Any           # what the processor last reported by job.progress(), or None
     after: tuple[int, ...] = ()
+
+
+class ScheduleInfo(NamedTuple):
+    """A recurring job as stored: what `schedules` returns.
+
+    Either `interval` (seconds, of `every`) or `cron` (the expression, with
+    `tz` its zone name, None for local time) is set, the other None.
+    `next_due` is when the next run is due (epoch seconds); `job_id` is the
+    last run's id, None before the first."""
+
+    key: str
+    name: str
+    data: Any
+    interval: float | None
+    cron: str | None
+    tz: str | None
+    next_due: float
+    job_id: int | None
+
+
+# ---------------------------------------------------------------------------
+# Cron expressions: when a cron schedule is due
+# ---------------------------------------------------------------------------
+#
+# Five fields, read as Vixie cron reads them.  Due times are found on the
+# wall clock of the schedule's zone, a day at a time, and each is turned into
+# an instant: a wall time that a DST change skips runs at the first minute
+# after the gap, and one that it repeats runs once, at its first occurrence
+# (a wall time maps to its instant with fold=0, so the second pass of a
+# repeated hour maps to instants already past).
+
+_CRON_FIELDS = (   # (name, least, most, the names of its values from `least` on)
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP",
+                      "OCT", "NOV", "DEC")),
+    ("day of week", 0, 7, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")),
+)
+_CRON_ALIASES = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+                 "@annually": "0 0 1 1 *"}
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)   # at most, by month
+_MINUTE = datetime.timedelta(minutes=1)
+_DAY = datetime.timedelta(days=1)
+
+
+class _Cron(NamedTuple):
+    """A parsed cron expression: the values each field matches."""
+
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days: frozenset
+    months: frozenset
+    weekdays: frozenset         # 0 is Sunday
+    # Vixie cron: a day field that starts with "*" does not restrict; when
+    # both restrict, a day matching either matches.
+    either_day: bool
+
+
+def _cron_field(text: str, name: str, least: int, most: int, names: tuple) -> set[int]:
+    """The values one field matches; ValueError naming the field."""
+
+    def value(word: str) -> int:
+        if word.isascii() and word.isdigit():
+            n = int(word)
+            if not least <= n <= most:
+                raise ValueError(f"{name} must be {least} to {most}, not {n}")
+            return n
+        if word.upper() in names:
+            return least + names.index(word.upper())
+        if not word:
+            raise ValueError(f"{name}: {text!r} is incomplete")
+        raise ValueError(f"{name}: {word!r} is not a number"
+                         f"{' or a name (' + ', '.join(names[:3]) + ', ...)' if names else ''}")
+
+    values: set[int] = set()
+    for part in text.split(","):
+        span, slash, step_text = part.partition("/")
+        step = 1
+        if slash:
+            if not (step_text.isascii() and step_text.isdigit()):
+                raise ValueError(f"{name}: the step of {part!r} must be a number")
+            step = int(step_text)
+            if step < 1:
+                raise ValueError(f"{name}: the step of {part!r} must be 1 or more")
+        if span == "*":
+            first, last = least, most
+        else:
+            start, dash, end = span.partition("-")
+            if slash and not dash:
+                raise ValueError(f"{name}: a step goes with * or a range (a-b/n), "
+                                 f"not {part!r}")
+            first = value(start)
+            last = value(end) if dash else first
+            if first > last:
+                raise ValueError(f"{name}: the range {span!r} goes backwards")
+        values.update(range(first, last + 1, step))
+    return values
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cron(expr: str) -> _Cron:
+    """Parse a cron expression; ValueError naming the field at fault."""
+    if not isinstance(expr, str):
+        raise TypeError(f"a cron expression must be a str, not {type(expr).__name__}")
+    text = expr.strip()
+    if text.startswith("@"):
+        if text.lower() not in _CRON_ALIASES:
+            raise ValueError(f"cron expression {expr!r}: unknown alias (known: "
+                             f"{', '.join(_CRON_ALIASES)})")
+        text = _CRON_ALIASES[text.lower()]
+    fields = text.split()
+    if not fields:
+        raise ValueError("a cron expression must not be empty")
+    if len(fields) != 5:
+        raise ValueError(f"cron expression {expr!r}: {len(fields)} fields, not 5 "
+                         f"(minute, hour, day of month, month, day of week)")
+    try:
+        sets = [_cron_field(f, *spec) for f, spec in zip(fields, _CRON_FIELDS)]
+    except ValueError as exc:
+        raise ValueError(f"cron expression {expr!r}: {exc}") from None
+    minutes, hours, days, months, weekdays = sets
+    weekdays = {d % 7 for d in weekdays}
+    either = not fields[2].startswith("*") and not fields[4].startswith("*")
+    if not either and min(days) > max(_MONTH_DAYS[m - 1] for m in months):
+        raise ValueError(f"cron expression {expr!r}: never due (day of month "
+                         f"{min(days)} is past the end of every month it names)")
+    return _Cron(tuple(sorted(minutes)), tuple(sorted(hours)), frozenset(days),
+                 frozenset(months), frozenset(weekdays), either)
+
+
+def _wall(t: float, tz: datetime.tzinfo | None) -> datetime.datetime:
+    """The wall-clock time (naive) of instant `t` in `tz` (None: local time)."""
+    return datetime.datetime.fromtimestamp(t, tz).replace(tzinfo=None)
+
+
+def _instant(wall: datetime.datetime, tz: datetime.tzinfo | None) -> float:
+    """When wall time `wall` of `tz` is due: its first occurrence, or the
+    first minute after it if a DST change skips it."""
+    t = wall.replace(tzinfo=tz).timestamp()
+    while _wall(t, tz) != wall:     # skipped: the first minute that exists after it
+        wall += _MINUTE
+        t = wall.replace(tzinfo=tz).timestamp()
+    return t
+
+
+def _cron_next(expr: str, after: float, tz: datetime.tzinfo | None) -> float:
+    """The first due time of a cron expression after instant `after`."""
+    cron = _parse_cron(expr)
+    start = _wall(after, tz).replace(second=0, microsecond=0) + _MINUTE
+    day = start.date()
+    for _ in range(366 * 50):   # any expression _parse_cron takes is due well within
+        if day.month in cron.months:
+            in_days = day.day in cron.days
+            in_weekdays = day.isoweekday() % 7 in cron.weekdays
+            if (in_days or in_weekdays) if cron.either_day else (in_days and in_weekdays):
+                for hour in cron.hours:
+                    for minute in cron.minutes:
+                        wall = datetime.datetime(day.year, day.month, day.day, hour, minute)
+                        if wall >= start:
+                            t = _instant(wall, tz)
+                            if t > after:
+                                return t
+        day += _DAY
+    raise ValueError(f"cron expression {expr!r}: not due within 50 years")
+
+
+_OFFSET = re.compile(r"([+-])(\d\d):(\d\d)")   # a fixed zone, as stored
+
+
+def _zone_name(tz) -> str | None:
+    """What a cron schedule stores of `tz` (None: local time): an IANA zone
+    name, or a fixed offset `+HH:MM`.  ValueError for a zone that does not
+    exist, TypeError for a tzinfo that names no zone."""
+    if tz is None:
+        return None
+    if isinstance(tz, datetime.timezone):
+        offset = tz.utcoffset(None)
+        sign = "-" if offset < datetime.timedelta(0) else "+"
+        minutes = abs(offset) // _MINUTE
+        if abs(offset) % _MINUTE:
+            raise ValueError(f"tz: an offset of whole minutes, not {offset}")
+        return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+    if isinstance(tz, datetime.tzinfo):
+        name = getattr(tz, "key", None) or getattr(tz, "zone", None)   # zoneinfo, pytz
+        if not isinstance(name, str):
+            raise TypeError(f"tz: {tz!r} names no IANA zone; give a zone name, a "
+                            f"zoneinfo.ZoneInfo or a datetime.timezone")
+        tz = name
+    if not isinstance(tz, str):
+        raise TypeError(f"tz must be a zone name or a tzinfo, not {type(tz).__name__}")
+    _zone(tz)
+    return tz
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str | None) -> datetime.tzinfo | None:
+    """The tzinfo of a stored zone name (None: local time)."""
+    if name is None:
+        return None
+    fixed = _OFFSET.fullmatch(name)
+    if fixed:
+        sign, hours, minutes = fixed.groups()
+        offset = datetime.timedelta(hours=int(hours), minutes=int(minutes))
+        return datetime.timezone(-offset if sign == "-" else offset)
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except Exception as exc:    # not found, a malformed key, no tz database
+        raise ValueError(f"tz: no time zone named {name!r} ({type(exc).__name__}: "
+                         f"{exc}; an IANA name such as 'Europe/Berlin')") from None
 
 
 # ---------------------------------------------------------------------------
@@ -356,6 +601,7 @@ class _Claim(NamedTuple):
     key: str | None
     created_at: float
     timeout: float | None
+    checkpoint: Any         # serialized
 
 
 class _Finish(NamedTuple):
@@ -368,6 +614,7 @@ class _Finish(NamedTuple):
     result: Any             # serialized
     error: str | None
     given_back: int         # 1: cut short by a deliberate stop, no try used up
+    progress: Any           # serialized; None: as stored
     id: int
     owner: int
     attempt: int
@@ -379,6 +626,14 @@ class _Finish(NamedTuple):
 _Stored = collections.namedtuple("_Stored", JobInfo._fields)
 
 
+class _Mark(NamedTuple):
+    """A running try's progress or checkpoint, to store (`_PROGRESS`'s and
+    `_SAVE_CHECKPOINT`'s parameters)."""
+
+    value: Any              # serialized
+    id: int
+    owner: int
+    attempt: int
 class _Claimed(NamedTuple):
     """What `finish_and_claim` did, in one transaction."""
 
@@ -432,11 +687,13 @@ class _Schedule(NamedTuple):
     key: str
     name: str
     data: Any               # serialized
-    interval: float
+    interval: float         # 0 for a cron schedule
     next_due: float
     priority: int
     retries: int | None     # None: the queue's setting at each run
     timeout: float | None
+    cron: str | None        # a cron schedule's expression
+    tz: str | None          # and its zone (`_zone_name`); None: local time
 
 
 class _DueSchedule(NamedTuple):
@@ -451,9 +708,22 @@ class _DueSchedule(NamedTuple):
     priority: int
     retries: int | None
     timeout: float | None
+    cron: str | None
+    tz: str | None
     job_id: int | None          # its last run
     last_created: float | None
     last_started: float | None
+
+    def following(self, t: float) -> float:
+        """When this schedule is next due after a run due at `t`."""
+        if self.cron is None:
+            return t + self.interval
+        return _cron_next(self.cron, t, _zone(self.tz))
+
+
+# A stored schedule, ScheduleInfo's fields (`_SCHEDULES`'s columns), its
+# data serialized and its interval 0 for a cron schedule.
+_StoredSchedule = collections.namedtuple("_StoredSchedule", ScheduleInfo._fields)
 
 
 _SWEEP_START = (-math.inf, 0)   # where a sweep starts: the (finished_at, id) seen last
@@ -517,9 +787,9 @@ class _Storage:
         """Store new jobs; return their ids, and for each whether it was
         stored: a job whose key is already stored stores nothing and gets
         that job's id.  `after`, if given, holds for each row the ids of the
-        jobs it waits on (most often none).  A job with some waits until those jobs are all
-        complete (one swept counts as complete), and is cancelled at once if
-        one of them ended failed or cancelled; an id never given raises
+        jobs it waits on (most often none): such a job waits until they are
+        all complete (one swept counts as complete), and is cancelled at once
+        if one of them ended failed or cancelled; an id never given raises
         ValueError, and then nothing is stored.  With `connection` (the
         caller's own, on the same database: else ValueError), write them in
         the caller's open transaction, committing nothing: they exist once
@@ -538,6 +808,14 @@ class _Storage:
         and limits stored, checked in the same transaction: it never takes
         a job of a paused name, nor one over a limit, not even for an
         instant, whatever other processes claim meanwhile."""
+        raise NotImplementedError
+
+    def progress(self, marks: list[_Mark]) -> None:
+        """Store running tries' progress (of those whose claims still hold)."""
+        raise NotImplementedError
+
+    def checkpoint(self, mark: _Mark) -> bool:
+        """Store a running try's checkpoint; False if its claim no longer holds."""
         raise NotImplementedError
 
     def record(self, finish: _Finish) -> bool:
@@ -707,6 +985,10 @@ class _Storage:
         """Remove a schedule; False if there was none."""
         raise NotImplementedError
 
+    def schedules(self) -> list[_StoredSchedule]:
+        """Every schedule, by key."""
+        raise NotImplementedError
+
     def run_schedules(self, now: float, make_row: Callable[[_DueSchedule, float], _NewJob],
                       since: float) -> tuple[list[str], float | None]:
         """Enqueue one run of each schedule that is due and has none
@@ -804,7 +1086,7 @@ def _owner_seen(id, heartbeat_at, takes, host, pid, started_at, processors) -> _
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 4            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 5            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -847,6 +1129,10 @@ CREATE INDEX blero_starts_name ON blero_starts (name, began)"""
 # New in schema 4: the upgrade from 3 adds them (see _schema_4).
 _OWNERS_PRESENCE = ("ALTER TABLE blero_owners ADD COLUMN host TEXT",
                     "ALTER TABLE blero_owners ADD COLUMN processors TEXT")
+# New in schema 5 (see _schema_5): a job's progress and checkpoint, a
+# schedule's cron expression and zone.
+_FLOW_COLUMNS = (("blero_jobs", "progress", "BLOB"), ("blero_jobs", "checkpoint", "BLOB"),
+                 ("blero_schedules", "cron", "TEXT"), ("blero_schedules", "tz", "TEXT"))
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -866,7 +1152,9 @@ CREATE TABLE blero_jobs (
     finished_at  REAL,
     result       BLOB,
     error        TEXT,
-    dependants   INTEGER NOT NULL DEFAULT 0
+    dependants   INTEGER NOT NULL DEFAULT 0,
+    progress     BLOB,
+    checkpoint   BLOB
 );
 CREATE INDEX blero_jobs_ready ON blero_jobs (priority DESC, id) WHERE state = 0;
 CREATE INDEX blero_jobs_delayed ON blero_jobs (run_at) WHERE state = 1;
@@ -892,7 +1180,9 @@ CREATE TABLE blero_schedules (
     priority     INTEGER NOT NULL,
     retries      INTEGER,
     timeout      REAL,
-    job_id       INTEGER
+    job_id       INTEGER,
+    cron         TEXT,
+    tz           TEXT
 );
 """ + _FLOW_SCHEMA + ";"
 # blero_owners.takes: the job names the owner's processors take, a JSON array
@@ -926,8 +1216,15 @@ _JOB_BY_ID = "SELECT " + _JOB_COLUMNS + " FROM blero_jobs WHERE id = ?"
 # result can never overwrite what happened since.  A try given back (cut
 # short by a deliberate stop) adds one to max_attempts: it used up no try.
 _FINISH = ("UPDATE blero_jobs SET state = ?, run_at = coalesce(?, run_at), finished_at = ?,"
-           " result = ?, error = ?, max_attempts = max_attempts + ?, owner = NULL"
+           " result = ?, error = ?, max_attempts = max_attempts + ?,"
+           " progress = coalesce(?, progress), owner = NULL"
            " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
+# A running try's progress, or its checkpoint (a `_Mark`): stored only while
+# its claim holds.
+_PROGRESS = ("UPDATE blero_jobs SET progress = ?"
+             " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
+_SAVE_CHECKPOINT = ("UPDATE blero_jobs SET checkpoint = ?"
+                    " WHERE id = ? AND state = 2 AND owner = ? AND attempt = ?")
 _RUNNING_OF = "SELECT " + _JOB_COLUMNS + " FROM blero_jobs WHERE state = 2 AND owner = ?"
 # Undo a claim whose try never began: ready (or suspect) again, its attempt
 # not counted.
@@ -1009,28 +1306,40 @@ _OWNERS = ("SELECT id, heartbeat_at, takes, host, pid, started_at, processors FR
            " (SELECT DISTINCT owner FROM blero_jobs"
            " WHERE state = 2 AND owner NOT IN (SELECT id FROM blero_owners)) AS unregistered")
 _RUNNING_BY_OWNER = "SELECT owner, count(*) FROM blero_jobs WHERE state = 2 GROUP BY owner"
+# An `every` schedule updated keeps its cadence (sooner if the interval
+# shrank); a cron one keeps its next slot while its times stay the same, so
+# a program calling cron() at each start neither repeats nor skips a slot.
 _UPSERT_SCHEDULE = (
-    "INSERT INTO blero_schedules (key, name, data, interval, next_due, priority, retries, timeout)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    f"INSERT INTO blero_schedules ({', '.join(_Schedule._fields)})"
+    f" VALUES ({', '.join('?' * len(_Schedule._fields))}) ON CONFLICT (key) DO UPDATE SET"
     " name = excluded.name, data = excluded.data, interval = excluded.interval,"
-    " next_due = min(blero_schedules.next_due,"
-    " blero_schedules.next_due - blero_schedules.interval + excluded.interval),"
-    " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout")
+    " next_due = CASE"
+    " WHEN blero_schedules.cron IS NULL AND excluded.cron IS NULL"
+    " THEN min(blero_schedules.next_due,"
+    " blero_schedules.next_due - blero_schedules.interval + excluded.interval)"
+    " WHEN blero_schedules.cron = excluded.cron"
+    " AND coalesce(blero_schedules.tz, '') = coalesce(excluded.tz, '')"
+    " THEN blero_schedules.next_due"
+    " ELSE excluded.next_due END,"
+    " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout,"
+    " cron = excluded.cron, tz = excluded.tz")
 _DROP_SCHEDULE = "DELETE FROM blero_schedules WHERE key = ?"
 # Schedules whose next run is due and whose previous run is over.
 _DUE_SCHEDULES = (
     "SELECT s.key, s.name, s.data, s.interval, s.next_due, s.priority, s.retries,"
-    " s.timeout, s.job_id, j.created_at, j.started_at"
+    " s.timeout, s.cron, s.tz, s.job_id, j.created_at, j.started_at"
     " FROM blero_schedules s LEFT JOIN blero_jobs j ON j.id = s.job_id"
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
 _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
+_SCHEDULES = f"SELECT {', '.join(_StoredSchedule._fields)} FROM blero_schedules ORDER BY key"
 # -- after=: a job waits (state -2) until the jobs it names are complete --
 _ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
 # A finish that completes a job with dependants marks it (see _watch_completions).
 _WATCH_COMPLETIONS = (
     "CREATE TEMP TABLE blero_completed (id INTEGER)",
-    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF state ON blero_jobs"
+    # (OF finished_at: a finish sets it, a claim does not, so claims never fire it)
+    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF finished_at ON blero_jobs"
     " WHEN new.state = 3 AND old.state = 2 AND new.dependants"
     " BEGIN INSERT INTO blero_completed (id) VALUES (new.id); END")
 _CLEAR_COMPLETED = "DELETE FROM temp.blero_completed"
@@ -1135,8 +1444,14 @@ def _schema_4(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _schema_5(db: sqlite3.Connection) -> None:
+    """4 -> 5: progress and checkpoints of jobs, cron schedules."""
+    for table, column, kind in _FLOW_COLUMNS:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
 _UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3,
-                                                              _schema_4)
+                                                              _schema_4, _schema_5)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -1171,9 +1486,24 @@ def _schema_4_views(db: sqlite3.Connection) -> None:
                f" FROM {source}")
 
 
+def _schema_5_views(db: sqlite3.Connection) -> None:
+    """4 as 5: no progress, no checkpoints, no cron schedules (over the views
+    of older schemas, where a file of one shows these tables as views)."""
+    for table in ("blero_jobs", "blero_schedules"):
+        more = "".join(f", NULL AS {c}" for t, c, _ in _FLOW_COLUMNS if t == table)
+        view = db.execute("SELECT sql FROM temp.sqlite_master WHERE name = ?",
+                          (table,)).fetchall()
+        source = f"main.{table}"
+        if view:
+            source = f"({view[0][0].split(' AS ', 1)[1]})"
+            db.execute(f"DROP VIEW temp.{table}")
+        db.execute(f"CREATE TEMP VIEW {table} AS SELECT *{more} FROM {source}")
+
+
 _READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
                                                                       _schema_3_views,
-                                                                      _schema_4_views)
+                                                                      _schema_4_views,
+                                                                      _schema_5_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -1400,6 +1730,7 @@ class _SQLiteStorage(_Storage):
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
+    _due_schedules = _DUE_SCHEDULES     # the same, locking the schedules it runs
     _no_limit = -1      # LIMIT's "none"
 
     # -- opening and closing ------------------------------------------------
@@ -2210,6 +2541,11 @@ class _SQLiteStorage(_Storage):
                 self._claim_sql[n, suspect, m, blocked] = sql
         return sql
 
+    def progress(self, marks: list[_Mark]) -> None:
+        self._write(lambda db: db.executemany(_PROGRESS, marks))
+
+    def checkpoint(self, mark: _Mark) -> bool:
+        return self._write(lambda db: db.execute(_SAVE_CHECKPOINT, mark).rowcount == 1)
     @classmethod
     def _ended(cls, db, job_id: int, state: int, now: float):
         """A job with dependants ended `state`: when complete, make ready
@@ -2415,29 +2751,33 @@ class _SQLiteStorage(_Storage):
     def drop_schedule(self, key: str) -> bool:
         return self._write(lambda db: db.execute(_DROP_SCHEDULE, (key,)).rowcount == 1)
 
+    def schedules(self) -> list[_StoredSchedule]:
+        return self._read(lambda db: list(map(_StoredSchedule._make, db.execute(_SCHEDULES))))
+
     def run_schedules(self, now: float, make_row: Callable[[_DueSchedule, float], _NewJob],
                       since: float) -> tuple[list[str], float | None]:
         if not self._read(lambda db: db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
             return [], self._read(lambda db: db.execute(_NEXT_SCHEDULE).fetchall()[0][0])
         return self._write(self._run_schedules, now, make_row, since)
 
-    @staticmethod
-    def _run_schedules(db, now, make_row, since):
+    def _run_schedules(self, db, now, make_row, since):
         names = []
-        for sched in map(_DueSchedule._make, db.execute(_DUE_SCHEDULES, (now,)).fetchall()):
-            key, interval, due = sched.key, sched.interval, sched.next_due
+        for sched in map(_DueSchedule._make, db.execute(self._due_schedules, (now,)).fetchall()):
+            key, due = sched.key, sched.next_due
             last_id, last_made, last_start = sched.job_id, sched.last_created, sched.last_started
             if last_start is not None and last_made < since and last_start >= due:
                 # The last run was left pending over downtime, and ran after
                 # it: it was the run at once, and the cadence restarts from it.
-                due = last_start + interval
+                due = sched.following(last_start)
                 if due > now:
                     db.execute(_SCHEDULED_RUN, (due, last_id, key))
                     continue
             job_id = db.execute(_INSERT, make_row(sched, now)).lastrowid
-            after = due + interval
+            after = sched.following(due)
             if after <= now:        # runs were missed: one now, and count from it
-                after = now + interval
+                after = sched.following(now)
+            # In the transaction that enqueued the run: no other process
+            # sees this slot due once it is committed.
             db.execute(_SCHEDULED_RUN, (after, job_id, key))
             names.append(sched.name)
         return names, db.execute(_NEXT_SCHEDULE).fetchall()[0][0]
@@ -2557,7 +2897,7 @@ class _SQLiteStorage(_Storage):
 # connections, liveness by advisory locks, LISTEN/NOTIFY, claims that skip
 # rows another transaction has locked.
 
-_PG_SCHEMA_VERSION = 3       # blero_meta.version this blero.py writes and reads
+_PG_SCHEMA_VERSION = 4       # blero_meta.version this blero.py writes and reads
 _PG_POOL = 4                 # connections for reads and writes, besides the owner's own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
@@ -2623,7 +2963,13 @@ def _pg_schema_3(db) -> None:
         db.execute(_pg_ddl(statement))
 
 
-_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2, _pg_schema_3)
+def _pg_schema_4(db) -> None:
+    """3 -> 4: progress and checkpoints of jobs, cron schedules, as the file's schema 5."""
+    for table, column, kind in _FLOW_COLUMNS:
+        db.execute(_pg_ddl(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+
+
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2, _pg_schema_3, _pg_schema_4)
 
 
 def _is_server(target) -> bool:
@@ -2726,7 +3072,10 @@ class _PGSession:
     @staticmethod
     def _params(sql, params):
         if sql is _FINISH or sql is _FINISH_RETURNING:
-            return params._replace(result=_bytes(params.result))
+            return params._replace(result=_bytes(params.result),
+                                   progress=_bytes(params.progress))
+        if sql is _PROGRESS or sql is _SAVE_CHECKPOINT:
+            return params._replace(value=_bytes(params.value))
         if sql is _UPSERT_SCHEDULE:
             return params._replace(data=_bytes(params.data))
         if sql in (_INSERT, _PG_INSERT_KEYED):
@@ -2877,6 +3226,9 @@ class _PostgresStorage(_Storage):
     _last_given = _PG_LAST_GIVEN
     _lock_rows = " FOR UPDATE OF j"
     _skip_locked = " FOR UPDATE SKIP LOCKED"
+    # Two processes never run one due slot: the second skips the schedule
+    # the first is running, and sees its next slot once that commits.
+    _due_schedules = _DUE_SCHEDULES + " FOR UPDATE OF s SKIP LOCKED"
     _no_limit = None
 
     def __init__(self, url: str, schema: str = "blero", lease: float = 10.0):
@@ -3335,13 +3687,13 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "_claim", "_claim_held", "_ended", "_cancel_down",
+_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended", "_cancel_down",
               "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
               "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "running_by_owner", "cancel", "_cancel", "retry_failed", "upsert_schedule",
-              "drop_schedule", "run_schedules", "_run_schedules", "get", "outcome",
+              "drop_schedule", "schedules", "run_schedules", "_run_schedules", "get", "outcome",
               "pending_in_run_order", "counts", "finished_since", "outstanding",
               "pending_by_name", "_claim_statements", "list", "clear_keys", "outcomes")
 for _name in _PG_SHARED:
@@ -3363,6 +3715,7 @@ del _name
 # happens on a timer.
 
 _POLL = 0.05           # seconds between looks for other processes' commits
+_PROGRESS_EVERY = 0.5  # seconds between stores of the running tries' progress
 _STORAGE_RETRY = 0.5   # seconds a worker waits after a storage failure
 
 
@@ -3481,13 +3834,14 @@ class _Outcome(NamedTuple):
     error: str | None = None
     exc: BaseException | None = None
     seconds: float = 0.0
-    given_back: bool = False    # cut short by a deliberate stop: uses up no try
+    given_back: bool = False    # cut short by a deliberate stop (or snoozed): uses up no try
+    snoozed: bool = False       # the processor raised Snooze
 
     def finish(self, owner: int) -> _Finish:
         """What storage records of this outcome of `owner`'s try."""
         job = self.job
         return _Finish(self.state, self.run_at, self.finished_at, self.blob, self.error,
-                       int(self.given_back), job.id, owner, job.attempt)
+                       int(self.given_back), job._progress, job.id, owner, job.attempt)
 
 
 class _Counters:
@@ -3904,6 +4258,13 @@ class _Dispatcher:
         self._next = {"poll": now + _POLL, "reap": now + min(0.5, settings.lease / 4),
                       "beat": now + settings.lease / 3,
                       "sweep": now if settings.keep_complete is not None else math.inf}
+        # Running tries whose progress() changed since it was last stored, by
+        # id; guarded by _progress_lock, held for a dict operation only.
+        self._progressed: dict[int, Job] = {}
+        self._progress_lock = threading.Lock()
+        # Not one of _next's duties: those wake the clock when due, and this
+        # one is due only when there is progress (the clock wakes every _POLL).
+        self._progress_at = now + _PROGRESS_EVERY
         self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
                                        daemon=True)
         self._loop: _EventLoop | None = None    # for async processors, once one comes
@@ -4179,7 +4540,7 @@ class _Dispatcher:
         if row is None:
             return None
         job = Job(*row)
-        job._owner = owner
+        job._flow, job._owner = self, owner
         return job
 
     def live_owner(self) -> int | None:
@@ -4190,6 +4551,44 @@ class _Dispatcher:
         if owner == self._lost_owner or self.storage.owner_lost(owner):
             return None
         return owner
+
+    def progress(self, job: Job, value: Any) -> None:
+        """job.progress(value): noted, for the clock to store (or the try's end)."""
+        try:
+            job._progress = _dumps(self.settings.serializer, value)
+        except Exception as exc:
+            raise TypeError(f"job {job.id}: cannot serialize its progress: {exc}") from exc
+        with self._progress_lock:
+            self._progressed[job.id] = job
+
+    def _store_progress(self) -> None:
+        """Store the progress noted since the last time, in one commit."""
+        now = time.monotonic()
+        if not self._progressed or now < self._progress_at:
+            return
+        self._progress_at = now + _PROGRESS_EVERY
+        with self._progress_lock:
+            jobs, self._progressed = self._progressed, {}
+        try:
+            self.storage.progress([_Mark(j._progress, j.id, j._owner, j.attempt)
+                                   for j in jobs.values()])
+        except BaseException:
+            with self._progress_lock:       # again next time, unless newer is noted
+                self._progressed = {**jobs, **self._progressed}
+            raise
+
+    def checkpoint(self, job: Job, value: Any) -> None:
+        """job.checkpoint(value): stored and committed before it returns."""
+        try:
+            blob = _dumps(self.settings.serializer, value)
+        except Exception as exc:
+            raise TypeError(f"job {job.id}: cannot serialize its checkpoint: {exc}") from exc
+        if (job._owner != self.live_owner()     # its owner was lost: not its job now
+                or not self.storage.checkpoint(_Mark(blob, job.id, job._owner, job.attempt))):
+            job._cancel()
+            raise BleroError(f"job {job.id}: checkpoint not stored: this try no longer "
+                             f"holds the job (cancelled, timed out or taken back)")
+        job.checkpointed = value
 
     def flow(self, done: _Claimed, finished: str | None) -> None:
         """Act on what a finish and claim did besides (nearly all do nothing
@@ -4275,6 +4674,7 @@ class _Dispatcher:
                 if job.id not in self.storage.running_ids(self.owner):
                     job._cancel()
         blob, job.data = job.data, None
+        job.checkpointed = _loads_or_none(self.settings.serializer, job.checkpointed)
         try:
             job.data = None if blob is None else self.settings.serializer.loads(blob)
         except Exception as exc:
@@ -4297,6 +4697,11 @@ class _Dispatcher:
             log.error("job %d: processor raised %r; handed back as interrupted", job.id, exc)
             return self.interrupted(job, exc, f"interrupted: the processor raised {exc!r}\n"
                                     f"{_exc_text(exc, exc.__traceback__.tb_next)}")
+        if isinstance(exc, Snooze):
+            # Back to pending, due then; the try counts, but uses up no try.
+            run_at = time.time() + exc.seconds
+            return _Outcome(job, _DELAYED if exc.seconds > 0 else _READY, run_at=run_at,
+                            seconds=seconds, given_back=True, snoozed=True)
         if exc is not None:   # the traceback starts in the processor, not here
             return self.failure(job, exc, seconds=seconds,
                                 text=_exc_text(exc, exc.__traceback__.tb_next))
@@ -4359,7 +4764,13 @@ class _Dispatcher:
             return      # cancelled or handed back meanwhile: the result is dropped
         job, state = outcome.job, outcome.state
         s = self.settings
-        if state == _COMPLETE:
+        if outcome.snoozed:
+            log.debug("job %d (%s) snoozed until %s", job.id, job.name, outcome.run_at)
+            if state == _DELAYED:
+                self.delayed_at(outcome.run_at)
+            else:
+                self.work_arrived([job.name])
+        elif state == _COMPLETE:
             self.counters.add("complete", seconds=outcome.seconds)
             self.futures.ended(job.id, outcome)
             _call_back(s.on_complete, job, outcome.result)
@@ -4426,7 +4837,8 @@ class _Dispatcher:
                     if self._clock_stop:
                         return
             for duty in (self._expire, self._carry_on, self._promote, self._unhold,
-                         self._run_schedules, self._poll, self._reap, self._beat, self._sweep):
+                         self._run_schedules, self._poll, self._reap, self._beat,
+                         self._store_progress, self._sweep):
                 try:
                     duty()
                 except Exception as exc:
@@ -5356,6 +5768,7 @@ class Blero:
         result = None if row.state == _FAILED else _loads_or_none(loads, row.result)
         return JobInfo(**row._replace(data=_loads_or_none(loads, row.data),
                                       state=_STATE_NAME[row.state], result=result,
+                                      progress=_loads_or_none(loads, row.progress),
                                       after=tuple(map(int, row.after.split(",")))
                                       if row.after else ())._asdict())
 
@@ -5447,28 +5860,61 @@ class Blero:
         stored in the file; return the schedule's key (default: `name`).
         Calling it again with the same key updates the schedule."""
         interval = _seconds("interval", interval, positive=True)
-        unknown = set(options) - {"delay", "run_at", "priority", "retries", "timeout"}
+        return self._schedule("every", name, data, key, options, float(interval), None, None)
+
+    def cron(self, expr: str, name: str, data: Any = None, *, key: str | None = None,
+             tz: str | datetime.tzinfo | None = None, **options) -> str:
+        """Run a job at the times cron expression `expr` names (five fields,
+        or an alias such as "@daily"), on the wall clock of `tz` (an IANA zone
+        name or a tzinfo; None: local time), stored in the file; return the
+        schedule's key (default: `name`).  Options: priority, retries, timeout.
+        Calling it again with the same key updates the schedule."""
+        if not isinstance(expr, str):
+            raise TypeError(f"a cron expression must be a str, not {type(expr).__name__}")
+        _parse_cron(expr)
+        zone = _zone_name(tz)
+        return self._schedule("cron", name, data, key, options, 0.0, expr.strip(), zone)
+
+    def _schedule(self, kind, name, data, key, options, interval, cron, tz) -> str:
+        """Check and store a schedule of `every` or `cron` (`kind`)."""
+        allowed = {"priority", "retries", "timeout"} | ({"delay", "run_at"} if cron is None
+                                                      else set())
+        unknown = set(options) - allowed
         if unknown:
-            raise TypeError(f"unknown option(s) for every(): {', '.join(sorted(unknown))}")
+            raise TypeError(f"unknown option(s) for {kind}(): {', '.join(sorted(unknown))}")
+        now = time.time()
         row = self._row(name, data, options.get("delay"), options.get("run_at"),
                         options.get("priority", 0), options.get("retries"),
-                        options.get("timeout"), None, time.time())
+                        options.get("timeout"), None, now)
         key = name if key is None else key
         if not isinstance(key, str):
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
         if not key:
             raise ValueError("a schedule key must not be empty")
-        retries = options.get("retries")
+        first = row.run_at if cron is None else _cron_next(cron, now, _zone(tz))
         with self._store(operating=True) as storage:
-            storage.upsert_schedule(_Schedule(key, name, row.data, float(interval), row.run_at,
-                                              row.priority, retries, row.timeout))
+            storage.upsert_schedule(_Schedule(key, name, row.data, interval, first,
+                                              row.priority, options.get("retries"),
+                                              row.timeout, cron, tz))
         d = self._dispatcher
         if d is not None:
             d.schedules_changed()
         return key
 
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every recurring job (of `every` and `cron`), by key."""
+        with self._store() as storage:
+            return self._schedule_infos(storage.schedules())
+
+    def _schedule_infos(self, rows: list[_StoredSchedule]) -> list[ScheduleInfo]:
+        loads = self._settings.serializer
+        return [ScheduleInfo(**row._replace(
+            data=_loads_or_none(loads, row.data),
+            interval=None if row.cron is not None else row.interval)._asdict())
+            for row in rows]
+
     def unschedule(self, key: str) -> bool:
-        """Remove a recurring job; False if there was none.  A run already
+        """Remove a recurring job (of `every` or `cron`); False if there was none.  A run already
         enqueued stays, as an ordinary job."""
         if not isinstance(key, str):
             raise TypeError(f"a schedule key must be a str, not {type(key).__name__}")
@@ -6300,6 +6746,29 @@ class Task:
         return await loop.run_in_executor(None, functools.partial(self.enqueue, *args,
                                                                   **kwargs))
 
+    def every(self, interval: float, *args, **kwargs) -> str:
+        """Call this task every `interval` seconds with these arguments, as
+        `Blero.every` schedules a job (the schedule's key: the task's name,
+        or its `using(key=...)`); return the key."""
+        return self._blero.every(interval, self.name, (args, kwargs), **self._schedule_options())
+
+    def cron(self, expr: str, *args, tz: str | datetime.tzinfo | None = None,
+             **kwargs) -> str:
+        """Call this task at the times cron expression `expr` names, with
+        these arguments, as `Blero.cron` schedules a job (`tz` is the
+        schedule's zone, not an argument); return the schedule's key."""
+        return self._blero.cron(expr, self.name, (args, kwargs), tz=tz,
+                                **self._schedule_options())
+
+    def _schedule_options(self) -> dict:
+        options = {k: v for k, v in self._options.items()
+                   if k in ("key", "priority", "retries", "timeout")}
+        others = set(self._options) - set(options)
+        if others:
+            raise TypeError(f"a schedule takes no {', '.join(sorted(others))} "
+                            f"(of using()): its runs are due when it says")
+        return options
+
     def map(self, *iterables) -> list:
         """One job per call `fn(*items)`, with the task's concurrency; the
         results in order.  The first failure is raised once every job has
@@ -6487,7 +6956,13 @@ def _job_json(info: JobInfo, shorten: bool = False) -> dict:
             out[field] = text[:297] + "..." if len(text) > 300 else text
         else:
             out[field] = _json_value(out[field])
+    out["progress"] = _json_value(info.progress)   # a number stays one: the page draws a bar
     return out
+
+
+def _schedule_json(info: ScheduleInfo) -> dict:
+    """A ScheduleInfo as JSON, its data a JSON value where it can be, else its repr."""
+    return info._replace(data=_json_value(info.data))._asdict()
 
 
 class _DashboardHandler(http.server.BaseHTTPRequestHandler):
@@ -6594,6 +7069,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                     "failures": storage.list("failed", None, 20, newest_first=True)}
             ended = {(at, state): n for at, state, n in storage.finished_since(start, step)}
             counts, read_only = storage.counts(), storage.read_only is not None
+            schedules = storage.schedules()
             paused, limits = storage.paused(), storage.limits()
             by_name = storage.running_by_name() if limits else {}
             owners = [o for o in storage.owners() if o.heartbeat_at is not None
@@ -6620,7 +7096,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
                           for o in sorted(owners, key=lambda o: o.started_at)],
                # pending jobs, by name, that no live process takes
                "untaken": untaken}
-        # Schedules join the overview here once the queue stores them.
+        out["schedules"] = [_schedule_json(info) for info in bl._schedule_infos(schedules)]
         # Pauses: the names paused, sorted, null first for "everything";
         # limits: each with how many of its jobs are in progress now.
         out["paused"] = sorted(paused, key=lambda n: (n is not None, n or ""))
@@ -7377,6 +7853,23 @@ def _print_jobs(jobs: list[JobInfo], as_json: bool) -> None:
               f"\tdata={data}" + (f"\terror={error[0]}" if j.error else ""))
 
 
+def _print_schedules(schedules: list[ScheduleInfo], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([_schedule_json(s) for s in schedules], indent=1))
+        return
+    for s in schedules:
+        when = (f"every {s.interval:g} s" if s.cron is None
+                else f"cron {s.cron!r}" + (f" {s.tz}" if s.tz else " (local time)"))
+        try:        # a cron schedule's time on its own clock
+            zone = _zone(s.tz) if s.cron is not None else None
+        except ValueError:      # a zone this machine does not know
+            zone = None
+        due = datetime.datetime.fromtimestamp(s.next_due, zone).astimezone(zone).isoformat(
+            sep=" ", timespec="seconds")
+        last = "" if s.job_id is None else f"\tlast run {s.job_id}"
+        print(f"{s.key}\t{s.name}\t{when}\tnext {due}{last}")
+
+
 def _cli_type(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
     """An argparse type: `parse(text)`, through the API's own checks; a
     value they refuse is a usage error (exit 2) saying what was expected."""
@@ -7489,6 +7982,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=_cli_limit, default=100,
                    help="at most N jobs (default 100; all: every one)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
+    p = queue_command("schedules", "list the recurring jobs (every, cron) and when they are due")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
     p = queue_command("retry", "send failed jobs back to pending")
     p.add_argument("ids", nargs="*", type=_cli_job_id, metavar="ID",
                    help="(default: all failed)")
@@ -7525,6 +8020,8 @@ def main(argv: list[str] | None = None) -> int:
                   else "\n".join(f"{s} {n}" for s, n in counts.items()))
         elif args.command == "jobs":
             _print_jobs(bl.jobs(args.state, args.name, args.limit), args.json)
+        elif args.command == "schedules":
+            _print_schedules(bl.schedules(), args.json)
         elif args.command == "retry":
             missed = [_why_not(bl, i, "is not failed") for i in args.ids
                       if bl.retry_failed([i]) == 0]

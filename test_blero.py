@@ -31,6 +31,7 @@ import signal
 import socket
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3835,6 +3836,13 @@ class BadValuesTest(TempDirTest):
                 lambda v, o=option: bl.every(60, "x", key="refused", **{o: v}))
         add("every(interval)", "interval", bad_seconds(positive=True),
             lambda v: bl.every(v, "x", key="refused"))
+        for option in ("priority", "retries", "timeout"):
+            add(f"cron({option})", option, job_options[option],
+                lambda v, o=option: bl.cron("* * * * *", "x", key="refused", **{o: v}))
+        add("cron(expr)", "minute", [("61 * * * *", ValueError)],
+            lambda v: bl.cron(v, "x", key="refused"))
+        add("cron(tz)", "tz", [(5, TypeError), (1.5, TypeError), ("Mars/Olympus", ValueError)],
+            lambda v: bl.cron("* * * * *", "x", key="refused", tz=v))
         for option, values in job_options.items():
             add(f"aenqueue({option})", option, values,
                 lambda v, o=option: asyncio.run(bl.aenqueue("x", **{o: v})))
@@ -3907,7 +3915,7 @@ class BadValuesTest(TempDirTest):
         # Every public method, setting and job option is in the table.
         called = {label.split("(")[0].split("=")[0] for label, _, _, _ in cases}
         public = {name for name in dir(blero.Blero) if not name.startswith("_")}
-        takes_no_number = {"start", "stats", "metrics_text", "register_processor", "paused",
+        takes_no_number = {"start", "stats", "metrics_text", "register_processor", "paused", "schedules",
                            "limits"}
         self.assertEqual(public - takes_no_number - called, set(), "methods left out")
         checked = {label.split("(")[1].split(")")[0] for label, _, _, _ in cases
@@ -5905,6 +5913,7 @@ class ReadOnlyStorageTest(ProcessTest):
         self.assertEqual([(j.name, j.state) for j in q.jobs()],
                          [("double", "complete"), ("later", "pending")])
         self.assertEqual(q.wait(1), 42)
+        self.assertEqual((q.get_job(1).progress, q.schedules()), (None, []))
         self.assertFalse(q.join(0.1))
         with self.assertRaises(blero.BleroError) as cm:
             q.cancel(2)
@@ -8557,6 +8566,682 @@ class OwnersOfAnOlderSchemaOnPostgresTest(OnPostgres, TempDirTest):
         self.assertEqual([(o["host"], o["processors"]) for o in owners],
                          [(socket.gethostname(), [{"name": "<lambda>", "names": ["ad"],
                                                    "concurrency": 1}])])
+
+
+# ---------------------------------------------------------------------------
+# Cron schedules and schedules() (issue 11)
+# ---------------------------------------------------------------------------
+
+def cron_times(expr, after, tz, n):
+    """The next `n` due times of `expr` after ISO time `after` in zone `tz`,
+    as ISO strings with their offsets."""
+    zone = blero._zone(tz)
+    t = datetime.datetime.fromisoformat(after).timestamp()
+    out = []
+    for _ in range(n):
+        t = blero._cron_next(expr, t, zone)
+        out.append(datetime.datetime.fromtimestamp(t, zone).isoformat(timespec="minutes"))
+    return out
+
+
+# (expression, zone, after, the next due times): worked out by hand from the
+# calendars; DST in 2026: Europe/Berlin 29 Mar 02:00 -> 03:00 and 25 Oct
+# 03:00 -> 02:00; America/New_York 8 Mar 02:00 -> 03:00 and 1 Nov 02:00 -> 01:00.
+CRON_ANSWERS = [
+    # a time the spring change skips runs at the first minute after the gap
+    ("30 2 * * *", "Europe/Berlin", "2026-03-28T12:00+01:00",
+     ["2026-03-29T03:00+02:00", "2026-03-30T02:30+02:00"]),
+    ("0 * * * *", "Europe/Berlin", "2026-03-29T01:30+01:00",
+     ["2026-03-29T03:00+02:00", "2026-03-29T04:00+02:00"]),
+    ("*/20 2 * * *", "Europe/Berlin", "2026-03-29T00:00+01:00",     # all skipped: one run
+     ["2026-03-29T03:00+02:00", "2026-03-30T02:00+02:00"]),
+    # a time the autumn change repeats runs once, at its first occurrence
+    ("30 2 * * *", "Europe/Berlin", "2026-10-24T12:00+02:00",
+     ["2026-10-25T02:30+02:00", "2026-10-26T02:30+01:00"]),
+    ("0 * * * *", "Europe/Berlin", "2026-10-25T01:30+02:00",
+     ["2026-10-25T02:00+02:00", "2026-10-25T03:00+01:00", "2026-10-25T04:00+01:00"]),
+    ("0 * * * *", "Europe/Berlin", "2026-10-25T02:10+01:00",       # in the second pass
+     ["2026-10-25T03:00+01:00"]),
+    ("30 2 * * *", "America/New_York", "2026-03-07T12:00-05:00",
+     ["2026-03-08T03:00-04:00", "2026-03-09T02:30-04:00"]),
+    ("15 2 * * SUN", "America/New_York", "2026-03-01T03:00-05:00",
+     ["2026-03-08T03:00-04:00", "2026-03-15T02:15-04:00"]),
+    ("30 1 * * *", "America/New_York", "2026-10-31T12:00-04:00",
+     ["2026-11-01T01:30-04:00", "2026-11-02T01:30-05:00"]),
+    # leap days, and 2100, which has none
+    ("0 0 29 2 *", "UTC", "2026-01-01T00:00+00:00",
+     ["2028-02-29T00:00+00:00", "2032-02-29T00:00+00:00"]),
+    ("0 12 29 FEB *", "UTC", "2097-01-01T00:00+00:00", ["2104-02-29T12:00+00:00"]),
+    ("0 0 28-29 2 *", "UTC", "2027-02-28T00:00+00:00",
+     ["2028-02-28T00:00+00:00", "2028-02-29T00:00+00:00", "2029-02-28T00:00+00:00"]),
+    # day of month and day of week both restricted: either matches (13 Apr
+    # 2026 is a Monday; the Fridays are 3, 10, 17, 24, 1 May)
+    ("0 0 13 * 5", "UTC", "2026-04-01T00:00+00:00",
+     ["2026-04-03T00:00+00:00", "2026-04-10T00:00+00:00", "2026-04-13T00:00+00:00",
+      "2026-04-17T00:00+00:00", "2026-04-24T00:00+00:00", "2026-05-01T00:00+00:00"]),
+    # ... but a day field starting with * restricts nothing: both must match
+    ("0 0 */10 * MON", "UTC", "2026-04-01T00:00+00:00",
+     ["2026-05-11T00:00+00:00", "2026-06-01T00:00+00:00"]),
+    ("0 0 * * 7", "UTC", "2026-04-01T00:00+00:00", ["2026-04-05T00:00+00:00"]),
+    ("0 9 * jan-MAR Mon-Fri", "UTC", "2026-03-31T09:00+00:00",
+     ["2027-01-01T09:00+00:00", "2027-01-04T09:00+00:00"]),
+    ("10-50/20 8-18/5 * * *", "UTC", "2026-04-01T00:00+00:00",
+     ["2026-04-01T08:10+00:00", "2026-04-01T08:30+00:00", "2026-04-01T08:50+00:00",
+      "2026-04-01T13:10+00:00"]),
+    ("0,30 0 1,15 * *", "UTC", "2026-04-01T00:00+00:00",
+     ["2026-04-01T00:30+00:00", "2026-04-15T00:00+00:00"]),
+    ("* * * * *", "UTC", "2026-04-01T12:00+00:00",        # strictly after
+     ["2026-04-01T12:01+00:00", "2026-04-01T12:02+00:00"]),
+    ("@hourly", "UTC", "2026-04-01T12:00+00:00", ["2026-04-01T13:00+00:00"]),
+    ("@daily", "Asia/Kolkata", "2026-04-01T12:00+05:30", ["2026-04-02T00:00+05:30"]),
+    ("@midnight", "UTC", "2026-04-01T12:00+00:00", ["2026-04-02T00:00+00:00"]),
+    ("@weekly", "UTC", "2026-04-01T12:00+00:00", ["2026-04-05T00:00+00:00"]),
+    ("@monthly", "UTC", "2026-01-31T00:00+00:00", ["2026-02-01T00:00+00:00"]),
+    ("@yearly", "UTC", "2026-04-01T12:00+00:00", ["2027-01-01T00:00+00:00"]),
+    ("@annually", "+05:30", "2026-04-01T12:00+05:30", ["2027-01-01T00:00+05:30"]),
+]
+
+CRON_REFUSED = [   # (expression, the field the error names)
+    ("61 * * * *", "minute"), ("-1 * * * *", "minute"), ("*/0 * * * *", "minute"),
+    ("5-1 * * * *", "minute"), ("a * * * *", "minute"), ("5/15 * * * *", "minute"),
+    ("1,,2 * * * *", "minute"), ("1.5 * * * *", "minute"),
+    ("* 24 * * *", "hour"), ("* */x * * *", "hour"),
+    ("* * 0 * *", "day of month"), ("* * 32 * *", "day of month"),
+    ("* * * 13 *", "month"), ("* * * FOO *", "month"), ("* * * DEC-JAN *", "month"),
+    ("* * * * 8", "day of week"), ("* * * * MON-", "day of week"),
+    ("* * * * -MON", "day of week"), ("* * * * SUNDAY", "day of week"),
+    ("* * * * * *", "fields"), ("* * * *", "fields"), ("", "empty"), ("   ", "empty"),
+    ("0 0 31 2 *", "never"), ("0 0 30 2 *", "never"), ("0 0 31 4,6,9,11 *", "never"),
+    ("@reboot", "alias"), ("@every 5m", "alias"),
+]
+
+
+@both_engines
+class CronTest(TempDirTest):
+    """cron(): the grammar, the zones, the table of known due times, and
+    schedules() / unschedule() for both kinds."""
+
+    def test_next_due_times_match_the_table_of_known_answers(self):
+        for expr, tz, after, expected in CRON_ANSWERS:
+            with self.subTest(expr=expr, tz=tz, after=after):
+                self.assertEqual(cron_times(expr, after, tz, len(expected)), expected)
+
+    def test_local_time_is_the_default_zone(self):
+        # A process whose local time is New York's, tz=None: the same
+        # answers as the zone's own, DST days included.
+        code = """
+            import datetime, sys, blero
+            t = datetime.datetime.fromisoformat(sys.argv[1]).timestamp()
+            for _ in range(2):
+                t = blero._cron_next(sys.argv[2], t, None)
+                print(datetime.datetime.fromtimestamp(t).isoformat(timespec="minutes"))
+        """
+        for expr, tz, after, expected in CRON_ANSWERS:
+            if tz != "America/New_York":
+                continue
+            out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), after, expr],
+                                 cwd=HERE, env=dict(child_env(), TZ="America/New_York"),
+                                 capture_output=True, text=True, timeout=60)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            naive = [datetime.datetime.fromisoformat(e).replace(tzinfo=None).isoformat(
+                timespec="minutes") for e in expected]
+            self.assertEqual(out.stdout.split()[:len(naive)], naive, expr)
+
+    def test_invalid_expressions_name_the_field_and_store_nothing(self):
+        bl = self.queue()
+        for expr, field in CRON_REFUSED:
+            with self.subTest(expr=expr):
+                with self.assertRaises(ValueError) as cm:
+                    bl.cron(expr, "tick")
+                self.assertIn(field, str(cm.exception))
+        for bad in (None, 5, ["* * * * *"]):
+            with self.assertRaises(TypeError):
+                bl.cron(bad, "tick")
+        self.assertEqual(bl.schedules(), [], "a refused cron() stores nothing")
+
+    def test_zones(self):
+        bl = self.queue()
+        for tz in ("Nowhere/Atlantis", "Europe/Berlinn", "", "../../etc/passwd"):
+            with self.subTest(tz=tz):
+                with self.assertRaises(ValueError) as cm:
+                    bl.cron("0 * * * *", "tick", tz=tz)
+                self.assertIn("tz", str(cm.exception))
+        with self.assertRaises(TypeError):
+            bl.cron("0 * * * *", "tick", tz=5)
+        self.assertEqual(bl.schedules(), [])
+        import zoneinfo
+        given = {"a": "Europe/Berlin", "b": zoneinfo.ZoneInfo("America/New_York"),
+                 "c": datetime.timezone.utc, "d": datetime.timezone(datetime.timedelta(hours=-3)),
+                 "e": None}
+        for key, tz in given.items():
+            self.assertEqual(bl.cron("0 12 * * *", "tick", key=key, tz=tz), key)
+        found = {s.key: s for s in bl.schedules()}
+        self.assertEqual({k: s.tz for k, s in found.items()},
+                         {"a": "Europe/Berlin", "b": "America/New_York", "c": "+00:00",
+                          "d": "-03:00", "e": None})
+        for key, tz in given.items():
+            due = datetime.datetime.fromtimestamp(found[key].next_due, blero._zone(found[key].tz))
+            self.assertEqual((due.hour, due.minute, due.second), (12, 0, 0), key)
+            self.assertLess(found[key].next_due - time.time(), 86400 + 3600)
+
+    def test_schedules_lists_both_kinds(self):
+        bl = self.queue()
+        bl.stop()       # a stopped queue whose file exists
+        self.assertEqual(bl.every(30, "beat", {"n": 1}), "beat")
+        before = time.time()
+        self.assertEqual(bl.cron("*/5 * * * *", "report", [1, 2], key="r", tz="UTC",
+                                 priority=3, retries=0, timeout=5), "r")
+        s = {s.key: s for s in bl.schedules()}
+        self.assertEqual(list(s), ["beat", "r"], "by key")
+        self.assertIsInstance(s["r"], blero.ScheduleInfo)
+        self.assertEqual(blero.ScheduleInfo._fields, ("key", "name", "data", "interval", "cron",
+                                                      "tz", "next_due", "job_id"))
+        beat, report = s["beat"], s["r"]
+        self.assertEqual((beat.name, beat.data, beat.interval, beat.cron, beat.tz, beat.job_id),
+                         ("beat", {"n": 1}, 30.0, None, None, None))
+        self.assertEqual((report.name, report.data, report.interval, report.cron, report.tz,
+                          report.job_id), ("report", [1, 2], None, "*/5 * * * *", "UTC", None))
+        self.assertEqual(report.next_due % 300, 0)
+        self.assertTrue(before < report.next_due <= before + 300)
+        self.assertLessEqual(beat.next_due, time.time(), "an every schedule is due at once")
+        with self.assertRaises(TypeError):
+            bl.cron("* * * * *", "x", delay=5)      # cron says when: no delay nor run_at
+        ran = threading.Event()
+        bl.register_processor(lambda job: ran.set(), names="beat")
+        bl.start()
+        self.assertTrue(ran.wait(10))
+        last = wait_until(lambda: bl.schedules()[0].job_id, message="the first run's id")
+        self.assertEqual(bl.get_job(last).name, "beat")
+        self.assertGreater(bl.schedules()[0].next_due, beat.next_due)
+        self.assertTrue(bl.unschedule("r"))
+        self.assertFalse(bl.unschedule("r"))
+        self.assertTrue(bl.unschedule("beat"))
+        self.assertEqual(bl.schedules(), [])
+
+    def test_cron_again_keeps_its_slot_and_an_update_takes_effect(self):
+        bl = self.queue()
+        bl.cron("0 3 * * *", "nightly", tz="UTC")
+        first = bl.schedules()[0]
+        bl.cron("0 3 * * *", "nightly", {"v": 2}, tz="UTC")       # as each start of a program does
+        again = bl.schedules()[0]
+        self.assertEqual((again.next_due, again.data), (first.next_due, {"v": 2}))
+        bl.cron("30 4 * * *", "nightly", tz="UTC")
+        changed = bl.schedules()[0]
+        self.assertEqual(datetime.datetime.fromtimestamp(changed.next_due, datetime.timezone.utc)
+                         .strftime("%H:%M"), "04:30")
+        bl.cron("30 4 * * *", "nightly", tz="Asia/Tokyo")         # same times, another zone
+        self.assertEqual(datetime.datetime.fromtimestamp(
+            bl.schedules()[0].next_due, blero._zone("Asia/Tokyo")).strftime("%H:%M"), "04:30")
+        bl.every(60, "nightly")                                   # now an every schedule
+        now = bl.schedules()[0]
+        self.assertEqual((now.interval, now.cron, now.tz), (60.0, None, None))
+        self.assertLessEqual(now.next_due, time.time())
+        bl.cron("@hourly", "nightly")                             # and back
+        back = bl.schedules()[0]
+        self.assertEqual((back.interval, back.cron), (None, "@hourly"))
+        self.assertEqual(back.next_due % 3600, 0)     # (every zone on a whole hour? most)
+
+    def test_schedules_and_cron_on_a_stopped_queue(self):
+        bl = self.queue()
+        bl.stop()
+        self.assertEqual(bl.cron("@daily", "d"), "d")
+        self.assertEqual([s.key for s in bl.schedules()], ["d"])
+        self.assertTrue(bl.unschedule("d"))
+
+
+# argv: db, clock file, log.  A process on a moved clock: blero's time.time()
+# is the real one plus the offset in the clock file, which the test sets
+# (monotonic time stays real).
+# It runs the cron schedule "tick" ("* * * * *", set again at each start).
+CRON_CLOCK_CHILD = """
+import mmap, struct, types
+db, clock_path, log_path = sys.argv[1:4]
+clock_file = open(clock_path, "r+b")
+clock = mmap.mmap(clock_file.fileno(), 8)
+moved = types.ModuleType("time")
+moved.__dict__.update(time.__dict__)
+moved.time = lambda: time.time() + struct.unpack("d", clock[:8])[0]
+blero.time = moved
+log = open_log(log_path)
+
+def tick(job):
+    log("T", job.id, PID, moved.time())
+
+bl = new_queue(db)
+bl.register_processor(tick, names="tick")
+bl.start()
+bl.cron("* * * * *", "tick", tz="UTC")
+log("ready", PID)
+sys.stdin.read()
+bl.stop()
+"""
+
+
+@both_engines
+class CronAcrossProcessesTest(ProcessTest):
+    """Two processes running one cron schedule, on a clock the test moves
+    a minute at a time: each due time runs exactly once, across a kill -9
+    and a restart too; missed times collapse into one run."""
+
+    T0 = 1_900_000_020.0 - 1_900_000_020.0 % 60 + 60     # a whole minute
+
+    def set_clock(self, t):
+        """Make it `t` now on the children's clock, which runs on from there."""
+        with open(self.clock, "r+b") as f:
+            f.write(struct.pack("d", t - time.time()))
+
+    def child(self):
+        self._children += 1
+        out = os.path.join(self.dir, f"child{self._children}.out")
+        with open(out, "w") as f:
+            p = start_child(mp_child(CRON_CLOCK_CHILD), self.path, self.clock, self.log,
+                            stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT,
+                            text=True)
+        p.out_path = out
+        self.addCleanup(lambda: (p.poll() is None and p.kill(), p.wait(), p.stdin.close()))
+        wait_until(lambda: [f for f in self.lines("ready") if int(f[1]) == p.pid] or
+                   p.poll() is not None, timeout=30, message="the child ready")
+        if p.poll() is not None:
+            self.fail(f"child exited:\n{self.output(p)}")
+        return p
+
+    def runs(self):
+        """{slot (minutes from T0): [(job id, pid), ...]} from the processors' own log."""
+        slots = collections.defaultdict(list)
+        for f in self.lines("T"):
+            slots[int((float(f[3]) - self.T0) // 60)].append((int(f[1]), int(f[2])))
+        return slots
+
+    def advance_through(self, minutes):
+        """Move the clock into each minute in turn, waiting for its run."""
+        for m in minutes:
+            self.set_clock(self.T0 + 60 * m + 1)
+            wait_until(lambda: m in self.runs(), timeout=20, message=f"the run of minute {m}")
+
+    def test_each_due_time_runs_exactly_once_across_processes_and_restarts(self):
+        self.clock = os.path.join(self.dir, "clock")
+        with open(self.clock, "wb") as f:
+            f.write(struct.pack("d", 0.0))
+        self.set_clock(self.T0 - 55)
+        self.create()
+        look = self.queue(start=False)
+        a, b = self.child(), self.child()
+        self.assertEqual(look.schedules()[0].next_due, self.T0)
+        self.advance_through(range(0, 30))
+        wait_until(lambda: look.stats()["inprogress"] == 0, message="the last run recorded")
+        self.kill(a)                        # a kill -9, and a new process in its place
+        a = self.child()                    # (it calls cron() again: no slot repeated)
+        self.advance_through(range(30, 50))
+        # Ten minutes pass at once (downtime, say): one run for all of them.
+        self.set_clock(self.T0 + 60 * 60 + 1)
+        wait_until(lambda: 60 in self.runs(), timeout=20, message="the collapsed run")
+        self.advance_through(range(61, 64))
+        for p in (a, b):
+            p.stdin.close()
+            self.finish(p)
+        runs = self.runs()
+        self.assertEqual(sorted(runs), list(range(50)) + list(range(60, 64)))
+        self.assertEqual({m: r for m, r in runs.items() if len({i for i, _ in r}) != 1}, {},
+                         "a due time had more than one run")
+        jobs = look.jobs(name="tick", limit=None)
+        self.assertEqual(len(jobs), 54, "one job per due time")
+        self.assertEqual({j.state for j in jobs}, {"complete"})
+        self.assertEqual(look.schedules()[0].next_due, self.T0 + 64 * 60)
+
+
+@both_engines
+class SchedulesShownTest(TempDirTest):
+    """python -m blero schedules [--json] and the dashboard list the
+    schedules with their next due times."""
+
+    def make(self):
+        bl = self.queue()
+        bl.every(90, "beat", {"n": 1})
+        bl.cron("0 3 * * MON", "weekly", key="w", tz="Europe/Berlin")
+        bl.cron("@hourly", "hourly", object)       # data JSON cannot carry
+        bl.stop()
+        return bl
+
+    def test_command_line(self):
+        bl = self.make()
+        out = run_cli("schedules", *self.cli_queue(), "--json")
+        self.assertEqual((out.returncode, out.stderr), (0, ""))
+        listed = json.loads(out.stdout)
+        self.assertEqual([s["key"] for s in listed], ["beat", "hourly", "w"])
+        for s, info in zip(listed, bl.schedules()):
+            self.assertEqual(set(s), set(blero.ScheduleInfo._fields))
+            self.assertEqual(s["next_due"], info.next_due)
+        self.assertEqual((listed[0]["data"], listed[0]["interval"], listed[0]["cron"]),
+                         ({"n": 1}, 90.0, None))
+        self.assertEqual(listed[1]["data"], repr(object))
+        self.assertEqual((listed[2]["cron"], listed[2]["tz"], listed[2]["interval"]),
+                         ("0 3 * * MON", "Europe/Berlin", None))
+        text = run_cli("schedules", *self.cli_queue(), "--serializer", "json")
+        self.assertEqual(text.returncode, 0, text.stderr)
+        lines = text.stdout.splitlines()
+        self.assertEqual(len(lines), 3)
+        self.assertIn("every 90 s", lines[0])
+        self.assertIn("cron '0 3 * * MON' Europe/Berlin", lines[2])
+        due = datetime.datetime.fromtimestamp(listed[2]["next_due"], blero._zone("Europe/Berlin"))
+        self.assertIn(f"next {due.isoformat(sep=' ', timespec='seconds')}", lines[2])
+        self.assertIn("schedules", run_cli("--help").stdout)
+        self.assertEqual(run_cli("schedules", *self.cli_queue("missing.db")).returncode, 1)
+
+    def test_dashboard(self):
+        bl = self.make()
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        status, _, body = http_request(server.port, "GET", "/api/stats")
+        self.assertEqual(status, 200)
+        shown = json.loads(body)["schedules"]
+        self.assertEqual([(s["key"], s["next_due"]) for s in shown],
+                         [(s.key, s.next_due) for s in bl.schedules()])
+        status, _, page = http_request(server.port, "GET", "/")
+        self.assertIn(b'id="schedules"', page)
+
+
+# What a file of the last blero.py of schema 2 (V2_COMMIT) holds here.
+V2_SCHEDULE_CHILD = """
+import sys, blero
+bl = blero.new(sys.argv[1])
+bl.register_processor(lambda job: job.data * 2, names="double")
+bl.start()
+bl.wait(bl.enqueue("double", 21), 30)
+bl.enqueue("later", "x")
+bl.every(3600, "hourly", {"n": 1})
+bl.stop()
+"""
+
+
+class ProgressCronUpgradeTest(ProcessTest):
+    """A file of schema 2 (before progress, checkpoints and cron) is
+    upgraded in place at its first start, and inspected as it is where it
+    cannot be."""
+
+    def v2_file(self):
+        with_old_blero(self, V2_COMMIT, V2_SCHEDULE_CHILD, self.path)
+        self.assertEqual(UpgradeTest.layout(self, self.path), (2, 2))
+
+    def check(self, q):
+        self.assertEqual([(j.name, j.state, j.progress) for j in q.jobs(name="double")],
+                         [("double", "complete", None)])
+        self.assertEqual(q.wait(1), 42)
+        (hourly,) = q.schedules()
+        self.assertEqual((hourly.key, hourly.data, hourly.interval, hourly.cron, hourly.tz),
+                         ("hourly", {"n": 1}, 3600.0, None, None))
+
+    def test_upgraded_at_its_first_start(self):
+        self.v2_file()
+        with blero.new(self.path) as bl:
+            self.check(bl)
+            bl.cron("@daily", "daily")
+
+            def run(job):
+                job.checkpoint("half")
+                job.progress(0.5)
+                return job.data * 2
+            bl.register_processor(run, names="later")
+            self.assertEqual(bl.wait(2, 10), "xx")
+            self.assertEqual(bl.get_job(2).progress, 0.5)
+        self.assertEqual(UpgradeTest.layout(self, self.path), (blero._SCHEMA_VERSION, 2))
+        self.assertEqual([s.key for s in blero.new(self.path).schedules()], ["daily", "hourly"])
+
+    def test_inspected_as_it_is_on_read_only_storage(self):
+        self.v2_file()
+        path = ReadOnlyStorageTest.read_only_copy(self, self.path)
+        before = dir_state(os.path.dirname(path))
+        q = blero.new(path)
+        self.check(q)
+        self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only copy changed")
+
+
+# ---------------------------------------------------------------------------
+# Flow control: Snooze, progress, checkpoints (issue 11)
+# ---------------------------------------------------------------------------
+
+@both_engines
+class FlowTest(TempDirTest):
+    """Snooze(seconds), job.progress(value) and job.checkpoint(value)."""
+
+    def test_snooze_puts_the_job_back_without_using_up_a_try(self):
+        bl = self.queue(on_failed=lambda job, exc: failed.append(job.id))
+        failed, tries = [], []
+
+        def run(job):
+            tries.append((job.attempt, job.max_attempts, time.monotonic()))
+            if job.attempt < 3:
+                raise blero.Snooze(0.3 if job.attempt == 1 else datetime.timedelta(0))
+            return "awake"
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("nap", retries=0)       # one try only, yet three run
+        self.assertEqual(bl.wait(job_id, 20), "awake")
+        self.assertEqual([t[:2] for t in tries], [(1, 1), (2, 2), (3, 3)])
+        self.assertGreaterEqual(tries[1][2] - tries[0][2], 0.3 - 0.01, "due after its seconds")
+        info = bl.get_job(job_id)
+        self.assertEqual((info.state, info.attempt, info.max_attempts, info.error),
+                         ("complete", 3, 3, None))
+        self.assertEqual(failed, [])
+        self.assertIn('outcome="retried"} 0', bl.metrics_text(), "a snooze is no failed try")
+
+    def test_a_snoozed_job_is_pending_until_due(self):
+        bl = self.queue()
+        bl.register_processor(lambda job: (_ for _ in ()).throw(blero.Snooze(3600)))
+        job_id = bl.enqueue("later")
+        wait_until(lambda: bl.get_job(job_id).attempt == 1 and
+                   bl.get_job(job_id).state == "pending", message="snoozed")
+        info = bl.get_job(job_id)
+        self.assertGreater(info.run_at, time.time() + 3000)
+        self.assertTrue(bl.cancel(job_id))
+
+    def test_bad_snooze(self):
+        for bad in (-1, math.nan, math.inf):
+            with self.assertRaises(ValueError):
+                blero.Snooze(bad)
+        for bad in ("1", None):
+            with self.assertRaises(TypeError):
+                blero.Snooze(bad)
+        self.assertEqual(blero.Snooze(2).seconds, 2.0)
+
+    def test_progress_is_stored_while_running_and_at_the_end(self):
+        bl = self.queue()
+        reported, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def run(job):
+            for i in range(1, 1001):
+                job.progress(i / 2000)
+            reported.set()
+            release.wait(30)
+            job.progress({"done": 10, "of": 10})
+            return "ok"
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("long")
+        self.assertIsNone(bl.get_job(job_id).progress)
+        self.assertTrue(reported.wait(10))
+        wait_until(lambda: bl.get_job(job_id).progress == 0.5, timeout=10,
+                   message="the latest progress stored while the job runs")
+        self.assertEqual(bl.get_job(job_id).state, "inprogress")
+        release.set()
+        self.assertEqual(bl.wait(job_id, 10), "ok")
+        self.assertEqual(bl.get_job(job_id).progress, {"done": 10, "of": 10},
+                         "the last value, stored with the end of the try")
+        out = run_cli("jobs", *self.cli_queue(), "--json")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(json.loads(out.stdout)[0]["progress"], {"done": 10, "of": 10})
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        status, _, body = http_request(server.port, "GET", f"/api/job?id={job_id}")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["progress"], {"done": 10, "of": 10})
+
+    def test_progress_the_serializer_refuses_is_a_type_error_at_the_call(self):
+        bl = self.queue(serializer=json)
+        raised = []
+
+        def run(job):
+            try:
+                job.progress(object())
+            except TypeError as exc:
+                raised.append(str(exc))
+            job.progress(0.25)
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("x")
+        bl.wait(job_id, 10)
+        self.assertEqual(len(raised), 1)
+        self.assertIn("progress", raised[0])
+        self.assertEqual(bl.get_job(job_id).progress, 0.25)
+
+    def test_checkpoints_come_back_on_every_later_try(self):
+        bl = self.queue(backoff_base=0, retries=3)
+        seen = []
+
+        def run(job):
+            seen.append((job.attempt, job.checkpointed))
+            start = job.checkpointed or 0
+            for step in range(start + 1, start + 3):
+                job.checkpoint(step)
+                self.assertEqual(job.checkpointed, step)
+            if job.attempt < 3:
+                raise RuntimeError("crashes after two steps")
+            return start
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("resumable")
+        self.assertEqual(bl.wait(job_id, 20), 4)
+        self.assertEqual(seen, [(1, None), (2, 2), (3, 4)])
+        # a retry of a failed job resumes too
+        other = bl.enqueue("resumable", retries=0)
+        with self.assertRaises(blero.JobFailed):
+            bl.wait(other, 20)
+        self.assertEqual(bl.retry_failed([other]), 1)
+        self.assertEqual(bl.wait(other, 20), 4)
+        self.assertEqual(seen[-3:], [(1, None), (2, 2), (3, 4)])
+
+    def test_a_checkpoint_of_a_try_cancelled_meanwhile_is_not_stored(self):
+        bl = self.queue()
+        started, go, outcome = threading.Event(), threading.Event(), []
+        self.addCleanup(go.set)
+
+        def run(job):
+            started.set()
+            go.wait(30)
+            try:
+                job.checkpoint("late")
+            except blero.BleroError as exc:
+                outcome.append((str(exc), job.cancelled.is_set()))
+
+        bl.register_processor(run)
+        job_id = bl.enqueue("x")
+        self.assertTrue(started.wait(10))
+        self.assertTrue(bl.cancel(job_id))
+        go.set()
+        wait_until(lambda: outcome, message="the checkpoint refused")
+        self.assertIn("no longer holds the job", outcome[0][0])
+        self.assertTrue(outcome[0][1])
+
+
+# argv: db, log.  A long job that checkpoints after each of its 10 steps,
+# logging "C step"; it never gets past step 3 on its first try (the test
+# kills it there), and logs "R checkpointed" at each try's start.
+CHECKPOINT_CHILD = """
+db, log_path = sys.argv[1], sys.argv[2]
+log = open_log(log_path)
+
+def run(job):
+    log("R", job.attempt, job.checkpointed)
+    for step in range((job.checkpointed or 0) + 1, 11):
+        job.checkpoint(step)
+        log("C", step)
+        if step == 3 and job.attempt == 1:
+            time.sleep(600)
+    return "done"
+
+bl = new_queue(db)
+bl.register_processor(run)
+bl.start()
+job_id = bl.enqueue("long", key="the long job")
+log("W", job_id, bl.wait(job_id, 120))
+bl.stop()
+"""
+
+
+@both_engines
+class CheckpointKillTest(ProcessTest):
+
+    def test_a_job_killed_after_its_third_checkpoint_resumes_from_the_third(self):
+        self.create()
+        first = self.spawn(CHECKPOINT_CHILD, self.path, self.log)
+        self.wait_lines("C", "3", children=[first], timeout=30)
+        self.kill(first)
+        self.assertEqual(self.lines("C"), [["C", str(i), "."] for i in (1, 2, 3)])
+        second = self.spawn(CHECKPOINT_CHILD, self.path, self.log)
+        self.finish(second)
+        self.assertEqual([f[1:3] for f in self.lines("R")], [["1", "None"], ["2", "3"]])
+        self.assertEqual([int(f[1]) for f in self.lines("C")], [1, 2, 3] + list(range(4, 11)),
+                         "resumed from the 3rd checkpoint, not from the start")
+        self.assertEqual(self.lines("W")[0][2], "done")
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING or "")
+class PostgresProgressCronUpgradeTest(OnPostgres, ProcessTest):
+    """A PostgreSQL queue of schema 3 (before progress, checkpoints and
+    cron) is upgraded in place at its first start."""
+
+    def test_a_schema_1_queue_is_upgraded(self):
+        bl = self.queue()
+        bl.every(3600, "hourly")
+        done = bl.enqueue("old")
+        bl.stop()
+        with pg_connect() as admin:      # as a blero.py of schema 3 left it
+            for table, column, _ in blero._FLOW_COLUMNS:
+                admin.execute(f'ALTER TABLE "{self.schema}".{table} DROP COLUMN {column}')
+            admin.execute(f'UPDATE "{self.schema}".blero_meta SET version = 3')
+        bl = self.queue(start=False)
+
+        def run(job):
+            job.checkpoint(1)
+            job.progress(1.0)
+        bl.register_processor(run)
+        bl.start()
+        self.assertIsNone(bl.wait(done, 10))
+        self.assertEqual(bl.get_job(done).progress, 1.0)
+        bl.cron("@daily", "daily")
+        self.assertEqual([(s.key, s.cron) for s in bl.schedules()],
+                         [("daily", "@daily"), ("hourly", None)])
+        with pg_connect() as admin:
+            self.assertEqual(admin.execute(f'SELECT version FROM "{self.schema}".blero_meta')
+                             .fetchall(), [(blero._PG_SCHEMA_VERSION,)])
+
+
+@both_engines
+class TaskScheduleTest(TempDirTest):
+    """task.every(interval, *args) and task.cron(expr, *args)."""
+
+    def test_a_task_on_a_schedule(self):
+        bl = self.queue()
+        calls = []
+
+        @bl.task(name="beat")
+        def beat(n, word="hi"):
+            calls.append((n, word))
+            return n
+
+        self.assertEqual(beat.every(0.1, 7, word="yo"), "beat")
+        wait_until(lambda: len(calls) >= 2, message="two scheduled calls")
+        self.assertEqual(calls[:2], [(7, "yo"), (7, "yo")])
+        self.assertEqual(beat.using(key="nightly", priority=2).cron("0 3 * * *", 1,
+                                                                     tz="UTC"), "nightly")
+        nightly = {s.key: s for s in bl.schedules()}["nightly"]
+        self.assertEqual((nightly.name, nightly.data, nightly.cron, nightly.tz),
+                         ("beat", ((1,), {}), "0 3 * * *", "UTC"))
+        with self.assertRaises(TypeError):
+            beat.using(delay=5).cron("0 3 * * *")
+        with self.assertRaises(ValueError):
+            beat.cron("0 3 * * * *")
+        self.assertTrue(bl.unschedule("beat"))
 
 
 @unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
