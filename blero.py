@@ -6363,7 +6363,7 @@ class _Calls:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._seen: collections.Counter = collections.Counter()
+        self._seen: dict[tuple[str, str], int] = {}    # (name, digest) -> calls so far
 
     def keys(self, name: str, blobs: list) -> list[str]:
         """The keys of the next calls of `name` with data `blobs` (each
@@ -6395,15 +6395,16 @@ def _function_name(fn, what: str = "a task") -> str:
     name after a restart; TypeError naming why for anything else."""
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", None)
+    hint = "give the task a name" if what == "a task" else "or make it a task with a name"
     if not isinstance(module, str) or not isinstance(qualname, str):
         raise TypeError(f"{fn!r} has no qualified name: {what} needs a module-level "
-                        f"function (or give the task a name)")
+                        f"function ({hint})")
     if "<lambda>" in qualname:
         raise TypeError(f"{module}.{qualname} is a lambda: {what} needs a function "
-                        f"that can be imported by its name (or give the task a name)")
+                        f"that can be imported by its name ({hint})")
     if "<locals>" in qualname:
         raise TypeError(f"{module}.{qualname} is a nested function: {what} needs a "
-                        f"module-level function (or give the task a name)")
+                        f"module-level function ({hint})")
     return f"{module}.{qualname}"
 
 
@@ -6806,7 +6807,8 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
         self._max_workers = _integer("max_workers", max_workers, least=1)
         self._blero = blero
-        self._lock = threading.Lock()   # guards everything below
+        self._setting_up = threading.Lock()     # held while its workers are set up
+        self._lock = threading.Lock()   # guards everything below; held for no I/O
         self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
         self._processor: _Processor | None = None
         # Its calls' job ids (released at the end), and the futures not done
@@ -6831,19 +6833,23 @@ class Executor(concurrent.futures.Executor):
         if _is_async(fn):
             raise TypeError(f"{name} is an async function: make it a task (bl.task) "
                             f"to run its calls on the queue's event loop")
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            known = name in self._fns
-            self._fns.setdefault(name, fn)
-            p = self._processor
-        if p is None:
-            p = self._blero._add_processor(self._run, frozenset([name]), self._max_workers,
-                                           task_names=[name], label="executor")
+        # One submitter at a time sets the workers up (registering them
+        # writes): not under `_lock`, which the workers' callbacks take.
+        with self._setting_up:
             with self._lock:
-                self._processor = p
-        elif not known:
-            self._blero._retake(p, p.names | {name})
+                if self._shutdown:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                known = name in self._fns
+                self._fns.setdefault(name, fn)
+                p = self._processor
+            if p is None:
+                p = self._blero._add_processor(self._run, frozenset([name]),
+                                               self._max_workers, task_names=[name],
+                                               label="executor")
+                with self._lock:
+                    self._processor = p
+            elif not known:
+                self._blero._retake(p, p.names | {name})
         return name, {}, args
 
     def submit(self, fn, /, *args, **kwargs) -> JobFuture:
@@ -7273,7 +7279,7 @@ h3{font-size:13px;margin:14px 0 4px;color:var(--muted)}
  header{padding:8px 12px} main{padding:10px;gap:10px} section{padding:10px}
  .cards{gap:6px} .card{padding:5px 7px} .card b{font-size:19px} .card span{font-size:11px;display:block;line-height:1.2}
  .wide{display:none} td.val{max-width:9em} .procs li{white-space:normal}
- td,th{padding:5px 5px} th{white-space:normal} td.num{white-space:normal} #chart{height:160px}}
+ td,th{padding:5px 5px} th{white-space:normal} .bar{width:48px} td.num{white-space:normal} #chart{height:160px}}
 </style></head><body>
 <header><h1><a href="#">blero</a></h1><span id="target"></span><span id="badges"></span>
 <span id="updated"></span></header>
@@ -7346,8 +7352,11 @@ function span(seconds) {
   const s = Math.abs(seconds);
   if (s < 60) return Math.round(s) + " s";
   if (s < 3600) return Math.round(s / 60) + " min";
-  if (s < 86400) return (s / 3600).toFixed(s < 36000 ? 1 : 0) + " h";
-  return (s / 86400).toFixed(1) + " days";
+  // one decimal at most, and none when it is 0: "1 h", "1.5 h", "2 days"
+  const short = (v, digits) => v.toFixed(digits).replace(/[.]0$/, "");
+  if (s < 86400) return short(s / 3600, s < 36000 ? 1 : 0) + " h";
+  const days = s / 86400;
+  return short(days, 1) + (short(days, 1) === "1" ? " day" : " days");
 }
 function runs(j, now) { return j.run_at <= now ? "now" : when(j.run_at) + " (in " + span(j.run_at - now) + ")"; }
 function stateTag(s) { return el("span", LABEL[s] || s, {"class": "state", style: "--c:var(--" + s + ")"}); }
@@ -7357,7 +7366,8 @@ function progress(p) {
   if (typeof p === "number" && p >= 0 && p <= 1) {
     const bar = el("span", undefined, {"class": "bar", title: Math.round(p * 100) + "%"});
     bar.appendChild(el("i", undefined, {style: "width:" + (p * 100).toFixed(1) + "%"}));
-    const box = el("span"); box.append(bar, " " + Math.round(p * 100) + "%"); return box;
+    const box = el("span", undefined, {style: "white-space:nowrap"});
+    box.append(bar, " " + Math.round(p * 100) + "%"); return box;
   }
   return p === null || p === undefined ? "" : (typeof p === "string" ? p : JSON.stringify(p));
 }

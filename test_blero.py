@@ -2596,10 +2596,6 @@ class CommandLineTest(TempDirTest):
         self.assertEqual(self.stats(path), expected, "serving changed nothing")
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # ---------------------------------------------------------------------------
 # Several processes on one file, kill -9 torture, and a hardened opening.
 #
@@ -5782,14 +5778,8 @@ def with_old_blero(test, commit, code, *args):
     `commit`, to make a file of its layout; return what it printed.  The
     test is skipped without git or that commit."""
     old = os.path.join(test.dir, f"blero-{commit}")
-    os.makedirs(old, exist_ok=True)
-    try:
-        source = subprocess.run(["git", "-C", HERE, "show", f"{commit}:blero.py"],
-                                capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        test.skipTest(f"needs git and commit {commit}, whose blero.py writes such files")
-    with open(os.path.join(old, "blero.py"), "wb") as f:
-        f.write(source)
+    if not os.path.isdir(old):
+        older_blero(old, commit)
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
                          cwd=old, env=dict(os.environ, PYTHONPATH=old), capture_output=True,
                          text=True, timeout=120)
@@ -8317,10 +8307,6 @@ def _enqueued(bl, name):
         return None
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # ---------------------------------------------------------------------------
 # The live owners and their processors, on the dashboard of any process
 # (issue 12)
@@ -8334,6 +8320,7 @@ import sys, threading
 ended = threading.Event()
 def send(job):
     if job.data == "hold":
+        job.progress(0.4)
         ended.wait(60)
 class Mailer:
     def run(self, job):
@@ -8432,11 +8419,6 @@ class LiveOwnersTest(TempDirTest):
                          ([], {"ad": 2, "reprot": 1, "report": 1}))
 
 
-# The last blero.py whose files are of schema 2 (owners tell no host, nor
-# their processors).
-V2_COMMIT = "39c00f9"
-
-
 class OwnersOfAnOlderFileTest(ProcessTest):
     """A file of schema 2 is upgraded to tell owners' hosts and processors,
     and is inspected as it is where it cannot be upgraded."""
@@ -8444,15 +8426,12 @@ class OwnersOfAnOlderFileTest(ProcessTest):
     read_only_copy = ReadOnlyStorageTest.read_only_copy
 
     def v2_file(self):
-        old = older_blero(os.path.join(self.dir, "v2"), V2_COMMIT)
-        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        with_old_blero(self, V2_COMMIT, """
             import sys, blero
             bl = blero.new(sys.argv[1]).start()
             bl.enqueue("ad", "x")
             bl.stop()
-            """), self.path], cwd=old, env=dict(os.environ, PYTHONPATH=old),
-            capture_output=True, text=True, timeout=60)
-        self.assertEqual(made.returncode, 0, made.stderr)
+            """, self.path)
         db = sqlite3.connect(self.path)
         try:
             self.assertEqual(db.execute("PRAGMA user_version").fetchall(), [(2,)])
@@ -8500,6 +8479,7 @@ class DashboardOfProcessesInChromiumTest(TempDirTest):
         with blero.new(self.target()) as producer:
             held = producer.enqueue("email", "hold")
             producer.enqueue("ad", "a typo's job")
+            producer.every(3600, "report", key="hourly", delay=3600)
         viewer = blero.new(self.target())
         wait_until(lambda: viewer.get_job(held).state == "inprogress", message="the child to run it")
         server = viewer.serve_metrics()
@@ -8516,8 +8496,14 @@ class DashboardOfProcessesInChromiumTest(TempDirTest):
                 for shown in ("send \u00d72 takes email", "Mailer.run \u00d71 takes news"):
                     self.assertIn(shown, " ".join(owners.split()))
                 self.assertIn("1 live", browser.evaluate(text.format("n-owners")))
-                self.assertEqual(browser.evaluate(text.format("untaken")),
-                                 "jobs waiting for a processor: ad (1)")
+                self.assertRegex(browser.evaluate(text.format("untaken")),
+                                 r"^jobs waiting for a processor: ad \(1\)(, report \(1\))?$")
+                schedule = browser.evaluate(text.format("schedules"))
+                self.assertIn("hourly", schedule)
+                self.assertIn("every 1 h", schedule)
+                browser.wait_for(text.format("inprogress") + ".includes('40%')", "its progress")
+                self.assertEqual(browser.evaluate(
+                    "document.querySelector('#inprogress .bar i').style.width"), "40%")
                 self.assertLessEqual(browser.evaluate("document.documentElement.scrollWidth"),
                                      width, "the page is wider than the screen")
                 sideways = browser.evaluate(
@@ -8528,25 +8514,18 @@ class DashboardOfProcessesInChromiumTest(TempDirTest):
                 browser.close()
 
 
-# The last blero.py whose PostgreSQL schemas are of version 1.
-PG_V1_COMMIT = "addf569"
-
-
 @unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
 class OwnersOfAnOlderSchemaOnPostgresTest(OnPostgres, TempDirTest):
     """A PostgreSQL schema of version 1 is upgraded, when first opened, to
     tell owners' hosts and processors."""
 
     def test_a_schema_of_version_1_is_upgraded_when_first_looked_at(self):
-        old = older_blero(os.path.join(self.dir, "pg1"), PG_V1_COMMIT)
-        made = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        with_old_blero(self, PG_V1_COMMIT, """
             import sys, blero
             bl = blero.new(sys.argv[1], schema=sys.argv[2]).start()
             bl.enqueue("ad", "x")
             bl.stop()
-            """), self.target(), self.schema], cwd=old, env=dict(os.environ, PYTHONPATH=old),
-            capture_output=True, text=True, timeout=60)
-        self.assertEqual(made.returncode, 0, made.stderr)
+            """, self.target(), self.schema)
         meta = f'SELECT version FROM "{self.schema}".blero_meta'
         with pg_connect() as conn:
             self.assertEqual(conn.execute(meta).fetchall(), [(1,)])
@@ -8566,6 +8545,37 @@ class OwnersOfAnOlderSchemaOnPostgresTest(OnPostgres, TempDirTest):
         self.assertEqual([(o["host"], o["processors"]) for o in owners],
                          [(socket.gethostname(), [{"name": "<lambda>", "names": ["ad"],
                                                    "concurrency": 1}])])
+
+
+@unittest.skipUnless(POSIX and find_chromium(), "Chromium is not installed")
+class DashboardFlowInChromiumTest(TempDirTest):
+    """Pauses and limits on the rendered page, and its Pause/Resume buttons."""
+
+    def test_pause_and_resume_from_the_page(self):
+        bl = self.queue()
+        bl.limit("resize", concurrency=2, rate=(10, 60))
+        bl.pause("report")
+        server = bl.serve_metrics()
+        self.addCleanup(server.close)
+        browser = DevTools(self, server.url)
+        rows = ("[...document.querySelectorAll('#flow tr[data-id]')]"
+                ".map(r => [...r.cells].map(c => c.innerText.trim()))")
+        browser.wait_for(rows + ".length === 2", "the paused and limited names")
+        self.assertEqual(browser.evaluate(rows), [
+            ["report", "paused", "", "", "", "Resume"],
+            ["resize", "", "0", "2", "10 per 1 min", "Pause"]])
+        browser.evaluate("document.querySelector('#flow tr[data-id=\"report\"] button').click()")
+        wait_until(lambda: bl.paused() == set(), message="report resumed from the page")
+        browser.wait_for(rows + ".length === 1", "the page to follow")
+        browser.evaluate("document.getElementById('p-name').value = 'mail';"
+                         "document.getElementById('pause-one').click()")
+        wait_until(lambda: bl.paused() == {"mail"}, message="mail paused from the form")
+        browser.evaluate("document.getElementById('pause-all').click()")
+        wait_until(lambda: bl.paused() == {None, "mail"}, message="everything paused")
+        browser.wait_for("document.getElementById('all-paused').innerText"
+                         " === 'everything is paused'", "the page to say so")
+        browser.evaluate("document.getElementById('pause-all').click()")
+        wait_until(lambda: bl.paused() == set(), message="everything resumed")
 
 
 # ---------------------------------------------------------------------------
@@ -9427,3 +9437,7 @@ class StallingProxy:
         for s in self.sockets:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
