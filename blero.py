@@ -3712,7 +3712,8 @@ del _name
 # the way.  An idle worker sleeps on its own Event until new work may be
 # there; a sequence number bumped on every arrival closes the race between
 # "found nothing" and "went to sleep".  One clock thread does everything that
-# happens on a timer.
+# happens on a timer, except timeouts: they have a thread of their own that
+# never waits on storage, so that no commit of the clock's makes them late.
 
 _POLL = 0.05           # seconds between looks for other processes' commits
 _PROGRESS_EVERY = 0.5  # seconds between stores of the running tries' progress
@@ -4216,7 +4217,8 @@ _LOOP_CLOSE_WAIT = 1.0    # seconds a stop lets cancelled tries unwind
 
 
 class _Dispatcher:
-    """Runs the jobs of one started Blero: its workers and its clock thread."""
+    """Runs the jobs of one started Blero: its workers, its clock thread and
+    its timeouts' thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
                  counters: _Counters, changed: _Changes, presence: _Presence,
@@ -4237,6 +4239,7 @@ class _Dispatcher:
         self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _presence
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
+        self._deadline_tick = threading.Condition(self._lock)   # a new, earlier deadline
         self._gone = threading.Condition(self._lock)   # notified as workers leave
         self._stop_by = math.inf        # monotonic time the running tries are cut short
         self._keep: _Worker | None = None   # the worker that asked for the stop
@@ -4267,6 +4270,11 @@ class _Dispatcher:
         self._progress_at = now + _PROGRESS_EVERY
         self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
                                        daemon=True)
+        # Timeouts have a thread of their own that never waits on storage:
+        # a commit of the clock's (a promotion, a sweep, a checkpoint on a
+        # slow disk) must not make a try's timeout late.
+        self._timer = threading.Thread(target=self._deadline_loop, name="blero-timeouts",
+                                       daemon=True)
         self._loop: _EventLoop | None = None    # for async processors, once one comes
 
     # -- lifecycle ------------------------------------------------------------------
@@ -4282,6 +4290,7 @@ class _Dispatcher:
             for p in processors:
                 self.spawn_all(p)
             self._clock.start()
+            self._timer.start()
         except BaseException:
             _guard.leave(self)
             raise
@@ -4345,13 +4354,14 @@ class _Dispatcher:
             self._gone.notify_all()
 
     def runs_on(self, thread: threading.Thread) -> _Worker | bool:
-        """The worker running on `thread`; True for the clock thread (and the
+        """The worker running on `thread`; True for the clock and timeouts threads (and the
         event loop's, outside a try); else False."""
         with self._lock:
             for w in self._workers:
                 if w.runs_on(thread):
                     return w
-        return thread is self._clock or (self._loop is not None and thread is self._loop.thread)
+        return (thread is self._clock or thread is self._timer or
+                (self._loop is not None and thread is self._loop.thread))
 
     def stop(self) -> list[Job]:
         """After `begin_stop`: wait for the running tries until they are cut
@@ -4386,8 +4396,10 @@ class _Dispatcher:
         with self._lock:
             self._clock_stop = True
             self._tick.notify()
-        if self._clock.is_alive():
-            self._clock.join()
+            self._deadline_tick.notify()
+        for thread in (self._clock, self._timer):
+            if thread.is_alive():
+                thread.join()
         self.storage.on_change(None)
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.  While
@@ -4810,7 +4822,7 @@ class _Dispatcher:
             self._deadline_n += 1
             entry = (time.monotonic() + job.timeout, self._deadline_n, worker, job)
             heapq.heappush(self._deadlines, entry)
-            self._tick.notify()
+            self._deadline_tick.notify()
         return entry
 
     def _drop_deadline(self, entry: tuple) -> None:
@@ -4828,15 +4840,13 @@ class _Dispatcher:
                     return
                 now, epoch = time.monotonic(), time.time()
                 wake = min(self._next.values())
-                if self._deadlines:
-                    wake = min(wake, self._deadlines[0][0])
                 wake = min(wake, now + (self._delayed_due - epoch),
                            now + (self._schedule_due - epoch), now + (self._held_due - epoch))
                 if wake > now and self._sweeping is None:
                     self._tick.wait(wake - now)
                     if self._clock_stop:
                         return
-            for duty in (self._expire, self._carry_on, self._promote, self._unhold,
+            for duty in (self._carry_on, self._promote, self._unhold,
                          self._run_schedules, self._poll, self._reap, self._beat,
                          self._store_progress, self._sweep):
                 try:
@@ -4844,6 +4854,22 @@ class _Dispatcher:
                 except Exception as exc:
                     self.throttle.error(exc, "%s failed: %s; will try again",
                                         duty.__name__.lstrip("_"), exc)
+
+    def _deadline_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._clock_stop:
+                    wait = self._deadlines[0][0] - time.monotonic() if self._deadlines else None
+                    if wait is not None and wait <= 0:
+                        break
+                    self._deadline_tick.wait(None if wait is None
+                                             else min(wait, threading.TIMEOUT_MAX))
+                if self._clock_stop:
+                    return
+            try:
+                self._expire()
+            except Exception as exc:
+                self.throttle.error(exc, "expire failed: %s; will try again", exc)
 
     def _due(self, name: str, every: float) -> bool:
         now = time.monotonic()

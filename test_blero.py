@@ -1030,6 +1030,7 @@ class OperatingTest(TempDirTest):
                 t.join()
             self.assertEqual(bl.stats()["inprogress"], 0)
         wait_for_threads_to_end("blero-clock", "every clock thread to end")
+        wait_for_threads_to_end("blero-timeouts", "every timeouts thread to end")
 
     def test_stop_counts_only_tries_that_began(self):
         # stop(0) while workers race through jobs: some have claimed a job
@@ -3961,6 +3962,7 @@ class BadValuesTest(TempDirTest):
         bl.wait(bl.enqueue("x"), timeout=10)
         self.assertIsNone(call_within(self, lambda: bl.stop(timeout=1e10)))
         wait_for_threads_to_end("blero-clock", "the clock thread to end")
+        wait_for_threads_to_end("blero-timeouts", "the timeouts thread to end")
         self.assertEqual(bl.stats()["complete"], 1)
 
     def test_command_line_numbers_are_checked_and_limit_0_means_none(self):
