@@ -41,7 +41,7 @@ import pickle
 import random
 import re
 import secrets
-import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -240,7 +240,7 @@ class Job:
 
     __slots__ = ("id", "name", "data", "attempt", "max_attempts", "priority",
                  "key", "enqueued_at", "timeout", "checkpointed", "_event", "_cancelled",
-                 "_on_cancel", "_flow", "_progress")
+                 "_on_cancel", "_flow", "_progress", "_owner")
 
     def __init__(self, id, name, data, attempt, max_attempts, priority, key,
                  enqueued_at, timeout=None, checkpointed=None):
@@ -261,6 +261,7 @@ class Job:
         self.checkpointed = checkpointed
         self._flow = None       # the dispatcher running this try
         self._progress = None   # the latest progress() value, serialized
+        self._owner = None      # the owner that claimed this try: it records its outcome
 
     @property
     def cancelled(self) -> threading.Event:
@@ -2901,6 +2902,8 @@ _PG_POOL = 4                 # connections for reads and writes, besides the own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
 _PG_POOL_WAIT = 30.0         # seconds a call waits for a free connection
+_PG_ANSWER_MARGIN = 5.0      # seconds past the statement timeout a statement waits for an answer
+_PG_ROW_TIME = 0.01          # seconds more a statement run for many rows at once may take per row
 _PG_POLL = 0.5               # seconds between looks for other processes' commits, without LISTEN
 _PG_SCHEMES = ("postgresql://", "postgres://")
 _PG_BACKOFF_MAX = 5.0        # seconds between reconnections, at most
@@ -3034,17 +3037,20 @@ class _PGSession:
     It notes whether anything changed that other processes act on at once
     (new work, a cancel, a hand-back), to NOTIFY them in the same transaction."""
 
-    __slots__ = ("conn", "schema", "wakes", "began")
+    __slots__ = ("conn", "schema", "wakes", "began", "watched")
 
     def __init__(self, conn, schema: str):
         self.conn = conn
         self.schema = schema
         self.wakes = False
         self.began = False      # a statement was sent: retrying on another connection is not safe
+        self.watched = None     # the call's _Watched: each statement has the whole time
 
     def execute(self, sql: str, params=()):
         params = self._params(sql, params)
         self.began = True
+        if self.watched is not None:
+            _unanswered.renew(self.watched)
         cursor = self.conn.execute(_pg_sql(sql, self.schema), params)
         if sql in _PG_WAKES:
             self._note(sql, params, cursor.rowcount)
@@ -3055,6 +3061,8 @@ class _PGSession:
     def executemany(self, sql: str, seq):
         seq = [self._params(sql, p) for p in seq]
         self.began = True
+        if self.watched is not None:    # (a statement per row, each quick)
+            _unanswered.renew(self.watched, _PG_ROW_TIME * len(seq))
         cursor = self.conn.cursor()
         cursor.executemany(_pg_sql(sql, self.schema), seq)
         if sql in _PG_WAKES and seq:
@@ -3079,6 +3087,112 @@ class _PGSession:
         # (or delayed) again: a completed one is seen by their waits' polls.
         if rowcount and (sql not in (_FINISH, _FINISH_RETURNING) or params[0] < _RUNNING):
             self.wakes = True
+
+
+class _Unanswered:
+    """One thread, for every PostgreSQL connection of the process, that cuts
+    a connection whose statement got no answer for `_PG_STATEMENT_TIMEOUT`
+    + `_PG_ANSWER_MARGIN` seconds: a stalled server (or pooler, or network
+    that keeps the TCP connection up) is an error then, never a hang.  The
+    server's statement timeout ends what is merely slow before that.
+    Cutting shuts the socket down (the waiting call gets an error at once):
+    a cancel request (PQcancel) would itself wait on the stalled server.
+
+    A call is one `_Watched` in `_calls`, added and removed under `_lock`,
+    its deadline renewed by each statement (see _PGSession); the thread
+    sleeps until the earliest deadline (`_wake_at`), and is woken for an
+    earlier one only.  It ends once no call was watched for `_LINGER`
+    seconds (no thread outlives the queues' use), and the next call starts
+    it again."""
+
+    _LINGER = 0.5
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._due = threading.Condition(self._lock)
+        self._calls: dict[int, _Watched] = {}      # guarded by _lock, as all below
+        self._next = 0
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watch(self, conn):
+        """Cut `conn` if a statement in this block gets no answer in time;
+        yields its `_Watched` (`cut` is True once it was cut)."""
+        call = _Watched(conn)
+        with self._lock:
+            self._next += 1
+            call.key = self._next
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="blero-pg-deadlines")
+                self._thread.start()
+            self._add(call, 0.0)
+        try:
+            yield call
+        finally:
+            with self._lock:
+                self._calls.pop(call.key, None)     # (gone already if cut)
+
+    def renew(self, call: _Watched, extra: float = 0.0) -> None:
+        """A statement of `call` begins: it has the whole time (and `extra` seconds)."""
+        with self._lock:
+            if call.key in self._calls:
+                self._add(call, extra)
+
+    def _add(self, call: _Watched, extra: float) -> None:
+        call.deadline = time.monotonic() + _PG_STATEMENT_TIMEOUT + _PG_ANSWER_MARGIN + extra
+        self._calls[call.key] = call
+        if call.deadline < self._wake_at:
+            self._due.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    now = time.monotonic()
+                    late = [c for c in self._calls.values() if c.deadline <= now]
+                    if late:
+                        break
+                    self._wake_at = min((c.deadline for c in self._calls.values()),
+                                        default=math.inf)
+                    if self._wake_at == math.inf:
+                        if not self._due.wait(self._LINGER) and not self._calls:
+                            self._thread = None
+                            return
+                    else:       # (a look each _LINGER: have the calls all gone?)
+                        self._due.wait(min(self._wake_at - now, self._LINGER))
+                self._wake_at = -math.inf   # busy: no need to notify
+                for call in late:
+                    del self._calls[call.key]
+                    call.cut = True
+            for call in late:       # outside the lock: calls come and go meanwhile
+                self.cut(call.conn)
+
+    @staticmethod
+    def cut(conn) -> None:
+        """End `conn`'s session from this side, whatever the server does."""
+        with contextlib.suppress(Exception):
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+
+class _Watched:
+    """One call on a connection, as _Unanswered watches it."""
+
+    __slots__ = ("conn", "key", "deadline", "cut")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.key = 0
+        self.deadline = math.inf
+        self.cut = False
+
+
+_unanswered = _Unanswered()
 
 
 class _PostgresStorage(_Storage):
@@ -3174,11 +3288,12 @@ class _PostgresStorage(_Storage):
         try:
             # The server's side of the keepalives: the session of a host
             # that vanished ends, and its owner's lock with it.
-            conn.execute(f"SET statement_timeout = {_PG_STATEMENT_TIMEOUT * 1000};"
-                         f" SET tcp_keepalives_idle = {idle};"
-                         f" SET tcp_keepalives_interval = {interval};"
-                         f" SET tcp_keepalives_count = 3;"
-                         f" SET tcp_user_timeout = {int(2000 * lease)}")
+            with _unanswered.watch(conn):
+                conn.execute(f"SET statement_timeout = {_PG_STATEMENT_TIMEOUT * 1000};"
+                             f" SET tcp_keepalives_idle = {idle};"
+                             f" SET tcp_keepalives_interval = {interval};"
+                             f" SET tcp_keepalives_count = 3;"
+                             f" SET tcp_user_timeout = {int(2000 * lease)}")
         except psycopg.Error as exc:
             conn.close()
             raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
@@ -3215,24 +3330,37 @@ class _PostgresStorage(_Storage):
         """Run `fn(session, *args)` on a pooled connection: in one
         transaction (NOTIFYing others if it changed what they act on) when
         `write`.  A connection found broken before anything was sent on it
-        (the server restarted since it was used) is replaced, once."""
+        (the server restarted, or ended our sessions, since it was used) is
+        replaced, once, by a new one: the idle ones are closed with it, as
+        they most likely ended together.  One the server left unanswered
+        (see _Unanswered) is an error at once."""
         psycopg = _psycopg()
         for again in (True, False):
             conn = self._take()
             session = _PGSession(conn, self._schema_sql)
             try:
-                if not write:
-                    return fn(session, *args)
-                with conn.transaction():
-                    result = fn(session, *args)
-                    if session.wakes:
-                        conn.execute(f"NOTIFY {self._channel}, '{self._token}'")
-                return result
+                with _unanswered.watch(conn) as session.watched:
+                    if not write:
+                        return fn(session, *args)
+                    with conn.transaction():
+                        result = fn(session, *args)
+                        if session.wakes:
+                            conn.execute(f"NOTIFY {self._channel}, '{self._token}'")
+                    return result
             except psycopg.Error as exc:
-                broken = conn.broken or conn.closed
-                if broken:
+                if session.watched is not None and session.watched.cut:
                     with contextlib.suppress(Exception):
                         conn.close()
+                    raise BleroError(f"{self.path}: the server did not answer for "
+                                     f"{_PG_STATEMENT_TIMEOUT + _PG_ANSWER_MARGIN:g} s"
+                                     ) from exc
+                broken = conn.broken or conn.closed
+                if broken:
+                    with self._mutex:
+                        stale, self._idle = self._idle, []
+                    for dead in [conn] + stale:
+                        with contextlib.suppress(Exception):
+                            dead.close()
                 if again and broken and (not session.began or not write):
                     continue
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
@@ -3253,7 +3381,7 @@ class _PostgresStorage(_Storage):
             self._closed = False
         conn = self._connect()
         try:
-            with conn.transaction():
+            with _unanswered.watch(conn), conn.transaction():
                 # Processes starting together: one creates (or upgrades), the others wait.
                 conn.execute("SELECT pg_advisory_xact_lock(%s, 0)",
                              (zlib.crc32(self.schema.encode()) - (1 << 31),))
@@ -3335,6 +3463,8 @@ class _PostgresStorage(_Storage):
         ids, stored = [], []
         keyless = [r for r in rows if r.key is None]
         if len(keyless) == len(rows) > 1:      # one round trip for the lot
+            if db.watched is not None:
+                _unanswered.renew(db.watched, _PG_ROW_TIME * len(rows))
             cursor = db.conn.cursor()
             cursor.executemany(_pg_sql(_INSERT, db.schema),
                                [r._replace(data=_bytes(r.data)) for r in rows], returning=True)
@@ -3426,12 +3556,14 @@ class _PostgresStorage(_Storage):
                 raise
             self._backoff = 0.0
             try:
-                conn.execute("SELECT pg_advisory_lock(%s)", (owner,))
+                with _unanswered.watch(conn):
+                    conn.execute("SELECT pg_advisory_lock(%s)", (owner,))
             except psycopg.Error as exc:
                 conn.close()
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
             try:
-                conn.execute(_PG_LISTEN.format(channel=self._channel))
+                with _unanswered.watch(conn):
+                    conn.execute(_PG_LISTEN.format(channel=self._channel))
                 self._listening = True
             except psycopg.Error as exc:   # a pooler in transaction mode, say: poll
                 log.warning("%s: LISTEN failed (%s): looking for other processes' work "
@@ -3447,35 +3579,51 @@ class _PostgresStorage(_Storage):
     def _listen(self, conn, owner: int, wake) -> None:
         """The owner's connection, on a thread of its own: notifications in,
         and the first to know when the session ends."""
+        psycopg = _psycopg()
         pg = conn.pgconn
+        # A selector, not select.select(): that fails on a descriptor past
+        # FD_SETSIZE (1023), common in a program with many files open.
+        watch = selectors.DefaultSelector()
         try:
+            watch.register(conn.fileno(), selectors.EVENT_READ)
+            watch.register(wake, selectors.EVENT_READ, "wake")
             while True:
-                ready = select.select([conn.fileno(), wake], [], [])[0]
-                if wake in ready:
+                ready = watch.select()
+                if any(key.data == "wake" for key, _ in ready):
                     return
                 pg.consume_input()
+                changed = False
                 while True:
                     note = pg.notifies()
                     if note is None:
                         break
-                    if note.extra.decode() != self._token:
-                        self._changed = True
-                        callback = self._callback
-                        if callback is not None:
-                            callback()
+                    changed = changed or note.extra.decode() != self._token
+                if changed:
+                    self._changed = True
+                    self._changed_callback()
                 if pg.status != 0:      # CONNECTION_OK
-                    raise BleroError("the connection is lost")
+                    raise psycopg.OperationalError("the connection is lost")
         except Exception as exc:
+            # The session's end (or, never expected, this thread's: closing
+            # the connection below ends the session, and its lock, too).
             self._lost = owner
             self._changed = True
-            if self._callback is not None:
-                self._callback()
+            self._changed_callback()
             log.warning("%s: lost the owner's session (%s): running jobs are cancelled; "
                         "reconnecting", self.path, str(exc).strip() or type(exc).__name__)
         finally:
+            watch.close()
             with contextlib.suppress(Exception):
                 conn.close()
             wake.close()
+
+    def _changed_callback(self) -> None:
+        callback = self._callback
+        if callback is not None:
+            try:
+                callback()
+            except Exception:   # the dispatcher's: never taken for a lost session
+                log.exception("%s: on_change callback failed", self.path)
 
     def _stop_listener(self) -> None:
         listener, self._listener = self._listener, None
@@ -3564,7 +3712,8 @@ del _name
 # the way.  An idle worker sleeps on its own Event until new work may be
 # there; a sequence number bumped on every arrival closes the race between
 # "found nothing" and "went to sleep".  One clock thread does everything that
-# happens on a timer.
+# happens on a timer, except timeouts: they have a thread of their own that
+# never waits on storage, so that no commit of the clock's makes them late.
 
 _POLL = 0.05           # seconds between looks for other processes' commits
 _PROGRESS_EVERY = 0.5  # seconds between stores of the running tries' progress
@@ -4068,7 +4217,8 @@ _LOOP_CLOSE_WAIT = 1.0    # seconds a stop lets cancelled tries unwind
 
 
 class _Dispatcher:
-    """Runs the jobs of one started Blero: its workers and its clock thread."""
+    """Runs the jobs of one started Blero: its workers, its clock thread and
+    its timeouts' thread."""
 
     def __init__(self, storage: _Storage, settings: _Settings, owner: int,
                  counters: _Counters, changed: _Changes, presence: _Presence,
@@ -4076,6 +4226,7 @@ class _Dispatcher:
         self.storage = storage
         self.settings = settings
         self.owner = owner
+        self._lost_owner = None    # an owner whose session ended: see live_owner()
         self.counters = counters
         self.changed = changed     # told whenever a job may have ended
         self.futures = futures     # told of every job that ends here
@@ -4088,6 +4239,7 @@ class _Dispatcher:
         self._beat_lock = threading.Lock()  # one heartbeat at a time, each with the latest _presence
         self._lock = threading.Lock()
         self._tick = threading.Condition(self._lock)
+        self._deadline_tick = threading.Condition(self._lock)   # a new, earlier deadline
         self._gone = threading.Condition(self._lock)   # notified as workers leave
         self._stop_by = math.inf        # monotonic time the running tries are cut short
         self._keep: _Worker | None = None   # the worker that asked for the stop
@@ -4118,6 +4270,11 @@ class _Dispatcher:
         self._progress_at = now + _PROGRESS_EVERY
         self._clock = threading.Thread(target=self._clock_loop, name="blero-clock",
                                        daemon=True)
+        # Timeouts have a thread of their own that never waits on storage:
+        # a commit of the clock's (a promotion, a sweep, a checkpoint on a
+        # slow disk) must not make a try's timeout late.
+        self._timer = threading.Thread(target=self._deadline_loop, name="blero-timeouts",
+                                       daemon=True)
         self._loop: _EventLoop | None = None    # for async processors, once one comes
 
     # -- lifecycle ------------------------------------------------------------------
@@ -4133,6 +4290,7 @@ class _Dispatcher:
             for p in processors:
                 self.spawn_all(p)
             self._clock.start()
+            self._timer.start()
         except BaseException:
             _guard.leave(self)
             raise
@@ -4196,13 +4354,14 @@ class _Dispatcher:
             self._gone.notify_all()
 
     def runs_on(self, thread: threading.Thread) -> _Worker | bool:
-        """The worker running on `thread`; True for the clock thread (and the
+        """The worker running on `thread`; True for the clock and timeouts threads (and the
         event loop's, outside a try); else False."""
         with self._lock:
             for w in self._workers:
                 if w.runs_on(thread):
                     return w
-        return thread is self._clock or (self._loop is not None and thread is self._loop.thread)
+        return (thread is self._clock or thread is self._timer or
+                (self._loop is not None and thread is self._loop.thread))
 
     def stop(self) -> list[Job]:
         """After `begin_stop`: wait for the running tries until they are cut
@@ -4237,8 +4396,10 @@ class _Dispatcher:
         with self._lock:
             self._clock_stop = True
             self._tick.notify()
-        if self._clock.is_alive():
-            self._clock.join()
+            self._deadline_tick.notify()
+        for thread in (self._clock, self._timer):
+            if thread.is_alive():
+                thread.join()
         self.storage.on_change(None)
         # A job claimed by a worker stopped before its try began was never
         # tried: its claim is undone, and its attempt does not count.  While
@@ -4355,6 +4516,13 @@ class _Dispatcher:
         """Record `outcome` and claim the worker's next job, in one commit:
         while suspects wait (see _CrashGuard), a suspect on its turn, else none."""
         suspect = False
+        owner = self.live_owner()
+        if outcome is not None and outcome.job._owner != owner:
+            outcome = None      # a try of a lost owner: its result is ignored
+        if owner is None:       # nothing claimed under a lost owner: after _carry_on
+            claim = worker.holding = False
+            if _guard.active:
+                _guard.wake_all()   # a turn may have waited for this try
         if claim:
             if not _guard.active:
                 worker.holding = True   # then `active` is read again: see _CrashGuard
@@ -4366,8 +4534,7 @@ class _Dispatcher:
             return None
         p = worker.processor
         done = self.storage.finish_and_claim(
-            outcome and outcome.finish(self.owner), self.owner, p.names, claim, suspect,
-            p.exclude)
+            outcome and outcome.finish(owner), owner, p.names, claim, suspect, p.exclude)
         recorded, row, left = done.recorded, done.claim, done.suspects_left
         if done.wake or done.held or done.delayed is not None or done.cancelled:
             if suspect and row is None and done.held:
@@ -4385,8 +4552,17 @@ class _Dispatcher:
         if row is None:
             return None
         job = Job(*row)
-        job._flow = self
+        job._flow, job._owner = self, owner
         return job
+
+    def live_owner(self) -> int | None:
+        """This process's owner, or None while its session is lost (until
+        _carry_on holds a new one): tries claimed by a lost owner may be
+        taken over elsewhere, so nothing is recorded or claimed under it."""
+        owner = self.owner
+        if owner == self._lost_owner or self.storage.owner_lost(owner):
+            return None
+        return owner
 
     def progress(self, job: Job, value: Any) -> None:
         """job.progress(value): noted, for the clock to store (or the try's end)."""
@@ -4406,7 +4582,7 @@ class _Dispatcher:
         with self._progress_lock:
             jobs, self._progressed = self._progressed, {}
         try:
-            self.storage.progress([_Mark(j._progress, j.id, self.owner, j.attempt)
+            self.storage.progress([_Mark(j._progress, j.id, j._owner, j.attempt)
                                    for j in jobs.values()])
         except BaseException:
             with self._progress_lock:       # again next time, unless newer is noted
@@ -4419,7 +4595,8 @@ class _Dispatcher:
             blob = _dumps(self.settings.serializer, value)
         except Exception as exc:
             raise TypeError(f"job {job.id}: cannot serialize its checkpoint: {exc}") from exc
-        if not self.storage.checkpoint(_Mark(blob, job.id, self.owner, job.attempt)):
+        if (job._owner != self.live_owner()     # its owner was lost: not its job now
+                or not self.storage.checkpoint(_Mark(blob, job.id, job._owner, job.attempt))):
             job._cancel()
             raise BleroError(f"job {job.id}: checkpoint not stored: this try no longer "
                              f"holds the job (cancelled, timed out or taken back)")
@@ -4496,7 +4673,7 @@ class _Dispatcher:
         if worker.abandoned:
             if retired:     # unregistered while claiming: not its job to start
                 try:
-                    self.storage.unclaim(job.id, self.owner, job.attempt,
+                    self.storage.unclaim(job.id, job._owner, job.attempt,
                                          _SUSPECT if worker.suspect else _READY)
                 except Exception as exc:    # stop() hands it back then
                     log.error("job %d: %s", job.id, exc)
@@ -4652,7 +4829,7 @@ class _Dispatcher:
             self._deadline_n += 1
             entry = (time.monotonic() + job.timeout, self._deadline_n, worker, job)
             heapq.heappush(self._deadlines, entry)
-            self._tick.notify()
+            self._deadline_tick.notify()
         return entry
 
     def _drop_deadline(self, entry: tuple) -> None:
@@ -4670,15 +4847,13 @@ class _Dispatcher:
                     return
                 now, epoch = time.monotonic(), time.time()
                 wake = min(self._next.values())
-                if self._deadlines:
-                    wake = min(wake, self._deadlines[0][0])
                 wake = min(wake, now + (self._delayed_due - epoch),
                            now + (self._schedule_due - epoch), now + (self._held_due - epoch))
                 if wake > now and self._sweeping is None:
                     self._tick.wait(wake - now)
                     if self._clock_stop:
                         return
-            for duty in (self._expire, self._carry_on, self._promote, self._unhold,
+            for duty in (self._carry_on, self._promote, self._unhold,
                          self._run_schedules, self._poll, self._reap, self._beat,
                          self._store_progress, self._sweep):
                 try:
@@ -4686,6 +4861,22 @@ class _Dispatcher:
                 except Exception as exc:
                     self.throttle.error(exc, "%s failed: %s; will try again",
                                         duty.__name__.lstrip("_"), exc)
+
+    def _deadline_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._clock_stop:
+                    wait = self._deadlines[0][0] - time.monotonic() if self._deadlines else None
+                    if wait is not None and wait <= 0:
+                        break
+                    self._deadline_tick.wait(None if wait is None
+                                             else min(wait, threading.TIMEOUT_MAX))
+                if self._clock_stop:
+                    return
+            try:
+                self._expire()
+            except Exception as exc:
+                self.throttle.error(exc, "expire failed: %s; will try again", exc)
 
     def _due(self, name: str, every: float) -> bool:
         now = time.monotonic()
@@ -4716,7 +4907,9 @@ class _Dispatcher:
             # A new worker records it (and runs the callbacks, off this
             # thread), then goes on with the processor's jobs unless retired.
             if not self.spawn(worker.processor, outcome):
-                self.settle(outcome, self.storage.record(outcome.finish(self.owner)))
+                owner = job._owner
+                self.settle(outcome, owner == self.live_owner() and
+                            self.storage.record(outcome.finish(owner)))
 
     def _promote(self) -> None:
         if time.time() < self._delayed_due:
@@ -4789,6 +4982,9 @@ class _Dispatcher:
         old = self.owner
         if not self.storage.owner_lost(old):
             return
+        # Before cancelling: a try ending from now on records nothing, and
+        # its worker claims nothing, until self.owner is the new one.
+        self._lost_owner = old
         with self._lock:
             running = [w.job for w in self._workers if w.job is not None]
         for job in running:
@@ -5075,6 +5271,8 @@ class Blero:
         self._settings = _Settings(sync, retries, backoff_base, backoff_max, lease,
                                    keep_complete, on_complete, on_failed, serializer, schema)
         self.path = _db_path(path)
+        # What messages, logs and pages name: a server's URL without its password.
+        self._where = _masked(self.path) if _is_server(self.path) else self.path
         if schema is not None and not _is_server(self.path):
             raise ValueError(f"schema applies to a PostgreSQL queue (a postgresql:// URL), "
                              f"not to the file {self.path}")
@@ -5100,8 +5298,7 @@ class Blero:
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
-        shown = _masked(self.path) if _is_server(self.path) else self.path
-        return f"<Blero {shown!r} {state}, {len(self._processors)} processor(s)>"
+        return f"<Blero {self._where!r} {state}, {len(self._processors)} processor(s)>"
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -5111,9 +5308,9 @@ class Blero:
         be used; the file is then left as it was."""
         with self._lock:
             if self._stop is not None:
-                raise BleroError(f"{self.path}: still stopping (stop() waits until it is done)")
+                raise BleroError(f"{self._where}: still stopping (stop() waits until it is done)")
             if self._dispatcher is not None:
-                raise BleroError(f"{self.path}: already started")
+                raise BleroError(f"{self._where}: already started")
             storage = self._new_storage()
             storage.open(create=True, check=True)
             owner = _new_owner_id()
@@ -5133,7 +5330,7 @@ class Blero:
                 raise
             self._storage, self._dispatcher = storage, d
             self._calls = _Calls()      # a new run: its calls are counted afresh
-        log.info("started on %s; %d interrupted job(s) taken back", self.path, recovered)
+        log.info("started on %s; %d interrupted job(s) taken back", self._where, recovered)
         return self
 
     def stop(self, timeout: float | None = None) -> None:
@@ -5221,7 +5418,7 @@ class Blero:
             try:
                 storage.compact()   # the space of what was swept goes back
             except BleroError as exc:   # the queue stops all the same
-                log.warning("%s: free space not given back: %s", self.path, exc)
+                log.warning("%s: free space not given back: %s", self._where, exc)
         for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
                      self._no_borrowers, give_back,
                      lambda: storage.release_owner(d.owner), storage.close):
@@ -5238,7 +5435,7 @@ class Blero:
             if not d.stop_awaited:  # begun by a processor: no caller to raise it to
                 log.error("stopping the queue failed: %s", errors[0])
         else:
-            log.info("stopped on %s; %d running job(s) handed back", self.path, len(late))
+            log.info("stopped on %s; %d running job(s) handed back", self._where, len(late))
         d.stopped.set()
         self._changed.wake()
 
@@ -5304,7 +5501,7 @@ class Blero:
     def _running(self) -> _Dispatcher:
         d = self._dispatcher
         if d is None:
-            raise BleroError(f"{self.path}: the queue is not started (call start() first)")
+            raise BleroError(f"{self._where}: the queue is not started (call start() first)")
         return d
 
     def _store(self, operating: bool = False):
@@ -5996,7 +6193,7 @@ class Blero:
         d = self._dispatcher
         while not calls.done.wait(_FUTURES_LOOK):
             if self._dispatcher is not d or d is None:
-                raise BleroError(f"{self.path}: the queue stopped with {calls.left} "
+                raise BleroError(f"{self._where}: the queue stopped with {calls.left} "
                                  f"call(s) not ended; a later run carries on with them")
 
     def _release(self, ids: list[int]) -> None:
@@ -6946,7 +7143,7 @@ class _DashboardHandler(http.server.BaseHTTPRequestHandler):
             by_owner = storage.running_by_owner()
             untaken = self.server.untaken.look(storage.untaken, bl._settings.lease)
         steps = [start + i * step for i in range(span // step + 1)]
-        out = {"queue": {"path": bl.path, "read_only": read_only},
+        out = {"queue": {"path": bl._where, "read_only": read_only},
                # who answers: a process that may or may not run the queue itself
                "served_by": {"pid": os.getpid(), "running": d is not None,
                              "processors": len(bl._processors)},
@@ -7654,6 +7851,8 @@ def _nothing_to_do(given: str, path: str, counts: dict) -> str:
     else:
         ended = f"{what} {'has' if one else 'have'} ended, " + ", ".join(
             f"{n} {state}" for state, n in counts.items() if n)
+    if _is_server(path):    # (dropping the schema starts over: no command to give)
+        return f"nothing to do: {ended}"
     base = os.path.basename(path)
     own = {base + suffix for suffix in ("", "-lock", "-wal", "-shm")}
     if os.path.isdir(given) and set(os.listdir(given)) <= own:
@@ -7785,7 +7984,7 @@ def _serve(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        print(f"Serving the dashboard of {bl.path} at {server.url} (Ctrl-C to stop)", flush=True)
+        print(f"Serving the dashboard of {bl._where} at {server.url} (Ctrl-C to stop)", flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass

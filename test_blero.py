@@ -40,6 +40,7 @@ import threading
 import time
 import traceback
 import unittest
+import urllib.parse
 import weakref
 from typing import NamedTuple
 
@@ -624,9 +625,8 @@ class ProcessingTest(TempDirTest):
         second = bl.register_processor(blocking)
         job_id = bl.enqueue("x")
         self.assertTrue(started.wait(10))
-        t0 = time.monotonic()
         bl.unregister_processor(second)        # returns at once ...
-        self.assertLess(time.monotonic() - t0, 1)
+        self.assertEqual(bl.get_job(job_id).state, "inprogress", "it waited for the job")
         after = bl.enqueue("x")
         block.set()
         self.assertEqual(bl.wait(job_id, timeout=10), "finished")   # ... the job finishes
@@ -1030,6 +1030,7 @@ class OperatingTest(TempDirTest):
                 t.join()
             self.assertEqual(bl.stats()["inprogress"], 0)
         wait_for_threads_to_end("blero-clock", "every clock thread to end")
+        wait_for_threads_to_end("blero-timeouts", "every timeouts thread to end")
 
     def test_stop_counts_only_tries_that_began(self):
         # stop(0) while workers race through jobs: some have claimed a job
@@ -3961,6 +3962,7 @@ class BadValuesTest(TempDirTest):
         bl.wait(bl.enqueue("x"), timeout=10)
         self.assertIsNone(call_within(self, lambda: bl.stop(timeout=1e10)))
         wait_for_threads_to_end("blero-clock", "the clock thread to end")
+        wait_for_threads_to_end("blero-timeouts", "the timeouts thread to end")
         self.assertEqual(bl.stats()["complete"], 1)
 
     def test_command_line_numbers_are_checked_and_limit_0_means_none(self):
@@ -4736,9 +4738,16 @@ class MemoryAndLatencyTest(TempDirTest):
         bl = self.queue(keep_complete=30)       # sweeps them all, at once
         bl.register_processor(lambda job: ran.setdefault(job.id, time.time()))
         due = bl.enqueue("due", delay=0.1)
+        # (measured against a plain timer due then: on a loaded machine every
+        # thread wakes late)
+        timer = []
+        threading.Thread(target=lambda: (
+            threading.Event().wait(bl.get_job(due).run_at - time.time()),
+            timer.append(time.time()))).start()
         bl.wait(due, 30)
-        late = ran[due] - bl.get_job(due).run_at
-        self.assertLess(late, 0.25, f"the delayed job ran {late:.3f} s late")
+        wait_until(lambda: timer, message="the plain timer")
+        late = ran[due] - timer[0]
+        self.assertLess(late, 0.25, f"the delayed job ran {late:.3f} s after a plain timer")
         wait_until(lambda: bl.stats()["complete"] < 250_000, timeout=30, interval=0.1,
                    message="the sweep to get going")
 
@@ -4757,21 +4766,29 @@ class MemoryAndLatencyTest(TempDirTest):
         db.commit()
         db.close()
 
-        times = []
+        times, timer = [], []
 
         def slow(job):
+            # Beside it a plain timer of the same length: on a loaded machine
+            # every thread wakes late, so the queue's timeout is measured
+            # against it (the chunked promotion this guards makes no
+            # difference; promoting them all in one go is over a second).
+            t = threading.Thread(target=lambda: (threading.Event().wait(timeout),
+                                                 timer.append(time.monotonic())))
             times.append(time.monotonic())
+            t.start()
             job.cancelled.wait(10)
             times.append(time.monotonic())
+            t.join()
         bl = self.queue()
         bl.register_processor(slow, names="slow")
         due = bl.get_job(1).run_at
         timeout = due + 0.2 - time.time()       # 0.2 s after they all came due
         self.assertGreater(timeout, 0.1, "the test took too long to set up")
         bl.enqueue("slow", timeout=timeout, retries=0)
-        wait_until(lambda: len(times) == 2, timeout=10, message="the timeout")
-        late = times[1] - times[0] - timeout
-        self.assertLess(late, 0.2, f"the timeout fired {late:.3f} s late")
+        wait_until(lambda: len(times) == 2 and timer, timeout=10, message="the timeout")
+        late = times[1] - timer[0]
+        self.assertLess(late, 0.2, f"the timeout fired {late:.3f} s after a plain timer")
 
 
 # argv: db, log, life (a tag), the poison job's id, processors, seconds an
@@ -7080,15 +7097,27 @@ class CPythonExecutorTest(TempDirTest):
             f.result()
 
     def test_cancel_futures(self):
-        fs = [self.executor.submit(time.sleep, .1) for _ in range(50)]
+        # (CPython's calls sleep 0.1 s and count on 50 submits being quicker
+        # than ten rounds of its workers, which one commit per submit on a
+        # loaded machine is not: here the calls wait until shutdown has
+        # cancelled what had not started, so the counts are exact.)
+        fs = [self.executor.submit(wait_event, "go") for _ in range(50)]
+        wait_until(lambda: self.bl.stats()["inprogress"] == self.worker_count,
+                   message="every worker holds a call")
+
+        def go_once_the_rest_are_cancelled():
+            wait_until(lambda: sum(f.cancelled() for f in fs) == 50 - self.worker_count,
+                       timeout=30, message="the calls not started cancelled")
+            EVENTS["go"].set()
+        threading.Thread(target=go_once_the_rest_are_cancelled, daemon=True).start()
         self.executor.shutdown(cancel_futures=True)
         cancelled = [fut for fut in fs if fut.cancelled()]
-        self.assertGreater(len(cancelled), 20)
+        self.assertEqual(len(cancelled), 50 - self.worker_count)
         others = [fut for fut in fs if not fut.cancelled()]
         for fut in others:
             self.assertTrue(fut.done())
             self.assertIsNone(fut.exception())
-        self.assertGreater(len(others), 0)
+        self.assertEqual(len(others), self.worker_count)
 
     def test_hang_gh94440(self):
         executor = self.bl.executor(max_workers=1)
@@ -7825,6 +7854,10 @@ class LimitTest(TempDirTest):
         self.assertFalse(bl.wait(other, 10))    # not held up by the rate of another name
         self.assertTrue(bl.join(30))
         self.assertEqual(len(starts), 16)
+        # Counted as the queue counts them, by each try's recorded start (its
+        # claim): a processor's own clock reads a moment later, by as much as
+        # the scheduler likes on a loaded machine.
+        starts = sorted(bl.get_job(i).started_at for i in ids)
         self.assertLessEqual(most_in_a_window(starts, 0.5), 5)
         self.assertGreaterEqual(starts[-1] - starts[0], 1.0, "16 starts at 5 per 0.5 s")
         self.assertEqual([bl.get_job(i).state for i in ids], ["complete"] * 16)
@@ -8001,10 +8034,12 @@ class FlowAcrossProcessesTest(ProcessTest):
         for i in ids:
             bl.wait(i, 60)
         self.end(kids)
-        starts = sorted(start for start, _ in self.spans("r").values())
-        self.assertEqual(len(starts), 60)
-        self.assertLessEqual(most_in_a_window(starts, 10 ** 9), 10)
-        self.assertGreaterEqual(starts[-1] - starts[0], 5 * 10 ** 9)
+        self.assertEqual(len(self.spans("r")), 60)
+        # (by the tries' recorded starts, their claims, as the queue counts
+        # them: a processor's clock reads a moment later, as load decides)
+        starts = sorted(bl.get_job(i).started_at for i in ids)
+        self.assertLessEqual(most_in_a_window(starts, 1), 10)
+        self.assertGreaterEqual(starts[-1] - starts[0], 5)
 
     def test_after_pause_returns_no_job_of_the_name_starts_in_any_process(self):
         bl = self.queue()
@@ -9331,6 +9366,191 @@ class TaskScheduleTest(TempDirTest):
         with self.assertRaises(ValueError):
             beat.cron("0 3 * * * *")
         self.assertTrue(bl.unschedule("beat"))
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
+class PostgresSessionTest(OnPostgres, TempDirTest):
+    """The owner's session and the pool on a server: what a lost, stalled or
+    restarted server, or a busy process, does to them."""
+
+    def test_a_process_with_many_files_open_keeps_its_session(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            self.skipTest("cannot open descriptors past 1023 here")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        opened = []
+        self.addCleanup(lambda: [os.close(fd) for fd in opened])
+        while not opened or opened[-1] < 1100:      # the next ones are past FD_SETSIZE
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+        bl = self.queue()
+        flags = []
+        bl.register_processor(lambda job: flags.append(job.cancelled.wait(1.0)))
+        job_id = bl.enqueue("x")
+        bl.wait(job_id, 20)
+        self.assertEqual((flags, bl.get_job(job_id).attempt), ([False], 1))
+
+    def test_the_password_is_never_shown(self):
+        secret = "s3cr3t-pw"
+        parts = urllib.parse.urlsplit(POSTGRES)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        user = parts.username or "postgres"
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}"))
+        bl = blero.new(url, **self.settings())
+        shown = [repr(bl)]
+        with self.assertRaises(blero.BleroError) as raised:
+            bl.enqueue("x")             # not started
+        shown.append(str(raised.exception))
+        with self.assertLogs("blero", logging.INFO) as logs:
+            bl.start()                  # trust auth: any password does
+            self.addCleanup(bl.stop, 5)
+            with self.assertRaises(blero.BleroError) as raised:
+                bl.start()
+            shown.append(str(raised.exception))
+            server = bl.serve_metrics()
+            self.addCleanup(server.close)
+            shown.append(http_request(server.port, "GET", "/api/stats")[2].decode())
+            shown.append(bl.metrics_text())
+            bl.stop()
+        shown += logs.output
+        self.assertTrue(any(f"{user}:***@{host}" in text for text in shown), shown)
+        self.assertFalse([text for text in shown if secret in text])
+
+    def test_calls_carry_on_at_once_after_the_server_ended_every_session(self):
+        bl = self.queue(lease=30.0)
+        bl.register_processor(lambda job: None)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:    # several pooled connections
+            wait_until(lambda: len(list(pool.map(lambda _: bl.stats(), range(8)))) and
+                       len(bl._storage._idle) >= 3, message="connections in the pool")
+        with pg_connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE application_name = %s", (f"blero[{os.getpid()}]",))
+        self.assertEqual(bl.stats()["pending"], 0)      # no BleroError: the server is there
+        job_id = bl.enqueue("x")
+        self.assertEqual(bl.get_job(job_id).name, "x")
+        self.assertIsNone(bl.wait(job_id, 20))
+
+    def test_a_lost_owners_late_results_are_ignored_and_it_claims_nothing(self):
+        bl = self.queue(lease=2.0)
+        tries, lock = [], threading.Lock()
+
+        def stubborn(job):
+            with lock:
+                tries.append((job.id, job.attempt))
+            # Returns as soon as cancelled: the race with the new owner's takeover.
+            return ("cancelled" if job.cancelled.wait(0.3) else "ran", job.attempt)
+
+        for _ in range(3):
+            bl.register_processor(stubborn)
+        ids = [bl.enqueue("x", i) for i in range(12)]
+        wait_until(lambda: len(tries) >= 3, message="tries running")
+        with pg_connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE application_name = %s", (f"blero[{os.getpid()}]",))
+
+        def ended():
+            with contextlib.suppress(blero.BleroError):
+                return all(bl.get_job(i).state == "complete" for i in ids)
+
+        wait_until(ended, timeout=40, message="every job complete")
+        results = [bl.get_job(i).result for i in ids]
+        self.assertEqual([r for r in results if r[0] == "cancelled"], [])
+        self.assertTrue(all(r[0] == "ran" for r in results), results)
+
+    def test_a_stalled_server_makes_calls_fail_and_stop_return(self):
+        # A server (or pooler, or network) that keeps the TCP connection up
+        # and answers nothing: no keepalive fails, only a deadline helps.
+        for name, value in (("_PG_STATEMENT_TIMEOUT", 2), ("_PG_ANSWER_MARGIN", 1.0)):
+            self.addCleanup(setattr, blero, name, getattr(blero, name, value))
+            setattr(blero, name, value)
+        proxy = StallingProxy(urllib.parse.urlsplit(POSTGRES).port or 5432)
+        self.addCleanup(proxy.close)
+        parts = urllib.parse.urlsplit(POSTGRES)
+        url = urllib.parse.urlunsplit(parts._replace(
+            netloc=parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{proxy.port}"
+            if "@" in parts.netloc else f"127.0.0.1:{proxy.port}"))
+        bl = blero.new(url, **self.settings())
+        bl.start()
+        bl.register_processor(lambda job: "ok")
+        self.assertEqual(bl.wait(bl.enqueue("x"), 10), "ok")
+        proxy.stalled = True
+
+        def in_thread(call):
+            out = []
+            thread = threading.Thread(target=lambda: out.append(_raised(call)), daemon=True)
+            thread.start()
+            thread.join(40)
+            self.assertFalse(thread.is_alive(), f"{call} still waits on the stalled server")
+            return out[0]
+
+        self.assertIsInstance(in_thread(lambda: bl.enqueue("x")), blero.BleroError)
+        self.assertIsInstance(in_thread(bl.stats), blero.BleroError)
+        in_thread(bl.stop)      # (an error, or none: it returns)
+        with self.assertRaises(blero.BleroError):
+            bl.enqueue("x")     # stopped
+
+    def test_a_call_of_many_slow_statements_is_not_cut(self):
+        for name, value in (("_PG_STATEMENT_TIMEOUT", 2), ("_PG_ANSWER_MARGIN", 1.0)):
+            self.addCleanup(setattr, blero, name, getattr(blero, name, value))
+            setattr(blero, name, value)
+        bl = self.queue()
+        # Each statement answers within the deadline; the call as a whole takes longer.
+        slow = bl._storage._read(lambda db: [db.execute("SELECT pg_sleep(1.2), 1").fetchall()
+                                             for _ in range(4)])
+        self.assertEqual(len(slow), 4)
+        self.assertEqual(bl.stats()["pending"], 0)
+
+
+
+def _raised(call):
+    """What `call()` raised, or returned."""
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+class StallingProxy:
+    """A TCP proxy to 127.0.0.1:`port`; once `stalled`, it forwards nothing
+    (and new connections get nothing), while every connection stays up."""
+
+    def __init__(self, port):
+        self.target = port
+        self.stalled = False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+                self.sockets += [client, server]
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b):
+        with contextlib.suppress(OSError):
+            while True:
+                if self.stalled:
+                    time.sleep(0.05)        # (a proxy's idling, not a test's synchronisation)
+                    continue
+                if select.select([a], [], [], 0.05)[0]:
+                    data = a.recv(65536)
+                    if not data:
+                        break
+                    b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self):
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.close()
 
 
 if __name__ == "__main__":
