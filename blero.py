@@ -223,6 +223,80 @@ def _is_async(fn) -> bool:
         for f in (fn, getattr(fn, "__call__", None)))
 
 
+class _Bell:
+    """Wakes the threads that sleep on it, when rung, safely from a Ctrl-C in
+    either: the main thread's, where a KeyboardInterrupt may raise between
+    any two calls.  A Condition is not safe so: an interrupted `with cond:`
+    or `cond.wait()` can leave its lock held (and the next thread to notify
+    waits for ever) or unowned (and a RuntimeError replaces the
+    KeyboardInterrupt).  Here nothing is held: a sleeper sleeps on a locked
+    lock of its own, in `_sleepers`, which `ring` releases; one that an
+    interrupted sleeper left there goes at the next ring."""
+
+    def __init__(self):
+        self._sleepers: set = set()
+
+    def sleeper(self):
+        """A sleeper, woken from now on by `ring`: made before a look at
+        what one waits for, it misses no ring after the look."""
+        woken = threading.Lock()
+        woken.acquire()
+        self._sleepers.add(woken)
+        return woken
+
+    def sleep(self, woken, timeout: float | None) -> None:
+        """Sleep until `woken` is rung, or for `timeout` seconds."""
+        try:
+            woken.acquire(True, -1 if timeout is None
+                          else min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+        finally:
+            self._sleepers.discard(woken)
+
+    def forget(self, woken) -> None:
+        """`woken` will not sleep after all."""
+        self._sleepers.discard(woken)
+
+    def ring(self) -> None:
+        """Wake every sleeper: released, then dropped (a Ctrl-C between the
+        two leaves it to the next ring, never unreleased and gone)."""
+        for woken in list(self._sleepers):
+            try:
+                woken.release()
+            except RuntimeError:    # released already, by another ring
+                pass
+            self._sleepers.discard(woken)
+
+
+class _Event(_Bell, threading.Event):
+    """A threading.Event safe from a Ctrl-C in the threads that wait for it
+    or set it, as a _Bell is."""
+
+    def __init__(self):     # (not threading.Event's: no Condition)
+        super().__init__()
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    isSet = is_set
+
+    def set(self) -> None:
+        self._flag = True
+        self.ring()
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._flag:
+            woken = self.sleeper()
+            if self._flag:      # set meanwhile: rung before `woken` was there, maybe
+                self.forget(woken)
+            else:
+                self.sleep(woken, timeout)
+        return self._flag
+
+
 # ---------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------
@@ -269,7 +343,7 @@ class Job:
         if self._event is None:
             with _cancel_lock:
                 if self._event is None:
-                    self._event = threading.Event()
+                    self._event = _Event()  # cancel() sets it, maybe from the main thread
                     if self._cancelled:
                         self._event.set()
         return self._event
@@ -2127,17 +2201,25 @@ class _SQLiteStorage(_Storage):
             raise
         finally:
             with self._mutex:
-                if op is not None:
-                    op.turn = False
-                    if op in self._queue:   # given the turn as a Ctrl-C came
-                        self._queue.remove(op)
+                if op is not None and op in self._queue:    # given the turn as a Ctrl-C came
+                    self._queue.remove(op)
+                # `op.turn` is cleared in the step that passes the turn on,
+                # with no call between: a Ctrl-C comes before (the caller
+                # hands over again) or after, never between.
                 if self._queue:
-                    self._queue[0].turn = True
-                    self._queue[0].lock.release()
+                    following = self._queue[0]
+                    following.turn = True
+                    if op is not None:
+                        op.turn = False
+                    following.lock.release()
                 elif self._closer is not None and self._closer.lock is not None:
+                    if op is not None:
+                        op.turn = False
                     self._closer.lock.release()
                 else:
                     self._leading = False
+                    if op is not None:
+                        op.turn = False
 
     def _commit(self, own: _Op) -> None:
         """Lead one transaction for every write queued, then wake their callers."""
@@ -2643,16 +2725,17 @@ class _SQLiteStorage(_Storage):
         # Never waits for a write under way (waking a waiter on every commit
         # would cost each writer a thread hand-off): that write's leader
         # looks when it is done, and the answer comes with the next call.
-        with self._mutex:
-            busy = self._leading or self._closer is not None
-            if busy:
-                self._look_wanted = True
-            else:
-                self._leading = True
-        if not busy:
-            try:
+        took = False
+        try:    # (from here: a Ctrl-C never leaves the turn taken)
+            with self._mutex:
+                if self._leading or self._closer is not None:
+                    self._look_wanted = True
+                else:
+                    self._leading = took = True
+            if took:
                 self._look()
-            finally:
+        finally:
+            if took:
                 self._hand_over()
         changed, self._changed = self._changed, False
         return changed
@@ -3120,15 +3203,15 @@ class _Unanswered:
         """Cut `conn` if a statement in this block gets no answer in time;
         yields its `_Watched` (`cut` is True once it was cut)."""
         call = _Watched(conn)
-        with self._lock:
-            self._next += 1
-            call.key = self._next
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="blero-pg-deadlines")
-                self._thread.start()
-            self._add(call, 0.0)
-        try:
+        try:    # (from here: a Ctrl-C never leaves the call watched)
+            with self._lock:
+                self._next += 1
+                call.key = self._next
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name="blero-pg-deadlines")
+                    self._thread.start()
+                self._add(call, 0.0)
             yield call
         finally:
             with self._lock:
@@ -3206,11 +3289,14 @@ class _PostgresStorage(_Storage):
     timeout, so that a lost server is an error, never a hang.
 
     The locking rules, all of them:
-    - `_slots` (a semaphore) bounds the connections in use; a call waits on
-      it for at most `_PG_POOL_WAIT` seconds.  `_mutex` guards `_idle` (the
+    - `_using` (a token of each call using a connection, added under
+      `_mutex`) bounds the connections in use; a call waits on `_freed` for
+      at most `_PG_POOL_WAIT` seconds.  `_mutex` guards `_idle` (the
       connections not in use) and `_closed`, held for a list operation only;
       every I/O runs on a connection taken out of `_idle`, owned by one
-      thread until it is put back.
+      thread until it is put back.  A Ctrl-C may cut a call short anywhere
+      (see _Bell): its token and connection are given back all the same,
+      and a connection whose command it interrupted is closed.
     - The owner's connection belongs to its listener thread alone once
       started (`_listen`); other threads talk to it through `_wake_w` and
       flags (`_changed`, `_lost`), which are plain attributes set in one
@@ -3239,7 +3325,8 @@ class _PostgresStorage(_Storage):
         self._channel = '"' + ("blero_" + schema)[:63] + '"'
         self._token = secrets.token_hex(8)   # our own NOTIFYs' payload: not news to us
         self._lease = lease
-        self._slots = threading.BoundedSemaphore(_PG_POOL)
+        self._using: set[object] = set()
+        self._freed = _Bell()   # rung when a call gives its connection back
         self._mutex = threading.Lock()
         self._idle: list = []
         self._closed = False
@@ -3299,21 +3386,28 @@ class _PostgresStorage(_Storage):
             raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
         return conn
 
-    def _take(self):
-        if not self._slots.acquire(timeout=_PG_POOL_WAIT):
-            raise BleroError(f"{self.path}: all {_PG_POOL} connections stayed busy for "
-                             f"{_PG_POOL_WAIT:.0f} s")
-        try:
+    def _take(self, token: object):
+        """A connection for the call `token`, once fewer than `_PG_POOL`
+        are in use; called inside the `try` whose `finally` is `_put(token, ...)`."""
+        end = time.monotonic() + _PG_POOL_WAIT
+        while True:
+            woken = self._freed.sleeper()
             with self._mutex:
                 if self._closed:
                     raise BleroError(f"{self.path}: the queue is stopped")
-                conn = self._idle.pop() if self._idle else None
-            return conn if conn is not None else self._connect()
-        except BaseException:
-            self._slots.release()
-            raise
+                if len(self._using) < _PG_POOL:
+                    self._using.add(token)
+                    conn = self._idle.pop() if self._idle else None
+                    break
+            if time.monotonic() >= end:
+                self._freed.forget(woken)
+                raise BleroError(f"{self.path}: all {_PG_POOL} connections stayed busy "
+                                 f"for {_PG_POOL_WAIT:.0f} s")
+            self._freed.sleep(woken, end - time.monotonic())
+        self._freed.forget(woken)
+        return conn if conn is not None else self._connect()
 
-    def _put(self, conn) -> None:
+    def _put(self, token: object, conn) -> None:
         try:
             if conn is not None and not conn.closed and not conn.broken:
                 with self._mutex:
@@ -3324,7 +3418,8 @@ class _PostgresStorage(_Storage):
                 with contextlib.suppress(Exception):
                     conn.close()
         finally:
-            self._slots.release()
+            self._using.discard(token)
+            self._freed.ring()
 
     def _run(self, write: bool, fn, args):
         """Run `fn(session, *args)` on a pooled connection: in one
@@ -3336,9 +3431,11 @@ class _PostgresStorage(_Storage):
         (see _Unanswered) is an error at once."""
         psycopg = _psycopg()
         for again in (True, False):
-            conn = self._take()
-            session = _PGSession(conn, self._schema_sql)
+            conn = session = None
+            me = object()
             try:
+                conn = self._take(me)
+                session = _PGSession(conn, self._schema_sql)
                 with _unanswered.watch(conn) as session.watched:
                     if not write:
                         return fn(session, *args)
@@ -3364,8 +3461,15 @@ class _PostgresStorage(_Storage):
                 if again and broken and (not session.began or not write):
                     continue
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and conn is not None:
+                    # A Ctrl-C, say, maybe in the midst of a command: what the
+                    # connection is doing is unknown, so it is not reused.
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                raise
             finally:
-                self._put(conn)
+                self._put(me, conn)
 
     def _write(self, fn, *args):
         return self._run(True, fn, args)
@@ -3720,24 +3824,23 @@ _PROGRESS_EVERY = 0.5  # seconds between stores of the running tries' progress
 _STORAGE_RETRY = 0.5   # seconds a worker waits after a storage failure
 
 
-class _Changes(threading.Condition):
-    """What `wait` and `join` sleep on until jobs may have ended.
+class _Changes(_Bell):
+    """What `wait` and `join` sleep on until jobs may have ended: a sleeper
+    made before a look is woken by any change after it.
 
-    One finished job concerns only `wait` callers (`watchers` counts them), so
-    the workers' hot path notifies nobody when none is waiting; `join` is
-    woken when workers run out of work, and polls besides."""
+    One finished job concerns only `wait` callers (`watchers` holds a token
+    of each), so the workers' hot path wakes nobody when none is waiting;
+    `join` is woken when workers run out of work, and polls besides."""
 
     def __init__(self):
         super().__init__()
-        self.watchers = 0
+        self.watchers: set[object] = set()
 
     def job_ended(self) -> None:
         if self.watchers:
-            self.wake()
+            self.ring()
 
-    def wake(self) -> None:
-        with self:
-            self.notify_all()
+    wake = _Bell.ring
 
 
 class _Throttle:
@@ -4005,7 +4108,7 @@ class _Worker:
                  outcome: _Outcome | None = None):
         self.dispatcher = dispatcher
         self.processor = processor
-        self.wake = threading.Event()
+        self.wake = _Event()    # set by enqueue() and stop(), maybe from the main thread
         self.lock = threading.Lock()   # guards job and abandoned
         self.job: Job | None = None
         self.outcome = outcome          # to record first: a timed-out worker's try
@@ -4243,7 +4346,8 @@ class _Dispatcher:
         self._gone = threading.Condition(self._lock)   # notified as workers leave
         self._stop_by = math.inf        # monotonic time the running tries are cut short
         self._keep: _Worker | None = None   # the worker that asked for the stop
-        self.stopped = threading.Event()    # set by Blero once the whole stop is done
+        self.stopped = _Event()     # set by Blero once the whole stop is done
+        self.stop_callers: set[threading.Thread] = set()   # the threads waiting in stop()
         self.stop_awaited = False           # a stop() call waits for it
         self.stop_error: Exception | None = None   # what went wrong in it, for that call
         self._idle: list[_Worker] = []
@@ -4374,7 +4478,9 @@ class _Dispatcher:
                 now, waits = time.monotonic(), []
                 for w in self._workers - cut:
                     by = math.inf if w is self._keep else self._stop_by
-                    if by > now:
+                    # (A thread that a Ctrl-C kept from starting never will:
+                    # cut, as if its time ran out.)
+                    if by > now and w.thread.ident is not None:
                         waits.append(by - now)
                         continue
                     cut.add(w)
@@ -5175,6 +5281,9 @@ def _call_back(fn, job, value) -> None:
 # The public Blero class
 # ---------------------------------------------------------------------------
 
+_BORROW_POLL = 0.005    # seconds between a stop's looks for calls still using storage
+
+
 class _Sparingly:
     """A look that is costly on a big queue (counting pending jobs by name
     reads them all), taken at most 2% of the time and at most once a
@@ -5281,8 +5390,10 @@ class Blero:
         self._dispatcher: _Dispatcher | None = None
         self._stop: _Stop | None = None      # the stop under way
         self._signals: _SignalStop | None = None
-        self._borrowed = threading.Condition()   # guards _borrows
-        self._borrows = 0                    # calls using the running storage now
+        self._borrowing = threading.Lock()     # taken to add to _borrows
+        # The calls using the running storage now: a token of each, with
+        # its thread (see _borrow).
+        self._borrows: dict[object, threading.Thread] = {}
         self._processors: dict[int, _Processor] = {}
         self._next_processor = 1
         self._servers: list[_MetricsServer] = []
@@ -5314,6 +5425,7 @@ class Blero:
             storage = self._new_storage()
             storage.open(create=True, check=True)
             owner = _new_owner_id()
+            d = None
             try:
                 storage.hold_owner(owner)
                 presence = _Presence.of(self._processors.values())
@@ -5323,6 +5435,10 @@ class Blero:
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
+                if d is not None:   # a Ctrl-C while it started its threads: they go first
+                    with contextlib.suppress(Exception):
+                        d.begin_stop(0, None)
+                        d.stop()
                 storage.release_owner(owner)
                 storage.close()
                 if isinstance(exc, OSError):
@@ -5391,6 +5507,8 @@ class Blero:
             if d is None:
                 return None, False
             own = d.runs_on(me)
+            if not own:     # it uses no storage while in stop(): see _no_borrowers
+                d.stop_callers.add(me)
             if stop is None:
                 d.begin_stop(timeout, own if isinstance(own, _Worker) else None)
             else:
@@ -5420,7 +5538,7 @@ class Blero:
             except BleroError as exc:   # the queue stops all the same
                 log.warning("%s: free space not given back: %s", self._where, exc)
         for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
-                     self._no_borrowers, give_back,
+                     lambda: self._no_borrowers(d), give_back,
                      lambda: storage.release_owner(d.owner), storage.close):
             try:
                 step()
@@ -5479,9 +5597,13 @@ class Blero:
             signals.restore()
 
     def __enter__(self) -> Blero:
-        if self._dispatcher is None:
-            self.start()
-        return self
+        try:
+            if self._dispatcher is None:
+                self.start()
+            return self
+        except BaseException:   # a Ctrl-C as start() returned: `with` calls no __exit__
+            self.stop(timeout=0)
+            raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # Ctrl-C means "get out now": running jobs are handed back, not awaited.
@@ -5509,27 +5631,37 @@ class Blero:
         (`operating`: to change it, so never on read-only storage)."""
         return _Borrowed(self, operating)
 
-    def _borrow(self) -> _Storage | None:
-        """The running queue's storage, kept open until `_unborrow()`; None
-        when the queue is stopped or stopping (then a call opens the file)."""
-        with self._borrowed:
+    def _borrow(self, token: object) -> _Storage | None:
+        """The running queue's storage, kept open while `token` is in
+        `_borrows`; None when the queue is stopped or stopping (then a call
+        opens the file).
+
+        A Ctrl-C may raise in the caller's thread between any two calls,
+        so the caller calls this inside its `try` and pops its token in the
+        `finally` (or `except`) with no call before the pop: whatever comes
+        where, the token is never left behind by one KeyboardInterrupt."""
+        with self._borrowing:
             storage = self._storage
             if storage is None or self._stop is not None:
                 return None
-            self._borrows += 1
+            self._borrows[token] = threading.current_thread()
             return storage
 
-    def _unborrow(self) -> None:
-        with self._borrowed:
-            self._borrows -= 1
-            self._borrowed.notify_all()
-
-    def _no_borrowers(self) -> None:
+    def _no_borrowers(self, d: _Dispatcher) -> None:
         """Wait until no call uses the running storage (a stop has begun, so
-        none can start to)."""
-        with self._borrowed:
-            while self._borrows:
-                self._borrowed.wait()
+        none can start to).  A token of a thread that is in stop() or has
+        ended is not waited for: such a thread uses no storage, so a Ctrl-C
+        (a second one, in the midst of the first's cleanup) left it behind."""
+        while True:
+            with self._borrowing:
+                using = [t for t in self._borrows.values()
+                         if t.is_alive() and t not in d.stop_callers]
+                if not using:
+                    self._borrows.clear()
+                    return
+            # Polled, not notified: a borrower may be the main thread,
+            # where no notifying is safe from a Ctrl-C (see _Bell).
+            time.sleep(_BORROW_POLL)
 
     # -- processors ------------------------------------------------------------------
 
@@ -5763,34 +5895,37 @@ class Blero:
         changes, opened = self._changed, None
         running = self._storage     # its file is the one to look at, even after it stops
         pinned = None if running is None else running.real
-        with changes:
-            changes.watchers += watcher
-            try:
-                while True:
-                    storage = self._borrow()
-                    try:
-                        if storage is None:
-                            if opened is None:
-                                opened = self._new_storage(pinned)
-                                opened.open(create=False)
-                            found = look(opened)
-                        else:
-                            found = look(storage)
-                    finally:
-                        if storage is not None:
-                            self._unborrow()
-                    if found is not None:
-                        return found
-                    wait = _POLL
-                    if deadline is not None:
-                        wait = min(wait, deadline - time.monotonic())
-                        if wait <= 0:
-                            return None
-                    changes.wait(wait)
-            finally:
-                changes.watchers -= watcher
-                if opened is not None:
-                    opened.close()
+        me = object()   # this call, in _borrows and among the watchers
+        try:
+            if watcher:
+                changes.watchers.add(me)
+            while True:
+                woken = changes.sleeper()   # first: a change during the look wakes it
+                try:
+                    storage = self._borrow(me)
+                    if storage is None:
+                        if opened is None:
+                            opened = self._new_storage(pinned)
+                            opened.open(create=False)
+                        found = look(opened)
+                    else:
+                        found = look(storage)
+                finally:
+                    self._borrows.pop(me, None)     # (no call before it: see _borrow)
+                if found is not None:
+                    changes.forget(woken)
+                    return found
+                wait = _POLL
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        changes.forget(woken)
+                        return None
+                changes.sleep(woken, wait)
+        finally:
+            changes.watchers.discard(me)
+            if opened is not None:
+                opened.close()
 
     # -- inspecting ------------------------------------------------------------------
 
@@ -6141,7 +6276,9 @@ class Blero:
                 for blob, key in zip(blobs, keys)]
         deps = _after(options.get("after"))
         futures: list[JobFuture] = []
-        with self._futures.expecting():
+        me = object()
+        try:
+            self._futures.expecting.add(me)
             # Slices of growing size, a commit each: the workers start on the
             # first while the rest are stored.  (Every call was checked
             # above: a bad one stored nothing.)
@@ -6151,11 +6288,13 @@ class Blero:
                                                waiter or functools.partial(JobFuture, self),
                                                deps)
                 i, size = i + size, min(size * 2, _CALLS_SLICE_MAX)
+        finally:
+            self._futures.expecting.discard(me)
         return futures
 
     def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob], connection: Any,
                        waiter: Callable, deps: tuple[int, ...] = ()) -> list[JobFuture]:
-        """Store these calls' jobs (under `_futures.expecting()`), each
+        """Store these calls' jobs (while in `_futures.expecting`), each
         waiting on the jobs `deps` names; their futures."""
         ids, stored = d.enqueue(rows, connection, [deps] * len(rows) if deps else None)
         futures = [waiter(i) for i in ids]
@@ -6250,24 +6389,27 @@ class _Borrowed:
     def __init__(self, blero: Blero, operating: bool = False):
         self._blero = blero
         self._operating = operating
-        self._opened = self._borrowed = None
+        self._opened = None
 
     def __enter__(self) -> _Storage:
-        storage = self._borrowed = self._blero._borrow()
-        if storage is None:
-            storage = self._blero._new_storage()
-            storage.open(create=False)
-            if self._operating and storage.read_only is not None:
-                # Refused whatever it would change: even a sweep with
-                # nothing to delete says it cannot operate here.
-                storage.close()
-                storage.writable()
-            self._opened = storage
-        return storage
+        try:
+            storage = self._blero._borrow(self)
+            if storage is None:
+                storage = self._blero._new_storage()
+                storage.open(create=False)
+                if self._operating and storage.read_only is not None:
+                    # Refused whatever it would change: even a sweep with
+                    # nothing to delete says it cannot operate here.
+                    storage.close()
+                    storage.writable()
+                self._opened = storage
+            return storage
+        except BaseException:   # (a Ctrl-C, say: then `with` calls no __exit__)
+            self._blero._borrows.pop(self, None)    # (no call before it: see _borrow)
+            raise
 
     def __exit__(self, *exc) -> None:
-        if self._borrowed is not None:
-            self._blero._unborrow()
+        self._blero._borrows.pop(self, None)
         if self._opened is not None:
             self._opened.close()
 
@@ -6495,9 +6637,22 @@ class JobFuture(concurrent.futures.Future):
         self.id = job_id
         self._blero = blero
         self._cancelling = False    # cancel() under way: outcomes wait for it
+        # Set once it is resolved: what result() sleeps on, not the Future's
+        # Condition (see _Event: a Ctrl-C there could leave it held, and the
+        # worker resolving it would wait for ever).
+        self._settled = _Event()
+        self._then: Callable[[JobFuture], Any] | None = None   # called once settled
 
     def __repr__(self):
         return f"<JobFuture job {self.id} {self._state.lower()}>"
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._settled.wait(timeout)
+        return super().result(0)    # (TimeoutError if it is not resolved yet)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._settled.wait(timeout)
+        return super().exception(0)
 
     def cancel(self) -> bool:
         """Cancel the job if it has not started: True if it is cancelled."""
@@ -6506,17 +6661,18 @@ class JobFuture(concurrent.futures.Future):
         if self.done():
             return False
         futures = self._blero._futures
-        futures.cancelling(self, True)
         try:
+            self._cancelling = True     # (inside the try: a Ctrl-C never leaves it set)
             cancelled = self._blero._cancel_pending(self.id)
         finally:
-            futures.cancelling(self, False)
+            self._cancelling = False
         if not cancelled:
             futures.look_now(self)  # it may have ended while its outcome waited
             return False
         futures.forget(self)
         super().cancel()
         self.set_running_or_notify_cancel()     # waiters of wait()/as_completed see it now
+        self._settle()
         return True
 
     def __await__(self):
@@ -6529,6 +6685,13 @@ class JobFuture(concurrent.futures.Future):
                 self.set_result(result)
             else:
                 self.set_exception(exc)
+        self._settle()
+
+    def _settle(self) -> None:
+        self._settled.set()
+        then = self._then
+        if then is not None:
+            then(self)
 
     def _stored(self, row: _Ended, serializer) -> None:
         """Resolve it from the stored outcome of its job, which has ended."""
@@ -6579,7 +6742,7 @@ class _MapCalls:
     def __init__(self, n: int):
         self.lock = threading.Lock()
         self.left = n
-        self.done = threading.Event()
+        self.done = _Event()    # waited for by the map's caller, maybe the main thread
         if not n:
             self.done.set()
 
@@ -6594,32 +6757,23 @@ class _Futures:
     waiting, ended with the last) looks at their stored outcomes whenever
     the queue may have changed: never a thread per future.
 
-    `_lock` guards `_waiting`, `_early` and `_expecting`; no I/O and no
-    future's callbacks run under it."""
+    `_lock` guards `_waiting` and `_early`; no I/O and no future's
+    callbacks run under it."""
 
     def __init__(self, blero: Blero):
         self._blero = blero
         self._lock = threading.Lock()
         self._waiting: dict[int, list[JobFuture]] = {}
-        # While calls are being enqueued (`expecting`), a job that ends
-        # before its future is added leaves its outcome here for it.
-        self._expecting = 0
+        # While calls are being enqueued (a token of each enqueuer in
+        # `expecting`), a job that ends before its future is added leaves
+        # its outcome in `_early` for it.  The enqueuer adds its token inside
+        # its `try` and discards it in the `finally`, with no call before:
+        # a Ctrl-C never leaves it there.
+        self.expecting: set[object] = set()
         self._early: dict[int, _Outcome | None] = {}
         self._watcher: threading.Thread | None = None
         self._poked = threading.Event()     # other processes committed: look now
         self._missing: set[int] = set()     # ids the watcher's last look did not find
-
-    @contextlib.contextmanager
-    def expecting(self):
-        with self._lock:
-            self._expecting += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._expecting -= 1
-                if not self._expecting:
-                    self._early.clear()
 
     def add(self, futures: list[JobFuture]) -> None:
         early = []
@@ -6644,21 +6798,19 @@ class _Futures:
             if not waiting:
                 self._waiting.pop(future.id, None)
 
-    def cancelling(self, future: JobFuture, on: bool) -> None:
-        with self._lock:
-            future._cancelling = on
-
     def ended(self, job_id: int, outcome: _Outcome | None) -> None:
         """The job ended here (None: cancelled): resolve its futures."""
-        if not self._waiting and not self._expecting:
+        if not self._waiting and not self.expecting and not self._early:
             return      # the workers' hot path: nothing to look up
         with self._lock:
             futures = self._waiting.pop(job_id, ())
             keep = [f for f in futures if f._cancelling]
             if keep:
                 self._waiting[job_id] = keep
-            if self._expecting:
+            if self.expecting:
                 self._early[job_id] = outcome
+            else:   # nobody enqueues: what the last enqueuer left is no one's
+                self._early.clear()
         for f in futures:
             if not f._cancelling:
                 self._resolve(f, outcome)
@@ -6962,15 +7114,21 @@ class Executor(concurrent.futures.Executor):
             for f in futures:
                 f.cancel()
         if wait:
-            concurrent.futures.wait(futures)
+            for f in futures:
+                f._settled.wait()
         self._ended_one(None)
 
     def _track(self, futures: list[JobFuture]) -> None:
         with self._lock:
             self._ids.extend(f.id for f in futures)
             self._pending.update(futures)
+        # Not add_done_callback, which takes the future's Condition: see
+        # JobFuture._settled.  Set first, then looked at, as _settle does
+        # the other way round: one of them sees the other (twice is harmless).
         for f in futures:
-            f.add_done_callback(self._ended_one)
+            f._then = self._ended_one
+            if f._settled.is_set():
+                self._ended_one(f)
 
     def _ended_one(self, future: JobFuture | None) -> None:
         with self._lock:

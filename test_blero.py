@@ -4204,10 +4204,12 @@ class ProcessorExitTest(TempDirTest):
 
 def blocked_in_stop(frame):
     """Whether a thread whose innermost frame is `frame` waits inside
-    Blero.stop (its innermost call is one of threading's waits)."""
+    Blero.stop (its innermost call is one of threading's waits, or blero's
+    own, which a Ctrl-C cannot leave holding a lock)."""
     stack = traceback.extract_stack(frame) if frame is not None else []
     return (any(f.name == "stop" and f.filename == blero.__file__ for f in stack)
-            and stack[-1].filename == threading.__file__)
+            and (stack[-1].filename == threading.__file__
+                 or (stack[-1].filename, stack[-1].name) == (blero.__file__, "sleep")))
 
 
 # A child that runs one job (no retries) until its try is cut short, with the
@@ -4235,9 +4237,75 @@ _STOPPED_CHILD = NEW_QUEUE + textwrap.dedent("""
 """)
 
 
+# A program hit by Ctrl-C after Ctrl-C (SIGINT, 5 per round) while it waits
+# in every way there is: each KeyboardInterrupt is caught, the next round's
+# `with` block stops the queue, and a stop that something left waiting (a
+# storage borrow, a lock of a wait cut short) hangs the round.
+_CTRL_C_CHILD = NEW_QUEUE + textwrap.dedent("""
+    import faulthandler, os, signal, sys
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def double(x):
+        return 2 * x
+    def waits(bl, ex, task):
+        bl.join()
+        bl.wait(bl.enqueue("x", 1))
+        bl.future(bl.enqueue("x", 2)).result()
+        ex.submit(double, 3).result()
+        list(ex.map(double, [4, 5]))
+        task.map([6, 7])
+    for _ in range(int(sys.argv[2])):
+        caught = 0
+        try:
+            with new_queue(sys.argv[1]) as bl:
+                bl.register_processor(lambda job: job.data)
+                task = bl.task(name="double")(double)
+                ex = bl.executor(2)
+                os.write(1, b"in\\n")
+                while caught < 5:
+                    try:
+                        waits(bl, ex, task)
+                    except KeyboardInterrupt:
+                        caught += 1
+                        if caught < 5:
+                            os.write(1, b"ki\\n")
+        except KeyboardInterrupt:   # one that came in the handler above
+            pass
+        os.write(1, b"out\\n")
+    os.write(1, b"done\\n")
+""")
+
+
 @both_engines
 class LifecycleTest(ProcessTest):
     """Stops and starts as programs really do them."""
+
+    @unittest.skipUnless(POSIX, "SIGINT")
+    def test_ctrl_c_at_any_moment_of_a_wait_never_hangs_the_stop(self):
+        rounds = 40
+        proc = start_child(_CTRL_C_CHILD, self.path, rounds, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, proc)
+        lines = LineReader(proc.stdout)
+        seen = 0
+        while True:
+            try:
+                lines.expect("", count=seen + 1, timeout=20)
+            except AssertionError:
+                proc.send_signal(signal.SIGUSR1)    # its threads' stacks, on stderr
+                time.sleep(1)
+                proc.kill()
+                self.fail(f"hung after {lines.lines[-3:]}: {proc.communicate()[1][-3000:]}")
+            line = lines.lines[seen].strip()
+            seen += 1
+            if line == "done":
+                break
+            if line in ("in", "ki"):    # it is waiting: Ctrl-C, at a random moment
+                time.sleep(random.uniform(0, 0.005))
+                proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(20), 0, proc.stderr.read())
+        self.assertEqual(lines.lines.count("out\n"), rounds)
+        self.assertGreaterEqual(lines.lines.count("ki\n"), rounds)
 
     @unittest.skipUnless(POSIX, "symlinks")
     @file_only
@@ -4492,7 +4560,9 @@ class LifecycleTest(ProcessTest):
                 while True:
                     stack = traceback.extract_stack(sys._current_frames()[main.ident])
                     if (any(f.name == "stop" and f.filename == blero.__file__ for f in stack)
-                            and stack[-1].filename == threading.__file__):
+                            and (stack[-1].filename == threading.__file__
+                                 or (stack[-1].filename, stack[-1].name)
+                                 == (blero.__file__, "sleep"))):
                         os.write(1, b"in stop\\n")
                         return
                     time.sleep(0.01)
