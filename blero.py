@@ -33,6 +33,7 @@ import heapq
 import http.server
 import inspect
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -265,6 +266,19 @@ class _Bell:
             except RuntimeError:    # released already, by another ring
                 pass
             self._sleepers.discard(woken)
+
+
+def _start_thread(thread: threading.Thread) -> None:
+    """`thread.start()`, which waits on a threading.Event of its own: a
+    Ctrl-C there can raise RuntimeError ("release unlocked lock", see _Bell)
+    in place of the KeyboardInterrupt, which is raised instead (the thread
+    runs: the Ctrl-C came once it was started)."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        raise
 
 
 class _Event(_Bell, threading.Event):
@@ -660,6 +674,7 @@ class _NewJob(NamedTuple):
     timeout: float | None
     key: str | None
     created_at: float
+    runner: str | None = None   # whose workers may run it (see _TASK_RUNNER)
 
 
 class _Claim(NamedTuple):
@@ -713,7 +728,7 @@ class _Claimed(NamedTuple):
 
     recorded: bool                      # the finished try was recorded
     claim: _Claim | None                # the job claimed, if any
-    suspects_left: frozenset | None     # a suspect sought, none found: the names left
+    suspects_left: frozenset | None     # a suspect sought, none found: the kinds left
     # Names of jobs the finish made ready (their last `after=` job completed),
     # and, while pauses or limits are stored, the finished job's own name (a
     # slot of its limit came free): idle workers that take them look again.
@@ -768,6 +783,7 @@ class _Schedule(NamedTuple):
     timeout: float | None
     cron: str | None        # a cron schedule's expression
     tz: str | None          # and its zone (`_zone_name`); None: local time
+    runner: str | None = None   # its runs' (a task's schedule: _TASK_RUNNER)
 
 
 class _DueSchedule(NamedTuple):
@@ -787,6 +803,7 @@ class _DueSchedule(NamedTuple):
     job_id: int | None          # its last run
     last_created: float | None
     last_started: float | None
+    runner: str | None          # its runs'
 
     def following(self, t: float) -> float:
         """When this schedule is next due after a run due at `t`."""
@@ -872,10 +889,13 @@ class _Storage:
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()) -> _Claimed:
+                         exclude: frozenset = frozenset(),
+                         runner: str | None = None) -> _Claimed:
         """In one transaction, record a finished try and claim the next ready
         job (or, with `suspect`, the next suspect) this worker accepts: one
-        of `names`, or with None any name but those in `exclude`.  A finish
+        of `names` (a job of enqueue(), or a call of the executor `runner`,
+        or with None of a task), or with None any name but those in
+        `exclude`, and no task's or executor's call (see _TASK_RUNNER).  A finish
         that completes a job makes ready its dependants whose `after` jobs
         are all complete now; one that ends it failed cancels its
         dependants, and theirs, down the chain.  The claim obeys the pauses
@@ -896,8 +916,8 @@ class _Storage:
         """Record the end of one try; False if its claim no longer holds."""
         return self.finish_and_claim(finish, 0, None, False).recorded
 
-    def suspect_names(self) -> frozenset:
-        """The names of the suspect jobs (see _CrashGuard)."""
+    def suspect_kinds(self) -> frozenset:
+        """The kinds of the suspect jobs, (name, runner) pairs (see _CrashGuard)."""
         raise NotImplementedError
 
     def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
@@ -1014,6 +1034,10 @@ class _Storage:
     def clear_keys(self, ids: list[int]) -> None:
         """Take the keys off these jobs: enqueueing with their keys stores
         new jobs from now on."""
+        raise NotImplementedError
+
+    def run_by(self, ids: list[int], runner: str | None) -> None:
+        """These jobs, those not started yet, are `runner`'s from now on."""
         raise NotImplementedError
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
@@ -1160,7 +1184,7 @@ def _owner_seen(id, heartbeat_at, takes, host, pid, started_at, processors) -> _
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 5            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 6            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -1207,6 +1231,15 @@ _OWNERS_PRESENCE = ("ALTER TABLE blero_owners ADD COLUMN host TEXT",
 # schedule's cron expression and zone.
 _FLOW_COLUMNS = (("blero_jobs", "progress", "BLOB"), ("blero_jobs", "checkpoint", "BLOB"),
                  ("blero_schedules", "cron", "TEXT"), ("blero_schedules", "tz", "TEXT"))
+# New in schema 6 (see _schema_6): whose workers may run a job, and a
+# schedule's runs.  blero_jobs.runner is NULL for a job of enqueue(): any
+# processor that takes its name runs it.  A task's call (and a task's
+# schedule's run) is _TASK_RUNNER's: the processors that name it run it,
+# never one of any name, in any process.  An executor's call is its own,
+# "executor <n>" (the program's n-th executor): only that executor's
+# workers run it (see Executor).
+_RUNNER_COLUMNS = (("blero_jobs", "runner", "TEXT"), ("blero_schedules", "runner", "TEXT"))
+_TASK_RUNNER = "task"
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -1228,7 +1261,8 @@ CREATE TABLE blero_jobs (
     error        TEXT,
     dependants   INTEGER NOT NULL DEFAULT 0,
     progress     BLOB,
-    checkpoint   BLOB
+    checkpoint   BLOB,
+    runner       TEXT
 );
 CREATE INDEX blero_jobs_ready ON blero_jobs (priority DESC, id) WHERE state = 0;
 CREATE INDEX blero_jobs_delayed ON blero_jobs (run_at) WHERE state = 1;
@@ -1256,7 +1290,8 @@ CREATE TABLE blero_schedules (
     timeout      REAL,
     job_id       INTEGER,
     cron         TEXT,
-    tz           TEXT
+    tz           TEXT,
+    runner       TEXT
 );
 """ + _FLOW_SCHEMA + ";"
 # blero_owners.takes: the job names the owner's processors take, a JSON array
@@ -1312,11 +1347,13 @@ _RUNNING_IDS = "SELECT id FROM blero_jobs WHERE state = 2 AND owner = ?"
 _PROMOTE = ("UPDATE blero_jobs SET state = 0 WHERE id IN (SELECT id FROM blero_jobs"
             " WHERE state = 1 AND run_at <= ? ORDER BY run_at LIMIT 1000) AND state = 1")
 _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
-_SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
+_SUSPECT_KINDS = "SELECT DISTINCT name, runner FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
            " WHERE id = ? AND state BETWEEN -2 AND ?")     # 2: running ones too
 _CLEAR_KEYS = "UPDATE blero_jobs SET key = NULL WHERE id BETWEEN ? AND ?"
+# A call matched with a stored job not started yet: run by the matching run's workers.
+_SET_RUNNER = "UPDATE blero_jobs SET runner = ? WHERE id = ? AND state < 2"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
@@ -1396,12 +1433,12 @@ _UPSERT_SCHEDULE = (
     " THEN blero_schedules.next_due"
     " ELSE excluded.next_due END,"
     " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout,"
-    " cron = excluded.cron, tz = excluded.tz")
+    " cron = excluded.cron, tz = excluded.tz, runner = excluded.runner")
 _DROP_SCHEDULE = "DELETE FROM blero_schedules WHERE key = ?"
 # Schedules whose next run is due and whose previous run is over.
 _DUE_SCHEDULES = (
     "SELECT s.key, s.name, s.data, s.interval, s.next_due, s.priority, s.retries,"
-    " s.timeout, s.cron, s.tz, s.job_id, j.created_at, j.started_at"
+    " s.timeout, s.cron, s.tz, s.job_id, j.created_at, j.started_at, s.runner"
     " FROM blero_schedules s LEFT JOIN blero_jobs j ON j.id = s.job_id"
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
@@ -1520,12 +1557,23 @@ def _schema_4(db: sqlite3.Connection) -> None:
 
 def _schema_5(db: sqlite3.Connection) -> None:
     """4 -> 5: progress and checkpoints of jobs, cron schedules."""
-    for table, column, kind in _FLOW_COLUMNS:
-        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    _add_columns(db, _FLOW_COLUMNS)
+
+
+def _schema_6(db: sqlite3.Connection) -> None:
+    """5 -> 6: whose workers run a job, and a schedule's runs."""
+    _add_columns(db, _RUNNER_COLUMNS)
+
+
+def _add_columns(db, columns, ddl: Callable[[str], str] = str) -> None:
+    """Add the (table, column, type) `columns`; `ddl` makes each statement
+    the engine's."""
+    for table, column, kind in columns:
+        db.execute(ddl(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
 
 
 _UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3,
-                                                              _schema_4, _schema_5)
+                                                              _schema_4, _schema_5, _schema_6)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -1563,8 +1611,18 @@ def _schema_4_views(db: sqlite3.Connection) -> None:
 def _schema_5_views(db: sqlite3.Connection) -> None:
     """4 as 5: no progress, no checkpoints, no cron schedules (over the views
     of older schemas, where a file of one shows these tables as views)."""
+    _added_views(db, _FLOW_COLUMNS)
+
+
+def _schema_6_views(db: sqlite3.Connection) -> None:
+    """5 as 6: no job or schedule is a task's or an executor's (as then)."""
+    _added_views(db, _RUNNER_COLUMNS)
+
+
+def _added_views(db: sqlite3.Connection, columns) -> None:
+    """blero_jobs and blero_schedules with the (table, column, type) `columns` NULL."""
     for table in ("blero_jobs", "blero_schedules"):
-        more = "".join(f", NULL AS {c}" for t, c, _ in _FLOW_COLUMNS if t == table)
+        more = "".join(f", NULL AS {c}" for t, c, _ in columns if t == table)
         view = db.execute("SELECT sql FROM temp.sqlite_master WHERE name = ?",
                           (table,)).fetchall()
         source = f"main.{table}"
@@ -1577,7 +1635,8 @@ def _schema_5_views(db: sqlite3.Connection) -> None:
 _READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
                                                                       _schema_3_views,
                                                                       _schema_4_views,
-                                                                      _schema_5_views)
+                                                                      _schema_5_views,
+                                                                      _schema_6_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -2504,12 +2563,13 @@ class _SQLiteStorage(_Storage):
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()) -> _Claimed:
+                         exclude: frozenset = frozenset(),
+                         runner: str | None = None) -> _Claimed:
         return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
-                           exclude)
+                           exclude, runner)
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
-                          exclude=frozenset()):
+                          exclude=frozenset(), runner=None):
         now = time.time()
         recorded, wake, delayed, due, cancelled = False, (), None, None, 0
         if finish is not None:
@@ -2528,28 +2588,30 @@ class _SQLiteStorage(_Storage):
                 wake, delayed, cancelled = self._ended(db, finish.id, finish.state, now)
         if not claim:
             return _Claimed(recorded, None, None, wake, delayed, False, None, cancelled)
-        row, held, blocked = self._claim(db, owner, names, suspect, now, exclude), False, ()
+        takes = (names, exclude, runner)
+        row, held, blocked = self._claim(db, owner, takes, suspect, now), False, ()
         if row is None:
             controls = db.execute(_CONTROLS).fetchall()
             if controls:
                 held = True
-                row, due, blocked = self._claim_held(db, owner, names, suspect, now, exclude,
-                                                     controls)
+                row, due, blocked = self._claim_held(db, owner, takes, suspect, now, controls)
         left = None
         if suspect and row is None:
             # Suspects held back by a pause or a limit hold nothing else up
             # (see _CrashGuard): they are run alone once they may run.
-            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)
-                             if blocked is not None and r[0] not in blocked)
+            left = frozenset((name, runner) for name, runner in db.execute(_SUSPECT_KINDS)
+                             if blocked is not None and name not in blocked)
         return _Claimed(recorded, row, left, wake, delayed, held, due, cancelled)
 
-    def _claim(self, db, owner, names, suspect, now, exclude, blocked=None) -> _Claim | None:
-        """Claim the next job of `names` (None: any but those in `exclude`)
-        while nothing is held, or, given the names `blocked` (paused or at a
-        limit), one of another."""
+    def _claim(self, db, owner, takes, suspect, now, blocked=None) -> _Claim | None:
+        """Claim the next job that `takes` (names, exclude, runner: as
+        finish_and_claim's) while nothing is held, or, given the names
+        `blocked` (paused or at a limit), one of another."""
+        names, exclude, runner = takes
         n = len(names) if names else 0
         m = 0 if n else len(exclude)
-        params = tuple(names) if n else tuple(exclude)
+        params = (tuple(names) + (_TASK_RUNNER if runner is None else runner,) if n
+                  else tuple(exclude))
         if blocked is None:
             sql = self._claim_statements(n, suspect, m)
         else:
@@ -2563,7 +2625,7 @@ class _SQLiteStorage(_Storage):
             return _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
         return None
 
-    def _claim_held(self, db, owner, names, suspect, now, exclude, controls):
+    def _claim_held(self, db, owner, takes, suspect, now, controls):
         """The claim while pauses or limits are stored: the names paused or at
         their limit are left out.  (The transaction holds SQLite's one write
         lock, so no other claim comes between the counts and the claim.)
@@ -2571,6 +2633,7 @@ class _SQLiteStorage(_Storage):
         look at them afresh once they hold it (see _PostgresStorage).
         Returns the claim or None, when a rate limit lets one more start, and
         the names left out (None: all of them, everything is paused)."""
+        names = takes[0]
         if self._held_lock is not None:    # on a server: the counts and the claim, alone
             db.execute(self._held_lock)
             controls = db.execute(_CONTROLS).fetchall()     # as they are now
@@ -2598,7 +2661,7 @@ class _SQLiteStorage(_Storage):
                     windows[name] = window
         if names is not None and names <= set(blocked):
             return None, until, blocked
-        row = self._claim(db, owner, names, suspect, now, exclude, blocked)
+        row = self._claim(db, owner, takes, suspect, now, blocked)
         if row is not None and row.name in windows:
             db.execute(_PRUNE_STARTS, (row.name, now - windows[row.name]))
             db.execute(_ADD_START, (row.name, now))
@@ -2607,12 +2670,13 @@ class _SQLiteStorage(_Storage):
     def _claim_statements(self, n: int, suspect: bool = False, m: int = 0,
                           blocked: int | None = None) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
-        n names (0: any name but m others): while nothing is held (`blocked`
-        None), or leaving out `blocked` names."""
+        n names and one runner (0: any name but m others, of no runner):
+        while nothing is held (`blocked` None), or leaving out `blocked` names."""
         sql = self._claim_sql.get((n, suspect, m, blocked))
         if sql is None:
-            cond = (f" AND name IN ({', '.join('?' * n)})" if n
-                    else f" AND name NOT IN ({', '.join('?' * m)})" if m else "")
+            cond = (f" AND name IN ({', '.join('?' * n)}) AND (runner IS NULL OR runner = ?)"
+                    if n else " AND runner IS NULL"
+                    + (f" AND name NOT IN ({', '.join('?' * m)})" if m else ""))
             held = (self._nothing_held if blocked is None else
                     f" AND name NOT IN ({', '.join('?' * blocked)})" if blocked else "")
             state = _SUSPECT if suspect else _READY
@@ -2658,8 +2722,8 @@ class _SQLiteStorage(_Storage):
             for i, dep in found])
         return len(found)
 
-    def suspect_names(self) -> frozenset:
-        return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
+    def suspect_kinds(self) -> frozenset:
+        return self._read(lambda db: frozenset(map(tuple, db.execute(_SUSPECT_KINDS))))
 
     def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
                 started: set[tuple[int, int]] | None = None,
@@ -2777,6 +2841,9 @@ class _SQLiteStorage(_Storage):
             else:
                 runs.append([i, i])
         self._write(lambda db: db.executemany(_CLEAR_KEYS, runs))
+
+    def run_by(self, ids: list[int], runner: str | None) -> None:
+        self._write(lambda db: db.executemany(_SET_RUNNER, [(runner, i) for i in ids]))
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
         params = ([(now, retries, None, None)] if ids is None
@@ -2980,7 +3047,7 @@ class _SQLiteStorage(_Storage):
 # connections, liveness by advisory locks, LISTEN/NOTIFY, claims that skip
 # rows another transaction has locked.
 
-_PG_SCHEMA_VERSION = 4       # blero_meta.version this blero.py writes and reads
+_PG_SCHEMA_VERSION = 5       # blero_meta.version this blero.py writes and reads
 _PG_POOL = 4                 # connections for reads and writes, besides the owner's own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
@@ -3015,7 +3082,8 @@ _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_
 _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
 # Statements whose changes other processes act on at once: they NOTIFY.
 _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM,
-                       _FINISH_RETURNING, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
+                       _FINISH_RETURNING, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT,
+                       _SET_RUNNER))
 
 
 # _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
@@ -3048,11 +3116,16 @@ def _pg_schema_3(db) -> None:
 
 def _pg_schema_4(db) -> None:
     """3 -> 4: progress and checkpoints of jobs, cron schedules, as the file's schema 5."""
-    for table, column, kind in _FLOW_COLUMNS:
-        db.execute(_pg_ddl(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+    _add_columns(db, _FLOW_COLUMNS, _pg_ddl)
 
 
-_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2, _pg_schema_3, _pg_schema_4)
+def _pg_schema_5(db) -> None:
+    """4 -> 5: whose workers run a job, and a schedule's runs, as the file's schema 6."""
+    _add_columns(db, _RUNNER_COLUMNS, _pg_ddl)
+
+
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2, _pg_schema_3, _pg_schema_4,
+                                                   _pg_schema_5)
 
 
 def _is_server(target) -> bool:
@@ -3210,7 +3283,7 @@ class _Unanswered:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, daemon=True,
                                                     name="blero-pg-deadlines")
-                    self._thread.start()
+                    _start_thread(self._thread)
                 self._add(call, 0.0)
             yield call
         finally:
@@ -3619,13 +3692,13 @@ class _PostgresStorage(_Storage):
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()
+                         exclude: frozenset = frozenset(), runner: str | None = None
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
         with self._claims:
             self._claiming[owner] = self._claiming.get(owner, 0) + 1
         try:
             return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
-                               exclude)
+                               exclude, runner)
         finally:
             with self._claims:
                 self._claiming[owner] -= 1
@@ -3794,12 +3867,13 @@ class _PostgresStorage(_Storage):
 _PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended", "_cancel_down",
               "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
-              "suspect_names", "unclaim",
+              "suspect_kinds", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "running_by_owner", "cancel", "_cancel", "retry_failed", "upsert_schedule",
               "drop_schedule", "schedules", "run_schedules", "_run_schedules", "get", "outcome",
               "pending_in_run_order", "counts", "finished_since", "outstanding",
-              "pending_by_name", "_claim_statements", "list", "clear_keys", "outcomes")
+              "pending_by_name", "_claim_statements", "list", "clear_keys", "run_by",
+              "outcomes")
 for _name in _PG_SHARED:
     setattr(_PostgresStorage, _name, _SQLiteStorage.__dict__[_name])
 del _name
@@ -3875,15 +3949,18 @@ class _Throttle:
 
 class _Processor:
     """A registered processor: the callable, the job names it takes, how
-    many workers run it (a task's concurrency), and what other processes
-    are told it is (`label`: a task, an executor, or the function's name)."""
+    many workers run it (a task's concurrency), what other processes are
+    told it is (`label`: a task, an executor, or the function's name), and
+    for an executor's, whose calls it runs (`runner`, see _TASK_RUNNER)."""
 
-    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label")
+    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label",
+                 "runner")
 
-    def __init__(self, id, fn, names, concurrency=1, label=None):
+    def __init__(self, id, fn, names, concurrency=1, label=None, runner=None):
         self.id = id
         self.fn = fn
         self.label = label or _fn_name(fn)
+        self.runner = runner
         self.names = names
         # With names None: the names it does not take after all, those of
         # the tasks (a processor of any name takes no task's jobs).
@@ -3985,7 +4062,9 @@ class _CrashGuard:
     try.  A suspect whose try ends is an ordinary job from then on.  The
     turn (and the wait of the rest) ends when its worker finds no suspect
     it accepts; suspects that only other workers accept are then theirs.
-    Suspects that no worker here accepts hold nothing up.  (Each process
+    Suspects that no worker here accepts hold nothing up.  (What a worker
+    accepts is told by a suspect's name and runner, as its claims do: see
+    _Worker.claims.)  (Each process
     on the file runs the suspects it takes alone the same way.)
 
     `active` is read without the lock on every claim, so a claim costs
@@ -4001,7 +4080,7 @@ class _CrashGuard:
         self.lock = threading.Lock()
         self.active = False                  # some queue here has suspects to run
         self.runner: _Worker | None = None   # the worker whose turn it is
-        self._queues: dict[_Dispatcher, frozenset] = {}   # running -> suspects' names
+        self._queues: dict[_Dispatcher, frozenset] = {}   # running -> suspects' kinds
 
     def join(self, d: _Dispatcher) -> None:
         with self.lock:
@@ -4016,12 +4095,12 @@ class _CrashGuard:
         if wake:
             self.wake_all()
 
-    def noted(self, d: _Dispatcher, names: frozenset) -> None:
-        """`d`'s file has suspects of these names now."""
+    def noted(self, d: _Dispatcher, kinds: frozenset) -> None:
+        """`d`'s file has suspects of these kinds (name, runner) now."""
         with self.lock:
-            if self._queues.get(d, names) == names:
+            if self._queues.get(d, kinds) == kinds:
                 return          # stopped, or nothing new
-            self._queues[d] = names
+            self._queues[d] = kinds
             wake = self._update()
         if wake:
             self.wake_all()
@@ -4048,7 +4127,7 @@ class _CrashGuard:
             elif self.runner is worker:
                 turn = True     # its turn goes on until it finds no suspect
             elif (self.runner is None
-                    and any(worker.accepts(n) for n in self._queues.get(worker.dispatcher, ()))
+                    and any(worker.claims(*k) for k in self._queues.get(worker.dispatcher, ()))
                     and not any(w.holding for q in self._queues for w in list(q._workers)
                                 if w is not worker)):
                 self.runner = worker
@@ -4061,15 +4140,15 @@ class _CrashGuard:
             self.wake_all()
         return turn
 
-    def released(self, worker: _Worker, names: frozenset) -> None:
-        """The turn's worker found no suspect it accepts; `names` are the
-        suspects left in its file."""
+    def released(self, worker: _Worker, kinds: frozenset) -> None:
+        """The turn's worker found no suspect it accepts; `kinds` are those
+        of the suspects left in its file."""
         with self.lock:
             if self.runner is worker:
                 self.runner = None
             d = worker.dispatcher
             if d in self._queues:
-                self._queues[d] = names
+                self._queues[d] = kinds
             wake = self._update()
         if wake:
             self.wake_all()
@@ -4092,9 +4171,9 @@ class _CrashGuard:
         # A suspect running is no longer in the file as one: its turn keeps
         # the rest waiting until it ends.
         self.active = self.runner is not None or any(
-            w.accepts(n) for d, names in self._queues.items() if names
+            w.claims(*k) for d, kinds in self._queues.items() if kinds
             for w in list(d._workers) if not (w.processor.retired or w.abandoned)
-            for n in names)
+            for k in kinds)
         return self.active or was
 
 
@@ -4121,7 +4200,7 @@ class _Worker:
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
     def start(self) -> None:
-        self.thread.start()
+        _start_thread(self.thread)
 
     def join(self) -> None:
         self.thread.join()
@@ -4133,6 +4212,14 @@ class _Worker:
     def accepts(self, name: str) -> bool:
         p = self.processor
         return name not in p.exclude if p.names is None else name in p.names
+
+    def claims(self, name: str, runner: str | None) -> bool:
+        """Whether its claims take a job of this name and runner (see
+        _TASK_RUNNER), as finish_and_claim's do."""
+        p = self.processor
+        if p.names is None:
+            return runner is None and name not in p.exclude
+        return name in p.names and runner in (None, p.runner or _TASK_RUNNER)
 
     def finished_try(self) -> bool:
         """The processor returned: busy settling now; False if abandoned."""
@@ -4288,7 +4375,7 @@ class _EventLoop:
         self.io = concurrent.futures.ThreadPoolExecutor(_LOOP_IO_THREADS,
                                                         thread_name_prefix="blero-loop-io")
         self.thread = threading.Thread(target=self._run, name="blero-loop", daemon=True)
-        self.thread.start()
+        _start_thread(self.thread)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -4571,10 +4658,13 @@ class _Dispatcher:
                 woken = []
                 for name, n in collections.Counter(names).items():
                     # Workers limited to some names first: the others can
-                    # take whatever comes next.
-                    able = sorted((w for w in self._idle if w.accepts(name)),
-                                  key=lambda w: w.processor.names is None)
-                    for w in able[:n]:
+                    # take whatever comes next.  An executor's take only
+                    # its own calls: n of each executor's are woken.
+                    able: dict[str | None, list[_Worker]] = {}
+                    for w in sorted((w for w in self._idle if w.accepts(name)),
+                                    key=lambda w: w.processor.names is None):
+                        able.setdefault(w.processor.runner, []).append(w)
+                    for w in itertools.chain.from_iterable(a[:n] for a in able.values()):
                         self._idle.remove(w)
                         woken.append(w)
                     if not self._idle:
@@ -4640,7 +4730,8 @@ class _Dispatcher:
             return None
         p = worker.processor
         done = self.storage.finish_and_claim(
-            outcome and outcome.finish(owner), owner, p.names, claim, suspect, p.exclude)
+            outcome and outcome.finish(owner), owner, p.names, claim, suspect, p.exclude,
+            p.runner)
         recorded, row, left = done.recorded, done.claim, done.suspects_left
         if done.wake or done.held or done.delayed is not None or done.cancelled:
             if suspect and row is None and done.held:
@@ -5077,7 +5168,7 @@ class _Dispatcher:
     def _schedule_row(self, sched: _DueSchedule, now: float) -> _NewJob:
         retries = self.settings.retries if sched.retries is None else sched.retries
         return _NewJob(_READY, sched.priority, now, sched.name, sched.data, 1 + retries,
-                       sched.timeout, None, now)
+                       sched.timeout, None, now, sched.runner)
 
     def _carry_on(self) -> None:
         """When storage lost this owner's liveness (a server's session ended:
@@ -5192,8 +5283,14 @@ class _Dispatcher:
             self._look_for_suspects()
         return total
 
+    def runners_changed(self) -> None:
+        """Stored jobs not started yet got another runner: workers that
+        take them now may be idle, and suspects among them are others'."""
+        self._look_for_suspects()
+        self.work_arrived(None)
+
     def _look_for_suspects(self) -> None:
-        _guard.noted(self, self.storage.suspect_names())
+        _guard.noted(self, self.storage.suspect_kinds())
 
     def hand_back(self, owner: int, drop_owner: bool,
                   started: set[tuple[int, int]] | None = None, given_back: bool = False,
@@ -5396,6 +5493,7 @@ class Blero:
         self._borrows: dict[object, threading.Thread] = {}
         self._processors: dict[int, _Processor] = {}
         self._next_processor = 1
+        self._next_executor = 1     # (its calls' runner: see Executor)
         self._servers: list[_MetricsServer] = []
         self._counters = _Counters()
         self._changed = _Changes()
@@ -5516,7 +5614,7 @@ class Blero:
             if stop is None or not stop.claimed:    # (or a Ctrl-C cut its start short)
                 stop = self._stop = _Stop(self, d, self._storage)
                 try:
-                    stop.thread.start()
+                    _start_thread(stop.thread)
                 except RuntimeError:    # the interpreter is exiting (3.12+): no new threads
                     if own:
                         raise
@@ -5687,13 +5785,14 @@ class Blero:
 
     def _add_processor(self, fn, names: frozenset | None, concurrency: int = 1,
                        task_names: Iterable[str] = (), replaces: int | None = None,
-                       label: str | None = None) -> _Processor:
+                       label: str | None = None, runner: str | None = None) -> _Processor:
         """Register a processor of `concurrency` workers; `task_names` are
         the names of task jobs it takes (kept from processors of any name);
         `replaces`: the id of a processor it takes the place of; `label`:
-        what it is, for other processes to see (default: fn's name)."""
+        what it is, for other processes to see (default: fn's name);
+        `runner`: the executor whose calls it runs (see _TASK_RUNNER)."""
         with self._lock:
-            p = _Processor(self._next_processor, fn, names, concurrency, label)
+            p = _Processor(self._next_processor, fn, names, concurrency, label, runner)
             self._next_processor += 1
             old = self._processors.pop(replaces, None)
             self._processors[p.id] = p
@@ -5826,8 +5925,11 @@ class Blero:
                 blob = _dumps(self._settings.serializer, data)
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
+        # A job of a task's name is the task's call: no processor of any
+        # name takes it, here or elsewhere.
         return _NewJob(_DELAYED if when > now else _READY, priority, when, name, blob,
-                       1 + retries, timeout, key, now)
+                       1 + retries, timeout, key, now,
+                       _TASK_RUNNER if name in self._tasks else None)
 
     # -- waiting ---------------------------------------------------------------------
 
@@ -6063,7 +6165,7 @@ class Blero:
         with self._store(operating=True) as storage:
             storage.upsert_schedule(_Schedule(key, name, row.data, interval, first,
                                               row.priority, options.get("retries"),
-                                              row.timeout, cron, tz))
+                                              row.timeout, cron, tz, row.runner))
         d = self._dispatcher
         if d is not None:
             d.schedules_changed()
@@ -6203,8 +6305,14 @@ class Blero:
 
     def executor(self, max_workers: int = 5) -> Executor:
         """A `concurrent.futures.Executor` whose calls are jobs of this queue,
-        run by `max_workers` workers: resumable after a crash."""
+        run by `max_workers` workers of its own: resumable after a crash."""
         return Executor(self, max_workers)
+
+    def _executor_runner(self) -> str:
+        """The runner of the next executor made: the program's n-th."""
+        with self._lock:
+            n, self._next_executor = self._next_executor, self._next_executor + 1
+        return f"executor {n}"
 
     def future(self, job_id: int) -> JobFuture:
         """A JobFuture of any stored job (also one of another run or
@@ -6242,12 +6350,13 @@ class Blero:
             self.enqueue_many, list(jobs), connection=connection))
 
     def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
-                       resumable: bool = False, waiter: Callable | None = None
-                       ) -> list[JobFuture]:
+                       resumable: bool = False, waiter: Callable | None = None,
+                       runner: str = _TASK_RUNNER) -> list[JobFuture]:
         """Store a job per call (args, kwargs) of the task `name`; return
         their futures (or what `waiter(job_id)` makes for each, Task.map's
         lighter `_MapCall`s).  `resumable`: each call is matched with the
-        stored job of the same call of a run that did not finish (see _Calls)."""
+        stored job of the same call of a run that did not finish (see _Calls).
+        `runner`: whose workers run them (an executor's, or a task's)."""
         d = self._running()
         connection = options.get("connection")
         if resumable and connection is not None:
@@ -6271,8 +6380,8 @@ class Blero:
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
         keys = self._calls.keys(name, blobs) if resumable else [first.key] * len(blobs)
-        state, priority, run_at, _, _, attempts, timeout, _, now = first
-        rows = [_NewJob(state, priority, run_at, name, blob, attempts, timeout, key, now)
+        state, priority, run_at, _, _, attempts, timeout, _, now, _ = first
+        rows = [_NewJob(state, priority, run_at, name, blob, attempts, timeout, key, now, runner)
                 for blob, key in zip(blobs, keys)]
         deps = _after(options.get("after"))
         futures: list[JobFuture] = []
@@ -6316,6 +6425,11 @@ class Blero:
             else:
                 going.append(futures[k])
         self._futures.add(going)
+        if going:
+            # Those not started yet are run by this run's workers (its
+            # executor's), whoever made them.
+            d.storage.run_by([f.id for f in going], rows[0].runner)
+            d.runners_changed()
         if again:
             d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
             new_ids, _ = d.enqueue([rows[k] for k in again], None,
@@ -6786,7 +6900,7 @@ class _Futures:
             if self._watcher is None and self._waiting:
                 self._watcher = threading.Thread(target=self._watch, name="blero-futures",
                                                  daemon=True)
-                self._watcher.start()
+                _start_thread(self._watcher)
         for f, outcome in early:
             self._resolve(f, outcome)
 
@@ -7003,8 +7117,14 @@ class Executor(concurrent.futures.Executor):
     `Blero.executor`: a drop-in for ThreadPoolExecutor whose work survives
     crashes.  `fn` is a Task (run by its own workers) or a function that
     can be imported by its qualified name (run by this executor's
-    `max_workers` workers).  Calls are resumable, as `Task.map`'s are, and
-    released once the executor is shut down with all of them ended."""
+    `max_workers` workers, and no others).  Calls are resumable, as
+    `Task.map`'s are, and released once the executor is shut down with all
+    of them ended.
+
+    An executor's calls are its own (their runner, see _TASK_RUNNER): the
+    program's n-th executor is "executor <n>", so that the same program run
+    again (or another copy of it) takes the calls a run left, and a
+    resumed call, matched with a stored job, is the matching executor's."""
 
     def __init__(self, blero: Blero, max_workers: int = 5):
         if isinstance(max_workers, int) and not isinstance(max_workers, bool) \
@@ -7012,6 +7132,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
         self._max_workers = _integer("max_workers", max_workers, least=1)
         self._blero = blero
+        self._runner = blero._executor_runner()
         self._setting_up = threading.Lock()     # held while its workers are set up
         self._lock = threading.Lock()   # guards everything below; held for no I/O
         self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
@@ -7026,10 +7147,10 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self):
         return f"<blero.Executor max_workers={self._max_workers}>"
 
-    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple]:
-        """The job name, options and arguments of a call of `fn`."""
+    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple, str]:
+        """The job name, options, arguments and runner of a call of `fn`."""
         if isinstance(fn, Task):
-            return fn.name, fn._options, args
+            return fn.name, fn._options, args, _TASK_RUNNER
         if inspect.ismethod(fn):      # its object travels with the arguments
             fn, args = fn.__func__, (fn.__self__,) + args
         elif inspect.isbuiltin(fn) and _module_of(fn) is None:
@@ -7057,20 +7178,20 @@ class Executor(concurrent.futures.Executor):
             if p is None:
                 p = self._blero._add_processor(self._run, frozenset([name]),
                                                self._max_workers, task_names=[name],
-                                               label="executor")
+                                               label="executor", runner=self._runner)
                 with self._lock:
                     self._processor = p
             elif not known:
                 self._blero._retake(p, p.names | {name})
-        return name, {}, args
+        return name, {}, args, self._runner
 
     def submit(self, fn, /, *args, **kwargs) -> JobFuture:
         """Run `fn(*args, **kwargs)` as a job; return its future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        name, options, args = self._target(fn, args)
+        name, options, args, runner = self._target(fn, args)
         future = self._blero._enqueue_calls(name, [(args, kwargs)], options,
-                                            resumable=True)[0]
+                                            resumable=True, runner=runner)[0]
         self._track([future])
         return future
 
@@ -7085,10 +7206,11 @@ class Executor(concurrent.futures.Executor):
         calls = list(zip(*iterables))
         futures = []
         if calls:
-            name, options, first = self._target(fn, calls[0])
+            name, options, first, runner = self._target(fn, calls[0])
             extra = len(first) - len(calls[0])      # a bound method's object
             calls = [(first[:extra] + args, {}) for args in calls]
-            futures = self._blero._enqueue_calls(name, calls, options, resumable=True)
+            futures = self._blero._enqueue_calls(name, calls, options, resumable=True,
+                                                 runner=runner)
             self._track(futures)
         return self._results(futures, end)
 

@@ -465,7 +465,7 @@ class EnqueueTest(TempDirTest):
         bl.enqueue_many([("a", i) for i in range(50)] + [("b", i) for i in range(50)])
         storage = bl._storage
         for n in (0, 1, 2):
-            names = tuple(["a", "b"][:n])
+            names = tuple(["a", "b"][:n]) + ((blero._TASK_RUNNER,) if n else ())
             select, claim = storage._claim_statements(n)
             for sql, params in ((select, names), (claim, (1, 2.0) + names + (1,))):
                 plan = " ".join(str(r) for r in storage._db.execute(
@@ -6765,6 +6765,31 @@ def wait_and_raise(name):
     raise Exception("this is an exception")
 
 
+def begun_then_wait(begun, name, timeout=30):
+    EVENTS[begun].set()
+    return EVENTS[name].wait(timeout)
+
+
+RUNNING = collections.Counter()     # note_run's calls running now, by tag
+MOST_RUNNING = collections.Counter()    # and the most at once
+RUNNING_LOCK = threading.Lock()
+
+
+def note_run(tag, hold=None):
+    """A call tagged `tag` (waiting on EVENTS[hold] if given): the name of
+    the thread that ran it."""
+    with RUNNING_LOCK:
+        RUNNING[tag] += 1
+        MOST_RUNNING[tag] = max(MOST_RUNNING[tag], RUNNING[tag])
+    try:
+        if hold is not None:
+            EVENTS[hold].wait(30)
+        return threading.current_thread().name
+    finally:
+        with RUNNING_LOCK:
+            RUNNING[tag] -= 1
+
+
 class DummyObject:
     def my_method(self):
         pass
@@ -6864,6 +6889,47 @@ class ExecutorTest(TempDirTest):
             t.join()
         self.assertEqual(len(ids), 40)
 
+    def test_two_executors_of_one_function_run_their_calls_on_their_own_workers(self):
+        EVENTS["one"].clear()
+        self.addCleanup(EVENTS["one"].set)
+        MOST_RUNNING.clear()
+        one, three = self.bl.executor(1), self.bl.executor(3)
+        for ex in (one, three):
+            self.addCleanup(ex.shutdown, cancel_futures=True)
+        # The first of one's calls holds its one worker: the others wait,
+        # ready, before every call of three's (lower ids run first).
+        first = one.submit(note_run, "one", "one")
+        wait_until(lambda: self.bl.get_job(first.id).state == "inprogress")
+        ones = [first] + [one.submit(note_run, "one") for _ in range(11)]
+        threes = [three.submit(note_run, "three") for _ in range(12)]
+        threads_of_three = {f.result(20) for f in threes}
+        self.assertEqual([self.bl.get_job(f.id).state for f in ones[1:]], ["pending"] * 11,
+                         "the other executor's workers ran this one's calls")
+        EVENTS["one"].set()
+        threads_of_one = {f.result(20) for f in ones}
+        self.assertEqual(len(threads_of_one), 1)
+        self.assertLessEqual(len(threads_of_three), 3)
+        self.assertFalse(threads_of_one & threads_of_three)
+        self.assertEqual(MOST_RUNNING["one"], 1)
+        self.assertLessEqual(MOST_RUNNING["three"], 3)
+        self.assertEqual({self.bl.get_job(f.id).state for f in ones + threes}, {"complete"})
+
+    def test_a_later_runs_executor_resumes_the_calls_an_earlier_one_left(self):
+        # Made by the second executor of a program that stopped (its calls
+        # pending, the executor never shut down): the program run again
+        # makes them with its first executor, which is matched and runs them.
+        earlier = self.bl
+        earlier.pause("builtins.pow")
+        earlier.executor(1)
+        left = [earlier.executor(2).submit(pow, 2, i) for i in range(3)]
+        earlier.stop()
+        bl = self.queue()
+        bl.resume("builtins.pow")
+        again = bl.executor(1)
+        self.addCleanup(again.shutdown)
+        self.assertEqual(list(again.map(pow, [2] * 3, range(3), timeout=20)), [1, 2, 4])
+        self.assertEqual([j.id for j in bl.jobs()], [f.id for f in left], "matched, not new")
+
     def test_shutdown_releases_the_calls(self):
         with self.bl.executor(3) as ex:
             self.assertEqual(list(ex.map(square, [1, 2, 3])), [1, 4, 9])
@@ -6898,16 +6964,98 @@ class ExecutorTest(TempDirTest):
 
     def test_shutdown_without_waiting_and_a_stop_hands_running_jobs_back(self):
         EVENTS["hold"].clear()
+        EVENTS["begun"].clear()
         self.addCleanup(EVENTS["hold"].set)
         ex = self.bl.executor(1)
-        running = ex.submit(wait_event, "hold", 3)
-        wait_until(lambda: self.bl.get_job(running.id).state == "inprogress")
+        running = ex.submit(begun_then_wait, "begun", "hold", 3)
+        # (its try begun, not merely claimed: a claim not begun is undone)
+        self.assertTrue(EVENTS["begun"].wait(10))
         ex.shutdown(wait=False)     # returns at once
         self.bl.stop(timeout=0)
         info = self.bl.get_job(running.id)
         self.assertEqual(info.state, "pending")
         self.assertEqual(info.max_attempts, 1 + 3 + 1, "the hand-back used up no try")
         self.assertFalse(running.done())
+
+
+# argv: the queue.  A processor of any name, in a process that registers no
+# task: it tells each job it runs, until its stdin ends.
+_CATCH_ALL_CHILD = NEW_QUEUE + textwrap.dedent("""
+    import os, sys
+    with new_queue(sys.argv[1]) as bl:
+        def anything(job):
+            os.write(1, f"ran {job.name}\\n".encode())
+            return "caught"
+        bl.register_processor(anything)
+        os.write(1, b"ready\\n")
+        sys.stdin.read()
+""")
+
+
+@both_engines
+class CatchAllAcrossProcessesTest(ProcessTest):
+    """A processor of any name, in another process, never runs a task's or
+    an executor's calls (it would run the wrong function on them)."""
+
+    def test_a_catch_all_elsewhere_takes_no_task_or_executor_call(self):
+        EVENTS["held"].clear()
+        bl = self.queue()
+        task = bl.task(name="held.task")(wait_event)
+        ex = bl.executor(1)
+        self.addCleanup(ex.shutdown, cancel_futures=True)
+        self.addCleanup(EVENTS["held"].set)     # (first)
+        # Their workers are busy: the other calls wait, ready.
+        busy = [task.enqueue("held"), ex.submit(wait_event, "held")]
+        wait_until(lambda: {bl.get_job(f.id).state for f in busy} == {"inprogress"})
+        waiting = ([task.enqueue("held") for _ in range(3)]
+                   + [ex.submit(wait_event, "held") for _ in range(3)]
+                   + [task.using(priority=5).enqueue("held")])
+        scheduled = task.using(key="beat").every(3600, "held")
+        run = wait_until(lambda: bl.schedules()[0].job_id, message="the schedule's first run")
+        waiting.append(bl.future(run))
+        child = start_child(_CATCH_ALL_CHILD, self.path, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        out = LineReader(child.stdout)
+        out.expect("ready")
+        # After every call in the order of claims: the catch-all, once it
+        # ran this one, had them all to take before it.
+        plain = bl.enqueue("plain", priority=-1)
+        self.assertEqual(bl.wait(plain, 20), "caught")
+        self.assertEqual(out.expect("^ran ")[0].string, "ran plain\n", "the first it ran")
+        self.assertEqual({bl.get_job(f.id).state for f in waiting}, {"pending"})
+        self.assertTrue(bl.unschedule(scheduled))
+        EVENTS["held"].set()
+        self.assertEqual([f.result(20) for f in busy + waiting], [True] * 10)
+        child.stdin.close()
+        self.assertEqual(child.wait(20), 0, child.stderr.read())
+
+    @unittest.skipUnless(POSIX, "SIGKILL")
+    def test_a_task_call_left_by_a_killed_process_holds_up_no_catch_all(self):
+        # The call a killed process was running is a suspect: run alone,
+        # before ordinary jobs, by a worker that takes it.  A catch-all
+        # takes none, so it waits for its task, and holds nothing up.
+        child = start_child(NEW_QUEUE + textwrap.dedent("""
+            import os, sys, time
+            bl = new_queue(sys.argv[1]).start()
+            @bl.task(name="killed.task")
+            def hang():
+                os.write(1, b"running\\n")
+                time.sleep(60)
+            hang.enqueue()
+            time.sleep(60)
+            """), self.path, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        LineReader(child.stdout).expect("running")
+        child.kill()
+        child.wait(10)
+        bl = self.queue()
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.name))
+        (left,) = bl.jobs(name="killed.task")
+        self.assertIsNone(bl.wait(bl.enqueue("plain"), 20))
+        self.assertEqual(ran, ["plain"])
+        self.assertEqual(bl.get_job(left.id).state, "pending")
 
 
 @both_engines
@@ -7395,6 +7543,8 @@ with bl:
     if mode == "map":
         statuses = post.map(urls)
     else:
+        if mode == "moved" and sleep:   # the killed run: its executor is its second
+            bl.executor(1)
         with bl.executor(5) as ex:
             statuses = list(ex.map(fetch, urls))
     note("results", json.dumps(statuses).replace(" ", ""))
@@ -7459,6 +7609,11 @@ class ResumableTest(TempDirTest):
 
     def test_kill_9_in_the_middle_of_executor_map(self):
         self.run_killed_then_again("executor")
+
+    def test_kill_9_in_the_middle_of_a_second_executors_map_resumed_by_a_first(self):
+        # The calls, and the suspects among them, are the killed run's second
+        # executor's: matched, the next run's first takes them.
+        self.run_killed_then_again("moved")
 
 # ---------------------------------------------------------------------------
 # Flow control (issue 11): after= dependencies, pause/resume, limits
@@ -9400,7 +9555,7 @@ class PostgresProgressCronUpgradeTest(OnPostgres, ProcessTest):
         done = bl.enqueue("old")
         bl.stop()
         with pg_connect() as admin:      # as a blero.py of schema 3 left it
-            for table, column, _ in blero._FLOW_COLUMNS:
+            for table, column, _ in blero._FLOW_COLUMNS + blero._RUNNER_COLUMNS:
                 admin.execute(f'ALTER TABLE "{self.schema}".{table} DROP COLUMN {column}')
             admin.execute(f'UPDATE "{self.schema}".blero_meta SET version = 3')
         bl = self.queue(start=False)
@@ -9418,6 +9573,95 @@ class PostgresProgressCronUpgradeTest(OnPostgres, ProcessTest):
         with pg_connect() as admin:
             self.assertEqual(admin.execute(f'SELECT version FROM "{self.schema}".blero_meta')
                              .fetchall(), [(blero._PG_SCHEMA_VERSION,)])
+
+
+V5_COMMIT = "d4b2950"   # the last blero.py of schema 5, before the runner columns
+
+# argv: db.  With the schema 5 blero.py: three calls of the program's
+# second executor left pending (their name paused, the executor never shut
+# down), a plain job, and a schedule.
+V5_CALLS_CHILD = """
+import sys, blero
+bl = blero.new(sys.argv[1]).start()
+bl.pause("builtins.pow")
+bl.executor(1)
+ex = bl.executor(2)
+for i in range(3):
+    ex.submit(pow, 2, i)
+bl.enqueue("plain", 21)
+bl.every(3600, "hourly", delay=3600)
+bl.stop()
+"""
+
+
+class RunnerUpgradeTest(ProcessTest):
+    """A file of schema 5 (before the runner columns: whose workers run a
+    job) is upgraded in place at its first start: the calls an executor
+    left are resumed by the next run's, and inspected as it is where it
+    cannot be upgraded."""
+
+    def v5_file(self):
+        with_old_blero(self, V5_COMMIT, V5_CALLS_CHILD, self.path)
+        self.assertEqual(UpgradeTest.layout(self, self.path), (5, 2))
+
+    def test_upgraded_at_its_first_start(self):
+        self.v5_file()
+        with blero.new(self.path) as bl:
+            left = [j.id for j in bl.jobs(name="builtins.pow")]
+            bl.resume("builtins.pow")
+            bl.register_processor(lambda job: job.data * 2, names="plain")
+            ex = bl.executor(1)
+            self.assertEqual(list(ex.map(pow, [2] * 3, range(3), timeout=20)), [1, 2, 4])
+            self.assertEqual([j.id for j in bl.jobs(name="builtins.pow")], left,
+                             "matched, not new")
+            self.assertEqual(bl.wait(bl.jobs(name="plain")[0].id, 20), 42)
+            self.assertEqual([s.key for s in bl.schedules()], ["hourly"])
+            ex.shutdown()
+        self.assertEqual(UpgradeTest.layout(self, self.path), (blero._SCHEMA_VERSION, 2))
+
+    def test_inspected_as_it_is_on_read_only_storage(self):
+        self.v5_file()
+        path = ReadOnlyStorageTest.read_only_copy(self, self.path)
+        before = dir_state(os.path.dirname(path))
+        q = blero.new(path)
+        self.assertEqual([(j.name, j.state) for j in q.jobs()],
+                         [("builtins.pow", "pending")] * 3 + [("plain", "pending")])
+        self.assertEqual([s.key for s in q.schedules()], ["hourly"])
+        self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only copy changed")
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
+class PostgresRunnerUpgradeTest(OnPostgres, ProcessTest):
+    """A PostgreSQL queue of schema 4 (before the runner columns) is
+    upgraded in place at its first start: the calls an executor left are
+    resumed by the next run's."""
+
+    def test_a_schema_4_queue_is_upgraded(self):
+        bl = self.queue()
+        bl.pause("builtins.pow")
+        bl.executor(1)
+        ex = bl.executor(2)
+        left = [ex.submit(pow, 2, i).id for i in range(3)]
+        bl.task(name="sq")(square)
+        bl.every(3600, "sq", ((3,), {}))
+        bl.stop()
+        with pg_connect() as admin:      # as a blero.py of schema 4 left it
+            for table, column, _ in blero._RUNNER_COLUMNS:
+                admin.execute(f'ALTER TABLE "{self.schema}".{table} DROP COLUMN {column}')
+            admin.execute(f'UPDATE "{self.schema}".blero_meta SET version = 4')
+        bl = self.queue()
+        bl.resume("builtins.pow")
+        ex = bl.executor(1)
+        self.addCleanup(ex.shutdown)
+        self.assertEqual(list(ex.map(pow, [2] * 3, range(3), timeout=20)), [1, 2, 4])
+        self.assertEqual([j.id for j in bl.jobs(name="builtins.pow")], left, "matched, not new")
+        task = bl.task(name="sq")(square)
+        self.assertEqual(task.every(3600, 4), "sq")
+        with pg_connect() as admin:
+            self.assertEqual(admin.execute(f'SELECT version FROM "{self.schema}".blero_meta')
+                             .fetchall(), [(blero._PG_SCHEMA_VERSION,)])
+            self.assertEqual(admin.execute(f'SELECT runner FROM "{self.schema}".blero_schedules')
+                             .fetchall(), [("task",)])
 
 
 @both_engines
