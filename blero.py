@@ -1741,7 +1741,7 @@ class _SQLiteStorage(_Storage):
         kind = self._stat()
         if kind == "missing":
             if not create:
-                raise BleroError(f"{path}: no queue file there")
+                raise BleroError(f"{path}: no queue file there (start() makes one)")
             try:
                 os.makedirs(folder, exist_ok=True)
             except OSError as exc:
@@ -1768,7 +1768,7 @@ class _SQLiteStorage(_Storage):
         path, real = self.path, self.real
         kind = self._stat()   # again: another process may have made it meanwhile
         if kind == "missing" and not create:
-            raise BleroError(f"{path}: no queue file there")
+            raise BleroError(f"{path}: no queue file there (start() makes one)")
         # SQLite makes -wal/-shm files on connecting, even read-only; on a
         # file we then refuse it does not remove them, so we remove ours --
         # unless an upgrade was committed to them: they hold the file's data.
@@ -2898,6 +2898,7 @@ class _SQLiteStorage(_Storage):
 # rows another transaction has locked.
 
 _PG_SCHEMA_VERSION = 4       # blero_meta.version this blero.py writes and reads
+_PG_DEFAULT_SCHEMA = "blero"  # where the tables are when `schema=` is not given
 _PG_POOL = 4                 # connections for reads and writes, besides the owner's own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
@@ -3231,7 +3232,7 @@ class _PostgresStorage(_Storage):
     _due_schedules = _DUE_SCHEDULES + " FOR UPDATE OF s SKIP LOCKED"
     _no_limit = None
 
-    def __init__(self, url: str, schema: str = "blero", lease: float = 10.0):
+    def __init__(self, url: str, schema: str = _PG_DEFAULT_SCHEMA, lease: float = 10.0):
         self.url = self.real = url
         self.path = _masked(url)
         self.schema = schema
@@ -3405,7 +3406,7 @@ class _PostgresStorage(_Storage):
                              f"of its own (the schema setting)")
         if not tables:
             if not create:
-                raise BleroError(f"{where}: no queue there")
+                raise BleroError(f"{where}: no queue there (start() makes one)")
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_sql}")
             for statement in (_SCHEMA + ";" + _PG_META).split(";"):
                 if statement.strip():
@@ -5492,7 +5493,7 @@ class Blero:
         names if given, else the running (or stopping) queue's own file,
         whatever a link on its path names now."""
         if _is_server(self.path):
-            return _PostgresStorage(self.path, self._settings.schema or "blero",
+            return _PostgresStorage(self.path, self._settings.schema or _PG_DEFAULT_SCHEMA,
                                     self._settings.lease)
         if real is None and self._storage is not None:
             real = self._storage.real
@@ -7984,11 +7985,16 @@ def _serve(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        print(f"Serving the dashboard of {bl._where} at {server.url} (Ctrl-C to stop)", flush=True)
+        schema = bl._settings.schema or _PG_DEFAULT_SCHEMA
+        schema = f" (schema {schema})" if _is_server(bl.path) else ""
+        print(f"Serving the dashboard of {bl._where}{schema} at {server.url} (Ctrl-C to stop)",
+              flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C while it closes must not end in a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, previous)
         server.close()
     return 0

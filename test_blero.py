@@ -5580,7 +5580,7 @@ class CommandLineUntrustedAndScriptedTest(TempDirTest):
                          [repr({"tags": {"x"}}), [1, 2.5, "three"], "nan"])
         self.assertEqual([err for _, _, err in results[6:9]],
                          ["blero: no such job: 424242\n", "blero: no such job: 424242\n",
-                          f"blero: {missing}: no queue file there\n"])
+                          f"blero: {missing}: no queue file there (start() makes one)\n"])
         self.assertFalse(os.path.exists(missing), "a missing --db file is never created")
         for code, out, err in results[9:]:
             self.assertIn("--serializer", err)
@@ -6118,7 +6118,12 @@ class DashboardOfTheQueueTest(TempDirTest):
                                 cwd=HERE, env=child_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(stop_child, proc)
-        port = int(LineReader(proc.stdout).expect(r"http://[^\s/]+:(\d+)/?")[0].group(1))
+        banner = LineReader(proc.stdout).expect(r"Serving the dashboard of (.*) at "
+                                                r"http://[^\s/]+:(\d+)/?")[0]
+        port = int(banner.group(2))
+        if self.engine == "postgres":   # which of the server's queues it is
+            self.assertTrue(banner.group(1).endswith(f" (schema {self.schema})"),
+                            banner.group(0))
         stats = self.get_json(port, "/api/stats")
         self.assertEqual(stats["served_by"], {"pid": proc.pid, "running": False,
                                               "processors": 0})
