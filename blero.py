@@ -2713,12 +2713,16 @@ class _SQLiteStorage(_Storage):
         last_id, _, last_finished = found[-1]
         return gone, (None if len(found) < _SWEEP_SLICE else (last_finished, last_id))
 
-    @staticmethod
-    def _sweep(db, found, before, sql):
-        newest = db.execute(_MAX_ID).fetchall()[0][0]
+    _reuses_ids = True      # SQLite hands the highest id out again once it is deleted
+
+    def _sweep(self, db, found, before, sql):
+        # The newest job is kept as a tombstone where its id would be reused.
+        newest = db.execute(_MAX_ID).fetchall()[0][0] if self._reuses_ids else _INT_MAX
         jobs = [(i, newest, before) for i, state, _ in found if state != _SWEPT]
         gone = db.executemany(sql[0], jobs).rowcount if jobs else 0
-        db.executemany(sql[0], [(i, newest, before) for i, state, _ in found if state == _SWEPT])
+        tombstones = [(i, newest, before) for i, state, _ in found if state == _SWEPT]
+        if tombstones:
+            db.executemany(sql[0], tombstones)
         if any(i == newest for i, _, _ in jobs):
             gone += db.execute(sql[1], (newest, before)).rowcount
         if db.execute(_ANY_DEPS).fetchall()[0][0]:
@@ -3664,19 +3668,7 @@ class _PostgresStorage(_Storage):
 
     # -- what PostgreSQL does itself -------------------------------------------------
 
-    def sweep_slice(self, before: float, states: tuple[int, ...],
-                    after: tuple[float, int]) -> tuple[int, tuple[float, int] | None]:
-        in_states = ", ".join(str(s) for s in states)
-        params = (before, after[0], after[0], after[1], _SWEEP_SLICE)
-        found = self._read(lambda db: db.execute(
-            _SWEEPABLE.format(states=in_states), params).fetchall())
-        if not found:
-            return 0, None
-        sql = _SWEEP.format(states=in_states)     # (ids are never reused: no tombstone)
-        gone = self._write(lambda db: db.executemany(
-            sql, [(i, _INT_MAX, before) for i, _, _ in found]).rowcount)
-        last_id, _, last_finished = found[-1]
-        return gone, (None if len(found) < _SWEEP_SLICE else (last_finished, last_id))
+    _reuses_ids = False     # a sequence never gives an id twice: no tombstones
 
     def give_back_slice(self) -> bool:
         return False        # autovacuum's work
@@ -3688,7 +3680,8 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended", "_cancel_down",
+_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended",
+              "_cancel_down", "sweep_slice", "_sweep",
               "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
               "suspect_names", "unclaim",

@@ -183,6 +183,11 @@ class TempDirTest(unittest.TestCase):
             options += ["--schema", self.settings(name)["schema"]]
         return options
 
+    def stored_rows(self, table, name="q.db"):
+        """How many rows blero's table `table` holds in the queue `name`."""
+        with contextlib.closing(sqlite3.connect(self.target(name))) as db:
+            return db.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+
     def queue(self, name="q.db", start=True, **settings):
         bl = blero.new(self.target(name), **{**self.settings(name), **settings})
         if start:
@@ -236,6 +241,11 @@ class OnPostgres:
     def settings(self, name="q.db"):
         slug = re.sub(r"[^a-z0-9]", "_", name.lower())
         return {"schema": self.schema if name == "q.db" else f"{self.schema}_{slug}"[:63]}
+
+    def stored_rows(self, table, name="q.db"):
+        with pg_connect() as conn:
+            return conn.execute(f"SELECT count(*) FROM {self.settings(name)['schema']}.{table}"
+                                ).fetchall()[0][0]
 
     def _drop_schemas(self):
         with pg_connect() as conn:
@@ -7565,7 +7575,9 @@ class AfterTest(TempDirTest):
         events["slow"].set()
         self.assertEqual(bl.wait(both, 10), "both")
         self.assertEqual(bl.get_job(both).after, (done, slow))
+        self.assertEqual(self.stored_rows("blero_deps"), 3)
         self.assertEqual(bl.sweep(), 3)
+        self.assertEqual(self.stored_rows("blero_deps"), 0, "swept jobs' lists stay behind")
         # ids are never reused, so a swept id is told from one never given
         with self.assertRaises(ValueError):
             bl.enqueue("x", after=both + 10)
