@@ -1228,7 +1228,7 @@ def postgres_main(args, size: dict) -> int:
     wake = pg_wake_latency(20 if args.quick else 100)
     report = {"machine": machine(), "mode": "quick" if args.quick else "full",
               "reps": size["reps"], "sizes": size, "results": results, "depth": [],
-              "takeover": None, "memory": None, "wake": wake}
+              "takeover": None, "awaiting": None, "memory": None, "wake": wake}
     report["seconds"] = time.monotonic() - progress.started
     progress.done()
     text = table(report).replace("ratio = blero / raw sqlite3", "ratio = blero / raw psycopg")
