@@ -2956,6 +2956,15 @@ def _pg_ddl(statement: str) -> str:
                              "    state")
 
 
+# Many keyless jobs in one statement, a column of values per array in the
+# column's own type; ids come from the sequence in the rows' order.
+_PG_INSERT_ROWS = (
+    f"INSERT INTO blero_jobs ({', '.join(_NewJob._fields)}) SELECT * FROM unnest("
+    + ", ".join(_pg_ddl(f"?::{kind}[]") for kind in (
+        dict(re.findall(r"^ +(\w+) +([A-Z]+)", _SCHEMA, re.M))[f] for f in _NewJob._fields))
+    + ") RETURNING id")
+
+
 def _pg_schema_2(db) -> None:
     """1 -> 2: what `after=`, pauses and limits store, as the file's schema 3 has it."""
     for statement in (_DEPENDANTS_COLUMN + ";" + _FLOW_SCHEMA).split(";"):
@@ -3470,13 +3479,11 @@ class _PostgresStorage(_Storage):
         if len(keyless) == len(rows) > 1:      # one round trip for the lot
             if db.watched is not None:
                 _unanswered.renew(db.watched, _PG_ROW_TIME * len(rows))
-            cursor = db.conn.cursor()
-            cursor.executemany(_pg_sql(_INSERT, db.schema),
-                               [r._replace(data=_bytes(r.data)) for r in rows], returning=True)
-            while True:
-                ids.append(cursor.fetchone()[0])
-                if not cursor.nextset():
-                    break
+            columns = [list(c) for c in zip(*rows)]
+            data = _NewJob._fields.index("data")
+            columns[data] = [_bytes(d) for d in columns[data]]
+            ids = sorted(i for i, in db.conn.execute(_pg_sql(_PG_INSERT_ROWS, db.schema),
+                                                     columns).fetchall())
             db.wakes = True
             return ids, [True] * len(ids)
         for row in rows:
