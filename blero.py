@@ -1648,11 +1648,12 @@ def _owner_alive(real: str, owner: int) -> bool | None:
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "result", "error", "done", "lock", "turn", "woken")
+    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken")
 
-    def __init__(self, fn, args):
+    def __init__(self, fn, args, alone=False):
         self.fn = fn
         self.args = args
+        self.alone = alone  # fn runs one statement: alone, it commits by itself
         self.result = self.error = None
         self.done = False
         self.lock = None    # held while the caller waits; released to wake it
@@ -2059,12 +2060,15 @@ class _SQLiteStorage(_Storage):
 
     # -- the two ways in: group-committed writes, and reads -------------------
 
-    def _write(self, fn, *args):
+    def _write(self, fn, *args, alone: bool = False):
         """Run `fn(db, *args)` in a write transaction shared with whatever
-        other writes are waiting; return its result once committed."""
+        other writes are waiting; return its result once committed.
+        `alone`: fn runs one statement, which, when no other write waits,
+        is committed by itself (SQLite's autocommit: one transaction, the
+        same durability, without a BEGIN and a COMMIT to run)."""
         if self.read_only is not None:
             self.writable()
-        op = _Op(fn, args)
+        op = _Op(fn, args, alone)
         # A Ctrl-C may land anywhere in the main thread: every step from here
         # on leaves `op` in a state the `finally` can put right (its queue
         # place, its turn), so no other caller is ever left waiting.
@@ -2073,11 +2077,14 @@ class _SQLiteStorage(_Storage):
                 if self._closer is not None:
                     raise BleroError(f"{self.path}: the queue is stopped")
                 self._line_up(op)
-                self._queue.append(op)
-            if not op.turn:
+                if not op.turn:
+                    self._queue.append(op)
+            if op.turn:     # the line was empty (no turn is held then): lead it
+                self._commit(op, [op])
+            else:
                 op.lock.acquire()     # our write is done, or it is our turn to lead
-            if not op.done:
-                self._commit(op)
+                if not op.done:
+                    self._commit(op)
         finally:
             late = None
             while op.turn or not op.done:
@@ -2139,12 +2146,14 @@ class _SQLiteStorage(_Storage):
                 else:
                     self._leading = False
 
-    def _commit(self, own: _Op) -> None:
-        """Lead one transaction for every write queued, then wake their callers."""
-        batch = []
+    def _commit(self, own: _Op, batch: list[_Op] | None = None) -> None:
+        """Lead one transaction for `batch`, or every write queued, then wake
+        their callers."""
         try:
-            with self._mutex:
-                batch, self._queue = self._queue, []
+            if batch is None:
+                batch = []
+                with self._mutex:
+                    batch, self._queue = self._queue, []
             try:
                 self._transaction(batch, absorb=True)
             except Exception:
@@ -2182,6 +2191,10 @@ class _SQLiteStorage(_Storage):
             raise BleroError(f"{self.path}: the queue is stopped")
         if db.in_transaction:       # left open by a Ctrl-C at the wrong moment
             db.execute("ROLLBACK")
+        if len(ops) == 1 and ops[0].alone and not self._queue:
+            self._check_identity()
+            self._done(ops, [self._retrying(ops[0].fn, db, *ops[0].args)])
+            return
         committing = False
         try:
             self._begin(db)
@@ -2215,11 +2228,15 @@ class _SQLiteStorage(_Storage):
             op.done = True
 
     def _begin(self, db) -> None:
+        self._retrying(db.execute, "BEGIN IMMEDIATE")
+
+    def _retrying(self, fn, *args):
+        """`fn(*args)`, a statement that takes the write lock before it does
+        anything: again while another connection holds it (a while)."""
         deadline = None
         while True:
             try:
-                db.execute("BEGIN IMMEDIATE")
-                return
+                return fn(*args)
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc):
                     raise
@@ -2299,7 +2316,8 @@ class _SQLiteStorage(_Storage):
     def insert(self, rows: list[_NewJob], connection=None,
                after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         if connection is None:
-            return self._write(self._insert, rows, after)
+            return self._write(self._insert, rows, after,
+                               alone=after is None and len(rows) == 1 and rows[0].key is None)
         self.same_database(connection)
         if not connection.in_transaction:   # (sqlite3 begins one only before its own DML)
             connection.execute("BEGIN")
@@ -4502,7 +4520,8 @@ class _Dispatcher:
             # On a server, marking the jobs they wait on locked those rows
             # for a moment: a claim meanwhile skipped them, so look again.
             self.work_arrived(None)
-        rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
+        if False in stored:
+            rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
             self.delayed_at(min(r.run_at for r in rows if r.state == _DELAYED))
