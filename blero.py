@@ -1335,16 +1335,12 @@ _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
 _SCHEDULES = f"SELECT {', '.join(_StoredSchedule._fields)} FROM blero_schedules ORDER BY key"
 # -- after=: a job waits (state -2) until the jobs it names are complete --
 _ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
-# A finish that completes a job with dependants marks it (see _watch_completions).
-_WATCH_COMPLETIONS = (
-    "CREATE TEMP TABLE blero_completed (id INTEGER)",
-    # (OF finished_at: a finish sets it, a claim does not, so claims never fire it)
-    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF finished_at ON blero_jobs"
-    " WHEN new.state = 3 AND old.state = 2 AND new.dependants"
-    " BEGIN INSERT INTO blero_completed (id) VALUES (new.id); END")
-_CLEAR_COMPLETED = "DELETE FROM temp.blero_completed"
-# Where no trigger can mark it (a server's engine), the finish tells itself.
-_FINISH_RETURNING = _FINISH + " RETURNING dependants"
+# A finish first records the try of a job that no other waits on: nearly
+# every finish is that one statement, and tells by its row count alone (no
+# trigger, no RETURNING to pay for); a count of 0 is a job with dependants
+# (then recorded by _FINISH, which tells that it was) or a claim that no
+# longer holds (then _FINISH records nothing either).
+_FINISH_UNWAITED = _FINISH + " AND dependants = 0"
 # A job named in `after=` is marked first (on a server: waiting for a finish
 # of it under way), then its state read afresh.
 _MARK_DEPENDED_ON = "UPDATE blero_jobs SET dependants = 1 WHERE id = ? AND state < 3"
@@ -1727,7 +1723,6 @@ class _SQLiteStorage(_Storage):
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
-        self._watching = True     # completions are marked by a trigger (_watch_completions)
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
@@ -1784,7 +1779,6 @@ class _SQLiteStorage(_Storage):
                 made = True
                 os.chmod(real, 0o600)   # while still empty; -wal and -shm take its mode
             self._init(version)
-            self._watch_completions()
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
@@ -1972,16 +1966,6 @@ class _SQLiteStorage(_Storage):
                             "%s%s", self.path, exc, self._space_hint(exc))
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
-
-    def _watch_completions(self) -> None:
-        """Mark, on the write connection alone (a TEMP trigger, in memory,
-        never in the file), each completion of a job that others wait on:
-        a finish then tells by the connection's change count whether it has
-        dependants to make ready, at no cost to the finishes that have none
-        (a RETURNING would cost every finish a few microseconds)."""
-        self._db.execute("PRAGMA temp_store = MEMORY")
-        for statement in _WATCH_COMPLETIONS:
-            self._db.execute(statement)
 
     def _upgrade(self, version: int) -> None:
         """Bring a file of schema `version` up to date, in one transaction;
@@ -2198,7 +2182,8 @@ class _SQLiteStorage(_Storage):
         committing = False
         try:
             self._begin(db)
-            results = [op.fn(db, *op.args) for op in ops]
+            results = [op.fn(db, *op.args) for op in ops] if len(ops) > 1 else [
+                ops[0].fn(db, *ops[0].args)]
             if absorb and self._queue:
                 # Writes that came while this one ran share its commit (and,
                 # with sync="full", its fsync).  `ops` grows in place, so the
@@ -2228,7 +2213,12 @@ class _SQLiteStorage(_Storage):
             op.done = True
 
     def _begin(self, db) -> None:
-        self._retrying(db.execute, "BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            self._retrying(db.execute, "BEGIN IMMEDIATE")
 
     def _retrying(self, fn, *args):
         """`fn(*args)`, a statement that takes the write lock before it does
@@ -2449,15 +2439,9 @@ class _SQLiteStorage(_Storage):
         now = time.time()
         recorded, wake, delayed, due, cancelled = False, (), None, None, 0
         if finish is not None:
-            if self._watching:
-                before = db.total_changes
-                recorded = db.execute(_FINISH, finish).rowcount == 1
-                chained = recorded and db.total_changes - before > 1    # marked
-                if chained:
-                    db.execute(_CLEAR_COMPLETED)
-            else:
-                found = db.execute(_FINISH_RETURNING, finish).fetchall()
-                recorded, chained = bool(found), bool(found) and found[0][0]
+            recorded, chained = db.execute(_FINISH_UNWAITED, finish).rowcount == 1, False
+            if not recorded:
+                recorded = chained = db.execute(_FINISH, finish).rowcount == 1
             if recorded and finish.state == _FAILED:
                 chained = True      # (rare: the chain below it, if any, is looked for)
             if chained and finish.state in (_COMPLETE, _FAILED):
@@ -2950,7 +2934,7 @@ _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_
 _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
 # Statements whose changes other processes act on at once: they NOTIFY.
 _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM,
-                       _FINISH_RETURNING, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
+                       _FINISH_UNWAITED, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
 
 
 # _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
@@ -3089,7 +3073,7 @@ class _PGSession:
 
     @staticmethod
     def _params(sql, params):
-        if sql is _FINISH or sql is _FINISH_RETURNING:
+        if sql is _FINISH or sql is _FINISH_UNWAITED:
             return params._replace(result=_bytes(params.result),
                                    progress=_bytes(params.progress))
         if sql is _PROGRESS or sql is _SAVE_CHECKPOINT:
@@ -3103,7 +3087,7 @@ class _PGSession:
     def _note(self, sql, params, rowcount):
         # A finished try concerns others only when it made the job ready
         # (or delayed) again: a completed one is seen by their waits' polls.
-        if rowcount and (sql not in (_FINISH, _FINISH_RETURNING) or params[0] < _RUNNING):
+        if rowcount and (sql not in (_FINISH, _FINISH_UNWAITED) or params[0] < _RUNNING):
             self.wakes = True
 
 
@@ -3240,7 +3224,6 @@ class _PostgresStorage(_Storage):
 
     read_only = None
     _returning = True
-    _watching = False       # no trigger marks completions: the finish tells (_FINISH_RETURNING)
     _last_given = _PG_LAST_GIVEN
     _lock_rows = " FOR UPDATE OF j"
     _skip_locked = " FOR UPDATE SKIP LOCKED"
