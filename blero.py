@@ -3824,6 +3824,10 @@ def _fn_name(fn) -> str:
     return name.rsplit(".<locals>.", 1)[-1]
 
 
+# Results of these exact types are never awaitables (no need to ask inspect).
+_PLAIN_RESULTS = frozenset((int, float, str, bytes, bool, tuple, list, dict))
+
+
 class _Outcome(NamedTuple):
     """The end of one try, waiting to be recorded."""
 
@@ -4688,9 +4692,11 @@ class _Dispatcher:
                 if job.id not in self.storage.running_ids(self.owner):
                     job._cancel()
         blob, job.data = job.data, None
-        job.checkpointed = _loads_or_none(self.settings.serializer, job.checkpointed)
+        serializer = self.settings.serializer
+        if job.checkpointed is not None:
+            job.checkpointed = _loads_or_none(serializer, job.checkpointed)
         try:
-            job.data = None if blob is None else self.settings.serializer.loads(blob)
+            job.data = None if blob is None else serializer.loads(blob)
         except Exception as exc:
             worker.finished_try()
             return self.failure(job, exc, retry=False, raised=False,
@@ -4707,6 +4713,8 @@ class _Dispatcher:
             self._drop_deadline(deadline)
         if not worker.finished_try():
             return None
+        if exc is None:
+            return self._returned(job, result, seconds)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             log.error("job %d: processor raised %r; handed back as interrupted", job.id, exc)
             return self.interrupted(job, exc, f"interrupted: the processor raised {exc!r}\n"
@@ -4716,12 +4724,16 @@ class _Dispatcher:
             run_at = time.time() + exc.seconds
             return _Outcome(job, _DELAYED if exc.seconds > 0 else _READY, run_at=run_at,
                             seconds=seconds, given_back=True, snoozed=True)
-        if exc is not None:   # the traceback starts in the processor, not here
-            return self.failure(job, exc, seconds=seconds,
-                                text=_exc_text(exc, exc.__traceback__.tb_next))
-        # The try ran, side effects and all: a result that cannot be stored
-        # ends the job at once, as running it again would not help.
-        if result is not None and inspect.isawaitable(result):
+        # (the traceback starts in the processor, not here)
+        return self.failure(job, exc, seconds=seconds,
+                            text=_exc_text(exc, exc.__traceback__.tb_next))
+
+    def _returned(self, job: Job, result: Any, seconds: float) -> _Outcome:
+        """The outcome of a try whose processor returned `result`.  The try
+        ran, side effects and all: a result that cannot be stored ends the
+        job at once, as running it again would not help."""
+        if (result is not None and type(result) not in _PLAIN_RESULTS
+                and inspect.isawaitable(result)):
             if inspect.iscoroutine(result):
                 result.close()      # never awaited, and never warned about
             exc = TypeError(f"the processor returned an awaitable, {result!r}: "
