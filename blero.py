@@ -1335,16 +1335,12 @@ _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
 _SCHEDULES = f"SELECT {', '.join(_StoredSchedule._fields)} FROM blero_schedules ORDER BY key"
 # -- after=: a job waits (state -2) until the jobs it names are complete --
 _ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
-# A finish that completes a job with dependants marks it (see _watch_completions).
-_WATCH_COMPLETIONS = (
-    "CREATE TEMP TABLE blero_completed (id INTEGER)",
-    # (OF finished_at: a finish sets it, a claim does not, so claims never fire it)
-    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF finished_at ON blero_jobs"
-    " WHEN new.state = 3 AND old.state = 2 AND new.dependants"
-    " BEGIN INSERT INTO blero_completed (id) VALUES (new.id); END")
-_CLEAR_COMPLETED = "DELETE FROM temp.blero_completed"
-# Where no trigger can mark it (a server's engine), the finish tells itself.
-_FINISH_RETURNING = _FINISH + " RETURNING dependants"
+# A finish first records the try of a job that no other waits on: nearly
+# every finish is that one statement, and tells by its row count alone (no
+# trigger, no RETURNING to pay for); a count of 0 is a job with dependants
+# (then recorded by _FINISH, which tells that it was) or a claim that no
+# longer holds (then _FINISH records nothing either).
+_FINISH_UNWAITED = _FINISH + " AND dependants = 0"
 # A job named in `after=` is marked first (on a server: waiting for a finish
 # of it under way), then its state read afresh.
 _MARK_DEPENDED_ON = "UPDATE blero_jobs SET dependants = 1 WHERE id = ? AND state < 3"
@@ -1648,11 +1644,12 @@ def _owner_alive(real: str, owner: int) -> bool | None:
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "result", "error", "done", "lock", "turn", "woken")
+    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken")
 
-    def __init__(self, fn, args):
+    def __init__(self, fn, args, alone=False):
         self.fn = fn
         self.args = args
+        self.alone = alone  # fn runs one statement: alone, it commits by itself
         self.result = self.error = None
         self.done = False
         self.lock = None    # held while the caller waits; released to wake it
@@ -1726,7 +1723,6 @@ class _SQLiteStorage(_Storage):
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
-        self._watching = True     # completions are marked by a trigger (_watch_completions)
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
@@ -1783,7 +1779,6 @@ class _SQLiteStorage(_Storage):
                 made = True
                 os.chmod(real, 0o600)   # while still empty; -wal and -shm take its mode
             self._init(version)
-            self._watch_completions()
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
@@ -1972,16 +1967,6 @@ class _SQLiteStorage(_Storage):
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
 
-    def _watch_completions(self) -> None:
-        """Mark, on the write connection alone (a TEMP trigger, in memory,
-        never in the file), each completion of a job that others wait on:
-        a finish then tells by the connection's change count whether it has
-        dependants to make ready, at no cost to the finishes that have none
-        (a RETURNING would cost every finish a few microseconds)."""
-        self._db.execute("PRAGMA temp_store = MEMORY")
-        for statement in _WATCH_COMPLETIONS:
-            self._db.execute(statement)
-
     def _upgrade(self, version: int) -> None:
         """Bring a file of schema `version` up to date, in one transaction;
         refuse (and change nothing) while the older blero.py that wrote it
@@ -2059,12 +2044,15 @@ class _SQLiteStorage(_Storage):
 
     # -- the two ways in: group-committed writes, and reads -------------------
 
-    def _write(self, fn, *args):
+    def _write(self, fn, *args, alone: bool = False):
         """Run `fn(db, *args)` in a write transaction shared with whatever
-        other writes are waiting; return its result once committed."""
+        other writes are waiting; return its result once committed.
+        `alone`: fn runs one statement, which, when no other write waits,
+        is committed by itself (SQLite's autocommit: one transaction, the
+        same durability, without a BEGIN and a COMMIT to run)."""
         if self.read_only is not None:
             self.writable()
-        op = _Op(fn, args)
+        op = _Op(fn, args, alone)
         # A Ctrl-C may land anywhere in the main thread: every step from here
         # on leaves `op` in a state the `finally` can put right (its queue
         # place, its turn), so no other caller is ever left waiting.
@@ -2073,11 +2061,14 @@ class _SQLiteStorage(_Storage):
                 if self._closer is not None:
                     raise BleroError(f"{self.path}: the queue is stopped")
                 self._line_up(op)
-                self._queue.append(op)
-            if not op.turn:
+                if not op.turn:
+                    self._queue.append(op)
+            if op.turn:     # the line was empty (no turn is held then): lead it
+                self._commit(op, [op])
+            else:
                 op.lock.acquire()     # our write is done, or it is our turn to lead
-            if not op.done:
-                self._commit(op)
+                if not op.done:
+                    self._commit(op)
         finally:
             late = None
             while op.turn or not op.done:
@@ -2139,12 +2130,14 @@ class _SQLiteStorage(_Storage):
                 else:
                     self._leading = False
 
-    def _commit(self, own: _Op) -> None:
-        """Lead one transaction for every write queued, then wake their callers."""
-        batch = []
+    def _commit(self, own: _Op, batch: list[_Op] | None = None) -> None:
+        """Lead one transaction for `batch`, or every write queued, then wake
+        their callers."""
         try:
-            with self._mutex:
-                batch, self._queue = self._queue, []
+            if batch is None:
+                batch = []
+                with self._mutex:
+                    batch, self._queue = self._queue, []
             try:
                 self._transaction(batch, absorb=True)
             except Exception:
@@ -2182,10 +2175,15 @@ class _SQLiteStorage(_Storage):
             raise BleroError(f"{self.path}: the queue is stopped")
         if db.in_transaction:       # left open by a Ctrl-C at the wrong moment
             db.execute("ROLLBACK")
+        if len(ops) == 1 and ops[0].alone and not self._queue:
+            self._check_identity()
+            self._done(ops, [self._retrying(ops[0].fn, db, *ops[0].args)])
+            return
         committing = False
         try:
             self._begin(db)
-            results = [op.fn(db, *op.args) for op in ops]
+            results = [op.fn(db, *op.args) for op in ops] if len(ops) > 1 else [
+                ops[0].fn(db, *ops[0].args)]
             if absorb and self._queue:
                 # Writes that came while this one ran share its commit (and,
                 # with sync="full", its fsync).  `ops` grows in place, so the
@@ -2215,11 +2213,20 @@ class _SQLiteStorage(_Storage):
             op.done = True
 
     def _begin(self, db) -> None:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            self._retrying(db.execute, "BEGIN IMMEDIATE")
+
+    def _retrying(self, fn, *args):
+        """`fn(*args)`, a statement that takes the write lock before it does
+        anything: again while another connection holds it (a while)."""
         deadline = None
         while True:
             try:
-                db.execute("BEGIN IMMEDIATE")
-                return
+                return fn(*args)
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc):
                     raise
@@ -2299,7 +2306,8 @@ class _SQLiteStorage(_Storage):
     def insert(self, rows: list[_NewJob], connection=None,
                after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         if connection is None:
-            return self._write(self._insert, rows, after)
+            return self._write(self._insert, rows, after,
+                               alone=after is None and len(rows) == 1 and rows[0].key is None)
         self.same_database(connection)
         if not connection.in_transaction:   # (sqlite3 begins one only before its own DML)
             connection.execute("BEGIN")
@@ -2431,15 +2439,9 @@ class _SQLiteStorage(_Storage):
         now = time.time()
         recorded, wake, delayed, due, cancelled = False, (), None, None, 0
         if finish is not None:
-            if self._watching:
-                before = db.total_changes
-                recorded = db.execute(_FINISH, finish).rowcount == 1
-                chained = recorded and db.total_changes - before > 1    # marked
-                if chained:
-                    db.execute(_CLEAR_COMPLETED)
-            else:
-                found = db.execute(_FINISH_RETURNING, finish).fetchall()
-                recorded, chained = bool(found), bool(found) and found[0][0]
+            recorded, chained = db.execute(_FINISH_UNWAITED, finish).rowcount == 1, False
+            if not recorded:
+                recorded = chained = db.execute(_FINISH, finish).rowcount == 1
             if recorded and finish.state == _FAILED:
                 chained = True      # (rare: the chain below it, if any, is looked for)
             if chained and finish.state in (_COMPLETE, _FAILED):
@@ -2937,7 +2939,7 @@ _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_
 _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
 # Statements whose changes other processes act on at once: they NOTIFY.
 _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM,
-                       _FINISH_RETURNING, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
+                       _FINISH_UNWAITED, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
 
 
 # _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
@@ -3085,7 +3087,7 @@ class _PGSession:
 
     @staticmethod
     def _params(sql, params):
-        if sql is _FINISH or sql is _FINISH_RETURNING:
+        if sql is _FINISH or sql is _FINISH_UNWAITED:
             return params._replace(result=_bytes(params.result),
                                    progress=_bytes(params.progress))
         if sql is _PROGRESS or sql is _SAVE_CHECKPOINT:
@@ -3099,7 +3101,7 @@ class _PGSession:
     def _note(self, sql, params, rowcount):
         # A finished try concerns others only when it made the job ready
         # (or delayed) again: a completed one is seen by their waits' polls.
-        if rowcount and (sql not in (_FINISH, _FINISH_RETURNING) or params[0] < _RUNNING):
+        if rowcount and (sql not in (_FINISH, _FINISH_UNWAITED) or params[0] < _RUNNING):
             self.wakes = True
 
 
@@ -3236,7 +3238,6 @@ class _PostgresStorage(_Storage):
 
     read_only = None
     _returning = True
-    _watching = False       # no trigger marks completions: the finish tells (_FINISH_RETURNING)
     _last_given = _PG_LAST_GIVEN
     _lock_rows = " FOR UPDATE OF j"
     _skip_locked = " FOR UPDATE SKIP LOCKED"
@@ -3822,6 +3823,10 @@ def _fn_name(fn) -> str:
     (a function defined inside another goes by its own name)."""
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return name.rsplit(".<locals>.", 1)[-1]
+
+
+# Results of these exact types are never awaitables (no need to ask inspect).
+_PLAIN_RESULTS = frozenset((int, float, str, bytes, bool, tuple, list, dict))
 
 
 class _Outcome(NamedTuple):
@@ -4503,7 +4508,8 @@ class _Dispatcher:
             # On a server, marking the jobs they wait on locked those rows
             # for a moment: a claim meanwhile skipped them, so look again.
             self.work_arrived(None)
-        rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
+        if False in stored:
+            rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
             self.delayed_at(min(r.run_at for r in rows if r.state == _DELAYED))
@@ -4687,9 +4693,11 @@ class _Dispatcher:
                 if job.id not in self.storage.running_ids(self.owner):
                     job._cancel()
         blob, job.data = job.data, None
-        job.checkpointed = _loads_or_none(self.settings.serializer, job.checkpointed)
+        serializer = self.settings.serializer
+        if job.checkpointed is not None:
+            job.checkpointed = _loads_or_none(serializer, job.checkpointed)
         try:
-            job.data = None if blob is None else self.settings.serializer.loads(blob)
+            job.data = None if blob is None else serializer.loads(blob)
         except Exception as exc:
             worker.finished_try()
             return self.failure(job, exc, retry=False, raised=False,
@@ -4706,6 +4714,8 @@ class _Dispatcher:
             self._drop_deadline(deadline)
         if not worker.finished_try():
             return None
+        if exc is None:
+            return self._returned(job, result, seconds)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             log.error("job %d: processor raised %r; handed back as interrupted", job.id, exc)
             return self.interrupted(job, exc, f"interrupted: the processor raised {exc!r}\n"
@@ -4715,12 +4725,16 @@ class _Dispatcher:
             run_at = time.time() + exc.seconds
             return _Outcome(job, _DELAYED if exc.seconds > 0 else _READY, run_at=run_at,
                             seconds=seconds, given_back=True, snoozed=True)
-        if exc is not None:   # the traceback starts in the processor, not here
-            return self.failure(job, exc, seconds=seconds,
-                                text=_exc_text(exc, exc.__traceback__.tb_next))
-        # The try ran, side effects and all: a result that cannot be stored
-        # ends the job at once, as running it again would not help.
-        if result is not None and inspect.isawaitable(result):
+        # (the traceback starts in the processor, not here)
+        return self.failure(job, exc, seconds=seconds,
+                            text=_exc_text(exc, exc.__traceback__.tb_next))
+
+    def _returned(self, job: Job, result: Any, seconds: float) -> _Outcome:
+        """The outcome of a try whose processor returned `result`.  The try
+        ran, side effects and all: a result that cannot be stored ends the
+        job at once, as running it again would not help."""
+        if (result is not None and type(result) not in _PLAIN_RESULTS
+                and inspect.isawaitable(result)):
             if inspect.iscoroutine(result):
                 result.close()      # never awaited, and never warned about
             exc = TypeError(f"the processor returned an awaitable, {result!r}: "
