@@ -218,7 +218,7 @@ def new_queue(target, **settings):
 
 def pg_connect(**kwargs):
     """A connection to the test database (BLERO_TEST_POSTGRES)."""
-    return psycopg.connect(POSTGRES, autocommit=True, **kwargs)
+    return psycopg.connect(POSTGRES, **{"autocommit": True, **kwargs})
 
 
 def pg_run(sql):
@@ -9747,6 +9747,30 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         job_id = bl.enqueue("x")
         bl.wait(job_id, 20)
         self.assertEqual((flags, bl.get_job(job_id).attempt), ([False], 1))
+
+    @unittest.skipUnless(POSIX, "SIGALRM")
+    @unittest.skipIf(sys.version_info[:2] == (3, 13), "python/cpython#130279: see LifecycleTest")
+    def test_ctrl_c_at_any_point_of_a_call_leaves_the_pool_usable(self):
+        # A Ctrl-C wherever it lands in a call (sending a statement, waiting
+        # for its answer, between two of them): the connection it was on is
+        # never lent to the next call unless it is at rest, else that call
+        # fails "another command is already in progress".
+        bl = self.queue()
+        previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        rng = random.Random(os.environ.get("BLERO_TEST_SEED"))
+        for _ in range(60):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0005, 0.005))
+                while True:
+                    bl.enqueue_many([("x", None)] * rng.randrange(1, 40))
+                    bl.stats()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self.assertIsInstance(bl.stats()["pending"], int)
+        bl.stop()
 
     def test_the_password_is_never_shown(self):
         secret = "s3cr3t-pw"
