@@ -98,8 +98,11 @@ class JobFailed(BleroError):
         self.exception = exception
 
 
-class JobCancelled(BleroError):
-    """Raised by `Blero.wait` for a job that was cancelled."""
+class JobCancelled(BleroError, concurrent.futures.CancelledError):
+    """Raised by `Blero.wait` and `JobFuture.result` for a job that was
+    cancelled; a `concurrent.futures.CancelledError` too, as `result()`
+    raises for a future cancelled by `future.cancel()`, so that one
+    `except CancelledError` serves for both."""
 
     def __init__(self, job_id: int):
         super().__init__(f"job {job_id} was cancelled")

@@ -6655,8 +6655,11 @@ class TaskTest(TempDirTest):
         self.assertFalse(finished.cancel())
         other = task.using(delay=3600).enqueue(4)
         self.assertTrue(bl.cancel(other.id))
-        with self.assertRaises(blero.JobCancelled):
+        with self.assertRaises(blero.JobCancelled) as raised:
             other.result(10)
+        # one `except CancelledError` serves for both ways of cancelling
+        self.assertIsInstance(raised.exception, concurrent.futures.CancelledError)
+        self.assertEqual(raised.exception.job_id, other.id)
 
     def test_a_running_job_is_not_cancelled_by_its_future(self):
         bl = self.queue()
