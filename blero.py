@@ -6808,7 +6808,17 @@ class JobFuture(concurrent.futures.Future):
         return True
 
     def __await__(self):
-        return asyncio.wrap_future(self).__await__()
+        # Not asyncio.wrap_future, which cancels the job when the awaiting
+        # task is cancelled (a wait_for timing out, a server shutting down):
+        # the job is committed, and only cancel() or bl.cancel() ends it.
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def done(_):
+            with contextlib.suppress(RuntimeError):     # the loop closed meanwhile
+                loop.call_soon_threadsafe(_copy_outcome, self, waiter)
+        self.add_done_callback(done)
+        return (yield from waiter)
 
     def _deliver(self, result: Any = None, exc: BaseException | None = None) -> None:
         """Resolve it, unless it is resolved (or cancelled) already."""
@@ -6834,6 +6844,18 @@ class JobFuture(concurrent.futures.Future):
                           or JobFailed(self.id, row.error))
         else:
             self._deliver(exc=JobCancelled(self.id))
+
+
+def _copy_outcome(source: concurrent.futures.Future, waiter: asyncio.Future) -> None:
+    """Resolve `waiter`, unless cancelled, as `source` (done) is."""
+    if waiter.cancelled():
+        return
+    if source.cancelled():
+        waiter.cancel()
+    elif source.exception() is not None:
+        waiter.set_exception(source.exception())
+    else:
+        waiter.set_result(source.result())
 
 
 class _MapCall:

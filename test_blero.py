@@ -7552,6 +7552,42 @@ class AsyncioTest(TempDirTest):
         self.assertEqual(results, list(range(300)))
         self.assertLessEqual(during - before, 3)
 
+    def test_an_await_given_up_leaves_the_job_to_run(self):
+        # A wait_for that times out, or a server whose handlers are
+        # cancelled as it shuts down, gives up waiting: the job is committed
+        # and still runs; future.cancel() is what cancels a job.
+        bl = self.queue()
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        bl.register_processor(lambda job: gate.wait(30) and job.data, names="held")
+        first, second, third = (bl.future(i) for i in bl.enqueue_many(
+            [("held", 1), ("held", 2), ("held", 3)]))
+
+        async def main():
+            with self.assertRaises(asyncio.TimeoutError):
+                await asyncio.wait_for(_awaited(first), 0.05)
+            waiting = asyncio.ensure_future(_awaited(second))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await waiting
+            gate.set()
+            return await third
+
+        self.assertEqual(asyncio.run(main()), 3)
+        self.assertEqual((first.result(10), second.result(10)), (1, 2))
+        self.assertEqual([bl.get_job(f.id).state for f in (first, second)],
+                         ["complete", "complete"])
+
+        async def cancelled_job():
+            future = bl.future(bl.enqueue("held", 4, delay=3600))
+            self.assertTrue(future.cancel())
+            with self.assertRaises(asyncio.CancelledError):
+                await future
+            return future.id
+
+        self.assertEqual(bl.get_job(asyncio.run(cancelled_job())).state, "cancelled")
+
 
 async def _awaited(future):
     return await future
