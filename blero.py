@@ -5442,6 +5442,27 @@ def _flow_name(name, optional: bool = False) -> None:
         raise ValueError("a job name must not be empty")
 
 
+def _when_tries_timeout(delay, run_at, priority, retries, timeout, key,
+                        now: float) -> tuple[float, int | None, float | None]:
+    """Check a job's options; return when it runs, its retries (None: the
+    queue's) and its timeout."""
+    when = now
+    if delay is not None:
+        if run_at is not None:
+            raise ValueError("give delay or run_at, not both")
+        when = now + _seconds("delay", delay)
+    elif run_at is not None:
+        when = _epoch(run_at)
+    _integer("priority", priority, least=_INT_MIN)
+    if retries is not None:
+        retries = _retries("retries", retries)
+    if timeout is not None:
+        timeout = _seconds("timeout", timeout, positive=True)
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"key must be a str, not {type(key).__name__}")
+    return when, retries, timeout
+
+
 def _after(after) -> tuple[int, ...]:
     """`after` as job ids, each once, in the order given: an id, a future (or
     anything with an int `.id` or `.job_id`), or a collection of them."""
@@ -5924,19 +5945,10 @@ class Blero:
             raise TypeError(f"a job name must be a str, not {type(name).__name__}")
         if not name:
             raise ValueError("a job name must not be empty")
-        when = now
-        if delay is not None:
-            if run_at is not None:
-                raise ValueError("give delay or run_at, not both")
-            when = now + _seconds("delay", delay)
-        elif run_at is not None:
-            when = _epoch(run_at)
-        _integer("priority", priority, least=_INT_MIN)
-        retries = self._settings.retries if retries is None else _retries("retries", retries)
-        if timeout is not None:
-            timeout = _seconds("timeout", timeout, positive=True)
-        if key is not None and not isinstance(key, str):
-            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        when, retries, timeout = _when_tries_timeout(delay, run_at, priority, retries, timeout,
+                                                     key, now)
+        if retries is None:
+            retries = self._settings.retries
         blob = None
         if data is not None:
             try:
@@ -6749,9 +6761,14 @@ def _importable(fn) -> str:
 
 
 def _check_options(options: dict) -> dict:
+    """`options` of Task.using, checked at the call as enqueue's are."""
     unknown = set(options) - set(_JOB_OPTIONS)
     if unknown:
         raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+    _when_tries_timeout(*(options.get(o) for o in ("delay", "run_at")),
+                        options.get("priority", 0),
+                        *(options.get(o) for o in ("retries", "timeout", "key")), time.time())
+    _after(options.get("after"))
     return options
 
 
@@ -7093,7 +7110,7 @@ class Task:
         `connection`), as `Blero.enqueue` takes them."""
         copy = Task.__new__(Task)
         copy.__dict__.update(self.__dict__)
-        copy._options = {**self._options, **_check_options(options)}
+        copy._options = _check_options({**self._options, **options})
         return copy
 
     def enqueue(self, *args, **kwargs) -> JobFuture:

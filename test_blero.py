@@ -6481,6 +6481,18 @@ class TaskTest(TempDirTest):
             adder.using(colour="red")
         with self.assertRaises(ValueError):
             adder.using(key="one").map([1, 2])
+        # options are checked by using() itself, as enqueue() checks them
+        for options, error, cause in (({"retries": -1}, ValueError, "retries"),
+                                      ({"timeout": math.nan}, ValueError, "timeout"),
+                                      ({"delay": "soon"}, TypeError, "delay"),
+                                      ({"priority": 1.5}, TypeError, "priority"),
+                                      ({"key": 7}, TypeError, "key"),
+                                      ({"after": "job 1"}, TypeError, "after")):
+            with self.subTest(options=options):
+                with self.assertRaisesRegex(error, cause):
+                    adder.using(**options)
+        with self.assertRaisesRegex(ValueError, "delay or run_at"):
+            adder.using(delay=5).using(run_at=time.time() + 5)
         self.assertEqual(adder.using(priority=9).map([1, 2]), [1, 2])
 
     @file_only
