@@ -3959,13 +3959,16 @@ class _Processor:
     for an executor's, whose calls it runs (`runner`, see _TASK_RUNNER)."""
 
     __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label",
-                 "runner")
+                 "runner", "retries")
 
     def __init__(self, id, fn, names, concurrency=1, label=None, runner=None):
         self.id = id
         self.fn = fn
         self.label = label or _fn_name(fn)
         self.runner = runner
+        # An executor's calls end with their exception, as ThreadPoolExecutor's
+        # do: a try that raised is not retried (one cut short by a crash is).
+        self.retries = label != "executor"
         self.names = names
         # With names None: the names it does not take after all, those of
         # the tasks (a processor of any name takes no task's jobs).
@@ -4926,7 +4929,7 @@ class _Dispatcher:
             return _Outcome(job, _DELAYED if exc.seconds > 0 else _READY, run_at=run_at,
                             seconds=seconds, given_back=True, snoozed=True)
         # (the traceback starts in the processor, not here)
-        return self.failure(job, exc, seconds=seconds,
+        return self.failure(job, exc, retry=worker.processor.retries, seconds=seconds,
                             text=_exc_text(exc, exc.__traceback__.tb_next))
 
     def _returned(self, job: Job, result: Any, seconds: float) -> _Outcome:
@@ -6381,12 +6384,16 @@ class Blero:
 
     def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
                        resumable: bool = False, waiter: Callable | None = None,
-                       runner: str = _TASK_RUNNER) -> list[JobFuture]:
+                       runner: str = _TASK_RUNNER,
+                       fn: Callable | None = None) -> list[JobFuture]:
         """Store a job per call (args, kwargs) of the task `name`; return
         their futures (or what `waiter(job_id)` makes for each, Task.map's
         lighter `_MapCall`s).  `resumable`: each call is matched with the
         stored job of the same call of a run that did not finish (see _Calls).
-        `runner`: whose workers run them (an executor's, or a task's)."""
+        `runner`: whose workers run them (an executor's, or a task's);
+        `fn`: the function each call is checked against."""
+        if fn is not None:
+            _check_calls(fn, name, calls)
         d = self._running()
         connection = options.get("connection")
         if resumable and connection is not None:
@@ -6772,6 +6779,30 @@ def _check_options(options: dict) -> dict:
     return options
 
 
+@functools.lru_cache(maxsize=256)
+def _signature(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):     # a builtin without one: its own call tells
+        return None
+
+
+def _check_calls(fn: Callable, name: str, calls: list[tuple[tuple, dict]]) -> None:
+    """Raise TypeError for a call that `fn`'s signature refuses, at the call
+    and before anything is stored, rather than in every try of its job."""
+    try:
+        signature = _signature(fn)
+    except TypeError:                   # (unhashable: not looked at)
+        return
+    if signature is None:
+        return
+    for args, kwargs in calls:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}: {exc}") from None
+
+
 class JobFuture(concurrent.futures.Future):
     """The outcome of a job, as a `concurrent.futures.Future` (so it works
     with `concurrent.futures.wait` and `as_completed`), and awaitable.
@@ -7115,7 +7146,8 @@ class Task:
 
     def enqueue(self, *args, **kwargs) -> JobFuture:
         """Make a job of this call; return its future."""
-        return self._blero._enqueue_calls(self.name, [(args, kwargs)], self._options)[0]
+        return self._blero._enqueue_calls(self.name, [(args, kwargs)], self._options,
+                                          fn=self.fn)[0]
 
     async def aenqueue(self, *args, **kwargs) -> JobFuture:
         """`enqueue` from async code, without blocking the caller's loop."""
@@ -7155,7 +7187,7 @@ class Task:
         blero = self._blero
         group = _MapCalls(len(calls))
         waiting = blero._enqueue_calls(self.name, calls, self._options, resumable=True,
-                                       waiter=functools.partial(_MapCall, group))
+                                       waiter=functools.partial(_MapCall, group), fn=self.fn)
         blero._wait_all(group)
         blero._release([c.id for c in waiting])
         return [c.result() for c in waiting]
@@ -7204,10 +7236,10 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self):
         return f"<blero.Executor max_workers={self._max_workers}>"
 
-    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple, str]:
-        """The job name, options, arguments and runner of a call of `fn`."""
+    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple, str, Callable]:
+        """The job name, options, arguments, runner and function of a call of `fn`."""
         if isinstance(fn, Task):
-            return fn.name, fn._options, args, _TASK_RUNNER
+            return fn.name, fn._options, args, _TASK_RUNNER, fn.fn
         if inspect.ismethod(fn):      # its object travels with the arguments
             fn, args = fn.__func__, (fn.__self__,) + args
         elif inspect.isbuiltin(fn) and _module_of(fn) is None:
@@ -7240,15 +7272,15 @@ class Executor(concurrent.futures.Executor):
                     self._processor = p
             elif not known:
                 self._blero._retake(p, p.names | {name})
-        return name, {}, args, self._runner
+        return name, {}, args, self._runner, fn
 
     def submit(self, fn, /, *args, **kwargs) -> JobFuture:
         """Run `fn(*args, **kwargs)` as a job; return its future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        name, options, args, runner = self._target(fn, args)
+        name, options, args, runner, fn = self._target(fn, args)
         future = self._blero._enqueue_calls(name, [(args, kwargs)], options,
-                                            resumable=True, runner=runner)[0]
+                                            resumable=True, runner=runner, fn=fn)[0]
         self._track([future])
         return future
 
@@ -7263,11 +7295,11 @@ class Executor(concurrent.futures.Executor):
         calls = list(zip(*iterables))
         futures = []
         if calls:
-            name, options, first, runner = self._target(fn, calls[0])
+            name, options, first, runner, fn = self._target(fn, calls[0])
             extra = len(first) - len(calls[0])      # a bound method's object
             calls = [(first[:extra] + args, {}) for args in calls]
             futures = self._blero._enqueue_calls(name, calls, options, resumable=True,
-                                                 runner=runner)
+                                                 runner=runner, fn=fn)
             self._track(futures)
         return self._results(futures, end)
 

@@ -6787,6 +6787,14 @@ def mul(x, y):
     return x * y
 
 
+def fail_first_tries(name, failures):
+    """Raise ValueError the first `failures` times it is called with `name`."""
+    EVENTS[name].calls = getattr(EVENTS[name], "calls", 0) + 1
+    if EVENTS[name].calls <= failures:
+        raise ValueError(f"try {EVENTS[name].calls} of {name}")
+    return EVENTS[name].calls
+
+
 def capture(*args, **kwargs):
     return args, kwargs
 
@@ -6904,6 +6912,38 @@ class ExecutorTest(TempDirTest):
         self.assertEqual([next(results) for _ in range(4)], [0, 1, 2, 3])
         with self.assertRaisesRegex(ValueError, "bad 4"):
             next(results)
+
+    def test_a_call_that_raises_ends_with_its_exception_at_once(self):
+        # As with ThreadPoolExecutor: the call ran, side effects and all, and
+        # its exception is its outcome; no retry runs it again.  (A task
+        # submitted runs as the task, with the task's retries.)
+        bl = self.queue("slow-retries.db", backoff_base=60)
+        executor = bl.executor(2)
+        self.addCleanup(executor.shutdown, cancel_futures=True)
+        future = executor.submit(fail_on, 4, 4)
+        with self.assertRaisesRegex(ValueError, "bad 4"):
+            future.result(10)
+        info = bl.get_job(future.id)
+        self.assertEqual((info.state, info.attempt), ("failed", 1))
+        flaky = bl.task(name="flaky", retries=2)(fail_first_tries)
+        calls = executor.submit(flaky, self.id(), 1)
+        wait_until(lambda: bl.get_job(calls.id).attempt == 1 and
+                   bl.get_job(calls.id).state == "pending", message="the task's try failed")
+        self.assertFalse(calls.done(), "a task's failed try is retried (in 60 s)")
+
+    def test_a_call_its_function_cannot_take_is_refused_and_nothing_stored(self):
+        task = self.bl.task(name="adds")(add)
+        for submit, why in ((lambda: self.executor.submit(add, 1, 2, 3), "positional"),
+                            (lambda: self.executor.submit(add, 1, c=2), "unexpected keyword"),
+                            (lambda: list(self.executor.map(mul, [1, 2])), "missing"),
+                            (lambda: task.enqueue(), "missing"),
+                            (lambda: task.map([1, 2], [3], [4]), "positional"),
+                            (lambda: self.executor.submit(task, 1, 2, 3), "positional")):
+            with self.subTest(why=why):
+                with self.assertRaisesRegex(TypeError, why):
+                    submit()
+        self.assertEqual(self.bl.jobs(), [])
+        self.assertEqual(self.executor.submit(len, "abc").result(10), 3, "a builtin")
 
     def test_the_same_call_twice_in_one_run_runs_twice(self):
         a, b = self.executor.submit(square, 3), self.executor.submit(square, 3)
