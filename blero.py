@@ -54,6 +54,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import weakref
 import zlib
 import zoneinfo
 from typing import Any, Callable, Iterable, NamedTuple
@@ -5546,6 +5547,7 @@ class Blero:
         # many registrations take it: processors of any name take none of them.
         self._task_names: collections.Counter = collections.Counter()
         self._calls = _Calls()                   # this run's resumable calls
+        self._executors: weakref.WeakSet = weakref.WeakSet()   # the executors made
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
@@ -5606,6 +5608,10 @@ class Blero:
         timeout = _seconds("timeout", timeout, optional=True)
         me = threading.current_thread()
         interrupted = None
+        try:
+            self._end_executor_runs()
+        except KeyboardInterrupt as exc:
+            interrupted = exc
         while True:     # a Ctrl-C in here is put off until the queue is stopped
             try:
                 d, own = self._stopping(timeout, me)
@@ -6341,11 +6347,26 @@ class Blero:
         run by `max_workers` workers of its own: resumable after a crash."""
         return Executor(self, max_workers)
 
-    def _executor_runner(self) -> str:
+    def _executor_runner(self, executor: Executor) -> str:
         """The runner of the next executor made: the program's n-th."""
         with self._lock:
             n, self._next_executor = self._next_executor, self._next_executor + 1
+            self._executors.add(executor)
         return f"executor {n}"
+
+    def _end_executor_runs(self) -> None:
+        """The run ends (a stop): the calls of each executor whose calls have
+        all ended are released, as a shutdown would, so that the next run
+        computes them afresh; those of one with calls left stay resumable."""
+        if self._dispatcher is None:
+            return
+        with self._lock:
+            executors = list(self._executors)
+        for executor in executors:
+            try:
+                executor._end_run()
+            except BleroError as exc:
+                log.error("releasing the calls of %r at stop failed: %s", executor, exc)
 
     def future(self, job_id: int) -> JobFuture:
         """A JobFuture of any stored job (also one of another run or
@@ -7221,7 +7242,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
         self._max_workers = _integer("max_workers", max_workers, least=1)
         self._blero = blero
-        self._runner = blero._executor_runner()
+        self._runner = blero._executor_runner(self)
         self._setting_up = threading.Lock()     # held while its workers are set up
         self._lock = threading.Lock()   # guards everything below; held for no I/O
         self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
@@ -7328,6 +7349,21 @@ class Executor(concurrent.futures.Executor):
             for f in futures:
                 f._settled.wait()
         self._ended_one(None)
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        # A Ctrl-C (or SystemExit) leaves at once, as it leaves the queue's
+        # `with`: the stop hands the running calls back, resumable, rather
+        # than this waiting for them to end.
+        self.shutdown(wait=exc_type is None or issubclass(exc_type, Exception))
+        return False
+
+    def _end_run(self) -> None:
+        """The queue stops: release the calls made so far if all have ended."""
+        with self._lock:
+            if self._pending or self._released or not self._ids:
+                return
+            ids, self._ids = self._ids, []
+        self._blero._release(ids)
 
     def _track(self, futures: list[JobFuture]) -> None:
         with self._lock:

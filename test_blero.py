@@ -6787,6 +6787,12 @@ def mul(x, y):
     return x * y
 
 
+def count_calls(name):
+    """How many times it has been called with `name` (in this process)."""
+    EVENTS[name].count = getattr(EVENTS[name], "count", 0) + 1
+    return EVENTS[name].count
+
+
 def fail_first_tries(name, failures):
     """Raise ValueError the first `failures` times it is called with `name`."""
     EVENTS[name].calls = getattr(EVENTS[name], "calls", 0) + 1
@@ -6944,6 +6950,42 @@ class ExecutorTest(TempDirTest):
                     submit()
         self.assertEqual(self.bl.jobs(), [])
         self.assertEqual(self.executor.submit(len, "abc").result(10), 3, "a builtin")
+
+    def test_a_run_that_ended_gives_the_next_fresh_results_without_a_shutdown(self):
+        # A script that never shuts its executor down: its run ends with the
+        # queue's stop, and the next run computes every call afresh, except
+        # those the stop left unfinished, which stay resumable.
+        first = self.queue("runs.db")
+        self.assertEqual(first.executor(2).submit(count_calls, self.id()).result(10), 1)
+        first.stop()
+        second = self.queue("runs.db")
+        ex = second.executor(2)
+        self.assertEqual(ex.submit(count_calls, self.id()).result(10), 2, "run afresh")
+        held = ex.submit(begun_then_wait, self.id() + "-begun", self.id() + "-go")
+        self.assertTrue(EVENTS[self.id() + "-begun"].wait(10))
+        second.stop(timeout=0)        # the held call is handed back, not ended
+        third = self.queue("runs.db")
+        again = third.executor(2)
+        self.assertEqual(again.submit(count_calls, self.id()).result(10), 2,
+                         "the stored result of a run that did not finish")
+        resumed = again.submit(begun_then_wait, self.id() + "-begun", self.id() + "-go")
+        self.assertEqual(resumed.id, held.id, "a call left unfinished goes on")
+        EVENTS[self.id() + "-go"].set()
+        self.assertTrue(resumed.result(10))
+
+    def test_ctrl_c_in_its_with_block_leaves_without_waiting_for_running_calls(self):
+        name = self.id()
+        self.addCleanup(EVENTS[name + "-go"].set)
+        begun = time.monotonic()
+        with self.assertRaises(KeyboardInterrupt):
+            with self.bl.executor(2) as ex:
+                running = ex.submit(begun_then_wait, name + "-begun", name + "-go")
+                self.assertTrue(EVENTS[name + "-begun"].wait(10))
+                raise KeyboardInterrupt
+        self.assertLess(time.monotonic() - begun, 20, "it waited for the running call")
+        self.assertFalse(running.done())
+        EVENTS[name + "-go"].set()
+        self.assertTrue(running.result(10), "the call still runs to its end")
 
     def test_the_same_call_twice_in_one_run_runs_twice(self):
         a, b = self.executor.submit(square, 3), self.executor.submit(square, 3)
