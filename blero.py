@@ -6018,14 +6018,23 @@ class Blero:
 
         return bool(self._until(done, timeout))
 
-    def _warn_untaken(self, untaken: dict[str, int]) -> None:
+    def _warn_untaken(self, untaken: dict[str, int], waiter: str = "join()") -> None:
         """Log each name of pending jobs that no live queue takes, once: a
-        typo in a name would otherwise make join() wait for ever in silence."""
+        typo in a name, or a task renamed since a run that did not finish,
+        would otherwise make `waiter` wait for ever in silence."""
         for name, n in sorted(untaken.items()):
             if name not in self._untaken_warned:
                 self._untaken_warned.add(name)
-                log.warning("no processor takes jobs named %r (%d pending): join() waits "
-                            "until a queue that takes them runs", name, n)
+                log.warning("no processor takes jobs named %r (%d pending): %s waits "
+                            "until a queue that takes them runs", name, n, waiter)
+
+    def _look_for_untaken(self, untaken: _Sparingly, waiter: str) -> None:
+        """`_warn_untaken`, from a wait that does not look at the queue itself."""
+        try:
+            with self._store() as storage:
+                self._warn_untaken(untaken.look(storage.untaken, self._settings.lease), waiter)
+        except BleroError as exc:
+            log.debug("cannot look for jobs no processor takes: %s", exc)
 
     def _until(self, look: Callable[[_Storage], Any], timeout: float | None,
                watcher: bool = False) -> Any:
@@ -6502,10 +6511,12 @@ class Blero:
         """Wait until every call of a map has ended; BleroError if the queue
         stops first."""
         d = self._dispatcher
+        untaken = _Sparingly()
         while not calls.done.wait(_FUTURES_LOOK):
             if self._dispatcher is not d or d is None:
                 raise BleroError(f"{self._where}: the queue stopped with {calls.left} "
                                  f"call(s) not ended; a later run carries on with them")
+            self._look_for_untaken(untaken, "map()")
 
     def _release(self, ids: list[int]) -> None:
         """Clear the keys of these calls' jobs: a later run computes them afresh."""
@@ -7068,6 +7079,7 @@ class _Futures:
     def _watch(self) -> None:
         blero = self._blero
         next_look = 0.0
+        untaken = _Sparingly()
         while True:
             with self._lock:
                 ids = list(self._waiting)
@@ -7087,6 +7099,8 @@ class _Futures:
                 next_look = time.monotonic() + max(_POLL, 50 * (time.monotonic() - now))
                 if found is not None:
                     self._found(ids, found)
+                    if any(row.state < _COMPLETE for row in found.values()):
+                        blero._look_for_untaken(untaken, "a future's result()")
             # Running, the queue pokes it when other processes commit (and it
             # looks now and then for what nobody tells); stopped, only the
             # file tells.

@@ -6577,8 +6577,8 @@ class TaskTest(TempDirTest):
     def test_jobs_of_a_task_not_registered_wait_and_run_once_it_is(self):
         bl = self.queue()
         job_id = bl.enqueue("test_blero.square", ((5,), {}))
-        future = bl.future(job_id)
-        with self.assertLogs("blero", logging.WARNING) as logs:
+        with self.assertLogs("blero", logging.WARNING) as logs:   # (by join or the future)
+            future = bl.future(job_id)
             self.assertFalse(bl.join(timeout=0.5))
         self.assertIn("test_blero.square", "\n".join(logs.output))
         self.assertEqual(bl.get_job(job_id).state, "pending")
@@ -6936,6 +6936,21 @@ class ExecutorTest(TempDirTest):
         wait_until(lambda: bl.get_job(calls.id).attempt == 1 and
                    bl.get_job(calls.id).state == "pending", message="the task's try failed")
         self.assertFalse(calls.done(), "a task's failed try is retried (in 60 s)")
+
+    def test_waiting_on_calls_no_process_takes_is_logged_once_per_name(self):
+        # A task renamed since a run that did not finish: its old calls wait
+        # for a task of their name, and the waits say so instead of silence.
+        self.bl.enqueue("old.name", ((1,), {}))
+        left = self.bl.enqueue("old.name", ((2,), {}))
+        renamed = self.bl.task(name="new.name")(square)
+        with self.assertLogs("blero", "WARNING") as logged:
+            self.assertEqual(renamed.map([3]), [9])
+            with self.assertRaises(concurrent.futures.TimeoutError):
+                self.bl.future(left).result(1.5)
+        warned = [r.getMessage() for r in logged.records if "no processor takes" in r.getMessage()]
+        self.assertEqual(len(warned), 1, warned)
+        self.assertTrue(warned[0].startswith("no processor takes jobs named 'old.name' (2 pending)"),
+                        warned)
 
     def test_a_call_its_function_cannot_take_is_refused_and_nothing_stored(self):
         task = self.bl.task(name="adds")(add)
