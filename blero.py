@@ -7062,7 +7062,11 @@ class _Futures:
         if outcome is None:
             f._deliver(exc=JobCancelled(f.id))
         elif outcome.state == _COMPLETE:
-            f._deliver(outcome.result)
+            serializer = self._blero._settings.serializer
+            # What another process or a later run would read back (json
+            # makes a tuple a list): a resumed map is all of one kind.
+            f._deliver(outcome.result if serializer is pickle
+                       else _loads_or_none(serializer, outcome.blob))
         elif outcome.blob is not None:      # restorable: the original itself
             f._deliver(exc=outcome.exc)
         else:

@@ -6586,6 +6586,16 @@ class TaskTest(TempDirTest):
         bl.task(square)
         self.assertEqual(future.result(10), 25)
 
+    def test_a_result_is_what_the_serializer_gives_back_in_every_process(self):
+        # With json a tuple comes back a list: from this process's future as
+        # from another's, so that a resumed map is all of one kind.
+        bl = self.queue(serializer=json)
+        pair = bl.task(name="pair")(lambda a, b: (a, b))
+        future = pair.enqueue(1, 2)
+        self.assertEqual(future.result(10), [1, 2])
+        self.assertEqual(bl.future(future.id).result(10), [1, 2])
+        self.assertEqual(pair.map([3], [4]), [[3, 4]])
+
     def test_registering_a_task_again_replaces_it(self):
         bl = self.queue()
         bl.task(name="t")(square)
