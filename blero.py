@@ -1341,6 +1341,29 @@ _ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
 # (then recorded by _FINISH, which tells that it was) or a claim that no
 # longer holds (then _FINISH records nothing either).
 _FINISH_UNWAITED = _FINISH + " AND dependants = 0"
+# A completed try recorded and the worker's next job claimed in one
+# statement, which SQLite commits by itself when no other write waits: the
+# finish as _FINISH_UNWAITED (?1-?10, a _Finish), the claim as
+# _CLAIM_RETURNING (owner ?11, now ?12, names from ?13), made only if the
+# finished job has no dependants (they are made ready in the finish's own
+# transaction: _finish_and_claim).  A statement, not three, in the worker's
+# hot path: under the lock of every write, the fewer statements (each lets
+# the other threads run Python until they give the GIL back), the better.
+_COMPLETE_AND_CLAIM = (
+    "UPDATE blero_jobs SET state = CASE id WHEN ?8 THEN ?1 ELSE 2 END,"
+    " run_at = CASE id WHEN ?8 THEN coalesce(?2, run_at) ELSE run_at END,"
+    " finished_at = CASE id WHEN ?8 THEN ?3 ELSE finished_at END,"
+    " result = CASE id WHEN ?8 THEN ?4 ELSE result END,"
+    " error = CASE id WHEN ?8 THEN ?5 ELSE error END,"
+    " max_attempts = CASE id WHEN ?8 THEN max_attempts + ?6 ELSE max_attempts END,"
+    " progress = CASE id WHEN ?8 THEN coalesce(?7, progress) ELSE progress END,"
+    " owner = CASE id WHEN ?8 THEN NULL ELSE ?11 END,"
+    " attempt = CASE id WHEN ?8 THEN attempt ELSE attempt + 1 END,"
+    " started_at = CASE id WHEN ?8 THEN started_at ELSE ?12 END"
+    " WHERE id = ?8 AND state = 2 AND owner = ?9 AND attempt = ?10 AND dependants = 0"
+    " OR id = ({next}) AND state = 0 AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?11)"
+    " AND NOT EXISTS (SELECT 1 FROM blero_jobs WHERE id = ?8 AND dependants != 0)"
+    " RETURNING " + _JOB_COLUMNS)
 # A job named in `after=` is marked first (on a server: waiting for a finish
 # of it under way), then its state read afresh.
 _MARK_DEPENDED_ON = "UPDATE blero_jobs SET dependants = 1 WHERE id = ? AND state < 3"
@@ -1724,6 +1747,8 @@ class _SQLiteStorage(_Storage):
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
+        self._complete_sql: dict[tuple[int, int], str] = {}
+        self._held = False      # the last claim found pauses or limits stored
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
     _due_schedules = _DUE_SCHEDULES     # the same, locking the schedules it runs
@@ -2431,8 +2456,36 @@ class _SQLiteStorage(_Storage):
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
                          exclude: frozenset = frozenset()) -> _Claimed:
-        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
+        recorded = False
+        if (claim and not suspect and finish is not None and finish.state == _COMPLETE
+                and self._returning and not self._held):
+            recorded, row = self._write(self._complete_and_claim, finish, owner, names,
+                                        exclude, alone=True)
+            if row is not None:
+                return _Claimed(recorded, row, None)
+            # Nothing claimed: no job ready (of these names), a pause or a
+            # limit stored, or a job with dependants finished (then nothing
+            # was done): the usual way, for what is left.
+            if recorded:
+                finish = None
+        done = self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
                            exclude)
+        self._held = done.held
+        return done._replace(recorded=True) if recorded else done
+
+    def _complete_and_claim(self, db, finish, owner, names, exclude):
+        """_COMPLETE_AND_CLAIM: whether the try was recorded, and the job claimed or None."""
+        n, m, params = self._claim_params(names, exclude)
+        sql = self._complete_sql.get((n, m))
+        if sql is None:
+            cond = (f" AND name IN ({', '.join(f'?{13 + i}' for i in range(n))})" if n
+                    else f" AND name NOT IN ({', '.join(f'?{13 + i}' for i in range(m))})"
+                    if m else "")
+            sql = self._complete_sql[n, m] = _COMPLETE_AND_CLAIM.format(
+                next=_NEXT_READY.format(state=_READY, names=cond, held=_NOTHING_HELD))
+        rows = db.execute(sql, finish + (owner, time.time()) + params).fetchall()
+        claimed = [r for r in rows if r[0] != finish.id]
+        return len(rows) > len(claimed), _Claim._make(claimed[0]) if claimed else None
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
                           exclude=frozenset()):
@@ -2467,9 +2520,7 @@ class _SQLiteStorage(_Storage):
         """Claim the next job of `names` (None: any but those in `exclude`)
         while nothing is held, or, given the names `blocked` (paused or at a
         limit), one of another."""
-        n = len(names) if names else 0
-        m = 0 if n else len(exclude)
-        params = tuple(names) if n else tuple(exclude)
+        n, m, params = self._claim_params(names, exclude)
         if blocked is None:
             sql = self._claim_statements(n, suspect, m)
         else:
@@ -2523,6 +2574,13 @@ class _SQLiteStorage(_Storage):
             db.execute(_PRUNE_STARTS, (row.name, now - windows[row.name]))
             db.execute(_ADD_START, (row.name, now))
         return row, until, blocked
+
+    @staticmethod
+    def _claim_params(names, exclude) -> tuple[int, int, tuple]:
+        """How many names a claim takes (n) or leaves out (m), and them."""
+        n = len(names) if names else 0
+        m = 0 if n else len(exclude)
+        return n, m, tuple(names) if n else tuple(exclude)
 
     def _claim_statements(self, n: int, suspect: bool = False, m: int = 0,
                           blocked: int | None = None) -> tuple[str, str]:
@@ -3256,6 +3314,8 @@ class _PostgresStorage(_Storage):
         self._retry_at = 0.0                # no reconnection before (monotonic)
         self._backoff = 0.0
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
+        self._complete_sql: dict[tuple[int, int], str] = {}
+        self._held = False      # the last claim found pauses or limits stored
         # Pauses and limits: a claim that finds nothing held holds this
         # schema's lock 2 shared (tried, never waited for: a change holding
         # it sends the claim the held way); a change (pause, limit) takes it
@@ -3688,8 +3748,8 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended", "_cancel_down",
-              "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
+_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_params",
+              "_claim_held", "_ended", "_cancel_down", "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
               "suspect_names", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
