@@ -1700,7 +1700,9 @@ class _SQLiteStorage(_Storage):
       a few list operations, never for I/O: the leader takes the whole line
       from under it and commits without it.
     - The turn (held by one thread at a time, passed on by `_hand_over`) is
-      what owns the write connection `_db`, and `_data_version` with it.
+      what owns the write connection `_db`, and `_data_version` and
+      `_shared` with it.  (`_held` is a hint any worker sets: a stale one
+      costs a statement, never a wrong claim.)
       I/O runs under the turn, but no thread waits for the turn except to
       write: a writer's own lock is released when its write is committed.
     - `_read_lock` makes the read connection `_reader` one thread's at a
@@ -1744,6 +1746,7 @@ class _SQLiteStorage(_Storage):
         self._upgraded = False            # open() committed an upgrade of the file
         self.read_only = None
         self._data_version = None
+        self._shared = False              # the last commit was of several writes
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
@@ -2200,7 +2203,11 @@ class _SQLiteStorage(_Storage):
             raise BleroError(f"{self.path}: the queue is stopped")
         if db.in_transaction:       # left open by a Ctrl-C at the wrong moment
             db.execute("ROLLBACK")
-        if len(ops) == 1 and ops[0].alone and not self._queue:
+        # A lone write commits by itself, unless the last commit was shared:
+        # others are likely to come then while this one runs, and share its
+        # commit (and with sync="full" its fsync), which one committing by
+        # itself cannot let them.
+        if len(ops) == 1 and ops[0].alone and not self._shared and not self._queue:
             self._check_identity()
             self._done(ops, [self._retrying(ops[0].fn, db, *ops[0].args)])
             return
@@ -2221,6 +2228,7 @@ class _SQLiteStorage(_Storage):
             self._check_identity()
             committing = True
             db.execute("COMMIT")
+            self._shared = len(ops) > 1
             self._done(ops, results)
         except BaseException as exc:
             if db.in_transaction:
@@ -3328,8 +3336,6 @@ class _PostgresStorage(_Storage):
         self._retry_at = 0.0                # no reconnection before (monotonic)
         self._backoff = 0.0
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
-        self._complete_sql: dict[tuple[int, int], str] = {}
-        self._held = False      # the last claim found pauses or limits stored
         # Pauses and limits: a claim that finds nothing held holds this
         # schema's lock 2 shared (tried, never waited for: a change holding
         # it sends the claim the held way); a change (pause, limit) takes it
