@@ -1667,7 +1667,8 @@ def _owner_alive(real: str, owner: int) -> bool | None:
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken")
+    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken",
+                 "chain", "gone")
 
     def __init__(self, fn, args, alone=False):
         self.fn = fn
@@ -1677,7 +1678,9 @@ class _Op:
         self.done = False
         self.lock = None    # held while the caller waits; released to wake it
         self.turn = False   # its caller leads: commits, then passes the turn on
-        self.woken = False
+        self.woken = False  # its lock was released
+        self.chain = None   # once woken: the callers of its batch its caller wakes next
+        self.gone = False   # its caller went (woken, or interrupted): wake it no more
 
 
 class _SQLiteStorage(_Storage):
@@ -1689,14 +1692,16 @@ class _SQLiteStorage(_Storage):
     (and those that arrive before it commits) and commits once for all: group
     commit, with no writer thread to wake.  A waiting caller sleeps on a lock
     of its own, released either when its write is committed or to hand it the
-    next turn, so each commit wakes only the callers it concerns.  If the
+    next turn, so each commit wakes only the callers it concerns, one after
+    another (each woken caller wakes the next: `_pass_on`).  If the
     transaction fails, each write is retried alone, so one bad write never
     takes its neighbours down.  Reads use a second connection, which WAL lets
     run beside the writer.
 
     The locking rules, all of them:
     - `_mutex` guards the line of writes (`_queue`), whose turn it is
-      (`_leading`, `_Op.turn`), `_closer` and `_look_wanted`.  It is held for
+      (`_leading`, `_Op.turn`), the wake-ups (`_Op.woken`, `.chain`,
+      `.gone`), `_closer` and `_look_wanted`.  It is held for
       a few list operations, never for I/O: the leader takes the whole line
       from under it and commits without it.
     - The turn (held by one thread at a time, passed on by `_hand_over`) is
@@ -2105,6 +2110,11 @@ class _SQLiteStorage(_Storage):
                     break
                 except KeyboardInterrupt as exc:    # even here: finish first
                     late = exc
+            while op.lock is not None and not op.gone or op.chain:
+                try:
+                    self._pass_on(op)
+                except KeyboardInterrupt as exc:
+                    late = exc
             if late is not None:
                 raise late
         if op.error is not None:
@@ -2186,16 +2196,38 @@ class _SQLiteStorage(_Storage):
             self._wake(batch, own)
             raise
 
+    def _wake(self, batch: list[_Op], own: _Op) -> None:
+        """Wake the callers whose writes are done (again after an interrupt):
+        the first, which wakes the next (`_pass_on`), and so on.  They would
+        only queue for the GIL if woken all at once, each making the others
+        (and the next leader) wait for it in turn."""
+        with self._mutex:
+            woken = [op for op in batch
+                     if op.done and not op.woken and not op.gone and op is not own]
+            if woken:
+                woken[0].chain = woken[1:]
+                self._wake_one(woken[0])
+
+    def _pass_on(self, op: _Op) -> None:
+        """`op`'s caller goes (woken, or interrupted while it waited): wake
+        the next caller of its chain, and never `op`'s again."""
+        with self._mutex:
+            op.gone = True
+            chain = op.chain or ()
+            for i, after in enumerate(chain):
+                if not after.woken and not after.gone:
+                    after.chain = chain[i + 1:]
+                    self._wake_one(after)
+                    break
+            op.chain = None
+
     @staticmethod
-    def _wake(batch: list[_Op], own: _Op) -> None:
-        """Wake the callers whose writes are done; again after an interrupt."""
-        for op in batch:
-            if op.done and not op.woken and op is not own:
-                try:
-                    op.lock.release()
-                except RuntimeError:    # released by the pass a Ctrl-C cut short
-                    pass
-                op.woken = True
+    def _wake_one(op: _Op) -> None:
+        try:
+            op.lock.release()
+        except RuntimeError:    # released by a pass that a Ctrl-C cut short
+            pass
+        op.woken = True
 
     def _transaction(self, ops: list[_Op], absorb: bool = False) -> None:
         db = self._db
