@@ -2201,6 +2201,8 @@ class _SQLiteStorage(_Storage):
         the first, which wakes the next (`_pass_on`), and so on.  They would
         only queue for the GIL if woken all at once, each making the others
         (and the next leader) wait for it in turn."""
+        if len(batch) == 1 and batch[0] is own:
+            return      # (most commits: nobody else to wake)
         with self._mutex:
             woken = [op for op in batch
                      if op.done and not op.woken and not op.gone and op is not own]
