@@ -6704,6 +6704,12 @@ def wait_event(name, timeout=30):
     return EVENTS[name].wait(timeout)
 
 
+def begin_and_wait(began, name, timeout=30):
+    """wait_event, once it has set the event `began`: the try has begun."""
+    EVENTS[began].set()
+    return EVENTS[name].wait(timeout)
+
+
 def wait_and_raise(name):
     EVENTS[name].wait(30)
     raise Exception("this is an exception")
@@ -6843,10 +6849,13 @@ class ExecutorTest(TempDirTest):
 
     def test_shutdown_without_waiting_and_a_stop_hands_running_jobs_back(self):
         EVENTS["hold"].clear()
+        EVENTS["hold began"].clear()
         self.addCleanup(EVENTS["hold"].set)
         ex = self.bl.executor(1)
-        running = ex.submit(wait_event, "hold", 3)
-        wait_until(lambda: self.bl.get_job(running.id).state == "inprogress")
+        running = ex.submit(begin_and_wait, "hold began", "hold", 3)
+        # Begun, not only claimed ("inprogress"): a claim whose try has not
+        # begun is undone by the stop, not handed back.
+        self.assertTrue(EVENTS["hold began"].wait(30))
         ex.shutdown(wait=False)     # returns at once
         self.bl.stop(timeout=0)
         info = self.bl.get_job(running.id)
