@@ -1693,7 +1693,8 @@ class _SQLiteStorage(_Storage):
     commit, with no writer thread to wake.  A waiting caller sleeps on a lock
     of its own, released either when its write is committed or to hand it the
     next turn, so each commit wakes only the callers it concerns, one after
-    another (each woken caller wakes the next: `_pass_on`).  If the
+    another (each woken caller wakes the next, `_pass_on`; with sync="full",
+    all at once).  If the
     transaction fails, each write is retried alone, so one bad write never
     takes its neighbours down.  Reads use a second connection, which WAL lets
     run beside the writer.
@@ -2206,7 +2207,12 @@ class _SQLiteStorage(_Storage):
         with self._mutex:
             woken = [op for op in batch
                      if op.done and not op.woken and not op.gone and op is not own]
-            if woken:
+            if woken and self._sync == "full":
+                # There an fsync costs far more than a herd at the GIL, and
+                # the sooner they all write again, the more share the next.
+                for op in woken:
+                    self._wake_one(op)
+            elif woken:
                 woken[0].chain = woken[1:]
                 self._wake_one(woken[0])
 
@@ -2239,9 +2245,10 @@ class _SQLiteStorage(_Storage):
             db.execute("ROLLBACK")
         # A lone write commits by itself, unless the last commit was shared:
         # others are likely to come then while this one runs, and share its
-        # commit (and with sync="full" its fsync), which one committing by
-        # itself cannot let them.
-        if len(ops) == 1 and ops[0].alone and not self._shared and not self._queue:
+        # commit, which one committing by itself cannot let them.  Nor with
+        # sync="full": there the fsync is what costs, and it is worth sharing.
+        if (len(ops) == 1 and ops[0].alone and not self._shared and not self._queue
+                and self._sync != "full"):
             self._check_identity()
             self._done(ops, [self._retrying(ops[0].fn, db, *ops[0].args)])
             return
