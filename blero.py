@@ -33,6 +33,7 @@ import heapq
 import http.server
 import inspect
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -97,8 +98,11 @@ class JobFailed(BleroError):
         self.exception = exception
 
 
-class JobCancelled(BleroError):
-    """Raised by `Blero.wait` for a job that was cancelled."""
+class JobCancelled(BleroError, concurrent.futures.CancelledError):
+    """Raised by `Blero.wait` and `JobFuture.result` for a job that was
+    cancelled; a `concurrent.futures.CancelledError` too, as `result()`
+    raises for a future cancelled by `future.cancel()`, so that one
+    `except CancelledError` serves for both."""
 
     def __init__(self, job_id: int):
         super().__init__(f"job {job_id} was cancelled")
@@ -223,6 +227,93 @@ def _is_async(fn) -> bool:
         for f in (fn, getattr(fn, "__call__", None)))
 
 
+class _Bell:
+    """Wakes the threads that sleep on it, when rung, safely from a Ctrl-C in
+    either: the main thread's, where a KeyboardInterrupt may raise between
+    any two calls.  A Condition is not safe so: an interrupted `with cond:`
+    or `cond.wait()` can leave its lock held (and the next thread to notify
+    waits for ever) or unowned (and a RuntimeError replaces the
+    KeyboardInterrupt).  Here nothing is held: a sleeper sleeps on a locked
+    lock of its own, in `_sleepers`, which `ring` releases; one that an
+    interrupted sleeper left there goes at the next ring."""
+
+    def __init__(self):
+        self._sleepers: set = set()
+
+    def sleeper(self):
+        """A sleeper, woken from now on by `ring`: made before a look at
+        what one waits for, it misses no ring after the look."""
+        woken = threading.Lock()
+        woken.acquire()
+        self._sleepers.add(woken)
+        return woken
+
+    def sleep(self, woken, timeout: float | None) -> None:
+        """Sleep until `woken` is rung, or for `timeout` seconds."""
+        try:
+            woken.acquire(True, -1 if timeout is None
+                          else min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+        finally:
+            self._sleepers.discard(woken)
+
+    def forget(self, woken) -> None:
+        """`woken` will not sleep after all."""
+        self._sleepers.discard(woken)
+
+    def ring(self) -> None:
+        """Wake every sleeper: released, then dropped (a Ctrl-C between the
+        two leaves it to the next ring, never unreleased and gone)."""
+        for woken in list(self._sleepers):
+            try:
+                woken.release()
+            except RuntimeError:    # released already, by another ring
+                pass
+            self._sleepers.discard(woken)
+
+
+def _start_thread(thread: threading.Thread) -> None:
+    """`thread.start()`, which waits on a threading.Event of its own: a
+    Ctrl-C there can raise RuntimeError ("release unlocked lock", see _Bell)
+    in place of the KeyboardInterrupt, which is raised instead (the thread
+    runs: the Ctrl-C came once it was started)."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        raise
+
+
+class _Event(_Bell, threading.Event):
+    """A threading.Event safe from a Ctrl-C in the threads that wait for it
+    or set it, as a _Bell is."""
+
+    def __init__(self):     # (not threading.Event's: no Condition)
+        super().__init__()
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    isSet = is_set
+
+    def set(self) -> None:
+        self._flag = True
+        self.ring()
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._flag:
+            woken = self.sleeper()
+            if self._flag:      # set meanwhile: rung before `woken` was there, maybe
+                self.forget(woken)
+            else:
+                self.sleep(woken, timeout)
+        return self._flag
+
+
 # ---------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------
@@ -269,7 +360,7 @@ class Job:
         if self._event is None:
             with _cancel_lock:
                 if self._event is None:
-                    self._event = threading.Event()
+                    self._event = _Event()  # cancel() sets it, maybe from the main thread
                     if self._cancelled:
                         self._event.set()
         return self._event
@@ -586,6 +677,7 @@ class _NewJob(NamedTuple):
     timeout: float | None
     key: str | None
     created_at: float
+    runner: str | None = None   # whose workers may run it (see _TASK_RUNNER)
 
 
 class _Claim(NamedTuple):
@@ -639,7 +731,7 @@ class _Claimed(NamedTuple):
 
     recorded: bool                      # the finished try was recorded
     claim: _Claim | None                # the job claimed, if any
-    suspects_left: frozenset | None     # a suspect sought, none found: the names left
+    suspects_left: frozenset | None     # a suspect sought, none found: the kinds left
     # Names of jobs the finish made ready (their last `after=` job completed),
     # and, while pauses or limits are stored, the finished job's own name (a
     # slot of its limit came free): idle workers that take them look again.
@@ -694,6 +786,7 @@ class _Schedule(NamedTuple):
     timeout: float | None
     cron: str | None        # a cron schedule's expression
     tz: str | None          # and its zone (`_zone_name`); None: local time
+    runner: str | None = None   # its runs' (a task's schedule: _TASK_RUNNER)
 
 
 class _DueSchedule(NamedTuple):
@@ -713,6 +806,7 @@ class _DueSchedule(NamedTuple):
     job_id: int | None          # its last run
     last_created: float | None
     last_started: float | None
+    runner: str | None          # its runs'
 
     def following(self, t: float) -> float:
         """When this schedule is next due after a run due at `t`."""
@@ -798,10 +892,13 @@ class _Storage:
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()) -> _Claimed:
+                         exclude: frozenset = frozenset(),
+                         runner: str | None = None) -> _Claimed:
         """In one transaction, record a finished try and claim the next ready
         job (or, with `suspect`, the next suspect) this worker accepts: one
-        of `names`, or with None any name but those in `exclude`.  A finish
+        of `names` (a job of enqueue(), or a call of the executor `runner`,
+        or with None of a task), or with None any name but those in
+        `exclude`, and no task's or executor's call (see _TASK_RUNNER).  A finish
         that completes a job makes ready its dependants whose `after` jobs
         are all complete now; one that ends it failed cancels its
         dependants, and theirs, down the chain.  The claim obeys the pauses
@@ -822,8 +919,8 @@ class _Storage:
         """Record the end of one try; False if its claim no longer holds."""
         return self.finish_and_claim(finish, 0, None, False).recorded
 
-    def suspect_names(self) -> frozenset:
-        """The names of the suspect jobs (see _CrashGuard)."""
+    def suspect_kinds(self) -> frozenset:
+        """The kinds of the suspect jobs, (name, runner) pairs (see _CrashGuard)."""
         raise NotImplementedError
 
     def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
@@ -940,6 +1037,10 @@ class _Storage:
     def clear_keys(self, ids: list[int]) -> None:
         """Take the keys off these jobs: enqueueing with their keys stores
         new jobs from now on."""
+        raise NotImplementedError
+
+    def run_by(self, ids: list[int], runner: str | None) -> None:
+        """These jobs, those not started yet, are `runner`'s from now on."""
         raise NotImplementedError
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
@@ -1086,7 +1187,7 @@ def _owner_seen(id, heartbeat_at, takes, host, pid, started_at, processors) -> _
 # -- The SQLite engine: the queue file ---------------------------------------------
 
 _APPLICATION_ID = 0x626C6572   # b"bler": PRAGMA application_id of a blero file
-_SCHEMA_VERSION = 5            # PRAGMA user_version this blero.py writes and reads
+_SCHEMA_VERSION = 6            # PRAGMA user_version this blero.py writes and reads
 _BUSY_LIMIT = 30.0             # seconds a write waits for another process's lock
 _INCREMENTAL = 2               # PRAGMA auto_vacuum of a blero file: space goes back on request
 
@@ -1133,6 +1234,15 @@ _OWNERS_PRESENCE = ("ALTER TABLE blero_owners ADD COLUMN host TEXT",
 # schedule's cron expression and zone.
 _FLOW_COLUMNS = (("blero_jobs", "progress", "BLOB"), ("blero_jobs", "checkpoint", "BLOB"),
                  ("blero_schedules", "cron", "TEXT"), ("blero_schedules", "tz", "TEXT"))
+# New in schema 6 (see _schema_6): whose workers may run a job, and a
+# schedule's runs.  blero_jobs.runner is NULL for a job of enqueue(): any
+# processor that takes its name runs it.  A task's call (and a task's
+# schedule's run) is _TASK_RUNNER's: the processors that name it run it,
+# never one of any name, in any process.  An executor's call is its own,
+# "executor <n>" (the program's n-th executor): only that executor's
+# workers run it (see Executor).
+_RUNNER_COLUMNS = (("blero_jobs", "runner", "TEXT"), ("blero_schedules", "runner", "TEXT"))
+_TASK_RUNNER = "task"
 
 _SCHEMA = """
 CREATE TABLE blero_jobs (
@@ -1154,7 +1264,8 @@ CREATE TABLE blero_jobs (
     error        TEXT,
     dependants   INTEGER NOT NULL DEFAULT 0,
     progress     BLOB,
-    checkpoint   BLOB
+    checkpoint   BLOB,
+    runner       TEXT
 );
 CREATE INDEX blero_jobs_ready ON blero_jobs (priority DESC, id) WHERE state = 0;
 CREATE INDEX blero_jobs_delayed ON blero_jobs (run_at) WHERE state = 1;
@@ -1182,7 +1293,8 @@ CREATE TABLE blero_schedules (
     timeout      REAL,
     job_id       INTEGER,
     cron         TEXT,
-    tz           TEXT
+    tz           TEXT,
+    runner       TEXT
 );
 """ + _FLOW_SCHEMA + ";"
 # blero_owners.takes: the job names the owner's processors take, a JSON array
@@ -1238,11 +1350,13 @@ _RUNNING_IDS = "SELECT id FROM blero_jobs WHERE state = 2 AND owner = ?"
 _PROMOTE = ("UPDATE blero_jobs SET state = 0 WHERE id IN (SELECT id FROM blero_jobs"
             " WHERE state = 1 AND run_at <= ? ORDER BY run_at LIMIT 1000) AND state = 1")
 _NEXT_DELAYED = "SELECT min(run_at) FROM blero_jobs WHERE state = 1"
-_SUSPECT_NAMES = "SELECT DISTINCT name FROM blero_jobs WHERE state = -1"
+_SUSPECT_KINDS = "SELECT DISTINCT name, runner FROM blero_jobs WHERE state = -1"
 _STATE_OF = "SELECT state, owner FROM blero_jobs WHERE id = ?"
 _CANCEL = ("UPDATE blero_jobs SET state = 5, finished_at = ?, owner = NULL"
            " WHERE id = ? AND state BETWEEN -2 AND ?")     # 2: running ones too
 _CLEAR_KEYS = "UPDATE blero_jobs SET key = NULL WHERE id BETWEEN ? AND ?"
+# A call matched with a stored job not started yet: run by the matching run's workers.
+_SET_RUNNER = "UPDATE blero_jobs SET runner = ? WHERE id = ? AND state < 2"
 # (min: a sum past SQLite's largest INTEGER would turn into a REAL)
 _RETRY = ("UPDATE blero_jobs SET state = 0, run_at = ?, finished_at = NULL,"
           " max_attempts = min(attempt + 1 + ?, 9223372036854775807)"
@@ -1322,12 +1436,12 @@ _UPSERT_SCHEDULE = (
     " THEN blero_schedules.next_due"
     " ELSE excluded.next_due END,"
     " priority = excluded.priority, retries = excluded.retries, timeout = excluded.timeout,"
-    " cron = excluded.cron, tz = excluded.tz")
+    " cron = excluded.cron, tz = excluded.tz, runner = excluded.runner")
 _DROP_SCHEDULE = "DELETE FROM blero_schedules WHERE key = ?"
 # Schedules whose next run is due and whose previous run is over.
 _DUE_SCHEDULES = (
     "SELECT s.key, s.name, s.data, s.interval, s.next_due, s.priority, s.retries,"
-    " s.timeout, s.cron, s.tz, s.job_id, j.created_at, j.started_at"
+    " s.timeout, s.cron, s.tz, s.job_id, j.created_at, j.started_at, s.runner"
     " FROM blero_schedules s LEFT JOIN blero_jobs j ON j.id = s.job_id"
     " WHERE s.next_due <= ? AND (j.state IS NULL OR j.state >= 3)")
 _SCHEDULED_RUN = "UPDATE blero_schedules SET next_due = ?, job_id = ? WHERE key = ?"
@@ -1465,12 +1579,23 @@ def _schema_4(db: sqlite3.Connection) -> None:
 
 def _schema_5(db: sqlite3.Connection) -> None:
     """4 -> 5: progress and checkpoints of jobs, cron schedules."""
-    for table, column, kind in _FLOW_COLUMNS:
-        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    _add_columns(db, _FLOW_COLUMNS)
+
+
+def _schema_6(db: sqlite3.Connection) -> None:
+    """5 -> 6: whose workers run a job, and a schedule's runs."""
+    _add_columns(db, _RUNNER_COLUMNS)
+
+
+def _add_columns(db, columns, ddl: Callable[[str], str] = str) -> None:
+    """Add the (table, column, type) `columns`; `ddl` makes each statement
+    the engine's."""
+    for table, column, kind in columns:
+        db.execute(ddl(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
 
 
 _UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2, _schema_3,
-                                                              _schema_4, _schema_5)
+                                                              _schema_4, _schema_5, _schema_6)
 
 
 # On read-only storage no upgrade can be written: _READ_ONLY_VIEWS[n - 1]
@@ -1508,8 +1633,18 @@ def _schema_4_views(db: sqlite3.Connection) -> None:
 def _schema_5_views(db: sqlite3.Connection) -> None:
     """4 as 5: no progress, no checkpoints, no cron schedules (over the views
     of older schemas, where a file of one shows these tables as views)."""
+    _added_views(db, _FLOW_COLUMNS)
+
+
+def _schema_6_views(db: sqlite3.Connection) -> None:
+    """5 as 6: no job or schedule is a task's or an executor's (as then)."""
+    _added_views(db, _RUNNER_COLUMNS)
+
+
+def _added_views(db: sqlite3.Connection, columns) -> None:
+    """blero_jobs and blero_schedules with the (table, column, type) `columns` NULL."""
     for table in ("blero_jobs", "blero_schedules"):
-        more = "".join(f", NULL AS {c}" for t, c, _ in _FLOW_COLUMNS if t == table)
+        more = "".join(f", NULL AS {c}" for t, c, _ in columns if t == table)
         view = db.execute("SELECT sql FROM temp.sqlite_master WHERE name = ?",
                           (table,)).fetchall()
         source = f"main.{table}"
@@ -1522,7 +1657,8 @@ def _schema_5_views(db: sqlite3.Connection) -> None:
 _READ_ONLY_VIEWS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_2_views,
                                                                       _schema_3_views,
                                                                       _schema_4_views,
-                                                                      _schema_5_views)
+                                                                      _schema_5_views,
+                                                                      _schema_6_views)
 
 
 def _uri(path: str, mode: str) -> str:
@@ -1662,6 +1798,16 @@ def _owner_alive(real: str, owner: int) -> bool | None:
             return True
         fcntl.lockf(entry[0], fcntl.LOCK_UN, 1, owner)
         return False
+
+
+def _takes_cond(n: int, m: int, mark: Callable[[int], str]) -> str:
+    """What a claim's SELECT adds to take a job of n names and one runner
+    (0: any name but m others, of no runner), its i-th parameter `mark(i)`."""
+    if n:
+        return (f" AND name IN ({', '.join(mark(i) for i in range(n))})"
+                f" AND (runner IS NULL OR runner = {mark(n)})")
+    return " AND runner IS NULL" + (
+        f" AND name NOT IN ({', '.join(mark(i) for i in range(m))})" if m else "")
 
 
 class _Op:
@@ -2157,17 +2303,25 @@ class _SQLiteStorage(_Storage):
             raise
         finally:
             with self._mutex:
-                if op is not None:
-                    op.turn = False
-                    if op in self._queue:   # given the turn as a Ctrl-C came
-                        self._queue.remove(op)
+                if op is not None and op in self._queue:    # given the turn as a Ctrl-C came
+                    self._queue.remove(op)
+                # `op.turn` is cleared in the step that passes the turn on,
+                # with no call between: a Ctrl-C comes before (the caller
+                # hands over again) or after, never between.
                 if self._queue:
-                    self._queue[0].turn = True
-                    self._queue[0].lock.release()
+                    following = self._queue[0]
+                    following.turn = True
+                    if op is not None:
+                        op.turn = False
+                    following.lock.release()
                 elif self._closer is not None and self._closer.lock is not None:
+                    if op is not None:
+                        op.turn = False
                     self._closer.lock.release()
                 else:
                     self._leading = False
+                    if op is not None:
+                        op.turn = False
 
     def _commit(self, own: _Op, batch: list[_Op] | None = None) -> None:
         """Lead one transaction for `batch`, or every write queued, then wake
@@ -2504,32 +2658,31 @@ class _SQLiteStorage(_Storage):
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()) -> _Claimed:
+                         exclude: frozenset = frozenset(),
+                         runner: str | None = None) -> _Claimed:
         recorded = False
         if (claim and not suspect and finish is not None and finish.state == _COMPLETE
                 and self._returning and not self._held):
-            recorded, row = self._write(self._complete_and_claim, finish, owner, names,
-                                        exclude, alone=True)
+            recorded, row = self._write(self._complete_and_claim, finish, owner,
+                                        (names, exclude, runner), alone=True)
             if row is not None:
                 return _Claimed(recorded, row, None)
-            # Nothing claimed: no job ready (of these names), a pause or a
+            # Nothing claimed: no job ready (that it takes), a pause or a
             # limit stored, or a job with dependants finished (then nothing
             # was done): the usual way, for what is left.
             if recorded:
                 finish = None
         done = self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
-                           exclude)
+                           exclude, runner)
         self._held = done.held
         return done._replace(recorded=True) if recorded else done
 
-    def _complete_and_claim(self, db, finish, owner, names, exclude):
+    def _complete_and_claim(self, db, finish, owner, takes):
         """_COMPLETE_AND_CLAIM: whether the try was recorded, and the job claimed or None."""
-        n, m, params = self._claim_params(names, exclude)
+        n, m, params = self._claim_params(takes)
         sql = self._complete_sql.get((n, m))
         if sql is None:
-            cond = (f" AND name IN ({', '.join(f'?{13 + i}' for i in range(n))})" if n
-                    else f" AND name NOT IN ({', '.join(f'?{13 + i}' for i in range(m))})"
-                    if m else "")
+            cond = _takes_cond(n, m, lambda i: f"?{13 + i}")
             sql = self._complete_sql[n, m] = _COMPLETE_AND_CLAIM.format(
                 next=_NEXT_READY.format(state=_READY, names=cond, held=_NOTHING_HELD))
         rows = db.execute(sql, finish + (owner, time.time()) + params).fetchall()
@@ -2537,7 +2690,7 @@ class _SQLiteStorage(_Storage):
         return len(rows) > len(claimed), _Claim._make(claimed[0]) if claimed else None
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
-                          exclude=frozenset()):
+                          exclude=frozenset(), runner=None):
         now = time.time()
         recorded, wake, delayed, due, cancelled = False, (), None, None, 0
         if finish is not None:
@@ -2550,26 +2703,26 @@ class _SQLiteStorage(_Storage):
                 wake, delayed, cancelled = self._ended(db, finish.id, finish.state, now)
         if not claim:
             return _Claimed(recorded, None, None, wake, delayed, False, None, cancelled)
-        row, held, blocked = self._claim(db, owner, names, suspect, now, exclude), False, ()
+        takes = (names, exclude, runner)
+        row, held, blocked = self._claim(db, owner, takes, suspect, now), False, ()
         if row is None:
             controls = db.execute(_CONTROLS).fetchall()
             if controls:
                 held = True
-                row, due, blocked = self._claim_held(db, owner, names, suspect, now, exclude,
-                                                     controls)
+                row, due, blocked = self._claim_held(db, owner, takes, suspect, now, controls)
         left = None
         if suspect and row is None:
             # Suspects held back by a pause or a limit hold nothing else up
             # (see _CrashGuard): they are run alone once they may run.
-            left = frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)
-                             if blocked is not None and r[0] not in blocked)
+            left = frozenset(kind for kind in map(tuple, db.execute(_SUSPECT_KINDS))
+                             if blocked is not None and kind[0] not in blocked)
         return _Claimed(recorded, row, left, wake, delayed, held, due, cancelled)
 
-    def _claim(self, db, owner, names, suspect, now, exclude, blocked=None) -> _Claim | None:
-        """Claim the next job of `names` (None: any but those in `exclude`)
-        while nothing is held, or, given the names `blocked` (paused or at a
-        limit), one of another."""
-        n, m, params = self._claim_params(names, exclude)
+    def _claim(self, db, owner, takes, suspect, now, blocked=None) -> _Claim | None:
+        """Claim the next job that `takes` (names, exclude, runner: as
+        finish_and_claim's) while nothing is held, or, given the names
+        `blocked` (paused or at a limit), one of another."""
+        n, m, params = self._claim_params(takes)
         if blocked is None:
             sql = self._claim_statements(n, suspect, m)
         else:
@@ -2583,7 +2736,7 @@ class _SQLiteStorage(_Storage):
             return _Claim._make(db.execute(_JOB_BY_ID, (found[0][0],)).fetchall()[0])
         return None
 
-    def _claim_held(self, db, owner, names, suspect, now, exclude, controls):
+    def _claim_held(self, db, owner, takes, suspect, now, controls):
         """The claim while pauses or limits are stored: the names paused or at
         their limit are left out.  (The transaction holds SQLite's one write
         lock, so no other claim comes between the counts and the claim.)
@@ -2591,6 +2744,7 @@ class _SQLiteStorage(_Storage):
         look at them afresh once they hold it (see _PostgresStorage).
         Returns the claim or None, when a rate limit lets one more start, and
         the names left out (None: all of them, everything is paused)."""
+        names = takes[0]
         if self._held_lock is not None:    # on a server: the counts and the claim, alone
             db.execute(self._held_lock)
             controls = db.execute(_CONTROLS).fetchall()     # as they are now
@@ -2618,28 +2772,31 @@ class _SQLiteStorage(_Storage):
                     windows[name] = window
         if names is not None and names <= set(blocked):
             return None, until, blocked
-        row = self._claim(db, owner, names, suspect, now, exclude, blocked)
+        row = self._claim(db, owner, takes, suspect, now, blocked)
         if row is not None and row.name in windows:
             db.execute(_PRUNE_STARTS, (row.name, now - windows[row.name]))
             db.execute(_ADD_START, (row.name, now))
         return row, until, blocked
 
     @staticmethod
-    def _claim_params(names, exclude) -> tuple[int, int, tuple]:
-        """How many names a claim takes (n) or leaves out (m), and them."""
+    def _claim_params(takes) -> tuple[int, int, tuple]:
+        """How many names a claim that `takes` (names, exclude, runner)
+        takes (n) or leaves out (m), and its parameters: those names (and
+        the runner), or those left out."""
+        names, exclude, runner = takes
         n = len(names) if names else 0
         m = 0 if n else len(exclude)
-        return n, m, tuple(names) if n else tuple(exclude)
+        return n, m, (tuple(names) + (_TASK_RUNNER if runner is None else runner,) if n
+                      else tuple(exclude))
 
     def _claim_statements(self, n: int, suspect: bool = False, m: int = 0,
                           blocked: int | None = None) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
-        n names (0: any name but m others): while nothing is held (`blocked`
-        None), or leaving out `blocked` names."""
+        n names and one runner (0: any name but m others, of no runner):
+        while nothing is held (`blocked` None), or leaving out `blocked` names."""
         sql = self._claim_sql.get((n, suspect, m, blocked))
         if sql is None:
-            cond = (f" AND name IN ({', '.join('?' * n)})" if n
-                    else f" AND name NOT IN ({', '.join('?' * m)})" if m else "")
+            cond = _takes_cond(n, m, lambda i: "?")
             held = (self._nothing_held if blocked is None else
                     f" AND name NOT IN ({', '.join('?' * blocked)})" if blocked else "")
             state = _SUSPECT if suspect else _READY
@@ -2685,8 +2842,8 @@ class _SQLiteStorage(_Storage):
             for i, dep in found])
         return len(found)
 
-    def suspect_names(self) -> frozenset:
-        return self._read(lambda db: frozenset(r[0] for r in db.execute(_SUSPECT_NAMES)))
+    def suspect_kinds(self) -> frozenset:
+        return self._read(lambda db: frozenset(map(tuple, db.execute(_SUSPECT_KINDS))))
 
     def release(self, owner: int, outcome: Callable[[_Claim], _Finish], drop_owner: bool,
                 started: set[tuple[int, int]] | None = None,
@@ -2752,16 +2909,17 @@ class _SQLiteStorage(_Storage):
         # Never waits for a write under way (waking a waiter on every commit
         # would cost each writer a thread hand-off): that write's leader
         # looks when it is done, and the answer comes with the next call.
-        with self._mutex:
-            busy = self._leading or self._closer is not None
-            if busy:
-                self._look_wanted = True
-            else:
-                self._leading = True
-        if not busy:
-            try:
+        took = False
+        try:    # (from here: a Ctrl-C never leaves the turn taken)
+            with self._mutex:
+                if self._leading or self._closer is not None:
+                    self._look_wanted = True
+                else:
+                    self._leading = took = True
+            if took:
                 self._look()
-            finally:
+        finally:
+            if took:
                 self._hand_over()
         changed, self._changed = self._changed, False
         return changed
@@ -2803,6 +2961,9 @@ class _SQLiteStorage(_Storage):
             else:
                 runs.append([i, i])
         self._write(lambda db: db.executemany(_CLEAR_KEYS, runs))
+
+    def run_by(self, ids: list[int], runner: str | None) -> None:
+        self._write(lambda db: db.executemany(_SET_RUNNER, [(runner, i) for i in ids]))
 
     def retry_failed(self, ids: Iterable[int] | None, retries: int, now: float) -> int:
         params = ([(now, retries, None, None)] if ids is None
@@ -3010,7 +3171,7 @@ class _SQLiteStorage(_Storage):
 # connections, liveness by advisory locks, LISTEN/NOTIFY, claims that skip
 # rows another transaction has locked.
 
-_PG_SCHEMA_VERSION = 4       # blero_meta.version this blero.py writes and reads
+_PG_SCHEMA_VERSION = 5       # blero_meta.version this blero.py writes and reads
 _PG_DEFAULT_SCHEMA = "blero"  # where the tables are when `schema=` is not given
 _PG_POOL = 4                 # connections for reads and writes, besides the owner's own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
@@ -3046,7 +3207,8 @@ _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_
 _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
 # Statements whose changes other processes act on at once: they NOTIFY.
 _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM,
-                       _FINISH_UNWAITED, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
+                       _FINISH_UNWAITED, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT,
+                       _SET_RUNNER))
 
 
 # _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
@@ -3088,11 +3250,16 @@ def _pg_schema_3(db) -> None:
 
 def _pg_schema_4(db) -> None:
     """3 -> 4: progress and checkpoints of jobs, cron schedules, as the file's schema 5."""
-    for table, column, kind in _FLOW_COLUMNS:
-        db.execute(_pg_ddl(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+    _add_columns(db, _FLOW_COLUMNS, _pg_ddl)
 
 
-_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2, _pg_schema_3, _pg_schema_4)
+def _pg_schema_5(db) -> None:
+    """4 -> 5: whose workers run a job, and a schedule's runs, as the file's schema 6."""
+    _add_columns(db, _RUNNER_COLUMNS, _pg_ddl)
+
+
+_PG_UPGRADES: tuple[Callable[[Any], None], ...] = (_pg_schema_2, _pg_schema_3, _pg_schema_4,
+                                                   _pg_schema_5)
 
 
 def _is_server(target) -> bool:
@@ -3243,15 +3410,15 @@ class _Unanswered:
         """Cut `conn` if a statement in this block gets no answer in time;
         yields its `_Watched` (`cut` is True once it was cut)."""
         call = _Watched(conn)
-        with self._lock:
-            self._next += 1
-            call.key = self._next
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="blero-pg-deadlines")
-                self._thread.start()
-            self._add(call, 0.0)
-        try:
+        try:    # (from here: a Ctrl-C never leaves the call watched)
+            with self._lock:
+                self._next += 1
+                call.key = self._next
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name="blero-pg-deadlines")
+                    _start_thread(self._thread)
+                self._add(call, 0.0)
             yield call
         finally:
             with self._lock:
@@ -3329,11 +3496,14 @@ class _PostgresStorage(_Storage):
     timeout, so that a lost server is an error, never a hang.
 
     The locking rules, all of them:
-    - `_slots` (a semaphore) bounds the connections in use; a call waits on
-      it for at most `_PG_POOL_WAIT` seconds.  `_mutex` guards `_idle` (the
+    - `_using` (a token of each call using a connection, added under
+      `_mutex`) bounds the connections in use; a call waits on `_freed` for
+      at most `_PG_POOL_WAIT` seconds.  `_mutex` guards `_idle` (the
       connections not in use) and `_closed`, held for a list operation only;
       every I/O runs on a connection taken out of `_idle`, owned by one
-      thread until it is put back.
+      thread until it is put back.  A Ctrl-C may cut a call short anywhere
+      (see _Bell): its token and connection are given back all the same,
+      and a connection whose command it interrupted is closed.
     - The owner's connection belongs to its listener thread alone once
       started (`_listen`); other threads talk to it through `_wake_w` and
       flags (`_changed`, `_lost`), which are plain attributes set in one
@@ -3361,7 +3531,8 @@ class _PostgresStorage(_Storage):
         self._channel = '"' + ("blero_" + schema)[:63] + '"'
         self._token = secrets.token_hex(8)   # our own NOTIFYs' payload: not news to us
         self._lease = lease
-        self._slots = threading.BoundedSemaphore(_PG_POOL)
+        self._using: set[object] = set()
+        self._freed = _Bell()   # rung when a call gives its connection back
         self._mutex = threading.Lock()
         self._idle: list = []
         self._closed = False
@@ -3421,21 +3592,28 @@ class _PostgresStorage(_Storage):
             raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
         return conn
 
-    def _take(self):
-        if not self._slots.acquire(timeout=_PG_POOL_WAIT):
-            raise BleroError(f"{self.path}: all {_PG_POOL} connections stayed busy for "
-                             f"{_PG_POOL_WAIT:.0f} s")
-        try:
+    def _take(self, token: object):
+        """A connection for the call `token`, once fewer than `_PG_POOL`
+        are in use; called inside the `try` whose `finally` is `_put(token, ...)`."""
+        end = time.monotonic() + _PG_POOL_WAIT
+        while True:
+            woken = self._freed.sleeper()
             with self._mutex:
                 if self._closed:
                     raise BleroError(f"{self.path}: the queue is stopped")
-                conn = self._idle.pop() if self._idle else None
-            return conn if conn is not None else self._connect()
-        except BaseException:
-            self._slots.release()
-            raise
+                if len(self._using) < _PG_POOL:
+                    self._using.add(token)
+                    conn = self._idle.pop() if self._idle else None
+                    break
+            if time.monotonic() >= end:
+                self._freed.forget(woken)
+                raise BleroError(f"{self.path}: all {_PG_POOL} connections stayed busy "
+                                 f"for {_PG_POOL_WAIT:.0f} s")
+            self._freed.sleep(woken, end - time.monotonic())
+        self._freed.forget(woken)
+        return conn if conn is not None else self._connect()
 
-    def _put(self, conn) -> None:
+    def _put(self, token: object, conn) -> None:
         try:
             if conn is not None and not conn.closed and not conn.broken:
                 with self._mutex:
@@ -3446,7 +3624,8 @@ class _PostgresStorage(_Storage):
                 with contextlib.suppress(Exception):
                     conn.close()
         finally:
-            self._slots.release()
+            self._using.discard(token)
+            self._freed.ring()
 
     def _run(self, write: bool, fn, args):
         """Run `fn(session, *args)` on a pooled connection: in one
@@ -3458,9 +3637,11 @@ class _PostgresStorage(_Storage):
         (see _Unanswered) is an error at once."""
         psycopg = _psycopg()
         for again in (True, False):
-            conn = self._take()
-            session = _PGSession(conn, self._schema_sql)
+            conn = session = None
+            me = object()
             try:
+                conn = self._take(me)
+                session = _PGSession(conn, self._schema_sql)
                 with _unanswered.watch(conn) as session.watched:
                     if not write:
                         return fn(session, *args)
@@ -3486,8 +3667,15 @@ class _PostgresStorage(_Storage):
                 if again and broken and (not session.began or not write):
                     continue
                 raise BleroError(f"{self.path}: {str(exc).strip()}") from exc
+            except BaseException as exc:
+                if not isinstance(exc, Exception) and conn is not None:
+                    # A Ctrl-C, say, maybe in the midst of a command: what the
+                    # connection is doing is unknown, so it is not reused.
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                raise
             finally:
-                self._put(conn)
+                self._put(me, conn)
 
     def _write(self, fn, *args):
         return self._run(True, fn, args)
@@ -3635,13 +3823,13 @@ class _PostgresStorage(_Storage):
 
     def finish_and_claim(self, finish: _Finish | None, owner: int,
                          names: frozenset | None, claim: bool, suspect: bool = False,
-                         exclude: frozenset = frozenset()
+                         exclude: frozenset = frozenset(), runner: str | None = None
                          ) -> tuple[bool, _Claim | None, frozenset | None]:
         with self._claims:
             self._claiming[owner] = self._claiming.get(owner, 0) + 1
         try:
             return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
-                               exclude)
+                               exclude, runner)
         finally:
             with self._claims:
                 self._claiming[owner] -= 1
@@ -3799,12 +3987,13 @@ _PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_p
               "_claim_held", "_ended", "_cancel_down", "sweep_slice", "_sweep",
               "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
-              "suspect_names", "unclaim",
+              "suspect_kinds", "unclaim",
               "_release", "running_ids", "promote", "_promote", "next_delayed", "heartbeat",
               "owners", "running_by_owner", "cancel", "_cancel", "retry_failed", "upsert_schedule",
               "drop_schedule", "schedules", "run_schedules", "_run_schedules", "get", "outcome",
               "pending_in_run_order", "counts", "finished_since", "outstanding",
-              "pending_by_name", "_claim_statements", "list", "clear_keys", "outcomes")
+              "pending_by_name", "_claim_statements", "list", "clear_keys", "run_by",
+              "outcomes")
 for _name in _PG_SHARED:
     setattr(_PostgresStorage, _name, _SQLiteStorage.__dict__[_name])
 del _name
@@ -3829,24 +4018,23 @@ _PROGRESS_EVERY = 0.5  # seconds between stores of the running tries' progress
 _STORAGE_RETRY = 0.5   # seconds a worker waits after a storage failure
 
 
-class _Changes(threading.Condition):
-    """What `wait` and `join` sleep on until jobs may have ended.
+class _Changes(_Bell):
+    """What `wait` and `join` sleep on until jobs may have ended: a sleeper
+    made before a look is woken by any change after it.
 
-    One finished job concerns only `wait` callers (`watchers` counts them), so
-    the workers' hot path notifies nobody when none is waiting; `join` is
-    woken when workers run out of work, and polls besides."""
+    One finished job concerns only `wait` callers (`watchers` holds a token
+    of each), so the workers' hot path wakes nobody when none is waiting;
+    `join` is woken when workers run out of work, and polls besides."""
 
     def __init__(self):
         super().__init__()
-        self.watchers = 0
+        self.watchers: set[object] = set()
 
     def job_ended(self) -> None:
         if self.watchers:
-            self.wake()
+            self.ring()
 
-    def wake(self) -> None:
-        with self:
-            self.notify_all()
+    wake = _Bell.ring
 
 
 class _Throttle:
@@ -3881,15 +4069,18 @@ class _Throttle:
 
 class _Processor:
     """A registered processor: the callable, the job names it takes, how
-    many workers run it (a task's concurrency), and what other processes
-    are told it is (`label`: a task, an executor, or the function's name)."""
+    many workers run it (a task's concurrency), what other processes are
+    told it is (`label`: a task, an executor, or the function's name), and
+    for an executor's, whose calls it runs (`runner`, see _TASK_RUNNER)."""
 
-    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label")
+    __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label",
+                 "runner")
 
-    def __init__(self, id, fn, names, concurrency=1, label=None):
+    def __init__(self, id, fn, names, concurrency=1, label=None, runner=None):
         self.id = id
         self.fn = fn
         self.label = label or _fn_name(fn)
+        self.runner = runner
         self.names = names
         # With names None: the names it does not take after all, those of
         # the tasks (a processor of any name takes no task's jobs).
@@ -3995,7 +4186,9 @@ class _CrashGuard:
     try.  A suspect whose try ends is an ordinary job from then on.  The
     turn (and the wait of the rest) ends when its worker finds no suspect
     it accepts; suspects that only other workers accept are then theirs.
-    Suspects that no worker here accepts hold nothing up.  (Each process
+    Suspects that no worker here accepts hold nothing up.  (What a worker
+    accepts is told by a suspect's name and runner, as its claims do: see
+    _Worker.claims.)  (Each process
     on the file runs the suspects it takes alone the same way.)
 
     `active` is read without the lock on every claim, so a claim costs
@@ -4011,7 +4204,7 @@ class _CrashGuard:
         self.lock = threading.Lock()
         self.active = False                  # some queue here has suspects to run
         self.runner: _Worker | None = None   # the worker whose turn it is
-        self._queues: dict[_Dispatcher, frozenset] = {}   # running -> suspects' names
+        self._queues: dict[_Dispatcher, frozenset] = {}   # running -> suspects' kinds
 
     def join(self, d: _Dispatcher) -> None:
         with self.lock:
@@ -4026,12 +4219,12 @@ class _CrashGuard:
         if wake:
             self.wake_all()
 
-    def noted(self, d: _Dispatcher, names: frozenset) -> None:
-        """`d`'s file has suspects of these names now."""
+    def noted(self, d: _Dispatcher, kinds: frozenset) -> None:
+        """`d`'s file has suspects of these kinds (name, runner) now."""
         with self.lock:
-            if self._queues.get(d, names) == names:
+            if self._queues.get(d, kinds) == kinds:
                 return          # stopped, or nothing new
-            self._queues[d] = names
+            self._queues[d] = kinds
             wake = self._update()
         if wake:
             self.wake_all()
@@ -4058,7 +4251,7 @@ class _CrashGuard:
             elif self.runner is worker:
                 turn = True     # its turn goes on until it finds no suspect
             elif (self.runner is None
-                    and any(worker.accepts(n) for n in self._queues.get(worker.dispatcher, ()))
+                    and any(worker.claims(*k) for k in self._queues.get(worker.dispatcher, ()))
                     and not any(w.holding for q in self._queues for w in list(q._workers)
                                 if w is not worker)):
                 self.runner = worker
@@ -4071,15 +4264,15 @@ class _CrashGuard:
             self.wake_all()
         return turn
 
-    def released(self, worker: _Worker, names: frozenset) -> None:
-        """The turn's worker found no suspect it accepts; `names` are the
-        suspects left in its file."""
+    def released(self, worker: _Worker, kinds: frozenset) -> None:
+        """The turn's worker found no suspect it accepts; `kinds` are those
+        of the suspects left in its file."""
         with self.lock:
             if self.runner is worker:
                 self.runner = None
             d = worker.dispatcher
             if d in self._queues:
-                self._queues[d] = names
+                self._queues[d] = kinds
             wake = self._update()
         if wake:
             self.wake_all()
@@ -4102,9 +4295,9 @@ class _CrashGuard:
         # A suspect running is no longer in the file as one: its turn keeps
         # the rest waiting until it ends.
         self.active = self.runner is not None or any(
-            w.accepts(n) for d, names in self._queues.items() if names
+            w.claims(*k) for d, kinds in self._queues.items() if kinds
             for w in list(d._workers) if not (w.processor.retired or w.abandoned)
-            for n in names)
+            for k in kinds)
         return self.active or was
 
 
@@ -4118,7 +4311,7 @@ class _Worker:
                  outcome: _Outcome | None = None):
         self.dispatcher = dispatcher
         self.processor = processor
-        self.wake = threading.Event()
+        self.wake = _Event()    # set by enqueue() and stop(), maybe from the main thread
         self.lock = threading.Lock()   # guards job and abandoned
         self.job: Job | None = None
         self.outcome = outcome          # to record first: a timed-out worker's try
@@ -4131,7 +4324,7 @@ class _Worker:
             target=self._run, name=f"blero-processor-{processor.id}", daemon=True)
 
     def start(self) -> None:
-        self.thread.start()
+        _start_thread(self.thread)
 
     def join(self) -> None:
         self.thread.join()
@@ -4143,6 +4336,14 @@ class _Worker:
     def accepts(self, name: str) -> bool:
         p = self.processor
         return name not in p.exclude if p.names is None else name in p.names
+
+    def claims(self, name: str, runner: str | None) -> bool:
+        """Whether its claims take a job of this name and runner (see
+        _TASK_RUNNER), as finish_and_claim's do."""
+        p = self.processor
+        if p.names is None:
+            return runner is None and name not in p.exclude
+        return name in p.names and runner in (None, p.runner or _TASK_RUNNER)
 
     def finished_try(self) -> bool:
         """The processor returned: busy settling now; False if abandoned."""
@@ -4298,7 +4499,7 @@ class _EventLoop:
         self.io = concurrent.futures.ThreadPoolExecutor(_LOOP_IO_THREADS,
                                                         thread_name_prefix="blero-loop-io")
         self.thread = threading.Thread(target=self._run, name="blero-loop", daemon=True)
-        self.thread.start()
+        _start_thread(self.thread)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -4356,7 +4557,8 @@ class _Dispatcher:
         self._gone = threading.Condition(self._lock)   # notified as workers leave
         self._stop_by = math.inf        # monotonic time the running tries are cut short
         self._keep: _Worker | None = None   # the worker that asked for the stop
-        self.stopped = threading.Event()    # set by Blero once the whole stop is done
+        self.stopped = _Event()     # set by Blero once the whole stop is done
+        self.stop_callers: set[threading.Thread] = set()   # the threads waiting in stop()
         self.stop_awaited = False           # a stop() call waits for it
         self.stop_error: Exception | None = None   # what went wrong in it, for that call
         self._idle: list[_Worker] = []
@@ -4487,7 +4689,9 @@ class _Dispatcher:
                 now, waits = time.monotonic(), []
                 for w in self._workers - cut:
                     by = math.inf if w is self._keep else self._stop_by
-                    if by > now:
+                    # (A thread that a Ctrl-C kept from starting never will:
+                    # cut, as if its time ran out.)
+                    if by > now and w.thread.ident is not None:
                         waits.append(by - now)
                         continue
                     cut.add(w)
@@ -4578,10 +4782,13 @@ class _Dispatcher:
                 woken = []
                 for name, n in collections.Counter(names).items():
                     # Workers limited to some names first: the others can
-                    # take whatever comes next.
-                    able = sorted((w for w in self._idle if w.accepts(name)),
-                                  key=lambda w: w.processor.names is None)
-                    for w in able[:n]:
+                    # take whatever comes next.  An executor's take only
+                    # its own calls: n of each executor's are woken.
+                    able: dict[str | None, list[_Worker]] = {}
+                    for w in sorted((w for w in self._idle if w.accepts(name)),
+                                    key=lambda w: w.processor.names is None):
+                        able.setdefault(w.processor.runner, []).append(w)
+                    for w in itertools.chain.from_iterable(a[:n] for a in able.values()):
                         self._idle.remove(w)
                         woken.append(w)
                     if not self._idle:
@@ -4648,7 +4855,8 @@ class _Dispatcher:
             return None
         p = worker.processor
         done = self.storage.finish_and_claim(
-            outcome and outcome.finish(owner), owner, p.names, claim, suspect, p.exclude)
+            outcome and outcome.finish(owner), owner, p.names, claim, suspect, p.exclude,
+            p.runner)
         recorded, row, left = done.recorded, done.claim, done.suspects_left
         if done.wake or done.held or done.delayed is not None or done.cancelled:
             if suspect and row is None and done.held:
@@ -5093,7 +5301,7 @@ class _Dispatcher:
     def _schedule_row(self, sched: _DueSchedule, now: float) -> _NewJob:
         retries = self.settings.retries if sched.retries is None else sched.retries
         return _NewJob(_READY, sched.priority, now, sched.name, sched.data, 1 + retries,
-                       sched.timeout, None, now)
+                       sched.timeout, None, now, sched.runner)
 
     def _carry_on(self) -> None:
         """When storage lost this owner's liveness (a server's session ended:
@@ -5208,8 +5416,14 @@ class _Dispatcher:
             self._look_for_suspects()
         return total
 
+    def runners_changed(self) -> None:
+        """Stored jobs not started yet got another runner: workers that
+        take them now may be idle, and suspects among them are others'."""
+        self._look_for_suspects()
+        self.work_arrived(None)
+
     def _look_for_suspects(self) -> None:
-        _guard.noted(self, self.storage.suspect_names())
+        _guard.noted(self, self.storage.suspect_kinds())
 
     def hand_back(self, owner: int, drop_owner: bool,
                   started: set[tuple[int, int]] | None = None, given_back: bool = False,
@@ -5296,6 +5510,9 @@ def _call_back(fn, job, value) -> None:
 # ---------------------------------------------------------------------------
 # The public Blero class
 # ---------------------------------------------------------------------------
+
+_BORROW_POLL = 0.005    # seconds between a stop's looks for calls still using storage
+
 
 class _Sparingly:
     """A look that is costly on a big queue (counting pending jobs by name
@@ -5403,10 +5620,13 @@ class Blero:
         self._dispatcher: _Dispatcher | None = None
         self._stop: _Stop | None = None      # the stop under way
         self._signals: _SignalStop | None = None
-        self._borrowed = threading.Condition()   # guards _borrows
-        self._borrows = 0                    # calls using the running storage now
+        self._borrowing = threading.Lock()     # taken to add to _borrows
+        # The calls using the running storage now: a token of each, with
+        # its thread (see _borrow).
+        self._borrows: dict[object, threading.Thread] = {}
         self._processors: dict[int, _Processor] = {}
         self._next_processor = 1
+        self._next_executor = 1     # (its calls' runner: see Executor)
         self._servers: list[_MetricsServer] = []
         self._counters = _Counters()
         self._changed = _Changes()
@@ -5436,6 +5656,7 @@ class Blero:
             storage = self._new_storage()
             storage.open(create=True, check=True)
             owner = _new_owner_id()
+            d = None
             try:
                 storage.hold_owner(owner)
                 presence = _Presence.of(self._processors.values())
@@ -5445,6 +5666,10 @@ class Blero:
                 recovered = d.reap()
                 d.start(self._processors.values())
             except BaseException as exc:
+                if d is not None:   # a Ctrl-C while it started its threads: they go first
+                    with contextlib.suppress(Exception):
+                        d.begin_stop(0, None)
+                        d.stop()
                 storage.release_owner(owner)
                 storage.close()
                 if isinstance(exc, OSError):
@@ -5513,6 +5738,8 @@ class Blero:
             if d is None:
                 return None, False
             own = d.runs_on(me)
+            if not own:     # it uses no storage while in stop(): see _no_borrowers
+                d.stop_callers.add(me)
             if stop is None:
                 d.begin_stop(timeout, own if isinstance(own, _Worker) else None)
             else:
@@ -5520,7 +5747,7 @@ class Blero:
             if stop is None or not stop.claimed:    # (or a Ctrl-C cut its start short)
                 stop = self._stop = _Stop(self, d, self._storage)
                 try:
-                    stop.thread.start()
+                    _start_thread(stop.thread)
                 except RuntimeError:    # the interpreter is exiting (3.12+): no new threads
                     if own:
                         raise
@@ -5542,7 +5769,7 @@ class Blero:
             except BleroError as exc:   # the queue stops all the same
                 log.warning("%s: free space not given back: %s", self._where, exc)
         for step in (lambda: late.extend(d.stop()), *(s.close for s in servers),
-                     self._no_borrowers, give_back,
+                     lambda: self._no_borrowers(d), give_back,
                      lambda: storage.release_owner(d.owner), storage.close):
             try:
                 step()
@@ -5601,9 +5828,13 @@ class Blero:
             signals.restore()
 
     def __enter__(self) -> Blero:
-        if self._dispatcher is None:
-            self.start()
-        return self
+        try:
+            if self._dispatcher is None:
+                self.start()
+            return self
+        except BaseException:   # a Ctrl-C as start() returned: `with` calls no __exit__
+            self.stop(timeout=0)
+            raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # Ctrl-C means "get out now": running jobs are handed back, not awaited.
@@ -5631,27 +5862,37 @@ class Blero:
         (`operating`: to change it, so never on read-only storage)."""
         return _Borrowed(self, operating)
 
-    def _borrow(self) -> _Storage | None:
-        """The running queue's storage, kept open until `_unborrow()`; None
-        when the queue is stopped or stopping (then a call opens the file)."""
-        with self._borrowed:
+    def _borrow(self, token: object) -> _Storage | None:
+        """The running queue's storage, kept open while `token` is in
+        `_borrows`; None when the queue is stopped or stopping (then a call
+        opens the file).
+
+        A Ctrl-C may raise in the caller's thread between any two calls,
+        so the caller calls this inside its `try` and pops its token in the
+        `finally` (or `except`) with no call before the pop: whatever comes
+        where, the token is never left behind by one KeyboardInterrupt."""
+        with self._borrowing:
             storage = self._storage
             if storage is None or self._stop is not None:
                 return None
-            self._borrows += 1
+            self._borrows[token] = threading.current_thread()
             return storage
 
-    def _unborrow(self) -> None:
-        with self._borrowed:
-            self._borrows -= 1
-            self._borrowed.notify_all()
-
-    def _no_borrowers(self) -> None:
+    def _no_borrowers(self, d: _Dispatcher) -> None:
         """Wait until no call uses the running storage (a stop has begun, so
-        none can start to)."""
-        with self._borrowed:
-            while self._borrows:
-                self._borrowed.wait()
+        none can start to).  A token of a thread that is in stop() or has
+        ended is not waited for: such a thread uses no storage, so a Ctrl-C
+        (a second one, in the midst of the first's cleanup) left it behind."""
+        while True:
+            with self._borrowing:
+                using = [t for t in self._borrows.values()
+                         if t.is_alive() and t not in d.stop_callers]
+                if not using:
+                    self._borrows.clear()
+                    return
+            # Polled, not notified: a borrower may be the main thread,
+            # where no notifying is safe from a Ctrl-C (see _Bell).
+            time.sleep(_BORROW_POLL)
 
     # -- processors ------------------------------------------------------------------
 
@@ -5677,13 +5918,14 @@ class Blero:
 
     def _add_processor(self, fn, names: frozenset | None, concurrency: int = 1,
                        task_names: Iterable[str] = (), replaces: int | None = None,
-                       label: str | None = None) -> _Processor:
+                       label: str | None = None, runner: str | None = None) -> _Processor:
         """Register a processor of `concurrency` workers; `task_names` are
         the names of task jobs it takes (kept from processors of any name);
         `replaces`: the id of a processor it takes the place of; `label`:
-        what it is, for other processes to see (default: fn's name)."""
+        what it is, for other processes to see (default: fn's name);
+        `runner`: the executor whose calls it runs (see _TASK_RUNNER)."""
         with self._lock:
-            p = _Processor(self._next_processor, fn, names, concurrency, label)
+            p = _Processor(self._next_processor, fn, names, concurrency, label, runner)
             self._next_processor += 1
             old = self._processors.pop(replaces, None)
             self._processors[p.id] = p
@@ -5816,8 +6058,11 @@ class Blero:
                 blob = _dumps(self._settings.serializer, data)
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
+        # A job of a task's name is the task's call: no processor of any
+        # name takes it, here or elsewhere.
         return _NewJob(_DELAYED if when > now else _READY, priority, when, name, blob,
-                       1 + retries, timeout, key, now)
+                       1 + retries, timeout, key, now,
+                       _TASK_RUNNER if name in self._tasks else None)
 
     # -- waiting ---------------------------------------------------------------------
 
@@ -5885,34 +6130,37 @@ class Blero:
         changes, opened = self._changed, None
         running = self._storage     # its file is the one to look at, even after it stops
         pinned = None if running is None else running.real
-        with changes:
-            changes.watchers += watcher
-            try:
-                while True:
-                    storage = self._borrow()
-                    try:
-                        if storage is None:
-                            if opened is None:
-                                opened = self._new_storage(pinned)
-                                opened.open(create=False)
-                            found = look(opened)
-                        else:
-                            found = look(storage)
-                    finally:
-                        if storage is not None:
-                            self._unborrow()
-                    if found is not None:
-                        return found
-                    wait = _POLL
-                    if deadline is not None:
-                        wait = min(wait, deadline - time.monotonic())
-                        if wait <= 0:
-                            return None
-                    changes.wait(wait)
-            finally:
-                changes.watchers -= watcher
-                if opened is not None:
-                    opened.close()
+        me = object()   # this call, in _borrows and among the watchers
+        try:
+            if watcher:
+                changes.watchers.add(me)
+            while True:
+                woken = changes.sleeper()   # first: a change during the look wakes it
+                try:
+                    storage = self._borrow(me)
+                    if storage is None:
+                        if opened is None:
+                            opened = self._new_storage(pinned)
+                            opened.open(create=False)
+                        found = look(opened)
+                    else:
+                        found = look(storage)
+                finally:
+                    self._borrows.pop(me, None)     # (no call before it: see _borrow)
+                if found is not None:
+                    changes.forget(woken)
+                    return found
+                wait = _POLL
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        changes.forget(woken)
+                        return None
+                changes.sleep(woken, wait)
+        finally:
+            changes.watchers.discard(me)
+            if opened is not None:
+                opened.close()
 
     # -- inspecting ------------------------------------------------------------------
 
@@ -6050,7 +6298,7 @@ class Blero:
         with self._store(operating=True) as storage:
             storage.upsert_schedule(_Schedule(key, name, row.data, interval, first,
                                               row.priority, options.get("retries"),
-                                              row.timeout, cron, tz))
+                                              row.timeout, cron, tz, row.runner))
         d = self._dispatcher
         if d is not None:
             d.schedules_changed()
@@ -6190,8 +6438,14 @@ class Blero:
 
     def executor(self, max_workers: int = 5) -> Executor:
         """A `concurrent.futures.Executor` whose calls are jobs of this queue,
-        run by `max_workers` workers: resumable after a crash."""
+        run by `max_workers` workers of its own: resumable after a crash."""
         return Executor(self, max_workers)
+
+    def _executor_runner(self) -> str:
+        """The runner of the next executor made: the program's n-th."""
+        with self._lock:
+            n, self._next_executor = self._next_executor, self._next_executor + 1
+        return f"executor {n}"
 
     def future(self, job_id: int) -> JobFuture:
         """A JobFuture of any stored job (also one of another run or
@@ -6229,12 +6483,13 @@ class Blero:
             self.enqueue_many, list(jobs), connection=connection))
 
     def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
-                       resumable: bool = False, waiter: Callable | None = None
-                       ) -> list[JobFuture]:
+                       resumable: bool = False, waiter: Callable | None = None,
+                       runner: str = _TASK_RUNNER) -> list[JobFuture]:
         """Store a job per call (args, kwargs) of the task `name`; return
         their futures (or what `waiter(job_id)` makes for each, Task.map's
         lighter `_MapCall`s).  `resumable`: each call is matched with the
-        stored job of the same call of a run that did not finish (see _Calls)."""
+        stored job of the same call of a run that did not finish (see _Calls).
+        `runner`: whose workers run them (an executor's, or a task's)."""
         d = self._running()
         connection = options.get("connection")
         if resumable and connection is not None:
@@ -6258,12 +6513,14 @@ class Blero:
             except Exception as exc:
                 raise TypeError(f"cannot serialize the data of job {name!r}: {exc}") from exc
         keys = self._calls.keys(name, blobs) if resumable else [first.key] * len(blobs)
-        state, priority, run_at, _, _, attempts, timeout, _, now = first
-        rows = [_NewJob(state, priority, run_at, name, blob, attempts, timeout, key, now)
+        state, priority, run_at, _, _, attempts, timeout, _, now, _ = first
+        rows = [_NewJob(state, priority, run_at, name, blob, attempts, timeout, key, now, runner)
                 for blob, key in zip(blobs, keys)]
         deps = _after(options.get("after"))
         futures: list[JobFuture] = []
-        with self._futures.expecting():
+        me = object()
+        try:
+            self._futures.expecting.add(me)
             # Slices of growing size, a commit each: the workers start on the
             # first while the rest are stored.  (Every call was checked
             # above: a bad one stored nothing.)
@@ -6273,11 +6530,13 @@ class Blero:
                                                waiter or functools.partial(JobFuture, self),
                                                deps)
                 i, size = i + size, min(size * 2, _CALLS_SLICE_MAX)
+        finally:
+            self._futures.expecting.discard(me)
         return futures
 
     def _enqueue_slice(self, d: _Dispatcher, rows: list[_NewJob], connection: Any,
                        waiter: Callable, deps: tuple[int, ...] = ()) -> list[JobFuture]:
-        """Store these calls' jobs (under `_futures.expecting()`), each
+        """Store these calls' jobs (while in `_futures.expecting`), each
         waiting on the jobs `deps` names; their futures."""
         ids, stored = d.enqueue(rows, connection, [deps] * len(rows) if deps else None)
         futures = [waiter(i) for i in ids]
@@ -6299,6 +6558,11 @@ class Blero:
             else:
                 going.append(futures[k])
         self._futures.add(going)
+        if going:
+            # Those not started yet are run by this run's workers (its
+            # executor's), whoever made them.
+            d.storage.run_by([f.id for f in going], rows[0].runner)
+            d.runners_changed()
         if again:
             d.storage.clear_keys([ids[k] for k in again if ids[k] in found])
             new_ids, _ = d.enqueue([rows[k] for k in again], None,
@@ -6372,24 +6636,27 @@ class _Borrowed:
     def __init__(self, blero: Blero, operating: bool = False):
         self._blero = blero
         self._operating = operating
-        self._opened = self._borrowed = None
+        self._opened = None
 
     def __enter__(self) -> _Storage:
-        storage = self._borrowed = self._blero._borrow()
-        if storage is None:
-            storage = self._blero._new_storage()
-            storage.open(create=False)
-            if self._operating and storage.read_only is not None:
-                # Refused whatever it would change: even a sweep with
-                # nothing to delete says it cannot operate here.
-                storage.close()
-                storage.writable()
-            self._opened = storage
-        return storage
+        try:
+            storage = self._blero._borrow(self)
+            if storage is None:
+                storage = self._blero._new_storage()
+                storage.open(create=False)
+                if self._operating and storage.read_only is not None:
+                    # Refused whatever it would change: even a sweep with
+                    # nothing to delete says it cannot operate here.
+                    storage.close()
+                    storage.writable()
+                self._opened = storage
+            return storage
+        except BaseException:   # (a Ctrl-C, say: then `with` calls no __exit__)
+            self._blero._borrows.pop(self, None)    # (no call before it: see _borrow)
+            raise
 
     def __exit__(self, *exc) -> None:
-        if self._borrowed is not None:
-            self._blero._unborrow()
+        self._blero._borrows.pop(self, None)
         if self._opened is not None:
             self._opened.close()
 
@@ -6617,9 +6884,22 @@ class JobFuture(concurrent.futures.Future):
         self.id = job_id
         self._blero = blero
         self._cancelling = False    # cancel() under way: outcomes wait for it
+        # Set once it is resolved: what result() sleeps on, not the Future's
+        # Condition (see _Event: a Ctrl-C there could leave it held, and the
+        # worker resolving it would wait for ever).
+        self._settled = _Event()
+        self._then: Callable[[JobFuture], Any] | None = None   # called once settled
 
     def __repr__(self):
         return f"<JobFuture job {self.id} {self._state.lower()}>"
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._settled.wait(timeout)
+        return super().result(0)    # (TimeoutError if it is not resolved yet)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._settled.wait(timeout)
+        return super().exception(0)
 
     def cancel(self) -> bool:
         """Cancel the job if it has not started: True if it is cancelled."""
@@ -6628,21 +6908,32 @@ class JobFuture(concurrent.futures.Future):
         if self.done():
             return False
         futures = self._blero._futures
-        futures.cancelling(self, True)
         try:
+            self._cancelling = True     # (inside the try: a Ctrl-C never leaves it set)
             cancelled = self._blero._cancel_pending(self.id)
         finally:
-            futures.cancelling(self, False)
+            self._cancelling = False
         if not cancelled:
             futures.look_now(self)  # it may have ended while its outcome waited
             return False
         futures.forget(self)
         super().cancel()
         self.set_running_or_notify_cancel()     # waiters of wait()/as_completed see it now
+        self._settle()
         return True
 
     def __await__(self):
-        return asyncio.wrap_future(self).__await__()
+        # Not asyncio.wrap_future, which cancels the job when the awaiting
+        # task is cancelled (a wait_for timing out, a server shutting down):
+        # the job is committed, and only cancel() or bl.cancel() ends it.
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def done(_):
+            with contextlib.suppress(RuntimeError):     # the loop closed meanwhile
+                loop.call_soon_threadsafe(_copy_outcome, self, waiter)
+        self.add_done_callback(done)
+        return (yield from waiter)
 
     def _deliver(self, result: Any = None, exc: BaseException | None = None) -> None:
         """Resolve it, unless it is resolved (or cancelled) already."""
@@ -6651,6 +6942,13 @@ class JobFuture(concurrent.futures.Future):
                 self.set_result(result)
             else:
                 self.set_exception(exc)
+        self._settle()
+
+    def _settle(self) -> None:
+        self._settled.set()
+        then = self._then
+        if then is not None:
+            then(self)
 
     def _stored(self, row: _Ended, serializer) -> None:
         """Resolve it from the stored outcome of its job, which has ended."""
@@ -6661,6 +6959,18 @@ class JobFuture(concurrent.futures.Future):
                           or JobFailed(self.id, row.error))
         else:
             self._deliver(exc=JobCancelled(self.id))
+
+
+def _copy_outcome(source: concurrent.futures.Future, waiter: asyncio.Future) -> None:
+    """Resolve `waiter`, unless cancelled, as `source` (done) is."""
+    if waiter.cancelled():
+        return
+    if source.cancelled():
+        waiter.cancel()
+    elif source.exception() is not None:
+        waiter.set_exception(source.exception())
+    else:
+        waiter.set_result(source.result())
 
 
 class _MapCall:
@@ -6701,7 +7011,7 @@ class _MapCalls:
     def __init__(self, n: int):
         self.lock = threading.Lock()
         self.left = n
-        self.done = threading.Event()
+        self.done = _Event()    # waited for by the map's caller, maybe the main thread
         if not n:
             self.done.set()
 
@@ -6716,32 +7026,23 @@ class _Futures:
     waiting, ended with the last) looks at their stored outcomes whenever
     the queue may have changed: never a thread per future.
 
-    `_lock` guards `_waiting`, `_early` and `_expecting`; no I/O and no
-    future's callbacks run under it."""
+    `_lock` guards `_waiting` and `_early`; no I/O and no future's
+    callbacks run under it."""
 
     def __init__(self, blero: Blero):
         self._blero = blero
         self._lock = threading.Lock()
         self._waiting: dict[int, list[JobFuture]] = {}
-        # While calls are being enqueued (`expecting`), a job that ends
-        # before its future is added leaves its outcome here for it.
-        self._expecting = 0
+        # While calls are being enqueued (a token of each enqueuer in
+        # `expecting`), a job that ends before its future is added leaves
+        # its outcome in `_early` for it.  The enqueuer adds its token inside
+        # its `try` and discards it in the `finally`, with no call before:
+        # a Ctrl-C never leaves it there.
+        self.expecting: set[object] = set()
         self._early: dict[int, _Outcome | None] = {}
         self._watcher: threading.Thread | None = None
         self._poked = threading.Event()     # other processes committed: look now
         self._missing: set[int] = set()     # ids the watcher's last look did not find
-
-    @contextlib.contextmanager
-    def expecting(self):
-        with self._lock:
-            self._expecting += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._expecting -= 1
-                if not self._expecting:
-                    self._early.clear()
 
     def add(self, futures: list[JobFuture]) -> None:
         early = []
@@ -6754,7 +7055,7 @@ class _Futures:
             if self._watcher is None and self._waiting:
                 self._watcher = threading.Thread(target=self._watch, name="blero-futures",
                                                  daemon=True)
-                self._watcher.start()
+                _start_thread(self._watcher)
         for f, outcome in early:
             self._resolve(f, outcome)
 
@@ -6766,21 +7067,19 @@ class _Futures:
             if not waiting:
                 self._waiting.pop(future.id, None)
 
-    def cancelling(self, future: JobFuture, on: bool) -> None:
-        with self._lock:
-            future._cancelling = on
-
     def ended(self, job_id: int, outcome: _Outcome | None) -> None:
         """The job ended here (None: cancelled): resolve its futures."""
-        if not self._waiting and not self._expecting:
+        if not self._waiting and not self.expecting and not self._early:
             return      # the workers' hot path: nothing to look up
         with self._lock:
             futures = self._waiting.pop(job_id, ())
             keep = [f for f in futures if f._cancelling]
             if keep:
                 self._waiting[job_id] = keep
-            if self._expecting:
+            if self.expecting:
                 self._early[job_id] = outcome
+            else:   # nobody enqueues: what the last enqueuer left is no one's
+                self._early.clear()
         for f in futures:
             if not f._cancelling:
                 self._resolve(f, outcome)
@@ -6973,8 +7272,14 @@ class Executor(concurrent.futures.Executor):
     `Blero.executor`: a drop-in for ThreadPoolExecutor whose work survives
     crashes.  `fn` is a Task (run by its own workers) or a function that
     can be imported by its qualified name (run by this executor's
-    `max_workers` workers).  Calls are resumable, as `Task.map`'s are, and
-    released once the executor is shut down with all of them ended."""
+    `max_workers` workers, and no others).  Calls are resumable, as
+    `Task.map`'s are, and released once the executor is shut down with all
+    of them ended.
+
+    An executor's calls are its own (their runner, see _TASK_RUNNER): the
+    program's n-th executor is "executor <n>", so that the same program run
+    again (or another copy of it) takes the calls a run left, and a
+    resumed call, matched with a stored job, is the matching executor's."""
 
     def __init__(self, blero: Blero, max_workers: int = 5):
         if isinstance(max_workers, int) and not isinstance(max_workers, bool) \
@@ -6982,6 +7287,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
         self._max_workers = _integer("max_workers", max_workers, least=1)
         self._blero = blero
+        self._runner = blero._executor_runner()
         self._setting_up = threading.Lock()     # held while its workers are set up
         self._lock = threading.Lock()   # guards everything below; held for no I/O
         self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
@@ -6996,10 +7302,10 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self):
         return f"<blero.Executor max_workers={self._max_workers}>"
 
-    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple]:
-        """The job name, options and arguments of a call of `fn`."""
+    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple, str]:
+        """The job name, options, arguments and runner of a call of `fn`."""
         if isinstance(fn, Task):
-            return fn.name, fn._options, args
+            return fn.name, fn._options, args, _TASK_RUNNER
         if inspect.ismethod(fn):      # its object travels with the arguments
             fn, args = fn.__func__, (fn.__self__,) + args
         elif inspect.isbuiltin(fn) and _module_of(fn) is None:
@@ -7027,20 +7333,20 @@ class Executor(concurrent.futures.Executor):
             if p is None:
                 p = self._blero._add_processor(self._run, frozenset([name]),
                                                self._max_workers, task_names=[name],
-                                               label="executor")
+                                               label="executor", runner=self._runner)
                 with self._lock:
                     self._processor = p
             elif not known:
                 self._blero._retake(p, p.names | {name})
-        return name, {}, args
+        return name, {}, args, self._runner
 
     def submit(self, fn, /, *args, **kwargs) -> JobFuture:
         """Run `fn(*args, **kwargs)` as a job; return its future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        name, options, args = self._target(fn, args)
+        name, options, args, runner = self._target(fn, args)
         future = self._blero._enqueue_calls(name, [(args, kwargs)], options,
-                                            resumable=True)[0]
+                                            resumable=True, runner=runner)[0]
         self._track([future])
         return future
 
@@ -7055,10 +7361,11 @@ class Executor(concurrent.futures.Executor):
         calls = list(zip(*iterables))
         futures = []
         if calls:
-            name, options, first = self._target(fn, calls[0])
+            name, options, first, runner = self._target(fn, calls[0])
             extra = len(first) - len(calls[0])      # a bound method's object
             calls = [(first[:extra] + args, {}) for args in calls]
-            futures = self._blero._enqueue_calls(name, calls, options, resumable=True)
+            futures = self._blero._enqueue_calls(name, calls, options, resumable=True,
+                                                 runner=runner)
             self._track(futures)
         return self._results(futures, end)
 
@@ -7084,15 +7391,21 @@ class Executor(concurrent.futures.Executor):
             for f in futures:
                 f.cancel()
         if wait:
-            concurrent.futures.wait(futures)
+            for f in futures:
+                f._settled.wait()
         self._ended_one(None)
 
     def _track(self, futures: list[JobFuture]) -> None:
         with self._lock:
             self._ids.extend(f.id for f in futures)
             self._pending.update(futures)
+        # Not add_done_callback, which takes the future's Condition: see
+        # JobFuture._settled.  Set first, then looked at, as _settle does
+        # the other way round: one of them sees the other (twice is harmless).
         for f in futures:
-            f.add_done_callback(self._ended_one)
+            f._then = self._ended_one
+            if f._settled.is_set():
+                self._ended_one(f)
 
     def _ended_one(self, future: JobFuture | None) -> None:
         with self._lock:

@@ -218,7 +218,7 @@ def new_queue(target, **settings):
 
 def pg_connect(**kwargs):
     """A connection to the test database (BLERO_TEST_POSTGRES)."""
-    return psycopg.connect(POSTGRES, autocommit=True, **kwargs)
+    return psycopg.connect(POSTGRES, **{"autocommit": True, **kwargs})
 
 
 def pg_run(sql):
@@ -483,7 +483,7 @@ class EnqueueTest(TempDirTest):
         bl.enqueue_many([("a", i) for i in range(50)] + [("b", i) for i in range(50)])
         storage = bl._storage
         for n in (0, 1, 2):
-            names = tuple(["a", "b"][:n])
+            names = tuple(["a", "b"][:n]) + ((blero._TASK_RUNNER,) if n else ())
             select, claim = storage._claim_statements(n)
             for sql, params in ((select, names), (claim, (1, 2.0) + names + (1,))):
                 plan = " ".join(str(r) for r in storage._db.execute(
@@ -4222,10 +4222,12 @@ class ProcessorExitTest(TempDirTest):
 
 def blocked_in_stop(frame):
     """Whether a thread whose innermost frame is `frame` waits inside
-    Blero.stop (its innermost call is one of threading's waits)."""
+    Blero.stop (its innermost call is one of threading's waits, or blero's
+    own, which a Ctrl-C cannot leave holding a lock)."""
     stack = traceback.extract_stack(frame) if frame is not None else []
     return (any(f.name == "stop" and f.filename == blero.__file__ for f in stack)
-            and stack[-1].filename == threading.__file__)
+            and (stack[-1].filename == threading.__file__
+                 or (stack[-1].filename, stack[-1].name) == (blero.__file__, "sleep")))
 
 
 # A child that runs one job (no retries) until its try is cut short, with the
@@ -4253,9 +4255,84 @@ _STOPPED_CHILD = NEW_QUEUE + textwrap.dedent("""
 """)
 
 
+# A program hit by Ctrl-C after Ctrl-C (SIGINT, 5 per round) while it waits
+# in every way there is: each KeyboardInterrupt is caught, the next round's
+# `with` block stops the queue, and a stop that something left waiting (a
+# storage borrow, a lock of a wait cut short) hangs the round.
+_CTRL_C_CHILD = NEW_QUEUE + textwrap.dedent("""
+    import faulthandler, os, signal, sys
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def double(x):
+        return 2 * x
+    def waits(bl, ex, task):
+        bl.join()
+        bl.wait(bl.enqueue("x", 1))
+        bl.future(bl.enqueue("x", 2)).result()
+        ex.submit(double, 3).result()
+        list(ex.map(double, [4, 5]))
+        task.map([6, 7])
+    def five_times(bl, ex, task):
+        # (A function of its own: CPython 3.13.0 raises a KeyboardInterrupt
+        # at the back edge of this loop outside its frame's handlers, and
+        # the caller's catch it.)
+        caught = 0
+        while caught < 5:
+            try:
+                waits(bl, ex, task)
+            except KeyboardInterrupt:
+                caught += 1
+                if caught < 5:
+                    os.write(1, b"ki\\n")
+    for _ in range(int(sys.argv[2])):
+        try:
+            with new_queue(sys.argv[1]) as bl:
+                bl.register_processor(lambda job: job.data)
+                task = bl.task(name="double")(double)
+                ex = bl.executor(2)
+                os.write(1, b"in\\n")
+                five_times(bl, ex, task)
+        except KeyboardInterrupt:   # one that came outside five_times's handler
+            pass
+        os.write(1, b"out\\n")
+    os.write(1, b"done\\n")
+""")
+
+
 @both_engines
 class LifecycleTest(ProcessTest):
     """Stops and starts as programs really do them."""
+
+    @unittest.skipUnless(POSIX, "SIGINT")
+    @unittest.skipIf(sys.version_info[:2] == (3, 13),
+                     "CPython 3.13 raises a KeyboardInterrupt at a loop's back edge outside "
+                     "the handlers around it (python/cpython#130279): a `with lock:` left so "
+                     "keeps its lock, whatever the code in it does")
+    def test_ctrl_c_at_any_moment_of_a_wait_never_hangs_the_stop(self):
+        rounds = 40
+        proc = start_child(_CTRL_C_CHILD, self.path, rounds, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, proc)
+        lines = LineReader(proc.stdout)
+        seen = 0
+        while True:
+            try:
+                lines.expect("", count=seen + 1, timeout=20)
+            except AssertionError:
+                proc.send_signal(signal.SIGUSR1)    # its threads' stacks, on stderr
+                time.sleep(1)
+                proc.kill()
+                self.fail(f"hung after {lines.lines[-3:]}: {proc.communicate()[1][-3000:]}")
+            line = lines.lines[seen].strip()
+            seen += 1
+            if line == "done":
+                break
+            if line in ("in", "ki"):    # it is waiting: Ctrl-C, at a random moment
+                time.sleep(random.uniform(0, 0.005))
+                proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(20), 0, proc.stderr.read())
+        self.assertEqual(lines.lines.count("out\n"), rounds)
+        self.assertGreaterEqual(lines.lines.count("ki\n"), rounds)
 
     @unittest.skipUnless(POSIX, "symlinks")
     @file_only
@@ -4510,7 +4587,9 @@ class LifecycleTest(ProcessTest):
                 while True:
                     stack = traceback.extract_stack(sys._current_frames()[main.ident])
                     if (any(f.name == "stop" and f.filename == blero.__file__ for f in stack)
-                            and stack[-1].filename == threading.__file__):
+                            and (stack[-1].filename == threading.__file__
+                                 or (stack[-1].filename, stack[-1].name)
+                                 == (blero.__file__, "sleep"))):
                         os.write(1, b"in stop\\n")
                         return
                     time.sleep(0.01)
@@ -6576,8 +6655,11 @@ class TaskTest(TempDirTest):
         self.assertFalse(finished.cancel())
         other = task.using(delay=3600).enqueue(4)
         self.assertTrue(bl.cancel(other.id))
-        with self.assertRaises(blero.JobCancelled):
+        with self.assertRaises(blero.JobCancelled) as raised:
             other.result(10)
+        # one `except CancelledError` serves for both ways of cancelling
+        self.assertIsInstance(raised.exception, concurrent.futures.CancelledError)
+        self.assertEqual(raised.exception.job_id, other.id)
 
     def test_a_running_job_is_not_cancelled_by_its_future(self):
         bl = self.queue()
@@ -6704,15 +6786,34 @@ def wait_event(name, timeout=30):
     return EVENTS[name].wait(timeout)
 
 
-def begin_and_wait(began, name, timeout=30):
-    """wait_event, once it has set the event `began`: the try has begun."""
-    EVENTS[began].set()
-    return EVENTS[name].wait(timeout)
-
-
 def wait_and_raise(name):
     EVENTS[name].wait(30)
     raise Exception("this is an exception")
+
+
+def begun_then_wait(begun, name, timeout=30):
+    EVENTS[begun].set()
+    return EVENTS[name].wait(timeout)
+
+
+RUNNING = collections.Counter()     # note_run's calls running now, by tag
+MOST_RUNNING = collections.Counter()    # and the most at once
+RUNNING_LOCK = threading.Lock()
+
+
+def note_run(tag, hold=None):
+    """A call tagged `tag` (waiting on EVENTS[hold] if given): the name of
+    the thread that ran it."""
+    with RUNNING_LOCK:
+        RUNNING[tag] += 1
+        MOST_RUNNING[tag] = max(MOST_RUNNING[tag], RUNNING[tag])
+    try:
+        if hold is not None:
+            EVENTS[hold].wait(30)
+        return threading.current_thread().name
+    finally:
+        with RUNNING_LOCK:
+            RUNNING[tag] -= 1
 
 
 class DummyObject:
@@ -6815,6 +6916,47 @@ class ExecutorTest(TempDirTest):
             t.join()
         self.assertEqual(len(ids), 40)
 
+    def test_two_executors_of_one_function_run_their_calls_on_their_own_workers(self):
+        EVENTS["one"].clear()
+        self.addCleanup(EVENTS["one"].set)
+        MOST_RUNNING.clear()
+        one, three = self.bl.executor(1), self.bl.executor(3)
+        for ex in (one, three):
+            self.addCleanup(ex.shutdown, cancel_futures=True)
+        # The first of one's calls holds its one worker: the others wait,
+        # ready, before every call of three's (lower ids run first).
+        first = one.submit(note_run, "one", "one")
+        wait_until(lambda: self.bl.get_job(first.id).state == "inprogress")
+        ones = [first] + [one.submit(note_run, "one") for _ in range(11)]
+        threes = [three.submit(note_run, "three") for _ in range(12)]
+        threads_of_three = {f.result(20) for f in threes}
+        self.assertEqual([self.bl.get_job(f.id).state for f in ones[1:]], ["pending"] * 11,
+                         "the other executor's workers ran this one's calls")
+        EVENTS["one"].set()
+        threads_of_one = {f.result(20) for f in ones}
+        self.assertEqual(len(threads_of_one), 1)
+        self.assertLessEqual(len(threads_of_three), 3)
+        self.assertFalse(threads_of_one & threads_of_three)
+        self.assertEqual(MOST_RUNNING["one"], 1)
+        self.assertLessEqual(MOST_RUNNING["three"], 3)
+        self.assertEqual({self.bl.get_job(f.id).state for f in ones + threes}, {"complete"})
+
+    def test_a_later_runs_executor_resumes_the_calls_an_earlier_one_left(self):
+        # Made by the second executor of a program that stopped (its calls
+        # pending, the executor never shut down): the program run again
+        # makes them with its first executor, which is matched and runs them.
+        earlier = self.bl
+        earlier.pause("builtins.pow")
+        earlier.executor(1)
+        left = [earlier.executor(2).submit(pow, 2, i) for i in range(3)]
+        earlier.stop()
+        bl = self.queue()
+        bl.resume("builtins.pow")
+        again = bl.executor(1)
+        self.addCleanup(again.shutdown)
+        self.assertEqual(list(again.map(pow, [2] * 3, range(3), timeout=20)), [1, 2, 4])
+        self.assertEqual([j.id for j in bl.jobs()], [f.id for f in left], "matched, not new")
+
     def test_shutdown_releases_the_calls(self):
         with self.bl.executor(3) as ex:
             self.assertEqual(list(ex.map(square, [1, 2, 3])), [1, 4, 9])
@@ -6849,19 +6991,98 @@ class ExecutorTest(TempDirTest):
 
     def test_shutdown_without_waiting_and_a_stop_hands_running_jobs_back(self):
         EVENTS["hold"].clear()
-        EVENTS["hold began"].clear()
+        EVENTS["begun"].clear()
         self.addCleanup(EVENTS["hold"].set)
         ex = self.bl.executor(1)
-        running = ex.submit(begin_and_wait, "hold began", "hold", 3)
-        # Begun, not only claimed ("inprogress"): a claim whose try has not
-        # begun is undone by the stop, not handed back.
-        self.assertTrue(EVENTS["hold began"].wait(30))
+        running = ex.submit(begun_then_wait, "begun", "hold", 3)
+        # (its try begun, not merely claimed: a claim not begun is undone)
+        self.assertTrue(EVENTS["begun"].wait(10))
         ex.shutdown(wait=False)     # returns at once
         self.bl.stop(timeout=0)
         info = self.bl.get_job(running.id)
         self.assertEqual(info.state, "pending")
         self.assertEqual(info.max_attempts, 1 + 3 + 1, "the hand-back used up no try")
         self.assertFalse(running.done())
+
+
+# argv: the queue.  A processor of any name, in a process that registers no
+# task: it tells each job it runs, until its stdin ends.
+_CATCH_ALL_CHILD = NEW_QUEUE + textwrap.dedent("""
+    import os, sys
+    with new_queue(sys.argv[1]) as bl:
+        def anything(job):
+            os.write(1, f"ran {job.name}\\n".encode())
+            return "caught"
+        bl.register_processor(anything)
+        os.write(1, b"ready\\n")
+        sys.stdin.read()
+""")
+
+
+@both_engines
+class CatchAllAcrossProcessesTest(ProcessTest):
+    """A processor of any name, in another process, never runs a task's or
+    an executor's calls (it would run the wrong function on them)."""
+
+    def test_a_catch_all_elsewhere_takes_no_task_or_executor_call(self):
+        EVENTS["held"].clear()
+        bl = self.queue()
+        task = bl.task(name="held.task")(wait_event)
+        ex = bl.executor(1)
+        self.addCleanup(ex.shutdown, cancel_futures=True)
+        self.addCleanup(EVENTS["held"].set)     # (first)
+        # Their workers are busy: the other calls wait, ready.
+        busy = [task.enqueue("held"), ex.submit(wait_event, "held")]
+        wait_until(lambda: {bl.get_job(f.id).state for f in busy} == {"inprogress"})
+        waiting = ([task.enqueue("held") for _ in range(3)]
+                   + [ex.submit(wait_event, "held") for _ in range(3)]
+                   + [task.using(priority=5).enqueue("held")])
+        scheduled = task.using(key="beat").every(3600, "held")
+        run = wait_until(lambda: bl.schedules()[0].job_id, message="the schedule's first run")
+        waiting.append(bl.future(run))
+        child = start_child(_CATCH_ALL_CHILD, self.path, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        out = LineReader(child.stdout)
+        out.expect("ready")
+        # After every call in the order of claims: the catch-all, once it
+        # ran this one, had them all to take before it.
+        plain = bl.enqueue("plain", priority=-1)
+        self.assertEqual(bl.wait(plain, 20), "caught")
+        self.assertEqual(out.expect("^ran ")[0].string, "ran plain\n", "the first it ran")
+        self.assertEqual({bl.get_job(f.id).state for f in waiting}, {"pending"})
+        self.assertTrue(bl.unschedule(scheduled))
+        EVENTS["held"].set()
+        self.assertEqual([f.result(20) for f in busy + waiting], [True] * 10)
+        child.stdin.close()
+        self.assertEqual(child.wait(20), 0, child.stderr.read())
+
+    @unittest.skipUnless(POSIX, "SIGKILL")
+    def test_a_task_call_left_by_a_killed_process_holds_up_no_catch_all(self):
+        # The call a killed process was running is a suspect: run alone,
+        # before ordinary jobs, by a worker that takes it.  A catch-all
+        # takes none, so it waits for its task, and holds nothing up.
+        child = start_child(NEW_QUEUE + textwrap.dedent("""
+            import os, sys, time
+            bl = new_queue(sys.argv[1]).start()
+            @bl.task(name="killed.task")
+            def hang():
+                os.write(1, b"running\\n")
+                time.sleep(60)
+            hang.enqueue()
+            time.sleep(60)
+            """), self.path, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        LineReader(child.stdout).expect("running")
+        child.kill()
+        child.wait(10)
+        bl = self.queue()
+        ran = []
+        bl.register_processor(lambda job: ran.append(job.name))
+        (left,) = bl.jobs(name="killed.task")
+        self.assertIsNone(bl.wait(bl.enqueue("plain"), 20))
+        self.assertEqual(ran, ["plain"])
+        self.assertEqual(bl.get_job(left.id).state, "pending")
 
 
 @both_engines
@@ -7331,6 +7552,42 @@ class AsyncioTest(TempDirTest):
         self.assertEqual(results, list(range(300)))
         self.assertLessEqual(during - before, 3)
 
+    def test_an_await_given_up_leaves_the_job_to_run(self):
+        # A wait_for that times out, or a server whose handlers are
+        # cancelled as it shuts down, gives up waiting: the job is committed
+        # and still runs; future.cancel() is what cancels a job.
+        bl = self.queue()
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        bl.register_processor(lambda job: gate.wait(30) and job.data, names="held")
+        first, second, third = (bl.future(i) for i in bl.enqueue_many(
+            [("held", 1), ("held", 2), ("held", 3)]))
+
+        async def main():
+            with self.assertRaises(asyncio.TimeoutError):
+                await asyncio.wait_for(_awaited(first), 0.05)
+            waiting = asyncio.ensure_future(_awaited(second))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await waiting
+            gate.set()
+            return await third
+
+        self.assertEqual(asyncio.run(main()), 3)
+        self.assertEqual((first.result(10), second.result(10)), (1, 2))
+        self.assertEqual([bl.get_job(f.id).state for f in (first, second)],
+                         ["complete", "complete"])
+
+        async def cancelled_job():
+            future = bl.future(bl.enqueue("held", 4, delay=3600))
+            self.assertTrue(future.cancel())
+            with self.assertRaises(asyncio.CancelledError):
+                await future
+            return future.id
+
+        self.assertEqual(bl.get_job(asyncio.run(cancelled_job())).state, "cancelled")
+
 
 async def _awaited(future):
     return await future
@@ -7356,6 +7613,8 @@ with bl:
     if mode == "map":
         statuses = post.map(urls)
     else:
+        if mode == "moved" and sleep:   # the killed run: its executor is its second
+            bl.executor(1)
         with bl.executor(5) as ex:
             statuses = list(ex.map(fetch, urls))
     note("results", json.dumps(statuses).replace(" ", ""))
@@ -7420,6 +7679,11 @@ class ResumableTest(TempDirTest):
 
     def test_kill_9_in_the_middle_of_executor_map(self):
         self.run_killed_then_again("executor")
+
+    def test_kill_9_in_the_middle_of_a_second_executors_map_resumed_by_a_first(self):
+        # The calls, and the suspects among them, are the killed run's second
+        # executor's: matched, the next run's first takes them.
+        self.run_killed_then_again("moved")
 
 # ---------------------------------------------------------------------------
 # Flow control (issue 11): after= dependencies, pause/resume, limits
@@ -9363,7 +9627,7 @@ class PostgresProgressCronUpgradeTest(OnPostgres, ProcessTest):
         done = bl.enqueue("old")
         bl.stop()
         with pg_connect() as admin:      # as a blero.py of schema 3 left it
-            for table, column, _ in blero._FLOW_COLUMNS:
+            for table, column, _ in blero._FLOW_COLUMNS + blero._RUNNER_COLUMNS:
                 admin.execute(f'ALTER TABLE "{self.schema}".{table} DROP COLUMN {column}')
             admin.execute(f'UPDATE "{self.schema}".blero_meta SET version = 3')
         bl = self.queue(start=False)
@@ -9381,6 +9645,95 @@ class PostgresProgressCronUpgradeTest(OnPostgres, ProcessTest):
         with pg_connect() as admin:
             self.assertEqual(admin.execute(f'SELECT version FROM "{self.schema}".blero_meta')
                              .fetchall(), [(blero._PG_SCHEMA_VERSION,)])
+
+
+V5_COMMIT = "d4b2950"   # the last blero.py of schema 5, before the runner columns
+
+# argv: db.  With the schema 5 blero.py: three calls of the program's
+# second executor left pending (their name paused, the executor never shut
+# down), a plain job, and a schedule.
+V5_CALLS_CHILD = """
+import sys, blero
+bl = blero.new(sys.argv[1]).start()
+bl.pause("builtins.pow")
+bl.executor(1)
+ex = bl.executor(2)
+for i in range(3):
+    ex.submit(pow, 2, i)
+bl.enqueue("plain", 21)
+bl.every(3600, "hourly", delay=3600)
+bl.stop()
+"""
+
+
+class RunnerUpgradeTest(ProcessTest):
+    """A file of schema 5 (before the runner columns: whose workers run a
+    job) is upgraded in place at its first start: the calls an executor
+    left are resumed by the next run's, and inspected as it is where it
+    cannot be upgraded."""
+
+    def v5_file(self):
+        with_old_blero(self, V5_COMMIT, V5_CALLS_CHILD, self.path)
+        self.assertEqual(UpgradeTest.layout(self, self.path), (5, 2))
+
+    def test_upgraded_at_its_first_start(self):
+        self.v5_file()
+        with blero.new(self.path) as bl:
+            left = [j.id for j in bl.jobs(name="builtins.pow")]
+            bl.resume("builtins.pow")
+            bl.register_processor(lambda job: job.data * 2, names="plain")
+            ex = bl.executor(1)
+            self.assertEqual(list(ex.map(pow, [2] * 3, range(3), timeout=20)), [1, 2, 4])
+            self.assertEqual([j.id for j in bl.jobs(name="builtins.pow")], left,
+                             "matched, not new")
+            self.assertEqual(bl.wait(bl.jobs(name="plain")[0].id, 20), 42)
+            self.assertEqual([s.key for s in bl.schedules()], ["hourly"])
+            ex.shutdown()
+        self.assertEqual(UpgradeTest.layout(self, self.path), (blero._SCHEMA_VERSION, 2))
+
+    def test_inspected_as_it_is_on_read_only_storage(self):
+        self.v5_file()
+        path = ReadOnlyStorageTest.read_only_copy(self, self.path)
+        before = dir_state(os.path.dirname(path))
+        q = blero.new(path)
+        self.assertEqual([(j.name, j.state) for j in q.jobs()],
+                         [("builtins.pow", "pending")] * 3 + [("plain", "pending")])
+        self.assertEqual([s.key for s in q.schedules()], ["hourly"])
+        self.assertEqual(dir_state(os.path.dirname(path)), before, "the read-only copy changed")
+
+
+@unittest.skipIf(POSTGRES_MISSING, POSTGRES_MISSING)
+class PostgresRunnerUpgradeTest(OnPostgres, ProcessTest):
+    """A PostgreSQL queue of schema 4 (before the runner columns) is
+    upgraded in place at its first start: the calls an executor left are
+    resumed by the next run's."""
+
+    def test_a_schema_4_queue_is_upgraded(self):
+        bl = self.queue()
+        bl.pause("builtins.pow")
+        bl.executor(1)
+        ex = bl.executor(2)
+        left = [ex.submit(pow, 2, i).id for i in range(3)]
+        bl.task(name="sq")(square)
+        bl.every(3600, "sq", ((3,), {}))
+        bl.stop()
+        with pg_connect() as admin:      # as a blero.py of schema 4 left it
+            for table, column, _ in blero._RUNNER_COLUMNS:
+                admin.execute(f'ALTER TABLE "{self.schema}".{table} DROP COLUMN {column}')
+            admin.execute(f'UPDATE "{self.schema}".blero_meta SET version = 4')
+        bl = self.queue()
+        bl.resume("builtins.pow")
+        ex = bl.executor(1)
+        self.addCleanup(ex.shutdown)
+        self.assertEqual(list(ex.map(pow, [2] * 3, range(3), timeout=20)), [1, 2, 4])
+        self.assertEqual([j.id for j in bl.jobs(name="builtins.pow")], left, "matched, not new")
+        task = bl.task(name="sq")(square)
+        self.assertEqual(task.every(3600, 4), "sq")
+        with pg_connect() as admin:
+            self.assertEqual(admin.execute(f'SELECT version FROM "{self.schema}".blero_meta')
+                             .fetchall(), [(blero._PG_SCHEMA_VERSION,)])
+            self.assertEqual(admin.execute(f'SELECT runner FROM "{self.schema}".blero_schedules')
+                             .fetchall(), [("task",)])
 
 
 @both_engines
@@ -9433,6 +9786,30 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         job_id = bl.enqueue("x")
         bl.wait(job_id, 20)
         self.assertEqual((flags, bl.get_job(job_id).attempt), ([False], 1))
+
+    @unittest.skipUnless(POSIX, "SIGALRM")
+    @unittest.skipIf(sys.version_info[:2] == (3, 13), "python/cpython#130279: see LifecycleTest")
+    def test_ctrl_c_at_any_point_of_a_call_leaves_the_pool_usable(self):
+        # A Ctrl-C wherever it lands in a call (sending a statement, waiting
+        # for its answer, between two of them): the connection it was on is
+        # never lent to the next call unless it is at rest, else that call
+        # fails "another command is already in progress".
+        bl = self.queue()
+        previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        rng = random.Random(os.environ.get("BLERO_TEST_SEED"))
+        for _ in range(60):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0005, 0.005))
+                while True:
+                    bl.enqueue_many([("x", None)] * rng.randrange(1, 40))
+                    bl.stats()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self.assertIsInstance(bl.stats()["pending"], int)
+        bl.stop()
 
     def test_the_password_is_never_shown(self):
         secret = "s3cr3t-pw"
