@@ -1456,6 +1456,29 @@ _ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
 # (then recorded by _FINISH, which tells that it was) or a claim that no
 # longer holds (then _FINISH records nothing either).
 _FINISH_UNWAITED = _FINISH + " AND dependants = 0"
+# A completed try recorded and the worker's next job claimed in one
+# statement, which SQLite commits by itself when no other write waits: the
+# finish as _FINISH_UNWAITED (?1-?10, a _Finish), the claim as
+# _CLAIM_RETURNING (owner ?11, now ?12, names from ?13), made only if the
+# finished job has no dependants (they are made ready in the finish's own
+# transaction: _finish_and_claim).  A statement, not three, in the worker's
+# hot path: under the lock of every write, the fewer statements (each lets
+# the other threads run Python until they give the GIL back), the better.
+_COMPLETE_AND_CLAIM = (
+    "UPDATE blero_jobs SET state = CASE id WHEN ?8 THEN ?1 ELSE 2 END,"
+    " run_at = CASE id WHEN ?8 THEN coalesce(?2, run_at) ELSE run_at END,"
+    " finished_at = CASE id WHEN ?8 THEN ?3 ELSE finished_at END,"
+    " result = CASE id WHEN ?8 THEN ?4 ELSE result END,"
+    " error = CASE id WHEN ?8 THEN ?5 ELSE error END,"
+    " max_attempts = CASE id WHEN ?8 THEN max_attempts + ?6 ELSE max_attempts END,"
+    " progress = CASE id WHEN ?8 THEN coalesce(?7, progress) ELSE progress END,"
+    " owner = CASE id WHEN ?8 THEN NULL ELSE ?11 END,"
+    " attempt = CASE id WHEN ?8 THEN attempt ELSE attempt + 1 END,"
+    " started_at = CASE id WHEN ?8 THEN started_at ELSE ?12 END"
+    " WHERE id = ?8 AND state = 2 AND owner = ?9 AND attempt = ?10 AND dependants = 0"
+    " OR id = ({next}) AND state = 0 AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?11)"
+    " AND NOT EXISTS (SELECT 1 FROM blero_jobs WHERE id = ?8 AND dependants != 0)"
+    " RETURNING " + _JOB_COLUMNS)
 # A job named in `after=` is marked first (on a server: waiting for a finish
 # of it under way), then its state read afresh.
 _MARK_DEPENDED_ON = "UPDATE blero_jobs SET dependants = 1 WHERE id = ? AND state < 3"
@@ -1778,10 +1801,21 @@ def _owner_alive(real: str, owner: int) -> bool | None:
         return False
 
 
+def _takes_cond(n: int, m: int, mark: Callable[[int], str]) -> str:
+    """What a claim's SELECT adds to take a job of n names and one runner
+    (0: any name but m others, of no runner), its i-th parameter `mark(i)`."""
+    if n:
+        return (f" AND name IN ({', '.join(mark(i) for i in range(n))})"
+                f" AND (runner IS NULL OR runner = {mark(n)})")
+    return " AND runner IS NULL" + (
+        f" AND name NOT IN ({', '.join(mark(i) for i in range(m))})" if m else "")
+
+
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken")
+    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken",
+                 "chain", "gone")
 
     def __init__(self, fn, args, alone=False):
         self.fn = fn
@@ -1791,7 +1825,9 @@ class _Op:
         self.done = False
         self.lock = None    # held while the caller waits; released to wake it
         self.turn = False   # its caller leads: commits, then passes the turn on
-        self.woken = False
+        self.woken = False  # its lock was released
+        self.chain = None   # once woken: the callers of its batch its caller wakes next
+        self.gone = False   # its caller went (woken, or interrupted): wake it no more
 
 
 class _SQLiteStorage(_Storage):
@@ -1803,18 +1839,23 @@ class _SQLiteStorage(_Storage):
     (and those that arrive before it commits) and commits once for all: group
     commit, with no writer thread to wake.  A waiting caller sleeps on a lock
     of its own, released either when its write is committed or to hand it the
-    next turn, so each commit wakes only the callers it concerns.  If the
+    next turn, so each commit wakes only the callers it concerns, one after
+    another (each woken caller wakes the next, `_pass_on`; with sync="full",
+    all at once).  If the
     transaction fails, each write is retried alone, so one bad write never
     takes its neighbours down.  Reads use a second connection, which WAL lets
     run beside the writer.
 
     The locking rules, all of them:
     - `_mutex` guards the line of writes (`_queue`), whose turn it is
-      (`_leading`, `_Op.turn`), `_closer` and `_look_wanted`.  It is held for
+      (`_leading`, `_Op.turn`), the wake-ups (`_Op.woken`, `.chain`,
+      `.gone`), `_closer` and `_look_wanted`.  It is held for
       a few list operations, never for I/O: the leader takes the whole line
       from under it and commits without it.
     - The turn (held by one thread at a time, passed on by `_hand_over`) is
-      what owns the write connection `_db`, and `_data_version` with it.
+      what owns the write connection `_db`, and `_data_version` and
+      `_shared` with it.  (`_held` is a hint any worker sets: a stale one
+      costs a statement, never a wrong claim.)
       I/O runs under the turn, but no thread waits for the turn except to
       write: a writer's own lock is released when its write is committed.
     - `_read_lock` makes the read connection `_reader` one thread's at a
@@ -1858,9 +1899,12 @@ class _SQLiteStorage(_Storage):
         self._upgraded = False            # open() committed an upgrade of the file
         self.read_only = None
         self._data_version = None
+        self._shared = False              # the last commit was of several writes
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
+        self._complete_sql: dict[tuple[int, int], str] = {}
+        self._held = False      # the last claim found pauses or limits stored
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
     _due_schedules = _DUE_SCHEDULES     # the same, locking the schedules it runs
@@ -2214,6 +2258,11 @@ class _SQLiteStorage(_Storage):
                     break
                 except KeyboardInterrupt as exc:    # even here: finish first
                     late = exc
+            while op.lock is not None and not op.gone or op.chain:
+                try:
+                    self._pass_on(op)
+                except KeyboardInterrupt as exc:
+                    late = exc
             if late is not None:
                 raise late
         if op.error is not None:
@@ -2303,16 +2352,45 @@ class _SQLiteStorage(_Storage):
             self._wake(batch, own)
             raise
 
+    def _wake(self, batch: list[_Op], own: _Op) -> None:
+        """Wake the callers whose writes are done (again after an interrupt):
+        the first, which wakes the next (`_pass_on`), and so on.  They would
+        only queue for the GIL if woken all at once, each making the others
+        (and the next leader) wait for it in turn."""
+        if len(batch) == 1 and batch[0] is own:
+            return      # (most commits: nobody else to wake)
+        with self._mutex:
+            woken = [op for op in batch
+                     if op.done and not op.woken and not op.gone and op is not own]
+            if woken and self._sync == "full":
+                # There an fsync costs far more than a herd at the GIL, and
+                # the sooner they all write again, the more share the next.
+                for op in woken:
+                    self._wake_one(op)
+            elif woken:
+                woken[0].chain = woken[1:]
+                self._wake_one(woken[0])
+
+    def _pass_on(self, op: _Op) -> None:
+        """`op`'s caller goes (woken, or interrupted while it waited): wake
+        the next caller of its chain, and never `op`'s again."""
+        with self._mutex:
+            op.gone = True
+            chain = op.chain or ()
+            for i, after in enumerate(chain):
+                if not after.woken and not after.gone:
+                    after.chain = chain[i + 1:]
+                    self._wake_one(after)
+                    break
+            op.chain = None
+
     @staticmethod
-    def _wake(batch: list[_Op], own: _Op) -> None:
-        """Wake the callers whose writes are done; again after an interrupt."""
-        for op in batch:
-            if op.done and not op.woken and op is not own:
-                try:
-                    op.lock.release()
-                except RuntimeError:    # released by the pass a Ctrl-C cut short
-                    pass
-                op.woken = True
+    def _wake_one(op: _Op) -> None:
+        try:
+            op.lock.release()
+        except RuntimeError:    # released by a pass that a Ctrl-C cut short
+            pass
+        op.woken = True
 
     def _transaction(self, ops: list[_Op], absorb: bool = False) -> None:
         db = self._db
@@ -2320,7 +2398,12 @@ class _SQLiteStorage(_Storage):
             raise BleroError(f"{self.path}: the queue is stopped")
         if db.in_transaction:       # left open by a Ctrl-C at the wrong moment
             db.execute("ROLLBACK")
-        if len(ops) == 1 and ops[0].alone and not self._queue:
+        # A lone write commits by itself, unless the last commit was shared:
+        # others are likely to come then while this one runs, and share its
+        # commit, which one committing by itself cannot let them.  Nor with
+        # sync="full": there the fsync is what costs, and it is worth sharing.
+        if (len(ops) == 1 and ops[0].alone and not self._shared and not self._queue
+                and self._sync != "full"):
             self._check_identity()
             self._done(ops, [self._retrying(ops[0].fn, db, *ops[0].args)])
             return
@@ -2341,6 +2424,7 @@ class _SQLiteStorage(_Storage):
             self._check_identity()
             committing = True
             db.execute("COMMIT")
+            self._shared = len(ops) > 1
             self._done(ops, results)
         except BaseException as exc:
             if db.in_transaction:
@@ -2577,8 +2661,34 @@ class _SQLiteStorage(_Storage):
                          names: frozenset | None, claim: bool, suspect: bool = False,
                          exclude: frozenset = frozenset(),
                          runner: str | None = None) -> _Claimed:
-        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
+        recorded = False
+        if (claim and not suspect and finish is not None and finish.state == _COMPLETE
+                and self._returning and not self._held):
+            recorded, row = self._write(self._complete_and_claim, finish, owner,
+                                        (names, exclude, runner), alone=True)
+            if row is not None:
+                return _Claimed(recorded, row, None)
+            # Nothing claimed: no job ready (that it takes), a pause or a
+            # limit stored, or a job with dependants finished (then nothing
+            # was done): the usual way, for what is left.
+            if recorded:
+                finish = None
+        done = self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
                            exclude, runner)
+        self._held = done.held
+        return done._replace(recorded=True) if recorded else done
+
+    def _complete_and_claim(self, db, finish, owner, takes):
+        """_COMPLETE_AND_CLAIM: whether the try was recorded, and the job claimed or None."""
+        n, m, params = self._claim_params(takes)
+        sql = self._complete_sql.get((n, m))
+        if sql is None:
+            cond = _takes_cond(n, m, lambda i: f"?{13 + i}")
+            sql = self._complete_sql[n, m] = _COMPLETE_AND_CLAIM.format(
+                next=_NEXT_READY.format(state=_READY, names=cond, held=_NOTHING_HELD))
+        rows = db.execute(sql, finish + (owner, time.time()) + params).fetchall()
+        claimed = [r for r in rows if r[0] != finish.id]
+        return len(rows) > len(claimed), _Claim._make(claimed[0]) if claimed else None
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
                           exclude=frozenset(), runner=None):
@@ -2613,11 +2723,7 @@ class _SQLiteStorage(_Storage):
         """Claim the next job that `takes` (names, exclude, runner: as
         finish_and_claim's) while nothing is held, or, given the names
         `blocked` (paused or at a limit), one of another."""
-        names, exclude, runner = takes
-        n = len(names) if names else 0
-        m = 0 if n else len(exclude)
-        params = (tuple(names) + (_TASK_RUNNER if runner is None else runner,) if n
-                  else tuple(exclude))
+        n, m, params = self._claim_params(takes)
         if blocked is None:
             sql = self._claim_statements(n, suspect, m)
         else:
@@ -2673,6 +2779,17 @@ class _SQLiteStorage(_Storage):
             db.execute(_ADD_START, (row.name, now))
         return row, until, blocked
 
+    @staticmethod
+    def _claim_params(takes) -> tuple[int, int, tuple]:
+        """How many names a claim that `takes` (names, exclude, runner)
+        takes (n) or leaves out (m), and its parameters: those names (and
+        the runner), or those left out."""
+        names, exclude, runner = takes
+        n = len(names) if names else 0
+        m = 0 if n else len(exclude)
+        return n, m, (tuple(names) + (_TASK_RUNNER if runner is None else runner,) if n
+                      else tuple(exclude))
+
     def _claim_statements(self, n: int, suspect: bool = False, m: int = 0,
                           blocked: int | None = None) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
@@ -2680,9 +2797,7 @@ class _SQLiteStorage(_Storage):
         while nothing is held (`blocked` None), or leaving out `blocked` names."""
         sql = self._claim_sql.get((n, suspect, m, blocked))
         if sql is None:
-            cond = (f" AND name IN ({', '.join('?' * n)}) AND (runner IS NULL OR runner = ?)"
-                    if n else " AND runner IS NULL"
-                    + (f" AND name NOT IN ({', '.join('?' * m)})" if m else ""))
+            cond = _takes_cond(n, m, lambda i: "?")
             held = (self._nothing_held if blocked is None else
                     f" AND name NOT IN ({', '.join('?' * blocked)})" if blocked else "")
             state = _SUSPECT if suspect else _READY
@@ -3869,8 +3984,8 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended",
-              "_cancel_down", "sweep_slice", "_sweep",
+_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_params",
+              "_claim_held", "_ended", "_cancel_down", "sweep_slice", "_sweep",
               "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
               "suspect_kinds", "unclaim",
