@@ -4738,7 +4738,7 @@ class MemoryAndLatencyTest(TempDirTest):
         db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 250000)"
                    " INSERT INTO blero_jobs (state, priority, run_at, name, max_attempts,"
                    " created_at, attempt, started_at, finished_at)"
-                   " SELECT 3, 0, ?1, 'old', 4, ?1, 1, ?1, ?1 FROM n", (time.time() - 60,))
+                   " SELECT 3, 0, :t, 'old', 4, :t, 1, :t, :t FROM n", {"t": time.time() - 60})
         db.commit()
         db.close()
 
@@ -4770,7 +4770,8 @@ class MemoryAndLatencyTest(TempDirTest):
         db = sqlite3.connect(path)
         db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 300000)"
                    " INSERT INTO blero_jobs (state, priority, run_at, name, max_attempts, created_at)"
-                   " SELECT 1, 0, ?1, 'later', 4, ?2 FROM n", (time.time() + 3.0, time.time()))
+                   " SELECT 1, 0, :due, 'later', 4, :now FROM n",
+                   {"due": time.time() + 3.0, "now": time.time()})
         db.commit()
         db.close()
 
