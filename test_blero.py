@@ -1630,11 +1630,11 @@ class EveryTest(TempDirTest):
 
     def test_a_run_left_pending_over_downtime_is_the_run_at_once(self):
         bl = self.queue()           # no processor: the first run stays pending
-        bl.every(0.5, "tick")
+        bl.every(0.3, "tick")
         wait_until(lambda: bl.jobs(name="tick"), message="the first run enqueued")
         bl.stop()
         stopped = time.time()
-        wait_until(lambda: time.time() >= stopped + 1.5, message="three intervals of downtime")
+        wait_until(lambda: time.time() >= stopped + 0.9, message="three intervals of downtime")
         bl = self.queue(start=False)
         runs, run = self.recorder(bl)
         bl.register_processor(run)
@@ -1642,7 +1642,7 @@ class EveryTest(TempDirTest):
         wait_until(lambda: len(runs) >= 2, timeout=20, message="two runs after the restart")
         first, second = [bl.get_job(r.id) for r in runs[:2]]
         self.assertLess(first.created_at, stopped, "the run left pending runs first")
-        self.assertGreaterEqual(second.created_at - first.started_at, 0.5 - 1e-6,
+        self.assertGreaterEqual(second.created_at - first.started_at, 0.3 - 1e-6,
                                 "it was the run at once: the next waits an interval")
         self.assert_one_run_at_a_time(runs)
 
@@ -4296,7 +4296,7 @@ class LifecycleTest(ProcessTest):
 
         def waiter():
             try:
-                answers.append(bl.wait(job, timeout=2))
+                answers.append(bl.wait(job, timeout=1))    # some 20 looks, most after the stop
             except TimeoutError:
                 answers.append("still pending")
         thread = threading.Thread(target=waiter)
@@ -4803,7 +4803,7 @@ class MemoryAndLatencyTest(TempDirTest):
 # argv: db, log, life (a tag), the poison job's id, processors, seconds an
 # ordinary job takes.  The poison job kills its process (as a segfault or
 # the OOM killer would) once a neighbour has run beside it here, or after
-# 0.5 s alone.
+# 0.2 s alone.
 POISON_CHILD = """
 db, log_path, life = sys.argv[1:4]
 poison, processors, work = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
@@ -4813,7 +4813,7 @@ neighbour_runs = threading.Event()
 def run(job):
     log("S", job.id, life, job.attempt, time.monotonic_ns())
     if job.id == poison:
-        neighbour_runs.wait(0.5)
+        neighbour_runs.wait(0.2)
         os._exit(3)
     neighbour_runs.set()
     time.sleep(work)
@@ -4870,7 +4870,7 @@ class PoisonJobTest(ProcessTest):
         ids = bl.enqueue_many([("j", None)] * 8)
         bl.stop()
         poison = ids[1]
-        codes = self.restart_until_done(poison, processors=3, work=0.3)
+        codes = self.restart_until_done(poison, processors=3, work=0.1)
         self.assertEqual(codes, {"": [3, 3, 3, 0]}, "one crash per try of the poison job")
         self.assert_poison_failed_alone(ids, poison)
         # After each crash, the jobs it cut short ran one at a time, alone,
