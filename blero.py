@@ -921,8 +921,15 @@ class _Storage:
 
     def changed_elsewhere(self) -> bool:
         """True when another process may have committed since the last call
-        (new work, a cancel, an ended job); cheap: the clock asks often."""
+        (new work, a cancel, an ended job where `tells_of_ends`); cheap: the
+        clock asks often."""
         raise NotImplementedError
+
+    # Whether changed_elsewhere() tells of the jobs other processes end, too
+    # (a file's change counter tells of every commit); a server's
+    # notifications tell only of what workers act on, so there the ends of
+    # others' jobs are seen by looking.
+    tells_of_ends = True
 
     def on_change(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` (from any thread, quickly) as soon as the engine
@@ -3221,6 +3228,7 @@ class _PostgresStorage(_Storage):
     """
 
     read_only = None
+    tells_of_ends = False   # (a completed try notifies no one: see _PGSession._note)
     _returning = True
     _watching = False       # no trigger marks completions: the finish tells (_FINISH_RETURNING)
     _last_given = _PG_LAST_GIVEN
@@ -6693,6 +6701,7 @@ class _Futures:
     def _watch(self) -> None:
         blero = self._blero
         next_look = 0.0
+        told = True
         while True:
             with self._lock:
                 ids = list(self._waiting)
@@ -6704,6 +6713,7 @@ class _Futures:
                 try:
                     with blero._store() as storage:
                         found = storage.outcomes(ids)
+                        told = storage.tells_of_ends
                 except BleroError as exc:
                     found = None
                     log.debug("futures: cannot look at the queue: %s", exc)
@@ -6713,10 +6723,13 @@ class _Futures:
                 if found is not None:
                     self._found(ids, found)
             # Running, the queue pokes it when other processes commit (and it
-            # looks now and then for what nobody tells); stopped, only the
-            # file tells.
-            running = blero._dispatcher is not None
-            self._poked.wait(_FUTURES_LOOK if running else _FUTURES_STOPPED_LOOK)
+            # looks now and then for what nobody tells); where they do not
+            # tell of the jobs they end (a server), it looks as often as
+            # wait() does; stopped, only the file tells.
+            if blero._dispatcher is None:
+                self._poked.wait(_FUTURES_STOPPED_LOOK)
+            else:
+                self._poked.wait(_FUTURES_LOOK if told else _POLL)
             self._poked.clear()
             pause = next_look - time.monotonic()
             if pause > 0:

@@ -6625,18 +6625,28 @@ class TaskTest(TempDirTest):
 
     def test_a_job_another_process_completes_resolves_the_future(self):
         bl = self.queue()
+        child = start_child(NEW_QUEUE + textwrap.dedent("""
+            import sys, time
+            bl = new_queue(sys.argv[1]).start()
+            # (its work: it ends after the future's first look)
+            bl.register_processor(lambda job: time.sleep(0.1) or job.data * 2, names="elsewhere")
+            print("ready", flush=True)
+            sys.stdin.read()
+            bl.stop()
+        """), self.target(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
         job_id = bl.enqueue("elsewhere", 21)
         future = bl.future(job_id)
-        child = run_child(NEW_QUEUE + textwrap.dedent("""
-            import sys
-            bl = new_queue(sys.argv[1]).start()
-            bl.register_processor(lambda job: job.data * 2, names="elsewhere")
-            bl.join()
-            bl.stop()
-        """), self.target())
-        self.assertEqual(child.returncode, 0, child.stderr)
         self.assertEqual(future.result(10), 42)
-
+        resolved = time.time()
+        # As soon as a wait() would see it (a server tells no one of a job
+        # another process completed: the future looks as often), not at its
+        # next look a second after the first.
+        late = resolved - bl.get_job(job_id).finished_at
+        self.assertLess(late, 0.5, f"resolved {late:.3f} s after the job completed")
+        child.stdin.close()
+        self.assertEqual(child.wait(30), 0)
 
     def test_an_end_blero_made_raises_job_failed_from_the_future(self):
         # Only the processor's own exception is restored: a timeout, or a
