@@ -537,7 +537,13 @@ def drain_processes(side: str, path: str, sync: str, n: int, procs: int) -> floa
     with PER_PROCESS no-op processors (raw: threads of claim+ack), timed from
     the go given to all (once set up) to the last job's ack in any of them."""
     fill(side, path, n, sync)
-    with spawned(*[("drain", side, path, sync)] * procs) as children:
+    return race([("drain", side, path, sync)] * procs, n, "W7")
+
+
+def race(roles: list[tuple], n: int, label: str) -> float:
+    """Seconds from the go given to children of these roles, all ready, to
+    the last job's ack in any of them; they must have run `n` jobs in all."""
+    with spawned(*roles) as children:
         for c in children:
             expect(c, "ready")
         start = time.monotonic_ns()
@@ -545,7 +551,7 @@ def drain_processes(side: str, path: str, sync: str, n: int, procs: int) -> floa
             tell(c, "go")
         done = [[int(w) for w in expect(c, "done")] for c in children]
     if sum(count for count, _ in done) != n:
-        raise RuntimeError(f"W7: {n} jobs, but the processes ran {[c for c, _ in done]}")
+        raise RuntimeError(f"{label}: {n} jobs, but the processes ran {[c for c, _ in done]}")
     return (max(end for _, end in done) - start) / 1e9
 
 
@@ -773,16 +779,7 @@ def pg_drain(side: str, schema: str, sync: str, n: int, workers: int) -> float:
 def pg_drain_processes(side: str, schema: str, sync: str, n: int, procs: int) -> float:
     """PG W7: as W7, on the server: `procs` processes at once."""
     pg_fill(side, schema, n)
-    with spawned(*[("pgdrain", side, POSTGRES, schema)] * procs) as children:
-        for c in children:
-            expect(c, "ready")
-        start = time.monotonic_ns()
-        for c in children:
-            tell(c, "go")
-        done = [[int(w) for w in expect(c, "done")] for c in children]
-    if sum(count for count, _ in done) != n:
-        raise RuntimeError(f"PG W7: {n} jobs, but the processes ran {[c for c, _ in done]}")
-    return (max(end for _, end in done) - start) / 1e9
+    return race([("pgdrain", side, POSTGRES, schema)] * procs, n, "PG W7")
 
 
 def pg_drain_child(side: str, url: str, schema: str) -> None:
@@ -1231,7 +1228,7 @@ def postgres_main(args, size: dict) -> int:
     wake = pg_wake_latency(20 if args.quick else 100)
     report = {"machine": machine(), "mode": "quick" if args.quick else "full",
               "reps": size["reps"], "sizes": size, "results": results, "depth": [],
-              "takeover": None, "memory": None, "wake": wake}
+              "takeover": None, "awaiting": None, "memory": None, "wake": wake}
     report["seconds"] = time.monotonic() - progress.started
     progress.done()
     text = table(report).replace("ratio = blero / raw sqlite3", "ratio = blero / raw psycopg")

@@ -1342,16 +1342,12 @@ _NEXT_SCHEDULE = "SELECT min(next_due) FROM blero_schedules"
 _SCHEDULES = f"SELECT {', '.join(_StoredSchedule._fields)} FROM blero_schedules ORDER BY key"
 # -- after=: a job waits (state -2) until the jobs it names are complete --
 _ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
-# A finish that completes a job with dependants marks it (see _watch_completions).
-_WATCH_COMPLETIONS = (
-    "CREATE TEMP TABLE blero_completed (id INTEGER)",
-    # (OF finished_at: a finish sets it, a claim does not, so claims never fire it)
-    "CREATE TEMP TRIGGER blero_completing AFTER UPDATE OF finished_at ON blero_jobs"
-    " WHEN new.state = 3 AND old.state = 2 AND new.dependants"
-    " BEGIN INSERT INTO blero_completed (id) VALUES (new.id); END")
-_CLEAR_COMPLETED = "DELETE FROM temp.blero_completed"
-# Where no trigger can mark it (a server's engine), the finish tells itself.
-_FINISH_RETURNING = _FINISH + " RETURNING dependants"
+# A finish first records the try of a job that no other waits on: nearly
+# every finish is that one statement, and tells by its row count alone (no
+# trigger, no RETURNING to pay for); a count of 0 is a job with dependants
+# (then recorded by _FINISH, which tells that it was) or a claim that no
+# longer holds (then _FINISH records nothing either).
+_FINISH_UNWAITED = _FINISH + " AND dependants = 0"
 # A job named in `after=` is marked first (on a server: waiting for a finish
 # of it under way), then its state read afresh.
 _MARK_DEPENDED_ON = "UPDATE blero_jobs SET dependants = 1 WHERE id = ? AND state < 3"
@@ -1655,11 +1651,12 @@ def _owner_alive(real: str, owner: int) -> bool | None:
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "result", "error", "done", "lock", "turn", "woken")
+    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken")
 
-    def __init__(self, fn, args):
+    def __init__(self, fn, args, alone=False):
         self.fn = fn
         self.args = args
+        self.alone = alone  # fn runs one statement: alone, it commits by itself
         self.result = self.error = None
         self.done = False
         self.lock = None    # held while the caller waits; released to wake it
@@ -1733,7 +1730,6 @@ class _SQLiteStorage(_Storage):
         self._data_version = None
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
-        self._watching = True     # completions are marked by a trigger (_watch_completions)
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
@@ -1748,7 +1744,7 @@ class _SQLiteStorage(_Storage):
         kind = self._stat()
         if kind == "missing":
             if not create:
-                raise BleroError(f"{path}: no queue file there")
+                raise BleroError(f"{path}: no queue file there (start() makes one)")
             try:
                 os.makedirs(folder, exist_ok=True)
             except OSError as exc:
@@ -1775,7 +1771,7 @@ class _SQLiteStorage(_Storage):
         path, real = self.path, self.real
         kind = self._stat()   # again: another process may have made it meanwhile
         if kind == "missing" and not create:
-            raise BleroError(f"{path}: no queue file there")
+            raise BleroError(f"{path}: no queue file there (start() makes one)")
         # SQLite makes -wal/-shm files on connecting, even read-only; on a
         # file we then refuse it does not remove them, so we remove ours --
         # unless an upgrade was committed to them: they hold the file's data.
@@ -1790,7 +1786,6 @@ class _SQLiteStorage(_Storage):
                 made = True
                 os.chmod(real, 0o600)   # while still empty; -wal and -shm take its mode
             self._init(version)
-            self._watch_completions()
             self._reader = self._connect()
         except BaseException as exc:
             self.close()
@@ -1979,16 +1974,6 @@ class _SQLiteStorage(_Storage):
         db.execute(f"PRAGMA synchronous = {self._sync.upper()}")
         db.execute("PRAGMA journal_size_limit = 67108864")
 
-    def _watch_completions(self) -> None:
-        """Mark, on the write connection alone (a TEMP trigger, in memory,
-        never in the file), each completion of a job that others wait on:
-        a finish then tells by the connection's change count whether it has
-        dependants to make ready, at no cost to the finishes that have none
-        (a RETURNING would cost every finish a few microseconds)."""
-        self._db.execute("PRAGMA temp_store = MEMORY")
-        for statement in _WATCH_COMPLETIONS:
-            self._db.execute(statement)
-
     def _upgrade(self, version: int) -> None:
         """Bring a file of schema `version` up to date, in one transaction;
         refuse (and change nothing) while the older blero.py that wrote it
@@ -2066,12 +2051,15 @@ class _SQLiteStorage(_Storage):
 
     # -- the two ways in: group-committed writes, and reads -------------------
 
-    def _write(self, fn, *args):
+    def _write(self, fn, *args, alone: bool = False):
         """Run `fn(db, *args)` in a write transaction shared with whatever
-        other writes are waiting; return its result once committed."""
+        other writes are waiting; return its result once committed.
+        `alone`: fn runs one statement, which, when no other write waits,
+        is committed by itself (SQLite's autocommit: one transaction, the
+        same durability, without a BEGIN and a COMMIT to run)."""
         if self.read_only is not None:
             self.writable()
-        op = _Op(fn, args)
+        op = _Op(fn, args, alone)
         # A Ctrl-C may land anywhere in the main thread: every step from here
         # on leaves `op` in a state the `finally` can put right (its queue
         # place, its turn), so no other caller is ever left waiting.
@@ -2080,11 +2068,14 @@ class _SQLiteStorage(_Storage):
                 if self._closer is not None:
                     raise BleroError(f"{self.path}: the queue is stopped")
                 self._line_up(op)
-                self._queue.append(op)
-            if not op.turn:
+                if not op.turn:
+                    self._queue.append(op)
+            if op.turn:     # the line was empty (no turn is held then): lead it
+                self._commit(op, [op])
+            else:
                 op.lock.acquire()     # our write is done, or it is our turn to lead
-            if not op.done:
-                self._commit(op)
+                if not op.done:
+                    self._commit(op)
         finally:
             late = None
             while op.turn or not op.done:
@@ -2146,12 +2137,14 @@ class _SQLiteStorage(_Storage):
                 else:
                     self._leading = False
 
-    def _commit(self, own: _Op) -> None:
-        """Lead one transaction for every write queued, then wake their callers."""
-        batch = []
+    def _commit(self, own: _Op, batch: list[_Op] | None = None) -> None:
+        """Lead one transaction for `batch`, or every write queued, then wake
+        their callers."""
         try:
-            with self._mutex:
-                batch, self._queue = self._queue, []
+            if batch is None:
+                batch = []
+                with self._mutex:
+                    batch, self._queue = self._queue, []
             try:
                 self._transaction(batch, absorb=True)
             except Exception:
@@ -2189,10 +2182,15 @@ class _SQLiteStorage(_Storage):
             raise BleroError(f"{self.path}: the queue is stopped")
         if db.in_transaction:       # left open by a Ctrl-C at the wrong moment
             db.execute("ROLLBACK")
+        if len(ops) == 1 and ops[0].alone and not self._queue:
+            self._check_identity()
+            self._done(ops, [self._retrying(ops[0].fn, db, *ops[0].args)])
+            return
         committing = False
         try:
             self._begin(db)
-            results = [op.fn(db, *op.args) for op in ops]
+            results = [op.fn(db, *op.args) for op in ops] if len(ops) > 1 else [
+                ops[0].fn(db, *ops[0].args)]
             if absorb and self._queue:
                 # Writes that came while this one ran share its commit (and,
                 # with sync="full", its fsync).  `ops` grows in place, so the
@@ -2222,11 +2220,20 @@ class _SQLiteStorage(_Storage):
             op.done = True
 
     def _begin(self, db) -> None:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            self._retrying(db.execute, "BEGIN IMMEDIATE")
+
+    def _retrying(self, fn, *args):
+        """`fn(*args)`, a statement that takes the write lock before it does
+        anything: again while another connection holds it (a while)."""
         deadline = None
         while True:
             try:
-                db.execute("BEGIN IMMEDIATE")
-                return
+                return fn(*args)
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc):
                     raise
@@ -2306,7 +2313,8 @@ class _SQLiteStorage(_Storage):
     def insert(self, rows: list[_NewJob], connection=None,
                after: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[bool]]:
         if connection is None:
-            return self._write(self._insert, rows, after)
+            return self._write(self._insert, rows, after,
+                               alone=after is None and len(rows) == 1 and rows[0].key is None)
         self.same_database(connection)
         if not connection.in_transaction:   # (sqlite3 begins one only before its own DML)
             connection.execute("BEGIN")
@@ -2438,15 +2446,9 @@ class _SQLiteStorage(_Storage):
         now = time.time()
         recorded, wake, delayed, due, cancelled = False, (), None, None, 0
         if finish is not None:
-            if self._watching:
-                before = db.total_changes
-                recorded = db.execute(_FINISH, finish).rowcount == 1
-                chained = recorded and db.total_changes - before > 1    # marked
-                if chained:
-                    db.execute(_CLEAR_COMPLETED)
-            else:
-                found = db.execute(_FINISH_RETURNING, finish).fetchall()
-                recorded, chained = bool(found), bool(found) and found[0][0]
+            recorded, chained = db.execute(_FINISH_UNWAITED, finish).rowcount == 1, False
+            if not recorded:
+                recorded = chained = db.execute(_FINISH, finish).rowcount == 1
             if recorded and finish.state == _FAILED:
                 chained = True      # (rare: the chain below it, if any, is looked for)
             if chained and finish.state in (_COMPLETE, _FAILED):
@@ -2720,12 +2722,16 @@ class _SQLiteStorage(_Storage):
         last_id, _, last_finished = found[-1]
         return gone, (None if len(found) < _SWEEP_SLICE else (last_finished, last_id))
 
-    @staticmethod
-    def _sweep(db, found, before, sql):
-        newest = db.execute(_MAX_ID).fetchall()[0][0]
+    _reuses_ids = True      # SQLite hands the highest id out again once it is deleted
+
+    def _sweep(self, db, found, before, sql):
+        # The newest job is kept as a tombstone where its id would be reused.
+        newest = db.execute(_MAX_ID).fetchall()[0][0] if self._reuses_ids else _INT_MAX
         jobs = [(i, newest, before) for i, state, _ in found if state != _SWEPT]
         gone = db.executemany(sql[0], jobs).rowcount if jobs else 0
-        db.executemany(sql[0], [(i, newest, before) for i, state, _ in found if state == _SWEPT])
+        tombstones = [(i, newest, before) for i, state, _ in found if state == _SWEPT]
+        if tombstones:
+            db.executemany(sql[0], tombstones)
         if any(i == newest for i, _, _ in jobs):
             gone += db.execute(sql[1], (newest, before)).rowcount
         if db.execute(_ANY_DEPS).fetchall()[0][0]:
@@ -2905,6 +2911,7 @@ class _SQLiteStorage(_Storage):
 # rows another transaction has locked.
 
 _PG_SCHEMA_VERSION = 4       # blero_meta.version this blero.py writes and reads
+_PG_DEFAULT_SCHEMA = "blero"  # where the tables are when `schema=` is not given
 _PG_POOL = 4                 # connections for reads and writes, besides the owner's own
 _PG_CONNECT_TIMEOUT = 5      # seconds: an unreachable server is an error, not a hang
 _PG_STATEMENT_TIMEOUT = 30   # seconds any statement may take
@@ -2939,7 +2946,7 @@ _PG_WHERE = "SELECT current_database(), pg_postmaster_start_time(), inet_server_
 _PG_INSERT_KEYED = _INSERT + " ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING"
 # Statements whose changes other processes act on at once: they NOTIFY.
 _PG_WAKES = frozenset((_INSERT, _PG_INSERT_KEYED, _CANCEL, _RETRY, _PROMOTE, _FINISH, _UNCLAIM,
-                       _FINISH_RETURNING, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
+                       _FINISH_UNWAITED, _RELEASE, _RESUME, _RESUME_ALL, _SET_LIMIT))
 
 
 # _PG_UPGRADES[n - 1] takes a schema from blero_meta.version n to n + 1: a
@@ -2956,6 +2963,15 @@ def _pg_ddl(statement: str) -> str:
     return statement.replace("id           BIGINT PRIMARY KEY,\n    state",
                              "id           BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,\n"
                              "    state")
+
+
+# Many keyless jobs in one statement, a column of values per array in the
+# column's own type; ids come from the sequence in the rows' order.
+_PG_INSERT_ROWS = (
+    f"INSERT INTO blero_jobs ({', '.join(_NewJob._fields)}) SELECT * FROM unnest("
+    + ", ".join(_pg_ddl(f"?::{kind}[]") for kind in (
+        dict(re.findall(r"^ +(\w+) +([A-Z]+)", _SCHEMA, re.M))[f] for f in _NewJob._fields))
+    + ") RETURNING id")
 
 
 def _pg_schema_2(db) -> None:
@@ -3078,7 +3094,7 @@ class _PGSession:
 
     @staticmethod
     def _params(sql, params):
-        if sql is _FINISH or sql is _FINISH_RETURNING:
+        if sql is _FINISH or sql is _FINISH_UNWAITED:
             return params._replace(result=_bytes(params.result),
                                    progress=_bytes(params.progress))
         if sql is _PROGRESS or sql is _SAVE_CHECKPOINT:
@@ -3092,7 +3108,7 @@ class _PGSession:
     def _note(self, sql, params, rowcount):
         # A finished try concerns others only when it made the job ready
         # (or delayed) again: a completed one is seen by their waits' polls.
-        if rowcount and (sql not in (_FINISH, _FINISH_RETURNING) or params[0] < _RUNNING):
+        if rowcount and (sql not in (_FINISH, _FINISH_UNWAITED) or params[0] < _RUNNING):
             self.wakes = True
 
 
@@ -3230,7 +3246,6 @@ class _PostgresStorage(_Storage):
     read_only = None
     tells_of_ends = False   # (a completed try notifies no one: see _PGSession._note)
     _returning = True
-    _watching = False       # no trigger marks completions: the finish tells (_FINISH_RETURNING)
     _last_given = _PG_LAST_GIVEN
     _lock_rows = " FOR UPDATE OF j"
     _skip_locked = " FOR UPDATE SKIP LOCKED"
@@ -3239,7 +3254,7 @@ class _PostgresStorage(_Storage):
     _due_schedules = _DUE_SCHEDULES + " FOR UPDATE OF s SKIP LOCKED"
     _no_limit = None
 
-    def __init__(self, url: str, schema: str = "blero", lease: float = 10.0):
+    def __init__(self, url: str, schema: str = _PG_DEFAULT_SCHEMA, lease: float = 10.0):
         self.url = self.real = url
         self.path = _masked(url)
         self.schema = schema
@@ -3413,7 +3428,7 @@ class _PostgresStorage(_Storage):
                              f"of its own (the schema setting)")
         if not tables:
             if not create:
-                raise BleroError(f"{where}: no queue there")
+                raise BleroError(f"{where}: no queue there (start() makes one)")
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_sql}")
             for statement in (_SCHEMA + ";" + _PG_META).split(";"):
                 if statement.strip():
@@ -3473,13 +3488,11 @@ class _PostgresStorage(_Storage):
         if len(keyless) == len(rows) > 1:      # one round trip for the lot
             if db.watched is not None:
                 _unanswered.renew(db.watched, _PG_ROW_TIME * len(rows))
-            cursor = db.conn.cursor()
-            cursor.executemany(_pg_sql(_INSERT, db.schema),
-                               [r._replace(data=_bytes(r.data)) for r in rows], returning=True)
-            while True:
-                ids.append(cursor.fetchone()[0])
-                if not cursor.nextset():
-                    break
+            columns = [list(c) for c in zip(*rows)]
+            data = _NewJob._fields.index("data")
+            columns[data] = [_bytes(d) for d in columns[data]]
+            ids = sorted(i for i, in db.conn.execute(_pg_sql(_PG_INSERT_ROWS, db.schema),
+                                                     columns).fetchall())
             db.wakes = True
             return ids, [True] * len(ids)
         for row in rows:
@@ -3671,19 +3684,7 @@ class _PostgresStorage(_Storage):
 
     # -- what PostgreSQL does itself -------------------------------------------------
 
-    def sweep_slice(self, before: float, states: tuple[int, ...],
-                    after: tuple[float, int]) -> tuple[int, tuple[float, int] | None]:
-        in_states = ", ".join(str(s) for s in states)
-        params = (before, after[0], after[0], after[1], _SWEEP_SLICE)
-        found = self._read(lambda db: db.execute(
-            _SWEEPABLE.format(states=in_states), params).fetchall())
-        if not found:
-            return 0, None
-        sql = _SWEEP.format(states=in_states)     # (ids are never reused: no tombstone)
-        gone = self._write(lambda db: db.executemany(
-            sql, [(i, _INT_MAX, before) for i, _, _ in found]).rowcount)
-        last_id, _, last_finished = found[-1]
-        return gone, (None if len(found) < _SWEEP_SLICE else (last_finished, last_id))
+    _reuses_ids = False     # a sequence never gives an id twice: no tombstones
 
     def give_back_slice(self) -> bool:
         return False        # autovacuum's work
@@ -3695,7 +3696,8 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended", "_cancel_down",
+_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended",
+              "_cancel_down", "sweep_slice", "_sweep",
               "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
               "suspect_names", "unclaim",
@@ -3829,6 +3831,10 @@ def _fn_name(fn) -> str:
     (a function defined inside another goes by its own name)."""
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return name.rsplit(".<locals>.", 1)[-1]
+
+
+# Results of these exact types are never awaitables (no need to ask inspect).
+_PLAIN_RESULTS = frozenset((int, float, str, bytes, bool, tuple, list, dict))
 
 
 class _Outcome(NamedTuple):
@@ -4510,7 +4516,8 @@ class _Dispatcher:
             # On a server, marking the jobs they wait on locked those rows
             # for a moment: a claim meanwhile skipped them, so look again.
             self.work_arrived(None)
-        rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
+        if False in stored:
+            rows = [r for r, new in zip(rows, stored) if new]   # not those a key answered
         ready = [r.name for r in rows if r.state == _READY]
         if len(ready) < len(rows):
             self.delayed_at(min(r.run_at for r in rows if r.state == _DELAYED))
@@ -4694,9 +4701,11 @@ class _Dispatcher:
                 if job.id not in self.storage.running_ids(self.owner):
                     job._cancel()
         blob, job.data = job.data, None
-        job.checkpointed = _loads_or_none(self.settings.serializer, job.checkpointed)
+        serializer = self.settings.serializer
+        if job.checkpointed is not None:
+            job.checkpointed = _loads_or_none(serializer, job.checkpointed)
         try:
-            job.data = None if blob is None else self.settings.serializer.loads(blob)
+            job.data = None if blob is None else serializer.loads(blob)
         except Exception as exc:
             worker.finished_try()
             return self.failure(job, exc, retry=False, raised=False,
@@ -4713,6 +4722,8 @@ class _Dispatcher:
             self._drop_deadline(deadline)
         if not worker.finished_try():
             return None
+        if exc is None:
+            return self._returned(job, result, seconds)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             log.error("job %d: processor raised %r; handed back as interrupted", job.id, exc)
             return self.interrupted(job, exc, f"interrupted: the processor raised {exc!r}\n"
@@ -4722,12 +4733,16 @@ class _Dispatcher:
             run_at = time.time() + exc.seconds
             return _Outcome(job, _DELAYED if exc.seconds > 0 else _READY, run_at=run_at,
                             seconds=seconds, given_back=True, snoozed=True)
-        if exc is not None:   # the traceback starts in the processor, not here
-            return self.failure(job, exc, seconds=seconds,
-                                text=_exc_text(exc, exc.__traceback__.tb_next))
-        # The try ran, side effects and all: a result that cannot be stored
-        # ends the job at once, as running it again would not help.
-        if result is not None and inspect.isawaitable(result):
+        # (the traceback starts in the processor, not here)
+        return self.failure(job, exc, seconds=seconds,
+                            text=_exc_text(exc, exc.__traceback__.tb_next))
+
+    def _returned(self, job: Job, result: Any, seconds: float) -> _Outcome:
+        """The outcome of a try whose processor returned `result`.  The try
+        ran, side effects and all: a result that cannot be stored ends the
+        job at once, as running it again would not help."""
+        if (result is not None and type(result) not in _PLAIN_RESULTS
+                and inspect.isawaitable(result)):
             if inspect.iscoroutine(result):
                 result.close()      # never awaited, and never warned about
             exc = TypeError(f"the processor returned an awaitable, {result!r}: "
@@ -5500,7 +5515,7 @@ class Blero:
         names if given, else the running (or stopping) queue's own file,
         whatever a link on its path names now."""
         if _is_server(self.path):
-            return _PostgresStorage(self.path, self._settings.schema or "blero",
+            return _PostgresStorage(self.path, self._settings.schema or _PG_DEFAULT_SCHEMA,
                                     self._settings.lease)
         if real is None and self._storage is not None:
             real = self._storage.real
@@ -7997,11 +8012,16 @@ def _serve(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        print(f"Serving the dashboard of {bl._where} at {server.url} (Ctrl-C to stop)", flush=True)
+        schema = bl._settings.schema or _PG_DEFAULT_SCHEMA
+        schema = f" (schema {schema})" if _is_server(bl.path) else ""
+        print(f"Serving the dashboard of {bl._where}{schema} at {server.url} (Ctrl-C to stop)",
+              flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C while it closes must not end in a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, previous)
         server.close()
     return 0

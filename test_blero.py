@@ -191,6 +191,11 @@ class TempDirTest(unittest.TestCase):
             options += ["--schema", self.settings(name)["schema"]]
         return options
 
+    def stored_rows(self, table, name="q.db"):
+        """How many rows blero's table `table` holds in the queue `name`."""
+        with contextlib.closing(sqlite3.connect(self.target(name))) as db:
+            return db.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+
     def queue(self, name="q.db", start=True, **settings):
         bl = blero.new(self.target(name), **{**self.settings(name), **settings})
         if start:
@@ -244,6 +249,11 @@ class OnPostgres:
     def settings(self, name="q.db"):
         slug = re.sub(r"[^a-z0-9]", "_", name.lower())
         return {"schema": self.schema if name == "q.db" else f"{self.schema}_{slug}"[:63]}
+
+    def stored_rows(self, table, name="q.db"):
+        with pg_connect() as conn:
+            return conn.execute(f"SELECT count(*) FROM {self.settings(name)['schema']}.{table}"
+                                ).fetchall()[0][0]
 
     def _drop_schemas(self):
         with pg_connect() as conn:
@@ -5591,7 +5601,7 @@ class CommandLineUntrustedAndScriptedTest(TempDirTest):
                          [repr({"tags": {"x"}}), [1, 2.5, "three"], "nan"])
         self.assertEqual([err for _, _, err in results[6:9]],
                          ["blero: no such job: 424242\n", "blero: no such job: 424242\n",
-                          f"blero: {missing}: no queue file there\n"])
+                          f"blero: {missing}: no queue file there (start() makes one)\n"])
         self.assertFalse(os.path.exists(missing), "a missing --db file is never created")
         for code, out, err in results[9:]:
             self.assertIn("--serializer", err)
@@ -6130,7 +6140,12 @@ class DashboardOfTheQueueTest(TempDirTest):
                                 cwd=HERE, env=child_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(stop_child, proc)
-        port = int(LineReader(proc.stdout).expect(r"http://[^\s/]+:(\d+)/?")[0].group(1))
+        banner = LineReader(proc.stdout).expect(r"Serving the dashboard of (.*) at "
+                                                r"http://[^\s/]+:(\d+)/?")[0]
+        port = int(banner.group(2))
+        if self.engine == "postgres":   # which of the server's queues it is
+            self.assertTrue(banner.group(1).endswith(f" (schema {self.schema})"),
+                            banner.group(0))
         stats = self.get_json(port, "/api/stats")
         self.assertEqual(stats["served_by"], {"pid": proc.pid, "running": False,
                                               "processors": 0})
@@ -7590,7 +7605,9 @@ class AfterTest(TempDirTest):
         events["slow"].set()
         self.assertEqual(bl.wait(both, 10), "both")
         self.assertEqual(bl.get_job(both).after, (done, slow))
+        self.assertEqual(self.stored_rows("blero_deps"), 3)
         self.assertEqual(bl.sweep(), 3)
+        self.assertEqual(self.stored_rows("blero_deps"), 0, "swept jobs' lists stay behind")
         # ids are never reused, so a swept id is told from one never given
         with self.assertRaises(ValueError):
             bl.enqueue("x", after=both + 10)
