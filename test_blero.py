@@ -6869,13 +6869,14 @@ class ExecutorTest(TempDirTest):
         self.assertFalse(running.done())
 
 
-@both_engines
 class CPythonExecutorTest(TempDirTest):
     """The generic tests of CPython's Lib/test/test_concurrent_futures
     (executor.py, test_wait.py, test_as_completed.py, test_shutdown.py)
     that use importable functions only, run against blero.Executor.  Those
     waiting on `event.wait` (a bound method of a threading.Event, which no
-    job can carry) wait on an event by name instead."""
+    job can carry) wait on an event by name instead.  They are about the
+    executor's semantics, a layer above the storage: on the file only
+    (ExecutorTest runs on both engines)."""
 
     worker_count = 5
 
