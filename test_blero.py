@@ -9540,6 +9540,9 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         bl.start()
         bl.register_processor(lambda job: "ok")
         self.assertEqual(bl.wait(bl.enqueue("x"), 10), "ok")
+        # Stalled, nothing answers: a shorter deadline is as good as any (the
+        # statements above had the server's 2 s, on a loaded machine too).
+        blero._PG_STATEMENT_TIMEOUT, blero._PG_ANSWER_MARGIN = 1, 0.25
         proxy.stalled = True
 
         def in_thread(call):
