@@ -839,7 +839,7 @@ class OperatingTest(TempDirTest):
         self.assertIn("ZeroDivisionError", bl.jobs("failed")[0].error)
 
     def test_join_returns_after_the_last_callback(self):
-        for _ in range(20):
+        for _ in range(self.rounds(20)):
             results = []
 
             def slow_callback(job, result):
@@ -1007,7 +1007,7 @@ class OperatingTest(TempDirTest):
     def test_stop_counts_a_retry_claimed_with_its_failure_only_if_it_began(self):
         # A worker records a failed try (ready again at once) and claims the
         # same job again in one commit: that claim is a new try, not yet begun.
-        for n in range(10):
+        for n in range(self.rounds(10)):
             starts = []
 
             def fail(job):
