@@ -1909,7 +1909,7 @@ class _SQLiteStorage(_Storage):
                     # rebuild the -shm (SQLite's index of the -wal, made from
                     # it) can read the file.  The file and -wal stay unwritten.
                     try:
-                        return self._judge(False, check)
+                        return self._judge("", check)
                     except sqlite3.Error as again:
                         exc = again
                 if "not a database" in str(exc):

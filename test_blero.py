@@ -3394,6 +3394,25 @@ class HardeningTest(ProcessTest):
         bl.stop()
         return message
 
+    def test_a_wal_a_reader_cannot_read_without_the_shm_is_read_by_one_that_may(self):
+        # After a kill -9 mid-write, a reader that may not write the -shm
+        # meets "locking protocol" until one rebuilds it (the kill -9
+        # torture met it): the judging of the file falls back to such a reader.
+        running = self.queue()
+        running.enqueue("x")
+        self.assertTrue(os.path.exists(self.path + "-shm"))
+        judge, tried = blero._SQLiteStorage._judge, []
+
+        def recovering(storage, params, check):
+            tried.append(params)
+            if "readonly_shm" in params:
+                raise sqlite3.OperationalError("locking protocol")
+            return judge(storage, params, check)
+        self.addCleanup(setattr, blero._SQLiteStorage, "_judge", judge)
+        blero._SQLiteStorage._judge = recovering
+        self.assertEqual(blero.new(self.path).stats()["pending"], 1)
+        self.assertEqual(tried[-1], "", "the last reader may rebuild the -shm")
+
     def make_queue(self, path, jobs=0, size=0):
         bl = blero.new(path)
         bl.start()
