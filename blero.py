@@ -1019,8 +1019,15 @@ class _Storage:
 
     def changed_elsewhere(self) -> bool:
         """True when another process may have committed since the last call
-        (new work, a cancel, an ended job); cheap: the clock asks often."""
+        (new work, a cancel, an ended job where `tells_of_ends`); cheap: the
+        clock asks often."""
         raise NotImplementedError
+
+    # Whether changed_elsewhere() tells of the jobs other processes end, too
+    # (a file's change counter tells of every commit); a server's
+    # notifications tell only of what workers act on, so there the ends of
+    # others' jobs are seen by looking.
+    tells_of_ends = True
 
     def on_change(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` (from any thread, quickly) as soon as the engine
@@ -2083,7 +2090,7 @@ class _SQLiteStorage(_Storage):
                     # rebuild the -shm (SQLite's index of the -wal, made from
                     # it) can read the file.  The file and -wal stay unwritten.
                     try:
-                        return self._judge(False, check)
+                        return self._judge("", check)
                     except sqlite3.Error as again:
                         exc = again
                 if "not a database" in str(exc):
@@ -3515,6 +3522,7 @@ class _PostgresStorage(_Storage):
     """
 
     read_only = None
+    tells_of_ends = False   # (a completed try notifies no one: see _PGSession._note)
     _returning = True
     _last_given = _PG_LAST_GIVEN
     _lock_rows = " FOR UPDATE OF j"
@@ -7199,6 +7207,7 @@ class _Futures:
         blero = self._blero
         next_look = 0.0
         untaken = _Sparingly()
+        told = True
         while True:
             with self._lock:
                 ids = list(self._waiting)
@@ -7210,6 +7219,7 @@ class _Futures:
                 try:
                     with blero._store() as storage:
                         found = storage.outcomes(ids)
+                        told = storage.tells_of_ends
                 except BleroError as exc:
                     found = None
                     log.debug("futures: cannot look at the queue: %s", exc)
@@ -7221,10 +7231,13 @@ class _Futures:
                     if any(row.state < _COMPLETE for row in found.values()):
                         blero._look_for_untaken(untaken, "a future's result()")
             # Running, the queue pokes it when other processes commit (and it
-            # looks now and then for what nobody tells); stopped, only the
-            # file tells.
-            running = blero._dispatcher is not None
-            self._poked.wait(_FUTURES_LOOK if running else _FUTURES_STOPPED_LOOK)
+            # looks now and then for what nobody tells); where they do not
+            # tell of the jobs they end (a server), it looks as often as
+            # wait() does; stopped, only the file tells.
+            if blero._dispatcher is None:
+                self._poked.wait(_FUTURES_STOPPED_LOOK)
+            else:
+                self._poked.wait(_FUTURES_LOOK if told else _POLL)
             self._poked.clear()
             pause = next_look - time.monotonic()
             if pause > 0:

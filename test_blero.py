@@ -839,7 +839,7 @@ class OperatingTest(TempDirTest):
         self.assertIn("ZeroDivisionError", bl.jobs("failed")[0].error)
 
     def test_join_returns_after_the_last_callback(self):
-        for _ in range(20):
+        for _ in range(self.rounds(20)):
             results = []
 
             def slow_callback(job, result):
@@ -895,8 +895,8 @@ class OperatingTest(TempDirTest):
             except BaseException as exc:
                 outcomes.append(type(exc).__name__)
 
-        threads = [threading.Thread(target=waiter, args=(lambda: bl.wait(job_id, timeout=1),)),
-                   threading.Thread(target=waiter, args=(lambda: bl.join(timeout=1),))]
+        threads = [threading.Thread(target=waiter, args=(lambda: bl.wait(job_id, timeout=0.5),)),
+                   threading.Thread(target=waiter, args=(lambda: bl.join(timeout=0.5),))]
         for t in threads:
             t.start()
         waiting.wait()
@@ -973,6 +973,7 @@ class OperatingTest(TempDirTest):
         self.assertEqual(bl.get_job(last).state, "pending")
 
     @unittest.skipUnless(POSIX, "SIGINT")
+    @file_only      # (its child's queues are files: on the twin it ran the same again)
     def test_ctrl_c_during_an_enqueue_never_hangs_the_queue(self):
         # A real SIGINT lands wherever it lands: often while the enqueue waits
         # for its turn to commit.  The queue must still write and stop.
@@ -1006,7 +1007,7 @@ class OperatingTest(TempDirTest):
     def test_stop_counts_a_retry_claimed_with_its_failure_only_if_it_began(self):
         # A worker records a failed try (ready again at once) and claims the
         # same job again in one commit: that claim is a new try, not yet begun.
-        for n in range(10):
+        for n in range(self.rounds(10)):
             starts = []
 
             def fail(job):
@@ -1640,11 +1641,11 @@ class EveryTest(TempDirTest):
 
     def test_a_run_left_pending_over_downtime_is_the_run_at_once(self):
         bl = self.queue()           # no processor: the first run stays pending
-        bl.every(0.5, "tick")
+        bl.every(0.3, "tick")
         wait_until(lambda: bl.jobs(name="tick"), message="the first run enqueued")
         bl.stop()
         stopped = time.time()
-        wait_until(lambda: time.time() >= stopped + 1.5, message="three intervals of downtime")
+        wait_until(lambda: time.time() >= stopped + 0.9, message="three intervals of downtime")
         bl = self.queue(start=False)
         runs, run = self.recorder(bl)
         bl.register_processor(run)
@@ -1652,7 +1653,7 @@ class EveryTest(TempDirTest):
         wait_until(lambda: len(runs) >= 2, timeout=20, message="two runs after the restart")
         first, second = [bl.get_job(r.id) for r in runs[:2]]
         self.assertLess(first.created_at, stopped, "the run left pending runs first")
-        self.assertGreaterEqual(second.created_at - first.started_at, 0.5 - 1e-6,
+        self.assertGreaterEqual(second.created_at - first.started_at, 0.3 - 1e-6,
                                 "it was the run at once: the next waits an interval")
         self.assert_one_run_at_a_time(runs)
 
@@ -3162,9 +3163,10 @@ class MultiProcessTest(ProcessTest):
         with open(os.path.join(self.dir, "go"), "w"):
             pass
         self.wait_lines("starting", children=[starter])
-        # Past SQLite's busy timeout (1 s) the starter must still be waiting.
+        # Past SQLite's busy timeout (1 s) the starter must still be waiting
+        # (and, released after that, end well: finish() checks its exit).
         try:
-            wait_until(lambda: starter.poll() is not None, timeout=2.0)
+            wait_until(lambda: starter.poll() is not None, timeout=1.5)
         except AssertionError:
             pass    # still waiting, as it should
         else:
@@ -3391,6 +3393,25 @@ class HardeningTest(ProcessTest):
             bl.enqueue("x")
         bl.stop()
         return message
+
+    def test_a_wal_a_reader_cannot_read_without_the_shm_is_read_by_one_that_may(self):
+        # After a kill -9 mid-write, a reader that may not write the -shm
+        # meets "locking protocol" until one rebuilds it (the kill -9
+        # torture met it): the judging of the file falls back to such a reader.
+        running = self.queue()
+        running.enqueue("x")
+        self.assertTrue(os.path.exists(self.path + "-shm"))
+        judge, tried = blero._SQLiteStorage._judge, []
+
+        def recovering(storage, params, check):
+            tried.append(params)
+            if "readonly_shm" in params:
+                raise sqlite3.OperationalError("locking protocol")
+            return judge(storage, params, check)
+        self.addCleanup(setattr, blero._SQLiteStorage, "_judge", judge)
+        blero._SQLiteStorage._judge = recovering
+        self.assertEqual(blero.new(self.path).stats()["pending"], 1)
+        self.assertEqual(tried[-1], "", "the last reader may rebuild the -shm")
 
     def make_queue(self, path, jobs=0, size=0):
         bl = blero.new(path)
@@ -4383,7 +4404,7 @@ class LifecycleTest(ProcessTest):
 
         def waiter():
             try:
-                answers.append(bl.wait(job, timeout=2))
+                answers.append(bl.wait(job, timeout=1))    # some 20 looks, most after the stop
             except TimeoutError:
                 answers.append("still pending")
         thread = threading.Thread(target=waiter)
@@ -4827,7 +4848,7 @@ class MemoryAndLatencyTest(TempDirTest):
         db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 250000)"
                    " INSERT INTO blero_jobs (state, priority, run_at, name, max_attempts,"
                    " created_at, attempt, started_at, finished_at)"
-                   " SELECT 3, 0, ?1, 'old', 4, ?1, 1, ?1, ?1 FROM n", (time.time() - 60,))
+                   " SELECT 3, 0, :t, 'old', 4, :t, 1, :t, :t FROM n", {"t": time.time() - 60})
         db.commit()
         db.close()
 
@@ -4851,15 +4872,16 @@ class MemoryAndLatencyTest(TempDirTest):
 
 
     def test_many_jobs_due_at_once_never_make_a_timeout_late(self):
-        # 300,000 delayed jobs all due in 3 s (time to start, on a loaded
-        # machine), written straight into the file; a try with a timeout
-        # expires while they come due.
+        # 300,000 delayed jobs all due in 2 s (time to start, on a loaded
+        # machine: it takes 0.4 s idle), written straight into the file; a
+        # try with a timeout expires while they come due.
         path = os.path.join(self.dir, "q.db")
         blero.new(path).start().stop()
         db = sqlite3.connect(path)
         db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 300000)"
                    " INSERT INTO blero_jobs (state, priority, run_at, name, max_attempts, created_at)"
-                   " SELECT 1, 0, ?1, 'later', 4, ?2 FROM n", (time.time() + 3.0, time.time()))
+                   " SELECT 1, 0, :due, 'later', 4, :now FROM n",
+                   {"due": time.time() + 2.0, "now": time.time()})
         db.commit()
         db.close()
 
@@ -4891,7 +4913,7 @@ class MemoryAndLatencyTest(TempDirTest):
 # argv: db, log, life (a tag), the poison job's id, processors, seconds an
 # ordinary job takes.  The poison job kills its process (as a segfault or
 # the OOM killer would) once a neighbour has run beside it here, or after
-# 0.5 s alone.
+# 0.2 s alone.
 POISON_CHILD = """
 db, log_path, life = sys.argv[1:4]
 poison, processors, work = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
@@ -4901,7 +4923,7 @@ neighbour_runs = threading.Event()
 def run(job):
     log("S", job.id, life, job.attempt, time.monotonic_ns())
     if job.id == poison:
-        neighbour_runs.wait(0.5)
+        neighbour_runs.wait(0.2)
         os._exit(3)
     neighbour_runs.set()
     time.sleep(work)
@@ -4958,7 +4980,7 @@ class PoisonJobTest(ProcessTest):
         ids = bl.enqueue_many([("j", None)] * 8)
         bl.stop()
         poison = ids[1]
-        codes = self.restart_until_done(poison, processors=3, work=0.3)
+        codes = self.restart_until_done(poison, processors=3, work=0.1)
         self.assertEqual(codes, {"": [3, 3, 3, 0]}, "one crash per try of the poison job")
         self.assert_poison_failed_alone(ids, poison)
         # After each crash, the jobs it cut short ran one at a time, alone,
@@ -6060,8 +6082,9 @@ class JoinWarningTest(ProcessTest):
         bl.enqueue("b")             # waits for the other process, busy for now
         bl.enqueue("a", delay=3600)  # waits for a processor of this one
         bl.enqueue("typo")
-        self.assertFalse(bl.join(0.5))
-        self.assertFalse(bl.join(0.5))
+        # (a join looks for untaken names at once, then at most once a second)
+        self.assertFalse(bl.join(0.1))
+        self.assertFalse(bl.join(0.1))
         self.assertEqual(self.untaken_warnings(captured),
                          ["no processor takes jobs named 'typo' (1 pending): join() waits "
                           "until a queue that takes them runs"])
@@ -6069,7 +6092,7 @@ class JoinWarningTest(ProcessTest):
         self.kill(child)
         wait_until(lambda: bl.get_job(held).state == "pending", message="its job taken back")
         bl.unregister_processor(mine)
-        self.assertFalse(bl.join(0.5))
+        self.assertFalse(bl.join(0.1))
         warned = self.untaken_warnings(captured)
         self.assertEqual(len(warned), 3, warned)
         self.assertEqual([w.split(":")[0] for w in warned[1:]],
@@ -6579,7 +6602,7 @@ class TaskTest(TempDirTest):
         job_id = bl.enqueue("test_blero.square", ((5,), {}))
         with self.assertLogs("blero", logging.WARNING) as logs:   # (by join or the future)
             future = bl.future(job_id)
-            self.assertFalse(bl.join(timeout=0.5))
+            self.assertFalse(bl.join(timeout=0.2))
         self.assertIn("test_blero.square", "\n".join(logs.output))
         self.assertEqual(bl.get_job(job_id).state, "pending")
         self.assertFalse(future.done())
@@ -6704,7 +6727,7 @@ class TaskTest(TempDirTest):
         bl = self.queue()
         done_id = bl.task(square).enqueue(9).id
         bl.wait(done_id, 10)
-        later = bl.task(name="later")(square).using(delay=0.5).enqueue(2).id
+        later = bl.task(name="later")(square).using(delay=0.2).enqueue(2).id
         bl.stop()
         bl2 = self.queue(start=False)
         self.assertEqual(bl2.future(done_id).result(10), 81, "on a stopped queue too")
@@ -6740,18 +6763,28 @@ class TaskTest(TempDirTest):
 
     def test_a_job_another_process_completes_resolves_the_future(self):
         bl = self.queue()
+        child = start_child(NEW_QUEUE + textwrap.dedent("""
+            import sys, time
+            bl = new_queue(sys.argv[1]).start()
+            # (its work: it ends after the future's first look)
+            bl.register_processor(lambda job: time.sleep(0.1) or job.data * 2, names="elsewhere")
+            print("ready", flush=True)
+            sys.stdin.read()
+            bl.stop()
+        """), self.target(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
         job_id = bl.enqueue("elsewhere", 21)
         future = bl.future(job_id)
-        child = run_child(NEW_QUEUE + textwrap.dedent("""
-            import sys
-            bl = new_queue(sys.argv[1]).start()
-            bl.register_processor(lambda job: job.data * 2, names="elsewhere")
-            bl.join()
-            bl.stop()
-        """), self.target())
-        self.assertEqual(child.returncode, 0, child.stderr)
         self.assertEqual(future.result(10), 42)
-
+        resolved = time.time()
+        # As soon as a wait() would see it (a server tells no one of a job
+        # another process completed: the future looks as often), not at its
+        # next look a second after the first.
+        late = resolved - bl.get_job(job_id).finished_at
+        self.assertLess(late, 0.5, f"resolved {late:.3f} s after the job completed")
+        child.stdin.close()
+        self.assertEqual(child.wait(30), 0)
 
     def test_an_end_blero_made_raises_job_failed_from_the_future(self):
         # Only the processor's own exception is restored: a timeout, or a
@@ -7204,13 +7237,14 @@ class CatchAllAcrossProcessesTest(ProcessTest):
         self.assertEqual(bl.get_job(left.id).state, "pending")
 
 
-@both_engines
 class CPythonExecutorTest(TempDirTest):
     """The generic tests of CPython's Lib/test/test_concurrent_futures
     (executor.py, test_wait.py, test_as_completed.py, test_shutdown.py)
     that use importable functions only, run against blero.Executor.  Those
     waiting on `event.wait` (a bound method of a threading.Event, which no
-    job can carry) wait on an event by name instead."""
+    job can carry) wait on an event by name instead.  They are about the
+    executor's semantics, a layer above the storage: on the file only
+    (ExecutorTest runs on both engines)."""
 
     worker_count = 5
 
@@ -8270,8 +8304,8 @@ class LimitTest(TempDirTest):
     def test_a_rate_is_never_exceeded(self):
         bl = self.queue()
         starts = []
-        bl.limit("r", rate=(5, 0.5))
-        self.assertEqual(bl.limits(), {"r": {"concurrency": None, "rate": (5, 0.5)}})
+        bl.limit("r", rate=(5, 0.25))
+        self.assertEqual(bl.limits(), {"r": {"concurrency": None, "rate": (5, 0.25)}})
         for _ in range(4):
             bl.register_processor(lambda job: job.name == "r" and starts.append(time.monotonic()))
         ids = [bl.enqueue("r", i) for i in range(16)]
@@ -8283,8 +8317,8 @@ class LimitTest(TempDirTest):
         # claim): a processor's own clock reads a moment later, by as much as
         # the scheduler likes on a loaded machine.
         starts = sorted(bl.get_job(i).started_at for i in ids)
-        self.assertLessEqual(most_in_a_window(starts, 0.5), 5)
-        self.assertGreaterEqual(starts[-1] - starts[0], 1.0, "16 starts at 5 per 0.5 s")
+        self.assertLessEqual(most_in_a_window(starts, 0.25), 5)
+        self.assertGreaterEqual(starts[-1] - starts[0], 0.75, "16 starts at 5 per 0.25 s")
         self.assertEqual([bl.get_job(i).state for i in ids], ["complete"] * 16)
 
     def test_changing_and_removing_a_limit(self):
@@ -8451,9 +8485,9 @@ class FlowAcrossProcessesTest(ProcessTest):
         self.assertEqual(sorted(spans), limited)
         self.assertEqual(concurrent_peak(list(spans.values())), 2)
 
-    def test_rate_across_three_processes_over_five_seconds(self):
+    def test_rate_across_three_processes_over_five_windows(self):
         bl = self.queue()
-        bl.limit("r", rate=(10, 1))
+        bl.limit("r", rate=(10, 0.25))
         ids = bl.enqueue_many([("r", i) for i in range(60)])
         kids = self.children(3, 4)
         for i in ids:
@@ -8463,8 +8497,8 @@ class FlowAcrossProcessesTest(ProcessTest):
         # (by the tries' recorded starts, their claims, as the queue counts
         # them: a processor's clock reads a moment later, as load decides)
         starts = sorted(bl.get_job(i).started_at for i in ids)
-        self.assertLessEqual(most_in_a_window(starts, 1), 10)
-        self.assertGreaterEqual(starts[-1] - starts[0], 5)
+        self.assertLessEqual(most_in_a_window(starts, 0.25), 10)
+        self.assertGreaterEqual(starts[-1] - starts[0], 5 * 0.25)
 
     def test_after_pause_returns_no_job_of_the_name_starts_in_any_process(self):
         bl = self.queue()
@@ -8475,7 +8509,8 @@ class FlowAcrossProcessesTest(ProcessTest):
             self.wait_lines("S", count=seen + 10, children=kids)
             bl.pause(name)
             paused_at = time.monotonic_ns()
-            self.assertFalse(bl.join(0.5))
+            # (six workers on 5 ms jobs: unpaused, dozens would start meanwhile)
+            self.assertFalse(bl.join(0.25))
             late = [f for f in self.lines("S") if int(f[4]) > paused_at]
             self.assertEqual(late, [], f"started after pause({name!r}) returned")
             bl.resume(name)
@@ -9205,10 +9240,9 @@ CRON_REFUSED = [   # (expression, the field the error names)
 ]
 
 
-@both_engines
-class CronTest(TempDirTest):
-    """cron(): the grammar, the zones, the table of known due times, and
-    schedules() / unschedule() for both kinds."""
+class CronTimesTest(unittest.TestCase):
+    """The due times of cron expressions, against the table of known answers
+    (no queue: the engines' twin would compute the same times again)."""
 
     def test_next_due_times_match_the_table_of_known_answers(self):
         for expr, tz, after, expected in CRON_ANSWERS:
@@ -9217,24 +9251,38 @@ class CronTest(TempDirTest):
 
     def test_local_time_is_the_default_zone(self):
         # A process whose local time is New York's, tz=None: the same
-        # answers as the zone's own, DST days included.
+        # answers as the zone's own, DST days included (one process works
+        # out every row of New York's).
         code = """
-            import datetime, sys, blero
-            t = datetime.datetime.fromisoformat(sys.argv[1]).timestamp()
-            for _ in range(2):
-                t = blero._cron_next(sys.argv[2], t, None)
-                print(datetime.datetime.fromtimestamp(t).isoformat(timespec="minutes"))
+            import datetime, json, sys, blero
+            for after, expr in json.loads(sys.argv[1]):
+                t = datetime.datetime.fromisoformat(after).timestamp()
+                times = []
+                for _ in range(2):
+                    t = blero._cron_next(expr, t, None)
+                    times.append(datetime.datetime.fromtimestamp(t).isoformat(timespec="minutes"))
+                print(" ".join(times))
         """
-        for expr, tz, after, expected in CRON_ANSWERS:
-            if tz != "America/New_York":
-                continue
-            out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), after, expr],
-                                 cwd=HERE, env=dict(child_env(), TZ="America/New_York"),
-                                 capture_output=True, text=True, timeout=60)
-            self.assertEqual(out.returncode, 0, out.stderr)
+        rows = [(expr, after, expected) for expr, tz, after, expected in CRON_ANSWERS
+                if tz == "America/New_York"]
+        self.assertTrue(rows)
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code),
+                              json.dumps([(after, expr) for expr, after, _ in rows])],
+                             cwd=HERE, env=dict(child_env(), TZ="America/New_York"),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        lines = out.stdout.splitlines()
+        self.assertEqual(len(lines), len(rows), out.stdout)
+        for (expr, after, expected), line in zip(rows, lines):
             naive = [datetime.datetime.fromisoformat(e).replace(tzinfo=None).isoformat(
                 timespec="minutes") for e in expected]
-            self.assertEqual(out.stdout.split()[:len(naive)], naive, expr)
+            self.assertEqual(line.split()[:len(naive)], naive, expr)
+
+
+@both_engines
+class CronTest(TempDirTest):
+    """cron(): the grammar and the zones it takes, and schedules() /
+    unschedule() for both kinds (the due times themselves: CronTimesTest)."""
 
     def test_invalid_expressions_name_the_field_and_store_nothing(self):
         bl = self.queue()
@@ -9901,7 +9949,8 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
             opened.append(os.open(os.devnull, os.O_RDONLY))
         bl = self.queue()
         flags = []
-        bl.register_processor(lambda job: flags.append(job.cancelled.wait(1.0)))
+        # (a session lost to a descriptor past FD_SETSIZE is lost at once)
+        bl.register_processor(lambda job: flags.append(job.cancelled.wait(0.5)))
         job_id = bl.enqueue("x")
         bl.wait(job_id, 20)
         self.assertEqual((flags, bl.get_job(job_id).attempt), ([False], 1))
@@ -10015,6 +10064,9 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         bl.start()
         bl.register_processor(lambda job: "ok")
         self.assertEqual(bl.wait(bl.enqueue("x"), 10), "ok")
+        # Stalled, nothing answers: a shorter deadline is as good as any (the
+        # statements above had the server's 2 s, on a loaded machine too).
+        blero._PG_STATEMENT_TIMEOUT, blero._PG_ANSWER_MARGIN = 1, 0.25
         proxy.stalled = True
 
         def in_thread(call):
@@ -10032,15 +10084,15 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
             bl.enqueue("x")     # stopped
 
     def test_a_call_of_many_slow_statements_is_not_cut(self):
-        for name, value in (("_PG_STATEMENT_TIMEOUT", 2), ("_PG_ANSWER_MARGIN", 0.5)):
+        for name, value in (("_PG_STATEMENT_TIMEOUT", 1), ("_PG_ANSWER_MARGIN", 0.5)):
             self.addCleanup(setattr, blero, name, getattr(blero, name, value))
             setattr(blero, name, value)
         bl = self.queue()
-        # Each statement answers within the deadline; the call as a whole
-        # takes longer (3.6 s, against 2.5 s).
-        slow = bl._storage._read(lambda db: [db.execute("SELECT pg_sleep(1.2), 1").fetchall()
-                                             for _ in range(3)])
-        self.assertEqual(len(slow), 3)
+        # Each statement answers within the deadline (half the server's
+        # timeout); the call as a whole takes longer (2 s, against 1.5 s).
+        slow = bl._storage._read(lambda db: [db.execute("SELECT pg_sleep(0.5), 1").fetchall()
+                                             for _ in range(4)])
+        self.assertEqual(len(slow), 4)
         self.assertEqual(bl.stats()["pending"], 0)
 
 
