@@ -6908,6 +6908,14 @@ def _function_name(fn, what: str = "a task") -> str:
     return f"{module}.{qualname}"
 
 
+def _unwrapped(fn, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    """A call of a functools.partial as the call of its function: the
+    partial's arguments travel with the call's own."""
+    while isinstance(fn, functools.partial):
+        fn, args, kwargs = fn.func, fn.args + args, {**fn.keywords, **kwargs}
+    return fn, args, kwargs
+
+
 def _importable(fn) -> str:
     """The name of a function an executor runs: it must be what that name
     imports (so that a later run finds the same function by it)."""
@@ -6916,7 +6924,9 @@ def _importable(fn) -> str:
     for part in fn.__qualname__.split("."):
         obj = getattr(obj, part, None)
     # (a builtin class method is made anew at each look: equal, not the same)
-    if obj is not fn and obj != fn and getattr(obj, "fn", None) is not fn:
+    # (a classmethod imports as bound to its class: its function is `fn`)
+    if obj is not fn and obj != fn and getattr(obj, "fn", None) is not fn \
+            and getattr(obj, "__func__", None) is not fn:
         raise TypeError(f"{name} does not import as {fn!r}: an executor needs a function "
                         f"that can be imported by its qualified name")
     return name
@@ -7445,6 +7455,7 @@ class Executor(concurrent.futures.Executor):
         """Run `fn(*args, **kwargs)` as a job; return its future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        fn, args, kwargs = _unwrapped(fn, args, kwargs)
         name, options, args, runner, fn = self._target(fn, args)
         future = self._blero._enqueue_calls(name, [(args, kwargs)], options,
                                             resumable=True, runner=runner, fn=fn)[0]
@@ -7462,9 +7473,10 @@ class Executor(concurrent.futures.Executor):
         calls = list(zip(*iterables))
         futures = []
         if calls:
-            name, options, first, runner, fn = self._target(fn, calls[0])
-            extra = len(first) - len(calls[0])      # a bound method's object
-            calls = [(first[:extra] + args, {}) for args in calls]
+            fn, given, kwargs = _unwrapped(fn, (), {})
+            name, options, first, runner, fn = self._target(fn, given + calls[0])
+            extra = first[:len(first) - len(calls[0])]   # a partial's and a bound method's
+            calls = [(extra + args, kwargs) for args in calls]
             futures = self._blero._enqueue_calls(name, calls, options, resumable=True,
                                                  runner=runner, fn=fn)
             self._track(futures)

@@ -6462,6 +6462,10 @@ class Counted:
     def plus(self, x):
         return self.base + x
 
+    @classmethod
+    def made(cls, base):
+        return cls(base).plus(base)
+
 
 @both_engines
 class TaskTest(TempDirTest):
@@ -6936,12 +6940,25 @@ class ExecutorTest(TempDirTest):
         self.assertEqual(self.bl.get_job(future.id).name, "sq")
         self.assertEqual(list(self.executor.map(task, [1, 2])), [1, 4])
 
+    def test_partials_and_class_methods_run_as_thread_pool_executor_runs_them(self):
+        plus_one = functools.partial(add, 1)
+        self.assertEqual(self.executor.submit(plus_one, 2).result(10), 3)
+        self.assertEqual(self.executor.submit(functools.partial(add, b=5), 1).result(10), 6)
+        self.assertEqual(list(self.executor.map(functools.partial(plus_one), [1, 2])), [2, 3])
+        self.assertEqual(list(self.executor.map(functools.partial(add, b=10), [1, 2])),
+                         [11, 12])
+        self.assertEqual(self.executor.submit(Counted.made, 4).result(10), 8)
+        self.assertEqual(self.bl.get_job(self.executor.submit(plus_one, 0).id).name,
+                         "test_blero.add")
+        with self.assertRaisesRegex(TypeError, "multiple values"):
+            self.executor.submit(plus_one, 2, a=3)
+
     def test_what_cannot_be_imported_by_name_is_refused_and_nothing_stored(self):
         def nested(x):
             return x
         lock = threading.Lock()
         for fn, why in ((lambda x: x, "lambda"), (nested, "nested"),
-                        (functools.partial(add, 1), "qualified name")):
+                        (functools.partial(lambda x, y: x, 1), "lambda")):
             with self.assertRaisesRegex(TypeError, why):
                 self.executor.submit(fn, 1)
             with self.assertRaisesRegex(TypeError, why):
