@@ -7053,8 +7053,12 @@ class JobFuture(concurrent.futures.Future):
         if row.state == _COMPLETE:
             self._deliver(_loads_or_none(serializer, row.result))
         elif row.state == _FAILED:
-            self._deliver(exc=_restored(serializer, row.result)
-                          or JobFailed(self.id, row.error))
+            exc = _restored(serializer, row.result)
+            if exc is not None and hasattr(exc, "add_note"):   # (3.11+)
+                # Unpickled, it has no traceback: the stored one tells where.
+                exc.add_note(f"blero: job {self.id} raised it; its traceback there:\n"
+                             f"{(row.error or '').rstrip()}")
+            self._deliver(exc=exc or JobFailed(self.id, row.error))
         else:
             self._deliver(exc=JobCancelled(self.id))
 

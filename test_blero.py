@@ -6613,6 +6613,19 @@ class TaskTest(TempDirTest):
         bl.task(square)
         self.assertEqual(future.result(10), 25)
 
+    @unittest.skipUnless(hasattr(BaseException, "add_note"), "exception notes: 3.11+")
+    def test_an_exception_read_back_tells_its_job_and_where_it_was_raised(self):
+        bl = self.queue()
+        failing = bl.task(name="failing", retries=0)(fail_on)
+        job_id = failing.enqueue(3, 3).id
+        with self.assertRaises(ValueError):
+            bl.future(job_id).result(10)
+        with self.assertRaises(ValueError) as raised:   # from storage: no traceback of its own
+            bl.future(job_id).result(10)
+        note = "\n".join(raised.exception.__notes__)
+        self.assertIn(f"job {job_id} raised it", note)
+        self.assertIn("in fail_on", note)
+
     def test_a_result_is_what_the_serializer_gives_back_in_every_process(self):
         # With json a tuple comes back a list: from this process's future as
         # from another's, so that a resumed map is all of one kind.
