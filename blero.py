@@ -5142,7 +5142,9 @@ class _Dispatcher:
             first_line = (outcome.error or "").strip().splitlines()[-1:] or [""]
             log.warning("job %d (%s) try %d/%d failed%s: %s", job.id, job.name,
                         job.attempt, job.max_attempts,
-                        "" if final else ", will retry", first_line[0])
+                        ", will retry" if not final else
+                        "" if job.attempt >= job.max_attempts else ", not retried",
+                        first_line[0])
             log.debug("job %d error:\n%s", job.id, outcome.error)
             if final:
                 self.futures.ended(job.id, outcome)
