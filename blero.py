@@ -54,6 +54,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import weakref
 import zlib
 import zoneinfo
 from typing import Any, Callable, Iterable, NamedTuple
@@ -98,8 +99,11 @@ class JobFailed(BleroError):
         self.exception = exception
 
 
-class JobCancelled(BleroError):
-    """Raised by `Blero.wait` for a job that was cancelled."""
+class JobCancelled(BleroError, concurrent.futures.CancelledError):
+    """Raised by `Blero.wait` and `JobFuture.result` for a job that was
+    cancelled; a `concurrent.futures.CancelledError` too, as `result()`
+    raises for a future cancelled by `future.cancel()`, so that one
+    `except CancelledError` serves for both."""
 
     def __init__(self, job_id: int):
         super().__init__(f"job {job_id} was cancelled")
@@ -1028,8 +1032,15 @@ class _Storage:
 
     def changed_elsewhere(self) -> bool:
         """True when another process may have committed since the last call
-        (new work, a cancel, an ended job); cheap: the clock asks often."""
+        (new work, a cancel, an ended job where `tells_of_ends`); cheap: the
+        clock asks often."""
         raise NotImplementedError
+
+    # Whether changed_elsewhere() tells of the jobs other processes end, too
+    # (a file's change counter tells of every commit); a server's
+    # notifications tell only of what workers act on, so there the ends of
+    # others' jobs are seen by looking.
+    tells_of_ends = True
 
     def on_change(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` (from any thread, quickly) as soon as the engine
@@ -1465,6 +1476,29 @@ _ADD_DEP = "INSERT INTO blero_deps (job_id, seq, dep_id) VALUES (?, ?, ?)"
 # (then recorded by _FINISH, which tells that it was) or a claim that no
 # longer holds (then _FINISH records nothing either).
 _FINISH_UNWAITED = _FINISH + " AND dependants = 0"
+# A completed try recorded and the worker's next job claimed in one
+# statement, which SQLite commits by itself when no other write waits: the
+# finish as _FINISH_UNWAITED (?1-?10, a _Finish), the claim as
+# _CLAIM_RETURNING (owner ?11, now ?12, names from ?13), made only if the
+# finished job has no dependants (they are made ready in the finish's own
+# transaction: _finish_and_claim).  A statement, not three, in the worker's
+# hot path: under the lock of every write, the fewer statements (each lets
+# the other threads run Python until they give the GIL back), the better.
+_COMPLETE_AND_CLAIM = (
+    "UPDATE blero_jobs SET state = CASE id WHEN ?8 THEN ?1 ELSE 2 END,"
+    " run_at = CASE id WHEN ?8 THEN coalesce(?2, run_at) ELSE run_at END,"
+    " finished_at = CASE id WHEN ?8 THEN ?3 ELSE finished_at END,"
+    " result = CASE id WHEN ?8 THEN ?4 ELSE result END,"
+    " error = CASE id WHEN ?8 THEN ?5 ELSE error END,"
+    " max_attempts = CASE id WHEN ?8 THEN max_attempts + ?6 ELSE max_attempts END,"
+    " progress = CASE id WHEN ?8 THEN coalesce(?7, progress) ELSE progress END,"
+    " owner = CASE id WHEN ?8 THEN NULL ELSE ?11 END,"
+    " attempt = CASE id WHEN ?8 THEN attempt ELSE attempt + 1 END,"
+    " started_at = CASE id WHEN ?8 THEN started_at ELSE ?12 END"
+    " WHERE id = ?8 AND state = 2 AND owner = ?9 AND attempt = ?10 AND dependants = 0"
+    " OR id = ({next}) AND state = 0 AND EXISTS (SELECT 1 FROM blero_owners WHERE id = ?11)"
+    " AND NOT EXISTS (SELECT 1 FROM blero_jobs WHERE id = ?8 AND dependants != 0)"
+    " RETURNING " + _JOB_COLUMNS)
 # A job named in `after=` is marked first (on a server: waiting for a finish
 # of it under way), then its state read afresh.
 _MARK_DEPENDED_ON = "UPDATE blero_jobs SET dependants = 1 WHERE id = ? AND state < 3"
@@ -1787,10 +1821,21 @@ def _owner_alive(real: str, owner: int) -> bool | None:
         return False
 
 
+def _takes_cond(n: int, m: int, mark: Callable[[int], str]) -> str:
+    """What a claim's SELECT adds to take a job of n names and one runner
+    (0: any name but m others, of no runner), its i-th parameter `mark(i)`."""
+    if n:
+        return (f" AND name IN ({', '.join(mark(i) for i in range(n))})"
+                f" AND (runner IS NULL OR runner = {mark(n)})")
+    return " AND runner IS NULL" + (
+        f" AND name NOT IN ({', '.join(mark(i) for i in range(m))})" if m else "")
+
+
 class _Op:
     """One caller's part of a group transaction."""
 
-    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken")
+    __slots__ = ("fn", "args", "alone", "result", "error", "done", "lock", "turn", "woken",
+                 "chain", "gone")
 
     def __init__(self, fn, args, alone=False):
         self.fn = fn
@@ -1800,7 +1845,9 @@ class _Op:
         self.done = False
         self.lock = None    # held while the caller waits; released to wake it
         self.turn = False   # its caller leads: commits, then passes the turn on
-        self.woken = False
+        self.woken = False  # its lock was released
+        self.chain = None   # once woken: the callers of its batch its caller wakes next
+        self.gone = False   # its caller went (woken, or interrupted): wake it no more
 
 
 class _SQLiteStorage(_Storage):
@@ -1812,18 +1859,23 @@ class _SQLiteStorage(_Storage):
     (and those that arrive before it commits) and commits once for all: group
     commit, with no writer thread to wake.  A waiting caller sleeps on a lock
     of its own, released either when its write is committed or to hand it the
-    next turn, so each commit wakes only the callers it concerns.  If the
+    next turn, so each commit wakes only the callers it concerns, one after
+    another (each woken caller wakes the next, `_pass_on`; with sync="full",
+    all at once).  If the
     transaction fails, each write is retried alone, so one bad write never
     takes its neighbours down.  Reads use a second connection, which WAL lets
     run beside the writer.
 
     The locking rules, all of them:
     - `_mutex` guards the line of writes (`_queue`), whose turn it is
-      (`_leading`, `_Op.turn`), `_closer` and `_look_wanted`.  It is held for
+      (`_leading`, `_Op.turn`), the wake-ups (`_Op.woken`, `.chain`,
+      `.gone`), `_closer` and `_look_wanted`.  It is held for
       a few list operations, never for I/O: the leader takes the whole line
       from under it and commits without it.
     - The turn (held by one thread at a time, passed on by `_hand_over`) is
-      what owns the write connection `_db`, and `_data_version` with it.
+      what owns the write connection `_db`, and `_data_version` and
+      `_shared` with it.  (`_held` is a hint any worker sets: a stale one
+      costs a statement, never a wrong claim.)
       I/O runs under the turn, but no thread waits for the turn except to
       write: a writer's own lock is released when its write is committed.
     - `_read_lock` makes the read connection `_reader` one thread's at a
@@ -1867,9 +1919,12 @@ class _SQLiteStorage(_Storage):
         self._upgraded = False            # open() committed an upgrade of the file
         self.read_only = None
         self._data_version = None
+        self._shared = False              # the last commit was of several writes
         self._changed = False             # another connection committed since last asked
         self._returning = sqlite3.sqlite_version_info >= (3, 35, 0)
         self._claim_sql: dict[tuple[int, bool, int, int | None], tuple[str, str]] = {}
+        self._complete_sql: dict[tuple[int, int], str] = {}
+        self._held = False      # the last claim found pauses or limits stored
 
     _skip_locked = ""   # what the claim's inner SELECT adds (see _PostgresStorage)
     _due_schedules = _DUE_SCHEDULES     # the same, locking the schedules it runs
@@ -2048,7 +2103,7 @@ class _SQLiteStorage(_Storage):
                     # rebuild the -shm (SQLite's index of the -wal, made from
                     # it) can read the file.  The file and -wal stay unwritten.
                     try:
-                        return self._judge(False, check)
+                        return self._judge("", check)
                     except sqlite3.Error as again:
                         exc = again
                 if "not a database" in str(exc):
@@ -2223,6 +2278,11 @@ class _SQLiteStorage(_Storage):
                     break
                 except KeyboardInterrupt as exc:    # even here: finish first
                     late = exc
+            while op.lock is not None and not op.gone or op.chain:
+                try:
+                    self._pass_on(op)
+                except KeyboardInterrupt as exc:
+                    late = exc
             if late is not None:
                 raise late
         if op.error is not None:
@@ -2312,16 +2372,45 @@ class _SQLiteStorage(_Storage):
             self._wake(batch, own)
             raise
 
+    def _wake(self, batch: list[_Op], own: _Op) -> None:
+        """Wake the callers whose writes are done (again after an interrupt):
+        the first, which wakes the next (`_pass_on`), and so on.  They would
+        only queue for the GIL if woken all at once, each making the others
+        (and the next leader) wait for it in turn."""
+        if len(batch) == 1 and batch[0] is own:
+            return      # (most commits: nobody else to wake)
+        with self._mutex:
+            woken = [op for op in batch
+                     if op.done and not op.woken and not op.gone and op is not own]
+            if woken and self._sync == "full":
+                # There an fsync costs far more than a herd at the GIL, and
+                # the sooner they all write again, the more share the next.
+                for op in woken:
+                    self._wake_one(op)
+            elif woken:
+                woken[0].chain = woken[1:]
+                self._wake_one(woken[0])
+
+    def _pass_on(self, op: _Op) -> None:
+        """`op`'s caller goes (woken, or interrupted while it waited): wake
+        the next caller of its chain, and never `op`'s again."""
+        with self._mutex:
+            op.gone = True
+            chain = op.chain or ()
+            for i, after in enumerate(chain):
+                if not after.woken and not after.gone:
+                    after.chain = chain[i + 1:]
+                    self._wake_one(after)
+                    break
+            op.chain = None
+
     @staticmethod
-    def _wake(batch: list[_Op], own: _Op) -> None:
-        """Wake the callers whose writes are done; again after an interrupt."""
-        for op in batch:
-            if op.done and not op.woken and op is not own:
-                try:
-                    op.lock.release()
-                except RuntimeError:    # released by the pass a Ctrl-C cut short
-                    pass
-                op.woken = True
+    def _wake_one(op: _Op) -> None:
+        try:
+            op.lock.release()
+        except RuntimeError:    # released by a pass that a Ctrl-C cut short
+            pass
+        op.woken = True
 
     def _transaction(self, ops: list[_Op], absorb: bool = False) -> None:
         db = self._db
@@ -2329,7 +2418,12 @@ class _SQLiteStorage(_Storage):
             raise BleroError(f"{self.path}: the queue is stopped")
         if db.in_transaction:       # left open by a Ctrl-C at the wrong moment
             db.execute("ROLLBACK")
-        if len(ops) == 1 and ops[0].alone and not self._queue:
+        # A lone write commits by itself, unless the last commit was shared:
+        # others are likely to come then while this one runs, and share its
+        # commit, which one committing by itself cannot let them.  Nor with
+        # sync="full": there the fsync is what costs, and it is worth sharing.
+        if (len(ops) == 1 and ops[0].alone and not self._shared and not self._queue
+                and self._sync != "full"):
             self._check_identity()
             self._done(ops, [self._retrying(ops[0].fn, db, *ops[0].args)])
             return
@@ -2350,6 +2444,7 @@ class _SQLiteStorage(_Storage):
             self._check_identity()
             committing = True
             db.execute("COMMIT")
+            self._shared = len(ops) > 1
             self._done(ops, results)
         except BaseException as exc:
             if db.in_transaction:
@@ -2586,8 +2681,34 @@ class _SQLiteStorage(_Storage):
                          names: frozenset | None, claim: bool, suspect: bool = False,
                          exclude: frozenset = frozenset(),
                          runner: str | None = None) -> _Claimed:
-        return self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
+        recorded = False
+        if (claim and not suspect and finish is not None and finish.state == _COMPLETE
+                and self._returning and not self._held):
+            recorded, row = self._write(self._complete_and_claim, finish, owner,
+                                        (names, exclude, runner), alone=True)
+            if row is not None:
+                return _Claimed(recorded, row, None)
+            # Nothing claimed: no job ready (that it takes), a pause or a
+            # limit stored, or a job with dependants finished (then nothing
+            # was done): the usual way, for what is left.
+            if recorded:
+                finish = None
+        done = self._write(self._finish_and_claim, finish, owner, names, claim, suspect,
                            exclude, runner)
+        self._held = done.held
+        return done._replace(recorded=True) if recorded else done
+
+    def _complete_and_claim(self, db, finish, owner, takes):
+        """_COMPLETE_AND_CLAIM: whether the try was recorded, and the job claimed or None."""
+        n, m, params = self._claim_params(takes)
+        sql = self._complete_sql.get((n, m))
+        if sql is None:
+            cond = _takes_cond(n, m, lambda i: f"?{13 + i}")
+            sql = self._complete_sql[n, m] = _COMPLETE_AND_CLAIM.format(
+                next=_NEXT_READY.format(state=_READY, names=cond, held=_NOTHING_HELD))
+        rows = db.execute(sql, finish + (owner, time.time()) + params).fetchall()
+        claimed = [r for r in rows if r[0] != finish.id]
+        return len(rows) > len(claimed), _Claim._make(claimed[0]) if claimed else None
 
     def _finish_and_claim(self, db, finish, owner, names, claim, suspect=False,
                           exclude=frozenset(), runner=None):
@@ -2622,11 +2743,7 @@ class _SQLiteStorage(_Storage):
         """Claim the next job that `takes` (names, exclude, runner: as
         finish_and_claim's) while nothing is held, or, given the names
         `blocked` (paused or at a limit), one of another."""
-        names, exclude, runner = takes
-        n = len(names) if names else 0
-        m = 0 if n else len(exclude)
-        params = (tuple(names) + (_TASK_RUNNER if runner is None else runner,) if n
-                  else tuple(exclude))
+        n, m, params = self._claim_params(takes)
         if blocked is None:
             sql = self._claim_statements(n, suspect, m)
         else:
@@ -2682,6 +2799,17 @@ class _SQLiteStorage(_Storage):
             db.execute(_ADD_START, (row.name, now))
         return row, until, blocked
 
+    @staticmethod
+    def _claim_params(takes) -> tuple[int, int, tuple]:
+        """How many names a claim that `takes` (names, exclude, runner)
+        takes (n) or leaves out (m), and its parameters: those names (and
+        the runner), or those left out."""
+        names, exclude, runner = takes
+        n = len(names) if names else 0
+        m = 0 if n else len(exclude)
+        return n, m, (tuple(names) + (_TASK_RUNNER if runner is None else runner,) if n
+                      else tuple(exclude))
+
     def _claim_statements(self, n: int, suspect: bool = False, m: int = 0,
                           blocked: int | None = None) -> tuple[str, str]:
         """The SQL that finds, and that claims, the next job (or suspect) of
@@ -2689,9 +2817,7 @@ class _SQLiteStorage(_Storage):
         while nothing is held (`blocked` None), or leaving out `blocked` names."""
         sql = self._claim_sql.get((n, suspect, m, blocked))
         if sql is None:
-            cond = (f" AND name IN ({', '.join('?' * n)}) AND (runner IS NULL OR runner = ?)"
-                    if n else " AND runner IS NULL"
-                    + (f" AND name NOT IN ({', '.join('?' * m)})" if m else ""))
+            cond = _takes_cond(n, m, lambda i: "?")
             held = (self._nothing_held if blocked is None else
                     f" AND name NOT IN ({', '.join('?' * blocked)})" if blocked else "")
             state = _SUSPECT if suspect else _READY
@@ -3409,6 +3535,7 @@ class _PostgresStorage(_Storage):
     """
 
     read_only = None
+    tells_of_ends = False   # (a completed try notifies no one: see _PGSession._note)
     _returning = True
     _last_given = _PG_LAST_GIVEN
     _lock_rows = " FOR UPDATE OF j"
@@ -3878,8 +4005,8 @@ class _PostgresStorage(_Storage):
 # The SQLite engine's methods that only run its statements, the same here
 # (`_read`/`_write` give them a _PGSession for a connection).  A method added
 # to _SQLiteStorage that only runs statements belongs in this list too.
-_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_held", "_ended",
-              "_cancel_down", "sweep_slice", "_sweep",
+_PG_SHARED = ("_finish_and_claim", "progress", "checkpoint", "_claim", "_claim_params",
+              "_claim_held", "_ended", "_cancel_down", "sweep_slice", "_sweep",
               "_insert_each", "_insert_after", "set_paused", "paused", "set_limit", "limits",
               "_lock_claims", "claims_settled", "running_by_name", "last_claim",
               "suspect_kinds", "unclaim",
@@ -3969,13 +4096,16 @@ class _Processor:
     for an executor's, whose calls it runs (`runner`, see _TASK_RUNNER)."""
 
     __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label",
-                 "runner")
+                 "runner", "retries")
 
     def __init__(self, id, fn, names, concurrency=1, label=None, runner=None):
         self.id = id
         self.fn = fn
         self.label = label or _fn_name(fn)
         self.runner = runner
+        # An executor's calls end with their exception, as ThreadPoolExecutor's
+        # do: a try that raised is not retried (one cut short by a crash is).
+        self.retries = label != "executor"
         self.names = names
         # With names None: the names it does not take after all, those of
         # the tasks (a processor of any name takes no task's jobs).
@@ -4936,7 +5066,7 @@ class _Dispatcher:
             return _Outcome(job, _DELAYED if exc.seconds > 0 else _READY, run_at=run_at,
                             seconds=seconds, given_back=True, snoozed=True)
         # (the traceback starts in the processor, not here)
-        return self.failure(job, exc, seconds=seconds,
+        return self.failure(job, exc, retry=worker.processor.retries, seconds=seconds,
                             text=_exc_text(exc, exc.__traceback__.tb_next))
 
     def _returned(self, job: Job, result: Any, seconds: float) -> _Outcome:
@@ -5025,7 +5155,9 @@ class _Dispatcher:
             first_line = (outcome.error or "").strip().splitlines()[-1:] or [""]
             log.warning("job %d (%s) try %d/%d failed%s: %s", job.id, job.name,
                         job.attempt, job.max_attempts,
-                        "" if final else ", will retry", first_line[0])
+                        ", will retry" if not final else
+                        "" if job.attempt >= job.max_attempts else ", not retried",
+                        first_line[0])
             log.debug("job %d error:\n%s", job.id, outcome.error)
             if final:
                 self.futures.ended(job.id, outcome)
@@ -5452,6 +5584,27 @@ def _flow_name(name, optional: bool = False) -> None:
         raise ValueError("a job name must not be empty")
 
 
+def _when_tries_timeout(delay, run_at, priority, retries, timeout, key,
+                        now: float) -> tuple[float, int | None, float | None]:
+    """Check a job's options; return when it runs, its retries (None: the
+    queue's) and its timeout."""
+    when = now
+    if delay is not None:
+        if run_at is not None:
+            raise ValueError("give delay or run_at, not both")
+        when = now + _seconds("delay", delay)
+    elif run_at is not None:
+        when = _epoch(run_at)
+    _integer("priority", priority, least=_INT_MIN)
+    if retries is not None:
+        retries = _retries("retries", retries)
+    if timeout is not None:
+        timeout = _seconds("timeout", timeout, positive=True)
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"key must be a str, not {type(key).__name__}")
+    return when, retries, timeout
+
+
 def _after(after) -> tuple[int, ...]:
     """`after` as job ids, each once, in the order given: an id, a future (or
     anything with an int `.id` or `.job_id`), or a collection of them."""
@@ -5532,6 +5685,7 @@ class Blero:
         # many registrations take it: processors of any name take none of them.
         self._task_names: collections.Counter = collections.Counter()
         self._calls = _Calls()                   # this run's resumable calls
+        self._executors: weakref.WeakSet = weakref.WeakSet()   # the executors made
 
     def __repr__(self):
         state = "running" if self._dispatcher else "stopped"
@@ -5592,6 +5746,10 @@ class Blero:
         timeout = _seconds("timeout", timeout, optional=True)
         me = threading.current_thread()
         interrupted = None
+        try:
+            self._end_executor_runs()
+        except KeyboardInterrupt as exc:
+            interrupted = exc
         while True:     # a Ctrl-C in here is put off until the queue is stopped
             try:
                 d, own = self._stopping(timeout, me)
@@ -5934,19 +6092,10 @@ class Blero:
             raise TypeError(f"a job name must be a str, not {type(name).__name__}")
         if not name:
             raise ValueError("a job name must not be empty")
-        when = now
-        if delay is not None:
-            if run_at is not None:
-                raise ValueError("give delay or run_at, not both")
-            when = now + _seconds("delay", delay)
-        elif run_at is not None:
-            when = _epoch(run_at)
-        _integer("priority", priority, least=_INT_MIN)
-        retries = self._settings.retries if retries is None else _retries("retries", retries)
-        if timeout is not None:
-            timeout = _seconds("timeout", timeout, positive=True)
-        if key is not None and not isinstance(key, str):
-            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        when, retries, timeout = _when_tries_timeout(delay, run_at, priority, retries, timeout,
+                                                     key, now)
+        if retries is None:
+            retries = self._settings.retries
         blob = None
         if data is not None:
             try:
@@ -6007,14 +6156,23 @@ class Blero:
 
         return bool(self._until(done, timeout))
 
-    def _warn_untaken(self, untaken: dict[str, int]) -> None:
+    def _warn_untaken(self, untaken: dict[str, int], waiter: str = "join()") -> None:
         """Log each name of pending jobs that no live queue takes, once: a
-        typo in a name would otherwise make join() wait for ever in silence."""
+        typo in a name, or a task renamed since a run that did not finish,
+        would otherwise make `waiter` wait for ever in silence."""
         for name, n in sorted(untaken.items()):
             if name not in self._untaken_warned:
                 self._untaken_warned.add(name)
-                log.warning("no processor takes jobs named %r (%d pending): join() waits "
-                            "until a queue that takes them runs", name, n)
+                log.warning("no processor takes jobs named %r (%d pending): %s waits "
+                            "until a queue that takes them runs", name, n, waiter)
+
+    def _look_for_untaken(self, untaken: _Sparingly, waiter: str) -> None:
+        """`_warn_untaken`, from a wait that does not look at the queue itself."""
+        try:
+            with self._store() as storage:
+                self._warn_untaken(untaken.look(storage.untaken, self._settings.lease), waiter)
+        except BleroError as exc:
+            log.debug("cannot look for jobs no processor takes: %s", exc)
 
     def _until(self, look: Callable[[_Storage], Any], timeout: float | None,
                watcher: bool = False) -> Any:
@@ -6336,11 +6494,26 @@ class Blero:
         run by `max_workers` workers of its own: resumable after a crash."""
         return Executor(self, max_workers)
 
-    def _executor_runner(self) -> str:
+    def _executor_runner(self, executor: Executor) -> str:
         """The runner of the next executor made: the program's n-th."""
         with self._lock:
             n, self._next_executor = self._next_executor, self._next_executor + 1
+            self._executors.add(executor)
         return f"executor {n}"
+
+    def _end_executor_runs(self) -> None:
+        """The run ends (a stop): the calls of each executor whose calls have
+        all ended are released, as a shutdown would, so that the next run
+        computes them afresh; those of one with calls left stay resumable."""
+        if self._dispatcher is None:
+            return
+        with self._lock:
+            executors = list(self._executors)
+        for executor in executors:
+            try:
+                executor._end_run()
+            except BleroError as exc:
+                log.error("releasing the calls of %r at stop failed: %s", executor, exc)
 
     def future(self, job_id: int) -> JobFuture:
         """A JobFuture of any stored job (also one of another run or
@@ -6379,12 +6552,16 @@ class Blero:
 
     def _enqueue_calls(self, name: str, calls: list[tuple[tuple, dict]], options: dict,
                        resumable: bool = False, waiter: Callable | None = None,
-                       runner: str = _TASK_RUNNER) -> list[JobFuture]:
+                       runner: str = _TASK_RUNNER,
+                       fn: Callable | None = None) -> list[JobFuture]:
         """Store a job per call (args, kwargs) of the task `name`; return
         their futures (or what `waiter(job_id)` makes for each, Task.map's
         lighter `_MapCall`s).  `resumable`: each call is matched with the
         stored job of the same call of a run that did not finish (see _Calls).
-        `runner`: whose workers run them (an executor's, or a task's)."""
+        `runner`: whose workers run them (an executor's, or a task's);
+        `fn`: the function each call is checked against."""
+        if fn is not None:
+            _check_calls(fn, name, calls)
         d = self._running()
         connection = options.get("connection")
         if resumable and connection is not None:
@@ -6472,10 +6649,12 @@ class Blero:
         """Wait until every call of a map has ended; BleroError if the queue
         stops first."""
         d = self._dispatcher
+        untaken = _Sparingly()
         while not calls.done.wait(_FUTURES_LOOK):
             if self._dispatcher is not d or d is None:
                 raise BleroError(f"{self._where}: the queue stopped with {calls.left} "
                                  f"call(s) not ended; a later run carries on with them")
+            self._look_for_untaken(untaken, "map()")
 
     def _release(self, ids: list[int]) -> None:
         """Clear the keys of these calls' jobs: a later run computes them afresh."""
@@ -6744,6 +6923,14 @@ def _function_name(fn, what: str = "a task") -> str:
     return f"{module}.{qualname}"
 
 
+def _unwrapped(fn, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    """A call of a functools.partial as the call of its function: the
+    partial's arguments travel with the call's own."""
+    while isinstance(fn, functools.partial):
+        fn, args, kwargs = fn.func, fn.args + args, {**fn.keywords, **kwargs}
+    return fn, args, kwargs
+
+
 def _importable(fn) -> str:
     """The name of a function an executor runs: it must be what that name
     imports (so that a later run finds the same function by it)."""
@@ -6752,17 +6939,48 @@ def _importable(fn) -> str:
     for part in fn.__qualname__.split("."):
         obj = getattr(obj, part, None)
     # (a builtin class method is made anew at each look: equal, not the same)
-    if obj is not fn and obj != fn and getattr(obj, "fn", None) is not fn:
+    # (a classmethod imports as bound to its class: its function is `fn`)
+    if obj is not fn and obj != fn and getattr(obj, "fn", None) is not fn \
+            and getattr(obj, "__func__", None) is not fn:
         raise TypeError(f"{name} does not import as {fn!r}: an executor needs a function "
                         f"that can be imported by its qualified name")
     return name
 
 
 def _check_options(options: dict) -> dict:
+    """`options` of Task.using, checked at the call as enqueue's are."""
     unknown = set(options) - set(_JOB_OPTIONS)
     if unknown:
         raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+    _when_tries_timeout(*(options.get(o) for o in ("delay", "run_at")),
+                        options.get("priority", 0),
+                        *(options.get(o) for o in ("retries", "timeout", "key")), time.time())
+    _after(options.get("after"))
     return options
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):     # a builtin without one: its own call tells
+        return None
+
+
+def _check_calls(fn: Callable, name: str, calls: list[tuple[tuple, dict]]) -> None:
+    """Raise TypeError for a call that `fn`'s signature refuses, at the call
+    and before anything is stored, rather than in every try of its job."""
+    try:
+        signature = _signature(fn)
+    except TypeError:                   # (unhashable: not looked at)
+        return
+    if signature is None:
+        return
+    for args, kwargs in calls:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}: {exc}") from None
 
 
 class JobFuture(concurrent.futures.Future):
@@ -6818,7 +7036,17 @@ class JobFuture(concurrent.futures.Future):
         return True
 
     def __await__(self):
-        return asyncio.wrap_future(self).__await__()
+        # Not asyncio.wrap_future, which cancels the job when the awaiting
+        # task is cancelled (a wait_for timing out, a server shutting down):
+        # the job is committed, and only cancel() or bl.cancel() ends it.
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def done(_):
+            with contextlib.suppress(RuntimeError):     # the loop closed meanwhile
+                loop.call_soon_threadsafe(_copy_outcome, self, waiter)
+        self.add_done_callback(done)
+        return (yield from waiter)
 
     def _deliver(self, result: Any = None, exc: BaseException | None = None) -> None:
         """Resolve it, unless it is resolved (or cancelled) already."""
@@ -6840,10 +7068,26 @@ class JobFuture(concurrent.futures.Future):
         if row.state == _COMPLETE:
             self._deliver(_loads_or_none(serializer, row.result))
         elif row.state == _FAILED:
-            self._deliver(exc=_restored(serializer, row.result)
-                          or JobFailed(self.id, row.error))
+            exc = _restored(serializer, row.result)
+            if exc is not None and hasattr(exc, "add_note"):   # (3.11+)
+                # Unpickled, it has no traceback: the stored one tells where.
+                exc.add_note(f"blero: job {self.id} raised it; its traceback there:\n"
+                             f"{(row.error or '').rstrip()}")
+            self._deliver(exc=exc or JobFailed(self.id, row.error))
         else:
             self._deliver(exc=JobCancelled(self.id))
+
+
+def _copy_outcome(source: concurrent.futures.Future, waiter: asyncio.Future) -> None:
+    """Resolve `waiter`, unless cancelled, as `source` (done) is."""
+    if waiter.cancelled():
+        return
+    if source.cancelled():
+        waiter.cancel()
+    elif source.exception() is not None:
+        waiter.set_exception(source.exception())
+    else:
+        waiter.set_result(source.result())
 
 
 class _MapCall:
@@ -6970,7 +7214,11 @@ class _Futures:
         if outcome is None:
             f._deliver(exc=JobCancelled(f.id))
         elif outcome.state == _COMPLETE:
-            f._deliver(outcome.result)
+            serializer = self._blero._settings.serializer
+            # What another process or a later run would read back (json
+            # makes a tuple a list): a resumed map is all of one kind.
+            f._deliver(outcome.result if serializer is pickle
+                       else _loads_or_none(serializer, outcome.blob))
         elif outcome.blob is not None:      # restorable: the original itself
             f._deliver(exc=outcome.exc)
         else:
@@ -6987,6 +7235,8 @@ class _Futures:
     def _watch(self) -> None:
         blero = self._blero
         next_look = 0.0
+        untaken = _Sparingly()
+        told = True
         while True:
             with self._lock:
                 ids = list(self._waiting)
@@ -6998,6 +7248,7 @@ class _Futures:
                 try:
                     with blero._store() as storage:
                         found = storage.outcomes(ids)
+                        told = storage.tells_of_ends
                 except BleroError as exc:
                     found = None
                     log.debug("futures: cannot look at the queue: %s", exc)
@@ -7006,11 +7257,16 @@ class _Futures:
                 next_look = time.monotonic() + max(_POLL, 50 * (time.monotonic() - now))
                 if found is not None:
                     self._found(ids, found)
+                    if any(row.state < _COMPLETE for row in found.values()):
+                        blero._look_for_untaken(untaken, "a future's result()")
             # Running, the queue pokes it when other processes commit (and it
-            # looks now and then for what nobody tells); stopped, only the
-            # file tells.
-            running = blero._dispatcher is not None
-            self._poked.wait(_FUTURES_LOOK if running else _FUTURES_STOPPED_LOOK)
+            # looks now and then for what nobody tells); where they do not
+            # tell of the jobs they end (a server), it looks as often as
+            # wait() does; stopped, only the file tells.
+            if blero._dispatcher is None:
+                self._poked.wait(_FUTURES_STOPPED_LOOK)
+            else:
+                self._poked.wait(_FUTURES_LOOK if told else _POLL)
             self._poked.clear()
             pause = next_look - time.monotonic()
             if pause > 0:
@@ -7081,12 +7337,13 @@ class Task:
         `connection`), as `Blero.enqueue` takes them."""
         copy = Task.__new__(Task)
         copy.__dict__.update(self.__dict__)
-        copy._options = {**self._options, **_check_options(options)}
+        copy._options = _check_options({**self._options, **options})
         return copy
 
     def enqueue(self, *args, **kwargs) -> JobFuture:
         """Make a job of this call; return its future."""
-        return self._blero._enqueue_calls(self.name, [(args, kwargs)], self._options)[0]
+        return self._blero._enqueue_calls(self.name, [(args, kwargs)], self._options,
+                                          fn=self.fn)[0]
 
     async def aenqueue(self, *args, **kwargs) -> JobFuture:
         """`enqueue` from async code, without blocking the caller's loop."""
@@ -7126,7 +7383,7 @@ class Task:
         blero = self._blero
         group = _MapCalls(len(calls))
         waiting = blero._enqueue_calls(self.name, calls, self._options, resumable=True,
-                                       waiter=functools.partial(_MapCall, group))
+                                       waiter=functools.partial(_MapCall, group), fn=self.fn)
         blero._wait_all(group)
         blero._release([c.id for c in waiting])
         return [c.result() for c in waiting]
@@ -7160,7 +7417,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(f"max_workers must be greater than 0, not {max_workers}")
         self._max_workers = _integer("max_workers", max_workers, least=1)
         self._blero = blero
-        self._runner = blero._executor_runner()
+        self._runner = blero._executor_runner(self)
         self._setting_up = threading.Lock()     # held while its workers are set up
         self._lock = threading.Lock()   # guards everything below; held for no I/O
         self._fns: dict[str, Callable] = {}     # the functions its workers run, by name
@@ -7175,10 +7432,10 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self):
         return f"<blero.Executor max_workers={self._max_workers}>"
 
-    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple, str]:
-        """The job name, options, arguments and runner of a call of `fn`."""
+    def _target(self, fn, args: tuple) -> tuple[str, dict, tuple, str, Callable]:
+        """The job name, options, arguments, runner and function of a call of `fn`."""
         if isinstance(fn, Task):
-            return fn.name, fn._options, args, _TASK_RUNNER
+            return fn.name, fn._options, args, _TASK_RUNNER, fn.fn
         if inspect.ismethod(fn):      # its object travels with the arguments
             fn, args = fn.__func__, (fn.__self__,) + args
         elif inspect.isbuiltin(fn) and _module_of(fn) is None:
@@ -7211,15 +7468,16 @@ class Executor(concurrent.futures.Executor):
                     self._processor = p
             elif not known:
                 self._blero._retake(p, p.names | {name})
-        return name, {}, args, self._runner
+        return name, {}, args, self._runner, fn
 
     def submit(self, fn, /, *args, **kwargs) -> JobFuture:
         """Run `fn(*args, **kwargs)` as a job; return its future."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        name, options, args, runner = self._target(fn, args)
+        fn, args, kwargs = _unwrapped(fn, args, kwargs)
+        name, options, args, runner, fn = self._target(fn, args)
         future = self._blero._enqueue_calls(name, [(args, kwargs)], options,
-                                            resumable=True, runner=runner)[0]
+                                            resumable=True, runner=runner, fn=fn)[0]
         self._track([future])
         return future
 
@@ -7234,11 +7492,12 @@ class Executor(concurrent.futures.Executor):
         calls = list(zip(*iterables))
         futures = []
         if calls:
-            name, options, first, runner = self._target(fn, calls[0])
-            extra = len(first) - len(calls[0])      # a bound method's object
-            calls = [(first[:extra] + args, {}) for args in calls]
+            fn, given, kwargs = _unwrapped(fn, (), {})
+            name, options, first, runner, fn = self._target(fn, given + calls[0])
+            extra = first[:len(first) - len(calls[0])]   # a partial's and a bound method's
+            calls = [(extra + args, kwargs) for args in calls]
             futures = self._blero._enqueue_calls(name, calls, options, resumable=True,
-                                                 runner=runner)
+                                                 runner=runner, fn=fn)
             self._track(futures)
         return self._results(futures, end)
 
@@ -7267,6 +7526,21 @@ class Executor(concurrent.futures.Executor):
             for f in futures:
                 f._settled.wait()
         self._ended_one(None)
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        # A Ctrl-C (or SystemExit) leaves at once, as it leaves the queue's
+        # `with`: the stop hands the running calls back, resumable, rather
+        # than this waiting for them to end.
+        self.shutdown(wait=exc_type is None or issubclass(exc_type, Exception))
+        return False
+
+    def _end_run(self) -> None:
+        """The queue stops: release the calls made so far if all have ended."""
+        with self._lock:
+            if self._pending or self._released or not self._ids:
+                return
+            ids, self._ids = self._ids, []
+        self._blero._release(ids)
 
     def _track(self, futures: list[JobFuture]) -> None:
         with self._lock:

@@ -218,7 +218,7 @@ def new_queue(target, **settings):
 
 def pg_connect(**kwargs):
     """A connection to the test database (BLERO_TEST_POSTGRES)."""
-    return psycopg.connect(POSTGRES, autocommit=True, **kwargs)
+    return psycopg.connect(POSTGRES, **{"autocommit": True, **kwargs})
 
 
 def pg_run(sql):
@@ -839,7 +839,7 @@ class OperatingTest(TempDirTest):
         self.assertIn("ZeroDivisionError", bl.jobs("failed")[0].error)
 
     def test_join_returns_after_the_last_callback(self):
-        for _ in range(20):
+        for _ in range(self.rounds(20)):
             results = []
 
             def slow_callback(job, result):
@@ -895,8 +895,8 @@ class OperatingTest(TempDirTest):
             except BaseException as exc:
                 outcomes.append(type(exc).__name__)
 
-        threads = [threading.Thread(target=waiter, args=(lambda: bl.wait(job_id, timeout=1),)),
-                   threading.Thread(target=waiter, args=(lambda: bl.join(timeout=1),))]
+        threads = [threading.Thread(target=waiter, args=(lambda: bl.wait(job_id, timeout=0.5),)),
+                   threading.Thread(target=waiter, args=(lambda: bl.join(timeout=0.5),))]
         for t in threads:
             t.start()
         waiting.wait()
@@ -973,6 +973,7 @@ class OperatingTest(TempDirTest):
         self.assertEqual(bl.get_job(last).state, "pending")
 
     @unittest.skipUnless(POSIX, "SIGINT")
+    @file_only      # (its child's queues are files: on the twin it ran the same again)
     def test_ctrl_c_during_an_enqueue_never_hangs_the_queue(self):
         # A real SIGINT lands wherever it lands: often while the enqueue waits
         # for its turn to commit.  The queue must still write and stop.
@@ -1006,7 +1007,7 @@ class OperatingTest(TempDirTest):
     def test_stop_counts_a_retry_claimed_with_its_failure_only_if_it_began(self):
         # A worker records a failed try (ready again at once) and claims the
         # same job again in one commit: that claim is a new try, not yet begun.
-        for n in range(10):
+        for n in range(self.rounds(10)):
             starts = []
 
             def fail(job):
@@ -1640,11 +1641,11 @@ class EveryTest(TempDirTest):
 
     def test_a_run_left_pending_over_downtime_is_the_run_at_once(self):
         bl = self.queue()           # no processor: the first run stays pending
-        bl.every(0.5, "tick")
+        bl.every(0.3, "tick")
         wait_until(lambda: bl.jobs(name="tick"), message="the first run enqueued")
         bl.stop()
         stopped = time.time()
-        wait_until(lambda: time.time() >= stopped + 1.5, message="three intervals of downtime")
+        wait_until(lambda: time.time() >= stopped + 0.9, message="three intervals of downtime")
         bl = self.queue(start=False)
         runs, run = self.recorder(bl)
         bl.register_processor(run)
@@ -1652,7 +1653,7 @@ class EveryTest(TempDirTest):
         wait_until(lambda: len(runs) >= 2, timeout=20, message="two runs after the restart")
         first, second = [bl.get_job(r.id) for r in runs[:2]]
         self.assertLess(first.created_at, stopped, "the run left pending runs first")
-        self.assertGreaterEqual(second.created_at - first.started_at, 0.5 - 1e-6,
+        self.assertGreaterEqual(second.created_at - first.started_at, 0.3 - 1e-6,
                                 "it was the run at once: the next waits an interval")
         self.assert_one_run_at_a_time(runs)
 
@@ -3162,9 +3163,10 @@ class MultiProcessTest(ProcessTest):
         with open(os.path.join(self.dir, "go"), "w"):
             pass
         self.wait_lines("starting", children=[starter])
-        # Past SQLite's busy timeout (1 s) the starter must still be waiting.
+        # Past SQLite's busy timeout (1 s) the starter must still be waiting
+        # (and, released after that, end well: finish() checks its exit).
         try:
-            wait_until(lambda: starter.poll() is not None, timeout=2.0)
+            wait_until(lambda: starter.poll() is not None, timeout=1.5)
         except AssertionError:
             pass    # still waiting, as it should
         else:
@@ -3391,6 +3393,25 @@ class HardeningTest(ProcessTest):
             bl.enqueue("x")
         bl.stop()
         return message
+
+    def test_a_wal_a_reader_cannot_read_without_the_shm_is_read_by_one_that_may(self):
+        # After a kill -9 mid-write, a reader that may not write the -shm
+        # meets "locking protocol" until one rebuilds it (the kill -9
+        # torture met it): the judging of the file falls back to such a reader.
+        running = self.queue()
+        running.enqueue("x")
+        self.assertTrue(os.path.exists(self.path + "-shm"))
+        judge, tried = blero._SQLiteStorage._judge, []
+
+        def recovering(storage, params, check):
+            tried.append(params)
+            if "readonly_shm" in params:
+                raise sqlite3.OperationalError("locking protocol")
+            return judge(storage, params, check)
+        self.addCleanup(setattr, blero._SQLiteStorage, "_judge", judge)
+        blero._SQLiteStorage._judge = recovering
+        self.assertEqual(blero.new(self.path).stats()["pending"], 1)
+        self.assertEqual(tried[-1], "", "the last reader may rebuild the -shm")
 
     def make_queue(self, path, jobs=0, size=0):
         bl = blero.new(path)
@@ -4383,7 +4404,7 @@ class LifecycleTest(ProcessTest):
 
         def waiter():
             try:
-                answers.append(bl.wait(job, timeout=2))
+                answers.append(bl.wait(job, timeout=1))    # some 20 looks, most after the stop
             except TimeoutError:
                 answers.append("still pending")
         thread = threading.Thread(target=waiter)
@@ -4827,7 +4848,7 @@ class MemoryAndLatencyTest(TempDirTest):
         db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 250000)"
                    " INSERT INTO blero_jobs (state, priority, run_at, name, max_attempts,"
                    " created_at, attempt, started_at, finished_at)"
-                   " SELECT 3, 0, ?1, 'old', 4, ?1, 1, ?1, ?1 FROM n", (time.time() - 60,))
+                   " SELECT 3, 0, :t, 'old', 4, :t, 1, :t, :t FROM n", {"t": time.time() - 60})
         db.commit()
         db.close()
 
@@ -4851,15 +4872,16 @@ class MemoryAndLatencyTest(TempDirTest):
 
 
     def test_many_jobs_due_at_once_never_make_a_timeout_late(self):
-        # 300,000 delayed jobs all due in 3 s (time to start, on a loaded
-        # machine), written straight into the file; a try with a timeout
-        # expires while they come due.
+        # 300,000 delayed jobs all due in 2 s (time to start, on a loaded
+        # machine: it takes 0.4 s idle), written straight into the file; a
+        # try with a timeout expires while they come due.
         path = os.path.join(self.dir, "q.db")
         blero.new(path).start().stop()
         db = sqlite3.connect(path)
         db.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 300000)"
                    " INSERT INTO blero_jobs (state, priority, run_at, name, max_attempts, created_at)"
-                   " SELECT 1, 0, ?1, 'later', 4, ?2 FROM n", (time.time() + 3.0, time.time()))
+                   " SELECT 1, 0, :due, 'later', 4, :now FROM n",
+                   {"due": time.time() + 2.0, "now": time.time()})
         db.commit()
         db.close()
 
@@ -4891,7 +4913,7 @@ class MemoryAndLatencyTest(TempDirTest):
 # argv: db, log, life (a tag), the poison job's id, processors, seconds an
 # ordinary job takes.  The poison job kills its process (as a segfault or
 # the OOM killer would) once a neighbour has run beside it here, or after
-# 0.5 s alone.
+# 0.2 s alone.
 POISON_CHILD = """
 db, log_path, life = sys.argv[1:4]
 poison, processors, work = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
@@ -4901,7 +4923,7 @@ neighbour_runs = threading.Event()
 def run(job):
     log("S", job.id, life, job.attempt, time.monotonic_ns())
     if job.id == poison:
-        neighbour_runs.wait(0.5)
+        neighbour_runs.wait(0.2)
         os._exit(3)
     neighbour_runs.set()
     time.sleep(work)
@@ -4958,7 +4980,7 @@ class PoisonJobTest(ProcessTest):
         ids = bl.enqueue_many([("j", None)] * 8)
         bl.stop()
         poison = ids[1]
-        codes = self.restart_until_done(poison, processors=3, work=0.3)
+        codes = self.restart_until_done(poison, processors=3, work=0.1)
         self.assertEqual(codes, {"": [3, 3, 3, 0]}, "one crash per try of the poison job")
         self.assert_poison_failed_alone(ids, poison)
         # After each crash, the jobs it cut short ran one at a time, alone,
@@ -6060,8 +6082,9 @@ class JoinWarningTest(ProcessTest):
         bl.enqueue("b")             # waits for the other process, busy for now
         bl.enqueue("a", delay=3600)  # waits for a processor of this one
         bl.enqueue("typo")
-        self.assertFalse(bl.join(0.5))
-        self.assertFalse(bl.join(0.5))
+        # (a join looks for untaken names at once, then at most once a second)
+        self.assertFalse(bl.join(0.1))
+        self.assertFalse(bl.join(0.1))
         self.assertEqual(self.untaken_warnings(captured),
                          ["no processor takes jobs named 'typo' (1 pending): join() waits "
                           "until a queue that takes them runs"])
@@ -6069,7 +6092,7 @@ class JoinWarningTest(ProcessTest):
         self.kill(child)
         wait_until(lambda: bl.get_job(held).state == "pending", message="its job taken back")
         bl.unregister_processor(mine)
-        self.assertFalse(bl.join(0.5))
+        self.assertFalse(bl.join(0.1))
         warned = self.untaken_warnings(captured)
         self.assertEqual(len(warned), 3, warned)
         self.assertEqual([w.split(":")[0] for w in warned[1:]],
@@ -6439,6 +6462,10 @@ class Counted:
     def plus(self, x):
         return self.base + x
 
+    @classmethod
+    def made(cls, base):
+        return cls(base).plus(base)
+
 
 @both_engines
 class TaskTest(TempDirTest):
@@ -6481,6 +6508,18 @@ class TaskTest(TempDirTest):
             adder.using(colour="red")
         with self.assertRaises(ValueError):
             adder.using(key="one").map([1, 2])
+        # options are checked by using() itself, as enqueue() checks them
+        for options, error, cause in (({"retries": -1}, ValueError, "retries"),
+                                      ({"timeout": math.nan}, ValueError, "timeout"),
+                                      ({"delay": "soon"}, TypeError, "delay"),
+                                      ({"priority": 1.5}, TypeError, "priority"),
+                                      ({"key": 7}, TypeError, "key"),
+                                      ({"after": "job 1"}, TypeError, "after")):
+            with self.subTest(options=options):
+                with self.assertRaisesRegex(error, cause):
+                    adder.using(**options)
+        with self.assertRaisesRegex(ValueError, "delay or run_at"):
+            adder.using(delay=5).using(run_at=time.time() + 5)
         self.assertEqual(adder.using(priority=9).map([1, 2]), [1, 2])
 
     @file_only
@@ -6565,14 +6604,37 @@ class TaskTest(TempDirTest):
     def test_jobs_of_a_task_not_registered_wait_and_run_once_it_is(self):
         bl = self.queue()
         job_id = bl.enqueue("test_blero.square", ((5,), {}))
-        future = bl.future(job_id)
-        with self.assertLogs("blero", logging.WARNING) as logs:
-            self.assertFalse(bl.join(timeout=0.5))
+        with self.assertLogs("blero", logging.WARNING) as logs:   # (by join or the future)
+            future = bl.future(job_id)
+            self.assertFalse(bl.join(timeout=0.2))
         self.assertIn("test_blero.square", "\n".join(logs.output))
         self.assertEqual(bl.get_job(job_id).state, "pending")
         self.assertFalse(future.done())
         bl.task(square)
         self.assertEqual(future.result(10), 25)
+
+    @unittest.skipUnless(hasattr(BaseException, "add_note"), "exception notes: 3.11+")
+    def test_an_exception_read_back_tells_its_job_and_where_it_was_raised(self):
+        bl = self.queue()
+        failing = bl.task(name="failing", retries=0)(fail_on)
+        job_id = failing.enqueue(3, 3).id
+        with self.assertRaises(ValueError):
+            bl.future(job_id).result(10)
+        with self.assertRaises(ValueError) as raised:   # from storage: no traceback of its own
+            bl.future(job_id).result(10)
+        note = "\n".join(raised.exception.__notes__)
+        self.assertIn(f"job {job_id} raised it", note)
+        self.assertIn("in fail_on", note)
+
+    def test_a_result_is_what_the_serializer_gives_back_in_every_process(self):
+        # With json a tuple comes back a list: from this process's future as
+        # from another's, so that a resumed map is all of one kind.
+        bl = self.queue(serializer=json)
+        pair = bl.task(name="pair")(lambda a, b: (a, b))
+        future = pair.enqueue(1, 2)
+        self.assertEqual(future.result(10), [1, 2])
+        self.assertEqual(bl.future(future.id).result(10), [1, 2])
+        self.assertEqual(pair.map([3], [4]), [[3, 4]])
 
     def test_registering_a_task_again_replaces_it(self):
         bl = self.queue()
@@ -6655,8 +6717,11 @@ class TaskTest(TempDirTest):
         self.assertFalse(finished.cancel())
         other = task.using(delay=3600).enqueue(4)
         self.assertTrue(bl.cancel(other.id))
-        with self.assertRaises(blero.JobCancelled):
+        with self.assertRaises(blero.JobCancelled) as raised:
             other.result(10)
+        # one `except CancelledError` serves for both ways of cancelling
+        self.assertIsInstance(raised.exception, concurrent.futures.CancelledError)
+        self.assertEqual(raised.exception.job_id, other.id)
 
     def test_a_running_job_is_not_cancelled_by_its_future(self):
         bl = self.queue()
@@ -6679,7 +6744,7 @@ class TaskTest(TempDirTest):
         bl = self.queue()
         done_id = bl.task(square).enqueue(9).id
         bl.wait(done_id, 10)
-        later = bl.task(name="later")(square).using(delay=0.5).enqueue(2).id
+        later = bl.task(name="later")(square).using(delay=0.2).enqueue(2).id
         bl.stop()
         bl2 = self.queue(start=False)
         self.assertEqual(bl2.future(done_id).result(10), 81, "on a stopped queue too")
@@ -6715,18 +6780,28 @@ class TaskTest(TempDirTest):
 
     def test_a_job_another_process_completes_resolves_the_future(self):
         bl = self.queue()
+        child = start_child(NEW_QUEUE + textwrap.dedent("""
+            import sys, time
+            bl = new_queue(sys.argv[1]).start()
+            # (its work: it ends after the future's first look)
+            bl.register_processor(lambda job: time.sleep(0.1) or job.data * 2, names="elsewhere")
+            print("ready", flush=True)
+            sys.stdin.read()
+            bl.stop()
+        """), self.target(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_child, child)
+        self.assertEqual(child.stdout.readline().strip(), "ready")
         job_id = bl.enqueue("elsewhere", 21)
         future = bl.future(job_id)
-        child = run_child(NEW_QUEUE + textwrap.dedent("""
-            import sys
-            bl = new_queue(sys.argv[1]).start()
-            bl.register_processor(lambda job: job.data * 2, names="elsewhere")
-            bl.join()
-            bl.stop()
-        """), self.target())
-        self.assertEqual(child.returncode, 0, child.stderr)
         self.assertEqual(future.result(10), 42)
-
+        resolved = time.time()
+        # As soon as a wait() would see it (a server tells no one of a job
+        # another process completed: the future looks as often), not at its
+        # next look a second after the first.
+        late = resolved - bl.get_job(job_id).finished_at
+        self.assertLess(late, 0.5, f"resolved {late:.3f} s after the job completed")
+        child.stdin.close()
+        self.assertEqual(child.wait(30), 0)
 
     def test_an_end_blero_made_raises_job_failed_from_the_future(self):
         # Only the processor's own exception is restored: a timeout, or a
@@ -6770,6 +6845,20 @@ class TaskTest(TempDirTest):
 
 def mul(x, y):
     return x * y
+
+
+def count_calls(name):
+    """How many times it has been called with `name` (in this process)."""
+    EVENTS[name].count = getattr(EVENTS[name], "count", 0) + 1
+    return EVENTS[name].count
+
+
+def fail_first_tries(name, failures):
+    """Raise ValueError the first `failures` times it is called with `name`."""
+    EVENTS[name].calls = getattr(EVENTS[name], "calls", 0) + 1
+    if EVENTS[name].calls <= failures:
+        raise ValueError(f"try {EVENTS[name].calls} of {name}")
+    return EVENTS[name].calls
 
 
 def capture(*args, **kwargs):
@@ -6864,12 +6953,25 @@ class ExecutorTest(TempDirTest):
         self.assertEqual(self.bl.get_job(future.id).name, "sq")
         self.assertEqual(list(self.executor.map(task, [1, 2])), [1, 4])
 
+    def test_partials_and_class_methods_run_as_thread_pool_executor_runs_them(self):
+        plus_one = functools.partial(add, 1)
+        self.assertEqual(self.executor.submit(plus_one, 2).result(10), 3)
+        self.assertEqual(self.executor.submit(functools.partial(add, b=5), 1).result(10), 6)
+        self.assertEqual(list(self.executor.map(functools.partial(plus_one), [1, 2])), [2, 3])
+        self.assertEqual(list(self.executor.map(functools.partial(add, b=10), [1, 2])),
+                         [11, 12])
+        self.assertEqual(self.executor.submit(Counted.made, 4).result(10), 8)
+        self.assertEqual(self.bl.get_job(self.executor.submit(plus_one, 0).id).name,
+                         "test_blero.add")
+        with self.assertRaisesRegex(TypeError, "multiple values"):
+            self.executor.submit(plus_one, 2, a=3)
+
     def test_what_cannot_be_imported_by_name_is_refused_and_nothing_stored(self):
         def nested(x):
             return x
         lock = threading.Lock()
         for fn, why in ((lambda x: x, "lambda"), (nested, "nested"),
-                        (functools.partial(add, 1), "qualified name")):
+                        (functools.partial(lambda x, y: x, 1), "lambda")):
             with self.assertRaisesRegex(TypeError, why):
                 self.executor.submit(fn, 1)
             with self.assertRaisesRegex(TypeError, why):
@@ -6889,6 +6991,89 @@ class ExecutorTest(TempDirTest):
         self.assertEqual([next(results) for _ in range(4)], [0, 1, 2, 3])
         with self.assertRaisesRegex(ValueError, "bad 4"):
             next(results)
+
+    def test_a_call_that_raises_ends_with_its_exception_at_once(self):
+        # As with ThreadPoolExecutor: the call ran, side effects and all, and
+        # its exception is its outcome; no retry runs it again.  (A task
+        # submitted runs as the task, with the task's retries.)
+        bl = self.queue("slow-retries.db", backoff_base=60)
+        executor = bl.executor(2)
+        self.addCleanup(executor.shutdown, cancel_futures=True)
+        future = executor.submit(fail_on, 4, 4)
+        with self.assertRaisesRegex(ValueError, "bad 4"):
+            future.result(10)
+        info = bl.get_job(future.id)
+        self.assertEqual((info.state, info.attempt), ("failed", 1))
+        flaky = bl.task(name="flaky", retries=2)(fail_first_tries)
+        calls = executor.submit(flaky, self.id(), 1)
+        wait_until(lambda: bl.get_job(calls.id).attempt == 1 and
+                   bl.get_job(calls.id).state == "pending", message="the task's try failed")
+        self.assertFalse(calls.done(), "a task's failed try is retried (in 60 s)")
+
+    def test_waiting_on_calls_no_process_takes_is_logged_once_per_name(self):
+        # A task renamed since a run that did not finish: its old calls wait
+        # for a task of their name, and the waits say so instead of silence.
+        self.bl.enqueue("old.name", ((1,), {}))
+        left = self.bl.enqueue("old.name", ((2,), {}))
+        renamed = self.bl.task(name="new.name")(square)
+        with self.assertLogs("blero", "WARNING") as logged:
+            self.assertEqual(renamed.map([3]), [9])
+            with self.assertRaises(concurrent.futures.TimeoutError):
+                self.bl.future(left).result(1.5)
+        warned = [r.getMessage() for r in logged.records if "no processor takes" in r.getMessage()]
+        self.assertEqual(len(warned), 1, warned)
+        self.assertTrue(warned[0].startswith("no processor takes jobs named 'old.name' (2 pending)"),
+                        warned)
+
+    def test_a_call_its_function_cannot_take_is_refused_and_nothing_stored(self):
+        task = self.bl.task(name="adds")(add)
+        for submit, why in ((lambda: self.executor.submit(add, 1, 2, 3), "positional"),
+                            (lambda: self.executor.submit(add, 1, c=2), "unexpected keyword"),
+                            (lambda: list(self.executor.map(mul, [1, 2])), "missing"),
+                            (lambda: task.enqueue(), "missing"),
+                            (lambda: task.map([1, 2], [3], [4]), "positional"),
+                            (lambda: self.executor.submit(task, 1, 2, 3), "positional")):
+            with self.subTest(why=why):
+                with self.assertRaisesRegex(TypeError, why):
+                    submit()
+        self.assertEqual(self.bl.jobs(), [])
+        self.assertEqual(self.executor.submit(len, "abc").result(10), 3, "a builtin")
+
+    def test_a_run_that_ended_gives_the_next_fresh_results_without_a_shutdown(self):
+        # A script that never shuts its executor down: its run ends with the
+        # queue's stop, and the next run computes every call afresh, except
+        # those the stop left unfinished, which stay resumable.
+        first = self.queue("runs.db")
+        self.assertEqual(first.executor(2).submit(count_calls, self.id()).result(10), 1)
+        first.stop()
+        second = self.queue("runs.db")
+        ex = second.executor(2)
+        self.assertEqual(ex.submit(count_calls, self.id()).result(10), 2, "run afresh")
+        held = ex.submit(begun_then_wait, self.id() + "-begun", self.id() + "-go")
+        self.assertTrue(EVENTS[self.id() + "-begun"].wait(10))
+        second.stop(timeout=0)        # the held call is handed back, not ended
+        third = self.queue("runs.db")
+        again = third.executor(2)
+        self.assertEqual(again.submit(count_calls, self.id()).result(10), 2,
+                         "the stored result of a run that did not finish")
+        resumed = again.submit(begun_then_wait, self.id() + "-begun", self.id() + "-go")
+        self.assertEqual(resumed.id, held.id, "a call left unfinished goes on")
+        EVENTS[self.id() + "-go"].set()
+        self.assertTrue(resumed.result(10))
+
+    def test_ctrl_c_in_its_with_block_leaves_without_waiting_for_running_calls(self):
+        name = self.id()
+        self.addCleanup(EVENTS[name + "-go"].set)
+        begun = time.monotonic()
+        with self.assertRaises(KeyboardInterrupt):
+            with self.bl.executor(2) as ex:
+                running = ex.submit(begun_then_wait, name + "-begun", name + "-go")
+                self.assertTrue(EVENTS[name + "-begun"].wait(10))
+                raise KeyboardInterrupt
+        self.assertLess(time.monotonic() - begun, 20, "it waited for the running call")
+        self.assertFalse(running.done())
+        EVENTS[name + "-go"].set()
+        self.assertTrue(running.result(10), "the call still runs to its end")
 
     def test_the_same_call_twice_in_one_run_runs_twice(self):
         a, b = self.executor.submit(square, 3), self.executor.submit(square, 3)
@@ -7082,13 +7267,14 @@ class CatchAllAcrossProcessesTest(ProcessTest):
         self.assertEqual(bl.get_job(left.id).state, "pending")
 
 
-@both_engines
 class CPythonExecutorTest(TempDirTest):
     """The generic tests of CPython's Lib/test/test_concurrent_futures
     (executor.py, test_wait.py, test_as_completed.py, test_shutdown.py)
     that use importable functions only, run against blero.Executor.  Those
     waiting on `event.wait` (a bound method of a threading.Event, which no
-    job can carry) wait on an event by name instead."""
+    job can carry) wait on an event by name instead.  They are about the
+    executor's semantics, a layer above the storage: on the file only
+    (ExecutorTest runs on both engines)."""
 
     worker_count = 5
 
@@ -7548,6 +7734,42 @@ class AsyncioTest(TempDirTest):
         results, during = asyncio.run(main())
         self.assertEqual(results, list(range(300)))
         self.assertLessEqual(during - before, 3)
+
+    def test_an_await_given_up_leaves_the_job_to_run(self):
+        # A wait_for that times out, or a server whose handlers are
+        # cancelled as it shuts down, gives up waiting: the job is committed
+        # and still runs; future.cancel() is what cancels a job.
+        bl = self.queue()
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        bl.register_processor(lambda job: gate.wait(30) and job.data, names="held")
+        first, second, third = (bl.future(i) for i in bl.enqueue_many(
+            [("held", 1), ("held", 2), ("held", 3)]))
+
+        async def main():
+            with self.assertRaises(asyncio.TimeoutError):
+                await asyncio.wait_for(_awaited(first), 0.05)
+            waiting = asyncio.ensure_future(_awaited(second))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await waiting
+            gate.set()
+            return await third
+
+        self.assertEqual(asyncio.run(main()), 3)
+        self.assertEqual((first.result(10), second.result(10)), (1, 2))
+        self.assertEqual([bl.get_job(f.id).state for f in (first, second)],
+                         ["complete", "complete"])
+
+        async def cancelled_job():
+            future = bl.future(bl.enqueue("held", 4, delay=3600))
+            self.assertTrue(future.cancel())
+            with self.assertRaises(asyncio.CancelledError):
+                await future
+            return future.id
+
+        self.assertEqual(bl.get_job(asyncio.run(cancelled_job())).state, "cancelled")
 
 
 async def _awaited(future):
@@ -8112,8 +8334,8 @@ class LimitTest(TempDirTest):
     def test_a_rate_is_never_exceeded(self):
         bl = self.queue()
         starts = []
-        bl.limit("r", rate=(5, 0.5))
-        self.assertEqual(bl.limits(), {"r": {"concurrency": None, "rate": (5, 0.5)}})
+        bl.limit("r", rate=(5, 0.25))
+        self.assertEqual(bl.limits(), {"r": {"concurrency": None, "rate": (5, 0.25)}})
         for _ in range(4):
             bl.register_processor(lambda job: job.name == "r" and starts.append(time.monotonic()))
         ids = [bl.enqueue("r", i) for i in range(16)]
@@ -8125,8 +8347,8 @@ class LimitTest(TempDirTest):
         # claim): a processor's own clock reads a moment later, by as much as
         # the scheduler likes on a loaded machine.
         starts = sorted(bl.get_job(i).started_at for i in ids)
-        self.assertLessEqual(most_in_a_window(starts, 0.5), 5)
-        self.assertGreaterEqual(starts[-1] - starts[0], 1.0, "16 starts at 5 per 0.5 s")
+        self.assertLessEqual(most_in_a_window(starts, 0.25), 5)
+        self.assertGreaterEqual(starts[-1] - starts[0], 0.75, "16 starts at 5 per 0.25 s")
         self.assertEqual([bl.get_job(i).state for i in ids], ["complete"] * 16)
 
     def test_changing_and_removing_a_limit(self):
@@ -8293,9 +8515,9 @@ class FlowAcrossProcessesTest(ProcessTest):
         self.assertEqual(sorted(spans), limited)
         self.assertEqual(concurrent_peak(list(spans.values())), 2)
 
-    def test_rate_across_three_processes_over_five_seconds(self):
+    def test_rate_across_three_processes_over_five_windows(self):
         bl = self.queue()
-        bl.limit("r", rate=(10, 1))
+        bl.limit("r", rate=(10, 0.25))
         ids = bl.enqueue_many([("r", i) for i in range(60)])
         kids = self.children(3, 4)
         for i in ids:
@@ -8305,8 +8527,8 @@ class FlowAcrossProcessesTest(ProcessTest):
         # (by the tries' recorded starts, their claims, as the queue counts
         # them: a processor's clock reads a moment later, as load decides)
         starts = sorted(bl.get_job(i).started_at for i in ids)
-        self.assertLessEqual(most_in_a_window(starts, 1), 10)
-        self.assertGreaterEqual(starts[-1] - starts[0], 5)
+        self.assertLessEqual(most_in_a_window(starts, 0.25), 10)
+        self.assertGreaterEqual(starts[-1] - starts[0], 5 * 0.25)
 
     def test_after_pause_returns_no_job_of_the_name_starts_in_any_process(self):
         bl = self.queue()
@@ -8317,7 +8539,8 @@ class FlowAcrossProcessesTest(ProcessTest):
             self.wait_lines("S", count=seen + 10, children=kids)
             bl.pause(name)
             paused_at = time.monotonic_ns()
-            self.assertFalse(bl.join(0.5))
+            # (six workers on 5 ms jobs: unpaused, dozens would start meanwhile)
+            self.assertFalse(bl.join(0.25))
             late = [f for f in self.lines("S") if int(f[4]) > paused_at]
             self.assertEqual(late, [], f"started after pause({name!r}) returned")
             bl.resume(name)
@@ -9047,10 +9270,9 @@ CRON_REFUSED = [   # (expression, the field the error names)
 ]
 
 
-@both_engines
-class CronTest(TempDirTest):
-    """cron(): the grammar, the zones, the table of known due times, and
-    schedules() / unschedule() for both kinds."""
+class CronTimesTest(unittest.TestCase):
+    """The due times of cron expressions, against the table of known answers
+    (no queue: the engines' twin would compute the same times again)."""
 
     def test_next_due_times_match_the_table_of_known_answers(self):
         for expr, tz, after, expected in CRON_ANSWERS:
@@ -9059,24 +9281,38 @@ class CronTest(TempDirTest):
 
     def test_local_time_is_the_default_zone(self):
         # A process whose local time is New York's, tz=None: the same
-        # answers as the zone's own, DST days included.
+        # answers as the zone's own, DST days included (one process works
+        # out every row of New York's).
         code = """
-            import datetime, sys, blero
-            t = datetime.datetime.fromisoformat(sys.argv[1]).timestamp()
-            for _ in range(2):
-                t = blero._cron_next(sys.argv[2], t, None)
-                print(datetime.datetime.fromtimestamp(t).isoformat(timespec="minutes"))
+            import datetime, json, sys, blero
+            for after, expr in json.loads(sys.argv[1]):
+                t = datetime.datetime.fromisoformat(after).timestamp()
+                times = []
+                for _ in range(2):
+                    t = blero._cron_next(expr, t, None)
+                    times.append(datetime.datetime.fromtimestamp(t).isoformat(timespec="minutes"))
+                print(" ".join(times))
         """
-        for expr, tz, after, expected in CRON_ANSWERS:
-            if tz != "America/New_York":
-                continue
-            out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), after, expr],
-                                 cwd=HERE, env=dict(child_env(), TZ="America/New_York"),
-                                 capture_output=True, text=True, timeout=60)
-            self.assertEqual(out.returncode, 0, out.stderr)
+        rows = [(expr, after, expected) for expr, tz, after, expected in CRON_ANSWERS
+                if tz == "America/New_York"]
+        self.assertTrue(rows)
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code),
+                              json.dumps([(after, expr) for expr, after, _ in rows])],
+                             cwd=HERE, env=dict(child_env(), TZ="America/New_York"),
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        lines = out.stdout.splitlines()
+        self.assertEqual(len(lines), len(rows), out.stdout)
+        for (expr, after, expected), line in zip(rows, lines):
             naive = [datetime.datetime.fromisoformat(e).replace(tzinfo=None).isoformat(
                 timespec="minutes") for e in expected]
-            self.assertEqual(out.stdout.split()[:len(naive)], naive, expr)
+            self.assertEqual(line.split()[:len(naive)], naive, expr)
+
+
+@both_engines
+class CronTest(TempDirTest):
+    """cron(): the grammar and the zones it takes, and schedules() /
+    unschedule() for both kinds (the due times themselves: CronTimesTest)."""
 
     def test_invalid_expressions_name_the_field_and_store_nothing(self):
         bl = self.queue()
@@ -9743,10 +9979,35 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
             opened.append(os.open(os.devnull, os.O_RDONLY))
         bl = self.queue()
         flags = []
-        bl.register_processor(lambda job: flags.append(job.cancelled.wait(1.0)))
+        # (a session lost to a descriptor past FD_SETSIZE is lost at once)
+        bl.register_processor(lambda job: flags.append(job.cancelled.wait(0.5)))
         job_id = bl.enqueue("x")
         bl.wait(job_id, 20)
         self.assertEqual((flags, bl.get_job(job_id).attempt), ([False], 1))
+
+    @unittest.skipUnless(POSIX, "SIGALRM")
+    @unittest.skipIf(sys.version_info[:2] == (3, 13), "python/cpython#130279: see LifecycleTest")
+    def test_ctrl_c_at_any_point_of_a_call_leaves_the_pool_usable(self):
+        # A Ctrl-C wherever it lands in a call (sending a statement, waiting
+        # for its answer, between two of them): the connection it was on is
+        # never lent to the next call unless it is at rest, else that call
+        # fails "another command is already in progress".
+        bl = self.queue()
+        previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        rng = random.Random(os.environ.get("BLERO_TEST_SEED"))
+        for _ in range(60):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0005, 0.005))
+                while True:
+                    bl.enqueue_many([("x", None)] * rng.randrange(1, 40))
+                    bl.stats()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self.assertIsInstance(bl.stats()["pending"], int)
+        bl.stop()
 
     def test_the_password_is_never_shown(self):
         secret = "s3cr3t-pw"
@@ -9833,6 +10094,9 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
         bl.start()
         bl.register_processor(lambda job: "ok")
         self.assertEqual(bl.wait(bl.enqueue("x"), 10), "ok")
+        # Stalled, nothing answers: a shorter deadline is as good as any (the
+        # statements above had the server's 2 s, on a loaded machine too).
+        blero._PG_STATEMENT_TIMEOUT, blero._PG_ANSWER_MARGIN = 1, 0.25
         proxy.stalled = True
 
         def in_thread(call):
@@ -9850,15 +10114,15 @@ class PostgresSessionTest(OnPostgres, TempDirTest):
             bl.enqueue("x")     # stopped
 
     def test_a_call_of_many_slow_statements_is_not_cut(self):
-        for name, value in (("_PG_STATEMENT_TIMEOUT", 2), ("_PG_ANSWER_MARGIN", 0.5)):
+        for name, value in (("_PG_STATEMENT_TIMEOUT", 1), ("_PG_ANSWER_MARGIN", 0.5)):
             self.addCleanup(setattr, blero, name, getattr(blero, name, value))
             setattr(blero, name, value)
         bl = self.queue()
-        # Each statement answers within the deadline; the call as a whole
-        # takes longer (3.6 s, against 2.5 s).
-        slow = bl._storage._read(lambda db: [db.execute("SELECT pg_sleep(1.2), 1").fetchall()
-                                             for _ in range(3)])
-        self.assertEqual(len(slow), 3)
+        # Each statement answers within the deadline (half the server's
+        # timeout); the call as a whole takes longer (2 s, against 1.5 s).
+        slow = bl._storage._read(lambda db: [db.execute("SELECT pg_sleep(0.5), 1").fetchall()
+                                             for _ in range(4)])
+        self.assertEqual(len(slow), 4)
         self.assertEqual(bl.stats()["pending"], 0)
 
 
