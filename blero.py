@@ -273,16 +273,29 @@ class _Bell:
 
 
 def _start_thread(thread: threading.Thread) -> None:
-    """`thread.start()`, which waits on a threading.Event of its own: a
-    Ctrl-C there can raise RuntimeError ("release unlocked lock", see _Bell)
-    in place of the KeyboardInterrupt, which is raised instead (the thread
-    runs: the Ctrl-C came once it was started)."""
-    try:
+    """`thread.start()`, safe from a Ctrl-C.  Thread.start waits on a
+    threading.Event of the thread's, where a KeyboardInterrupt can leave its
+    lock held (then the new thread waits for ever, before it runs) or raise
+    RuntimeError in its place (see _Bell): so on the main thread the
+    Python handlers of SIGINT and SIGTERM are put off until it has started,
+    then called."""
+    if threading.current_thread() is not threading.main_thread():
         thread.start()
-    except RuntimeError as exc:
-        if isinstance(exc.__context__, KeyboardInterrupt):
-            raise exc.__context__ from None
-        raise
+        return
+    came: list[int] = []
+    put_off: dict[int, Callable] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                put_off[sig] = handler
+                signal.signal(sig, lambda signum, frame: came.append(signum))
+        thread.start()
+    finally:
+        for sig, handler in put_off.items():
+            signal.signal(sig, handler)
+        for signum in came:
+            put_off[signum](signum, inspect.currentframe())
 
 
 class _Event(_Bell, threading.Event):
