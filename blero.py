@@ -1484,6 +1484,7 @@ _FINISH_UNWAITED = _FINISH + " AND dependants = 0"
 # transaction: _finish_and_claim).  A statement, not three, in the worker's
 # hot path: under the lock of every write, the fewer statements (each lets
 # the other threads run Python until they give the GIL back), the better.
+_NUMBERS = tuple(str(i) for i in range(1, 1000))   # the names of ?1, ?2, ...
 _COMPLETE_AND_CLAIM = (
     "UPDATE blero_jobs SET state = CASE id WHEN ?8 THEN ?1 ELSE 2 END,"
     " run_at = CASE id WHEN ?8 THEN coalesce(?2, run_at) ELSE run_at END,"
@@ -2706,7 +2707,9 @@ class _SQLiteStorage(_Storage):
             cond = _takes_cond(n, m, lambda i: f"?{13 + i}")
             sql = self._complete_sql[n, m] = _COMPLETE_AND_CLAIM.format(
                 next=_NEXT_READY.format(state=_READY, names=cond, held=_NOTHING_HELD))
-        rows = db.execute(sql, finish + (owner, time.time()) + params).fetchall()
+        values = finish + (owner, time.time()) + params
+        # (numbered parameters are bound by name: "?8" is the key "8")
+        rows = db.execute(sql, dict(zip(_NUMBERS, values))).fetchall()
         claimed = [r for r in rows if r[0] != finish.id]
         return len(rows) > len(claimed), _Claim._make(claimed[0]) if claimed else None
 
