@@ -278,7 +278,8 @@ def _start_thread(thread: threading.Thread) -> None:
     lock held (then the new thread waits for ever, before it runs) or raise
     RuntimeError in its place (see _Bell): so on the main thread the
     Python handlers of SIGINT and SIGTERM are put off until it has started,
-    then called."""
+    then called.  (Not a blocked signal mask: another thread of the program
+    may take the signal, and its handler still runs here at once.)"""
     if threading.current_thread() is not threading.main_thread():
         thread.start()
         return
@@ -292,9 +293,12 @@ def _start_thread(thread: threading.Thread) -> None:
                 signal.signal(sig, lambda signum, frame: came.append(signum))
         thread.start()
     finally:
-        for sig, handler in put_off.items():
-            signal.signal(sig, handler)
-        for signum in came:
+        # SIGINT's handler back last: the Ctrl-C it may raise at once then
+        # comes with every handler back in place.  The put-off calls: SIGINT's
+        # last too, as it raises.
+        for sig in sorted(put_off, key=lambda s: s == signal.SIGINT):
+            signal.signal(sig, put_off[sig])
+        for signum in sorted(set(came), key=lambda s: s == signal.SIGINT):
             put_off[signum](signum, inspect.currentframe())
 
 
@@ -2354,7 +2358,10 @@ class _SQLiteStorage(_Storage):
                 with self._mutex:
                     batch, self._queue = self._queue, []
             try:
-                self._transaction(batch, absorb=True)
+                # Only the leader's own write may go alone (autocommitted): a
+                # Ctrl-C between its commit and its `done` must not leave
+                # another caller's write, done, to be done again.
+                self._transaction(batch, absorb=True, lone=len(batch) == 1 and batch[0] is own)
             except Exception:
                 for op in batch:     # find the write that failed; keep the others
                     if not op.done:
@@ -2413,7 +2420,7 @@ class _SQLiteStorage(_Storage):
             pass
         op.woken = True
 
-    def _transaction(self, ops: list[_Op], absorb: bool = False) -> None:
+    def _transaction(self, ops: list[_Op], absorb: bool = False, lone: bool = False) -> None:
         db = self._db
         if db is None:
             raise BleroError(f"{self.path}: the queue is stopped")
@@ -2423,7 +2430,7 @@ class _SQLiteStorage(_Storage):
         # others are likely to come then while this one runs, and share its
         # commit, which one committing by itself cannot let them.  Nor with
         # sync="full": there the fsync is what costs, and it is worth sharing.
-        if (len(ops) == 1 and ops[0].alone and not self._shared and not self._queue
+        if (lone and ops[0].alone and not self._shared and not self._queue
                 and self._sync != "full"):
             self._check_identity()
             self._done(ops, [self._retrying(ops[0].fn, db, *ops[0].args)])
@@ -6965,7 +6972,9 @@ def _check_options(options: dict) -> dict:
 @functools.lru_cache(maxsize=256)
 def _signature(fn: Callable) -> inspect.Signature | None:
     try:
-        return inspect.signature(fn)
+        # (not follow_wrapped: a decorator's wrapper is what runs, and may
+        # take other arguments than the function it wraps)
+        return inspect.signature(fn, follow_wrapped=False)
     except (TypeError, ValueError):     # a builtin without one: its own call tells
         return None
 
@@ -7087,6 +7096,11 @@ def _copy_outcome(source: concurrent.futures.Future, waiter: asyncio.Future) -> 
         return
     if source.cancelled():
         waiter.cancel()
+    elif isinstance(source.exception(), StopIteration):
+        # (asyncio refuses to raise one into a coroutine, as generators do)
+        error = RuntimeError(f"the job raised {source.exception()!r}")
+        error.__cause__ = source.exception()
+        waiter.set_exception(error)
     elif source.exception() is not None:
         waiter.set_exception(source.exception())
     else:

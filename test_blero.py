@@ -6626,6 +6626,15 @@ class TaskTest(TempDirTest):
         self.assertIn(f"job {job_id} raised it", note)
         self.assertIn("in fail_on", note)
 
+    def test_a_decorated_function_is_checked_as_its_wrapper_takes_calls(self):
+        # functools.wraps points at the inner function, but the wrapper runs:
+        # one that passes an argument itself takes calls without it.
+        bl = self.queue()
+        store = bl.task(name="store")(with_db(lambda db, x: f"{db}:{x}"))
+        self.assertEqual(store(5), "DB:5")
+        self.assertEqual(store.enqueue(5).result(10), "DB:5")
+        self.assertEqual(store.map([6]), ["DB:6"])
+
     def test_a_result_is_what_the_serializer_gives_back_in_every_process(self):
         # With json a tuple comes back a list: from this process's future as
         # from another's, so that a resumed map is all of one kind.
@@ -6845,6 +6854,14 @@ class TaskTest(TempDirTest):
 
 def mul(x, y):
     return x * y
+
+
+def with_db(fn):
+    """A decorator that gives `fn` its first argument itself."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn("DB", *args, **kwargs)
+    return wrapper
 
 
 def count_calls(name):
@@ -7736,6 +7753,19 @@ class AsyncioTest(TempDirTest):
         results, during = asyncio.run(main())
         self.assertEqual(results, list(range(300)))
         self.assertLessEqual(during - before, 3)
+
+    def test_awaiting_a_job_that_raised_stop_iteration_raises(self):
+        # asyncio cannot raise a StopIteration into a coroutine: the await
+        # raises RuntimeError from it rather than hang.
+        bl = self.queue()
+        empty = bl.task(name="empty", retries=0)(lambda: next(iter(())))
+
+        async def main():
+            return await asyncio.wait_for(_awaited(empty.enqueue()), 10)
+
+        with self.assertRaises(RuntimeError) as raised:
+            asyncio.run(main())
+        self.assertIsInstance(raised.exception.__cause__, StopIteration)
 
     def test_an_await_given_up_leaves_the_job_to_run(self):
         # A wait_for that times out, or a server whose handlers are
