@@ -1023,15 +1023,22 @@ class _Storage:
         judged as `alive` says."""
         now = time.time()
         taken: set[str] = set()
+        any_name = False    # a processor of any name, which takes no task's or executor's call
         for seen in self.owners():
             if seen.id is not None and self.alive(seen, lease, now):
                 if seen.takes is None:
-                    return {}
-                taken |= seen.takes
-        return {name: n for name, n in self.pending_by_name().items() if name not in taken}
+                    any_name = True
+                else:
+                    taken |= seen.takes
+        untaken: dict[str, int] = {}
+        for name, call, n in self.pending_by_name():
+            if name not in taken and not (any_name and not call):
+                untaken[name] = untaken.get(name, 0) + n
+        return untaken
 
-    def pending_by_name(self) -> dict[str, int]:
-        """How many jobs of each name are pending."""
+    def pending_by_name(self) -> list[tuple[str, bool, int]]:
+        """How many jobs of each name are pending: (name, whether they are
+        task or executor calls, how many)."""
         raise NotImplementedError
 
     def changed_elsewhere(self) -> bool:
@@ -1419,8 +1426,8 @@ _PENDING_IN_RUN_ORDER = ("SELECT " + _INFO_COLUMNS + " FROM blero_jobs WHERE sta
                          " priority DESC, id"
                          " LIMIT ?")
 _COUNTS = "SELECT state, count(*) FROM blero_jobs GROUP BY state"
-_PENDING_BY_NAME = ("SELECT name, count(*) FROM blero_jobs WHERE state BETWEEN -2 AND 1"
-                    " GROUP BY name")
+_PENDING_BY_NAME = ("SELECT name, runner IS NOT NULL, count(*) FROM blero_jobs"
+                    " WHERE state BETWEEN -2 AND 1 GROUP BY name, runner IS NOT NULL")
 _FINISHED_SINCE = ("SELECT CAST(finished_at / ? AS INTEGER) * ?, state, count(*) FROM blero_jobs"
                    " WHERE state >= 3 AND finished_at >= ? AND state < 6 GROUP BY 1, 2")
 # One statement, so one snapshot: a job moving from ready to running between
@@ -3188,8 +3195,9 @@ class _SQLiteStorage(_Storage):
     def outstanding(self) -> bool:
         return bool(self._read(lambda db: db.execute(_OUTSTANDING).fetchall()[0][0]))
 
-    def pending_by_name(self) -> dict[str, int]:
-        return dict(self._read(lambda db: db.execute(_PENDING_BY_NAME).fetchall()))
+    def pending_by_name(self) -> list[tuple[str, bool, int]]:
+        return [(name, bool(call), n) for name, call, n in
+                self._read(lambda db: db.execute(_PENDING_BY_NAME).fetchall())]
 
 
 # -- The PostgreSQL engine: one server that any number of hosts share ---------

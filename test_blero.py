@@ -7284,6 +7284,11 @@ class CatchAllAcrossProcessesTest(ProcessTest):
         self.assertIsNone(bl.wait(bl.enqueue("plain"), 20))
         self.assertEqual(ran, ["plain"])
         self.assertEqual(bl.get_job(left.id).state, "pending")
+        # ... and join() says so: the catch-all is no taker of a task's call
+        with self.assertLogs("blero", "WARNING") as logs:
+            self.assertFalse(bl.join(0.2))
+        self.assertIn("no processor takes jobs named 'killed.task' (1 pending)",
+                      "\n".join(logs.output))
 
 
 class CPythonExecutorTest(TempDirTest):
