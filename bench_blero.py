@@ -555,18 +555,26 @@ def race(roles: list[tuple], n: int, label: str) -> float:
     return (max(end for _, end in done) - start) / 1e9
 
 
+def blero_drain(target: str, **settings) -> list[int]:
+    """W7's blero side in a child: once told "go", PER_PROCESS processors
+    drain the queue; when each job it ran was acked (time.monotonic_ns())."""
+    ends: list[int] = []
+    with blero.Blero(target, on_complete=lambda job, result: ends.append(time.monotonic_ns()),
+                     **settings) as bl:
+        say("ready")
+        sys.stdin.readline()
+        for _ in range(PER_PROCESS):
+            bl.register_processor(noop)
+        bl.join()
+    return ends
+
+
 def drain_child(side: str, path: str, sync: str) -> None:
     """W7's child: after "go", drain the file; say how many jobs it ran and
     when it last acked one (raw: found the queue empty just after)."""
     ends = []       # time.monotonic_ns() per job acked (raw: per thread ended)
     if side == BLERO:
-        with blero.Blero(path, sync=sync, on_complete=lambda job, result:
-                         ends.append(time.monotonic_ns())) as bl:
-            say("ready")
-            sys.stdin.readline()
-            for _ in range(PER_PROCESS):
-                bl.register_processor(noop)
-            bl.join()
+        ends = blero_drain(path, sync=sync)
         count = len(ends)
     else:
         with connections(path, sync, PER_PROCESS) as dbs:
@@ -787,13 +795,7 @@ def pg_drain_child(side: str, url: str, schema: str) -> None:
     POSTGRES = url
     ends = []
     if side == BLERO:
-        with blero.Blero(url, schema=schema, on_complete=lambda job, result:
-                         ends.append(time.monotonic_ns())) as bl:
-            say("ready")
-            sys.stdin.readline()
-            for _ in range(PER_PROCESS):
-                bl.register_processor(noop)
-            bl.join()
+        ends = blero_drain(url, schema=schema)
         count = len(ends)
     else:
         import psycopg

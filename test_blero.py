@@ -453,8 +453,8 @@ class EnqueueTest(TempDirTest):
         transactions = []
         real = storage._transaction
 
-        def counting(ops, absorb=False):
-            real(ops, absorb)
+        def counting(ops, *args, **kwargs):
+            real(ops, *args, **kwargs)
             transactions.append(len(ops))   # after: absorbed writes are in ops
 
         storage._transaction = counting
