@@ -2445,8 +2445,7 @@ class _SQLiteStorage(_Storage):
         committing = False
         try:
             self._begin(db)
-            results = [op.fn(db, *op.args) for op in ops] if len(ops) > 1 else [
-                ops[0].fn(db, *ops[0].args)]
+            results = [op.fn(db, *op.args) for op in ops]
             if absorb and self._queue:
                 # Writes that came while this one ran share its commit (and,
                 # with sync="full", its fsync).  `ops` grows in place, so the
@@ -4114,16 +4113,13 @@ class _Processor:
     for an executor's, whose calls it runs (`runner`, see _TASK_RUNNER)."""
 
     __slots__ = ("id", "fn", "names", "exclude", "concurrency", "is_async", "retired", "label",
-                 "runner", "retries")
+                 "runner")
 
     def __init__(self, id, fn, names, concurrency=1, label=None, runner=None):
         self.id = id
         self.fn = fn
         self.label = label or _fn_name(fn)
         self.runner = runner
-        # An executor's calls end with their exception, as ThreadPoolExecutor's
-        # do: a try that raised is not retried (one cut short by a crash is).
-        self.retries = label != "executor"
         self.names = names
         # With names None: the names it does not take after all, those of
         # the tasks (a processor of any name takes no task's jobs).
@@ -5083,8 +5079,11 @@ class _Dispatcher:
             run_at = time.time() + exc.seconds
             return _Outcome(job, _DELAYED if exc.seconds > 0 else _READY, run_at=run_at,
                             seconds=seconds, given_back=True, snoozed=True)
-        # (the traceback starts in the processor, not here)
-        return self.failure(job, exc, retry=worker.processor.retries, seconds=seconds,
+        # An executor's calls (its processor's, the one with a runner) end
+        # with their exception, as ThreadPoolExecutor's do: a try that raised
+        # is not retried (one cut short by a crash is).  (The traceback
+        # starts in the processor, not here.)
+        return self.failure(job, exc, retry=worker.processor.runner is None, seconds=seconds,
                             text=_exc_text(exc, exc.__traceback__.tb_next))
 
     def _returned(self, job: Job, result: Any, seconds: float) -> _Outcome:
@@ -6970,9 +6969,9 @@ def _check_options(options: dict) -> dict:
     unknown = set(options) - set(_JOB_OPTIONS)
     if unknown:
         raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
-    _when_tries_timeout(*(options.get(o) for o in ("delay", "run_at")),
-                        options.get("priority", 0),
-                        *(options.get(o) for o in ("retries", "timeout", "key")), time.time())
+    _when_tries_timeout(options.get("delay"), options.get("run_at"), options.get("priority", 0),
+                        options.get("retries"), options.get("timeout"), options.get("key"),
+                        time.time())
     _after(options.get("after"))
     return options
 
